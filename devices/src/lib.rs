@@ -1,0 +1,6 @@
+//! wisp's device models. Devices know guest memory, interrupt lines and their backends;
+//! they know nothing of the VMM's configuration, CLI or API.
+
+pub mod bus;
+pub mod disk;
+pub mod interrupt;

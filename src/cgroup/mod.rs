@@ -1,0 +1,1 @@
+//! vCPU thread confinement in cgroups (v1 and v2).
