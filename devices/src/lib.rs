@@ -4,3 +4,4 @@
 pub mod bus;
 pub mod disk;
 pub mod interrupt;
+pub mod legacy;

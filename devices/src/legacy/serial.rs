@@ -1,0 +1,85 @@
+//! The 8250 UART (rust-vmm vm-superio) on the I/O port bus, its interrupt on an irqfd.
+
+use crate::bus::BusDevice;
+use crate::interrupt::InterruptLine;
+use std::io::{self, Write};
+use std::sync::Arc;
+use vm_superio::serial::SerialEvents;
+use vm_superio::Trigger;
+use vmm_sys_util::eventfd::EventFd;
+
+pub struct IrqTrigger(Arc<dyn InterruptLine>);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.trigger()
+    }
+}
+
+/// Tells the VMM's event loop that the guest drained the receive FIFO, so reading the
+/// console input may resume (no input is read while the FIFO is full).
+pub struct SerialInput {
+    pub drained: EventFd,
+}
+
+impl SerialEvents for SerialInput {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        let _ = self.drained.write(1);
+    }
+}
+
+pub struct Serial {
+    inner: vm_superio::Serial<IrqTrigger, SerialInput, Box<dyn Write + Send>>,
+}
+
+impl Serial {
+    pub fn new(
+        irq: Arc<dyn InterruptLine>,
+        out: Box<dyn Write + Send>,
+    ) -> io::Result<(Self, EventFd)> {
+        let drained = EventFd::new(libc::EFD_NONBLOCK)?;
+        let events = SerialInput {
+            drained: drained.try_clone()?,
+        };
+        let inner = vm_superio::Serial::with_events(IrqTrigger(irq), events, out);
+        Ok((Self { inner }, drained))
+    }
+
+    /// Room left in the receive FIFO.
+    pub fn input_capacity(&self) -> usize {
+        self.inner.fifo_capacity()
+    }
+
+    /// Queue console input for the guest; returns how many bytes fit.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let room = self.inner.fifo_capacity().min(bytes.len());
+        if room == 0 {
+            return Ok(0);
+        }
+        self.inner
+            .enqueue_raw_bytes(&bytes[..room])
+            .map_err(|e| io::Error::other(format!("serial input: {e:?}")))
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Ok(off), [first, ..]) = (u8::try_from(offset), data) {
+            *first = self.inner.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (Ok(off), [value, ..]) = (u8::try_from(offset), data) else {
+            return;
+        };
+        if let Err(e) = self.inner.write(off, *value) {
+            log::warn!("serial: write failed: {e:?}");
+        }
+    }
+}
