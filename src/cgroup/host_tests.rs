@@ -1,0 +1,1 @@
+//! Tests on the real cgroup hierarchies of this host.
