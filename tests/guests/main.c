@@ -1,0 +1,249 @@
+/*
+ * CPL0 part of the probe: per-CPU GDT/TSS/IDT setup, the trap handler, the
+ * scenarios that must run at CPL0, and the drop to CPL3. PVM interprets
+ * CPL0 code, so this file does as little as it can.
+ */
+#include "probe.h"
+
+char scenario[32];
+volatile u32 cpus_checked_in;
+volatile u32 lapic_ticks, serial_irqs, bp_hits;
+u32 cpuid_apic_id[MAX_CPUS];
+
+/* Intel SDM Vol. 3A, 7.14.1: 64-bit IDT gate descriptor. */
+struct idt_gate {
+	u16 offset_lo;
+	u16 selector;
+	u8 ist;
+	u8 type_attr;
+	u16 offset_mid;
+	u32 offset_hi;
+	u32 reserved;
+} __attribute__((packed));
+
+static struct idt_gate idt[256] __attribute__((section(".nozero"), aligned(16)));
+static struct tss64 tss[MAX_CPUS] __attribute__((section(".nozero"), aligned(16)));
+
+struct __attribute__((packed)) desc_ptr {
+	u16 limit;
+	u64 base;
+};
+
+static void lidt(const void *base, u16 limit)
+{
+	struct desc_ptr p = { limit, (u64)base };
+	__asm__ volatile("lidt %0" ::"m"(p));
+}
+
+/* 0x8E: present, DPL 0, 64-bit interrupt gate (IF cleared on entry). */
+static void idt_init(void)
+{
+	for (int v = 0; v < 256; v++) {
+		u64 h = (u64)isr_stubs + 16 * v;
+		idt[v] = (struct idt_gate){
+			.offset_lo = (u16)h,
+			.selector = SEL_KCODE64,
+			.type_attr = 0x8e,
+			.offset_mid = (u16)(h >> 16),
+			.offset_hi = (u32)(h >> 32),
+		};
+	}
+}
+
+static u64 kstack_top(u32 cpu) { return (u64)kstacks + (u64)(cpu + 1) * KSTACK_SIZE; }
+u64 ustack_top(u32 cpu) { return (u64)ustacks + (u64)(cpu + 1) * USTACK_SIZE; }
+
+/*
+ * Load this CPU's TSS (RSP0 = the stack interrupts from CPL3 switch to,
+ * Intel SDM Vol. 3A, 7.12.1 / 8.7) and the shared IDT.
+ */
+static void cpu_init(u32 cpu)
+{
+	struct tss64 *t = &tss[cpu];
+	t->rsp0 = kstack_top(cpu);
+	t->iopb_offset = __builtin_offsetof(struct tss64, iopb);
+	memset(t->iopb, 0, sizeof(t->iopb) - 1);
+	t->iopb[sizeof(t->iopb) - 1] = 0xff;
+	u64 base = (u64)t;
+	/* SDM Vol. 3A, 8.2.3: 16-byte TSS descriptor, type 9 (available), present. */
+	gdt[6 + 2 * cpu] = (sizeof(*t) - 1) | (base & 0xffffff) << 16 | 0x89ull << 40 |
+			   ((base >> 24) & 0xff) << 56;
+	gdt[7 + 2 * cpu] = base >> 32;
+	lidt(idt, sizeof(idt) - 1);
+	__asm__ volatile("ltr %w0" ::"r"(SEL_TSS0 + 16 * cpu));
+	/* CPUID is read here at CPL0: on PVM, CPUID at CPL3 is not intercepted
+	 * and returns the host CPU's values. */
+	u32 a, b, c, d;
+	cpuid(1, 0, &a, &b, &c, &d);
+	cpuid_apic_id[cpu] = b >> 24;
+}
+
+static void lapic_eoi(void) { mmio_write32(LAPIC_BASE + 0xb0, 0); }
+
+void trap(struct trap_frame *f)
+{
+	switch (f->vector) {
+	case 3: /* #BP from the int3 scenario */
+		bp_hits++;
+		return;
+	case 13:
+		/* HLT is privileged (SDM Vol. 2A, HLT): at CPL3 it raises #GP.
+		 * The probe uses exactly that to park a CPU for good. */
+		if ((f->cs & 3) == 3 && *(const u8 *)f->rip == 0xf4)
+			halt_forever();
+		break;
+	case VEC_LAPIC_TIMER:
+		lapic_ticks++;
+		lapic_eoi();
+		return;
+	case VEC_SERIAL:
+		/* Reading IIR acknowledges THR-empty; IER = 0 stops it re-arming. */
+		(void)inb(0x3fa);
+		outb(0x3f9, 0);
+		serial_irqs++;
+		lapic_eoi();
+		return;
+	case VEC_SPURIOUS: /* SDM Vol. 3A, 11.9: no EOI for spurious vectors */
+		return;
+	}
+	u64 cr2;
+	__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+	fail("%s %lu error 0x%lx rip 0x%lx cs 0x%lx rflags 0x%lx cr2 0x%lx", f->vector < 32 ? "exception" : "interrupt",
+	     f->vector, f->error_code, f->rip, f->cs, f->rflags, cr2);
+}
+
+/* Find probe.scenario=NAME on the command line; default "hello". */
+static void parse_scenario(const char *cmdline)
+{
+	static const char key[] = "probe.scenario=";
+	memcpy(scenario, "hello", 6);
+	if (!cmdline)
+		return;
+	for (const char *p = cmdline; *p; p++) {
+		if ((p != cmdline && p[-1] != ' ') || memcmp(p, key, sizeof(key) - 1))
+			continue;
+		p += sizeof(key) - 1;
+		u32 n = 0;
+		while (p[n] && p[n] != ' ' && n < sizeof(scenario) - 1)
+			n++;
+		memcpy(scenario, p, n);
+		scenario[n] = 0;
+		return;
+	}
+}
+
+/*
+ * Without 1 GiB pages boot.S maps only 4 GiB; the info scenario needs all
+ * RAM (up to 64 GiB), so add 2 MiB pages up to the highest RAM address.
+ */
+static void map_all_ram(const struct hvm_start_info *si)
+{
+	if (cpu_1g_pages || si->version < 1)
+		return;
+	const struct hvm_memmap_table_entry *m = (const void *)si->memmap_paddr;
+	u64 top = 0;
+	for (u32 i = 0; i < si->memmap_entries && i < 128; i++)
+		if (m[i].type == 1 && m[i].addr + m[i].size > top)
+			top = m[i].addr + m[i].size;
+	u64 gib = (top + (1ull << 30) - 1) >> 30;
+	if (gib > 64)
+		gib = 64;
+	for (u64 g = 4; g < gib; g++) {
+		for (u64 i = 0; i < 512; i++)
+			pd[g * 512 + i] = (g << 30 | i << 21) | 0x87;
+		pdpt[g] = (u64)&pd[g * 512] | 0x7;
+	}
+	/* New entries only (not-present before): no TLB flush needed,
+	 * SDM Vol. 3A, 4.10.4.3. */
+}
+
+void user_main(u64 arg);
+void ap_user_main(u64 cpu);
+void user_returned(void) { fail("user code returned"); }
+
+static void cpl0_scenario_int3(void)
+{
+	/* #BP is a trap: the handler returns to the instruction after int3. */
+	__asm__ volatile("int3" ::: "memory");
+	if (bp_hits != 1)
+		fail("int3 handler ran %u times", bp_hits);
+	printf("probe: int3 ok\n");
+}
+
+static void cpl0_scenario_fwait(void)
+{
+	/* CR0: MP (1) and NE (5) set, EM (2) and TS (3) clear, so x87
+	 * instructions execute and FWAIT checks for pending exceptions
+	 * (SDM Vol. 3A, 2.5 and 10.2.2); FNINIT leaves none pending. */
+	u64 cr0;
+	__asm__ volatile("mov %%cr0, %0" : "=r"(cr0));
+	cr0 = (cr0 | 1 << 1 | 1 << 5) & ~(u64)(1 << 2 | 1 << 3);
+	__asm__ volatile("mov %0, %%cr0; fninit; fwait" ::"r"(cr0) : "memory");
+	printf("probe: fwait ok\n");
+}
+
+static void cpl0_scenario_emufail(void)
+{
+	/* lock cmpxchg16b (SDM Vol. 2A, CMPXCHG8B/CMPXCHG16B), which
+	 * ENVIRONMENT.md lists as not completed by PVM's emulator at CPL0. */
+	static u64 target[2] __attribute__((aligned(16))) = { 1, 2 };
+	u32 a, b, c, d;
+	cpuid(1, 0, &a, &b, &c, &d);
+	if (!(c & (1u << 13)))
+		fail("emufail CPUID has no CMPXCHG16B");
+	u64 lo = 1, hi = 2;
+	__asm__ volatile("lock cmpxchg16b %0"
+			 : "+m"(*(volatile u64(*)[2])target), "+a"(lo), "+d"(hi)
+			 : "b"(3ull), "c"(4ull)
+			 : "memory", "cc");
+	printf("probe: emufail not-failed %lx %lx\n", target[0], target[1]);
+}
+
+static int cpl0_done;
+
+void kmain(u32 start_info_pa)
+{
+	struct hvm_start_info *si = (void *)(u64)start_info_pa;
+	/* Mask both 8259As (OCW1): the probe uses the IOAPIC and LAPIC only. */
+	outb(0x21, 0xff);
+	outb(0xa1, 0xff);
+	idt_init();
+	cpu_init(0);
+	if (si->magic == HVM_START_MAGIC)
+		parse_scenario((const char *)si->cmdline_paddr);
+	else
+		memcpy(scenario, "hello", 6);
+
+	if (!strcmp(scenario, "triplefault")) {
+		printf("probe: start %s\n", scenario);
+		/* An empty IDT: the #UD cannot be delivered, nor the #GP/#DF that
+		 * follow, so the CPU shuts down (SDM Vol. 3A, 7.15 #DF). */
+		lidt(0, 0);
+		__asm__ volatile("ud2");
+	} else if (!strcmp(scenario, "panic")) {
+		printf("probe: start %s\n", scenario);
+		outb(0x505, 1); /* pvpanic: bit 0 = guest panicked */
+		halt_forever();
+	} else if (!strcmp(scenario, "int3")) {
+		printf("probe: start %s\n", scenario);
+		cpl0_scenario_int3();
+		cpl0_done = 1;
+	} else if (!strcmp(scenario, "fwait")) {
+		printf("probe: start %s\n", scenario);
+		cpl0_scenario_fwait();
+		cpl0_done = 1;
+	} else if (!strcmp(scenario, "emufail")) {
+		printf("probe: start %s\n", scenario);
+		cpl0_scenario_emufail();
+		cpl0_done = 1;
+	} else if (!strcmp(scenario, "info") && si->magic == HVM_START_MAGIC) {
+		map_all_ram(si);
+	}
+	enter_user(user_main, cpl0_done, ustack_top(0), RFLAGS_USER);
+}
+
+void ap_kmain(u32 cpu)
+{
+	cpu_init(cpu);
+	enter_user(ap_user_main, cpu, ustack_top(cpu), RFLAGS_USER);
+}

@@ -1,0 +1,162 @@
+/* Shared declarations of the wisp probe guest (see README.md). */
+#ifndef PROBE_H
+#define PROBE_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef uint8_t u8;
+typedef uint16_t u16;
+typedef uint32_t u32;
+typedef uint64_t u64;
+
+/* Must match boot.S. */
+#define MAX_CPUS 64
+#define KSTACK_SIZE 0x2000
+#define USTACK_SIZE 0x4000
+
+#define SEL_KCODE64 0x08
+#define SEL_KDATA 0x10
+#define SEL_UDATA 0x1b /* index 3, RPL 3 */
+#define SEL_UCODE64 0x23 /* index 4, RPL 3 */
+#define SEL_TSS0 0x30 /* 16-byte TSS descriptors from index 6 on */
+
+/* RFLAGS for CPL3: IF (bit 9), IOPL 3 (bits 12-13) so IN/OUT work at CPL3
+ * (Intel SDM Vol. 1, 18.2.1), bit 1 reserved as one. */
+#define RFLAGS_USER 0x3202ull
+
+/* Interrupt vectors the probe uses. */
+#define VEC_LAPIC_TIMER 0x40
+#define VEC_SERIAL 0x41
+#define VEC_SPURIOUS 0xff
+
+#define LAPIC_BASE 0xfee00000ull
+
+/* PVH boot ABI: xen/include/public/arch-x86/hvm/start_info.h */
+#define HVM_START_MAGIC 0x336ec578
+struct hvm_start_info {
+	u32 magic;
+	u32 version;
+	u32 flags;
+	u32 nr_modules;
+	u64 modlist_paddr;
+	u64 cmdline_paddr;
+	u64 rsdp_paddr;
+	u64 memmap_paddr; /* version >= 1 */
+	u32 memmap_entries;
+	u32 reserved;
+};
+
+struct hvm_memmap_table_entry {
+	u64 addr;
+	u64 size;
+	u32 type;
+	u32 reserved;
+};
+
+#define IOPB_PORTS 0x1000
+
+/* Per-CPU state. Intel SDM Vol. 3A, 8.7: the 64-bit TSS. */
+struct tss64 {
+	u32 reserved0;
+	u64 rsp0, rsp1, rsp2;
+	u64 reserved1;
+	u64 ist[7];
+	u64 reserved2;
+	u16 reserved3;
+	u16 iopb_offset;
+	/* I/O permission bitmap (SDM Vol. 1, 19.5.2): a clear bit allows the
+	 * port at CPL3. Covers ports 0..IOPB_PORTS-1, then the 0xff end byte. */
+	u8 iopb[IOPB_PORTS / 8 + 1];
+} __attribute__((packed));
+
+/* Register frame pushed by isr_common in boot.S (lowest address first). */
+struct trap_frame {
+	u64 r15, r14, r13, r12, r11, r10, r9, r8;
+	u64 rbp, rdi, rsi, rdx, rcx, rbx, rax;
+	u64 vector, error_code;
+	u64 rip, cs, rflags, rsp, ss;
+};
+
+/* boot.S */
+extern u8 ap_trampoline_start[], ap_trampoline_end[];
+extern u8 isr_stubs[];
+extern u64 gdt[];
+extern u64 pml4[], pdpt[], pd[];
+extern u8 kstacks[], ustacks[];
+extern u8 _image_start[], _image_end[];
+extern int cpu_1g_pages;
+extern u32 start_info_paddr;
+void enter_user(void (*fn)(u64), u64 arg, u64 rsp, u64 rflags) __attribute__((noreturn));
+
+/* Port and memory-mapped I/O. */
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port)
+{
+	u8 v;
+	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
+static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
+static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
+static inline u64 rdtsc(void)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((u64)hi << 32) | lo;
+}
+static inline void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d)
+{
+	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
+}
+static inline void halt_forever(void)
+{
+	for (;;)
+		__asm__ volatile("cli; hlt");
+}
+
+/* lib.c */
+void *memcpy(void *dst, const void *src, size_t n);
+void *memset(void *dst, int c, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
+size_t strlen(const char *s);
+int strcmp(const char *a, const char *b);
+void printf(const char *fmt, ...);
+void fail(const char *fmt, ...) __attribute__((noreturn));
+void tsc_calibrate(void);
+extern u64 tsc_hz;
+void delay_us(u64 us);
+u64 tsc_deadline(u64 ms);
+int tsc_passed(u64 deadline);
+
+/* acpi.c */
+struct acpi_info {
+	u64 rsdp, xsdt, fadt, dsdt, madt;
+	u32 ncpus; /* enabled Local APIC / x2APIC entries in the MADT */
+	u32 apic_ids[MAX_CPUS];
+	u64 ioapic_addr;
+	u32 ioapic_gsi_base;
+	u32 irq4_gsi; /* ISA IRQ 4 after interrupt source overrides */
+	u16 irq4_flags; /* MPS INTI flags of that override, 0 = bus default */
+};
+extern struct acpi_info acpi;
+int acpi_init(u64 rsdp_paddr, int verbose);
+void acpi_poweroff(void) __attribute__((noreturn));
+void acpi_reset(void) __attribute__((noreturn));
+void i8042_reset(void); /* returns if no reset happened within ~2 s */
+
+/* main.c */
+extern char scenario[32];
+extern volatile u32 cpus_checked_in;
+extern volatile u32 lapic_ticks, serial_irqs, bp_hits;
+u64 ustack_top(u32 cpu);
+extern u32 cpuid_apic_id[MAX_CPUS]; /* CPUID.1:EBX[31:24] per CPU index, read at CPL0 */
+void trap(struct trap_frame *f);
+void kmain(u32 start_info_paddr);
+void ap_kmain(u32 index);
+
+#endif

@@ -1,0 +1,323 @@
+/*
+ * The scenarios that run at CPL3 (native speed on PVM). The identity map is
+ * user-accessible, so RAM, the LAPIC, the IOAPIC and the ACPI tables are
+ * plain memory accesses here, and RFLAGS.IOPL = 3 allows port I/O.
+ */
+#include "probe.h"
+
+#define TRAMPOLINE_PA 0x8000ull /* SIPI vector 0x08 */
+
+static char cmdline[1024];
+static struct hvm_start_info *start_info;
+
+static void done(void)
+{
+	printf("probe: done %s\n", scenario);
+	acpi_poweroff();
+}
+
+/* A CPU that has nothing left to do halts: HLT at CPL3 traps to main.c. */
+static void park(void)
+{
+	for (;;)
+		__asm__ volatile("hlt");
+}
+
+/* ---- Local APIC (xAPIC MMIO, Intel SDM Vol. 3A, 11.4) ---- */
+#define LAPIC_ID 0x20
+#define LAPIC_SVR 0xf0
+#define LAPIC_ICR_LO 0x300
+#define LAPIC_ICR_HI 0x310
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_TIMER_INIT 0x380
+#define LAPIC_TIMER_CUR 0x390
+#define LAPIC_TIMER_DIV 0x3e0
+
+static u32 lapic_read(u32 reg) { return mmio_read32(LAPIC_BASE + reg); }
+static void lapic_write(u32 reg, u32 v) { mmio_write32(LAPIC_BASE + reg, v); }
+static u32 lapic_id(void) { return lapic_read(LAPIC_ID) >> 24; }
+
+/* Software-enable the LAPIC, spurious vector 0xff (SDM Vol. 3A, 11.9). */
+static void lapic_enable(void) { lapic_write(LAPIC_SVR, 0x100 | VEC_SPURIOUS); }
+
+/* Send an IPI and wait (bounded) for Delivery Status to go idle (bit 12). */
+static void lapic_ipi(u32 apic_id, u32 icr_lo)
+{
+	lapic_write(LAPIC_ICR_HI, apic_id << 24);
+	lapic_write(LAPIC_ICR_LO, icr_lo);
+	for (u64 end = tsc_deadline(100); !tsc_passed(end) && (lapic_read(LAPIC_ICR_LO) & (1 << 12));)
+		cpu_relax();
+}
+
+/* ---- hello ---- */
+static void scenario_hello(void)
+{
+	printf("probe: hello\n");
+	done();
+}
+
+/* ---- info ---- */
+
+/*
+ * Write and read back patterns over one 4 KiB page, restoring what was there
+ * (the page may hold ACPI tables or this image's data).
+ */
+static int page_is_ram(u64 addr)
+{
+	volatile u64 *p = (volatile u64 *)addr;
+	for (int i = 0; i < 512; i++) {
+		u64 old = p[i], pat = 0x5a5a5a5a00000000ull ^ (addr + 8 * i);
+		p[i] = pat;
+		int ok = p[i] == pat;
+		p[i] = ~pat;
+		ok = ok && p[i] == ~pat;
+		p[i] = old;
+		if (!ok)
+			return 0;
+	}
+	return 1;
+}
+
+static void memtest(u64 addr)
+{
+	if (!page_is_ram(addr))
+		fail("memtest 0x%lx", addr);
+	printf("probe: memtest 0x%lx ok\n", addr);
+}
+
+static void scenario_info(void)
+{
+	printf("probe: cmdline %s\n", cmdline);
+	if (start_info->version < 1 || !start_info->memmap_entries)
+		fail("no memmap in start_info (version %u)", start_info->version);
+	const struct hvm_memmap_table_entry *m = (const void *)start_info->memmap_paddr;
+	u32 n = start_info->memmap_entries;
+	u64 ram = 0;
+	for (u32 i = 0; i < n; i++) {
+		printf("probe: e820 0x%lx 0x%lx %u\n", m[i].addr, m[i].size, m[i].type);
+		if (m[i].type == 1)
+			ram += m[i].size;
+	}
+	printf("probe: ram %lu\n", ram);
+
+	/* First and last page of every RAM range above 1 MiB, skipping the pages
+	 * this image occupies; boot.S / main.c mapped up to 64 GiB. */
+	const u64 limit = 64ull << 30, mib = 1ull << 20;
+	const u64 img_lo = (u64)_image_start & ~0xfffull, img_hi = ((u64)_image_end + 0xfff) & ~0xfffull;
+	for (u32 i = 0; i < n; i++) {
+		if (m[i].type != 1 || m[i].addr + m[i].size <= mib)
+			continue;
+		u64 lo = (m[i].addr < mib ? mib : m[i].addr + 0xfff) & ~0xfffull;
+		u64 hi = ((m[i].addr + m[i].size) & ~0xfffull) - 0x1000;
+		if (lo < img_hi && lo + 0x1000 > img_lo)
+			lo = img_hi;
+		if (lo > hi)
+			continue;
+		if (hi + 0x1000 > limit) {
+			printf("probe: memtest-skipped 0x%lx (above 64 GiB)\n", hi);
+			if (lo + 0x1000 > limit)
+				continue;
+			memtest(lo);
+			continue;
+		}
+		memtest(lo);
+		if (hi != lo)
+			memtest(hi);
+	}
+
+	if (!acpi_init(start_info->rsdp_paddr, 1))
+		fail("no ACPI tables (rsdp_paddr 0x%lx)", start_info->rsdp_paddr);
+	if (!acpi.fadt)
+		fail("no FACP in XSDT");
+	if (!acpi.madt)
+		fail("no APIC (MADT) in XSDT");
+	printf("probe: madt-cpus %u\n", acpi.ncpus);
+	done();
+}
+
+/* ---- smp and spin ---- */
+
+/*
+ * Each CPU reports its LAPIC id; the initial APIC id from CPUID leaf 1
+ * (EBX bits 31-24, SDM Vol. 2A, CPUID), read at CPL0 by main.c, must agree.
+ */
+static void check_in(u32 cpu)
+{
+	u32 id = lapic_id();
+	if (cpuid_apic_id[cpu] != (id & 0xff))
+		fail("cpu apic id: LAPIC %u, CPUID.1 %u", id, cpuid_apic_id[cpu]);
+	printf("probe: cpu %u\n", id);
+	__atomic_fetch_add(&cpus_checked_in, 1, __ATOMIC_SEQ_CST);
+}
+
+/*
+ * INIT-SIPI-SIPI to every AP the MADT lists (SDM Vol. 3A, 9.4.4.1): INIT
+ * (level assert), 10 ms, STARTUP with vector 0x08 (start at 0x8000), 200 us,
+ * a second STARTUP. The BSP then waits (bounded) for all of them to check in.
+ */
+static void start_aps(void)
+{
+	if (acpi.ncpus > MAX_CPUS)
+		fail("smp MADT lists %u CPUs, probe supports %u", acpi.ncpus, MAX_CPUS);
+	memcpy((void *)TRAMPOLINE_PA, ap_trampoline_start, ap_trampoline_end - ap_trampoline_start);
+	lapic_enable();
+	u32 self = lapic_id();
+	for (u32 i = 0; i < acpi.ncpus; i++)
+		if (acpi.apic_ids[i] != self)
+			lapic_ipi(acpi.apic_ids[i], 0x4500);
+	delay_us(10000);
+	for (int round = 0; round < 2; round++) {
+		for (u32 i = 0; i < acpi.ncpus; i++)
+			if (acpi.apic_ids[i] != self)
+				lapic_ipi(acpi.apic_ids[i], 0x4600 | (TRAMPOLINE_PA >> 12));
+		delay_us(200);
+	}
+	check_in(0);
+	u64 end = tsc_deadline(10000);
+	while (cpus_checked_in < acpi.ncpus && !tsc_passed(end))
+		cpu_relax();
+	if (cpus_checked_in != acpi.ncpus)
+		fail("smp %u of %u cpus checked in", cpus_checked_in, acpi.ncpus);
+	printf("probe: cpus %u\n", cpus_checked_in);
+}
+
+static void scenario_smp(void)
+{
+	start_aps();
+	done();
+}
+
+static void __attribute__((noinline)) work(u64 iterations)
+{
+	for (u64 i = 0; i < iterations; i++)
+		__asm__ volatile("" ::: "memory");
+}
+
+/*
+ * Progress is counted in work, not time: "about 100 ms" is calibrated once
+ * against the TSC, so a vCPU that gets less CPU (pause, cgroup cap) prints
+ * progress lines more slowly.
+ */
+static void scenario_spin(void)
+{
+	start_aps();
+	const u64 probe_iters = 10000000;
+	u64 best = ~0ull;
+	for (int i = 0; i < 5; i++) {
+		u64 t0 = rdtsc();
+		work(probe_iters);
+		u64 t = rdtsc() - t0;
+		if (t < best)
+			best = t;
+	}
+	u64 per_100ms = probe_iters * (tsc_hz / 10) / (best ? best : 1);
+	printf("probe: spin-calibrated %lu iterations per 100 ms\n", per_100ms);
+	for (u64 n = 1;; n++) {
+		work(per_100ms);
+		printf("probe: progress %lu\n", n);
+	}
+}
+
+void ap_user_main(u64 cpu)
+{
+	check_in((u32)cpu);
+	if (!strcmp(scenario, "spin"))
+		for (;;)
+			work(~0ull);
+	park();
+}
+
+/* ---- irq ---- */
+
+static void ioapic_write(u32 reg, u32 v)
+{
+	/* IOAPIC: IOREGSEL at +0x00, IOWIN at +0x10 (82093AA datasheet 3.1). */
+	mmio_write32(acpi.ioapic_addr, reg);
+	mmio_write32(acpi.ioapic_addr + 0x10, v);
+}
+
+static void scenario_irq(void)
+{
+	/* (a) LAPIC timer, periodic, divide by 16 (SDM Vol. 3A, 11.5.4). */
+	lapic_enable();
+	lapic_write(LAPIC_TIMER_DIV, 0x3);
+	lapic_write(LAPIC_LVT_TIMER, VEC_LAPIC_TIMER | 1 << 17);
+	lapic_write(LAPIC_TIMER_INIT, 100000);
+	u64 end = tsc_deadline(5000);
+	while (lapic_ticks < 5 && !tsc_passed(end))
+		cpu_relax();
+	lapic_write(LAPIC_LVT_TIMER, 1 << 16); /* masked */
+	lapic_write(LAPIC_TIMER_INIT, 0);
+	u32 ticks = lapic_ticks;
+	if (ticks < 5)
+		fail("lapic-timer %u ticks in 5 s", ticks);
+	printf("probe: lapic-timer ok %u\n", ticks);
+
+	/* (b) COM1 THR-empty interrupt through IOAPIC pin 4 (ISA IRQ 4 unless
+	 * the MADT overrides it; ACPI 6.5, 5.2.12.5 for the MPS INTI flags). */
+	if (!acpi.ioapic_addr)
+		fail("serial-irq no IOAPIC in MADT");
+	u32 pin = acpi.irq4_gsi - acpi.ioapic_gsi_base;
+	u32 polarity_low = (acpi.irq4_flags & 3) == 3;
+	u32 level = ((acpi.irq4_flags >> 2) & 3) == 3;
+	/* IOAPIC redirection entry (82093AA 3.2.4): vector, fixed, physical
+	 * destination = this CPU, bit 13 polarity, bit 15 trigger, bit 16 mask. */
+	ioapic_write(0x10 + 2 * pin + 1, lapic_id() << 24);
+	ioapic_write(0x10 + 2 * pin, VEC_SERIAL | polarity_low << 13 | level << 15);
+	outb(0x3fc, 0x0b); /* MCR: DTR, RTS, OUT2 (gates the IRQ line on PCs) */
+	outb(0x3f9, 0x02); /* IER: THR empty interrupt; THR is empty now */
+	end = tsc_deadline(5000);
+	while (!serial_irqs && !tsc_passed(end))
+		cpu_relax();
+	ioapic_write(0x10 + 2 * pin, 1 << 16);
+	outb(0x3f9, 0);
+	if (!serial_irqs)
+		fail("serial-irq no interrupt on vector 0x%x (IOAPIC pin %u) in 5 s", VEC_SERIAL, pin);
+	printf("probe: serial-irq ok\n");
+	done();
+}
+
+/* ---- entry ---- */
+void user_main(u64 cpl0_done)
+{
+	start_info = (struct hvm_start_info *)(u64)start_info_paddr;
+	if (start_info->magic != HVM_START_MAGIC) {
+		printf("probe: FAIL start_info magic 0x%x\n", start_info->magic);
+		i8042_reset();
+		park();
+	}
+	if (start_info->cmdline_paddr) {
+		const char *c = (const char *)start_info->cmdline_paddr;
+		u32 n = 0;
+		while (c[n] && n < sizeof(cmdline) - 1)
+			n++;
+		memcpy(cmdline, c, n);
+	}
+	if (!cpl0_done)
+		printf("probe: start %s\n", scenario);
+	if (!acpi_init(start_info->rsdp_paddr, 0)) {
+		printf("probe: FAIL no ACPI (rsdp_paddr 0x%lx)\n", start_info->rsdp_paddr);
+		i8042_reset();
+		park();
+	}
+	if (cpl0_done)
+		done();
+
+	if (!strcmp(scenario, "hello"))
+		scenario_hello();
+	else if (!strcmp(scenario, "info"))
+		scenario_info();
+	else if (!strcmp(scenario, "smp"))
+		scenario_smp();
+	else if (!strcmp(scenario, "spin"))
+		scenario_spin();
+	else if (!strcmp(scenario, "irq"))
+		scenario_irq();
+	else if (!strcmp(scenario, "reset-acpi"))
+		acpi_reset();
+	else if (!strcmp(scenario, "reset-i8042")) {
+		i8042_reset();
+		fail("reset-i8042 did not reset");
+	} else
+		fail("unknown scenario %s", scenario);
+}
