@@ -1,3 +1,10 @@
 //! wisp: a lightweight virtual machine monitor for x86_64 KVM.
 
+pub mod arch;
 pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod logger;
+pub mod terminal;
+pub mod vmm;
+pub mod vstate;

@@ -1,1 +1,40 @@
-fn main() {}
+use clap::Parser;
+use wisp::cli::{Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    wisp::logger::init(cli.log_level.as_deref());
+    let code = match cli.command {
+        Command::Run(args) => run(&args),
+    };
+    std::process::exit(code);
+}
+
+fn run(args: &wisp::cli::RunArgs) -> i32 {
+    let config = match args.to_config() {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let vmm = match wisp::vmm::Vmm::build(&config) {
+        Ok(v) => v,
+        Err(e) => return fail(&e),
+    };
+    match vmm.run() {
+        Ok(exit) => {
+            let code = exit.exit_code();
+            if code == 0 {
+                log::info!("{exit}");
+            } else {
+                eprintln!("wisp: {exit}");
+            }
+            code
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> i32 {
+    wisp::terminal::restore();
+    eprintln!("wisp: error: {e}");
+    1
+}

@@ -1,6 +1,9 @@
 //! Disk image formats behind one trait. Nothing here knows virtio: a backend is a
 //! byte-addressed virtual disk.
 
+pub mod qcow2;
+pub mod raw;
+
 use std::io;
 
 /// A virtual disk. All offsets and lengths are in bytes of the virtual disk; callers
@@ -8,6 +11,9 @@ use std::io;
 pub trait DiskBackend: Send {
     /// Size of the virtual disk in bytes.
     fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Fill all of `buf` from `offset`; bytes past the end of the data read as zero.
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Write all of `buf` at `offset`.

@@ -1,0 +1,409 @@
+//! Loading the kernel (ELF with a PVH note, ELF vmlinux, bzImage), the initramfs and the
+//! command line, and writing what the kernel reads at entry: `hvm_start_info` for PVH, the
+//! zero page (`struct boot_params`) for the 64-bit boot protocol.
+
+use super::layout::*;
+use super::regs::EntryMode;
+use linux_loader::loader::bootparam::boot_params;
+use linux_loader::loader::elf::PvhBootCapability;
+use linux_loader::loader::{BzImage, Elf, KernelLoader};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("kernel {path}: {reason}")]
+    Kernel { path: PathBuf, reason: String },
+    #[error("initrd {path}: {reason}")]
+    Initrd { path: PathBuf, reason: String },
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
+    #[error("writing boot structures to guest memory at {addr:#x} failed")]
+    GuestMemory { addr: u64 },
+}
+
+/// What the vCPU setup needs from the loaded images.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedKernel {
+    pub entry: EntryMode,
+}
+
+/// Where the kernel's format was recognised.
+enum Format {
+    Elf,
+    BzImage,
+}
+
+fn sniff(file: &mut File) -> std::io::Result<Option<Format>> {
+    let mut head = [0u8; 0x206];
+    file.seek(SeekFrom::Start(0))?;
+    let n = read_up_to(file, &mut head)?;
+    if n >= 4 && head[..4] == *b"\x7fELF" {
+        return Ok(Some(Format::Elf));
+    }
+    // Linux boot protocol: "HdrS" at 0x202.
+    if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
+        return Ok(Some(Format::BzImage));
+    }
+    Ok(None)
+}
+
+fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Loads the kernel, initrd and command line and writes the boot structures.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+    rsdp: u64,
+) -> Result<LoadedKernel, BootError> {
+    let kerr = |reason: String| BootError::Kernel {
+        path: kernel.to_path_buf(),
+        reason,
+    };
+    let mut file = File::open(kernel).map_err(|e| kerr(crate::config::io_reason(&e)))?;
+    let format = sniff(&mut file)
+        .map_err(|e| kerr(crate::config::io_reason(&e)))?
+        .ok_or_else(|| kerr("not a kernel: neither an ELF image nor a bzImage".into()))?;
+    let highmem = Some(GuestAddress(HIMEM_START));
+    let result = match format {
+        Format::Elf => Elf::load(mem, None, &mut file, highmem),
+        Format::BzImage => BzImage::load(mem, None, &mut file, highmem),
+    }
+    .map_err(|e| kerr(loader_reason(&e, mem_size)))?;
+
+    write_cmdline(mem, cmdline)?;
+    let initrd = match initrd {
+        Some(path) => Some(load_initrd(mem, mem_size, path, result.kernel_end)?),
+        None => None,
+    };
+
+    let entry = match (format, result.pvh_boot_cap) {
+        (Format::Elf, PvhBootCapability::PvhEntryPresent(entry)) => {
+            write_start_info(mem, mem_size, initrd, rsdp)?;
+            EntryMode::Pvh {
+                entry: entry.raw_value(),
+                start_info: PVH_INFO_START,
+            }
+        }
+        (Format::Elf, _) => {
+            write_zero_page(mem, mem_size, None, initrd, cmdline, rsdp)?;
+            EntryMode::Linux64 {
+                entry: result.kernel_load.raw_value(),
+                zero_page: ZERO_PAGE_START,
+            }
+        }
+        (Format::BzImage, _) => {
+            let hdr = result
+                .setup_header
+                .ok_or_else(|| kerr("bzImage without a setup header".into()))?;
+            if hdr.version < 0x0206 {
+                return Err(kerr(format!(
+                    "boot protocol {}.{:02} is too old for the 64-bit entry (2.06 or later needed)",
+                    hdr.version >> 8,
+                    hdr.version & 0xff
+                )));
+            }
+            write_zero_page(mem, mem_size, Some(hdr), initrd, cmdline, rsdp)?;
+            // The 64-bit entry point is 0x200 past the protected-mode code (boot.rst).
+            EntryMode::Linux64 {
+                entry: result.kernel_load.raw_value() + 0x200,
+                zero_page: ZERO_PAGE_START,
+            }
+        }
+    };
+    Ok(LoadedKernel { entry })
+}
+
+fn loader_reason(e: &linux_loader::loader::Error, mem_size: u64) -> String {
+    use linux_loader::loader::Error as L;
+    match e {
+        L::Elf(linux_loader::loader::elf::Error::ReadKernelImage)
+        | L::Bzimage(linux_loader::loader::bzimage::Error::ReadBzImageCompressedKernel) => {
+            format!(
+                "does not fit in guest memory ({} MiB) where it asks to be loaded",
+                mem_size >> 20
+            )
+        }
+        L::Elf(e) => format!("not a loadable ELF kernel: {e}"),
+        L::Bzimage(e) => format!("not a loadable bzImage: {e}"),
+        e => e.to_string(),
+    }
+}
+
+fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> {
+    if cmdline.len() >= CMDLINE_MAX_SIZE {
+        return Err(BootError::Cmdline(format!(
+            "{} bytes, the limit is {}",
+            cmdline.len(),
+            CMDLINE_MAX_SIZE - 1
+        )));
+    }
+    if cmdline.bytes().any(|b| b == 0) {
+        return Err(BootError::Cmdline("contains a NUL byte".into()));
+    }
+    let mut bytes = cmdline.as_bytes().to_vec();
+    bytes.push(0);
+    mem.write_slice(&bytes, GuestAddress(CMDLINE_START))
+        .map_err(|_| BootError::GuestMemory {
+            addr: CMDLINE_START,
+        })
+}
+
+/// Places the initrd page-aligned at the top of low memory (below the MMIO hole and below
+/// what the 64-bit boot protocol's default initrd_addr_max allows), above the kernel.
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    path: &Path,
+    kernel_end: u64,
+) -> Result<(u64, u64), BootError> {
+    let ierr = |reason: String| BootError::Initrd {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut file = File::open(path).map_err(|e| ierr(crate::config::io_reason(&e)))?;
+    let size = file
+        .metadata()
+        .map_err(|e| ierr(crate::config::io_reason(&e)))?
+        .len();
+    const INITRD_ADDR_MAX: u64 = 0x3fff_ffff;
+    let top = mem_size.min(MMIO_HOLE_START).min(INITRD_ADDR_MAX + 1);
+    let addr = top
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|&a| a >= kernel_end.max(HIMEM_START))
+        .ok_or_else(|| {
+            ierr(format!(
+                "{size} bytes do not fit in guest memory below {top:#x} beside the kernel; give the VM more memory"
+            ))
+        })?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|e| ierr(format!("reading it failed: {e}")))?;
+    Ok((addr, size))
+}
+
+fn write_start_info(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    initrd: Option<(u64, u64)>,
+    rsdp: u64,
+) -> Result<(), BootError> {
+    const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+    const START_INFO_SIZE: u64 = 56;
+    let map = e820_map(mem_size);
+    let memmap_addr = PVH_INFO_START + START_INFO_SIZE;
+    let modlist_addr = memmap_addr + 24 * map.len() as u64;
+
+    let mut info = Vec::with_capacity(START_INFO_SIZE as usize);
+    info.extend_from_slice(&XEN_HVM_START_MAGIC.to_le_bytes());
+    info.extend_from_slice(&1u32.to_le_bytes()); // version
+    info.extend_from_slice(&0u32.to_le_bytes()); // flags
+    info.extend_from_slice(&u32::from(initrd.is_some()).to_le_bytes()); // nr_modules
+    info.extend_from_slice(&if initrd.is_some() { modlist_addr } else { 0 }.to_le_bytes());
+    info.extend_from_slice(&CMDLINE_START.to_le_bytes());
+    info.extend_from_slice(&rsdp.to_le_bytes());
+    info.extend_from_slice(&memmap_addr.to_le_bytes());
+    info.extend_from_slice(&(map.len() as u32).to_le_bytes());
+    info.extend_from_slice(&0u32.to_le_bytes());
+    debug_assert_eq!(info.len() as u64, START_INFO_SIZE);
+
+    for (start, size, kind) in &map {
+        info.extend_from_slice(&start.to_le_bytes());
+        info.extend_from_slice(&size.to_le_bytes());
+        info.extend_from_slice(&kind.to_le_bytes());
+        info.extend_from_slice(&0u32.to_le_bytes());
+    }
+    if let Some((addr, size)) = initrd {
+        // hvm_modlist_entry: paddr, size, cmdline_paddr, reserved.
+        for v in [addr, size, 0, 0] {
+            info.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    mem.write_slice(&info, GuestAddress(PVH_INFO_START))
+        .map_err(|_| BootError::GuestMemory {
+            addr: PVH_INFO_START,
+        })
+}
+
+fn write_zero_page(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    header: Option<linux_loader::loader::bootparam::setup_header>,
+    initrd: Option<(u64, u64)>,
+    cmdline: &str,
+    rsdp: u64,
+) -> Result<(), BootError> {
+    const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+    const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+    const KERNEL_LOADER_OTHER: u8 = 0xff;
+    const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
+    const CAN_USE_HEAP: u8 = 0x80;
+
+    let mut params = boot_params::default();
+    if let Some(hdr) = header {
+        params.hdr = hdr;
+    } else {
+        params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+        params.hdr.header = KERNEL_HDR_MAGIC;
+        params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
+    }
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.loadflags |= CAN_USE_HEAP;
+    params.hdr.heap_end_ptr = 0xfe00;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline.len() as u32 + 1;
+    if let Some((addr, size)) = initrd {
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+    params.acpi_rsdp_addr = rsdp;
+    let map = e820_map(mem_size);
+    if map.len() > params.e820_table.len() {
+        return Err(BootError::GuestMemory {
+            addr: ZERO_PAGE_START,
+        });
+    }
+    for (slot, (start, size, kind)) in params.e820_table.iter_mut().zip(&map) {
+        slot.addr = *start;
+        slot.size = *size;
+        slot.r#type = *kind;
+    }
+    params.e820_entries = map.len() as u8;
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
+        .map_err(|_| BootError::GuestMemory {
+            addr: ZERO_PAGE_START,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn mem(size: u64) -> GuestMemoryMmap {
+        let ranges: Vec<_> = ram_ranges(size)
+            .into_iter()
+            .map(|(s, l)| (GuestAddress(s), l as usize))
+            .collect();
+        GuestMemoryMmap::from_ranges(&ranges).unwrap()
+    }
+
+    fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("wisp-boot-{}-{name}", std::process::id()));
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(bytes)
+            .unwrap();
+        path
+    }
+
+    #[test]
+    fn rejects_a_file_that_is_not_a_kernel() {
+        let p = temp_file("notkernel", b"#!/bin/sh\necho hello\n");
+        let e = load(&mem(64 << 20), 64 << 20, &p, None, "", 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "kernel {}: not a kernel: neither an ELF image nor a bzImage",
+                p.display()
+            )
+        );
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn rejects_a_truncated_elf() {
+        let p = temp_file("truncelf", b"\x7fELF\x02\x01\x01");
+        let e = load(&mem(64 << 20), 64 << 20, &p, None, "", 0).unwrap_err();
+        assert!(e.to_string().contains("not a loadable ELF kernel"), "{e}");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn zero_page_carries_cmdline_initrd_rsdp_and_e820() {
+        let m = mem(128 << 20);
+        write_zero_page(
+            &m,
+            128 << 20,
+            None,
+            Some((0x700_0000, 0x1234)),
+            "console=ttyS0",
+            0xe0000,
+        )
+        .unwrap();
+        let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!({ p.hdr.cmdline_size }, 14);
+        assert_eq!({ p.hdr.ramdisk_image }, 0x700_0000);
+        assert_eq!({ p.hdr.ramdisk_size }, 0x1234);
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
+        assert_eq!({ p.hdr.boot_flag }, 0xaa55);
+        assert_eq!(p.e820_entries, 4);
+        let last = p.e820_table[3];
+        assert_eq!(
+            ({ last.addr }, { last.size }, { last.r#type }),
+            (1 << 20, 127 << 20, 1)
+        );
+    }
+
+    #[test]
+    fn start_info_lists_memmap_and_initrd_module() {
+        let m = mem(5 << 30);
+        write_start_info(&m, 5 << 30, Some((0x3000_0000, 4096)), 0xe0000).unwrap();
+        let r32 = |a: u64| m.read_obj::<u32>(GuestAddress(a)).unwrap();
+        let r64 = |a: u64| m.read_obj::<u64>(GuestAddress(a)).unwrap();
+        assert_eq!(r32(PVH_INFO_START), 0x336e_c578);
+        assert_eq!(r32(PVH_INFO_START + 12), 1); // nr_modules
+        assert_eq!(r64(PVH_INFO_START + 24), CMDLINE_START);
+        assert_eq!(r64(PVH_INFO_START + 32), 0xe0000);
+        let memmap = r64(PVH_INFO_START + 40);
+        let entries = r32(PVH_INFO_START + 48);
+        assert_eq!(entries, 5);
+        let last = memmap + 24 * 4;
+        assert_eq!(
+            (r64(last), r64(last + 8), r32(last + 16)),
+            (4 << 30, 2 << 30, 1)
+        );
+        let module = r64(PVH_INFO_START + 16);
+        assert_eq!((r64(module), r64(module + 8)), (0x3000_0000, 4096));
+    }
+
+    #[test]
+    fn initrd_goes_high_in_low_memory_and_refuses_what_does_not_fit() {
+        let m = mem(64 << 20);
+        let p = temp_file("initrd", &[0xab; 5000]);
+        let (addr, size) = load_initrd(&m, 64 << 20, &p, 0x20_0000).unwrap();
+        assert_eq!(size, 5000);
+        assert_eq!(addr % 4096, 0);
+        assert!(addr + size <= 64 << 20);
+        let b: u8 = m.read_obj(GuestAddress(addr + 4999)).unwrap();
+        assert_eq!(b, 0xab);
+        let e = load_initrd(&m, 64 << 20, &p, 64 << 20).unwrap_err();
+        assert!(e.to_string().contains("do not fit"), "{e}");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn cmdline_with_nul_is_refused() {
+        let m = mem(64 << 20);
+        assert!(write_cmdline(&m, "a\0b").is_err());
+        write_cmdline(&m, "quiet").unwrap();
+        let mut b = [0u8; 6];
+        m.read_slice(&mut b, GuestAddress(CMDLINE_START)).unwrap();
+        assert_eq!(&b, b"quiet\0");
+    }
+}

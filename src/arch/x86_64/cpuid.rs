@@ -1,0 +1,207 @@
+//! The guest's CPUID: what KVM supports, normalised per vCPU (APIC ids and topology), with the
+//! hypervisor bit set and, on a PVM host, the features that backend cannot emulate hidden.
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+
+// Leaf 1.
+const LEAF1_ECX_CX16: u32 = 1 << 13;
+const LEAF1_ECX_XSAVE: u32 = 1 << 26;
+const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
+const LEAF1_ECX_AVX: u32 = 1 << 28;
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const LEAF1_EDX_HTT: u32 = 1 << 28;
+// Leaf 7 subleaf 0.
+const LEAF7_EBX_AVX2: u32 = 1 << 5;
+const LEAF7_EBX_SMAP: u32 = 1 << 20;
+const LEAF7_EBX_AVX512F: u32 = 1 << 16;
+// Leaf 0xB/0x1F level types (Intel SDM vol. 2A, CPUID leaf 0BH).
+const LEVEL_TYPE_SMT: u32 = 1;
+const LEVEL_TYPE_CORE: u32 = 2;
+
+/// What the host's KVM is, as far as CPUID is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuidOptions {
+    pub vcpu_count: u8,
+    /// PVM (software KVM, see ENVIRONMENT.md): hide CX16 (its emulator cannot complete
+    /// `lock cmpxchg16b` at CPL0), XSAVE (nor `xrstors`) and SMAP (nor `clac`).
+    pub pvm: bool,
+}
+
+/// Rewrites `cpuid` (from KVM_GET_SUPPORTED_CPUID) for vCPU `vcpu_id`.
+pub fn normalize(cpuid: &mut CpuId, vcpu_id: u8, opts: CpuidOptions) {
+    let n = u32::from(opts.vcpu_count);
+    let apic_id = u32::from(vcpu_id);
+    // Bits of the x2APIC id that count cores in the package (one thread per core).
+    let core_bits = 32 - (n.max(1) - 1).leading_zeros();
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            0x1 => {
+                // EBX: APIC id [31:24], logical processors per package [23:16],
+                // CLFLUSH line size in qwords [15:8].
+                e.ebx = (apic_id << 24) | (n.min(255) << 16) | (8 << 8) | (e.ebx & 0xff);
+                e.ecx |= LEAF1_ECX_HYPERVISOR;
+                if n > 1 {
+                    e.edx |= LEAF1_EDX_HTT;
+                } else {
+                    e.edx &= !LEAF1_EDX_HTT;
+                }
+                // OSXSAVE mirrors the guest's CR4.OSXSAVE; KVM sets it when the guest does.
+                e.ecx &= !LEAF1_ECX_OSXSAVE;
+                if opts.pvm {
+                    e.ecx &= !(LEAF1_ECX_CX16 | LEAF1_ECX_XSAVE | LEAF1_ECX_AVX);
+                }
+            }
+            0x4 => {
+                // Cores per package - 1 in EAX[31:26]; each cache is private to one core
+                // unless it is the last level (EAX[25:14]: threads sharing it - 1).
+                let level = (e.eax >> 5) & 0x7;
+                e.eax &= 0x3fff;
+                e.eax |= (n.saturating_sub(1) & 0x3f) << 26;
+                if level >= 3 {
+                    e.eax |= (n.saturating_sub(1) & 0xfff) << 14;
+                }
+            }
+            0x6 => {
+                // No power management to the guest (no HWP, no turbo).
+                e.eax = 0;
+                e.ecx = 0;
+            }
+            0x7 if e.index == 0 && opts.pvm => {
+                e.ebx &= !(LEAF7_EBX_SMAP | LEAF7_EBX_AVX2 | LEAF7_EBX_AVX512F);
+            }
+            0xa => {
+                // No PMU.
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            0xb | 0x1f => {
+                e.edx = apic_id;
+                match e.index {
+                    0 => {
+                        e.eax = 0;
+                        e.ebx = 1;
+                        e.ecx = (LEVEL_TYPE_SMT << 8) | e.index;
+                    }
+                    1 => {
+                        e.eax = core_bits;
+                        e.ebx = n;
+                        e.ecx = (LEVEL_TYPE_CORE << 8) | e.index;
+                    }
+                    _ => {
+                        e.eax = 0;
+                        e.ebx = 0;
+                        e.ecx = e.index;
+                    }
+                }
+            }
+            0xd if opts.pvm => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Looks up a leaf, for tests and diagnostics.
+pub fn find(cpuid: &CpuId, function: u32, index: u32) -> Option<&kvm_cpuid_entry2> {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == function && e.index == index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> CpuId {
+        let entry = |function, index, ecx, edx| kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: 0x1234_5678,
+            ebx: 0xffff_ffff,
+            ecx,
+            edx,
+            ..Default::default()
+        };
+        CpuId::from_entries(&[
+            entry(0x1, 0, LEAF1_ECX_CX16 | LEAF1_ECX_XSAVE, LEAF1_EDX_HTT),
+            entry(0x7, 0, 0, 0),
+            entry(0xb, 0, 0, 0),
+            entry(0xb, 1, 0, 0),
+            entry(0xa, 0, 1, 1),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn apic_id_and_topology_per_vcpu() {
+        let mut c = sample();
+        normalize(
+            &mut c,
+            5,
+            CpuidOptions {
+                vcpu_count: 8,
+                pvm: false,
+            },
+        );
+        let l1 = find(&c, 1, 0).unwrap();
+        assert_eq!(l1.ebx >> 24, 5);
+        assert_eq!((l1.ebx >> 16) & 0xff, 8);
+        assert_ne!(l1.ecx & LEAF1_ECX_HYPERVISOR, 0);
+        assert_ne!(l1.edx & LEAF1_EDX_HTT, 0);
+        let smt = find(&c, 0xb, 0).unwrap();
+        assert_eq!((smt.ebx, smt.edx, smt.ecx >> 8), (1, 5, LEVEL_TYPE_SMT));
+        let core = find(&c, 0xb, 1).unwrap();
+        assert_eq!((core.eax, core.ebx, core.edx), (3, 8, 5));
+        assert_eq!(find(&c, 0xa, 0).unwrap().eax, 0);
+    }
+
+    #[test]
+    fn single_vcpu_has_no_htt() {
+        let mut c = sample();
+        normalize(
+            &mut c,
+            0,
+            CpuidOptions {
+                vcpu_count: 1,
+                pvm: false,
+            },
+        );
+        assert_eq!(find(&c, 1, 0).unwrap().edx & LEAF1_EDX_HTT, 0);
+        assert_eq!(find(&c, 0xb, 1).unwrap().eax, 0);
+    }
+
+    #[test]
+    fn pvm_hides_what_its_emulator_cannot_run() {
+        let mut c = sample();
+        c.as_mut_slice()[1].ebx = LEAF7_EBX_SMAP;
+        normalize(
+            &mut c,
+            0,
+            CpuidOptions {
+                vcpu_count: 2,
+                pvm: true,
+            },
+        );
+        let l1 = find(&c, 1, 0).unwrap();
+        assert_eq!(l1.ecx & (LEAF1_ECX_CX16 | LEAF1_ECX_XSAVE), 0);
+        assert_eq!(find(&c, 7, 0).unwrap().ebx & LEAF7_EBX_SMAP, 0);
+
+        let mut c = sample();
+        normalize(
+            &mut c,
+            0,
+            CpuidOptions {
+                vcpu_count: 2,
+                pvm: false,
+            },
+        );
+        assert_ne!(find(&c, 1, 0).unwrap().ecx & LEAF1_ECX_CX16, 0);
+    }
+}

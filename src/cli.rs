@@ -1,0 +1,177 @@
+//! The command line. Flags become a `VmConfig`; nothing below this module sees them.
+
+use crate::config::{self, ConfigError, ConsoleConfig, MemSize, VmConfig};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wisp",
+    version,
+    about = "wisp: a lightweight virtual machine monitor for x86_64 KVM",
+    long_about = "wisp boots a Linux kernel (or any ELF with a PVH note) directly on KVM, \
+                  one VM per process. Exit status: 0 when the guest powers off or reboots, \
+                  1 for a configuration or setup error, 2 when the guest crashes (panic, \
+                  triple fault, KVM error), 128+N when stopped by signal N."
+)]
+pub struct Cli {
+    /// Log level: error, warn, info, debug or trace (also WISP_LOG).
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a VM and run it until the guest powers off, reboots or crashes.
+    Run(RunArgs),
+}
+
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// JSON file with the VM's settings (the same names as these flags); flags given as
+    /// well override the file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Kernel to boot: an ELF vmlinux (PVH entry when it has the PVH note), or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs to load for the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line [default: "console=ttyS0 panic=-1"].
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs, 1 to 32 [default: 1].
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<String>,
+    /// Guest memory, e.g. 512M or 2G (a bare number is MiB), 64M to 1T [default: 512M].
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Serial console: stdio (stdout, stdin as input), file:PATH (appended), or none
+    /// [default: stdio].
+    #[arg(long, value_name = "WHERE")]
+    pub console: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("--memory: {0}")]
+    Memory(#[from] config::size::MemSizeError),
+}
+
+impl RunArgs {
+    /// The `VmConfig` these flags (and the config file, if any) describe, validated.
+    pub fn to_config(&self) -> Result<VmConfig, CliError> {
+        let mut config = match &self.config {
+            Some(path) => VmConfig::from_json_file(path)?,
+            None => VmConfig::new(self.kernel.clone().ok_or(ConfigError::NoKernel)?),
+        };
+        if let Some(k) = &self.kernel {
+            config.kernel = k.clone();
+        }
+        if let Some(i) = &self.initrd {
+            config.initrd = Some(i.clone());
+        }
+        if let Some(c) = &self.cmdline {
+            config.cmdline = c.clone();
+        }
+        if let Some(c) = &self.cpus {
+            config.cpus = config::parse_cpus(c)?;
+        }
+        if let Some(m) = &self.memory {
+            config.memory = m.parse::<MemSize>()?;
+        }
+        if let Some(c) = &self.console {
+            config.console = c.parse::<ConsoleConfig>()?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<VmConfig, String> {
+        let mut full = vec!["wisp", "run"];
+        full.extend_from_slice(args);
+        let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
+        let Command::Run(run) = cli.command;
+        run.to_config().map_err(|e| e.to_string())
+    }
+
+    fn kernel() -> String {
+        format!("{}/Cargo.toml", env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn flags_become_a_config() {
+        let k = kernel();
+        let c = parse(&[
+            "--kernel",
+            &k,
+            "--cpus",
+            "4",
+            "--memory",
+            "1G",
+            "--console",
+            "none",
+        ])
+        .unwrap();
+        assert_eq!(c.cpus, 4);
+        assert_eq!(c.memory, MemSize(1 << 30));
+        assert_eq!(c.console, ConsoleConfig::None);
+        assert_eq!(c.cmdline, config::DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn bad_values_name_the_problem() {
+        let k = kernel();
+        assert_eq!(
+            parse(&["--kernel", &k, "--cpus", "0"]).unwrap_err(),
+            "cpus must be between 1 and 32, got 0"
+        );
+        assert_eq!(
+            parse(&["--kernel", &k, "--cpus", "1000"]).unwrap_err(),
+            "cpus must be between 1 and 32, got 1000"
+        );
+        assert_eq!(
+            parse(&["--kernel", &k, "--memory", "1K"]).unwrap_err(),
+            "memory must be between 64 MiB and 1 TiB, got 1K"
+        );
+        assert!(parse(&["--kernel", &k, "--memory", "lots"])
+            .unwrap_err()
+            .starts_with("--memory: invalid memory size"));
+        assert!(parse(&[]).unwrap_err().starts_with("no kernel given"));
+    }
+
+    #[test]
+    fn config_file_with_flag_override() {
+        let dir = std::env::temp_dir().join(format!("wisp-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("vm.json");
+        std::fs::write(
+            &file,
+            format!(
+                r#"{{"kernel": "{}", "cpus": 2, "memory": "256M"}}"#,
+                kernel()
+            ),
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let c = parse(&["--config", f]).unwrap();
+        assert_eq!((c.cpus, c.memory), (2, MemSize(256 << 20)));
+        let c = parse(&["--config", f, "--cpus", "3"]).unwrap();
+        assert_eq!(c.cpus, 3);
+        std::fs::write(&file, r#"{"kernel": "/k", "bogus": 1}"#).unwrap();
+        assert!(parse(&["--config", f])
+            .unwrap_err()
+            .contains("unknown field `bogus`"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,385 @@
+//! The builder (a validated `VmConfig` becomes a running VM) and the event loop on the main
+//! thread: console input, signals and the end of the VM.
+
+use crate::arch::x86_64::{acpi, boot, cpuid, layout::*, pvm, regs};
+use crate::config::{ConsoleConfig, VmConfig};
+use crate::terminal;
+use crate::vstate::exit::{ExitSignal, VmExit};
+use crate::vstate::vcpu::{ThreadStart, Vcpu};
+use crate::vstate::vm::{Vm, VmError};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+use wisp_devices::bus::{Bus, BusError};
+use wisp_devices::interrupt::{InterruptLine, IrqFd};
+use wisp_devices::legacy::{
+    AcpiPm, PlatformEvent, PlatformEventSink, PvPanic, Serial, ACPI_PM_PORT_LEN, I8042,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    #[error("vcpu{vcpu}: {source}")]
+    VcpuSetup { vcpu: u8, source: regs::RegsError },
+    #[error("{op} failed: {source}")]
+    Kvm {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("console file {path}: {reason}")]
+    ConsoleFile {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("placing a device on the bus: {0}")]
+    Bus(#[from] BusError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> VmmError {
+    move |source| VmmError::Io { what, source }
+}
+
+fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { op, source }
+}
+
+/// A VM built and ready to start.
+pub struct Vmm {
+    vm: Vm,
+    vcpus: Vec<Vcpu>,
+    exit: ExitSignal,
+    serial: Arc<Mutex<Serial>>,
+    serial_drained: EventFd,
+    console_input: bool,
+    vcpu_start: Option<Arc<dyn Fn(u8, libc::pid_t) -> Result<(), String> + Send + Sync>>,
+}
+
+impl Vmm {
+    /// Builds the VM described by `config` (already validated).
+    pub fn build(config: &VmConfig) -> Result<Self, VmmError> {
+        let mem_size = config.memory.0;
+        let vm = Vm::new(mem_size)?;
+        let pvm = pvm::is_pvm_host();
+        if pvm {
+            log::info!("PVM host: hiding CX16, XSAVE and SMAP, completing int3/fwait");
+        }
+        let exit = ExitSignal::new().map_err(io_err("eventfd"))?;
+
+        let events: PlatformEventSink = {
+            let exit = exit.clone();
+            Arc::new(move |e| {
+                exit.report(match e {
+                    PlatformEvent::PowerOff => VmExit::PowerOff,
+                    PlatformEvent::Reset => VmExit::Reset,
+                    PlatformEvent::Panicked => VmExit::GuestPanicked,
+                })
+            })
+        };
+
+        let mut io_bus = Bus::new();
+        let com1_irq = irq_line(&vm, COM1_GSI)?;
+        let (serial, serial_drained) =
+            Serial::new(com1_irq, console_output(&config.console)?).map_err(io_err("serial"))?;
+        let serial = Arc::new(Mutex::new(serial));
+        io_bus.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
+        let kbd_irq = irq_line(&vm, I8042_GSI)?;
+        io_bus.insert(
+            Arc::new(Mutex::new(I8042::new(events.clone(), Some(kbd_irq)))),
+            I8042_PORT,
+            I8042_PORT_LEN,
+        )?;
+        io_bus.insert(
+            Arc::new(Mutex::new(PvPanic::new(events.clone()))),
+            PVPANIC_PORT,
+            1,
+        )?;
+        io_bus.insert(
+            Arc::new(Mutex::new(AcpiPm::new(events))),
+            ACPI_PM_PORT,
+            ACPI_PM_PORT_LEN,
+        )?;
+        let mmio_bus = Bus::new();
+
+        let rsdp = acpi::write(
+            &vm.mem,
+            &acpi::Platform {
+                vcpus: config.cpus,
+                virtio_mmio: &[],
+            },
+        )?;
+        let kernel = boot::load(
+            &vm.mem,
+            mem_size,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &config.cmdline,
+            rsdp,
+        )?;
+
+        let supported = vm
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(config.cpus.into());
+        for id in 0..config.cpus {
+            let fd = vm
+                .fd
+                .create_vcpu(id.into())
+                .map_err(kvm("KVM_CREATE_VCPU"))?;
+            let mut cpuid = supported.clone();
+            cpuid::normalize(
+                &mut cpuid,
+                id,
+                cpuid::CpuidOptions {
+                    vcpu_count: config.cpus,
+                    pvm,
+                },
+            );
+            fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+            let setup = |fd: &kvm_ioctls::VcpuFd| -> Result<(), regs::RegsError> {
+                regs::setup_msrs(fd)?;
+                regs::setup_fpu(fd)?;
+                regs::setup_lapic(fd)?;
+                if id == 0 {
+                    regs::setup_boot_vcpu(fd, &vm.mem, kernel.entry)?;
+                }
+                Ok(())
+            };
+            setup(&fd).map_err(|source| VmmError::VcpuSetup { vcpu: id, source })?;
+            vcpus.push(Vcpu {
+                id,
+                fd,
+                io_bus: io_bus.clone(),
+                mmio_bus: mmio_bus.clone(),
+                mem: vm.mem.clone(),
+                exit: exit.clone(),
+                pvm,
+            });
+        }
+
+        Ok(Self {
+            vm,
+            vcpus,
+            exit,
+            serial,
+            serial_drained,
+            console_input: config.console == ConsoleConfig::Stdio,
+            vcpu_start: None,
+        })
+    }
+
+    /// A hook each vCPU thread runs with its index and thread id before entering the guest.
+    pub fn on_vcpu_start(
+        &mut self,
+        f: Arc<dyn Fn(u8, libc::pid_t) -> Result<(), String> + Send + Sync>,
+    ) {
+        self.vcpu_start = Some(f);
+    }
+
+    /// Starts the vCPUs and runs the event loop until the VM ends.
+    pub fn run(mut self) -> Result<VmExit, VmmError> {
+        let signals = block_stop_signals().map_err(io_err("signalfd"))?;
+        let epoll = Epoll::new().map_err(io_err("epoll"))?;
+        let add = |fd: RawFd, token: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        add(self.exit.event_fd().as_raw_fd(), TOKEN_EXIT).map_err(io_err("epoll"))?;
+        add(signals.as_raw_fd(), TOKEN_SIGNAL).map_err(io_err("epoll"))?;
+        add(self.serial_drained.as_raw_fd(), TOKEN_SERIAL_DRAINED).map_err(io_err("epoll"))?;
+        let mut stdin_watched = false;
+        if self.console_input {
+            // Regular files and /dev/null cannot be watched: there is no input to wait for.
+            stdin_watched = add(0, TOKEN_STDIN).is_ok();
+            if stdin_watched {
+                terminal::enter_raw_mode();
+            }
+        }
+
+        let _vm = &self.vm;
+        for vcpu in self.vcpus.drain(..) {
+            let start: Option<ThreadStart> = self.vcpu_start.clone().map(|f| {
+                let b: ThreadStart = Box::new(move |id, tid| f(id, tid));
+                b
+            });
+            vcpu.spawn(start)
+                .map_err(io_err("spawning a vCPU thread"))?;
+        }
+
+        let mut events = vec![EpollEvent::default(); 16];
+        let mut stdin = unsafe_stdin();
+        let result = loop {
+            if let Some(exit) = self.exit.take() {
+                break Ok(exit);
+            }
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    break Err(VmmError::Io {
+                        what: "epoll",
+                        source: e,
+                    })
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_EXIT => {
+                        let _ = self.exit.event_fd().read();
+                    }
+                    TOKEN_SIGNAL => {
+                        if let Some(sig) = read_signal(&signals) {
+                            self.exit.report(VmExit::Signal(sig));
+                        }
+                    }
+                    TOKEN_STDIN => {
+                        if !self.forward_input(&mut stdin) {
+                            let _ = epoll.ctl(ControlOperation::Delete, 0, EpollEvent::default());
+                            stdin_watched = false;
+                        }
+                    }
+                    TOKEN_SERIAL_DRAINED => {
+                        let _ = self.serial_drained.read();
+                        if self.console_input && !stdin_watched {
+                            stdin_watched = add(0, TOKEN_STDIN).is_ok();
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        };
+        terminal::restore();
+        result
+    }
+
+    /// Moves console input into the UART's FIFO. Returns false when stdin should stop being
+    /// watched: at EOF, on an error, or while the FIFO is full (resumed when it drains).
+    fn forward_input(&self, stdin: &mut File) -> bool {
+        let mut serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let room = serial.input_capacity();
+        if room == 0 {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        match stdin.read(&mut buf[..room.min(64)]) {
+            Ok(0) => false,
+            Ok(n) => {
+                if let Err(e) = serial.enqueue_input(&buf[..n]) {
+                    log::warn!("console input dropped: {e}");
+                }
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
+            Err(e) => {
+                log::warn!("console input: {e}");
+                false
+            }
+        }
+    }
+}
+
+const TOKEN_EXIT: u64 = 0;
+const TOKEN_SIGNAL: u64 = 1;
+const TOKEN_STDIN: u64 = 2;
+const TOKEN_SERIAL_DRAINED: u64 = 3;
+
+fn irq_line(vm: &Vm, gsi: u32) -> Result<Arc<dyn InterruptLine>, VmmError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+    vm.fd.register_irqfd(&evt, gsi).map_err(kvm("KVM_IRQFD"))?;
+    Ok(Arc::new(IrqFd(evt)))
+}
+
+/// The console's output side: written byte by byte by the UART, so unbuffered.
+fn console_output(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match console {
+        ConsoleConfig::Stdio => {
+            let fd = io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(io_err("stdout"))?;
+            Box::new(File::from(fd))
+        }
+        ConsoleConfig::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| VmmError::ConsoleFile {
+                    path: path.clone(),
+                    reason: crate::config::io_reason(&e),
+                })?,
+        ),
+        ConsoleConfig::None => Box::new(io::sink()),
+    })
+}
+
+/// stdin as a File without taking ownership of fd 0 away from the process.
+fn unsafe_stdin() -> File {
+    // SAFETY: dup returns a new descriptor that the File then owns.
+    let fd = unsafe { libc::dup(0) };
+    if fd < 0 {
+        // No stdin at all: a File on /dev/null reads EOF and is dropped from the loop.
+        return File::open("/dev/null").unwrap_or_else(|_| {
+            // SAFETY: fd 0 is at worst closed; reads then fail and stdin is unwatched.
+            unsafe { File::from_raw_fd(0) }
+        });
+    }
+    // SAFETY: fd is a fresh descriptor from dup.
+    unsafe { File::from(OwnedFd::from_raw_fd(fd)) }
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and so in the vCPU threads spawned
+/// after) and returns a signalfd that receives them, for a clean stop from the event loop.
+fn block_stop_signals() -> io::Result<OwnedFd> {
+    // SAFETY: plain libc calls on a local, zero-initialised sigset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+fn read_signal(fd: &OwnedFd) -> Option<i32> {
+    // SAFETY: reads one signalfd_siginfo into a properly sized, zeroed buffer.
+    unsafe {
+        let mut info: libc::signalfd_siginfo = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        let n = libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        );
+        (n == size as isize).then_some(info.ssi_signo as i32)
+    }
+}

@@ -1,0 +1,5 @@
+//! KVM state: the VM (memory, irqchip), the vCPUs and how a VM ends.
+
+pub mod exit;
+pub mod vcpu;
+pub mod vm;

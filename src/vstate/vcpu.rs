@@ -1,0 +1,148 @@
+//! One thread per vCPU, named `wisp-vcpu<N>`, running KVM_RUN and dispatching port and MMIO
+//! exits to the buses. A vCPU never blocks on device I/O: devices do their work on the event
+//! loop, reached through ioeventfds.
+
+use super::exit::{ExitSignal, VmExit};
+use crate::arch::x86_64::pvm;
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::thread::JoinHandle;
+use vm_memory::GuestMemoryMmap;
+use wisp_devices::bus::Bus;
+
+/// KVM_INTERNAL_ERROR_EMULATION (linux/kvm.h).
+const INTERNAL_ERROR_EMULATION: u32 = 1;
+
+/// Runs once on the vCPU thread, before its first KVM_RUN (cgroup placement).
+pub type ThreadStart = Box<dyn FnOnce(u8, libc::pid_t) -> Result<(), String> + Send>;
+
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pub io_bus: Bus,
+    pub mmio_bus: Bus,
+    pub mem: GuestMemoryMmap,
+    pub exit: ExitSignal,
+    pub pvm: bool,
+}
+
+impl Vcpu {
+    pub fn spawn(mut self, on_start: Option<ThreadStart>) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("wisp-vcpu{}", self.id))
+            .spawn(move || {
+                if let Some(f) = on_start {
+                    // SAFETY: gettid has no preconditions.
+                    let tid = unsafe { libc::gettid() };
+                    if let Err(e) = f(self.id, tid) {
+                        self.exit.report(VmExit::KvmCall {
+                            vcpu: self.id,
+                            op: "vCPU thread setup",
+                            error: e,
+                        });
+                        return;
+                    }
+                }
+                let end = self.run();
+                self.exit.report(end);
+            })
+    }
+
+    /// Runs the guest until it stops; returns why.
+    fn run(&mut self) -> VmExit {
+        let id = self.id;
+        loop {
+            let exit = match self.fd.run() {
+                Ok(exit) => exit,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => {
+                    return VmExit::KvmCall {
+                        vcpu: id,
+                        op: "KVM_RUN",
+                        error: e.to_string(),
+                    }
+                }
+            };
+            match exit {
+                VcpuExit::IoIn(port, data) => {
+                    if !self.io_bus.read(u64::from(port), data) {
+                        data.fill(0xff);
+                    }
+                }
+                VcpuExit::IoOut(port, data) => {
+                    self.io_bus.write(u64::from(port), data);
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    if !self.mmio_bus.read(addr, data) {
+                        data.fill(0xff);
+                    }
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    self.mmio_bus.write(addr, data);
+                }
+                VcpuExit::Intr => {}
+                VcpuExit::Shutdown => return VmExit::TripleFault { vcpu: id },
+                VcpuExit::SystemEvent(kind, _) => {
+                    return match kind {
+                        KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
+                        KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+                        KVM_SYSTEM_EVENT_CRASH => VmExit::GuestPanicked,
+                        other => VmExit::UnexpectedExit {
+                            vcpu: id,
+                            exit: format!("system event {other}"),
+                        },
+                    }
+                }
+                VcpuExit::FailEntry(reason, cpu) => {
+                    return VmExit::KvmInternal {
+                        vcpu: id,
+                        detail: format!("VM entry failed (reason {reason:#x}, host cpu {cpu})"),
+                    }
+                }
+                VcpuExit::InternalError => {
+                    if let Some(end) = self.internal_error() {
+                        return end;
+                    }
+                }
+                other => {
+                    return VmExit::UnexpectedExit {
+                        vcpu: id,
+                        exit: format!("{other:?}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// None when the vCPU may continue.
+    fn internal_error(&mut self) -> Option<VmExit> {
+        // SAFETY: KVM filled the `internal` member of the union for KVM_EXIT_INTERNAL_ERROR.
+        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        let id = self.id;
+        if internal.suberror == INTERNAL_ERROR_EMULATION {
+            if self.pvm {
+                return match pvm::complete_emulation_failure(&self.fd, &self.mem) {
+                    Ok(_) => None,
+                    Err(f) => Some(VmExit::EmulationFailure {
+                        vcpu: id,
+                        detail: f.to_string(),
+                    }),
+                };
+            }
+            let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+            return Some(VmExit::EmulationFailure {
+                vcpu: id,
+                detail: format!("KVM could not emulate the instruction at rip {rip:#x}"),
+            });
+        }
+        let n = (internal.ndata as usize).min(internal.data.len());
+        Some(VmExit::KvmInternal {
+            vcpu: id,
+            detail: format!(
+                "suberror {} data {:x?}",
+                internal.suberror,
+                &internal.data[..n]
+            ),
+        })
+    }
+}

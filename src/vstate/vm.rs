@@ -1,0 +1,96 @@
+//! The KVM VM: guest memory, the in-kernel irqchip and PIT, irqfds and ioeventfds.
+
+use crate::arch::x86_64::layout::*;
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user open /dev/kvm?)")]
+    OpenKvm(String),
+    #[error("KVM API version {0} is not supported (12 is needed)")]
+    ApiVersion(i32),
+    #[error("this KVM lacks {0:?}, which wisp needs")]
+    MissingCap(Cap),
+    #[error("{op} failed: {source}")]
+    Kvm {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot allocate {size} MiB of guest memory: {reason}")]
+    Memory { size: u64, reason: String },
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { op, source }
+}
+
+pub struct Vm {
+    pub kvm: Kvm,
+    pub fd: VmFd,
+    pub mem: GuestMemoryMmap,
+}
+
+impl Vm {
+    pub fn new(mem_size: u64) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(|e| VmError::OpenKvm(crate::config::io_reason(&e.into())))?;
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(VmError::ApiVersion(version));
+        }
+        for cap in [
+            Cap::Irqchip,
+            Cap::Ioeventfd,
+            Cap::Irqfd,
+            Cap::UserMemory,
+            Cap::Pit2,
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(cap));
+            }
+        }
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        if let Err(e) = fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS) {
+            // Only Intel's real-mode emulation needs it; some backends refuse it.
+            log::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+        }
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_size)
+            .into_iter()
+            .map(|(start, len)| (GuestAddress(start), len as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
+            size: mem_size >> 20,
+            reason: e.to_string(),
+        })?;
+        for (slot, region) in mem.iter().enumerate() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: mem.get_host_address(region.start_addr()).map_err(|e| {
+                    VmError::Memory {
+                        size: mem_size >> 20,
+                        reason: e.to_string(),
+                    }
+                })? as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is mapped for the lifetime of `mem`, which the Vm owns and
+            // which outlives the VM fd's use of it (fields drop in declaration order: fd first).
+            unsafe { fd.set_user_memory_region(region_desc) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        Ok(Self { kvm, fd, mem })
+    }
+}
