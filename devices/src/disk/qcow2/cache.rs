@@ -1,0 +1,90 @@
+//! A small LRU-ish cache of cluster-sized metadata tables (L2 tables, refcount blocks),
+//! keyed by their host offset. Entries may be dirty; the owner decides when and in which
+//! order dirty entries are written back (see `Qcow2::flush_metadata`).
+
+use std::collections::HashMap;
+
+pub struct Entry<T> {
+    pub table: T,
+    pub dirty: bool,
+    last_use: u64,
+}
+
+pub struct TableCache<T> {
+    map: HashMap<u64, Entry<T>>,
+    capacity: usize,
+    tick: u64,
+}
+
+impl<T> TableCache<T> {
+    pub fn new(capacity: usize) -> Self {
+        TableCache {
+            map: HashMap::new(),
+            capacity: capacity.max(4),
+            tick: 0,
+        }
+    }
+
+    pub fn get_mut(&mut self, offset: u64) -> Option<&mut Entry<T>> {
+        self.tick += 1;
+        let tick = self.tick;
+        let entry = self.map.get_mut(&offset)?;
+        entry.last_use = tick;
+        Some(entry)
+    }
+
+    pub fn contains(&self, offset: u64) -> bool {
+        self.map.contains_key(&offset)
+    }
+
+    /// Inserts without evicting: eviction happens only in `evict_clean`, at points where
+    /// the owner holds no reference into the cache.
+    pub fn insert(&mut self, offset: u64, table: T, dirty: bool) {
+        self.tick += 1;
+        self.map.insert(
+            offset,
+            Entry {
+                table,
+                dirty,
+                last_use: self.tick,
+            },
+        );
+    }
+
+    pub fn over_capacity(&self) -> bool {
+        self.map.len() > self.capacity
+    }
+
+    /// Drops least recently used clean entries down to 3/4 of the capacity. Returns false
+    /// if dirty entries keep the cache over capacity (the owner must write them back).
+    pub fn evict_clean(&mut self) -> bool {
+        if !self.over_capacity() {
+            return true;
+        }
+        let target = self.capacity * 3 / 4;
+        let mut clean: Vec<(u64, u64)> = self
+            .map
+            .iter()
+            .filter(|(_, e)| !e.dirty)
+            .map(|(&off, e)| (e.last_use, off))
+            .collect();
+        clean.sort_unstable();
+        let excess = self.map.len().saturating_sub(target);
+        for (_, off) in clean.into_iter().take(excess) {
+            self.map.remove(&off);
+        }
+        !self.over_capacity()
+    }
+
+    /// Offsets of dirty entries, in ascending order.
+    pub fn dirty_offsets(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .map
+            .iter()
+            .filter(|(_, e)| e.dirty)
+            .map(|(&o, _)| o)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}

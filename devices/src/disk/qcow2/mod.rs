@@ -1,0 +1,1406 @@
+//! qcow2 images (QEMU docs/interop/qcow2.txt): versions 2 and 3, backing chains, compressed
+//! clusters (deflate), allocating copy-on-write writes with exact refcounts and a metadata
+//! write order that keeps the image consistent across a crash.
+//!
+//! Write ordering (each arrow is an fdatasync): data clusters and refcount blocks ->
+//! refcount table entries -> L2 tables -> L1 entries. Refcount decrements are applied only
+//! after the L2 entries that stopped pointing at the clusters are durable, so a crash can
+//! leak clusters but never leave a reference to a cluster with refcount 0.
+
+mod cache;
+mod header;
+mod refcount;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use cache::TableCache;
+pub use header::MAGIC;
+use header::{Header, INCOMPAT_DIRTY};
+
+use super::DiskBackend;
+
+/// Longest backing chain opened (the overlay itself not counted).
+pub const MAX_BACKING_DEPTH: usize = 16;
+
+const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const RT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+const OFLAG_COPIED: u64 = 1 << 63;
+const OFLAG_COMPRESSED: u64 = 1 << 62;
+const OFLAG_ZERO: u64 = 1;
+/// Host offsets must fit in bits 9..55 of table entries.
+const MAX_HOST_OFFSET: u64 = 1 << 56;
+
+/// Why an image was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("I/O error on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("truncated qcow2 header: the file is only {len} bytes")]
+    TruncatedHeader { len: u64 },
+    #[error("not a qcow2 image: magic is {magic:#010x}, expected 0x514649fb (QFI\\xfb)")]
+    BadMagic { magic: u32 },
+    #[error("unsupported qcow2 version {version} (2 and 3 are supported)")]
+    UnsupportedVersion { version: u32 },
+    #[error("cluster_bits {cluster_bits} out of range (9..=21, 512 B to 2 MiB clusters)")]
+    ClusterBits { cluster_bits: u32 },
+    #[error("cluster size {cluster_size} is not a power of two between 512 and 2097152")]
+    ClusterSize { cluster_size: u64 },
+    #[error("refcount_order {refcount_order} out of range (0..=6)")]
+    RefcountOrder { refcount_order: u32 },
+    #[error("invalid v3 header_length {header_length}")]
+    HeaderLength { header_length: u32 },
+    #[error("header extension type {ext_type:#x} with length {len} runs past the header cluster")]
+    BadHeaderExtension { ext_type: u32, len: u64 },
+    #[error("encrypted images are not supported (crypt_method {method})")]
+    Encrypted { method: u32 },
+    #[error("the image has the corrupt bit set (incompatible feature bit 1); repair it with `qemu-img check -r all`")]
+    CorruptBit,
+    #[error("the image is dirty (incompatible feature bit 0: refcounts may be stale after lazy refcounts); wisp does not rebuild refcounts and opens it read-only only: repair it with `qemu-img check -r all`")]
+    Dirty,
+    #[error("images with an external data file (incompatible feature bit 2) are not supported")]
+    ExternalDataFile,
+    #[error("images with extended L2 entries / subclusters (incompatible feature bit 4) are not supported")]
+    ExtendedL2,
+    #[error("compression type {compression_type} is not supported (only deflate, type 0; zstd is type 1)")]
+    CompressionType { compression_type: u8 },
+    #[error(
+        "compression type field ({compression_type}) disagrees with incompatible feature bit 3"
+    )]
+    CompressionTypeMismatch { compression_type: u8 },
+    #[error("unknown incompatible feature bit {bit} ({name}) is set")]
+    UnknownIncompatibleFeature { bit: u32, name: String },
+    #[error("{table} at offset {offset:#x} is not aligned to a cluster")]
+    Misaligned { table: &'static str, offset: u64 },
+    #[error("{table} at offset {offset:#x} overlaps the header cluster")]
+    OverlapsHeader { table: &'static str, offset: u64 },
+    #[error("{table} [{offset:#x}, +{len:#x}) lies outside the file ({file_size} bytes)")]
+    TableOutsideFile {
+        table: &'static str,
+        offset: u64,
+        len: u64,
+        file_size: u64,
+    },
+    #[error("{what} too large: {value}")]
+    TooLarge { what: &'static str, value: u64 },
+    #[error("L1 table has {l1_size} entries but a virtual size of {size} needs {needed}")]
+    L1TooSmall {
+        l1_size: u32,
+        needed: u64,
+        size: u64,
+    },
+    #[error("invalid backing file name at offset {offset:#x}, length {len}")]
+    BadBackingName { offset: u64, len: u32 },
+    #[error("backing format {format:?} of {path} is not supported (raw and qcow2 are)")]
+    BackingFormat { path: PathBuf, format: String },
+    #[error("backing chain deeper than {limit} at {path}")]
+    BackingTooDeep { path: PathBuf, limit: usize },
+    #[error("backing chain loops: {path} is already in the chain")]
+    BackingLoop { path: PathBuf },
+    #[error("backing file {path}: {source}")]
+    Backing { path: PathBuf, source: Box<Error> },
+    #[error("images with {count} internal snapshots can only be opened read-only")]
+    Snapshots { count: u32 },
+    #[error("image size is required when there is no backing file")]
+    NoSize,
+    #[error("backing file name {name:?} does not fit in the header cluster")]
+    BackingNameTooLong { name: String },
+}
+
+/// Disk image formats wisp reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        })
+    }
+}
+
+impl FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            other => Err(format!("unknown disk format {other:?} (raw or qcow2)")),
+        }
+    }
+}
+
+/// qcow2 if the file starts with the qcow2 magic, raw otherwise. Only for files the user
+/// did not give a format for: a file probed raw must stay raw (a guest can write a qcow2
+/// header into a raw disk).
+pub fn probe_format(file: &File) -> io::Result<Format> {
+    let mut magic = [0u8; 4];
+    match file.read_exact_at(&mut magic, 0) {
+        Ok(()) if u32::from_be_bytes(magic) == MAGIC => Ok(Format::Qcow2),
+        Ok(()) => Ok(Format::Raw),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(Format::Raw),
+        Err(e) => Err(e),
+    }
+}
+
+/// What `wisp image info` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub format: Format,
+    pub virtual_size: u64,
+    /// Bytes the file occupies on the host (st_blocks * 512).
+    pub allocated_bytes: u64,
+    /// The backing files, nearest first, with the path as resolved and the format used.
+    pub backing_chain: Vec<(PathBuf, Format)>,
+}
+
+/// Describes an image file (raw or qcow2, probed).
+pub fn info(path: &Path) -> Result<ImageInfo, Error> {
+    let file = File::open(path).map_err(|source| Error::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let io_err = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = file.metadata().map_err(io_err)?;
+    let format = probe_format(&file).map_err(io_err)?;
+    let (virtual_size, backing_chain) = match format {
+        Format::Raw => (meta.len(), Vec::new()),
+        Format::Qcow2 => {
+            let q = Qcow2::open(path, true)?;
+            (q.size, q.chain.clone())
+        }
+    };
+    Ok(ImageInfo {
+        format,
+        virtual_size,
+        allocated_bytes: meta.blocks() * 512,
+        backing_chain,
+    })
+}
+
+/// Creates a qcow2 v3 image (refcount_order 4). `size` defaults to the backing file's
+/// virtual size; `cluster_size` to 64 KiB. The backing path is recorded as given (a
+/// relative one is resolved against the new image's directory) with its format.
+pub fn create(
+    path: &Path,
+    size: Option<u64>,
+    cluster_size: Option<u64>,
+    backing: Option<(&Path, Format)>,
+) -> Result<(), Error> {
+    let cluster_size = cluster_size.unwrap_or(65536);
+    if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
+        return Err(Error::ClusterSize { cluster_size });
+    }
+    let cluster_bits = cluster_size.trailing_zeros();
+    let backing_size = match backing {
+        Some((bpath, fmt)) => {
+            let full = resolve_backing(path, bpath);
+            let len = match fmt {
+                Format::Raw => fs::metadata(&full)
+                    .map_err(|source| Error::Open {
+                        path: full.clone(),
+                        source,
+                    })?
+                    .len(),
+                Format::Qcow2 => {
+                    Qcow2::open(&full, true)
+                        .map_err(|e| Error::Backing {
+                            path: full.clone(),
+                            source: Box::new(e),
+                        })?
+                        .size
+                }
+            };
+            Some(len)
+        }
+        None => None,
+    };
+    let size = size.or(backing_size).ok_or(Error::NoSize)?;
+    let size = size.checked_next_multiple_of(512).ok_or(Error::TooLarge {
+        what: "virtual size",
+        value: size,
+    })?;
+    if size > 1 << 62 {
+        return Err(Error::TooLarge {
+            what: "virtual size",
+            value: size,
+        });
+    }
+    let l1_size = size.div_ceil(1u64 << (2 * cluster_bits - 3)).max(1);
+    if l1_size * 8 > header::MAX_L1_BYTES {
+        return Err(Error::TooLarge {
+            what: "L1 table",
+            value: l1_size * 8,
+        });
+    }
+    let l1_clusters = (l1_size * 8).div_ceil(cluster_size);
+    let per_block = cluster_size * 8 / 16;
+    // Layout: header | refcount table | refcount blocks | L1 table.
+    let (mut rt_clusters, mut blocks) = (1u64, 1u64);
+    loop {
+        let total = 1 + rt_clusters + blocks + l1_clusters;
+        let b = total.div_ceil(per_block);
+        let t = (b * 8).div_ceil(cluster_size);
+        if b == blocks && t == rt_clusters {
+            break;
+        }
+        blocks = b;
+        rt_clusters = t;
+    }
+    let total = 1 + rt_clusters + blocks + l1_clusters;
+    let rt_offset = cluster_size;
+    let blocks_offset = rt_offset + rt_clusters * cluster_size;
+    let l1_offset = blocks_offset + blocks * cluster_size;
+    let backing_strs = backing.map(|(p, f)| (p.to_string_lossy().into_owned(), f.to_string()));
+    let hdr = header::build(
+        cluster_bits,
+        size,
+        l1_size as u32,
+        l1_offset,
+        rt_offset,
+        rt_clusters as u32,
+        backing_strs.as_ref().map(|(p, f)| (p.as_str(), f.as_str())),
+    )
+    .ok_or_else(|| Error::BackingNameTooLong {
+        name: backing_strs.clone().unwrap_or_default().0,
+    })?;
+    let mut rt = vec![0u8; (rt_clusters * cluster_size) as usize];
+    for b in 0..blocks {
+        let off = blocks_offset + b * cluster_size;
+        rt[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
+    }
+    let mut rblocks = vec![0u8; (blocks * cluster_size) as usize];
+    for c in 0..total as usize {
+        refcount::set(&mut rblocks, 4, c, 1);
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|source| Error::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+    let write = || -> io::Result<()> {
+        file.write_all_at(&hdr, 0)?;
+        file.write_all_at(&rt, rt_offset)?;
+        file.write_all_at(&rblocks, blocks_offset)?;
+        file.set_len(total * cluster_size)?;
+        file.sync_all()
+    };
+    write().map_err(|source| {
+        let _ = fs::remove_file(path);
+        Error::Io {
+            path: path.to_owned(),
+            source,
+        }
+    })
+}
+
+fn resolve_backing(overlay: &Path, backing: &Path) -> PathBuf {
+    if backing.is_absolute() {
+        backing.to_owned()
+    } else {
+        overlay
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(backing)
+    }
+}
+
+fn corrupt(path: &Path, msg: String) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("corrupt qcow2 image {}: {msg}", path.display()),
+    )
+}
+
+/// Fills `buf` from `offset`; bytes past the end of the file read as zero.
+fn pread_zero_fill(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A read-only raw file at the bottom of a backing chain.
+struct RawFile {
+    file: File,
+    len: u64,
+}
+
+enum BackingDisk {
+    Raw(RawFile),
+    Qcow2(Box<Qcow2>),
+}
+
+impl BackingDisk {
+    fn len(&self) -> u64 {
+        match self {
+            BackingDisk::Raw(r) => r.len,
+            BackingDisk::Qcow2(q) => q.size,
+        }
+    }
+
+    /// Reads guest data of the overlay; bytes past the backing file's end read as zero.
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let len = self.len();
+        let avail = len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (inside, past) = buf.split_at_mut(avail);
+        past.fill(0);
+        if inside.is_empty() {
+            return Ok(());
+        }
+        match self {
+            BackingDisk::Raw(r) => pread_zero_fill(&r.file, inside, offset),
+            BackingDisk::Qcow2(q) => q.read_at(offset, inside),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mapping {
+    /// Reads from the backing file (or zeros).
+    Unallocated,
+    /// Reads as zeros; `host` is a preallocated cluster kept by the entry, if any.
+    Zero {
+        host: Option<u64>,
+    },
+    Data {
+        host: u64,
+        copied: bool,
+    },
+    /// `host` is a byte offset; `sectors` 512-byte sectors hold the compressed data.
+    Compressed {
+        host: u64,
+        sectors: u64,
+    },
+}
+
+/// A run of guest-contiguous bytes going to host-contiguous clusters, written with one
+/// pwrite.
+struct WriteRun {
+    host: u64,
+    start: usize,
+    end: usize,
+}
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    path: PathBuf,
+    file: File,
+    read_only: bool,
+    version: u32,
+    size: u64,
+    cluster_bits: u32,
+    cluster_size: u64,
+    l2_bits: u32,
+    l1_offset: u64,
+    l1: Vec<u64>,
+    l1_dirty: BTreeSet<usize>,
+    l2_cache: TableCache<Vec<u64>>,
+    refcount_order: u32,
+    /// log2 of the number of refcounts in one refcount block.
+    rcb_bits: u32,
+    rt_offset: u64,
+    rt: Vec<u64>,
+    rt_dirty: BTreeSet<usize>,
+    rc_cache: TableCache<Vec<u8>>,
+    backing: Option<BackingDisk>,
+    chain: Vec<(PathBuf, Format)>,
+    /// Length of the image file as far as this process knows (reads of metadata beyond it
+    /// are corruption).
+    file_size: u64,
+    /// Every cluster index at or past this one is unused by anything we know of.
+    end_cluster: u64,
+    /// No cluster below this index has refcount 0 (allocation scan start).
+    free_hint: u64,
+    /// Host byte ranges whose refcounts drop once the L2 entries that referenced them
+    /// are durable.
+    pending_frees: Vec<(u64, u64)>,
+    data_dirty: bool,
+    /// The last decompressed cluster: (L2 entry, contents).
+    compressed_cache: Option<(u64, Vec<u8>)>,
+}
+
+impl Qcow2 {
+    /// Opens an image and its backing chain (backing files always read-only).
+    pub fn open(path: impl AsRef<Path>, read_only: bool) -> Result<Qcow2, Error> {
+        Self::open_chain(path.as_ref(), read_only, &mut Vec::new())
+    }
+
+    fn open_chain(path: &Path, read_only: bool, seen: &mut Vec<PathBuf>) -> Result<Qcow2, Error> {
+        let open_err = |source| Error::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let canonical = fs::canonicalize(path).map_err(open_err)?;
+        if seen.contains(&canonical) {
+            return Err(Error::BackingLoop { path: canonical });
+        }
+        if seen.len() > MAX_BACKING_DEPTH {
+            return Err(Error::BackingTooDeep {
+                path: path.to_owned(),
+                limit: MAX_BACKING_DEPTH,
+            });
+        }
+        seen.push(canonical);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(open_err)?;
+        let io_err = |source| Error::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file_size = file.metadata().map_err(io_err)?.len();
+        let mut first = vec![0u8; file_size.min(2 << 20) as usize];
+        file.read_exact_at(&mut first, 0).map_err(io_err)?;
+        let h = Header::parse(&first, file_size)?;
+        if !read_only {
+            if h.incompatible & INCOMPAT_DIRTY != 0 {
+                return Err(Error::Dirty);
+            }
+            if h.nb_snapshots != 0 {
+                return Err(Error::Snapshots {
+                    count: h.nb_snapshots,
+                });
+            }
+        }
+        let cluster_bits = h.cluster_bits;
+        let cluster_size = 1u64 << cluster_bits;
+
+        let read_table = |offset: u64, entries: usize| -> Result<Vec<u64>, Error> {
+            let mut raw = vec![0u8; entries * 8];
+            file.read_exact_at(&mut raw, offset).map_err(io_err)?;
+            Ok(raw
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().expect("8-byte chunk")))
+                .collect())
+        };
+        let l1 = read_table(h.l1_table_offset, h.l1_size as usize)?;
+        let rt_entries = ((h.refcount_table_clusters as u64) << cluster_bits) / 8;
+        let rt = read_table(h.refcount_table_offset, rt_entries as usize)?;
+
+        let mut chain = Vec::new();
+        let backing = match &h.backing_file {
+            None => None,
+            Some(name) => {
+                let bpath = resolve_backing(path, Path::new(name));
+                let wrap = |e: Error| Error::Backing {
+                    path: bpath.clone(),
+                    source: Box::new(e),
+                };
+                let format = match h.backing_format.as_deref() {
+                    Some("raw") => Format::Raw,
+                    Some("qcow2") => Format::Qcow2,
+                    Some(other) => {
+                        return Err(Error::BackingFormat {
+                            path: bpath,
+                            format: other.to_string(),
+                        })
+                    }
+                    None => {
+                        let f = File::open(&bpath).map_err(|source| {
+                            wrap(Error::Open {
+                                path: bpath.clone(),
+                                source,
+                            })
+                        })?;
+                        probe_format(&f).map_err(|source| {
+                            wrap(Error::Io {
+                                path: bpath.clone(),
+                                source,
+                            })
+                        })?
+                    }
+                };
+                chain.push((bpath.clone(), format));
+                Some(match format {
+                    Format::Raw => {
+                        let f = File::open(&bpath).map_err(|source| {
+                            wrap(Error::Open {
+                                path: bpath.clone(),
+                                source,
+                            })
+                        })?;
+                        let len = f
+                            .metadata()
+                            .map_err(|source| {
+                                wrap(Error::Io {
+                                    path: bpath.clone(),
+                                    source,
+                                })
+                            })?
+                            .len();
+                        BackingDisk::Raw(RawFile { file: f, len })
+                    }
+                    Format::Qcow2 => {
+                        let q = Qcow2::open_chain(&bpath, true, seen).map_err(|e| match e {
+                            // Report chain errors once, not wrapped at every level.
+                            e @ (Error::BackingLoop { .. } | Error::BackingTooDeep { .. }) => e,
+                            e => wrap(e),
+                        })?;
+                        chain.extend(q.chain.iter().cloned());
+                        BackingDisk::Qcow2(Box::new(q))
+                    }
+                })
+            }
+        };
+
+        if !read_only && h.autoclear != 0 {
+            // We maintain none of the autoclear features (e.g. bitmaps): clearing the bits
+            // tells other tools their data is stale (qcow2.txt, autoclear_features).
+            file.write_all_at(&0u64.to_be_bytes(), header::OFF_AUTOCLEAR)
+                .and_then(|()| file.sync_data())
+                .map_err(io_err)?;
+        }
+
+        let l2_cap = ((16u64 << 20) >> cluster_bits).clamp(8, 16384) as usize;
+        let rc_cap = ((4u64 << 20) >> cluster_bits).clamp(8, 8192) as usize;
+        Ok(Qcow2 {
+            path: path.to_owned(),
+            file,
+            read_only,
+            version: h.version,
+            size: h.size,
+            cluster_bits,
+            cluster_size,
+            l2_bits: cluster_bits - 3,
+            l1_offset: h.l1_table_offset,
+            l1,
+            l1_dirty: BTreeSet::new(),
+            l2_cache: TableCache::new(l2_cap),
+            refcount_order: h.refcount_order,
+            rcb_bits: cluster_bits + 3 - h.refcount_order,
+            rt_offset: h.refcount_table_offset,
+            rt,
+            rt_dirty: BTreeSet::new(),
+            rc_cache: TableCache::new(rc_cap),
+            backing,
+            chain,
+            file_size,
+            end_cluster: file_size.div_ceil(cluster_size),
+            free_hint: 0,
+            pending_frees: Vec::new(),
+            data_dirty: false,
+            compressed_cache: None,
+        })
+    }
+
+    /// Backing files, nearest first.
+    pub fn backing_chain(&self) -> &[(PathBuf, Format)] {
+        &self.chain
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
+    fn corrupt(&self, msg: String) -> io::Error {
+        corrupt(&self.path, msg)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "request [{offset}, +{len}) beyond the virtual size {} of {}",
+                    self.size,
+                    self.path.display()
+                ),
+            )),
+        }
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{} is open read-only", self.path.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn pwrite(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)?;
+        self.file_size = self.file_size.max(offset + buf.len() as u64);
+        Ok(())
+    }
+
+    /// Checks that a metadata cluster read from a table lies in the file and is aligned.
+    fn check_metadata_cluster(&self, what: &str, offset: u64) -> io::Result<()> {
+        if !offset.is_multiple_of(self.cluster_size) {
+            return Err(self.corrupt(format!("{what} offset {offset:#x} is not cluster aligned")));
+        }
+        if offset == 0 || offset.saturating_add(self.cluster_size) > self.file_size {
+            return Err(self.corrupt(format!(
+                "{what} offset {offset:#x} outside the file ({} bytes)",
+                self.file_size
+            )));
+        }
+        Ok(())
+    }
+
+    fn is_fixed_metadata(&self, cluster: u64) -> bool {
+        let off = cluster << self.cluster_bits;
+        let in_table = |start: u64, bytes: u64| off >= start && off < start + bytes;
+        cluster == 0
+            || in_table(self.l1_offset, self.l1.len() as u64 * 8)
+            || in_table(self.rt_offset, self.rt.len() as u64 * 8)
+    }
+
+    // ---- L2 tables ----
+
+    fn load_l2(&mut self, offset: u64) -> io::Result<()> {
+        if self.l2_cache.contains(offset) {
+            return Ok(());
+        }
+        self.check_metadata_cluster("L2 table", offset)?;
+        let mut raw = vec![0u8; self.cluster_size as usize];
+        self.file.read_exact_at(&mut raw, offset)?;
+        let table = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8-byte chunk")))
+            .collect();
+        self.l2_cache.insert(offset, table, false);
+        Ok(())
+    }
+
+    fn l2_table(&mut self, offset: u64) -> &mut Vec<u64> {
+        &mut self
+            .l2_cache
+            .get_mut(offset)
+            .expect("L2 table loaded before use")
+            .table
+    }
+
+    fn l2_entry(&mut self, guest_cluster: u64) -> io::Result<u64> {
+        let l1i = (guest_cluster >> self.l2_bits) as usize;
+        let Some(&l1e) = self.l1.get(l1i) else {
+            return Ok(0);
+        };
+        let l2off = l1e & L1E_OFFSET_MASK;
+        if l2off == 0 {
+            return Ok(0);
+        }
+        self.load_l2(l2off)?;
+        let idx = (guest_cluster & ((1 << self.l2_bits) - 1)) as usize;
+        Ok(self.l2_table(l2off)[idx])
+    }
+
+    fn decode(&self, entry: u64) -> io::Result<Mapping> {
+        if entry & OFLAG_COMPRESSED != 0 {
+            let x = 62 - (self.cluster_bits - 8);
+            let host = entry & ((1u64 << x) - 1);
+            let extra = (entry >> x) & ((1u64 << (self.cluster_bits - 8)) - 1);
+            return Ok(Mapping::Compressed {
+                host,
+                sectors: extra + 1,
+            });
+        }
+        let host = entry & L2E_OFFSET_MASK;
+        if !host.is_multiple_of(self.cluster_size) {
+            return Err(self.corrupt(format!(
+                "data cluster offset {host:#x} is not cluster aligned (L2 entry {entry:#x})"
+            )));
+        }
+        if entry & OFLAG_ZERO != 0 {
+            if self.version < 3 {
+                return Err(self.corrupt(format!(
+                    "zero cluster flag in a v2 image (L2 entry {entry:#x})"
+                )));
+            }
+            return Ok(Mapping::Zero {
+                host: (host != 0).then_some(host),
+            });
+        }
+        if host == 0 {
+            return Ok(Mapping::Unallocated);
+        }
+        Ok(Mapping::Data {
+            host,
+            copied: entry & OFLAG_COPIED != 0,
+        })
+    }
+
+    fn mapping(&mut self, guest_cluster: u64) -> io::Result<Mapping> {
+        let e = self.l2_entry(guest_cluster)?;
+        self.decode(e)
+    }
+
+    // ---- refcounts ----
+
+    fn rc_block_offset(&self, block_index: u64) -> io::Result<Option<u64>> {
+        let Some(&e) = self.rt.get(block_index as usize) else {
+            return Ok(None);
+        };
+        let off = e & RT_OFFSET_MASK;
+        if off == 0 {
+            return Ok(None);
+        }
+        if !off.is_multiple_of(self.cluster_size) {
+            return Err(self.corrupt(format!(
+                "refcount block offset {off:#x} is not cluster aligned"
+            )));
+        }
+        Ok(Some(off))
+    }
+
+    fn load_rc(&mut self, offset: u64) -> io::Result<()> {
+        if self.rc_cache.contains(offset) {
+            return Ok(());
+        }
+        self.check_metadata_cluster("refcount block", offset)?;
+        let mut raw = vec![0u8; self.cluster_size as usize];
+        self.file.read_exact_at(&mut raw, offset)?;
+        self.rc_cache.insert(offset, raw, false);
+        Ok(())
+    }
+
+    fn get_refcount(&mut self, cluster: u64) -> io::Result<u64> {
+        let Some(off) = self.rc_block_offset(cluster >> self.rcb_bits)? else {
+            return Ok(0);
+        };
+        self.load_rc(off)?;
+        let idx = (cluster & ((1 << self.rcb_bits) - 1)) as usize;
+        let order = self.refcount_order;
+        let block = &self
+            .rc_cache
+            .get_mut(off)
+            .expect("refcount block loaded")
+            .table;
+        Ok(refcount::get(block, order, idx))
+    }
+
+    /// Adds `delta` to a cluster's refcount, creating its refcount block if needed.
+    fn update_refcount(&mut self, cluster: u64, delta: i64) -> io::Result<u64> {
+        let off = self.ensure_rc_block(cluster)?;
+        self.load_rc(off)?;
+        let idx = (cluster & ((1 << self.rcb_bits) - 1)) as usize;
+        let order = self.refcount_order;
+        let path = self.path.clone();
+        let entry = self.rc_cache.get_mut(off).expect("refcount block loaded");
+        let old = refcount::get(&entry.table, order, idx);
+        let new = old
+            .checked_add_signed(delta)
+            .filter(|&v| v <= refcount::max(order))
+            .ok_or_else(|| {
+                corrupt(
+                    &path,
+                    format!("refcount of cluster {cluster} would go from {old} by {delta}"),
+                )
+            })?;
+        refcount::set(&mut entry.table, order, idx, new);
+        entry.dirty = true;
+        Ok(new)
+    }
+
+    /// Returns the offset of the refcount block covering `cluster`, allocating it (and
+    /// growing the refcount table) if needed. New metadata goes past the end of everything
+    /// in use, laid out so that the new blocks also cover their own clusters.
+    fn ensure_rc_block(&mut self, cluster: u64) -> io::Result<u64> {
+        let k = cluster >> self.rcb_bits;
+        if let Some(off) = self.rc_block_offset(k)? {
+            return Ok(off);
+        }
+        let per_block = 1u64 << self.rcb_bits;
+        let entries_per_cluster = self.cluster_size / 8;
+        let mut e = self.end_cluster.max(cluster + 1);
+        for _attempt in 0..64 {
+            let mut table_clusters = 0u64;
+            let mut blocks: Vec<u64> = vec![k];
+            for _ in 0..16 {
+                let total = table_clusters + blocks.len() as u64;
+                let mut need = vec![k];
+                for r in (e / per_block)..=((e + total - 1) / per_block) {
+                    if r != k && self.rc_block_offset(r)?.is_none() {
+                        need.push(r);
+                    }
+                }
+                let max_r = *need.iter().max().expect("need holds k");
+                let t = if max_r >= self.rt.len() as u64 {
+                    (max_r + 1)
+                        .max(self.rt.len() as u64 * 2)
+                        .div_ceil(entries_per_cluster)
+                } else {
+                    0
+                };
+                if need == blocks && t == table_clusters {
+                    break;
+                }
+                blocks = need;
+                table_clusters = t;
+            }
+            let total = table_clusters + blocks.len() as u64;
+            if (e + total) << self.cluster_bits >= MAX_HOST_OFFSET {
+                return Err(self.corrupt("no room left for refcount blocks".into()));
+            }
+            if table_clusters * self.cluster_size > header::MAX_REFTABLE_BYTES {
+                return Err(io::Error::other(format!(
+                    "{}: refcount table would exceed {} bytes",
+                    self.path.display(),
+                    header::MAX_REFTABLE_BYTES
+                )));
+            }
+            let mut busy = None;
+            for x in e..e + total {
+                if self.is_fixed_metadata(x) || self.get_refcount(x)? != 0 {
+                    busy = Some(x);
+                }
+            }
+            if let Some(x) = busy {
+                e = x + 1;
+                continue;
+            }
+            return self.place_refcount_metadata(k, e, table_clusters, &blocks);
+        }
+        Err(self.corrupt("cannot find room for a refcount block".into()))
+    }
+
+    fn place_refcount_metadata(
+        &mut self,
+        k: u64,
+        start: u64,
+        table_clusters: u64,
+        blocks: &[u64],
+    ) -> io::Result<u64> {
+        let cb = self.cluster_bits;
+        let blocks_start = start + table_clusters;
+        let total = table_clusters + blocks.len() as u64;
+        let new_rt_offset = start << cb;
+        let old_rt = (self.rt_offset, self.rt.len() as u64 * 8);
+        if table_clusters > 0 {
+            // The new table's entries point at blocks that must be on disk first.
+            self.write_dirty_rc_blocks()?;
+            self.rt
+                .resize((table_clusters * self.cluster_size / 8) as usize, 0);
+        }
+        for (i, &r) in blocks.iter().enumerate() {
+            let off = (blocks_start + i as u64) << cb;
+            self.rc_cache
+                .insert(off, vec![0u8; self.cluster_size as usize], true);
+            self.rt[r as usize] = off;
+            self.rt_dirty.insert(r as usize);
+        }
+        self.end_cluster = self.end_cluster.max(start + total);
+        for x in start..start + total {
+            self.update_refcount(x, 1)?;
+        }
+        if table_clusters > 0 {
+            // blocks -> new table -> header -> old table freed.
+            self.write_dirty_rc_blocks()?;
+            self.file.sync_data()?;
+            let raw: Vec<u8> = self.rt.iter().flat_map(|e| e.to_be_bytes()).collect();
+            self.pwrite(&raw, new_rt_offset)?;
+            self.file.sync_data()?;
+            let mut hdr = [0u8; 12];
+            hdr[..8].copy_from_slice(&new_rt_offset.to_be_bytes());
+            hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+            self.pwrite(&hdr, header::OFF_REFCOUNT_TABLE)?;
+            self.file.sync_data()?;
+            self.rt_offset = new_rt_offset;
+            self.rt_dirty.clear();
+            let first = old_rt.0 >> cb;
+            let count = old_rt.1.div_ceil(self.cluster_size);
+            for c in first..first + count {
+                self.update_refcount(c, -1)?;
+            }
+            self.free_hint = self.free_hint.min(first);
+        }
+        Ok(self.rt[k as usize])
+    }
+
+    /// Allocates one cluster (refcount 0 -> 1) and returns its host offset.
+    fn alloc_cluster(&mut self) -> io::Result<u64> {
+        let mut c = self.free_hint.max(1);
+        loop {
+            if (c + 1) << self.cluster_bits > MAX_HOST_OFFSET {
+                return Err(io::Error::other(format!(
+                    "{}: no free cluster below the 64 PiB host offset limit",
+                    self.path.display()
+                )));
+            }
+            if !self.is_fixed_metadata(c) && self.get_refcount(c)? == 0 {
+                break;
+            }
+            c += 1;
+        }
+        self.update_refcount(c, 1)?;
+        self.free_hint = c + 1;
+        self.end_cluster = self.end_cluster.max(c + 1);
+        Ok(c << self.cluster_bits)
+    }
+
+    // ---- write-back ----
+
+    /// Writes dirty refcount blocks; returns whether anything was written.
+    fn write_dirty_rc_blocks(&mut self) -> io::Result<bool> {
+        let dirty = self.rc_cache.dirty_offsets();
+        for &off in &dirty {
+            let entry = self.rc_cache.get_mut(off).expect("dirty block cached");
+            entry.dirty = false;
+            let raw = std::mem::take(&mut entry.table);
+            let res = self.pwrite(&raw, off);
+            self.rc_cache
+                .get_mut(off)
+                .expect("dirty block cached")
+                .table = raw;
+            res?;
+        }
+        Ok(!dirty.is_empty())
+    }
+
+    /// Writes back all dirty metadata in crash-safe order and makes it and all data
+    /// written so far durable; then applies deferred refcount decrements.
+    fn flush_metadata(&mut self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut need_sync = self.data_dirty;
+        need_sync |= self.write_dirty_rc_blocks()?;
+        if !self.rt_dirty.is_empty() {
+            self.file.sync_data()?;
+            for i in std::mem::take(&mut self.rt_dirty) {
+                let e = self.rt[i];
+                self.pwrite(&e.to_be_bytes(), self.rt_offset + i as u64 * 8)?;
+            }
+            need_sync = true;
+        }
+        let dirty_l2 = self.l2_cache.dirty_offsets();
+        if !dirty_l2.is_empty() {
+            if need_sync {
+                self.file.sync_data()?;
+            }
+            for off in dirty_l2 {
+                let entry = self.l2_cache.get_mut(off).expect("dirty L2 cached");
+                entry.dirty = false;
+                let raw: Vec<u8> = entry.table.iter().flat_map(|e| e.to_be_bytes()).collect();
+                self.pwrite(&raw, off)?;
+            }
+            need_sync = true;
+        }
+        if !self.l1_dirty.is_empty() {
+            if need_sync {
+                self.file.sync_data()?;
+            }
+            for i in std::mem::take(&mut self.l1_dirty) {
+                let e = self.l1[i];
+                self.pwrite(&e.to_be_bytes(), self.l1_offset + i as u64 * 8)?;
+            }
+            need_sync = true;
+        }
+        if need_sync {
+            self.file.sync_data()?;
+        }
+        self.data_dirty = false;
+        for (off, len) in std::mem::take(&mut self.pending_frees) {
+            let first = off >> self.cluster_bits;
+            let last = (off + len - 1) >> self.cluster_bits;
+            for c in first..=last {
+                if self.update_refcount(c, -1)? == 0 {
+                    self.free_hint = self.free_hint.min(c);
+                    self.punch_hole(c << self.cluster_bits);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn punch_hole(&self, offset: u64) {
+        // SAFETY: fallocate on our own fd with plain integer arguments.
+        let _ = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                self.cluster_size as libc::off_t,
+            )
+        };
+    }
+
+    /// Keeps the caches near their capacity; called where no cache reference is held.
+    fn trim_caches(&mut self) -> io::Result<()> {
+        let l2_ok = self.l2_cache.evict_clean();
+        let rc_ok = self.rc_cache.evict_clean();
+        if !(l2_ok && rc_ok) {
+            self.flush_metadata()?;
+            self.l2_cache.evict_clean();
+            self.rc_cache.evict_clean();
+        }
+        Ok(())
+    }
+
+    // ---- reads ----
+
+    fn read_backing(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        match &mut self.backing {
+            Some(b) => b.read(offset, buf),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    fn decompress(&mut self, entry_host: u64, sectors: u64) -> io::Result<()> {
+        let key = entry_host ^ (sectors << 56);
+        if matches!(&self.compressed_cache, Some((k, _)) if *k == key) {
+            return Ok(());
+        }
+        let len = sectors * 512 - (entry_host & 511);
+        if entry_host.saturating_add(len) > self.file_size.saturating_add(self.cluster_size) {
+            return Err(self.corrupt(format!(
+                "compressed cluster at {entry_host:#x} (+{len}) beyond the end of the file"
+            )));
+        }
+        let mut input = vec![0u8; len as usize];
+        pread_zero_fill(&self.file, &mut input, entry_host)?;
+        let mut out = vec![0u8; self.cluster_size as usize];
+        let mut state = miniz_oxide::inflate::core::DecompressorOxide::new();
+        let (status, _, written) = miniz_oxide::inflate::core::decompress(
+            &mut state,
+            &input,
+            &mut out,
+            0,
+            miniz_oxide::inflate::core::inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF,
+        );
+        use miniz_oxide::inflate::TINFLStatus;
+        let ok = matches!(status, TINFLStatus::Done | TINFLStatus::HasMoreOutput)
+            && written == out.len();
+        if !ok {
+            return Err(self.corrupt(format!(
+                "compressed cluster at {entry_host:#x} does not inflate to a cluster ({status:?}, {written} bytes)"
+            )));
+        }
+        self.compressed_cache = Some((key, out));
+        Ok(())
+    }
+
+    /// Reads the current contents of guest bytes `[offset, offset+buf.len())`, all inside
+    /// one cluster whose mapping is `m`.
+    fn read_mapped(&mut self, m: Mapping, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let inoff = offset & (self.cluster_size - 1);
+        match m {
+            Mapping::Unallocated => self.read_backing(offset, buf),
+            Mapping::Zero { .. } => {
+                buf.fill(0);
+                Ok(())
+            }
+            Mapping::Data { host, .. } => pread_zero_fill(&self.file, buf, host + inoff),
+            Mapping::Compressed { host, sectors } => {
+                self.decompress(host, sectors)?;
+                let data = &self.compressed_cache.as_ref().expect("just decompressed").1;
+                buf.copy_from_slice(&data[inoff as usize..inoff as usize + buf.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    fn read_inner(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let cs = self.cluster_size;
+        let mut done = 0usize;
+        while done < buf.len() {
+            self.trim_caches()?;
+            let off = offset + done as u64;
+            let g = off >> self.cluster_bits;
+            let m = self.mapping(g)?;
+            let mut n = ((cs - (off & (cs - 1))) as usize).min(buf.len() - done);
+            // Extend over following clusters with the same kind of contiguous mapping.
+            if !matches!(m, Mapping::Compressed { .. }) {
+                let mut k = 1u64;
+                while done + n < buf.len() {
+                    let next = self.mapping(g + k)?;
+                    let contiguous = match (m, next) {
+                        (Mapping::Unallocated, Mapping::Unallocated) => true,
+                        (Mapping::Zero { .. }, Mapping::Zero { .. }) => true,
+                        (Mapping::Data { host: a, .. }, Mapping::Data { host: b, .. }) => {
+                            b == a + k * cs
+                        }
+                        _ => false,
+                    };
+                    if !contiguous {
+                        break;
+                    }
+                    n += (cs as usize).min(buf.len() - done - n);
+                    k += 1;
+                }
+            }
+            let chunk = &mut buf[done..done + n];
+            match m {
+                Mapping::Compressed { .. } => self.read_mapped(m, off, chunk)?,
+                Mapping::Unallocated => self.read_backing(off, chunk)?,
+                Mapping::Zero { .. } => chunk.fill(0),
+                Mapping::Data { host, .. } => {
+                    pread_zero_fill(&self.file, chunk, host + (off & (cs - 1)))?
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    // ---- writes ----
+
+    /// Makes sure the L2 table for `guest_cluster` exists and is ours to modify; returns
+    /// its offset.
+    fn l2_for_write(&mut self, guest_cluster: u64) -> io::Result<u64> {
+        let l1i = (guest_cluster >> self.l2_bits) as usize;
+        let Some(&l1e) = self.l1.get(l1i) else {
+            return Err(self.corrupt(format!("L1 index {l1i} beyond the L1 table")));
+        };
+        let off = l1e & L1E_OFFSET_MASK;
+        if off == 0 {
+            let t = self.alloc_cluster()?;
+            self.l2_cache.insert(t, vec![0u64; 1 << self.l2_bits], true);
+            self.l1[l1i] = t | OFLAG_COPIED;
+            self.l1_dirty.insert(l1i);
+            return Ok(t);
+        }
+        if l1e & OFLAG_COPIED == 0 {
+            let rc = self.get_refcount(off >> self.cluster_bits)?;
+            if rc != 1 {
+                return Err(self.corrupt(format!(
+                    "L2 table at {off:#x} is shared (refcount {rc}); writing to it is not supported"
+                )));
+            }
+            self.l1[l1i] |= OFLAG_COPIED;
+            self.l1_dirty.insert(l1i);
+        }
+        self.load_l2(off)?;
+        Ok(off)
+    }
+
+    fn set_l2_entry(&mut self, guest_cluster: u64, entry: u64) -> io::Result<()> {
+        let l2off = self.l2_for_write(guest_cluster)?;
+        let idx = (guest_cluster & ((1 << self.l2_bits) - 1)) as usize;
+        let e = self.l2_cache.get_mut(l2off).expect("L2 table loaded");
+        e.table[idx] = entry;
+        e.dirty = true;
+        Ok(())
+    }
+
+    /// Defers the refcount drop of what `m` pointed to until the new L2 entry is durable.
+    fn free_later(&mut self, m: Mapping) {
+        match m {
+            Mapping::Data { host, .. } | Mapping::Zero { host: Some(host) } => {
+                self.pending_frees.push((host, self.cluster_size))
+            }
+            Mapping::Compressed { host, sectors } => {
+                self.pending_frees.push((host & !511, sectors * 512))
+            }
+            Mapping::Unallocated | Mapping::Zero { host: None } => {}
+        }
+    }
+
+    fn flush_run(&mut self, run: &mut Option<WriteRun>, buf: &[u8]) -> io::Result<()> {
+        if let Some(r) = run.take() {
+            self.pwrite(&buf[r.start..r.end], r.host)?;
+            self.data_dirty = true;
+        }
+        Ok(())
+    }
+
+    fn write_inner(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        let cs = self.cluster_size;
+        let mut done = 0usize;
+        let mut run: Option<WriteRun> = None;
+        while done < buf.len() {
+            if self.l2_cache.over_capacity() || self.rc_cache.over_capacity() {
+                self.flush_run(&mut run, buf)?;
+                self.trim_caches()?;
+            }
+            let off = offset + done as u64;
+            let g = off >> self.cluster_bits;
+            let inoff = off & (cs - 1);
+            let n = ((cs - inoff) as usize).min(buf.len() - done);
+            let m = self.mapping(g)?;
+            let host = match m {
+                Mapping::Data { host, copied: true } => {
+                    if self.is_fixed_metadata(host >> self.cluster_bits) {
+                        return Err(self.corrupt(format!(
+                            "data cluster {host:#x} overlaps the header, L1 or refcount table"
+                        )));
+                    }
+                    host + inoff
+                }
+                _ if n as u64 == cs => {
+                    let new = self.alloc_cluster()?;
+                    self.set_l2_entry(g, new | OFLAG_COPIED)?;
+                    self.free_later(m);
+                    new
+                }
+                _ => {
+                    // Partial cluster: copy the rest from what is there now.
+                    self.flush_run(&mut run, buf)?;
+                    let mut cluster = vec![0u8; cs as usize];
+                    self.read_mapped(m, g << self.cluster_bits, &mut cluster)?;
+                    cluster[inoff as usize..inoff as usize + n]
+                        .copy_from_slice(&buf[done..done + n]);
+                    let new = self.alloc_cluster()?;
+                    self.pwrite(&cluster, new)?;
+                    self.data_dirty = true;
+                    self.set_l2_entry(g, new | OFLAG_COPIED)?;
+                    self.free_later(m);
+                    done += n;
+                    continue;
+                }
+            };
+            match &mut run {
+                Some(r) if r.host + (r.end - r.start) as u64 == host && r.end == done => {
+                    r.end += n;
+                }
+                _ => {
+                    self.flush_run(&mut run, buf)?;
+                    run = Some(WriteRun {
+                        host,
+                        start: done,
+                        end: done + n,
+                    });
+                }
+            }
+            done += n;
+        }
+        self.flush_run(&mut run, buf)?;
+        if self.compressed_cache.is_some() {
+            // A compressed cluster may have been freed and its space reused.
+            self.compressed_cache = None;
+        }
+        Ok(())
+    }
+
+    /// Drops whole clusters in `[offset, offset+len)`: `zero` makes them read as zeros,
+    /// otherwise they may read as anything they read before or zeros.
+    fn deallocate(&mut self, offset: u64, len: u64, zero: bool) -> io::Result<()> {
+        let cs = self.cluster_size;
+        let has_backing = self.backing.is_some();
+        let mut off = offset;
+        let end = offset + len;
+        while off < end {
+            self.trim_caches()?;
+            let inoff = off & (cs - 1);
+            let n = (cs - inoff).min(end - off);
+            let g = off >> self.cluster_bits;
+            let m = self.mapping(g)?;
+            let reads_zero = match m {
+                Mapping::Zero { host: None } => true,
+                Mapping::Unallocated => !has_backing,
+                _ => false,
+            };
+            if n < cs {
+                if zero && !reads_zero {
+                    let zeros = vec![0u8; n as usize];
+                    self.write_inner(off, &zeros)?;
+                }
+            } else if zero {
+                if reads_zero {
+                } else if !has_backing {
+                    self.set_l2_entry(g, 0)?;
+                    self.free_later(m);
+                } else if self.version >= 3 {
+                    self.set_l2_entry(g, OFLAG_ZERO)?;
+                    self.free_later(m);
+                } else {
+                    let zeros = vec![0u8; n as usize];
+                    self.write_inner(off, &zeros)?;
+                }
+            } else if !matches!(m, Mapping::Unallocated | Mapping::Zero { host: None }) {
+                // Discard: unallocated and zero clusters keep reading what they read.
+                if !has_backing {
+                    self.set_l2_entry(g, 0)?;
+                    self.free_later(m);
+                } else if self.version >= 3 {
+                    self.set_l2_entry(g, OFLAG_ZERO)?;
+                    self.free_later(m);
+                }
+                // v2 with a backing file: keep the old contents (allowed for discard).
+            }
+            off += n;
+        }
+        Ok(())
+    }
+}
+
+impl DiskBackend for Qcow2 {
+    fn len(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_inner(offset, buf)
+    }
+
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.write_inner(offset, buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.flush_metadata()
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        self.deallocate(offset, len, false)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        self.deallocate(offset, len, true)
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        // The second pass writes the refcount drops the first one applied.
+        for _ in 0..2 {
+            if let Err(e) = self.flush_metadata() {
+                log::error!(
+                    "qcow2 {}: flushing metadata on close: {e}",
+                    self.path.display()
+                );
+                return;
+            }
+        }
+    }
+}
