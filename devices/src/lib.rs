@@ -5,3 +5,4 @@ pub mod bus;
 pub mod disk;
 pub mod interrupt;
 pub mod legacy;
+pub mod virtio;

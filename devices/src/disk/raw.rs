@@ -1,0 +1,405 @@
+//! A raw disk image: the file's bytes are the disk's bytes.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::DiskBackend;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RawError {
+    #[error("disk image {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("disk image {path} is a directory")]
+    IsDirectory { path: PathBuf },
+    #[error("disk image {path} is in use by another process (it holds a {held} lock); is another wisp using it?")]
+    Locked { path: PathBuf, held: &'static str },
+    #[error("disk image {path}: cannot lock it: {source}")]
+    Lock { path: PathBuf, source: io::Error },
+    #[error("disk image {path}: cannot find its size: {source}")]
+    Size { path: PathBuf, source: io::Error },
+}
+
+/// Takes an open-file-description lock on the whole file, as QEMU does: exclusive for a
+/// read-write open, shared for a read-only one. OFD locks belong to the open file, so they
+/// conflict between two opens in one process too, and go away when the file is closed.
+pub fn lock_file(file: &File, path: &Path, exclusive: bool) -> Result<(), RawError> {
+    // SAFETY: an all-zero flock is a valid value of this plain C struct.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if exclusive {
+        libc::F_WRLCK
+    } else {
+        libc::F_RDLCK
+    } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 0; // to the end of the file, however it grows
+                  // SAFETY: F_OFD_SETLK reads the flock we pass and does not keep the pointer.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if r == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Err(RawError::Locked {
+            path: path.to_owned(),
+            held: if exclusive { "read or write" } else { "write" },
+        }),
+        _ => Err(RawError::Lock {
+            path: path.to_owned(),
+            source: err,
+        }),
+    }
+}
+
+/// A raw image file (or block device).
+#[derive(Debug)]
+pub struct RawFile {
+    file: File,
+    len: u64,
+    read_only: bool,
+}
+
+impl RawFile {
+    /// Opens and locks `path`. Errors name the path: missing, a directory, no permission,
+    /// or locked by another process.
+    pub fn open(path: impl AsRef<Path>, read_only: bool) -> Result<RawFile, RawError> {
+        let path = path.as_ref();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| {
+                if source.raw_os_error() == Some(libc::EISDIR) {
+                    RawError::IsDirectory {
+                        path: path.to_owned(),
+                    }
+                } else {
+                    RawError::Open {
+                        path: path.to_owned(),
+                        source,
+                    }
+                }
+            })?;
+        let meta = file.metadata().map_err(|source| RawError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        if meta.is_dir() {
+            return Err(RawError::IsDirectory {
+                path: path.to_owned(),
+            });
+        }
+        lock_file(&file, path, !read_only)?;
+        // Seeking to the end gives the size of block devices too.
+        let len = (&file)
+            .seek(SeekFrom::End(0))
+            .map_err(|source| RawError::Size {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(RawFile {
+            file,
+            len,
+            read_only,
+        })
+    }
+
+    fn check(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "range {offset}+{len} is beyond the disk ({} bytes)",
+                    self.len
+                ),
+            )),
+        }
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "disk is read-only",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: fallocate only reads its integer arguments.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn write_zeroes_by_writing(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeroes = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENODEV)
+    )
+}
+
+impl DiskBackend for RawFile {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    // The file shrank under us: the rest reads as zeros.
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.check_writable()?;
+        self.check(offset, buf.len() as u64)?;
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data()
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            // Discard is a hint; a file system without holes keeps the data.
+            Err(e) if unsupported(&e) => Ok(()),
+            r => r,
+        }
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        self.check_writable()?;
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if may_unmap {
+            match self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ) {
+                Err(e) if unsupported(&e) => {}
+                r => return r,
+            }
+        }
+        match self.fallocate(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Err(e) if unsupported(&e) => self.write_zeroes_by_writing(offset, len),
+            r => r,
+        }
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testing::TempDir;
+    use std::os::unix::fs::MetadataExt;
+
+    fn image(dir: &TempDir, name: &str, len: usize) -> PathBuf {
+        let p = dir.path().join(name);
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    #[test]
+    fn reads_and_writes_at_offsets() {
+        let dir = TempDir::new();
+        let p = image(&dir, "a.img", 8192);
+        let mut f = RawFile::open(&p, false).unwrap();
+        assert_eq!(f.len(), 8192);
+        f.write_at(1000, b"hello").unwrap();
+        let mut b = [0u8; 5];
+        f.read_at(1000, &mut b).unwrap();
+        assert_eq!(&b, b"hello");
+        drop(f);
+        let data = std::fs::read(&p).unwrap();
+        assert_eq!(&data[1000..1005], b"hello");
+        assert_eq!(data[999], (999 % 251) as u8);
+    }
+
+    #[test]
+    fn refuses_ranges_beyond_the_end() {
+        let dir = TempDir::new();
+        let p = image(&dir, "a.img", 4096);
+        let mut f = RawFile::open(&p, false).unwrap();
+        assert!(f.write_at(4095, b"ab").is_err());
+        assert!(f.read_at(u64::MAX, &mut [0u8; 2]).is_err());
+        assert!(f.discard(4000, 200).is_err());
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 4096);
+    }
+
+    #[test]
+    fn discard_punches_a_hole() {
+        let dir = TempDir::new();
+        let p = image(&dir, "a.img", 1 << 20);
+        let mut f = RawFile::open(&p, false).unwrap();
+        let before = std::fs::metadata(&p).unwrap().blocks();
+        f.discard(0, 1 << 19).unwrap();
+        let after = std::fs::metadata(&p).unwrap().blocks();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
+        let data = std::fs::read(&p).unwrap();
+        // Either punched (zeros, fewer blocks) or kept (hint ignored): both allowed, but on
+        // a file system with holes it must be punched.
+        if after < before {
+            assert!(data[..1 << 19].iter().all(|&b| b == 0));
+        } else {
+            assert_eq!(data[5], 5);
+        }
+        assert_eq!(data[(1 << 19) + 7], (((1 << 19) + 7) % 251) as u8);
+    }
+
+    #[test]
+    fn write_zeroes_zeroes_the_range_only() {
+        let dir = TempDir::new();
+        let p = image(&dir, "a.img", 65536);
+        let mut f = RawFile::open(&p, false).unwrap();
+        f.write_zeroes(4096, 8192, false).unwrap();
+        f.write_zeroes(20480, 4096, true).unwrap();
+        drop(f);
+        let data = std::fs::read(&p).unwrap();
+        assert_eq!(data.len(), 65536);
+        assert!(data[4096..12288].iter().all(|&b| b == 0));
+        assert!(data[20480..24576].iter().all(|&b| b == 0));
+        assert_eq!(data[4095], (4095 % 251) as u8);
+        assert_eq!(data[12288], (12288 % 251) as u8);
+        assert_eq!(data[24576], (24576 % 251) as u8);
+    }
+
+    #[test]
+    fn read_only_open_refuses_writes() {
+        let dir = TempDir::new();
+        let p = image(&dir, "a.img", 4096);
+        let mut f = RawFile::open(&p, true).unwrap();
+        assert!(f.read_only());
+        assert!(f.write_at(0, b"x").is_err());
+        assert!(f.write_zeroes(0, 512, true).is_err());
+        assert!(f.discard(0, 512).is_err());
+        assert_eq!(std::fs::read(&p).unwrap()[0], 0);
+    }
+
+    #[test]
+    fn second_read_write_open_of_a_file_is_refused() {
+        let dir = TempDir::new();
+        let p = image(&dir, "a.img", 4096);
+        let first = RawFile::open(&p, false).unwrap();
+        let err = RawFile::open(&p, false).unwrap_err();
+        assert!(matches!(err, RawError::Locked { .. }), "{err}");
+        assert!(err.to_string().contains("a.img"), "{err}");
+        // A read-only open conflicts with the writer too.
+        assert!(matches!(
+            RawFile::open(&p, true).unwrap_err(),
+            RawError::Locked { .. }
+        ));
+        drop(first);
+        // Closing releases the lock.
+        let _again = RawFile::open(&p, false).unwrap();
+    }
+
+    #[test]
+    fn read_only_opens_share_the_file_but_exclude_a_writer() {
+        let dir = TempDir::new();
+        let p = image(&dir, "a.img", 4096);
+        let r1 = RawFile::open(&p, true).unwrap();
+        let _r2 = RawFile::open(&p, true).unwrap();
+        assert!(matches!(
+            RawFile::open(&p, false).unwrap_err(),
+            RawError::Locked { .. }
+        ));
+        drop(r1);
+    }
+
+    #[test]
+    fn open_errors_name_the_path() {
+        let dir = TempDir::new();
+        let missing = dir.path().join("missing.img");
+        let err = RawFile::open(&missing, false).unwrap_err();
+        assert!(
+            matches!(&err, RawError::Open { source, .. } if source.kind() == io::ErrorKind::NotFound)
+        );
+        assert!(err.to_string().contains("missing.img"));
+
+        let err = RawFile::open(dir.path(), true).unwrap_err();
+        assert!(matches!(err, RawError::IsDirectory { .. }), "{err}");
+        let err = RawFile::open(dir.path(), false).unwrap_err();
+        assert!(matches!(err, RawError::IsDirectory { .. }), "{err}");
+    }
+
+    #[test]
+    fn open_without_permission_is_an_error() {
+        // root ignores file modes; the check is meaningless there.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            eprintln!("skipped: running as root");
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new();
+        let p = image(&dir, "ro.img", 4096);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let err = RawFile::open(&p, false).unwrap_err();
+        assert!(
+            matches!(&err, RawError::Open { source, .. } if source.kind() == io::ErrorKind::PermissionDenied),
+            "{err}"
+        );
+        assert!(RawFile::open(&p, true).is_ok());
+    }
+}

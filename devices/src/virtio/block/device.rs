@@ -1,0 +1,226 @@
+//! The virtio-blk device: features, config space, activation and the queue loop.
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::request::{RequestHandler, SECTOR_SIZE, SERIAL_LEN};
+use super::{
+    features as blk, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS,
+    MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SEG_MAX,
+};
+use crate::disk::DiskBackend;
+use crate::virtio::queue::pop_chain;
+use crate::virtio::{
+    device_type, features, ActivateError, Activation, VirtioDevice, VirtioInterrupt,
+};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BlockError {
+    #[error("disk serial {serial:?} is {len} bytes; virtio-blk allows at most 20")]
+    SerialTooLong { serial: String, len: usize },
+}
+
+/// struct virtio_blk_config up to write_zeroes_may_unmap and its padding (virtio 1.2 §5.2.4).
+const CONFIG_LEN: usize = 0x3c;
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: VirtioInterrupt,
+}
+
+/// A virtio-blk device with one request queue.
+pub struct Block {
+    handler: RequestHandler,
+    features: u64,
+    config: [u8; CONFIG_LEN],
+    active: Option<Active>,
+}
+
+impl Block {
+    /// `read_only` exposes the disk read-only (VIRTIO_BLK_F_RO); a read-only backend makes
+    /// the device read-only whatever is asked. `serial` is GET_ID's answer (at most 20
+    /// bytes).
+    pub fn new(
+        backend: Box<dyn DiskBackend>,
+        serial: Option<String>,
+        read_only: bool,
+    ) -> Result<Block, BlockError> {
+        let mut id = [0u8; SERIAL_LEN];
+        if let Some(serial) = serial {
+            let bytes = serial.as_bytes();
+            if bytes.len() > SERIAL_LEN {
+                return Err(BlockError::SerialTooLong {
+                    len: bytes.len(),
+                    serial,
+                });
+            }
+            id[..bytes.len()].copy_from_slice(bytes);
+        }
+        let read_only = read_only || backend.read_only();
+        if !backend.len().is_multiple_of(SECTOR_SIZE) {
+            log::warn!(
+                "virtio-blk: disk size {} is not a multiple of 512; the last {} bytes are not visible to the guest",
+                backend.len(),
+                backend.len() % SECTOR_SIZE
+            );
+        }
+        let handler = RequestHandler::new(backend, read_only, id);
+
+        let mut features = features::VERSION_1
+            | features::RING_EVENT_IDX
+            | features::RING_INDIRECT_DESC
+            | blk::SEG_MAX
+            | blk::BLK_SIZE
+            | blk::FLUSH;
+        if read_only {
+            features |= blk::RO;
+        } else {
+            features |= blk::DISCARD | blk::WRITE_ZEROES;
+        }
+
+        let mut config = [0u8; CONFIG_LEN];
+        let mut put = |offset: usize, bytes: &[u8]| {
+            config[offset..offset + bytes.len()].copy_from_slice(bytes)
+        };
+        put(0x00, &(handler.capacity / SECTOR_SIZE).to_le_bytes()); // capacity
+        put(0x0c, &SEG_MAX.to_le_bytes()); // seg_max
+        put(0x14, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        put(0x24, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(0x28, &MAX_DISCARD_SEG.to_le_bytes());
+        put(0x2c, &8u32.to_le_bytes()); // discard_sector_alignment: 4 KiB
+        put(0x30, &MAX_WRITE_ZEROES_SECTORS.to_le_bytes());
+        put(0x34, &MAX_WRITE_ZEROES_SEG.to_le_bytes());
+        put(0x38, &[1]); // write_zeroes_may_unmap
+
+        Ok(Block {
+            handler,
+            features,
+            config,
+            active: None,
+        })
+    }
+
+    /// Capacity in 512-byte sectors, as the guest sees it.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.handler.capacity / SECTOR_SIZE
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.handler.read_only
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if start < CONFIG_LEN {
+            let n = data.len().min(CONFIG_LEN - start);
+            data[..n].copy_from_slice(&self.config[start..start + n]);
+        }
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let Activation {
+            mem,
+            queues,
+            interrupt,
+            acked_features,
+        } = activation;
+        let queue = queues
+            .into_iter()
+            .next()
+            .filter(|q| q.ready())
+            .ok_or(ActivateError::QueueNotReady { index: 0 })?;
+        self.handler.acked_features = acked_features;
+        self.active = Some(Active {
+            mem,
+            queue,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.handler.acked_features = 0;
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if index != 0 {
+            rate_limited_warn!("virtio-blk: notification for queue {} ignored", index);
+            return;
+        }
+        let Active {
+            mem,
+            queue,
+            interrupt,
+        } = active;
+        let mut completed = 0u32;
+        // virtio 1.2 §2.7.10: with notifications disabled while we work, then re-enabled and
+        // the ring checked once more so that no request slips between the two.
+        loop {
+            if let Err(e) = queue.disable_notification(&*mem) {
+                rate_limited_warn!("virtio-blk: used ring unusable: {}", e);
+                interrupt.set_needs_reset();
+                return;
+            }
+            loop {
+                let chain = match pop_chain(queue, &*mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => {
+                        rate_limited_warn!("virtio-blk: avail ring unusable: {}", e);
+                        interrupt.set_needs_reset();
+                        return;
+                    }
+                };
+                let head = chain.head_index();
+                let used_len = self.handler.handle_chain(mem, chain);
+                if let Err(e) = queue.add_used(&*mem, head, used_len) {
+                    // A head index beyond the queue cannot be returned; drop it.
+                    rate_limited_warn!("virtio-blk: cannot return chain {}: {}", head, e);
+                    continue;
+                }
+                completed += 1;
+            }
+            match queue.enable_notification(&*mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    rate_limited_warn!("virtio-blk: used ring unusable: {}", e);
+                    interrupt.set_needs_reset();
+                    return;
+                }
+            }
+        }
+        if completed > 0 {
+            match queue.needs_notification(&*mem) {
+                Ok(false) => {}
+                Ok(true) => interrupt.signal_used_queue(0),
+                Err(e) => {
+                    rate_limited_warn!("virtio-blk: cannot read used_event: {}", e);
+                    interrupt.signal_used_queue(0);
+                }
+            }
+        }
+    }
+}

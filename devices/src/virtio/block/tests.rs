@@ -1,0 +1,1325 @@
+//! virtio-blk driven through the virtio-mmio registers by the host-side driver harness,
+//! over real raw files.
+
+use std::io;
+
+use crate::bus::BusDevice;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::{features as blk, request_status as st, request_type as rt, Block, BlockError};
+use crate::disk::raw::RawFile;
+use crate::disk::DiskBackend;
+use crate::virtio::testing::{
+    guest_memory, regs, Buf, Driver, TempDir, CANARY, DESC_TABLE, MEM_SIZE, USED_RING,
+    VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+};
+use crate::virtio::{features, status};
+
+const DISK_LEN: usize = 1 << 20;
+const STATUS_UNTOUCHED: u8 = 0xee;
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// A disk file filled with a known pattern.
+fn disk(dir: &TempDir) -> PathBuf {
+    let p = dir.path().join("disk.img");
+    std::fs::write(&p, pattern(DISK_LEN, 7)).unwrap();
+    p
+}
+
+fn block_driver(path: &PathBuf, read_only: bool, serial: Option<&str>) -> Driver {
+    let raw = RawFile::open(path, read_only).unwrap();
+    let dev = Block::new(Box::new(raw), serial.map(str::to_owned), read_only).unwrap();
+    let mut d = Driver::new(Box::new(dev));
+    d.start();
+    d
+}
+
+/// A request as Linux lays it out: header, data, status in three descriptors.
+struct Req {
+    header: u64,
+    data: Option<Buf>,
+    status: u64,
+}
+
+fn header(d: &mut Driver, req_type: u32, sector: u64) -> u64 {
+    let h = d.alloc(16);
+    let mut b = [0u8; 16];
+    b[0..4].copy_from_slice(&req_type.to_le_bytes());
+    b[8..16].copy_from_slice(&sector.to_le_bytes());
+    d.mem.write_slice(&b, GuestAddress(h)).unwrap();
+    h
+}
+
+fn status_buf(d: &mut Driver) -> u64 {
+    let s = d.alloc(1);
+    d.mem.write_obj(STATUS_UNTOUCHED, GuestAddress(s)).unwrap();
+    s
+}
+
+fn build(d: &mut Driver, req_type: u32, sector: u64, out: Option<&[u8]>, in_len: u32) -> Req {
+    let h = header(d, req_type, sector);
+    let data = if let Some(bytes) = out {
+        let a = d.alloc(bytes.len() as u64);
+        d.mem.write_slice(bytes, GuestAddress(a)).unwrap();
+        Some(Buf {
+            addr: a,
+            len: bytes.len() as u32,
+            writable: false,
+        })
+    } else if in_len > 0 {
+        Some(Buf {
+            addr: d.alloc(u64::from(in_len)),
+            len: in_len,
+            writable: true,
+        })
+    } else {
+        None
+    };
+    let s = status_buf(d);
+    Req {
+        header: h,
+        data,
+        status: s,
+    }
+}
+
+/// Submits `req` as header/data/status descriptors, kicks, returns (status byte, used len).
+fn submit(d: &mut Driver, req: &Req) -> (u8, u32) {
+    let mut bufs = vec![Buf {
+        addr: req.header,
+        len: 16,
+        writable: false,
+    }];
+    bufs.extend(req.data);
+    bufs.push(Buf {
+        addr: req.status,
+        len: 1,
+        writable: true,
+    });
+    submit_bufs(d, &bufs, req.status)
+}
+
+fn submit_bufs(d: &mut Driver, bufs: &[Buf], status_addr: u64) -> (u8, u32) {
+    let head = d.add_chain(bufs);
+    complete(d, head, status_addr)
+}
+
+fn complete(d: &mut Driver, head: u16, status_addr: u64) -> (u8, u32) {
+    let (s, l, _) = complete_snapshot(d, head, status_addr);
+    (s, l)
+}
+
+/// Like `complete`, also returning guest memory as it was just before the kick (after the
+/// driver published the chain).
+fn complete_snapshot(d: &mut Driver, head: u16, status_addr: u64) -> (u8, u32, Vec<u8>) {
+    let before = d.used_idx();
+    d.publish(head);
+    let snap = d.snapshot();
+    d.kick(0);
+    assert_eq!(
+        d.used_idx(),
+        before.wrapping_add(1),
+        "request not completed"
+    );
+    let (id, len) = d.used_elem(before);
+    assert_eq!(id, u32::from(head));
+    (
+        d.mem.read_obj(GuestAddress(status_addr)).unwrap(),
+        len,
+        snap,
+    )
+}
+
+fn write(d: &mut Driver, sector: u64, data: &[u8]) -> (u8, u32) {
+    let r = build(d, rt::OUT, sector, Some(data), 0);
+    submit(d, &r)
+}
+
+fn read(d: &mut Driver, sector: u64, len: u32) -> (u8, u32, Vec<u8>) {
+    let r = build(d, rt::IN, sector, None, len);
+    let (s, l) = submit(d, &r);
+    let data = d.read_bytes(r.data.unwrap().addr, len as usize);
+    (s, l, data)
+}
+
+/// A good request after a bad one: the device keeps serving.
+fn assert_still_works(d: &mut Driver, file: &PathBuf) {
+    let data = pattern(512, 99);
+    assert_eq!(write(d, 3, &data), (st::OK, 1));
+    let (s, l, back) = read(d, 3, 512);
+    assert_eq!((s, l), (st::OK, 513));
+    assert_eq!(back, data);
+    assert_eq!(&std::fs::read(file).unwrap()[3 * 512..4 * 512], &data[..]);
+}
+
+#[test]
+fn offers_modern_block_features_and_capacity() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let raw = RawFile::open(&p, false).unwrap();
+    let mut d = Driver::new(Box::new(Block::new(Box::new(raw), None, false).unwrap()));
+    assert_eq!(d.read32(regs::MAGIC), 0x7472_6976);
+    assert_eq!(d.read32(regs::VERSION), 2);
+    assert_eq!(d.read32(regs::DEVICE_ID), 2);
+    let f = d.device_features();
+    for bit in [
+        features::VERSION_1,
+        blk::FLUSH,
+        blk::SEG_MAX,
+        blk::BLK_SIZE,
+        blk::DISCARD,
+        blk::WRITE_ZEROES,
+    ] {
+        assert_ne!(f & bit, 0, "feature {bit:#x} not offered");
+    }
+    assert_eq!(f & blk::RO, 0);
+    let lo = d.read32(regs::CONFIG);
+    let hi = d.read32(regs::CONFIG + 4);
+    assert_eq!(
+        u64::from(lo) | (u64::from(hi) << 32),
+        (DISK_LEN / 512) as u64
+    );
+    assert_eq!(d.read32(regs::CONFIG + 0x14), 512, "blk_size");
+    assert_eq!(d.read32(regs::CONFIG + 0x0c), super::SEG_MAX);
+    let mut b = [0u8; 1];
+    d.transport.read(regs::CONFIG + 0x38, &mut b);
+    assert_eq!(b[0], 1, "write_zeroes_may_unmap");
+}
+
+#[test]
+fn reads_and_writes_land_in_the_file_at_the_right_offsets() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    let data = pattern(4096, 42);
+    assert_eq!(write(&mut d, 17, &data), (st::OK, 1));
+    let file = std::fs::read(&p).unwrap();
+    assert_eq!(&file[17 * 512..17 * 512 + 4096], &data[..]);
+    // Neighbours untouched.
+    let orig = pattern(DISK_LEN, 7);
+    assert_eq!(&file[..17 * 512], &orig[..17 * 512]);
+    assert_eq!(&file[17 * 512 + 4096..], &orig[17 * 512 + 4096..]);
+
+    // The last sector of the disk is reachable.
+    let last = (DISK_LEN / 512 - 1) as u64;
+    assert_eq!(write(&mut d, last, &data[..512]), (st::OK, 1));
+
+    let (s, len, back) = read(&mut d, 17, 4096);
+    assert_eq!((s, len), (st::OK, 4097), "used len = data + status");
+    assert_eq!(back, data);
+    let (s, _, back) = read(&mut d, 0, 1024);
+    assert_eq!(s, st::OK);
+    assert_eq!(back, &orig[..1024]);
+}
+
+#[test]
+fn data_split_over_many_descriptors_and_split_header_is_one_stream() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    let data = pattern(3 * 512, 5);
+    // Header in two pieces (10 + 6 bytes), data in three odd pieces.
+    let h = header(&mut d, rt::OUT, 9);
+    let a = d.alloc(data.len() as u64);
+    d.mem.write_slice(&data, GuestAddress(a)).unwrap();
+    let s = status_buf(&mut d);
+    let bufs = [
+        Buf {
+            addr: h,
+            len: 10,
+            writable: false,
+        },
+        Buf {
+            addr: h + 10,
+            len: 6,
+            writable: false,
+        },
+        Buf {
+            addr: a,
+            len: 700,
+            writable: false,
+        },
+        Buf {
+            addr: a + 700,
+            len: 300,
+            writable: false,
+        },
+        Buf {
+            addr: a + 1000,
+            len: 536,
+            writable: false,
+        },
+        Buf {
+            addr: s,
+            len: 1,
+            writable: true,
+        },
+    ];
+    assert_eq!(submit_bufs(&mut d, &bufs, s), (st::OK, 1));
+    assert_eq!(&std::fs::read(&p).unwrap()[9 * 512..12 * 512], &data[..]);
+
+    // Read back into two writable pieces with the status byte sharing the last descriptor.
+    let h = header(&mut d, rt::IN, 9);
+    let a = d.alloc(3 * 512 + 1);
+    let bufs = [
+        Buf {
+            addr: h,
+            len: 16,
+            writable: false,
+        },
+        Buf {
+            addr: a,
+            len: 1000,
+            writable: true,
+        },
+        Buf {
+            addr: a + 1000,
+            len: 537,
+            writable: true,
+        },
+    ];
+    let (st_byte, len) = submit_bufs(&mut d, &bufs, a + 1536);
+    assert_eq!((st_byte, len), (st::OK, 1537));
+    assert_eq!(d.read_bytes(a, 1536), data);
+}
+
+#[test]
+fn large_request_goes_through_the_bounce_buffer_in_pieces() {
+    let dir = TempDir::new();
+    let p = dir.path().join("big.img");
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(4 << 20).unwrap();
+    drop(f);
+    let mut d = block_driver(&p, false, None);
+    let data = pattern(1536 * 1024, 3); // larger than the 1 MiB bounce buffer
+    assert_eq!(write(&mut d, 2048, &data), (st::OK, 1));
+    assert_eq!(
+        &std::fs::read(&p).unwrap()[2048 * 512..2048 * 512 + data.len()],
+        &data[..]
+    );
+    let (s, len, back) = read(&mut d, 2048, data.len() as u32);
+    assert_eq!((s, len), (st::OK, data.len() as u32 + 1));
+    assert!(back == data);
+}
+
+/// Wraps the real raw file and records, at each flush, whether the request's status byte
+/// had already been written in guest memory.
+struct FlushWitness {
+    inner: RawFile,
+    mem: GuestMemoryMmap,
+    status_addr: Arc<Mutex<Option<u64>>>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl DiskBackend for FlushWitness {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.log.lock().unwrap().push("write".into());
+        self.inner.write_at(offset, buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        let status = self
+            .status_addr
+            .lock()
+            .unwrap()
+            .map(|a| self.mem.read_obj::<u8>(GuestAddress(a)).unwrap());
+        self.inner.flush()?;
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("flush done, status byte then {status:?}"));
+        Ok(())
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len, may_unmap)
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+}
+
+type WatchedStatus = Arc<Mutex<Option<u64>>>;
+type FlushLog = Arc<Mutex<Vec<String>>>;
+
+fn witness_driver(p: &PathBuf, accept_flush: bool) -> (Driver, WatchedStatus, FlushLog) {
+    let status_addr = Arc::new(Mutex::new(None));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let mem = guest_memory();
+    let backend = FlushWitness {
+        inner: RawFile::open(p, false).unwrap(),
+        mem: mem.clone(),
+        status_addr: status_addr.clone(),
+        log: log.clone(),
+    };
+    let mut d = Driver::with_memory(
+        Box::new(Block::new(Box::new(backend), None, false).unwrap()),
+        mem,
+    );
+    let mut f = d.device_features();
+    if !accept_flush {
+        f &= !blk::FLUSH;
+    }
+    d.start_with(f);
+    (d, status_addr, log)
+}
+
+#[test]
+fn flush_reaches_disk_before_status() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let (mut d, status_addr, log) = witness_driver(&p, true);
+    assert_eq!(write(&mut d, 1, &pattern(512, 1)), (st::OK, 1));
+    let r = build(&mut d, rt::FLUSH, 0, None, 0);
+    *status_addr.lock().unwrap() = Some(r.status);
+    assert_eq!(submit(&mut d, &r), (st::OK, 1));
+    let log = log.lock().unwrap().clone();
+    assert_eq!(
+        log,
+        vec![
+            "write".to_string(),
+            format!("flush done, status byte then {:?}", Some(STATUS_UNTOUCHED))
+        ]
+    );
+}
+
+#[test]
+fn without_negotiated_flush_every_write_is_flushed_before_its_status() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let (mut d, status_addr, log) = witness_driver(&p, false);
+    let r = build(&mut d, rt::OUT, 2, Some(&pattern(512, 2)), 0);
+    *status_addr.lock().unwrap() = Some(r.status);
+    assert_eq!(submit(&mut d, &r), (st::OK, 1));
+    assert_eq!(
+        log.lock().unwrap().clone(),
+        vec![
+            "write".to_string(),
+            format!("flush done, status byte then {:?}", Some(STATUS_UNTOUCHED))
+        ]
+    );
+}
+
+#[test]
+fn get_id_returns_the_serial() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, Some("wisp-disk-0"));
+    let r = build(&mut d, rt::GET_ID, 0, None, 20);
+    assert_eq!(submit(&mut d, &r), (st::OK, 21));
+    let mut want = b"wisp-disk-0".to_vec();
+    want.resize(20, 0);
+    assert_eq!(d.read_bytes(r.data.unwrap().addr, 20), want);
+}
+
+#[test]
+fn serial_longer_than_20_bytes_is_refused() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let raw = RawFile::open(&p, false).unwrap();
+    let err = Block::new(Box::new(raw), Some("x".repeat(21)), false)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err,
+        BlockError::SerialTooLong {
+            serial: "x".repeat(21),
+            len: 21
+        }
+    );
+}
+
+fn discard_segment(d: &mut Driver, req_type: u32, sector: u64, n: u32, flags: u32) -> (u8, u32) {
+    let h = header(d, req_type, 0);
+    let seg = d.alloc(16);
+    let mut b = [0u8; 16];
+    b[0..8].copy_from_slice(&sector.to_le_bytes());
+    b[8..12].copy_from_slice(&n.to_le_bytes());
+    b[12..16].copy_from_slice(&flags.to_le_bytes());
+    d.mem.write_slice(&b, GuestAddress(seg)).unwrap();
+    let s = status_buf(d);
+    submit_bufs(
+        d,
+        &[
+            Buf {
+                addr: h,
+                len: 16,
+                writable: false,
+            },
+            Buf {
+                addr: seg,
+                len: 16,
+                writable: false,
+            },
+            Buf {
+                addr: s,
+                len: 1,
+                writable: true,
+            },
+        ],
+        s,
+    )
+}
+
+#[test]
+fn discard_punches_and_write_zeroes_zeroes() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    let blocks_before = std::fs::metadata(&p).unwrap().blocks();
+    // 256 KiB discard at sector 256 (128 KiB).
+    assert_eq!(
+        discard_segment(&mut d, rt::DISCARD, 256, 512, 0),
+        (st::OK, 1)
+    );
+    let file = std::fs::read(&p).unwrap();
+    let orig = pattern(DISK_LEN, 7);
+    assert_eq!(file.len(), DISK_LEN, "discard keeps the size");
+    if std::fs::metadata(&p).unwrap().blocks() < blocks_before {
+        assert!(file[128 << 10..384 << 10].iter().all(|&b| b == 0));
+    }
+    assert_eq!(&file[..128 << 10], &orig[..128 << 10]);
+    assert_eq!(&file[384 << 10..], &orig[384 << 10..]);
+
+    // WRITE_ZEROES must zero, with and without unmap.
+    assert_eq!(
+        discard_segment(&mut d, rt::WRITE_ZEROES, 1000, 8, 0),
+        (st::OK, 1)
+    );
+    assert_eq!(
+        discard_segment(&mut d, rt::WRITE_ZEROES, 1100, 3, 1),
+        (st::OK, 1)
+    );
+    let file = std::fs::read(&p).unwrap();
+    assert!(file[1000 * 512..1008 * 512].iter().all(|&b| b == 0));
+    assert!(file[1100 * 512..1103 * 512].iter().all(|&b| b == 0));
+    assert_eq!(file[1000 * 512 - 1], orig[1000 * 512 - 1]);
+    assert_eq!(file[1008 * 512], orig[1008 * 512]);
+    assert_eq!(file[1103 * 512], orig[1103 * 512]);
+
+    // Spec-mandated refusals: unmap on discard and unknown flags are UNSUPP; ranges
+    // beyond the disk are IOERR.
+    assert_eq!(discard_segment(&mut d, rt::DISCARD, 0, 8, 1).0, st::UNSUPP);
+    assert_eq!(
+        discard_segment(&mut d, rt::WRITE_ZEROES, 0, 8, 2).0,
+        st::UNSUPP
+    );
+    assert_eq!(
+        discard_segment(&mut d, rt::DISCARD, 2047, 2, 0).0,
+        st::IOERR
+    );
+    assert_eq!(
+        discard_segment(&mut d, rt::WRITE_ZEROES, u64::MAX / 2, 1, 0).0,
+        st::IOERR
+    );
+    assert_eq!(std::fs::read(&p).unwrap()[..512], orig[..512]);
+    assert_still_works(&mut d, &p);
+}
+
+#[test]
+fn discard_is_unsupported_when_not_negotiated() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let raw = RawFile::open(&p, false).unwrap();
+    let mut d = Driver::new(Box::new(Block::new(Box::new(raw), None, false).unwrap()));
+    let f = d.device_features() & !(blk::DISCARD | blk::WRITE_ZEROES);
+    d.start_with(f);
+    assert_eq!(discard_segment(&mut d, rt::DISCARD, 0, 8, 0).0, st::UNSUPP);
+    assert_eq!(
+        discard_segment(&mut d, rt::WRITE_ZEROES, 0, 8, 0).0,
+        st::UNSUPP
+    );
+    assert_eq!(std::fs::read(&p).unwrap(), pattern(DISK_LEN, 7));
+}
+
+#[test]
+fn read_only_device_refuses_writes_and_the_file_is_unchanged() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let before = std::fs::read(&p).unwrap();
+    let mut d = block_driver(&p, true, None);
+    let f = d.device_features();
+    assert_ne!(f & blk::RO, 0, "F_RO offered");
+    assert_eq!(f & (blk::DISCARD | blk::WRITE_ZEROES), 0);
+    assert_eq!(write(&mut d, 0, &pattern(512, 1)), (st::IOERR, 1));
+    assert_eq!(
+        discard_segment(&mut d, rt::WRITE_ZEROES, 0, 8, 0).0,
+        st::UNSUPP
+    );
+    let (s, _, back) = read(&mut d, 0, 512);
+    assert_eq!(s, st::OK);
+    assert_eq!(back, &before[..512]);
+    let r = build(&mut d, rt::FLUSH, 0, None, 0);
+    assert_eq!(submit(&mut d, &r).0, st::OK);
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+}
+
+#[test]
+fn read_write_device_over_a_read_only_backend_is_read_only() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let raw = RawFile::open(&p, true).unwrap();
+    let b = Block::new(Box::new(raw), None, false).unwrap();
+    assert!(b.read_only());
+    let mut d = Driver::new(Box::new(b));
+    assert_ne!(d.device_features() & blk::RO, 0);
+}
+
+#[test]
+fn rejects_descriptor_beyond_guest_memory() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    let h = header(&mut d, rt::IN, 0);
+    let s = status_buf(&mut d);
+    let bufs = [
+        Buf {
+            addr: h,
+            len: 16,
+            writable: false,
+        },
+        Buf {
+            addr: MEM_SIZE as u64 - 256,
+            len: 512,
+            writable: true,
+        },
+        Buf {
+            addr: s,
+            len: 1,
+            writable: true,
+        },
+    ];
+    let head = d.add_chain(&bufs);
+    let (status, len, snap) = complete_snapshot(&mut d, head, s);
+    assert_eq!((status, len), (st::IOERR, 1));
+    // Nothing but the status byte and the used ring changed: the part of the buffer that
+    // was inside memory was not written.
+    assert_only_changed(&snap, &d.snapshot(), &[(s, 1), used_ring_range(&d)]);
+    // OUT with data far outside memory (address overflow region too).
+    let h = header(&mut d, rt::OUT, 0);
+    let s = status_buf(&mut d);
+    let bufs = [
+        Buf {
+            addr: h,
+            len: 16,
+            writable: false,
+        },
+        Buf {
+            addr: u64::MAX - 100,
+            len: 512,
+            writable: false,
+        },
+        Buf {
+            addr: s,
+            len: 1,
+            writable: true,
+        },
+    ];
+    assert_eq!(submit_bufs(&mut d, &bufs, s), (st::IOERR, 1));
+    assert_eq!(std::fs::read(&p).unwrap(), pattern(DISK_LEN, 7));
+    assert_still_works(&mut d, &p);
+}
+
+#[test]
+fn rejects_sectors_beyond_the_disk_or_overflowing() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    let sectors = (DISK_LEN / 512) as u64;
+    assert_eq!(write(&mut d, sectors, &pattern(512, 1)).0, st::IOERR);
+    assert_eq!(write(&mut d, sectors - 1, &pattern(1024, 1)).0, st::IOERR);
+    assert_eq!(write(&mut d, u64::MAX, &pattern(512, 1)).0, st::IOERR);
+    assert_eq!(write(&mut d, u64::MAX / 512, &pattern(512, 1)).0, st::IOERR);
+    let (s, len, _) = read(&mut d, sectors, 512);
+    assert_eq!((s, len), (st::IOERR, 1));
+    assert_eq!(std::fs::read(&p).unwrap(), pattern(DISK_LEN, 7));
+    assert_still_works(&mut d, &p);
+}
+
+#[test]
+fn rejects_lengths_not_a_multiple_of_512() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    assert_eq!(write(&mut d, 0, &pattern(513, 1)).0, st::IOERR);
+    assert_eq!(read(&mut d, 0, 100).0, st::IOERR);
+    assert_eq!(std::fs::read(&p).unwrap(), pattern(DISK_LEN, 7));
+    assert_still_works(&mut d, &p);
+}
+
+#[test]
+fn rejects_data_in_the_wrong_direction() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    // IN with a device-readable data buffer.
+    let r = build(&mut d, rt::IN, 0, Some(&pattern(512, 1)), 0);
+    assert_eq!(submit(&mut d, &r).0, st::IOERR);
+    // OUT with a device-writable data buffer: the buffer must stay untouched.
+    let mut r = build(&mut d, rt::OUT, 0, None, 512);
+    let before = d.read_bytes(r.data.unwrap().addr, 512);
+    assert_eq!(submit(&mut d, &r).0, st::IOERR);
+    assert_eq!(d.read_bytes(r.data.unwrap().addr, 512), before);
+    // FLUSH with data.
+    r = build(&mut d, rt::FLUSH, 0, Some(&pattern(512, 1)), 0);
+    assert_eq!(submit(&mut d, &r).0, st::IOERR);
+    // A device-readable descriptor after a device-writable one.
+    let h = header(&mut d, rt::OUT, 0);
+    let w = d.alloc(512);
+    let rd = d.alloc(512);
+    let s = status_buf(&mut d);
+    let bufs = [
+        Buf {
+            addr: h,
+            len: 16,
+            writable: false,
+        },
+        Buf {
+            addr: w,
+            len: 512,
+            writable: true,
+        },
+        Buf {
+            addr: rd,
+            len: 512,
+            writable: false,
+        },
+        Buf {
+            addr: s,
+            len: 1,
+            writable: true,
+        },
+    ];
+    assert_eq!(submit_bufs(&mut d, &bufs, s).0, st::IOERR);
+    assert_eq!(std::fs::read(&p).unwrap(), pattern(DISK_LEN, 7));
+    assert_still_works(&mut d, &p);
+}
+
+#[test]
+fn rejects_a_short_header() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    let h = header(&mut d, rt::IN, 0);
+    let s = status_buf(&mut d);
+    let bufs = [
+        Buf {
+            addr: h,
+            len: 8,
+            writable: false,
+        },
+        Buf {
+            addr: s,
+            len: 1,
+            writable: true,
+        },
+    ];
+    assert_eq!(submit_bufs(&mut d, &bufs, s), (st::IOERR, 1));
+    // Only a status byte.
+    let s = status_buf(&mut d);
+    assert_eq!(
+        submit_bufs(
+            &mut d,
+            &[Buf {
+                addr: s,
+                len: 1,
+                writable: true
+            }],
+            s
+        ),
+        (st::IOERR, 1)
+    );
+    assert_still_works(&mut d, &p);
+}
+
+#[test]
+fn unknown_request_type_is_unsupported() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    for t in [2, 3, 7, 14, 0xffff_ffff] {
+        let r = build(&mut d, t, 0, None, 0);
+        assert_eq!(submit(&mut d, &r), (st::UNSUPP, 1), "type {t}");
+    }
+    assert_still_works(&mut d, &p);
+}
+
+#[test]
+fn chain_without_usable_status_byte_is_returned_with_len_0_and_no_write() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    // Last descriptor device-readable.
+    let h = header(&mut d, rt::IN, 0);
+    let buf = d.alloc(512);
+    let s = status_buf(&mut d);
+    let bufs = [
+        Buf {
+            addr: h,
+            len: 16,
+            writable: false,
+        },
+        Buf {
+            addr: buf,
+            len: 512,
+            writable: true,
+        },
+        Buf {
+            addr: s,
+            len: 1,
+            writable: false,
+        },
+    ];
+    let head = d.add_chain(&bufs);
+    let (status, len, snap) = complete_snapshot(&mut d, head, s);
+    assert_eq!((status, len), (STATUS_UNTOUCHED, 0));
+    assert_only_changed(&snap, &d.snapshot(), &[used_ring_range(&d)]);
+    // Zero-length status descriptor.
+    let bufs = [
+        Buf {
+            addr: h,
+            len: 16,
+            writable: false,
+        },
+        Buf {
+            addr: buf,
+            len: 512,
+            writable: true,
+        },
+        Buf {
+            addr: s,
+            len: 0,
+            writable: true,
+        },
+    ];
+    let head = d.add_chain(&bufs);
+    let (status, len, snap) = complete_snapshot(&mut d, head, s);
+    assert_eq!((status, len), (STATUS_UNTOUCHED, 0));
+    assert_only_changed(&snap, &d.snapshot(), &[used_ring_range(&d)]);
+    // Status byte outside guest memory.
+    let bufs = [
+        Buf {
+            addr: h,
+            len: 16,
+            writable: false,
+        },
+        Buf {
+            addr: MEM_SIZE as u64,
+            len: 1,
+            writable: true,
+        },
+    ];
+    let head = d.add_chain(&bufs);
+    d.publish(head);
+    d.kick(0);
+    assert_eq!(
+        d.used_elem(d.used_idx().wrapping_sub(1)),
+        (u32::from(head), 0)
+    );
+    assert_still_works(&mut d, &p);
+}
+
+#[test]
+fn looping_chain_is_returned_unanswered_and_the_device_keeps_working() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    let h = header(&mut d, rt::IN, 0);
+    let buf = d.alloc(512);
+    let head = d.reserve_descs(2);
+    // head -> head+1 -> head: a loop.
+    d.write_desc(DESC_TABLE, head, h, 16, VIRTQ_DESC_F_NEXT, head + 1);
+    d.write_desc(
+        DESC_TABLE,
+        head + 1,
+        buf,
+        512,
+        VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+        head,
+    );
+    let (_, len, snap) = complete_snapshot(&mut d, head, buf);
+    assert_eq!(len, 0);
+    assert_only_changed(&snap, &d.snapshot(), &[used_ring_range(&d)]);
+    assert_still_works(&mut d, &p);
+}
+
+#[test]
+fn next_index_outside_the_queue_is_returned_unanswered() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    let h = header(&mut d, rt::IN, 0);
+    let head = d.reserve_descs(1);
+    d.write_desc(DESC_TABLE, head, h, 16, VIRTQ_DESC_F_NEXT, 500);
+    let s = d.alloc(1);
+    let (_, len) = complete(&mut d, head, s);
+    assert_eq!(len, 0);
+    assert_still_works(&mut d, &p);
+}
+
+#[test]
+fn chain_longer_than_seg_max_is_an_io_error() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    // An indirect table: header, SEG_MAX + 1 data descriptors of 512 bytes, status.
+    let n = super::SEG_MAX as u16 + 3;
+    let table = d.alloc(16 * u64::from(n));
+    let h = header(&mut d, rt::IN, 0);
+    let data = d.alloc(512 * u64::from(n));
+    let s = status_buf(&mut d);
+    d.write_desc(table, 0, h, 16, VIRTQ_DESC_F_NEXT, 1);
+    for i in 1..n - 1 {
+        d.write_desc(
+            table,
+            i,
+            data + 512 * u64::from(i),
+            512,
+            VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+            i + 1,
+        );
+    }
+    d.write_desc(table, n - 1, s, 1, VIRTQ_DESC_F_WRITE, 0);
+    let head = d.reserve_descs(1);
+    d.write_desc(
+        DESC_TABLE,
+        head,
+        table,
+        16 * u32::from(n),
+        VIRTQ_DESC_F_INDIRECT,
+        0,
+    );
+    let (status, len, snap) = complete_snapshot(&mut d, head, s);
+    assert_eq!((status, len), (st::IOERR, 1));
+    assert_only_changed(&snap, &d.snapshot(), &[(s, 1), used_ring_range(&d)]);
+
+    // The same through an indirect table of allowed length works.
+    let n = 4u16;
+    let table = d.alloc(16 * u64::from(n));
+    let h = header(&mut d, rt::IN, 0);
+    let data = d.alloc(1024);
+    let s = status_buf(&mut d);
+    d.write_desc(table, 0, h, 16, VIRTQ_DESC_F_NEXT, 1);
+    d.write_desc(
+        table,
+        1,
+        data,
+        512,
+        VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+        2,
+    );
+    d.write_desc(
+        table,
+        2,
+        data + 512,
+        512,
+        VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+        3,
+    );
+    d.write_desc(table, 3, s, 1, VIRTQ_DESC_F_WRITE, 0);
+    let head = d.reserve_descs(1);
+    d.write_desc(
+        DESC_TABLE,
+        head,
+        table,
+        16 * u32::from(n),
+        VIRTQ_DESC_F_INDIRECT,
+        0,
+    );
+    assert_eq!(complete(&mut d, head, s), (st::OK, 1025));
+    assert_eq!(d.read_bytes(data, 1024), &pattern(DISK_LEN, 7)[..1024]);
+}
+
+fn used_ring_range(d: &Driver) -> (u64, usize) {
+    (USED_RING, 6 + 8 * usize::from(d.queue_size))
+}
+
+/// Every byte of guest memory outside `allowed` (address, len) is as in `before`.
+fn assert_only_changed(before: &[u8], after: &[u8], allowed: &[(u64, usize)]) {
+    for (i, (a, b)) in before.iter().zip(after).enumerate() {
+        if a != b {
+            let i = i as u64;
+            assert!(
+                allowed
+                    .iter()
+                    .any(|&(start, len)| i >= start && i < start + len as u64),
+                "guest memory at {i:#x} changed from {a:#x} to {b:#x} outside the request's buffers"
+            );
+        }
+    }
+}
+
+#[test]
+fn nothing_outside_the_request_buffers_is_touched() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, Some("serial"));
+    // Guest memory is canary-filled by the harness; the device may only write the IN
+    // buffers, the status bytes and the used ring.
+    let r_in = build(&mut d, rt::IN, 4, None, 2048);
+    let r_out = build(&mut d, rt::OUT, 40, Some(&pattern(1024, 3)), 0);
+    let r_id = build(&mut d, rt::GET_ID, 0, None, 8);
+    let r_flush = build(&mut d, rt::FLUSH, 0, None, 0);
+    let snap = d.snapshot();
+    assert!(snap[MEM_SIZE - 4096..].iter().all(|&b| b == CANARY));
+    let mut heads = Vec::new();
+    for r in [&r_in, &r_out, &r_id, &r_flush] {
+        let mut bufs = vec![Buf {
+            addr: r.header,
+            len: 16,
+            writable: false,
+        }];
+        bufs.extend(r.data);
+        bufs.push(Buf {
+            addr: r.status,
+            len: 1,
+            writable: true,
+        });
+        let head = d.add_chain(&bufs);
+        d.publish(head);
+        heads.push(head);
+    }
+    let snap_avail = d.snapshot();
+    d.kick(0);
+    assert_eq!(d.used_idx(), 4);
+    let lens: Vec<u32> = (0..4).map(|i| d.used_elem(i).1).collect();
+    assert_eq!(lens, vec![2049, 1, 9, 1]);
+    assert_only_changed(
+        &snap_avail,
+        &d.snapshot(),
+        &[
+            (r_in.data.unwrap().addr, 2048),
+            (r_id.data.unwrap().addr, 8),
+            (r_in.status, 1),
+            (r_out.status, 1),
+            (r_id.status, 1),
+            (r_flush.status, 1),
+            used_ring_range(&d),
+        ],
+    );
+    assert_eq!(d.read_bytes(r_id.data.unwrap().addr, 8), b"serial\0\0");
+    drop(snap);
+}
+
+#[test]
+fn completion_raises_the_used_ring_interrupt_and_ack_clears_it() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    d.take_interrupts();
+    assert_eq!(write(&mut d, 0, &pattern(512, 1)).0, st::OK);
+    assert_eq!(d.take_interrupts(), 1);
+    assert_eq!(d.read32(regs::INTERRUPT_STATUS), 1);
+    d.write32(regs::INTERRUPT_ACK, 1);
+    assert_eq!(d.read32(regs::INTERRUPT_STATUS), 0);
+}
+
+#[test]
+fn used_event_suppresses_interrupts_with_event_idx() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    assert_ne!(d.device_features() & features::RING_EVENT_IDX, 0);
+    d.take_interrupts();
+    // used_event (after the avail ring's 16 entries) = 5: interrupt only when used idx
+    // passes 5.
+    let used_event_addr = crate::virtio::testing::AVAIL_RING + 4 + 2 * 16;
+    d.mem
+        .write_obj(5u16, GuestAddress(used_event_addr))
+        .unwrap();
+    for i in 0..5 {
+        assert_eq!(write(&mut d, i, &pattern(512, 1)).0, st::OK);
+        assert_eq!(d.take_interrupts(), 0, "request {i} interrupted");
+    }
+    assert_eq!(write(&mut d, 5, &pattern(512, 1)).0, st::OK);
+    assert_eq!(d.take_interrupts(), 1);
+}
+
+#[test]
+fn ioeventfd_notification_is_processed_by_the_event_handler() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    let r = build(&mut d, rt::OUT, 6, Some(&pattern(512, 4)), 0);
+    let mut bufs = vec![Buf {
+        addr: r.header,
+        len: 16,
+        writable: false,
+    }];
+    bufs.extend(r.data);
+    bufs.push(Buf {
+        addr: r.status,
+        len: 1,
+        writable: true,
+    });
+    let head = d.add_chain(&bufs);
+    d.publish(head);
+    // What KVM does on the guest's QueueNotify write when the ioeventfd is registered.
+    d.transport.queue_evts()[0].write(1).unwrap();
+    d.handler.process_queue(0);
+    assert_eq!(d.used_idx(), 1);
+    assert_eq!(
+        d.mem.read_obj::<u8>(GuestAddress(r.status)).unwrap(),
+        st::OK
+    );
+    assert_eq!(
+        &std::fs::read(&p).unwrap()[6 * 512..7 * 512],
+        &pattern(512, 4)[..]
+    );
+    // The eventfd was consumed.
+    assert!(d.transport.queue_evts()[0].read().is_err());
+}
+
+#[test]
+fn reset_stops_the_device_and_it_can_be_started_again() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    assert_eq!(write(&mut d, 0, &pattern(512, 1)).0, st::OK);
+    d.write32(regs::STATUS, 0);
+    assert_eq!(d.status(), 0);
+    assert_eq!(d.read32(regs::INTERRUPT_STATUS), 0);
+    d.write32(regs::QUEUE_SEL, 0);
+    assert_eq!(d.read32(regs::QUEUE_READY), 0);
+    assert!(d.handler.device_fds().is_empty());
+    // A request published after the reset is not processed.
+    let r = build(&mut d, rt::OUT, 1, Some(&pattern(512, 2)), 0);
+    let mut bufs = vec![Buf {
+        addr: r.header,
+        len: 16,
+        writable: false,
+    }];
+    bufs.extend(r.data);
+    bufs.push(Buf {
+        addr: r.status,
+        len: 1,
+        writable: true,
+    });
+    let head = d.add_chain(&bufs);
+    d.publish(head);
+    d.handler.queue_evts()[0].write(1).unwrap();
+    d.handler.process_queue(0);
+    assert_eq!(
+        d.mem.read_obj::<u8>(GuestAddress(r.status)).unwrap(),
+        STATUS_UNTOUCHED
+    );
+    // Start again from scratch, as a driver does after reset.
+    d.start();
+    assert_still_works(&mut d, &p);
+}
+
+#[test]
+fn bad_queue_setup_sets_device_needs_reset() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let raw = RawFile::open(&p, false).unwrap();
+    let mut d = Driver::new(Box::new(Block::new(Box::new(raw), None, false).unwrap()));
+    let f = d.device_features();
+    d.negotiate(f);
+    // Size not a power of two.
+    d.write32(regs::QUEUE_SEL, 0);
+    d.write32(regs::QUEUE_NUM, 3);
+    d.write32(regs::QUEUE_DESC_LOW, DESC_TABLE as u32);
+    d.write32(regs::QUEUE_DRIVER_LOW, 0x2000);
+    d.write32(regs::QUEUE_DEVICE_LOW, 0x3000);
+    d.write32(regs::QUEUE_READY, 1);
+    assert_eq!(d.read32(regs::QUEUE_READY), 0);
+    assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+    d.take_interrupts();
+    // DRIVER_OK now: the device stays inactive and tells the driver.
+    d.driver_ok();
+    assert_ne!(d.read32(regs::INTERRUPT_STATUS) & 2, 0);
+    assert_eq!(d.take_interrupts(), 1);
+    // Reset clears it; a valid setup then works.
+    d.write32(regs::STATUS, 0);
+    assert_eq!(d.status(), 0);
+    d.start();
+    assert_still_works(&mut d, &p);
+}
+
+#[test]
+fn queue_outside_guest_memory_or_misaligned_is_refused() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    for (desc, avail, used, size) in [
+        (MEM_SIZE as u64 - 64, 0x2000, 0x3000, 16u32), // table runs past the end
+        (0x1008, 0x2000, 0x3000, 16),                  // table misaligned
+        (0x1000, 0x2001, 0x3000, 16),                  // avail misaligned
+        (0x1000, 0x2000, 0x3002, 16),                  // used misaligned
+        (0x1000, 0x2000, u64::MAX - 7, 16),            // used wraps around
+        (0x1000, 0x2000, 0x3000, 512),                 // larger than QueueNumMax
+        (0x1000, 0x2000, 0x3000, 0),                   // zero
+    ] {
+        let raw = RawFile::open(&p, false).unwrap();
+        let mut d = Driver::new(Box::new(Block::new(Box::new(raw), None, false).unwrap()));
+        let f = d.device_features();
+        d.negotiate(f);
+        d.write32(regs::QUEUE_SEL, 0);
+        assert_eq!(d.read32(regs::QUEUE_NUM_MAX), 256);
+        d.write32(regs::QUEUE_NUM, size);
+        d.write32(regs::QUEUE_DESC_LOW, desc as u32);
+        d.write32(regs::QUEUE_DESC_HIGH, (desc >> 32) as u32);
+        d.write32(regs::QUEUE_DRIVER_LOW, avail as u32);
+        d.write32(regs::QUEUE_DEVICE_LOW, used as u32);
+        d.write32(regs::QUEUE_DEVICE_HIGH, (used >> 32) as u32);
+        d.write32(regs::QUEUE_READY, 1);
+        assert_eq!(
+            d.read32(regs::QUEUE_READY),
+            0,
+            "{desc:#x} {avail:#x} {used:#x} {size}"
+        );
+        assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+        drop(d);
+    }
+}
+
+#[test]
+fn features_without_version_1_fail_features_ok() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let raw = RawFile::open(&p, false).unwrap();
+    let mut d = Driver::new(Box::new(Block::new(Box::new(raw), None, false).unwrap()));
+    let f = d.device_features() & !features::VERSION_1;
+    let s = d.negotiate(f);
+    assert_eq!(s & status::FEATURES_OK, 0);
+    // DRIVER_OK without FEATURES_OK is refused too.
+    d.write32(regs::STATUS, s | status::FEATURES_OK | status::DRIVER_OK);
+    assert_eq!(d.status() & status::DRIVER_OK, 0);
+}
+
+#[test]
+fn features_that_were_not_offered_fail_features_ok() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let raw = RawFile::open(&p, true).unwrap();
+    let mut d = Driver::new(Box::new(Block::new(Box::new(raw), None, true).unwrap()));
+    let f = d.device_features() | blk::DISCARD; // not offered on a read-only disk
+    assert_eq!(d.negotiate(f) & status::FEATURES_OK, 0);
+    d.write32(regs::STATUS, 0);
+    // A bit in a feature word beyond the 64 defined ones.
+    d.write32(regs::STATUS, status::ACKNOWLEDGE);
+    d.write32(regs::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+    d.write32(regs::DRIVER_FEATURES_SEL, 2);
+    d.write32(regs::DRIVER_FEATURES, 1);
+    let f = d.device_features();
+    d.write32(regs::DRIVER_FEATURES_SEL, 0);
+    d.write32(regs::DRIVER_FEATURES, f as u32);
+    d.write32(regs::DRIVER_FEATURES_SEL, 1);
+    d.write32(regs::DRIVER_FEATURES, (f >> 32) as u32);
+    d.write32(
+        regs::STATUS,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
+    assert_eq!(d.status() & status::FEATURES_OK, 0);
+}
+
+#[test]
+fn notify_before_driver_ok_is_ignored() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let raw = RawFile::open(&p, false).unwrap();
+    let mut d = Driver::new(Box::new(Block::new(Box::new(raw), None, false).unwrap()));
+    let f = d.device_features();
+    d.negotiate(f);
+    d.setup_queue(0);
+    let r = build(&mut d, rt::OUT, 0, Some(&pattern(512, 1)), 0);
+    let mut bufs = vec![Buf {
+        addr: r.header,
+        len: 16,
+        writable: false,
+    }];
+    bufs.extend(r.data);
+    bufs.push(Buf {
+        addr: r.status,
+        len: 1,
+        writable: true,
+    });
+    let head = d.add_chain(&bufs);
+    d.publish(head);
+    d.write32(regs::QUEUE_NOTIFY, 0);
+    assert!(
+        d.handler.queue_evts()[0].read().is_err(),
+        "register path must not signal"
+    );
+    d.handler.queue_evts()[0].write(1).unwrap(); // as an ioeventfd would
+    d.handler.process_queue(0);
+    assert_eq!(d.used_idx(), 0);
+    assert_eq!(std::fs::read(&p).unwrap(), pattern(DISK_LEN, 7));
+}
+
+#[test]
+fn misbehaving_register_accesses_do_not_panic_and_change_nothing() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+
+    // Odd sizes and alignments on registers and config.
+    for off in [
+        0u64, 1, 2, 3, 0x4e, 0x50, 0x70, 0x71, 0xfe, 0xff, 0x100, 0x101, 0x13f, 0xfff,
+    ] {
+        for len in [1usize, 2, 3, 4, 8] {
+            let mut buf = vec![0xffu8; len];
+            d.transport.read(off, &mut buf);
+            d.transport.write(off, &buf);
+        }
+    }
+    // Writes to read-only registers.
+    for off in [0x00u64, 0x04, 0x08, 0x0c, 0x10, 0x34, 0x60, 0xfc, 0x100] {
+        d.write32(off, 0xdead_beef);
+    }
+    // Queue config after DRIVER_OK, QueueSel beyond the queues, bogus notify values.
+    d.write32(regs::QUEUE_NUM, 4);
+    d.write32(regs::QUEUE_DESC_LOW, 0x8000);
+    d.write32(regs::QUEUE_SEL, 7);
+    d.write32(regs::QUEUE_READY, 1);
+    assert_eq!(d.read32(regs::QUEUE_NUM_MAX), 0);
+    d.write32(regs::QUEUE_SEL, 0);
+    d.write32(regs::QUEUE_NOTIFY, 9);
+    d.write32(regs::QUEUE_NOTIFY, u32::MAX);
+    d.handler.process_queue(5);
+    // Status: clearing bits without a reset, invalid bits.
+    d.write32(regs::STATUS, status::ACKNOWLEDGE);
+    d.write32(regs::STATUS, 0x7f);
+    // Features after FEATURES_OK.
+    d.write32(regs::DRIVER_FEATURES, 0);
+    assert_eq!(
+        d.status(),
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK
+    );
+    assert_eq!(d.read32(regs::MAGIC), 0x7472_6976);
+    assert_eq!(d.read32(regs::CONFIG_GENERATION), 0);
+    assert_still_works(&mut d, &p);
+}
+
+#[test]
+fn broken_avail_index_sets_device_needs_reset() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    d.take_interrupts();
+    // avail idx jumps by more than the queue size.
+    d.mem
+        .write_obj(100u16, GuestAddress(crate::virtio::testing::AVAIL_RING + 2))
+        .unwrap();
+    d.handler.queue_evts()[0].write(1).unwrap();
+    d.handler.process_queue(0);
+    assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+    assert_ne!(d.read32(regs::INTERRUPT_STATUS) & 2, 0);
+    assert_eq!(d.take_interrupts(), 1);
+}

@@ -1,0 +1,189 @@
+//! virtio 1.2 devices (modern only) and the virtio-mmio transport.
+//!
+//! # How the VMM wires a device
+//!
+//! ```text
+//! let block = Block::new(Box::new(RawFile::open(path, read_only)?), serial, read_only)?;
+//! let transport = MmioTransport::new(Box::new(block), mem.clone(), Arc::new(IrqFd(irq_evt)))?;
+//! for (i, evt) in transport.queue_evts().iter().enumerate() {
+//!     // KVM_IOEVENTFD at window_base + NOTIFY_REG_OFFSET (0x50), 4 bytes, datamatch = i
+//! }
+//! let handler = transport.event_handler();          // Clone + Send; for the event loop
+//! bus.insert(Arc::new(Mutex::new(transport)), window_base, MMIO_WINDOW_SIZE)?;
+//!
+//! // event loop (main thread), epoll:
+//! //   queue_evts()[i] readable        -> handler.process_queue(i)
+//! //   handler.fds_changed_evt() readable -> read it, then re-sync the device fds:
+//! //       handler.device_fds() is the current list (empty until the driver sets DRIVER_OK,
+//! //       empty again after a reset); register each with EPOLLIN | EPOLLET
+//! //   device_fds()[j] readable        -> handler.process_device_fd(j)
+//! ```
+//!
+//! The vCPU threads only touch the transport (register accesses, under its mutex). Device work
+//! (queue processing, backend I/O) runs under the handler's separate lock on the event-loop
+//! thread, so a vCPU reading InterruptStatus never waits for a disk. The transport takes the
+//! handler's lock only to activate, reset and access the device config space (lock order:
+//! transport, then device; the event loop never takes the transport lock).
+//!
+//! A device model implements [`VirtioDevice`]. It receives its queues, guest memory and a
+//! [`VirtioInterrupt`] at activation and gives them up at reset.
+
+/// Logs a warning, at most a few times per call site and then once every 1000 calls, so that
+/// a guest cannot flood the log.
+macro_rules! rate_limited_warn {
+    ($($arg:tt)*) => {{
+        static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n < 10 || n % 1000 == 0 {
+            log::warn!($($arg)*);
+        }
+    }};
+}
+
+pub mod block;
+pub mod mmio;
+pub mod queue;
+#[cfg(test)]
+pub(crate) mod testing;
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+use crate::interrupt::InterruptLine;
+
+pub use mmio::{MmioError, MmioTransport, VirtioEventHandler, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
+
+/// Device status bits (virtio 1.2 §2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 0x01;
+    pub const DRIVER: u32 = 0x02;
+    pub const DRIVER_OK: u32 = 0x04;
+    pub const FEATURES_OK: u32 = 0x08;
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const FAILED: u32 = 0x80;
+}
+
+/// Reserved feature bits (virtio 1.2 §6).
+pub mod features {
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// Device ids (virtio 1.2 §5).
+pub mod device_type {
+    pub const NET: u32 = 1;
+    pub const BLOCK: u32 = 2;
+}
+
+/// InterruptStatus bits (virtio 1.2 §4.2.2).
+pub const INT_USED_RING: u32 = 0x1;
+pub const INT_CONFIG_CHANGE: u32 = 0x2;
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct Activation {
+    pub mem: GuestMemoryMmap,
+    /// One entry per queue the device declared (index = queue index). A queue the driver did
+    /// not enable has `ready() == false`. Ready queues were checked against guest memory and
+    /// have EVENT_IDX set as negotiated.
+    pub queues: Vec<Queue>,
+    pub interrupt: VirtioInterrupt,
+    /// The features the driver accepted (a subset of `VirtioDevice::features`).
+    pub acked_features: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("queue {index} is required but the driver did not enable it")]
+    QueueNotReady { index: usize },
+    #[error("device cannot start: {0}")]
+    Other(String),
+}
+
+/// A virtio device model behind a transport. All methods run with the device's lock held;
+/// `process_*` run on the event-loop thread.
+pub trait VirtioDevice: Send {
+    /// Device id (virtio 1.2 §5), e.g. [`device_type::BLOCK`].
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue (powers of two); the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered to the driver, including [`features::VERSION_1`].
+    fn features(&self) -> u64;
+    /// Read device config space at `offset` (relative to its start). Bytes past the end of
+    /// the config space read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Write device config space. Most devices have no writable field.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        rate_limited_warn!(
+            "virtio: driver wrote {} bytes to read-only config space at {:#x}; ignored",
+            data.len(),
+            offset
+        );
+    }
+    /// The driver set DRIVER_OK. An error puts the device in DEVICE_NEEDS_RESET.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// The driver reset the device: drop the queues, memory and interrupt from `activate`
+    /// and return to the state after construction.
+    fn reset(&mut self);
+    /// Queue `index` was notified. Only called while active.
+    fn process_queue(&mut self, index: usize);
+    /// Extra fds the event loop must watch (EPOLLIN, edge-triggered) while the device is
+    /// active, e.g. a tap. Indexes into this list are passed to `process_device_fd`.
+    fn device_fds(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// `device_fds()[index]` became readable. Only called while active.
+    fn process_device_fd(&mut self, index: usize) {
+        let _ = index;
+    }
+}
+
+/// State shared by the transport (vCPU side) and the device (event-loop side).
+pub(crate) struct SharedState {
+    pub(crate) interrupt_status: AtomicU32,
+    pub(crate) config_generation: AtomicU32,
+    pub(crate) needs_reset: AtomicBool,
+    pub(crate) line: Arc<dyn InterruptLine>,
+}
+
+impl SharedState {
+    pub(crate) fn raise(&self, bits: u32) {
+        self.interrupt_status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.line.trigger() {
+            rate_limited_warn!("virtio: cannot trigger interrupt line: {}", e);
+        }
+    }
+}
+
+/// A device's handle to signal the driver. Cheap to clone.
+#[derive(Clone)]
+pub struct VirtioInterrupt {
+    pub(crate) shared: Arc<SharedState>,
+}
+
+impl VirtioInterrupt {
+    /// Buffers were added to the used ring of a queue (the queue index does not matter on
+    /// virtio-mmio, which has one interrupt per device).
+    pub fn signal_used_queue(&self, _queue_index: usize) {
+        self.shared.raise(INT_USED_RING);
+    }
+
+    /// Config space changed: bumps ConfigGeneration and interrupts the driver.
+    pub fn signal_config_change(&self) {
+        self.shared.config_generation.fetch_add(1, Ordering::SeqCst);
+        self.shared.raise(INT_CONFIG_CHANGE);
+    }
+
+    /// The device hit an error it cannot recover from without a reset (e.g. a queue whose
+    /// rings became unusable): sets DEVICE_NEEDS_RESET and notifies the driver
+    /// (virtio 1.2 §2.1.2).
+    pub fn set_needs_reset(&self) {
+        if !self.shared.needs_reset.swap(true, Ordering::SeqCst) {
+            self.shared.raise(INT_CONFIG_CHANGE);
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! A host-side virtio driver for tests: it plays the guest through the MMIO registers of a
+//! real `MmioTransport`, builds split-ring descriptor chains in a real `GuestMemoryMmap`,
+//! kicks the queue and reads the used ring and InterruptStatus.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{status, MmioTransport, VirtioDevice, VirtioEventHandler};
+use crate::bus::BusDevice;
+use crate::interrupt::IrqFd;
+
+/// A directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "wisp-devices-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub const MEM_SIZE: usize = 4 << 20;
+pub const CANARY: u8 = 0xa5;
+pub const DESC_TABLE: u64 = 0x1000;
+pub const AVAIL_RING: u64 = 0x2000;
+pub const USED_RING: u64 = 0x3000;
+pub const DATA_START: u64 = 0x10000;
+
+pub const VIRTQ_DESC_F_NEXT: u16 = 1;
+pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+
+pub mod regs {
+    pub const MAGIC: u64 = 0x00;
+    pub const VERSION: u64 = 0x04;
+    pub const DEVICE_ID: u64 = 0x08;
+    pub const DEVICE_FEATURES: u64 = 0x10;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x14;
+    pub const DRIVER_FEATURES: u64 = 0x20;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x24;
+    pub const QUEUE_SEL: u64 = 0x30;
+    pub const QUEUE_NUM_MAX: u64 = 0x34;
+    pub const QUEUE_NUM: u64 = 0x38;
+    pub const QUEUE_READY: u64 = 0x44;
+    pub const QUEUE_NOTIFY: u64 = 0x50;
+    pub const INTERRUPT_STATUS: u64 = 0x60;
+    pub const INTERRUPT_ACK: u64 = 0x64;
+    pub const STATUS: u64 = 0x70;
+    pub const QUEUE_DESC_LOW: u64 = 0x80;
+    pub const QUEUE_DESC_HIGH: u64 = 0x84;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x90;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x94;
+    pub const QUEUE_DEVICE_LOW: u64 = 0xa0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0xa4;
+    pub const CONFIG_GENERATION: u64 = 0xfc;
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// One descriptor of a chain the test builds: guest address, length, device-writable.
+#[derive(Clone, Copy, Debug)]
+pub struct Buf {
+    pub addr: u64,
+    pub len: u32,
+    pub writable: bool,
+}
+
+/// MEM_SIZE bytes of guest memory at 0, filled with [`CANARY`].
+pub fn guest_memory() -> GuestMemoryMmap {
+    let mem =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
+    mem.write_slice(&vec![CANARY; MEM_SIZE], GuestAddress(0))
+        .expect("fill guest memory");
+    mem
+}
+
+pub struct Driver {
+    pub transport: MmioTransport,
+    pub handler: VirtioEventHandler,
+    pub mem: GuestMemoryMmap,
+    irq_evt: EventFd,
+    pub queue_size: u16,
+    next_desc: u16,
+    avail_idx: u16,
+    next_data: u64,
+}
+
+impl Driver {
+    /// Guest memory filled with [`CANARY`], the device behind a transport whose interrupt
+    /// line is a real eventfd.
+    pub fn new(device: Box<dyn VirtioDevice>) -> Driver {
+        Driver::with_memory(device, guest_memory())
+    }
+
+    /// Like `new`, with memory from [`guest_memory`] that the test also gave a backend.
+    pub fn with_memory(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap) -> Driver {
+        let irq_evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let line = Arc::new(IrqFd(irq_evt.try_clone().expect("clone eventfd")));
+        let transport = MmioTransport::new(device, mem.clone(), line).expect("transport");
+        let handler = transport.event_handler();
+        Driver {
+            transport,
+            handler,
+            mem,
+            irq_evt,
+            queue_size: 16,
+            next_desc: 0,
+            avail_idx: 0,
+            next_data: DATA_START,
+        }
+    }
+
+    pub fn read32(&mut self, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.transport.read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    pub fn write32(&mut self, offset: u64, value: u32) {
+        self.transport.write(offset, &value.to_le_bytes());
+    }
+
+    pub fn status(&mut self) -> u32 {
+        self.read32(regs::STATUS)
+    }
+
+    pub fn device_features(&mut self) -> u64 {
+        self.write32(regs::DEVICE_FEATURES_SEL, 0);
+        let lo = self.read32(regs::DEVICE_FEATURES);
+        self.write32(regs::DEVICE_FEATURES_SEL, 1);
+        let hi = self.read32(regs::DEVICE_FEATURES);
+        u64::from(lo) | (u64::from(hi) << 32)
+    }
+
+    /// ACKNOWLEDGE, DRIVER, write `accepted` features, FEATURES_OK; returns Status read back.
+    pub fn negotiate(&mut self, accepted: u64) -> u32 {
+        self.write32(regs::STATUS, status::ACKNOWLEDGE);
+        self.write32(regs::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        self.write32(regs::DRIVER_FEATURES_SEL, 0);
+        self.write32(regs::DRIVER_FEATURES, accepted as u32);
+        self.write32(regs::DRIVER_FEATURES_SEL, 1);
+        self.write32(regs::DRIVER_FEATURES, (accepted >> 32) as u32);
+        self.write32(
+            regs::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        self.status()
+    }
+
+    /// Programs queue `index` with our ring addresses and enables it.
+    pub fn setup_queue(&mut self, index: u32) {
+        self.write32(regs::QUEUE_SEL, index);
+        self.write32(regs::QUEUE_NUM, u32::from(self.queue_size));
+        self.write32(regs::QUEUE_DESC_LOW, DESC_TABLE as u32);
+        self.write32(regs::QUEUE_DESC_HIGH, 0);
+        self.write32(regs::QUEUE_DRIVER_LOW, AVAIL_RING as u32);
+        self.write32(regs::QUEUE_DRIVER_HIGH, 0);
+        self.write32(regs::QUEUE_DEVICE_LOW, USED_RING as u32);
+        self.write32(regs::QUEUE_DEVICE_HIGH, 0);
+        // The rings start zeroed, as a driver allocates them.
+        self.mem
+            .write_slice(&[0u8; 16 * 16], GuestAddress(DESC_TABLE))
+            .unwrap();
+        self.mem
+            .write_slice(&[0u8; 6 + 2 * 16], GuestAddress(AVAIL_RING))
+            .unwrap();
+        self.mem
+            .write_slice(&[0u8; 6 + 8 * 16], GuestAddress(USED_RING))
+            .unwrap();
+        self.next_desc = 0;
+        self.avail_idx = 0;
+        self.write32(regs::QUEUE_READY, 1);
+    }
+
+    pub fn driver_ok(&mut self) -> u32 {
+        let s = self.status();
+        self.write32(regs::STATUS, s | status::DRIVER_OK);
+        self.status()
+    }
+
+    /// The whole init sequence accepting `accepted`; asserts the device took it.
+    pub fn start_with(&mut self, accepted: u64) {
+        let s = self.negotiate(accepted);
+        assert_ne!(
+            s & status::FEATURES_OK,
+            0,
+            "device refused features {accepted:#x}"
+        );
+        self.setup_queue(0);
+        let s = self.driver_ok();
+        assert_eq!(
+            s,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK
+        );
+    }
+
+    /// Init accepting every offered feature.
+    pub fn start(&mut self) {
+        let f = self.device_features();
+        self.start_with(f);
+    }
+
+    /// A fresh 16-byte-aligned buffer of `len` bytes in guest memory.
+    pub fn alloc(&mut self, len: u64) -> u64 {
+        let a = self.next_data;
+        self.next_data = (a + len + 15) & !15;
+        assert!(
+            self.next_data <= MEM_SIZE as u64,
+            "test guest memory exhausted"
+        );
+        a
+    }
+
+    pub fn write_desc(&self, table: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        self.mem
+            .write_slice(&d, GuestAddress(table + 16 * u64::from(index)))
+            .unwrap();
+    }
+
+    /// Writes `bufs` as a chain in consecutive free descriptors; returns the head index.
+    pub fn add_chain(&mut self, bufs: &[Buf]) -> u16 {
+        let head = self.next_desc;
+        let n = bufs.len() as u16;
+        for (i, b) in bufs.iter().enumerate() {
+            let idx = (head + i as u16) % self.queue_size;
+            let last = i + 1 == bufs.len();
+            let mut flags = if b.writable { VIRTQ_DESC_F_WRITE } else { 0 };
+            if !last {
+                flags |= VIRTQ_DESC_F_NEXT;
+            }
+            self.write_desc(
+                DESC_TABLE,
+                idx,
+                b.addr,
+                b.len,
+                flags,
+                (idx + 1) % self.queue_size,
+            );
+        }
+        self.next_desc = (head + n) % self.queue_size;
+        head
+    }
+
+    /// Reserves `n` descriptor slots for a chain the test writes itself with `write_desc`.
+    pub fn reserve_descs(&mut self, n: u16) -> u16 {
+        let head = self.next_desc;
+        self.next_desc = (head + n) % self.queue_size;
+        head
+    }
+
+    /// Puts `head` in the avail ring and publishes it.
+    pub fn publish(&mut self, head: u16) {
+        let slot = u64::from(self.avail_idx % self.queue_size);
+        self.mem
+            .write_obj(head, GuestAddress(AVAIL_RING + 4 + 2 * slot))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2))
+            .unwrap();
+    }
+
+    /// Writes QueueNotify through the register path (as when no ioeventfd is registered),
+    /// then runs the event loop's handler for the queue.
+    pub fn kick(&mut self, queue: u32) {
+        self.write32(regs::QUEUE_NOTIFY, queue);
+        assert!(
+            self.handler.queue_evts()[queue as usize].read().is_ok(),
+            "QueueNotify did not signal the queue eventfd"
+        );
+        // Re-arm it as the ioeventfd would have, and let the handler consume it.
+        self.handler.queue_evts()[queue as usize].write(1).unwrap();
+        self.handler.process_queue(queue as usize);
+    }
+
+    pub fn used_idx(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap()
+    }
+
+    /// (id, len) of used ring entry `i`.
+    pub fn used_elem(&self, i: u16) -> (u32, u32) {
+        let base = USED_RING + 4 + 8 * u64::from(i % self.queue_size);
+        (
+            self.mem.read_obj(GuestAddress(base)).unwrap(),
+            self.mem.read_obj(GuestAddress(base + 4)).unwrap(),
+        )
+    }
+
+    /// How many times the interrupt line fired since the last call.
+    pub fn take_interrupts(&self) -> u64 {
+        self.irq_evt.read().unwrap_or(0)
+    }
+
+    pub fn read_bytes(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.read_bytes(0, MEM_SIZE)
+    }
+}
