@@ -1,0 +1,276 @@
+//! Shared helpers for the integration tests: build the probe guests, find the Linux images,
+//! spawn wisp, watch its console, and skip (or fail, with WISP_REQUIRE_KVM=1) without KVM.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub fn wisp_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_wisp")
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn require_kvm() -> bool {
+    std::env::var("WISP_REQUIRE_KVM").is_ok_and(|v| v == "1")
+}
+
+/// Whether KVM tests can run. Without a usable /dev/kvm they are skipped with the reason,
+/// unless WISP_REQUIRE_KVM=1, when the test fails instead.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            if require_kvm() {
+                panic!("{test}: /dev/kvm is not usable ({e}) and WISP_REQUIRE_KVM=1");
+            }
+            eprintln!("skipped {test}: /dev/kvm is not usable ({e})");
+            false
+        }
+    }
+}
+
+/// Whether this host is the PVM software KVM of ENVIRONMENT.md.
+pub fn pvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The probe guests, built once per test binary by tests/guests/build.sh.
+pub struct Probes {
+    pub probe: PathBuf,
+    pub hello: PathBuf,
+}
+
+pub fn probes() -> &'static Probes {
+    static PROBES: OnceLock<Probes> = OnceLock::new();
+    PROBES.get_or_init(|| {
+        let out = repo_root().join("target/probe-guests");
+        std::fs::create_dir_all(&out).expect("create target/probe-guests");
+        let status = Command::new("bash")
+            .arg(repo_root().join("tests/guests/build.sh"))
+            .arg(&out)
+            .status()
+            .expect("run tests/guests/build.sh");
+        assert!(
+            status.success(),
+            "building the probe guests failed: {status}"
+        );
+        Probes {
+            probe: out.join("probe.elf"),
+            hello: out.join("hello.elf"),
+        }
+    })
+}
+
+/// The Linux images built by images/build.sh, if present. Tests that need them fail with
+/// the command to run when they are missing (CI builds them first).
+pub fn image(name: &str) -> PathBuf {
+    let p = repo_root().join("images/out").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `images/build.sh` first (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
+/// A running wisp process whose stdout (the guest console) and stderr are collected.
+pub struct Wisp {
+    child: Child,
+    out: Arc<(Mutex<String>, Condvar)>,
+    err: Arc<(Mutex<String>, Condvar)>,
+    status: Option<ExitStatus>,
+}
+
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+fn collect(mut r: impl Read + Send + 'static) -> Arc<(Mutex<String>, Condvar)> {
+    let buf = Arc::new((Mutex::new(String::new()), Condvar::new()));
+    let b = buf.clone();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match r.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    b.0.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&chunk[..n]));
+                    b.1.notify_all();
+                }
+            }
+        }
+        b.1.notify_all();
+    });
+    buf
+}
+
+impl Wisp {
+    /// `wisp <args>`, stdin closed.
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Wisp {
+        Self::spawn_cmd(Command::new(wisp_bin()).args(args))
+    }
+
+    pub fn spawn_cmd(cmd: &mut Command) -> Wisp {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wisp");
+        let out = collect(child.stdout.take().unwrap());
+        let err = collect(child.stderr.take().unwrap());
+        Wisp {
+            child,
+            out,
+            err,
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stdout(&self) -> String {
+        self.out.0.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.err.0.lock().unwrap().clone()
+    }
+
+    /// Waits until the console shows `needle`; panics with the console so far on timeout or
+    /// if wisp exits first.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.out;
+        let mut text = lock.lock().unwrap();
+        while !text.contains(needle) {
+            let now = Instant::now();
+            if now >= deadline {
+                drop(text);
+                panic!(
+                    "timed out after {timeout:?} waiting for {needle:?}\nconsole:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.status = Some(status);
+                drop(text);
+                // Give the reader thread a moment to drain the pipe.
+                std::thread::sleep(Duration::from_millis(50));
+                let out = self.stdout();
+                if out.contains(needle) {
+                    return;
+                }
+                panic!(
+                    "wisp exited ({status}) before {needle:?}\nconsole:\n{out}\nstderr:\n{}",
+                    self.stderr()
+                );
+            }
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            text = cv.wait_timeout(text, wait).unwrap().0;
+        }
+    }
+
+    /// Waits for wisp to exit; kills it and panics on timeout.
+    pub fn wait(mut self, timeout: Duration) -> Finished {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = self.status {
+                break s;
+            }
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "wisp did not exit within {timeout:?}\nconsole:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.status = Some(status);
+        // The pipes close when the process is gone; let the readers finish.
+        std::thread::sleep(Duration::from_millis(50));
+        Finished {
+            status,
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sends a signal to our own child process.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+}
+
+impl Drop for Wisp {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs a probe scenario to completion: `wisp run --kernel probe.elf --cmdline probe.scenario=S`.
+pub fn run_probe(
+    scenario: &str,
+    cpus: u8,
+    memory: &str,
+    extra: &[&str],
+    timeout: Duration,
+) -> Finished {
+    let p = probes();
+    let cmdline = format!("probe.scenario={scenario}");
+    let cpus = cpus.to_string();
+    let mut args: Vec<&str> = vec![
+        "run",
+        "--kernel",
+        p.probe.to_str().unwrap(),
+        "--cmdline",
+        &cmdline,
+        "--cpus",
+        &cpus,
+        "--memory",
+        memory,
+    ];
+    args.extend_from_slice(extra);
+    Wisp::spawn(&args).wait(timeout)
+}
+
+/// The lines of `text` that start with `prefix`, with the prefix removed.
+pub fn lines_with<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+    text.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
+        .collect()
+}
