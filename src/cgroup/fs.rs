@@ -64,7 +64,8 @@ fn hint_for(path: &Path, err: &io::Error) -> &'static str {
         ("cgroup.threads", Some(libc::EOPNOTSUPP)) | ("cgroup.threads", Some(libc::EINVAL)) => {
             " (the thread's process must be in the VM's threaded domain)"
         }
-        ("cpuset.cpus", Some(libc::EINVAL)) => {
+        // v1 cpuset answers EACCES for CPUs outside the parent's set.
+        ("cpuset.cpus", Some(libc::EINVAL)) | ("cpuset.cpus", Some(libc::EACCES)) => {
             " (the CPUs must be online and allowed in the parent group's cpuset.cpus)"
         }
         ("cpu.cfs_quota_us", Some(libc::EINVAL)) | ("cpu.max", Some(libc::EINVAL)) => {

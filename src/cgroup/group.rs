@@ -60,10 +60,10 @@ pub struct VmCgroup {
 }
 
 /// The hierarchies the VM's groups go in, with the controllers each serves for us.
-fn hierarchies<'a>(
-    host: &'a Host,
+fn hierarchies(
+    host: &Host,
     need_cpuset: bool,
-) -> Result<Vec<(&'a CgroupMount, Vec<&'static str>)>, Error> {
+) -> Result<Vec<(&CgroupMount, Vec<&'static str>)>, Error> {
     let cpu = host.mounts.find("cpu")?;
     let mut wanted = vec![("cpu", cpu)];
     if cpu.version == CgroupVersion::V1 {
@@ -504,6 +504,17 @@ mod tests {
     }
 
     /// A temporary directory laid out like a cgroup v2 mount, removed on drop.
+    /// What the kernel does on rmdir of a cgroup: its control files go with it.
+    fn drop_control_files(dirs: &[PathBuf]) {
+        for d in dirs {
+            for e in std::fs::read_dir(d).unwrap().flatten() {
+                if e.path().is_file() {
+                    std::fs::remove_file(e.path()).unwrap();
+                }
+            }
+        }
+    }
+
     struct FakeV2 {
         root: PathBuf,
     }
@@ -538,17 +549,6 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{rel}: {e}"))
                 .trim()
                 .to_string()
-        }
-
-        /// What the kernel does on rmdir of a cgroup: its control files go with it.
-        fn drop_control_files(&self, dirs: &[PathBuf]) {
-            for d in dirs {
-                for e in std::fs::read_dir(d).unwrap().flatten() {
-                    if e.path().is_file() {
-                        std::fs::remove_file(e.path()).unwrap();
-                    }
-                }
-            }
         }
     }
 
@@ -609,7 +609,7 @@ mod tests {
         assert_eq!(cg.usage_usec().unwrap(), 4242);
 
         let dirs = vec![cg.vcpu_dirs()[0].clone(), cg.vm_dirs()[0].clone()];
-        fake.drop_control_files(&dirs);
+        drop_control_files(&dirs);
         cg.remove().unwrap();
         // The process went back to its own group (the root here), and the groups are gone.
         assert_eq!(fake.read("cgroup.procs"), pid.to_string());
@@ -636,7 +636,7 @@ mod tests {
             .join("vcpus/cpu.max")
             .exists());
         let dirs = vec![cg.vcpu_dirs()[0].clone(), cg.vm_dirs()[0].clone()];
-        fake.drop_control_files(&dirs);
+        drop_control_files(&dirs);
         drop(cg);
         assert!(dirs.iter().all(|d| !d.exists()));
     }
@@ -710,5 +710,61 @@ mod tests {
         assert_eq!(n, 2);
         assert!(!stale.exists() && !reused.exists());
         assert!(live.exists() && other.exists());
+    }
+
+    #[test]
+    fn v1_comounted_cpu_cpuacct_and_cpuset_get_one_group_each() {
+        let root = std::env::temp_dir().join(format!("wisp-cgroup-v1-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (cpu, cpuset) = (root.join("cpu,cpuacct"), root.join("cpuset"));
+        for d in [cpu.join("machine"), cpuset.join("machine")] {
+            std::fs::create_dir_all(&d).unwrap();
+        }
+        std::fs::write(cpuset.join("machine/cpuset.cpus"), "0-3\n").unwrap();
+        std::fs::write(cpuset.join("machine/cpuset.mems"), "0\n").unwrap();
+        let host = Host {
+            mounts: MountTable::parse(&format!(
+                "25 24 0:22 / {} rw - cgroup cgroup rw,cpu,cpuacct\n\
+                 26 24 0:23 / {} rw - cgroup cgroup rw,cpuset\n",
+                cpu.display(),
+                cpuset.display()
+            )),
+            self_cgroup: "3:cpuset:/\n2:cpu,cpuacct:/\n".to_string(),
+            online_cpus: "0-3".parse().unwrap(),
+        };
+        let spec = CgroupSpec {
+            parent: "machine".into(),
+            cpu_max: Some("30000/50000".parse().unwrap()),
+            ..Default::default()
+        };
+        let cg = VmCgroup::create_on(&host, &spec, "v1").unwrap();
+        let read = |p: PathBuf| {
+            std::fs::read_to_string(&p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+                .trim()
+                .to_string()
+        };
+        let dirs = cg.vcpu_dirs();
+        assert_eq!(dirs.len(), 2, "{dirs:?}");
+        assert!(dirs[0].starts_with(cpu.join("machine")));
+        assert_eq!(read(dirs[0].join("cpu.cfs_period_us")), "50000");
+        assert_eq!(read(dirs[0].join("cpu.cfs_quota_us")), "30000");
+        // The cpuset groups were filled from the parent before any task could join.
+        for d in [cg.vm_dirs()[1].clone(), dirs[1].clone()] {
+            assert_eq!(read(d.join("cpuset.cpus")), "0-3");
+            assert_eq!(read(d.join("cpuset.mems")), "0");
+        }
+        cg.add_vcpu_thread(1, 999).unwrap();
+        assert_eq!(read(dirs[0].join("tasks")), "999");
+        assert_eq!(read(dirs[1].join("tasks")), "999");
+        std::fs::write(dirs[0].join("cpuacct.usage"), "1234567\n").unwrap();
+        assert_eq!(cg.usage_usec().unwrap(), 1234);
+        cg.set_limits(None, Some("2".parse().unwrap())).unwrap();
+        assert_eq!(read(dirs[1].join("cpuset.cpus")), "2");
+        let all: Vec<PathBuf> = dirs.iter().chain(cg.vm_dirs().iter()).cloned().collect();
+        drop_control_files(&all);
+        cg.remove().unwrap();
+        assert!(all.iter().all(|d| !d.exists()));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

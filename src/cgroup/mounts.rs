@@ -139,12 +139,7 @@ impl MountTable {
                 listed
             ));
         }
-        let v1 = self
-            .mounts
-            .iter()
-            .filter(|m| m.version == CgroupVersion::V1)
-            .count();
-        looked_at.insert(0, format!("none of {v1} cgroup v1 hierarchies has it"));
+        looked_at.insert(0, "no cgroup v1 hierarchy has it".to_string());
         Err(Error::ControllerUnavailable {
             controller: controller.to_string(),
             looked_at: looked_at.join("; "),
