@@ -503,7 +503,7 @@ mod tests {
         assert_eq!(parse_group_name("wisp-1-2"), None);
     }
 
-    /// A temporary directory laid out like a cgroup v2 mount, removed on drop.
+    /// A temporary directory laid out like a cgroup mount, removed on drop.
     /// What the kernel does on rmdir of a cgroup: its control files go with it.
     fn drop_control_files(dirs: &[PathBuf]) {
         for d in dirs {
@@ -716,6 +716,7 @@ mod tests {
     fn v1_comounted_cpu_cpuacct_and_cpuset_get_one_group_each() {
         let root = std::env::temp_dir().join(format!("wisp-cgroup-v1-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
+        let _cleanup = FakeV2 { root: root.clone() };
         let (cpu, cpuset) = (root.join("cpu,cpuacct"), root.join("cpuset"));
         for d in [cpu.join("machine"), cpuset.join("machine")] {
             std::fs::create_dir_all(&d).unwrap();
@@ -765,6 +766,5 @@ mod tests {
         drop_control_files(&all);
         cg.remove().unwrap();
         assert!(all.iter().all(|d| !d.exists()));
-        std::fs::remove_dir_all(&root).unwrap();
     }
 }
