@@ -668,3 +668,187 @@ impl BusDevice for MmioTransport {
         self.write_reg(offset, u32::from_le_bytes(bytes));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+    use std::sync::Mutex as StdMutex;
+
+    use super::*;
+    use crate::virtio::testing::{regs, Driver};
+    use crate::virtio::{ActivateError, INT_CONFIG_CHANGE};
+
+    /// A device with two queues and one extra fd (a real eventfd standing in for a tap),
+    /// recording what the transport asks of it.
+    struct TwoQueueDevice {
+        extra: EventFd,
+        log: Arc<StdMutex<Vec<String>>>,
+        interrupt: Option<VirtioInterrupt>,
+        config: [u8; 8],
+    }
+
+    impl VirtioDevice for TwoQueueDevice {
+        fn device_type(&self) -> u32 {
+            super::super::device_type::NET
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn features(&self) -> u64 {
+            features::VERSION_1 | 1
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            let o = offset as usize;
+            data.fill(0);
+            if o + data.len() <= self.config.len() {
+                data.copy_from_slice(&self.config[o..o + data.len()]);
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            let o = offset as usize;
+            if o + data.len() <= self.config.len() {
+                self.config[o..o + data.len()].copy_from_slice(data);
+            }
+        }
+        fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+            let ready: Vec<bool> = a.queues.iter().map(|q| q.ready()).collect();
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("activate {:#x} {:?}", a.acked_features, ready));
+            self.interrupt = Some(a.interrupt);
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.log.lock().unwrap().push("reset".into());
+            self.interrupt = None;
+        }
+        fn process_queue(&mut self, index: usize) {
+            self.log.lock().unwrap().push(format!("queue {index}"));
+        }
+        fn device_fds(&self) -> Vec<RawFd> {
+            vec![self.extra.as_raw_fd()]
+        }
+        fn process_device_fd(&mut self, index: usize) {
+            let _ = self.extra.read();
+            self.log.lock().unwrap().push(format!("fd {index}"));
+            if let Some(i) = &self.interrupt {
+                i.signal_config_change();
+            }
+        }
+    }
+
+    fn two_queue_driver() -> (Driver, Arc<StdMutex<Vec<String>>>, RawFd) {
+        let log = Arc::new(StdMutex::new(Vec::new()));
+        let extra = EventFd::new(EFD_NONBLOCK).unwrap();
+        let fd = extra.as_raw_fd();
+        let dev = TwoQueueDevice {
+            extra,
+            log: log.clone(),
+            interrupt: None,
+            config: *b"abcdefgh",
+        };
+        (Driver::new(Box::new(dev)), log, fd)
+    }
+
+    #[test]
+    fn device_fds_appear_on_activation_and_go_on_reset() {
+        let (mut d, log, fd) = two_queue_driver();
+        assert_eq!(d.transport.queue_evts().len(), 2);
+        let h = d.transport.event_handler();
+        assert!(h.device_fds().is_empty());
+        assert!(h.fds_changed_evt().read().is_err());
+        d.start_with(features::VERSION_1);
+        assert_eq!(h.fds_changed_evt().read().unwrap(), 1);
+        assert_eq!(h.device_fds(), vec![fd]);
+        // Only queue 0 was set up by the harness.
+        assert_eq!(log.lock().unwrap()[0], "activate 0x100000000 [true, false]");
+
+        h.queue_evts()[1].write(1).unwrap();
+        h.process_queue(1);
+        h.process_device_fd(0);
+        assert_eq!(&log.lock().unwrap()[1..], ["queue 1", "fd 0"]);
+        // The device's config-change signal: generation bumped, bit 2, interrupt.
+        assert_eq!(d.read32(regs::CONFIG_GENERATION), 1);
+        assert_eq!(d.read32(regs::INTERRUPT_STATUS), INT_CONFIG_CHANGE);
+        assert_eq!(d.take_interrupts(), 1);
+
+        d.write32(regs::STATUS, 0);
+        assert_eq!(h.fds_changed_evt().read().unwrap(), 1);
+        assert!(h.device_fds().is_empty());
+        assert_eq!(log.lock().unwrap().last().unwrap(), "reset");
+        // Inactive: no more calls into the device.
+        h.process_device_fd(0);
+        h.queue_evts()[0].write(1).unwrap();
+        h.process_queue(0);
+        assert_eq!(log.lock().unwrap().last().unwrap(), "reset");
+    }
+
+    #[test]
+    fn config_space_accesses_reach_the_device_with_natural_alignment_only() {
+        let (mut d, _, _) = two_queue_driver();
+        let mut b = [0u8; 2];
+        d.transport.read(0x102, &mut b);
+        assert_eq!(&b, b"cd");
+        d.transport.write(0x104, b"XY");
+        let mut b = [0u8; 8];
+        d.transport.read(0x100, &mut b);
+        assert_eq!(&b, b"abcdXYgh");
+        // Misaligned: a 2-byte access at an odd offset, a 3-byte access.
+        d.transport.write(0x101, b"zz");
+        d.transport.write(0x100, b"zzz");
+        let mut b = [0xffu8; 2];
+        d.transport.read(0x101, &mut b);
+        assert_eq!(b, [0, 0]);
+        let mut b = [0u8; 8];
+        d.transport.read(0x100, &mut b);
+        assert_eq!(&b, b"abcdXYgh");
+    }
+
+    #[test]
+    fn status_bits_must_be_set_in_order() {
+        let (mut d, log, _) = two_queue_driver();
+        // DRIVER without ACKNOWLEDGE, FEATURES_OK without DRIVER.
+        d.write32(regs::STATUS, status::DRIVER);
+        assert_eq!(d.status(), 0);
+        d.write32(regs::STATUS, status::ACKNOWLEDGE);
+        d.write32(regs::STATUS, status::ACKNOWLEDGE | status::FEATURES_OK);
+        assert_eq!(d.status(), status::ACKNOWLEDGE);
+        // DRIVER_OK straight after DRIVER.
+        d.write32(regs::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        d.write32(
+            regs::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
+        );
+        assert_eq!(d.status(), status::ACKNOWLEDGE | status::DRIVER);
+        assert!(log.lock().unwrap().is_empty(), "device activated early");
+        // FAILED may be set at any time and is kept.
+        d.write32(
+            regs::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FAILED,
+        );
+        assert_eq!(
+            d.status(),
+            status::ACKNOWLEDGE | status::DRIVER | status::FAILED
+        );
+    }
+
+    #[test]
+    fn queue_registers_are_per_queue_and_frozen_once_ready() {
+        let (mut d, _, _) = two_queue_driver();
+        d.negotiate(features::VERSION_1);
+        d.setup_queue(0);
+        d.write32(regs::QUEUE_SEL, 1);
+        assert_eq!(d.read32(regs::QUEUE_READY), 0);
+        assert_eq!(d.read32(regs::QUEUE_NUM_MAX), 16);
+        d.write32(regs::QUEUE_SEL, 0);
+        assert_eq!(d.read32(regs::QUEUE_READY), 1);
+        // Changing a ready queue's size is ignored; disabling it before DRIVER_OK works.
+        d.write32(regs::QUEUE_NUM, 4);
+        d.write32(regs::QUEUE_READY, 0);
+        assert_eq!(d.read32(regs::QUEUE_READY), 0);
+        d.write32(regs::QUEUE_READY, 1);
+        assert_eq!(d.read32(regs::QUEUE_READY), 1);
+        assert_eq!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+    }
+}
