@@ -1339,8 +1339,9 @@ impl Qcow2 {
                     let zeros = vec![0u8; n as usize];
                     self.write_inner(off, &zeros)?;
                 }
-            } else if !matches!(m, Mapping::Unallocated | Mapping::Zero { host: None }) {
-                // Discard: unallocated and zero clusters keep reading what they read.
+            } else if !reads_zero {
+                // Discard of a whole cluster: v3 makes it read zeros (a zero cluster hides
+                // the backing file); v2 with a backing file keeps the old contents.
                 if !has_backing {
                     self.set_l2_entry(g, 0)?;
                     self.free_later(m);
@@ -1348,7 +1349,6 @@ impl Qcow2 {
                     self.set_l2_entry(g, OFLAG_ZERO)?;
                     self.free_later(m);
                 }
-                // v2 with a backing file: keep the old contents (allowed for discard).
             }
             off += n;
         }
