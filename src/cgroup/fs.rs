@@ -68,7 +68,7 @@ fn hint_for(path: &Path, err: &io::Error) -> &'static str {
         ("cpuset.cpus", Some(libc::EINVAL)) | ("cpuset.cpus", Some(libc::EACCES)) => {
             " (the CPUs must be online and allowed in the parent group's cpuset.cpus)"
         }
-        ("cpu.cfs_quota_us", Some(libc::EINVAL)) | ("cpu.max", Some(libc::EINVAL)) => {
+        ("cpu.cfs_quota_us", Some(libc::EINVAL)) => {
             " (a cgroup v1 child's quota may not exceed its parent's)"
         }
         (_, Some(libc::ENOSPC)) => " (the group's cpuset.cpus or cpuset.mems is empty)",

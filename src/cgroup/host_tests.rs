@@ -1,6 +1,7 @@
 //! Tests on this host's real cgroup v1 hierarchies (cpu, cpuacct, cpuset), as root, with real
 //! spinning threads. Skipped when /sys/fs/cgroup/cpu is absent, unless WISP_REQUIRE_KVM=1.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -355,7 +356,11 @@ fn cgroup_v1_groups_are_removed_with_threads_still_inside() {
     drop(spin);
 
     // Drop alone removes them too.
-    let cg = VmCgroup::create(&parent.spec(), "drop2").unwrap();
+    // The parent given as a path under the cpu mount applies to every hierarchy.
+    let mut spec = parent.spec();
+    spec.parent = parent.dir("cpu").display().to_string();
+    let cg = VmCgroup::create(&spec, "drop2").unwrap();
+    assert_eq!(cg.vm_dirs().len(), 3);
     let dirs = cg.vm_dirs();
     assert!(dirs.iter().all(|d| d.is_dir()));
     drop(cg);
@@ -479,4 +484,50 @@ fn cgroup_v1_bad_settings_are_clear_errors_and_leave_nothing() {
         "{:?}",
         parent.wisp_groups()
     );
+}
+
+const PERM_CHILD_ENV: &str = "WISP_CGROUP_PERMISSION_CHILD";
+
+#[test]
+fn cgroup_v1_unwritable_parent_is_permission_denied() {
+    // Child mode: re-executed as an unprivileged user, tries to create the VM's groups.
+    if let Ok(parent) = std::env::var(PERM_CHILD_ENV) {
+        let spec = CgroupSpec {
+            parent,
+            ..Default::default()
+        };
+        let e = VmCgroup::create(&spec, "perm").unwrap_err();
+        assert!(matches!(e, Error::PermissionDenied { .. }), "{e}");
+        println!("child error: {e}");
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(host) = v1_host() else { return };
+    let parent = TestParent::new(&host, "perm");
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "cgroup::host_tests::cgroup_v1_unwritable_parent_is_permission_denied",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(PERM_CHILD_ENV, &parent.name)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("child error: ").map(|(_, e)| e))
+        .unwrap_or_else(|| panic!("child printed no error: {stdout}"));
+    eprintln!("{line}");
+    assert!(line.contains("permission denied"), "{line}");
+    assert!(line.contains(&parent.name), "{line}");
+    assert!(parent.wisp_groups().is_empty());
 }
