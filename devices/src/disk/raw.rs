@@ -6,6 +6,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::VolatileSlice;
+
 use super::DiskBackend;
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +159,129 @@ impl RawFile {
     }
 }
 
+/// Most iovecs one preadv/pwritev takes (Linux UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
+impl RawFile {
+    /// Reads the sum of `bufs`' lengths from `offset` straight into `bufs` (guest memory),
+    /// with preadv: no bounce buffer.
+    pub fn read_vectored_at<B: BitmapSlice>(
+        &mut self,
+        offset: u64,
+        bufs: &[VolatileSlice<B>],
+    ) -> io::Result<()> {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check(offset, total)?;
+        let r = self.vectored(offset, bufs, total, true);
+        // Partial reads may have landed anywhere; mark it all.
+        for b in bufs {
+            b.bitmap().mark_dirty(0, b.len());
+        }
+        r
+    }
+
+    /// Writes `bufs` (guest memory) at `offset` with pwritev: no bounce buffer.
+    pub fn write_vectored_at<B: BitmapSlice>(
+        &mut self,
+        offset: u64,
+        bufs: &[VolatileSlice<B>],
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.check(offset, total)?;
+        self.vectored(offset, bufs, total, false)
+    }
+
+    fn vectored<B: BitmapSlice>(
+        &self,
+        offset: u64,
+        bufs: &[VolatileSlice<B>],
+        total: u64,
+        read: bool,
+    ) -> io::Result<()> {
+        let mut done = 0u64;
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(bufs.len().min(IOV_MAX));
+        while done < total {
+            // The iovecs for bytes done..: skip what is done, take up to IOV_MAX pieces.
+            iov.clear();
+            let mut guards = Vec::with_capacity(bufs.len().min(IOV_MAX));
+            let mut skip = done;
+            for b in bufs {
+                if iov.len() == IOV_MAX {
+                    break;
+                }
+                let len = b.len() as u64;
+                if skip >= len {
+                    skip -= len;
+                    continue;
+                }
+                let guard = b.ptr_guard_mut();
+                // SAFETY: skip < len, so the pointer stays inside the slice.
+                let base = unsafe { guard.as_ptr().add(skip as usize) };
+                iov.push(libc::iovec {
+                    iov_base: base.cast(),
+                    iov_len: (len - skip) as usize,
+                });
+                guards.push(guard);
+                skip = 0;
+            }
+            let pos = libc::off_t::try_from(offset + done)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            // SAFETY: every iovec points into a VolatileSlice of guest memory that stays
+            // mapped while `bufs` is borrowed; its guard is held in `guards` for the call.
+            // The kernel reads or writes only those bytes.
+            let n = unsafe {
+                if read {
+                    libc::preadv(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, pos)
+                } else {
+                    libc::pwritev(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, pos)
+                }
+            };
+            drop(guards);
+            match n {
+                // The file shrank under us: as in read_at, the rest reads as zeros.
+                0 if read => return zero_fill(bufs, done),
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        format!("pwritev at {} wrote nothing", offset + done),
+                    ))
+                }
+                n if n > 0 => done += n as u64,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Zeroes `bufs` from stream offset `skip` to the end.
+fn zero_fill<B: BitmapSlice>(bufs: &[VolatileSlice<B>], mut skip: u64) -> io::Result<()> {
+    const ZEROES: [u8; 4096] = [0; 4096];
+    for b in bufs {
+        let len = b.len() as u64;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let mut pos = skip as usize;
+        skip = 0;
+        while pos < b.len() {
+            let n = (b.len() - pos).min(ZEROES.len());
+            b.subslice(pos, n)
+                .map_err(|e| io::Error::other(e.to_string()))?
+                .copy_from(&ZEROES[..n]);
+            pos += n;
+        }
+    }
+    Ok(())
+}
+
 fn unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -274,6 +400,52 @@ mod tests {
         let data = std::fs::read(&p).unwrap();
         assert_eq!(&data[1000..1005], b"hello");
         assert_eq!(data[999], (999 % 251) as u8);
+    }
+
+    #[test]
+    fn vectored_io_moves_data_between_guest_memory_and_the_file() {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+        let dir = TempDir::new();
+        let p = image(&dir, "a.img", 65536);
+        let mut f = RawFile::open(&p, false).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let data: Vec<u8> = (0..12000u32).map(|i| (i * 7 % 256) as u8).collect();
+        mem.write_slice(&data, GuestAddress(0x100)).unwrap();
+        // 1500 slices of 8 bytes: more than one preadv/pwritev can take.
+        let slices: Vec<_> = (0..1500u64)
+            .map(|i| {
+                mem.get_slices(GuestAddress(0x100 + 8 * i), 8)
+                    .next()
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        f.write_vectored_at(1000, &slices).unwrap();
+        let file = std::fs::read(&p).unwrap();
+        assert_eq!(&file[1000..13000], &data[..]);
+        assert_eq!(file[999], (999 % 251) as u8);
+        assert_eq!(file[13000], (13000 % 251) as u8);
+
+        mem.write_slice(&[0u8; 12000], GuestAddress(0x100)).unwrap();
+        f.read_vectored_at(1000, &slices).unwrap();
+        let mut back = vec![0u8; 12000];
+        mem.read_slice(&mut back, GuestAddress(0x100)).unwrap();
+        assert_eq!(back, data);
+
+        // Past the end of a file that shrank under us: zeros, as read_at gives.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(5000)
+            .unwrap();
+        mem.write_slice(&[0xffu8; 12000], GuestAddress(0x100))
+            .unwrap();
+        f.read_vectored_at(1000, &slices).unwrap();
+        mem.read_slice(&mut back, GuestAddress(0x100)).unwrap();
+        assert_eq!(&back[..4000], &data[..4000]);
+        assert!(back[4000..].iter().all(|&b| b == 0));
+        assert!(f.read_vectored_at(65536 - 8, &slices[..2]).is_err());
     }
 
     #[test]

@@ -391,6 +391,7 @@ impl MmioTransport {
                 shared: self.shared.clone(),
             },
             acked_features: self.driver_features,
+            queue_evts: self.handler.queue_evts.clone(),
         };
         let mut slot = lock_slot(&self.handler.slot);
         match slot.device.activate(activation) {
@@ -711,6 +712,7 @@ mod tests {
             }
         }
         fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+            assert_eq!(a.queue_evts.len(), 2);
             let ready: Vec<bool> = a.queues.iter().map(|q| q.ready()).collect();
             self.log
                 .lock()

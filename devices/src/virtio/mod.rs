@@ -52,6 +52,7 @@ use std::sync::Arc;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupt::InterruptLine;
 
@@ -94,6 +95,10 @@ pub struct Activation {
     pub interrupt: VirtioInterrupt,
     /// The features the driver accepted (a subset of `VirtioDevice::features`).
     pub acked_features: u64,
+    /// The queue notification eventfds. A device that stops work on a queue before it is
+    /// empty (to bound the time spent in one call) writes 1 to that queue's eventfd so the
+    /// event loop calls it again.
+    pub queue_evts: Arc<Vec<EventFd>>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,13 +1,17 @@
 //! The virtio-blk device: features, config space, activation and the queue loop.
 
+use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
-use super::request::{RequestHandler, SECTOR_SIZE, SERIAL_LEN};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::request::{Disk, RequestHandler, SECTOR_SIZE, SERIAL_LEN};
 use super::{
     features as blk, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS,
     MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SEG_MAX,
 };
+use crate::disk::raw::RawFile;
 use crate::disk::DiskBackend;
 use crate::virtio::queue::pop_chain;
 use crate::virtio::{
@@ -27,7 +31,12 @@ struct Active {
     mem: GuestMemoryMmap,
     queue: Queue,
     interrupt: VirtioInterrupt,
+    queue_evts: Arc<Vec<EventFd>>,
 }
+
+/// Requests handled in one `process_queue` call before yielding to the event loop, so that
+/// a driver that keeps the queue full cannot starve the VMM's other work.
+const BUDGET: u32 = 4 * QUEUE_SIZE as u32;
 
 /// A virtio-blk device with one request queue.
 pub struct Block {
@@ -46,6 +55,21 @@ impl Block {
         serial: Option<String>,
         read_only: bool,
     ) -> Result<Block, BlockError> {
+        Block::with_disk(Disk::Generic(backend), serial, read_only)
+    }
+
+    /// Like [`Block::new`] for a raw file, whose data moves between the file and guest
+    /// memory without a bounce buffer. Prefer it for raw images.
+    pub fn new_raw(
+        raw: RawFile,
+        serial: Option<String>,
+        read_only: bool,
+    ) -> Result<Block, BlockError> {
+        Block::with_disk(Disk::Raw(raw), serial, read_only)
+    }
+
+    fn with_disk(disk: Disk, serial: Option<String>, read_only: bool) -> Result<Block, BlockError> {
+        let backend = disk.get_ref();
         let mut id = [0u8; SERIAL_LEN];
         if let Some(serial) = serial {
             let bytes = serial.as_bytes();
@@ -65,7 +89,7 @@ impl Block {
                 backend.len() % SECTOR_SIZE
             );
         }
-        let handler = RequestHandler::new(backend, read_only, id);
+        let handler = RequestHandler::new(disk, read_only, id);
 
         let mut features = features::VERSION_1
             | features::RING_EVENT_IDX
@@ -141,6 +165,7 @@ impl VirtioDevice for Block {
             queues,
             interrupt,
             acked_features,
+            queue_evts,
         } = activation;
         let queue = queues
             .into_iter()
@@ -152,6 +177,7 @@ impl VirtioDevice for Block {
             mem,
             queue,
             interrupt,
+            queue_evts,
         });
         Ok(())
     }
@@ -173,17 +199,26 @@ impl VirtioDevice for Block {
             mem,
             queue,
             interrupt,
+            queue_evts,
         } = active;
         let mut completed = 0u32;
         // virtio 1.2 §2.7.10: with notifications disabled while we work, then re-enabled and
         // the ring checked once more so that no request slips between the two.
-        loop {
+        'work: loop {
             if let Err(e) = queue.disable_notification(&*mem) {
                 rate_limited_warn!("virtio-blk: used ring unusable: {}", e);
                 interrupt.set_needs_reset();
                 return;
             }
             loop {
+                if completed >= BUDGET {
+                    // Come back through the event loop; notifications stay disabled.
+                    if let Err(e) = queue_evts[0].write(1) {
+                        rate_limited_warn!("virtio-blk: cannot reschedule the queue: {}", e);
+                    } else {
+                        break 'work;
+                    }
+                }
                 let chain = match pop_chain(queue, &*mem) {
                     Ok(Some(chain)) => chain,
                     Ok(None) => break,

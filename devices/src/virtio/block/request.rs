@@ -6,12 +6,15 @@
 //! byte, which is the last byte of the last descriptor).
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice,
+};
 
 use super::{
     features, request_status as status, request_type as rtype, MAX_DISCARD_SECTORS,
     MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, SEG_MAX,
 };
+use crate::disk::raw::RawFile;
 use crate::disk::DiskBackend;
 use crate::virtio::queue::{collect_chain, ChainEnd};
 
@@ -44,9 +47,32 @@ fn ioerr(msg: impl Into<String>) -> (Failure, u32) {
     (Failure::IoErr(msg.into()), 0)
 }
 
+/// The disk behind the device. A raw file moves data between the file and guest memory
+/// directly (preadv/pwritev on guest memory); other backends go through a bounce buffer.
+pub(super) enum Disk {
+    Generic(Box<dyn DiskBackend>),
+    Raw(RawFile),
+}
+
+impl Disk {
+    pub(super) fn get(&mut self) -> &mut dyn DiskBackend {
+        match self {
+            Disk::Generic(b) => b.as_mut(),
+            Disk::Raw(r) => r,
+        }
+    }
+
+    pub(super) fn get_ref(&self) -> &dyn DiskBackend {
+        match self {
+            Disk::Generic(b) => b.as_ref(),
+            Disk::Raw(r) => r,
+        }
+    }
+}
+
 /// Executes requests against the backend. One per device; its buffers are reused.
 pub(super) struct RequestHandler {
-    pub(super) backend: Box<dyn DiskBackend>,
+    pub(super) disk: Disk,
     pub(super) read_only: bool,
     pub(super) serial: [u8; SERIAL_LEN],
     /// Usable size in bytes: whole sectors only.
@@ -60,14 +86,10 @@ pub(super) struct RequestHandler {
 }
 
 impl RequestHandler {
-    pub(super) fn new(
-        backend: Box<dyn DiskBackend>,
-        read_only: bool,
-        serial: [u8; SERIAL_LEN],
-    ) -> Self {
-        let capacity = backend.len() / SECTOR_SIZE * SECTOR_SIZE;
+    pub(super) fn new(disk: Disk, read_only: bool, serial: [u8; SERIAL_LEN]) -> Self {
+        let capacity = disk.get_ref().len() / SECTOR_SIZE * SECTOR_SIZE;
         RequestHandler {
-            backend,
+            disk,
             read_only,
             serial,
             capacity,
@@ -229,7 +251,8 @@ impl RequestHandler {
                 }
                 // The status is written by our caller only after this returns: a flush is on
                 // stable storage before the driver can see it complete.
-                self.backend
+                self.disk
+                    .get()
                     .flush()
                     .map_err(|e| ioerr(format!("flush: {e}")))?;
                 Ok(0)
@@ -293,7 +316,8 @@ impl RequestHandler {
     /// §5.2.6.3).
     fn write_through(&mut self) -> Result<(), (Failure, u32)> {
         if self.acked_features & features::FLUSH == 0 {
-            self.backend
+            self.disk
+                .get()
                 .flush()
                 .map_err(|e| ioerr(format!("write-through flush: {e}")))?;
         }
@@ -309,11 +333,19 @@ impl RequestHandler {
     }
 
     fn read_to_guest(&mut self, mem: &GuestMemoryMmap, offset: u64, len: u64) -> Outcome {
+        if let Disk::Raw(raw) = &mut self.disk {
+            let slices = guest_slices(mem, &self.writable, 0, len)
+                .map_err(|_| ioerr("cannot map guest memory"))?;
+            // On failure any part may have been written: report it all.
+            raw.read_vectored_at(offset, &slices)
+                .map_err(|e| (Failure::IoErr(format!("read at {offset}: {e}")), len as u32))?;
+            return Ok(len as u32);
+        }
         let mut done = 0u64;
         while done < len {
             let n = self.bounce_len(len - done);
             let buf = &mut self.bounce[..n];
-            self.backend.read_at(offset + done, buf).map_err(|e| {
+            self.disk.get().read_at(offset + done, buf).map_err(|e| {
                 (
                     Failure::IoErr(format!("read at {}: {e}", offset + done)),
                     done as u32,
@@ -336,13 +368,21 @@ impl RequestHandler {
         offset: u64,
         len: u64,
     ) -> Result<(), (Failure, u32)> {
+        if let Disk::Raw(raw) = &mut self.disk {
+            let slices = guest_slices(mem, &self.readable, HEADER_LEN, len)
+                .map_err(|_| ioerr("cannot map guest memory"))?;
+            return raw
+                .write_vectored_at(offset, &slices)
+                .map_err(|e| ioerr(format!("write at {offset}: {e}")));
+        }
         let mut done = 0u64;
         while done < len {
             let n = self.bounce_len(len - done);
             let buf = &mut self.bounce[..n];
             gather(mem, &self.readable, HEADER_LEN + done, buf)
                 .map_err(|_| ioerr("cannot read guest memory"))?;
-            self.backend
+            self.disk
+                .get()
                 .write_at(offset + done, buf)
                 .map_err(|e| ioerr(format!("write at {}: {e}", offset + done)))?;
             done += n as u64;
@@ -395,14 +435,32 @@ impl RequestHandler {
         }
         for &(offset, len, unmap) in &ranges[..count as usize] {
             let r = if req_type == rtype::DISCARD {
-                self.backend.discard(offset, len)
+                self.disk.get().discard(offset, len)
             } else {
-                self.backend.write_zeroes(offset, len, unmap)
+                self.disk.get().write_zeroes(offset, len, unmap)
             };
             r.map_err(|e| ioerr(format!("discard/write-zeroes at {offset}+{len}: {e}")))?;
         }
         Ok(())
     }
+}
+
+/// The guest memory of the stream `skip..skip + len` formed by `segs`, as slices.
+fn guest_slices<'m>(
+    mem: &'m GuestMemoryMmap,
+    segs: &[Segment],
+    skip: u64,
+    len: u64,
+) -> Result<Vec<VolatileSlice<'m, ()>>, ()> {
+    let len = usize::try_from(len).map_err(|_| ())?;
+    let mut out = Vec::with_capacity(segs.len());
+    walk(segs, skip, len, |addr, range| {
+        for s in vm_memory::GuestMemoryBackend::get_slices(mem, addr, range.len()) {
+            out.push(s.map_err(|_| ())?);
+        }
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// Copies `out.len()` bytes from the stream formed by `segs`, starting at stream offset `skip`.

@@ -35,9 +35,19 @@ fn disk(dir: &TempDir) -> PathBuf {
     p
 }
 
+/// The device as the VMM builds it for a raw image: zero-copy data path.
 fn block_driver(path: &PathBuf, read_only: bool, serial: Option<&str>) -> Driver {
     let raw = RawFile::open(path, read_only).unwrap();
-    let dev = Block::new(Box::new(raw), serial.map(str::to_owned), read_only).unwrap();
+    let dev = Block::new_raw(raw, serial.map(str::to_owned), read_only).unwrap();
+    let mut d = Driver::new(Box::new(dev));
+    d.start();
+    d
+}
+
+/// The same over the generic backend path (bounce buffer).
+fn bounce_driver(path: &PathBuf) -> Driver {
+    let raw = RawFile::open(path, false).unwrap();
+    let dev = Block::new(Box::new(raw), None, false).unwrap();
     let mut d = Driver::new(Box::new(dev));
     d.start();
     d
@@ -221,11 +231,28 @@ fn reads_and_writes_land_in_the_file_at_the_right_offsets() {
     assert_eq!(back, &orig[..1024]);
 }
 
+fn driver_for(p: &PathBuf, zero_copy: bool) -> Driver {
+    if zero_copy {
+        block_driver(p, false, None)
+    } else {
+        bounce_driver(p)
+    }
+}
+
 #[test]
 fn data_split_over_many_descriptors_and_split_header_is_one_stream() {
+    split_descriptors_form_one_stream(true);
+}
+
+#[test]
+fn data_split_over_many_descriptors_is_one_stream_on_the_bounce_path() {
+    split_descriptors_form_one_stream(false);
+}
+
+fn split_descriptors_form_one_stream(zero_copy: bool) {
     let dir = TempDir::new();
     let p = disk(&dir);
-    let mut d = block_driver(&p, false, None);
+    let mut d = driver_for(&p, zero_copy);
     let data = pattern(3 * 512, 5);
     // Header in two pieces (10 + 6 bytes), data in three odd pieces.
     let h = header(&mut d, rt::OUT, 9);
@@ -294,12 +321,21 @@ fn data_split_over_many_descriptors_and_split_header_is_one_stream() {
 
 #[test]
 fn large_request_goes_through_the_bounce_buffer_in_pieces() {
+    large_request(false);
+}
+
+#[test]
+fn large_request_goes_straight_between_file_and_guest_memory() {
+    large_request(true);
+}
+
+fn large_request(zero_copy: bool) {
     let dir = TempDir::new();
     let p = dir.path().join("big.img");
     let f = std::fs::File::create(&p).unwrap();
     f.set_len(4 << 20).unwrap();
     drop(f);
-    let mut d = block_driver(&p, false, None);
+    let mut d = driver_for(&p, zero_copy);
     let data = pattern(1536 * 1024, 3); // larger than the 1 MiB bounce buffer
     assert_eq!(write(&mut d, 2048, &data), (st::OK, 1));
     assert_eq!(
