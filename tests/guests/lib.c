@@ -56,14 +56,17 @@ static void serial_putc(char c)
 }
 
 /*
- * One lock around whole lines so CPUs do not interleave. Acquisition is
- * bounded so that a fault handler interrupting the holder on the same CPU
- * still gets its FAIL line out.
+ * One lock around whole lines so CPUs do not interleave. A fatal fault
+ * (serial_unlocked set by trap()) skips it: the fault may have interrupted the
+ * holder on this very CPU, and spinning at CPL0 is interpreted, hence slow.
  */
 static volatile u32 serial_lock;
+int serial_unlocked;
 
 static void lock_serial(void)
 {
+	if (serial_unlocked)
+		return;
 	for (u32 i = 0; i < 2000000; i++) {
 		if (!__atomic_exchange_n(&serial_lock, 1, __ATOMIC_ACQUIRE))
 			return;
@@ -176,11 +179,15 @@ void fail(const char *fmt, ...)
 }
 
 /*
- * TSC frequency, measured against PIT channel 2 (8254 at 1.193182 MHz, gate
- * and output through port 0x61) the way Linux's pit_calibrate_tsc does: mode
- * 0 counts down once and raises OUT2 at zero. Falls back to CPUID leaf 0x15
+ * TSC frequency, measured against the 8254 PIT (1.193182 MHz). Channel 0 in
+ * mode 2 counts down from 65536 and wraps; its count is read back with a
+ * counter-latch command (8254 datasheet: control word 0x00 latches channel 0).
+ * Channel 2 and port 0x61 are avoided on purpose: VMMs that create KVM's PIT
+ * with KVM_PIT_SPEAKER_DUMMY (QEMU, Firecracker) have no device behind 0x61.
+ * IRQ 0 stays masked in the 8259 and IOAPIC. Falls back to CPUID leaf 0x15
  * and then a guess, so delays stay bounded either way.
  */
+#define PIT_HZ 1193182ull
 u64 tsc_hz;
 
 static u64 tsc_from_cpuid(void)
@@ -195,29 +202,30 @@ static u64 tsc_from_cpuid(void)
 	return 0;
 }
 
+static u16 pit0_count(void)
+{
+	outb(0x43, 0x00);
+	u8 lo = inb(0x40);
+	return (u16)(lo | inb(0x40) << 8);
+}
+
 void tsc_calibrate(void)
 {
-	const u32 latch = 11932; /* 10 ms */
-	u64 best = ~0ull;
-	for (int round = 0; round < 3; round++) {
-		outb(0x61, (inb(0x61) & ~0x02) | 0x01);
-		outb(0x43, 0xb0); /* channel 2, lobyte/hibyte, mode 0, binary */
-		outb(0x42, latch & 0xff);
-		outb(0x42, latch >> 8);
-		u64 t0 = rdtsc();
-		int done = 0;
-		while (rdtsc() - t0 < 2000000000ull) {
-			if (inb(0x61) & 0x20) {
-				done = 1;
-				break;
-			}
-		}
-		u64 t = rdtsc() - t0;
-		if (done && t < best)
-			best = t;
+	const u64 want = PIT_HZ / 50; /* 20 ms of PIT ticks */
+	outb(0x43, 0x34); /* channel 0, lobyte/hibyte, mode 2, binary */
+	outb(0x40, 0);
+	outb(0x40, 0); /* 0 = 65536 */
+	u16 prev = pit0_count();
+	u64 t0 = rdtsc(), ticks = 0, t = 0;
+	while ((t = rdtsc() - t0) < 4000000000ull) {
+		u16 cur = pit0_count();
+		ticks += (u16)(prev - cur);
+		prev = cur;
+		if (ticks >= want)
+			break;
 	}
-	if (best != ~0ull && best > 1000) {
-		tsc_hz = best * 100;
+	if (ticks >= want) {
+		tsc_hz = t * PIT_HZ / ticks;
 		return;
 	}
 	tsc_hz = tsc_from_cpuid();

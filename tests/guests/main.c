@@ -9,6 +9,8 @@ char scenario[32];
 volatile u32 cpus_checked_in;
 volatile u32 lapic_ticks, serial_irqs, bp_hits;
 u32 cpuid_apic_id[MAX_CPUS];
+u32 cpuid_1_ecx;
+char cpuid_hv_signature[13];
 
 /* Intel SDM Vol. 3A, 7.14.1: 64-bit IDT gate descriptor. */
 struct idt_gate {
@@ -76,6 +78,13 @@ static void cpu_init(u32 cpu)
 	u32 a, b, c, d;
 	cpuid(1, 0, &a, &b, &c, &d);
 	cpuid_apic_id[cpu] = b >> 24;
+	if (cpu == 0) {
+		cpuid_1_ecx = c;
+		cpuid(0x40000000, 0, &a, &b, &c, &d);
+		memcpy(cpuid_hv_signature, &b, 4);
+		memcpy(cpuid_hv_signature + 4, &c, 4);
+		memcpy(cpuid_hv_signature + 8, &d, 4);
+	}
 }
 
 static void lapic_eoi(void) { mmio_write32(LAPIC_BASE + 0xb0, 0); }
@@ -108,6 +117,7 @@ void trap(struct trap_frame *f)
 	}
 	u64 cr2;
 	__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+	serial_unlocked = 1;
 	fail("%s %lu error 0x%lx rip 0x%lx cs 0x%lx rflags 0x%lx cr2 0x%lx", f->vector < 32 ? "exception" : "interrupt",
 	     f->vector, f->error_code, f->rip, f->cs, f->rflags, cr2);
 }
@@ -196,7 +206,26 @@ static void cpl0_scenario_emufail(void)
 			 : "+m"(*(volatile u64(*)[2])target), "+a"(lo), "+d"(hi)
 			 : "b"(3ull), "c"(4ull)
 			 : "memory", "cc");
-	printf("probe: emufail not-failed %lx %lx\n", target[0], target[1]);
+	printf("probe: emufail not-failed\n");
+}
+
+static void cpl0_scenario_emufail_xrstors(void)
+{
+	/* xrstors (SDM Vol. 1, 13.12): needs CR4.OSXSAVE (bit 18) and XCR0;
+	 * restores x87 state from a compacted XSAVE area (XCOMP_BV bit 63). */
+	static u8 area[4096] __attribute__((aligned(64)));
+	u32 a, b, c, d;
+	cpuid(0xd, 1, &a, &b, &c, &d);
+	if (!(a & (1u << 3)))
+		printf("probe: emufail-xrstors CPUID has no XSAVES, trying anyway\n");
+	u64 cr4;
+	__asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+	__asm__ volatile("mov %0, %%cr4" ::"r"(cr4 | 1ull << 18));
+	__asm__ volatile("xsetbv" ::"a"(3), "d"(0), "c"(0)); /* XCR0 = x87 | SSE */
+	printf("probe: emufail-xrstors xsetbv ok\n");
+	*(u64 *)(area + 520) = 1ull << 63 | 1; /* XCOMP_BV: compacted, x87 */
+	__asm__ volatile("xrstors64 %0" ::"m"(area), "a"(1), "d"(0) : "memory");
+	printf("probe: emufail-xrstors not-failed\n");
 }
 
 static int cpl0_done;
@@ -235,6 +264,10 @@ void kmain(u32 start_info_pa)
 	} else if (!strcmp(scenario, "emufail")) {
 		printf("probe: start %s\n", scenario);
 		cpl0_scenario_emufail();
+		cpl0_done = 1;
+	} else if (!strcmp(scenario, "emufail-xrstors")) {
+		printf("probe: start %s\n", scenario);
+		cpl0_scenario_emufail_xrstors();
 		cpl0_done = 1;
 	} else if (!strcmp(scenario, "info") && si->magic == HVM_START_MAGIC) {
 		map_all_ram(si);

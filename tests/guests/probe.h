@@ -126,6 +126,7 @@ int memcmp(const void *a, const void *b, size_t n);
 size_t strlen(const char *s);
 int strcmp(const char *a, const char *b);
 void printf(const char *fmt, ...);
+extern int serial_unlocked;
 void fail(const char *fmt, ...) __attribute__((noreturn));
 void tsc_calibrate(void);
 extern u64 tsc_hz;
@@ -154,7 +155,11 @@ extern char scenario[32];
 extern volatile u32 cpus_checked_in;
 extern volatile u32 lapic_ticks, serial_irqs, bp_hits;
 u64 ustack_top(u32 cpu);
-extern u32 cpuid_apic_id[MAX_CPUS]; /* CPUID.1:EBX[31:24] per CPU index, read at CPL0 */
+/* CPUID as the VMM presents it, read at CPL0 (on PVM, CPUID at CPL3 is not
+ * intercepted and returns the host CPU's values). */
+extern u32 cpuid_apic_id[MAX_CPUS]; /* CPUID.1:EBX[31:24] per CPU index */
+extern u32 cpuid_1_ecx; /* BSP */
+extern char cpuid_hv_signature[13]; /* CPUID.40000000H:EBX,ECX,EDX */
 void trap(struct trap_frame *f);
 void kmain(u32 start_info_paddr);
 void ap_kmain(u32 index);

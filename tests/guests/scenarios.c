@@ -132,6 +132,13 @@ static void scenario_info(void)
 	if (!acpi.madt)
 		fail("no APIC (MADT) in XSDT");
 	printf("probe: madt-cpus %u\n", acpi.ncpus);
+	for (char *c = cpuid_hv_signature; *c; c++)
+		if (*c < 0x21 || *c > 0x7e)
+			*c = '?';
+	printf("probe: cpuid hypervisor %s x2apic %u page1gb %u\n", cpuid_hv_signature[0] ? cpuid_hv_signature : "none",
+	       (cpuid_1_ecx >> 21) & 1, cpu_1g_pages);
+	tsc_calibrate();
+	printf("probe: tsc-khz %lu\n", tsc_hz / 1000);
 	done();
 }
 
@@ -200,7 +207,8 @@ static void __attribute__((noinline)) work(u64 iterations)
  */
 static void scenario_spin(void)
 {
-	start_aps();
+	/* Calibrate before the APs start spinning and compete for host CPUs. */
+	tsc_calibrate();
 	const u64 probe_iters = 10000000;
 	u64 best = ~0ull;
 	for (int i = 0; i < 5; i++) {
@@ -211,7 +219,8 @@ static void scenario_spin(void)
 			best = t;
 	}
 	u64 per_100ms = probe_iters * (tsc_hz / 10) / (best ? best : 1);
-	printf("probe: spin-calibrated %lu iterations per 100 ms\n", per_100ms);
+	start_aps();
+	printf("probe: spin-calibrated %lu iterations per 100 ms (tsc %lu kHz, %lu cycles per %lu)\n", per_100ms, tsc_hz / 1000, best, probe_iters);
 	for (u64 n = 1;; n++) {
 		work(per_100ms);
 		printf("probe: progress %lu\n", n);
