@@ -760,11 +760,10 @@ mod tests {
         let h = d.transport.event_handler();
         assert!(h.device_fds().is_empty());
         assert!(h.fds_changed_evt().read().is_err());
-        d.start_with(features::VERSION_1);
+        d.start_queues(features::VERSION_1, 2);
         assert_eq!(h.fds_changed_evt().read().unwrap(), 1);
         assert_eq!(h.device_fds(), vec![fd]);
-        // Only queue 0 was set up by the harness.
-        assert_eq!(log.lock().unwrap()[0], "activate 0x100000000 [true, false]");
+        assert_eq!(log.lock().unwrap()[0], "activate 0x100000000 [true, true]");
 
         h.queue_evts()[1].write(1).unwrap();
         h.process_queue(1);

@@ -41,9 +41,21 @@ impl Drop for TempDir {
 
 pub const MEM_SIZE: usize = 4 << 20;
 pub const CANARY: u8 = 0xa5;
-pub const DESC_TABLE: u64 = 0x1000;
-pub const AVAIL_RING: u64 = 0x2000;
-pub const USED_RING: u64 = 0x3000;
+/// Queue q's rings: descriptor table at 0x1000 + q * 0x3000, avail ring 0x1000 above it,
+/// used ring 0x2000 above it (room for 256 entries each; queues 0..4).
+pub const fn desc_table(q: u32) -> u64 {
+    0x1000 + 0x3000 * q as u64
+}
+pub const fn avail_ring(q: u32) -> u64 {
+    desc_table(q) + 0x1000
+}
+pub const fn used_ring(q: u32) -> u64 {
+    desc_table(q) + 0x2000
+}
+/// Queue 0's rings.
+pub const DESC_TABLE: u64 = desc_table(0);
+pub const AVAIL_RING: u64 = avail_ring(0);
+pub const USED_RING: u64 = used_ring(0);
 pub const DATA_START: u64 = 0x10000;
 
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -93,14 +105,21 @@ pub fn guest_memory() -> GuestMemoryMmap {
     mem
 }
 
+/// The driver's view of one queue.
+#[derive(Clone, Copy, Default)]
+struct DriverQueue {
+    next_desc: u16,
+    avail_idx: u16,
+}
+
 pub struct Driver {
     pub transport: MmioTransport,
     pub handler: VirtioEventHandler,
     pub mem: GuestMemoryMmap,
     irq_evt: EventFd,
+    /// Size the driver programs into every queue it sets up (at most 256).
     pub queue_size: u16,
-    next_desc: u16,
-    avail_idx: u16,
+    queues: [DriverQueue; 4],
     next_data: u64,
 }
 
@@ -123,8 +142,7 @@ impl Driver {
             mem,
             irq_evt,
             queue_size: 16,
-            next_desc: 0,
-            avail_idx: 0,
+            queues: Default::default(),
             next_data: DATA_START,
         }
     }
@@ -166,28 +184,45 @@ impl Driver {
         self.status()
     }
 
-    /// Programs queue `index` with our ring addresses and enables it.
+    /// Programs queue `index` (0..4) with its rings (zeroed first) and enables it.
     pub fn setup_queue(&mut self, index: u32) {
+        assert!(
+            index < 4 && self.queue_size <= 256,
+            "harness supports 4 queues of <= 256"
+        );
+        let n = usize::from(self.queue_size);
         self.write32(regs::QUEUE_SEL, index);
         self.write32(regs::QUEUE_NUM, u32::from(self.queue_size));
-        self.write32(regs::QUEUE_DESC_LOW, DESC_TABLE as u32);
-        self.write32(regs::QUEUE_DESC_HIGH, 0);
-        self.write32(regs::QUEUE_DRIVER_LOW, AVAIL_RING as u32);
-        self.write32(regs::QUEUE_DRIVER_HIGH, 0);
-        self.write32(regs::QUEUE_DEVICE_LOW, USED_RING as u32);
-        self.write32(regs::QUEUE_DEVICE_HIGH, 0);
-        // The rings start zeroed, as a driver allocates them.
+        for (lo, hi, addr) in [
+            (
+                regs::QUEUE_DESC_LOW,
+                regs::QUEUE_DESC_HIGH,
+                desc_table(index),
+            ),
+            (
+                regs::QUEUE_DRIVER_LOW,
+                regs::QUEUE_DRIVER_HIGH,
+                avail_ring(index),
+            ),
+            (
+                regs::QUEUE_DEVICE_LOW,
+                regs::QUEUE_DEVICE_HIGH,
+                used_ring(index),
+            ),
+        ] {
+            self.write32(lo, addr as u32);
+            self.write32(hi, (addr >> 32) as u32);
+        }
         self.mem
-            .write_slice(&[0u8; 16 * 16], GuestAddress(DESC_TABLE))
+            .write_slice(&vec![0u8; 16 * n], GuestAddress(desc_table(index)))
             .unwrap();
         self.mem
-            .write_slice(&[0u8; 6 + 2 * 16], GuestAddress(AVAIL_RING))
+            .write_slice(&vec![0u8; 6 + 2 * n], GuestAddress(avail_ring(index)))
             .unwrap();
         self.mem
-            .write_slice(&[0u8; 6 + 8 * 16], GuestAddress(USED_RING))
+            .write_slice(&vec![0u8; 6 + 8 * n], GuestAddress(used_ring(index)))
             .unwrap();
-        self.next_desc = 0;
-        self.avail_idx = 0;
+        self.queues[index as usize] = DriverQueue::default();
         self.write32(regs::QUEUE_READY, 1);
     }
 
@@ -197,15 +232,18 @@ impl Driver {
         self.status()
     }
 
-    /// The whole init sequence accepting `accepted`; asserts the device took it.
-    pub fn start_with(&mut self, accepted: u64) {
+    /// The whole init sequence accepting `accepted` and setting up queues 0..`queues`;
+    /// asserts the device took it.
+    pub fn start_queues(&mut self, accepted: u64, queues: u32) {
         let s = self.negotiate(accepted);
         assert_ne!(
             s & status::FEATURES_OK,
             0,
             "device refused features {accepted:#x}"
         );
-        self.setup_queue(0);
+        for q in 0..queues {
+            self.setup_queue(q);
+        }
         let s = self.driver_ok();
         assert_eq!(
             s,
@@ -213,7 +251,12 @@ impl Driver {
         );
     }
 
-    /// Init accepting every offered feature.
+    /// Init accepting `accepted`, with queue 0 only.
+    pub fn start_with(&mut self, accepted: u64) {
+        self.start_queues(accepted, 1);
+    }
+
+    /// Init accepting every offered feature, with queue 0 only.
     pub fn start(&mut self) {
         let f = self.device_features();
         self.start_with(f);
@@ -241,10 +284,10 @@ impl Driver {
             .unwrap();
     }
 
-    /// Writes `bufs` as a chain in consecutive free descriptors; returns the head index.
-    pub fn add_chain(&mut self, bufs: &[Buf]) -> u16 {
-        let head = self.next_desc;
-        let n = bufs.len() as u16;
+    /// Writes `bufs` as a chain in consecutive free descriptors of queue `q`; returns the
+    /// head index.
+    pub fn add_chain_to(&mut self, q: u32, bufs: &[Buf]) -> u16 {
+        let head = self.reserve_descs_in(q, bufs.len() as u16);
         for (i, b) in bufs.iter().enumerate() {
             let idx = (head + i as u16) % self.queue_size;
             let last = i + 1 == bufs.len();
@@ -252,36 +295,48 @@ impl Driver {
             if !last {
                 flags |= VIRTQ_DESC_F_NEXT;
             }
-            self.write_desc(
-                DESC_TABLE,
-                idx,
-                b.addr,
-                b.len,
-                flags,
-                (idx + 1) % self.queue_size,
-            );
+            let next = (idx + 1) % self.queue_size;
+            self.write_desc(desc_table(q), idx, b.addr, b.len, flags, next);
         }
-        self.next_desc = (head + n) % self.queue_size;
         head
     }
 
-    /// Reserves `n` descriptor slots for a chain the test writes itself with `write_desc`.
+    /// Queue 0's `add_chain_to`.
+    pub fn add_chain(&mut self, bufs: &[Buf]) -> u16 {
+        self.add_chain_to(0, bufs)
+    }
+
+    /// Reserves `n` descriptor slots of queue `q` for a chain the test writes itself.
+    pub fn reserve_descs_in(&mut self, q: u32, n: u16) -> u16 {
+        let dq = &mut self.queues[q as usize];
+        let head = dq.next_desc;
+        dq.next_desc = (head + n) % self.queue_size;
+        head
+    }
+
+    /// Queue 0's `reserve_descs_in`.
     pub fn reserve_descs(&mut self, n: u16) -> u16 {
-        let head = self.next_desc;
-        self.next_desc = (head + n) % self.queue_size;
-        head
+        self.reserve_descs_in(0, n)
     }
 
-    /// Puts `head` in the avail ring and publishes it.
+    /// Puts `head` in queue `q`'s avail ring and publishes it.
+    pub fn publish_to(&mut self, q: u32, head: u16) {
+        let size = self.queue_size;
+        let dq = &mut self.queues[q as usize];
+        let slot = u64::from(dq.avail_idx % size);
+        dq.avail_idx = dq.avail_idx.wrapping_add(1);
+        let idx = dq.avail_idx;
+        self.mem
+            .write_obj(head, GuestAddress(avail_ring(q) + 4 + 2 * slot))
+            .unwrap();
+        self.mem
+            .write_obj(idx, GuestAddress(avail_ring(q) + 2))
+            .unwrap();
+    }
+
+    /// Queue 0's `publish_to`.
     pub fn publish(&mut self, head: u16) {
-        let slot = u64::from(self.avail_idx % self.queue_size);
-        self.mem
-            .write_obj(head, GuestAddress(AVAIL_RING + 4 + 2 * slot))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL_RING + 2))
-            .unwrap();
+        self.publish_to(0, head)
     }
 
     /// Writes QueueNotify through the register path (as when no ioeventfd is registered),
@@ -297,17 +352,26 @@ impl Driver {
         self.handler.process_queue(queue as usize);
     }
 
-    pub fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap()
+    /// The used ring's idx of queue `q`.
+    pub fn used_idx_of(&self, q: u32) -> u16 {
+        self.mem.read_obj(GuestAddress(used_ring(q) + 2)).unwrap()
     }
 
-    /// (id, len) of used ring entry `i`.
-    pub fn used_elem(&self, i: u16) -> (u32, u32) {
-        let base = USED_RING + 4 + 8 * u64::from(i % self.queue_size);
+    pub fn used_idx(&self) -> u16 {
+        self.used_idx_of(0)
+    }
+
+    /// (id, len) of used ring entry `i` of queue `q`.
+    pub fn used_elem_of(&self, q: u32, i: u16) -> (u32, u32) {
+        let base = used_ring(q) + 4 + 8 * u64::from(i % self.queue_size);
         (
             self.mem.read_obj(GuestAddress(base)).unwrap(),
             self.mem.read_obj(GuestAddress(base + 4)).unwrap(),
         )
+    }
+
+    pub fn used_elem(&self, i: u16) -> (u32, u32) {
+        self.used_elem_of(0, i)
     }
 
     /// How many times the interrupt line fired since the last call.
