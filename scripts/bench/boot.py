@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Boot benchmark driver; see boot.sh. Runs wisp and QEMU alternately on the same guest."""
+
+import argparse
+import os
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+WISP = os.path.join(ROOT, "target/release/wisp")
+SPAWN = os.path.join(ROOT, "target/bench/spawn")
+HELLO = os.path.join(ROOT, "target/probe-guests/hello.elf")
+PROBE = os.path.join(ROOT, "target/probe-guests/probe.elf")
+VMLINUX = os.path.join(ROOT, "images/out/vmlinux")
+INITRD = os.path.join(ROOT, "images/out/initramfs.cpio")
+QEMU = ["qemu-system-x86_64", "-enable-kvm", "-cpu", "host,-arch-capabilities",
+        "-M", "microvm", "-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio"]
+
+
+def wisp_cmd(kernel, mem, cmdline=None, initrd=None, cpus=1):
+    cmd = [WISP, "run", "--kernel", kernel, "--memory", mem, "--cpus", str(cpus)]
+    if cmdline is not None:
+        cmd += ["--cmdline", cmdline]
+    if initrd:
+        cmd += ["--initrd", initrd]
+    return cmd
+
+
+def qemu_cmd(kernel, mem, cmdline=None, initrd=None, cpus=1):
+    cmd = QEMU + ["-m", mem, "-smp", str(cpus), "-kernel", kernel]
+    if cmdline is not None:
+        cmd += ["-append", cmdline]
+    if initrd:
+        cmd += ["-initrd", initrd]
+    return cmd
+
+
+def guest_ram_kb(pid, mem_bytes):
+    """Sum Rss of the anonymous mappings as large as guest RAM (the guest's memory)."""
+    total_rss = guest = 0
+    size = rss = 0
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if not parts:
+                continue
+            if "-" in parts[0] and len(parts) >= 5:
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                size = hi - lo
+            elif parts[0] == "Rss:":
+                rss = int(parts[1])
+                total_rss += rss
+                if size >= mem_bytes:
+                    guest += rss
+    return total_rss, guest
+
+
+def run_once(cmd, marker=None, timeout=60.0, mem_bytes=None, sample_on_marker=False):
+    """Returns dict: first (s), marker (s), exit (s), maxrss (KiB), overhead (KiB)."""
+    rss_r, rss_w = os.pipe()
+    start = time.monotonic()
+    p = subprocess.Popen([SPAWN] + cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, pass_fds=(rss_w,),
+                         env=dict(os.environ, SPAWN_RSS_FD=str(rss_w)))
+    os.close(rss_w)
+    vmm_pid = None
+    out = b""
+    first = marker_t = None
+    overhead = None
+    fd = p.stdout.fileno()
+    deadline = start + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            p.kill()
+            break
+        r, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if not r:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        now = time.monotonic()
+        if first is None:
+            first = now - start
+        out += chunk
+        if marker and marker_t is None and marker.encode() in out:
+            marker_t = now - start
+            if sample_on_marker:
+                vmm_pid = vmm_child(p.pid)
+                total, guest = guest_ram_kb(vmm_pid, mem_bytes)
+                overhead = total - guest
+                os.kill(vmm_pid, signal.SIGKILL)
+    p.wait()
+    end = time.monotonic() - start
+    p.stdout.close()
+    with os.fdopen(rss_r) as f:
+        line = f.read().split()
+    maxrss = int(line[0]) if line else None
+    return {"first": first, "marker": marker_t, "exit": end, "maxrss": maxrss,
+            "overhead": overhead, "ok": first is not None}
+
+
+def vmm_child(launcher_pid):
+    with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
+        return int(f.read().split()[0])
+
+
+def fmt(values, unit, scale=1.0):
+    v = [x * scale for x in values if x is not None]
+    if not v:
+        return "n/a", None
+    med = statistics.median(v)
+    return f"{med:8.2f} {unit} [{min(v):.2f}-{max(v):.2f}]", med
+
+
+def report(title, results, metrics):
+    print(f"\n== {title}")
+    print(f"{'metric':<34} {'wisp':<30} {'qemu':<30} wisp/qemu")
+    for key, label, unit, scale in metrics:
+        w, wm = fmt([r[key] for r in results["wisp"]], unit, scale)
+        q, qm = fmt([r[key] for r in results["qemu"]], unit, scale)
+        ratio = f"{wm / qm:.3f}" if wm is not None and qm else "n/a"
+        print(f"{label:<34} {w:<30} {q:<30} {ratio}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--linux-runs", type=int, default=3)
+    ap.add_argument("--no-linux", action="store_true")
+    a = ap.parse_args()
+
+    with open("/proc/cpuinfo") as f:
+        model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+    print(f"machine: {model}, {os.cpu_count()} cpus, kvm_pvm={'yes' if os.path.exists('/sys/module/kvm_pvm') else 'no'}")
+    print(f"qemu: {subprocess.run(['qemu-system-x86_64', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}")
+
+    mem = "128M"
+    mem_bytes = 128 << 20
+    res = {"wisp": [], "qemu": []}
+    for _ in range(a.runs):
+        for name, mk in (("wisp", wisp_cmd), ("qemu", qemu_cmd)):
+            r = run_once(mk(HELLO, mem), timeout=30)
+            if not r["ok"]:
+                print(f"warning: {name} run printed nothing", file=sys.stderr)
+            res[name].append(r)
+    ov = {"wisp": [], "qemu": []}
+    for _ in range(max(3, a.runs // 4)):
+        for name, mk in (("wisp", wisp_cmd), ("qemu", qemu_cmd)):
+            r = run_once(mk(PROBE, mem, "probe.scenario=spin"), marker="probe: progress",
+                         timeout=30, mem_bytes=mem_bytes, sample_on_marker=True)
+            ov[name].append(r)
+    for name in res:
+        for r, o in zip(res[name], ov[name] + [{"overhead": None}] * len(res[name])):
+            r["overhead"] = o["overhead"]
+    report(f"hello probe guest (PVH ELF, 1 vCPU, {mem}), {a.runs} runs each, alternating", res, [
+        ("first", "start -> first serial output", "ms", 1000),
+        ("exit", "start -> process exit", "ms", 1000),
+        ("maxrss", "peak RSS", "MiB", 1 / 1024),
+        ("overhead", "RSS - touched guest RAM", "MiB", 1 / 1024),
+    ])
+
+    if a.no_linux:
+        return
+    if not os.path.exists(VMLINUX):
+        print("\n(no images/out/vmlinux: run images/build.sh for the Linux part)")
+        return
+    res = {"wisp": [], "qemu": []}
+    cmdline = "console=ttyS0 quiet panic=-1"
+    for _ in range(a.linux_runs):
+        for name, mk in (("wisp", wisp_cmd), ("qemu", qemu_cmd)):
+            r = run_once(mk(VMLINUX, "128M", cmdline, INITRD, cpus=1), marker="WISP-INIT: ready",
+                         timeout=900, mem_bytes=mem_bytes, sample_on_marker=True)
+            res[name].append(r)
+    report(f"test kernel to its init marker (128M, 1 vCPU), {a.linux_runs} runs each", res, [
+        ("first", "start -> first serial output", "s", 1),
+        ("marker", "start -> WISP-INIT: ready", "s", 1),
+        ("maxrss", "peak RSS", "MiB", 1 / 1024),
+        ("overhead", "RSS - touched guest RAM", "MiB", 1 / 1024),
+    ])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Boot benchmark: wisp against QEMU (microvm, KVM) on the same guests, alternating runs.
+#
+#   scripts/bench/boot.sh [--runs N] [--linux-runs N] [--no-linux]
+#
+# Prints, for each VMM, median and range of: time from process start to the guest's first
+# serial output, time to process exit, peak RSS, and memory overhead (RSS minus the guest
+# RAM the guest touched, from /proc/PID/smaps), and the ratio wisp/QEMU.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+
+if ! command -v qemu-system-x86_64 >/dev/null; then
+	echo "boot.sh: installing qemu-system-x86 (the peer)" >&2
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-system-x86 >/dev/null
+fi
+cargo build --release --bins -q
+mkdir -p target/bench
+cc -O2 -o target/bench/spawn scripts/bench/spawn.c
+mkdir -p target/probe-guests
+bash tests/guests/build.sh target/probe-guests >/dev/null
+exec python3 scripts/bench/boot.py "$@"
