@@ -3,30 +3,54 @@
 //! # How the VMM wires a device
 //!
 //! ```text
-//! let block = Block::new(Box::new(RawFile::open(path, read_only)?), serial, read_only)?;
+//! // Raw images take the zero-copy path; any other backend goes through Block::new.
+//! let raw = RawFile::open(&path, read_only)?;                  // locks the file (OFD lock)
+//! let block = Block::new_raw(raw, serial, read_only)?;         // or Block::new(Box<dyn DiskBackend>, ..)
 //! let transport = MmioTransport::new(Box::new(block), mem.clone(), Arc::new(IrqFd(irq_evt)))?;
 //! for (i, evt) in transport.queue_evts().iter().enumerate() {
-//!     // KVM_IOEVENTFD at window_base + NOTIFY_REG_OFFSET (0x50), 4 bytes, datamatch = i
+//!     // KVM_IOEVENTFD: addr = window_base + NOTIFY_REG_OFFSET (0x50), len 4, datamatch = i
 //! }
-//! let handler = transport.event_handler();          // Clone + Send; for the event loop
-//! bus.insert(Arc::new(Mutex::new(transport)), window_base, MMIO_WINDOW_SIZE)?;
+//! let handler = transport.event_handler();                     // Clone + Send, for the event loop
+//! mmio_bus.insert(Arc::new(Mutex::new(transport)), window_base, MMIO_WINDOW_SIZE)?;
 //!
-//! // event loop (main thread), epoll:
-//! //   queue_evts()[i] readable        -> handler.process_queue(i)
-//! //   handler.fds_changed_evt() readable -> read it, then re-sync the device fds:
-//! //       handler.device_fds() is the current list (empty until the driver sets DRIVER_OK,
-//! //       empty again after a reset); register each with EPOLLIN | EPOLLET
-//! //   device_fds()[j] readable        -> handler.process_device_fd(j)
+//! // Event loop (main thread), epoll, level-triggered unless said otherwise:
+//! //   handler.queue_evts()[i] readable  -> handler.process_queue(i)   (it reads the eventfd)
+//! //   handler.fds_changed_evt() readable -> read it, then re-sync the device's extra fds:
+//! //       handler.device_fds() is the current list: empty until the driver sets
+//! //       DRIVER_OK, empty again after a reset. Watch each with EPOLLIN | EPOLLET.
+//! //   handler.device_fds()[j] readable   -> handler.process_device_fd(j)
 //! ```
 //!
-//! The vCPU threads only touch the transport (register accesses, under its mutex). Device work
-//! (queue processing, backend I/O) runs under the handler's separate lock on the event-loop
-//! thread, so a vCPU reading InterruptStatus never waits for a disk. The transport takes the
-//! handler's lock only to activate, reset and access the device config space (lock order:
-//! transport, then device; the event loop never takes the transport lock).
+//! The vCPU threads touch only the transport (register accesses, under its mutex on the
+//! bus). Device work (queue processing, backend I/O) runs on the event-loop thread under the
+//! handler's own lock, so a vCPU reading InterruptStatus never waits for a disk. The
+//! transport takes the handler's lock only to activate, reset and access device config
+//! space; lock order is transport, then device, and the event loop never takes the transport
+//! lock. Interrupts: the device raises InterruptStatus bits and writes the irqfd from the
+//! event-loop thread; the guest clears them with InterruptACK.
 //!
 //! A device model implements [`VirtioDevice`]. It receives its queues, guest memory and a
 //! [`VirtioInterrupt`] at activation and gives them up at reset.
+//!
+//! # Writing a device (e.g. virtio-net over a tap)
+//!
+//! - `queue_max_sizes()` declares the queues (net: `&[256, 256]`, rx = 0, tx = 1);
+//!   `features()` includes [`features::VERSION_1`]; `read_config` serves the config space.
+//! - `activate(Activation)` keeps `mem`, the ready `queues`, `interrupt` and `queue_evts`, and
+//!   applies `acked_features` (net: TUNSETOFFLOAD for the negotiated offloads).
+//! - `device_fds()` returns the fds to watch while active (net: the tap). They are watched
+//!   edge-triggered: drain until EAGAIN, or remember "readable but no rx buffers" and retry
+//!   when `process_queue(rx)` sees new buffers.
+//! - `process_queue(i)`: the driver notified queue i. Use [`queue::pop_chain`] and
+//!   [`queue::collect_chain`] to walk chains (the latter tells a complete chain from a broken
+//!   one), `Queue::add_used`, then `needs_notification` and
+//!   [`VirtioInterrupt::signal_used_queue`]. A ring that cannot be used any more:
+//!   [`VirtioInterrupt::set_needs_reset`]. Bound the work per call and write 1 to
+//!   `queue_evts[i]` to come back later (virtio-blk does this).
+//! - `reset()` drops everything `activate` got.
+//! - Tests: `virtio::testing::Driver` plays the guest driver through the MMIO registers
+//!   (`start_queues(features, 2)`, `add_chain_to(q, ..)`, `publish_to`, `kick`,
+//!   `used_elem_of`).
 
 /// Logs a warning, at most a few times per call site and then once every 1000 calls, so that
 /// a guest cannot flood the log.
