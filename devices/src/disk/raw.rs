@@ -526,6 +526,67 @@ mod tests {
         let _again = RawFile::open(&p, false).unwrap();
     }
 
+    /// Run by `a_second_process_cannot_open_a_locked_image`: opens the image named in the
+    /// environment as another wisp would and reports through its exit status.
+    #[test]
+    #[ignore = "helper run in a child process"]
+    fn lock_probe_child() {
+        let Ok(path) = std::env::var("WISP_LOCK_PROBE") else {
+            return;
+        };
+        let read_only = std::env::var("WISP_LOCK_PROBE_RO").is_ok();
+        let code = match RawFile::open(&path, read_only) {
+            Ok(_) => 10,
+            Err(RawError::Locked { .. }) => 11,
+            Err(_) => 12,
+        };
+        std::process::exit(code);
+    }
+
+    fn probe_from_another_process(path: &Path, read_only: bool) -> i32 {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--ignored",
+            "--exact",
+            "disk::raw::tests::lock_probe_child",
+            "--test-threads=1",
+        ])
+        .env("WISP_LOCK_PROBE", path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        if read_only {
+            cmd.env("WISP_LOCK_PROBE_RO", "1");
+        }
+        cmd.status().unwrap().code().unwrap()
+    }
+
+    #[test]
+    fn a_second_process_cannot_open_a_locked_image() {
+        let dir = TempDir::new();
+        let p = image(&dir, "a.img", 4096);
+        let writer = RawFile::open(&p, false).unwrap();
+        assert_eq!(
+            probe_from_another_process(&p, false),
+            11,
+            "read-write open refused"
+        );
+        assert_eq!(
+            probe_from_another_process(&p, true),
+            11,
+            "read-only open refused"
+        );
+        drop(writer);
+        let reader = RawFile::open(&p, true).unwrap();
+        assert_eq!(probe_from_another_process(&p, true), 10, "readers share");
+        assert_eq!(
+            probe_from_another_process(&p, false),
+            11,
+            "no writer while read"
+        );
+        drop(reader);
+        assert_eq!(probe_from_another_process(&p, false), 10);
+    }
+
     #[test]
     fn read_only_opens_share_the_file_but_exclude_a_writer() {
         let dir = TempDir::new();
