@@ -538,12 +538,21 @@ mod tests {
         let code = match RawFile::open(&path, read_only) {
             Ok(_) => 10,
             Err(RawError::Locked { .. }) => 11,
+            Err(RawError::Open { source, .. })
+                if source.kind() == io::ErrorKind::PermissionDenied =>
+            {
+                13
+            }
             Err(_) => 12,
         };
         std::process::exit(code);
     }
 
     fn probe_from_another_process(path: &Path, read_only: bool) -> i32 {
+        probe_as(path, read_only, None)
+    }
+
+    fn probe_as(path: &Path, read_only: bool, uid: Option<u32>) -> i32 {
         let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
         cmd.args([
             "--ignored",
@@ -556,6 +565,10 @@ mod tests {
         .stderr(std::process::Stdio::null());
         if read_only {
             cmd.env("WISP_LOCK_PROBE_RO", "1");
+        }
+        if let Some(uid) = uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid);
         }
         cmd.status().unwrap().code().unwrap()
     }
@@ -618,21 +631,24 @@ mod tests {
 
     #[test]
     fn open_without_permission_is_an_error() {
-        // root ignores file modes; the check is meaningless there.
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            eprintln!("skipped: running as root");
-            return;
-        }
         use std::os::unix::fs::PermissionsExt;
         let dir = TempDir::new();
         let p = image(&dir, "ro.img", 4096);
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444)).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            // root ignores file modes: open it as nobody from a child process.
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+            assert_eq!(probe_as(&p, false, Some(65534)), 13);
+            assert_eq!(probe_as(&p, true, Some(65534)), 10);
+            return;
+        }
         let err = RawFile::open(&p, false).unwrap_err();
         assert!(
             matches!(&err, RawError::Open { source, .. } if source.kind() == io::ErrorKind::PermissionDenied),
             "{err}"
         );
+        assert!(err.to_string().contains("ro.img"), "{err}");
         assert!(RawFile::open(&p, true).is_ok());
     }
 }
