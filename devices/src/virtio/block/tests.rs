@@ -910,6 +910,20 @@ fn next_index_outside_the_queue_is_returned_unanswered() {
 }
 
 #[test]
+fn head_index_outside_the_queue_is_dropped() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let mut d = block_driver(&p, false, None);
+    d.publish(500);
+    let snap_published = d.snapshot();
+    d.kick(0);
+    // Nothing can be returned for it: the used ring stays as it was.
+    assert_eq!(d.used_idx(), 0);
+    assert_only_changed(&snap_published, &d.snapshot(), &[used_ring_range(&d)]);
+    assert_still_works(&mut d, &p);
+}
+
+#[test]
 fn chain_longer_than_seg_max_is_an_io_error() {
     let dir = TempDir::new();
     let p = disk(&dir);
@@ -1034,8 +1048,13 @@ fn nothing_outside_the_request_buffers_is_touched() {
     let snap_avail = d.snapshot();
     d.kick(0);
     assert_eq!(d.used_idx(), 4);
-    let lens: Vec<u32> = (0..4).map(|i| d.used_elem(i).1).collect();
-    assert_eq!(lens, vec![2049, 1, 9, 1]);
+    let used: Vec<(u32, u32)> = (0..4).map(|i| d.used_elem(i)).collect();
+    let want: Vec<(u32, u32)> = heads
+        .iter()
+        .map(|&h| u32::from(h))
+        .zip([2049, 1, 9, 1])
+        .collect();
+    assert_eq!(used, want);
     assert_only_changed(
         &snap_avail,
         &d.snapshot(),
@@ -1050,7 +1069,6 @@ fn nothing_outside_the_request_buffers_is_touched() {
         ],
     );
     assert_eq!(d.read_bytes(r_id.data.unwrap().addr, 8), b"serial\0\0");
-    drop(snap);
 }
 
 #[test]
