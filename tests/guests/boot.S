@@ -53,9 +53,6 @@ start_info_paddr:
 	/* Next AP index; the BSP is CPU 0. */
 ap_next_index:
 	.long 1
-	.globl cpu_1g_pages
-cpu_1g_pages:
-	.long 0
 
 /* Intel SDM Vol. 3A, 10.8.5: CR4.PAE, CR3, EFER.LME, then CR0.PG. No stack. */
 .macro ENABLE_LONG_MODE
@@ -92,7 +89,6 @@ pvh_start:
 	mov %eax, %fs
 	mov %eax, %gs
 	mov %ebx, start_info_paddr
-	mov $(kstacks + KSTACK_SIZE), %esp
 
 	/* Zero .bss: only small variables live there (see probe.ld). */
 	mov $__bss_start, %edi
@@ -102,66 +98,8 @@ pvh_start:
 	xor %eax, %eax
 	rep stosl
 
-	call build_page_tables
 	ENABLE_LONG_MODE
 	ljmp $SEL_KCODE64, $bsp_long
-
-/*
- * Identity map with every level user-accessible (U/S = 1) so that CPL3 code
- * can reach RAM, the LAPIC, IOAPIC and ACPI tables directly. 1 GiB pages cover
- * 64 GiB when CPUID.80000001H:EDX.Page1GB[26] is set; otherwise 2 MiB pages
- * cover the first 4 GiB (main.c extends that for the info scenario).
- */
-build_page_tables:
-	mov $pml4, %edi
-	mov $2048, %ecx			/* pml4 and pdpt are adjacent pages */
-	xor %eax, %eax
-	rep stosl
-	movl $(pdpt + PTE_TABLE), pml4
-
-	mov $0x80000000, %eax
-	cpuid
-	cmp $0x80000001, %eax
-	jb 3f
-	mov $0x80000001, %eax
-	cpuid
-	bt $26, %edx
-	jnc 3f
-	movl $1, cpu_1g_pages
-	xor %ecx, %ecx
-2:	mov %ecx, %eax
-	shl $30, %eax
-	or $PTE_LARGE, %eax
-	mov %ecx, %edx
-	shr $2, %edx
-	mov %eax, pdpt(, %ecx, 8)
-	mov %edx, pdpt + 4(, %ecx, 8)
-	inc %ecx
-	cmp $64, %ecx
-	jb 2b
-	ret
-
-3:	xor %ecx, %ecx
-4:	mov %ecx, %eax
-	shl $12, %eax
-	add $(pd + PTE_TABLE), %eax
-	mov %eax, pdpt(, %ecx, 8)
-	movl $0, pdpt + 4(, %ecx, 8)
-	inc %ecx
-	cmp $4, %ecx
-	jb 4b
-	xor %ecx, %ecx
-5:	mov %ecx, %eax
-	shl $21, %eax
-	or $PTE_LARGE, %eax
-	mov %ecx, %edx
-	shr $11, %edx
-	mov %eax, pd(, %ecx, 8)
-	mov %edx, pd + 4(, %ecx, 8)
-	inc %ecx
-	cmp $2048, %ecx
-	jb 5b
-	ret
 
 	.code64
 bsp_long:
@@ -316,16 +254,35 @@ enter_user:
 	mov %eax, %es
 	iretq
 
+/*
+ * Identity map of the first 4 GiB with 2 MiB pages, every level user-accessible
+ * (U/S = 1) so CPL3 code reaches RAM, the LAPIC, the IOAPIC and the ACPI
+ * tables directly (Intel SDM Vol. 3A, 4.5). Built by the assembler and loaded
+ * with the image, so the interpreted CPL0 boot path does no work for it;
+ * main.c maps RAM above 4 GiB for the info scenario.
+ */
+	.section .data.pagetables, "aw"
+	.balign 4096
+	.globl pml4, pdpt, pd
+pml4:
+	.quad pdpt + PTE_TABLE
+	.fill 511, 8, 0
+pdpt:
+	.quad pd + PTE_TABLE, pd + 0x1000 + PTE_TABLE, pd + 0x2000 + PTE_TABLE, pd + 0x3000 + PTE_TABLE
+	.fill 508, 8, 0
+pd:
+	.set i, 0
+	.rept 2048
+	.quad (i << 21) | PTE_LARGE
+	.set i, i + 1
+	.endr
+
 /* Not zeroed at boot (see probe.ld): every byte used is written first. */
 	.section .nozero, "aw", @nobits
 	.balign 4096
-	.globl pml4, pdpt, pd, kstacks, ustacks
-pml4:
-	.fill 4096, 1, 0
-pdpt:
-	.fill 4096, 1, 0
-pd:
-	.fill 64 * 4096, 1, 0		/* up to 64 GiB with 2 MiB pages */
+	.globl pd_high, kstacks, ustacks
+pd_high:
+	.fill 60 * 4096, 1, 0		/* 2 MiB pages for 4-64 GiB (main.c) */
 kstacks:
 	.fill MAX_CPUS * KSTACK_SIZE, 1, 0
 ustacks:

@@ -29,7 +29,9 @@ typedef uint64_t u64;
 /* Interrupt vectors the probe uses. */
 #define VEC_LAPIC_TIMER 0x40
 #define VEC_SERIAL 0x41
-#define VEC_SPURIOUS 0xff
+/* Spurious vector: low nibble 1111 works on every xAPIC (SDM Vol. 3A, 11.9);
+ * also the IDT's last entry. */
+#define VEC_SPURIOUS 0x4f
 
 #define LAPIC_BASE 0xfee00000ull
 
@@ -69,6 +71,7 @@ struct tss64 {
 	/* I/O permission bitmap (SDM Vol. 1, 19.5.2): a clear bit allows the
 	 * port at CPL3. Covers ports 0..IOPB_PORTS-1, then the 0xff end byte. */
 	u8 iopb[IOPB_PORTS / 8 + 1];
+	u8 pad[7]; /* whole qwords, for zeroing */
 } __attribute__((packed));
 
 /* Register frame pushed by isr_common in boot.S (lowest address first). */
@@ -83,10 +86,9 @@ struct trap_frame {
 extern u8 ap_trampoline_start[], ap_trampoline_end[];
 extern u8 isr_stubs[];
 extern u64 gdt[];
-extern u64 pml4[], pdpt[], pd[];
+extern u64 pml4[], pdpt[], pd[], pd_high[];
 extern u8 kstacks[], ustacks[];
 extern u8 _image_start[], _image_end[];
-extern int cpu_1g_pages;
 extern u32 start_info_paddr;
 void enter_user(void (*fn)(u64), u64 arg, u64 rsp, u64 rflags) __attribute__((noreturn));
 
@@ -159,6 +161,7 @@ u64 ustack_top(u32 cpu);
  * intercepted and returns the host CPU's values). */
 extern u32 cpuid_apic_id[MAX_CPUS]; /* CPUID.1:EBX[31:24] per CPU index */
 extern u32 cpuid_1_ecx; /* BSP */
+extern int cpu_1g_pages; /* CPUID.80000001H:EDX.Page1GB[26] */
 extern char cpuid_hv_signature[13]; /* CPUID.40000000H:EBX,ECX,EDX */
 void trap(struct trap_frame *f);
 void kmain(u32 start_info_paddr);

@@ -37,7 +37,7 @@ static u32 lapic_read(u32 reg) { return mmio_read32(LAPIC_BASE + reg); }
 static void lapic_write(u32 reg, u32 v) { mmio_write32(LAPIC_BASE + reg, v); }
 static u32 lapic_id(void) { return lapic_read(LAPIC_ID) >> 24; }
 
-/* Software-enable the LAPIC, spurious vector 0xff (SDM Vol. 3A, 11.9). */
+/* Software-enable the LAPIC with the spurious vector (SDM Vol. 3A, 11.9). */
 static void lapic_enable(void) { lapic_write(LAPIC_SVR, 0x100 | VEC_SPURIOUS); }
 
 /* Send an IPI and wait (bounded) for Delivery Status to go idle (bit 12). */
