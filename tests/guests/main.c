@@ -224,12 +224,14 @@ static void cpl0_scenario_fwait(void)
 static void cpl0_scenario_emufail(void)
 {
 	/* lock cmpxchg16b (SDM Vol. 2A, CMPXCHG8B/CMPXCHG16B), which
-	 * ENVIRONMENT.md lists as not completed by PVM's emulator at CPL0. */
+	 * ENVIRONMENT.md lists as not completed by PVM's emulator at CPL0. PVM
+	 * fails it whether or not CPUID shows CX16 (wisp hides CX16); elsewhere
+	 * it completes, or raises #UD without CX16. */
 	static u64 target[2] __attribute__((aligned(16))) = { 1, 2 };
 	u32 a, b, c, d;
 	cpuid(1, 0, &a, &b, &c, &d);
 	if (!(c & (1u << 13)))
-		fail("emufail CPUID has no CMPXCHG16B");
+		printf("probe: emufail CPUID has no CMPXCHG16B, trying anyway\n");
 	u64 lo = 1, hi = 2;
 	__asm__ volatile("lock cmpxchg16b %0"
 			 : "+m"(*(volatile u64(*)[2])target), "+a"(lo), "+d"(hi)
