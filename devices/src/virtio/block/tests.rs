@@ -1496,7 +1496,7 @@ fn random_hostile_chains_never_escape_their_buffers_or_stop_the_device() {
     }
     // The mix is not all garbage: a good share of the chains had a status byte.
     assert!(
-        answered > 200,
+        answered > 100,
         "only {answered} of 1000 chains were answered"
     );
     assert_still_works(&mut d, &p);
