@@ -43,16 +43,20 @@ int strcmp(const char *a, const char *b)
 }
 
 /*
- * COM1, 8250/16550: THR at +0, LSR at +5 (bit 5 = THR empty). The poll is
- * bounded: a UART that never reports empty must not hang the probe.
+ * COM1, 16550A: THR at +0, FCR at +2, LSR at +5. main.c enables the FIFOs;
+ * then LSR.THRE (bit 5) means the 16-byte transmit FIFO is empty, so one
+ * bounded LSR poll per 16 bytes is enough (each port access is a VM exit).
  */
 #define COM1 0x3f8
 
-static void serial_putc(char c)
+static void serial_write(const char *s, u32 n)
 {
-	for (int i = 0; i < 1000 && !(inb(COM1 + 5) & 0x20); i++)
-		cpu_relax();
-	outb(COM1, (u8)c);
+	for (u32 i = 0; i < n; i++) {
+		if (i % 16 == 0)
+			for (int t = 0; t < 1000 && !(inb(COM1 + 5) & 0x20); t++)
+				cpu_relax();
+		outb(COM1, (u8)s[i]);
+	}
 }
 
 /*
@@ -145,8 +149,7 @@ static void format(struct buf *b, const char *fmt, va_list ap)
 static void emit(struct buf *b)
 {
 	lock_serial();
-	for (u32 i = 0; i < b->n; i++)
-		serial_putc(b->s[i]);
+	serial_write(b->s, b->n);
 	unlock_serial();
 }
 

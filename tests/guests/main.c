@@ -267,6 +267,9 @@ void kmain(u32 start_info_pa)
 	/* Mask both 8259As (OCW1): the probe uses the IOAPIC and LAPIC only. */
 	outb(0x21, 0xff);
 	outb(0xa1, 0xff);
+	/* 16550A FCR: enable and clear the FIFOs (lib.c writes 16 bytes per
+	 * THRE). */
+	outb(0x3fa, 0x07);
 	idt_init();
 	cpu_init(0);
 	if (si->magic == HVM_START_MAGIC)

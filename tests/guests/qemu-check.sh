@@ -49,7 +49,7 @@ for s in reset-acpi triplefault; do
 done
 o=$(T=5 qemu -device pvpanic -action panic=exit-failure -kernel "$out/probe.elf" -append 'probe.scenario=panic')
 rc=$?; expect "panic (qemu exit $rc)" "$o" '^probe: start panic$'; [ $rc = 1 ] || failed=1
-o=$(T=20 qemu -M pc -kernel "$out/probe.elf" -append 'probe.scenario=reset-i8042' -action reboot=reset)
+o=$(T=40 qemu -M pc -kernel "$out/probe.elf" -append 'probe.scenario=reset-i8042' -action reboot=reset)
 expect "reset-i8042 (-M pc)" "$o" '^probe: start reset-i8042$'
 [ "$(printf '%s\n' "$o" | grep -c "^probe: start reset-i8042\$")" -ge 2 ] || { echo "  reset-i8042: no reset"; failed=1; }
 # PVM cannot complete these at CPL0: QEMU reports the emulation failure (and would pause).

@@ -1,0 +1,64 @@
+#!/bin/sh
+# Boot every probe scenario under wisp and check output lines and exit status.
+# Usage: tests/guests/wisp-check.sh WISP_BINARY [OUTDIR]
+# A quick manual check; wisp's own integration tests (tests/*.rs) are the real ones.
+set -u
+[ $# -ge 1 ] || { echo "usage: $0 WISP_BINARY [OUTDIR]" >&2; exit 2; }
+wisp=$1
+src=$(cd "$(dirname "$0")" && pwd)
+out=${2:-$(mktemp -d)}
+"$src/build.sh" "$out" || exit 1
+failed=0
+# check NAME WANT_RC OUTPUT RC PATTERN...: every grep -E pattern matches, no FAIL line.
+check() {
+	name=$1 want=$2 output=$3 rc=$4
+	shift 4
+	ok=1
+	[ "$rc" = "$want" ] || { echo "  exit status $rc, want $want"; ok=0; }
+	for p in "$@"; do
+		printf '%s\n' "$output" | grep -Eq "$p" || { echo "  missing: $p"; ok=0; }
+	done
+	if printf '%s\n' "$output" | grep -q '^probe: FAIL'; then ok=0; fi
+	if [ $ok = 1 ]; then echo "ok   $name"; else
+		echo "FAIL $name"
+		printf '%s\n' "$output" | sed 's/^/  | /' | head -40
+		failed=1
+	fi
+}
+# run TIMEOUT KERNEL [wisp flags]: sets o (output) and rc; 128 MiB unless --memory is given.
+run() {
+	t=$1 k=$2
+	shift 2
+	case " $* " in *" --memory "*) ;; *) set -- "$@" --memory 128M ;; esac
+	o=$(timeout "$t" "$wisp" run --log-level info --kernel "$k" "$@" 2>&1)
+	rc=$?
+}
+
+run 30 "$out/hello.elf"; check hello.elf 0 "$o" $rc '^probe: hello$'
+for s in hello int3 fwait; do
+	run 30 "$out/probe.elf" --cmdline "probe.scenario=$s"
+	check "$s" 0 "$o" $rc "^probe: done $s\$"
+done
+run 30 "$out/probe.elf" --cmdline probe.scenario=info --cpus 2 --memory 5G
+check info 0 "$o" $rc '^probe: madt-cpus 2$' '^probe: memtest 0x100000000 ok$' '^probe: done info$'
+for n in 1 2 4; do
+	run 30 "$out/probe.elf" --cmdline probe.scenario=smp --cpus $n
+	check "smp $n" 0 "$o" $rc "^probe: cpus $n\$" '^probe: done smp$'
+done
+run 30 "$out/probe.elf" --cmdline probe.scenario=irq --cpus 2
+check irq 0 "$o" $rc '^probe: lapic-timer ok' '^probe: serial-irq ok$' '^probe: done irq$'
+run 3 "$out/probe.elf" --cmdline probe.scenario=spin --cpus 2
+check spin 124 "$o" $rc '^probe: cpus 2$' '^probe: progress 3$'
+for s in reset-acpi reset-i8042; do
+	run 30 "$out/probe.elf" --cmdline "probe.scenario=$s"
+	check "$s" 0 "$o" $rc "^probe: start $s\$" 'guest reset'
+done
+run 30 "$out/probe.elf" --cmdline probe.scenario=triplefault
+check triplefault 2 "$o" $rc '^probe: start triplefault$' 'triple fault'
+run 30 "$out/probe.elf" --cmdline probe.scenario=panic
+check panic 2 "$o" $rc '^probe: start panic$' 'panicked'
+for s in emufail emufail-xrstors; do
+	run 30 "$out/probe.elf" --cmdline "probe.scenario=$s"
+	check "$s" 2 "$o" $rc "^probe: start $s\$" 'could not emulate'
+done
+exit $failed
