@@ -6,14 +6,15 @@
 # blocks, scattered over the L2 tables); "1m seq" is sequential 1 MiB requests.
 # Prints MB/s for each and wisp/qemu ratios (>= 1.00 means wisp is at least as fast).
 #
-# usage: scripts/bench/qcow2.sh   (SIZE=512M COUNT4K=20000 COUNT1M=256 to change)
+# usage: scripts/bench/qcow2.sh   (SIZE=512M COUNT4K=20000 COUNT1M=1024 REPS=3 to change)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 command -v qemu-img >/dev/null || { echo "qemu-img missing: apt-get install qemu-utils" >&2; exit 1; }
 
 SIZE=${SIZE:-512M}
 COUNT4K=${COUNT4K:-20000}
-COUNT1M=${COUNT1M:-256}
+COUNT1M=${COUNT1M:-1024}
+REPS=${REPS:-3}
 STEP4K=$((4096 * 2731))
 
 cargo build -q --release -p wisp-devices --example qcow2_bench
@@ -39,28 +40,33 @@ make_c
 make_d
 
 # run <label> <fmt> <file> <read|write> <bs> <step> <count> <reset-cmd>
+# Best of $REPS alternating runs for each tool (the machine is shared and noisy).
+declare -A WISP
 run() {
     local label=$1 fmt=$2 file=$3 mode=$4 bs=$5 step=$6 count=$7 reset=$8
     local w=""
     [ "$mode" = write ] && w="-w"
-    $reset
-    cat "$file" >/dev/null
-    local wt qt
-    wt=$($BIN "$fmt" "$mode" "$bs" "$step" "$count" "$file")
-    $reset
-    cat "$file" >/dev/null
-    qt=$(qemu-img bench -q -f "$fmt" -t writeback -d 1 -c "$count" -s "$bs" -S "$step" $w "$file" 2>&1 |
-        sed -n 's/.*Run completed in \([0-9.]*\) seconds.*/\1/p')
-    [ -z "$qt" ] && qt=$(qemu-img bench -f "$fmt" -t writeback -d 1 -c "$count" -s "$bs" -S "$step" $w "$file" |
-        sed -n 's/.*Run completed in \([0-9.]*\) seconds.*/\1/p')
+    local wt=999999 qt=999999 t
+    for _ in $(seq "$REPS"); do
+        $reset
+        cat "$DIR"/* >/dev/null
+        t=$($BIN "$fmt" "$mode" "$bs" "$step" "$count" "$file")
+        wt=$(awk -v a="$wt" -v b="$t" 'BEGIN { print (b < a) ? b : a }')
+        $reset
+        cat "$DIR"/* >/dev/null
+        t=$(qemu-img bench -f "$fmt" -t writeback -d 1 -c "$count" -s "$bs" -S "$step" $w "$file" |
+            sed -n 's/.*Run completed in \([0-9.]*\) seconds.*/\1/p')
+        qt=$(awk -v a="$qt" -v b="$t" 'BEGIN { print (b < a) ? b : a }')
+    done
+    WISP["$label $mode"]=$(awk -v bs="$bs" -v c="$count" -v wt="$wt" 'BEGIN { print bs * c / 1e6 / wt }')
     awk -v l="$label" -v m="$mode" -v bs="$bs" -v c="$count" -v wt="$wt" -v qt="$qt" 'BEGIN {
         mb = bs * c / 1e6
-        printf "%-34s %-5s wisp %9.1f MB/s   qemu-img %9.1f MB/s   ratio %5.2f\n", l, m, mb / wt, mb / qt, qt / wt
+        printf "%-30s %-5s wisp %8.1f MB/s  qemu-img %8.1f MB/s  wisp/qemu %5.2f\n", l, m, mb / wt, mb / qt, qt / wt
     }'
 }
 none() { :; }
 
-echo "size $SIZE, 4k x $COUNT4K (stride $STEP4K), 1m x $COUNT1M, depth 1, cache=writeback"
+echo "size $SIZE, 4k x $COUNT4K (stride $STEP4K), 1m x $COUNT1M, depth 1, cache=writeback, best of $REPS"
 for mode in read write; do
     run "(a) raw 4k random"            raw   "$DIR/a.raw"    $mode 4096    $STEP4K $COUNT4K none
     run "(a) raw 1m seq"               raw   "$DIR/a.raw"    $mode 1048576 1048576 $COUNT1M none
@@ -70,4 +76,11 @@ for mode in read write; do
     run "(c) fresh overlay 1m seq"     qcow2 "$DIR/c.qcow2"  $mode 1048576 1048576 $COUNT1M make_c
     run "(d) 3-level chain 4k random"  qcow2 "$DIR/d.qcow2"  $mode 4096    $STEP4K $COUNT4K make_d
     run "(d) 3-level chain 1m seq"     qcow2 "$DIR/d.qcow2"  $mode 1048576 1048576 $COUNT1M make_d
+done
+echo "wisp qcow2 (allocated) / wisp raw:"
+for k in "4k random read" "1m seq read" "4k random write" "1m seq write"; do
+    set -- $k
+    a=${WISP["(a) raw $1 $2 $3"]}
+    b=${WISP["(b) qcow2 allocated $1 $2 $3"]}
+    awk -v k="$k" -v a="$a" -v b="$b" 'BEGIN { printf "  %-16s %5.2f\n", k, b / a }'
 done

@@ -449,6 +449,28 @@ pub struct Qcow2 {
     data_dirty: bool,
     /// The last decompressed cluster: (L2 entry, contents).
     compressed_cache: Option<(u64, Vec<u8>)>,
+    /// A page-aligned cluster buffer for copy-on-write (the kernel copies from the page
+    /// cache several times faster into page-aligned memory).
+    scratch: AlignedBuf,
+}
+
+/// A page-aligned byte buffer.
+#[derive(Default)]
+struct AlignedBuf {
+    mem: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> AlignedBuf {
+        let mem = vec![0u8; len + 4096];
+        let start = mem.as_ptr().align_offset(4096);
+        AlignedBuf { mem, start, len }
+    }
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.mem[self.start..self.start + self.len]
+    }
 }
 
 impl Qcow2 {
@@ -614,6 +636,7 @@ impl Qcow2 {
             pending_frees: Vec::new(),
             data_dirty: false,
             compressed_cache: None,
+            scratch: AlignedBuf::new(cluster_size as usize),
         })
     }
 
@@ -1268,12 +1291,18 @@ impl Qcow2 {
                 _ => {
                     // Partial cluster: copy the rest from what is there now.
                     self.flush_run(&mut run, buf)?;
-                    let mut cluster = vec![0u8; cs as usize];
-                    self.read_mapped(m, g << self.cluster_bits, &mut cluster)?;
+                    let mut scratch = std::mem::take(&mut self.scratch);
+                    let cluster = scratch.as_mut_slice();
+                    let r = self.read_mapped(m, g << self.cluster_bits, cluster);
                     cluster[inoff as usize..inoff as usize + n]
                         .copy_from_slice(&buf[done..done + n]);
-                    let new = self.alloc_cluster()?;
-                    self.pwrite(&cluster, new)?;
+                    let r = r.and_then(|()| {
+                        let new = self.alloc_cluster()?;
+                        self.pwrite(cluster, new)?;
+                        Ok(new)
+                    });
+                    self.scratch = scratch;
+                    let new = r?;
                     self.data_dirty = true;
                     self.set_l2_entry(g, new | OFLAG_COPIED)?;
                     self.free_later(m);
