@@ -177,7 +177,8 @@ ap_long:
 	jmp 9b
 
 /*
- * Interrupt and exception stubs, 16 bytes each: isr_stubs + 16 * vector.
+ * Interrupt and exception stubs, 16 bytes each: isr_stubs + 16 * vector, for
+ * vectors 0 to 0x4f (VEC_SPURIOUS, the IDT's last entry).
  * Vectors that push an error code (Intel SDM Vol. 3A, 7.15 / table 7-1):
  * 8, 10-14, 17, 21, 29, 30. The others push a zero to keep one frame layout.
  */
@@ -186,7 +187,7 @@ ap_long:
 	.globl isr_stubs
 isr_stubs:
 	.set vec, 0
-	.rept 256
+	.rept 0x50
 	.balign 16
 	.if (vec == 8) || (vec >= 10 && vec <= 14) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
 	.else
@@ -236,7 +237,7 @@ isr_common:
 
 /*
  * enter_user(fn, arg, rsp, rflags): IRETQ to fn(arg) at CPL3 (Intel SDM
- * Vol. 3A, 6.14.3 / IRET to outer privilege level). fn must not return; if it
+ * Vol. 2A, IRET: return to outer privilege level). fn must not return; if it
  * does it lands in user_returned.
  */
 	.globl enter_user

@@ -1,7 +1,8 @@
 /*
  * The scenarios that run at CPL3 (native speed on PVM). The identity map is
  * user-accessible, so RAM, the LAPIC, the IOAPIC and the ACPI tables are
- * plain memory accesses here, and RFLAGS.IOPL = 3 allows port I/O.
+ * plain memory accesses here. Port I/O is allowed by RFLAGS.IOPL = 3 on
+ * hardware KVM and by the TSS I/O bitmap on PVM (see main.c).
  */
 #include "probe.h"
 
@@ -30,7 +31,6 @@ static void park(void)
 #define LAPIC_ICR_HI 0x310
 #define LAPIC_LVT_TIMER 0x320
 #define LAPIC_TIMER_INIT 0x380
-#define LAPIC_TIMER_CUR 0x390
 #define LAPIC_TIMER_DIV 0x3e0
 
 static u32 lapic_read(u32 reg) { return mmio_read32(LAPIC_BASE + reg); }
