@@ -1,6 +1,6 @@
 //! The command line. Flags become a `VmConfig`; nothing below this module sees them.
 
-use crate::config::{self, ConfigError, ConsoleConfig, MemSize, VmConfig};
+use crate::config::{self, ConfigError, ConsoleConfig, DiskConfig, MemSize, VmConfig};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -53,6 +53,16 @@ pub struct RunArgs {
     /// [default: stdio].
     #[arg(long, value_name = "WHERE")]
     pub console: Option<String>,
+    /// A virtio-blk disk, repeatable (vda, vdb, ... in order):
+    /// path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2]. Without format, wisp probes
+    /// and refuses a probed qcow2 image that names a backing file. Given here, the disks
+    /// replace those of the config file.
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disks: Vec<String>,
+    /// Describe virtio-mmio devices on the kernel command line (virtio_mmio.device=)
+    /// instead of in ACPI, for kernels built without ACPI.
+    #[arg(long)]
+    pub virtio_mmio_cmdline: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +97,16 @@ impl RunArgs {
         }
         if let Some(c) = &self.console {
             config.console = c.parse::<ConsoleConfig>()?;
+        }
+        if !self.disks.is_empty() {
+            config.disks = self
+                .disks
+                .iter()
+                .map(|d| DiskConfig::parse(d))
+                .collect::<Result<_, _>>()?;
+        }
+        if self.virtio_mmio_cmdline {
+            config.virtio_mmio_cmdline = true;
         }
         config.validate()?;
         Ok(config)

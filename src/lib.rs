@@ -4,6 +4,7 @@ pub mod arch;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod devices;
 pub mod logger;
 pub mod terminal;
 pub mod vmm;

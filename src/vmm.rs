@@ -3,6 +3,7 @@
 
 use crate::arch::x86_64::{acpi, boot, cpuid, layout::*, pvm, regs};
 use crate::config::{ConsoleConfig, VmConfig};
+use crate::devices::{open_disk, DeviceError, VirtioDevices};
 use crate::terminal;
 use crate::vstate::exit::{ExitSignal, VmExit};
 use crate::vstate::vcpu::{ThreadStart, Vcpu};
@@ -42,6 +43,8 @@ pub enum VmmError {
     },
     #[error("placing a device on the bus: {0}")]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -65,6 +68,7 @@ pub struct Vmm {
     serial: Arc<Mutex<Serial>>,
     serial_drained: EventFd,
     console_input: bool,
+    virtio: VirtioDevices,
     vcpu_start: Option<Arc<dyn Fn(u8, libc::pid_t) -> Result<(), String> + Send + Sync>>,
 }
 
@@ -112,13 +116,25 @@ impl Vmm {
             ACPI_PM_PORT,
             ACPI_PM_PORT_LEN,
         )?;
-        let mmio_bus = Bus::new();
+        let mut mmio_bus = Bus::new();
+        let mut virtio = VirtioDevices::default();
+        for disk in &config.disks {
+            virtio.attach(&vm, &mut mmio_bus, Box::new(open_disk(disk)?))?;
+        }
 
+        // Each virtio device is described once: in the DSDT, or on the command line.
+        let mut cmdline = config.cmdline.clone();
+        let acpi_virtio = if config.virtio_mmio_cmdline {
+            cmdline.push_str(&virtio.cmdline());
+            &[][..]
+        } else {
+            &virtio.windows[..]
+        };
         let rsdp = acpi::write(
             &vm.mem,
             &acpi::Platform {
                 vcpus: config.cpus,
-                virtio_mmio: &[],
+                virtio_mmio: acpi_virtio,
             },
         )?;
         let kernel = boot::load(
@@ -126,7 +142,7 @@ impl Vmm {
             mem_size,
             &config.kernel,
             config.initrd.as_deref(),
-            &config.cmdline,
+            &cmdline,
             rsdp,
         )?;
 
@@ -178,6 +194,7 @@ impl Vmm {
             serial,
             serial_drained,
             console_input: config.console == ConsoleConfig::Stdio,
+            virtio,
             vcpu_start: None,
         })
     }
@@ -204,6 +221,16 @@ impl Vmm {
         add(self.exit.event_fd().as_raw_fd(), TOKEN_EXIT).map_err(io_err("epoll"))?;
         add(signals.as_raw_fd(), TOKEN_SIGNAL).map_err(io_err("epoll"))?;
         add(self.serial_drained.as_raw_fd(), TOKEN_SERIAL_DRAINED).map_err(io_err("epoll"))?;
+        // Device events: one token per queue eventfd, per "device fds changed" eventfd and
+        // per device fd (re-registered when a device activates or resets).
+        for (dev, h) in self.virtio.handlers.iter().enumerate() {
+            for (q, evt) in h.queue_evts().iter().enumerate() {
+                add(evt.as_raw_fd(), Source::Queue(dev, q).token()).map_err(io_err("epoll"))?;
+            }
+            add(h.fds_changed_evt().as_raw_fd(), Source::FdsChanged(dev).token())
+                .map_err(io_err("epoll"))?;
+        }
+        let mut device_fds: Vec<Vec<RawFd>> = vec![Vec::new(); self.virtio.handlers.len()];
         let mut stdin_watched = false;
         if self.console_input {
             // Regular files and /dev/null cannot be watched: there is no input to wait for.
@@ -261,7 +288,29 @@ impl Vmm {
                             stdin_watched = add(0, TOKEN_STDIN).is_ok();
                         }
                     }
-                    _ => {}
+                    token => match Source::from_token(token) {
+                        Some(Source::Queue(dev, q)) => self.virtio.handlers[dev].process_queue(q),
+                        Some(Source::DeviceFd(dev, j)) => {
+                            self.virtio.handlers[dev].process_device_fd(j)
+                        }
+                        Some(Source::FdsChanged(dev)) => {
+                            let h = &self.virtio.handlers[dev];
+                            let _ = h.fds_changed_evt().read();
+                            for fd in device_fds[dev].drain(..) {
+                                let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                            }
+                            for (j, fd) in h.device_fds().into_iter().enumerate() {
+                                let token = Source::DeviceFd(dev, j).token();
+                                let ev = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, token);
+                                if let Err(e) = epoll.ctl(ControlOperation::Add, fd, ev) {
+                                    log::error!("cannot watch device fd {fd}: {e}");
+                                    continue;
+                                }
+                                device_fds[dev].push(fd);
+                            }
+                        }
+                        None => {}
+                    },
                 }
             }
         };
@@ -303,6 +352,37 @@ const TOKEN_EXIT: u64 = 0;
 const TOKEN_SIGNAL: u64 = 1;
 const TOKEN_STDIN: u64 = 2;
 const TOKEN_SERIAL_DRAINED: u64 = 3;
+
+/// What a device's epoll token stands for: (device index, queue or fd index), encoded as
+/// kind << 32 | device << 16 | index, so tokens never need a table that a guest could grow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Queue(usize, usize),
+    FdsChanged(usize),
+    DeviceFd(usize, usize),
+}
+
+impl Source {
+    fn token(self) -> u64 {
+        let (kind, dev, idx) = match self {
+            Source::Queue(d, q) => (1u64, d, q),
+            Source::FdsChanged(d) => (2, d, 0),
+            Source::DeviceFd(d, j) => (3, d, j),
+        };
+        (kind << 32) | ((dev as u64 & 0xffff) << 16) | (idx as u64 & 0xffff)
+    }
+
+    fn from_token(token: u64) -> Option<Source> {
+        let dev = ((token >> 16) & 0xffff) as usize;
+        let idx = (token & 0xffff) as usize;
+        match token >> 32 {
+            1 => Some(Source::Queue(dev, idx)),
+            2 => Some(Source::FdsChanged(dev)),
+            3 => Some(Source::DeviceFd(dev, idx)),
+            _ => None,
+        }
+    }
+}
 
 fn irq_line(vm: &Vm, gsi: u32) -> Result<Arc<dyn InterruptLine>, VmmError> {
     let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;

@@ -1,7 +1,10 @@
 //! What the user asked for: one `VmConfig`, from CLI flags, a JSON file or (later) the API,
 //! validated once, here. The builder never sees flags or JSON.
 
+mod disk;
 pub mod size;
+
+pub use disk::{DiskConfig, DiskFormat};
 
 pub use size::MemSize;
 
@@ -34,6 +37,10 @@ pub enum ConfigError {
     MemoryAlignment(u64),
     #[error("kernel command line is {len} bytes, the limit is {max}")]
     CmdlineTooLong { len: usize, max: usize },
+    #[error("--disk {spec}: {reason}")]
+    DiskSpec { spec: String, reason: String },
+    #[error("at most {max} virtio devices fit the platform, {count} were asked for")]
+    TooManyDevices { count: usize, max: usize },
     #[error("console must be stdio, file:PATH or none, got {0:?}")]
     Console(String),
     #[error("config file {path}: {source}")]
@@ -112,7 +119,17 @@ pub struct VmConfig {
     pub memory: MemSize,
     #[serde(default)]
     pub console: ConsoleConfig,
+    /// virtio-blk disks, in order: vda, vdb, ...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    /// Describe virtio-mmio devices on the kernel command line (`virtio_mmio.device=`)
+    /// instead of in the ACPI DSDT, for kernels built without ACPI.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub virtio_mmio_cmdline: bool,
 }
+
+/// virtio-mmio devices get GSIs 5..=23 of the IOAPIC.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
 
 fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
@@ -133,6 +150,8 @@ impl VmConfig {
             cpus: default_cpus(),
             memory: default_memory(),
             console: ConsoleConfig::default(),
+            disks: Vec::new(),
+            virtio_mmio_cmdline: false,
         }
     }
 
@@ -162,6 +181,16 @@ impl VmConfig {
         }
         if mem % (1 << 20) != 0 {
             return Err(ConfigError::MemoryAlignment(mem));
+        }
+        for disk in &self.disks {
+            disk.validate()?;
+        }
+        disk::check_distinct(&self.disks)?;
+        if self.disks.len() > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices {
+                count: self.disks.len(),
+                max: MAX_VIRTIO_DEVICES,
+            });
         }
         // The PVH and boot_params command lines both need the terminating NUL.
         let max = crate::arch::x86_64::layout::CMDLINE_MAX_SIZE - 1;

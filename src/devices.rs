@@ -1,0 +1,173 @@
+//! The VMM side of the devices: opens disk images, puts virtio devices on the MMIO bus with
+//! their ioeventfds and irqfds, and says how the guest finds them (ACPI or command line).
+
+use crate::arch::x86_64::acpi::MmioDevice;
+use crate::arch::x86_64::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::config::{io_reason, DiskConfig, DiskFormat};
+use crate::vstate::vm::Vm;
+use kvm_ioctls::IoEventAddress;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use vmm_sys_util::eventfd::EventFd;
+use wisp_devices::bus::{Bus, BusError};
+use wisp_devices::disk::qcow2::{self, Qcow2};
+use wisp_devices::disk::raw::{lock_file, RawFile};
+use wisp_devices::disk::DiskBackend;
+use wisp_devices::interrupt::IrqFd;
+use wisp_devices::virtio::block::Block;
+use wisp_devices::virtio::{MmioTransport, VirtioDevice, VirtioEventHandler, NOTIFY_REG_OFFSET};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("disk {path}: {reason}")]
+    Disk { path: PathBuf, reason: String },
+    #[error("{op} failed: {source}")]
+    Kvm {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("eventfd: {0}")]
+    EventFd(io::Error),
+    #[error("virtio-mmio transport: {0}")]
+    Transport(String),
+    #[error("placing a device on the bus: {0}")]
+    Bus(#[from] BusError),
+}
+
+/// The virtio devices of a VM, once on the bus.
+#[derive(Default)]
+pub struct VirtioDevices {
+    pub handlers: Vec<VirtioEventHandler>,
+    pub windows: Vec<MmioDevice>,
+}
+
+impl VirtioDevices {
+    /// Puts `device` at the next virtio-mmio window with the next GSI.
+    pub fn attach(
+        &mut self,
+        vm: &Vm,
+        mmio_bus: &mut Bus,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<(), DeviceError> {
+        let index = self.windows.len();
+        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
+        let gsi = VIRTIO_GSI_START + index as u32;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        vm.fd
+            .register_irqfd(&irq, gsi)
+            .map_err(|source| DeviceError::Kvm { op: "KVM_IRQFD", source })?;
+        let transport = MmioTransport::new(device, vm.mem.clone(), Arc::new(IrqFd(irq)))
+            .map_err(|e| DeviceError::Transport(e.to_string()))?;
+        for (queue, evt) in transport.queue_evts().iter().enumerate() {
+            // A QueueNotify write of this queue's index signals its eventfd inside KVM:
+            // no exit to wisp, and the device's work runs on the event loop.
+            vm.fd
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
+                    queue as u32,
+                )
+                .map_err(|source| DeviceError::Kvm {
+                    op: "KVM_IOEVENTFD",
+                    source,
+                })?;
+        }
+        self.handlers.push(transport.event_handler());
+        mmio_bus.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+        self.windows.push(MmioDevice {
+            base,
+            size: VIRTIO_MMIO_SIZE,
+            gsi,
+        });
+        Ok(())
+    }
+
+    /// `virtio_mmio.device=` entries for kernels that find devices on the command line.
+    pub fn cmdline(&self) -> String {
+        self.windows
+            .iter()
+            .map(|w| format!(" virtio_mmio.device=4K@{:#x}:{}", w.base, w.gsi))
+            .collect()
+    }
+}
+
+/// Opens a disk image as its format says (probing when none was given) and wraps it in a
+/// virtio-blk device.
+pub fn open_disk(disk: &DiskConfig) -> Result<Block, DeviceError> {
+    let err = |reason: String| DeviceError::Disk {
+        path: disk.path.clone(),
+        reason,
+    };
+    let format = match disk.format {
+        Some(f) => f,
+        None => {
+            let file = File::open(&disk.path).map_err(|e| err(io_reason(&e)))?;
+            match qcow2::probe_format(&file).map_err(|e| err(io_reason(&e)))? {
+                qcow2::Format::Raw => DiskFormat::Raw,
+                qcow2::Format::Qcow2 => DiskFormat::Qcow2,
+            }
+        }
+    };
+    let block = match format {
+        DiskFormat::Raw => {
+            let raw = RawFile::open(&disk.path, disk.readonly).map_err(|e| err(e.to_string()))?;
+            Block::new_raw(raw, disk.serial.clone(), disk.readonly)
+        }
+        DiskFormat::Qcow2 => {
+            let lock = lock_image(&disk.path, disk.readonly).map_err(err)?;
+            let image = Qcow2::open(&disk.path, disk.readonly).map_err(|e| err(e.to_string()))?;
+            if disk.format.is_none() && !image.backing_chain().is_empty() {
+                return Err(err(
+                    "probed as qcow2 and it names a backing file; give format=qcow2 if this image is \
+                     trusted (a guest can write a qcow2 header into a raw disk)"
+                        .into(),
+                ));
+            }
+            Block::new(Box::new(Locked { image, _lock: lock }), disk.serial.clone(), disk.readonly)
+        }
+    };
+    block.map_err(|e| err(e.to_string()))
+}
+
+/// The same advisory lock raw images take (see disk::raw::lock_file), on its own descriptor.
+fn lock_image(path: &Path, read_only: bool) -> Result<File, String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|e| io_reason(&e))?;
+    lock_file(&file, path, !read_only).map_err(|e| e.to_string())?;
+    Ok(file)
+}
+
+/// A disk image and the lock that keeps other wisp processes from writing it.
+struct Locked<D> {
+    image: D,
+    _lock: File,
+}
+
+impl<D: DiskBackend> DiskBackend for Locked<D> {
+    fn len(&self) -> u64 {
+        self.image.len()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.image.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.image.write_at(offset, buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.image.flush()
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.image.discard(offset, len)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        self.image.write_zeroes(offset, len, may_unmap)
+    }
+    fn read_only(&self) -> bool {
+        self.image.read_only()
+    }
+}
