@@ -39,6 +39,8 @@ for n in 1 2 4; do
 done
 o=$(qemu -smp 2 -kernel "$out/probe.elf" -append 'probe.scenario=irq'); expect irq "$o" \
 	'^probe: lapic-timer ok [0-9]+$' '^probe: serial-irq ok$' '^probe: done irq$'
+o=$(qemu -kernel "$out/probe.elf" -append 'probe.scenario=exits'); expect exits "$o" \
+	'^probe: exit-ns pio-out [0-9]+ pio-in [0-9]+ mmio-write [0-9]+ mmio-read [0-9]+ ' '^probe: done exits$'
 o=$(T=3 qemu -smp 2 -kernel "$out/probe.elf" -append 'probe.scenario=spin'); expect spin "$o" \
 	'^probe: cpus 2$' '^probe: progress 3$'
 # Without -no-reboot a reset boots the probe again: two start lines prove the reset.

@@ -286,6 +286,36 @@ static void scenario_irq(void)
 	done();
 }
 
+/* ---- exits: the cost of a VM exit, for the VMM benchmarks ---- */
+
+/* Time `n` iterations of one exiting access; returns nanoseconds per exit. */
+#define TIME_EXITS(n, access)                                          \
+	({                                                             \
+		u64 t0_ = rdtsc();                                     \
+		for (u32 i_ = 0; i_ < (n); i_++)                       \
+			access;                                        \
+		(rdtsc() - t0_) * 1000000000ull / tsc_hz / (n);        \
+	})
+
+/*
+ * Port 0x80 (the POST diagnostic port, no device behind it in wisp) and the
+ * first MMIO-hole page 0xc0000000 (no device in wisp's layout) exit to the
+ * VMM, which ignores writes and reads 0xff.
+ */
+static void scenario_exits(void)
+{
+	const u32 n = 5000;
+	const u64 mmio = 0xc0000000ull;
+	tsc_calibrate();
+	u64 pio_out = TIME_EXITS(n, outb(0x80, 0));
+	u64 pio_in = TIME_EXITS(n, (void)inb(0x80));
+	u64 mmio_write = TIME_EXITS(n, mmio_write32(mmio, 0));
+	u64 mmio_read = TIME_EXITS(n, (void)mmio_read32(mmio));
+	printf("probe: exit-ns pio-out %lu pio-in %lu mmio-write %lu mmio-read %lu (%u each)\n", pio_out, pio_in,
+	       mmio_write, mmio_read, n);
+	done();
+}
+
 /* ---- entry ---- */
 void user_main(u64 cpl0_done)
 {
@@ -322,6 +352,8 @@ void user_main(u64 cpl0_done)
 		scenario_spin();
 	else if (!strcmp(scenario, "irq"))
 		scenario_irq();
+	else if (!strcmp(scenario, "exits"))
+		scenario_exits();
 	else if (!strcmp(scenario, "reset-acpi"))
 		acpi_reset();
 	else if (!strcmp(scenario, "reset-i8042")) {

@@ -47,6 +47,8 @@ for n in 1 2 4; do
 done
 run 30 "$out/probe.elf" --cmdline probe.scenario=irq --cpus 2
 check irq 0 "$o" $rc '^probe: lapic-timer ok' '^probe: serial-irq ok$' '^probe: done irq$'
+run 30 "$out/probe.elf" --cmdline probe.scenario=exits
+check exits 0 "$o" $rc '^probe: exit-ns pio-out [0-9]+ pio-in [0-9]+ mmio-write [0-9]+ mmio-read [0-9]+ ' '^probe: done exits$'
 run 3 "$out/probe.elf" --cmdline probe.scenario=spin --cpus 2
 check spin 124 "$o" $rc '^probe: cpus 2$' '^probe: progress 3$'
 for s in reset-acpi reset-i8042; do
