@@ -26,6 +26,9 @@ pub struct Cli {
 pub enum Command {
     /// Boot a VM and run it until the guest powers off, reboots or crashes.
     Run(RunArgs),
+    /// Create and inspect disk images (qcow2, raw).
+    #[command(subcommand)]
+    Image(crate::image::ImageCommand),
 }
 
 #[derive(Args, Debug, Default)]
@@ -121,7 +124,9 @@ mod tests {
         let mut full = vec!["wisp", "run"];
         full.extend_from_slice(args);
         let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
-        let Command::Run(run) = cli.command;
+        let Command::Run(run) = cli.command else {
+            panic!("not a run command");
+        };
         run.to_config().map_err(|e| e.to_string())
     }
 

@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod devices;
+pub mod image;
 pub mod logger;
 pub mod terminal;
 pub mod vmm;

@@ -12,6 +12,10 @@ fn main() {
     wisp::logger::init(cli.log_level.as_deref());
     let code = match cli.command {
         Command::Run(args) => run(&args),
+        Command::Image(cmd) => match wisp::image::run(&cmd) {
+            Ok(()) => 0,
+            Err(e) => fail(&e),
+        },
     };
     std::process::exit(code);
 }
