@@ -54,10 +54,13 @@ start_info_paddr:
 ap_next_index:
 	.long 1
 
-/* Intel SDM Vol. 3A, 10.8.5: CR4.PAE, CR3, EFER.LME, then CR0.PG. No stack. */
+/*
+ * Intel SDM Vol. 3A, 10.8.5: CR4.PAE, CR3, EFER.LME, then CR0.PG. No stack.
+ * CR4 is set outright (PAE only): SMEP/SMAP left on by a VMM would fault this
+ * code, which runs from user-accessible pages.
+ */
 .macro ENABLE_LONG_MODE
-	mov %cr4, %eax
-	or $(1 << 5), %eax
+	mov $(1 << 5), %eax
 	mov %eax, %cr4
 	mov $pml4, %eax
 	mov %eax, %cr3
