@@ -49,11 +49,11 @@ run() {
     local wt=999999 qt=999999 t
     for _ in $(seq "$REPS"); do
         $reset
-        cat "$DIR"/* >/dev/null
+        cat "$DIR"/* >/dev/null; sync
         t=$($BIN "$fmt" "$mode" "$bs" "$step" "$count" "$file")
         wt=$(awk -v a="$wt" -v b="$t" 'BEGIN { print (b < a) ? b : a }')
         $reset
-        cat "$DIR"/* >/dev/null
+        cat "$DIR"/* >/dev/null; sync
         t=$(qemu-img bench -f "$fmt" -t writeback -d 1 -c "$count" -s "$bs" -S "$step" $w "$file" |
             sed -n 's/.*Run completed in \([0-9.]*\) seconds.*/\1/p')
         qt=$(awk -v a="$qt" -v b="$t" 'BEGIN { print (b < a) ? b : a }')

@@ -112,6 +112,8 @@ pub enum Error {
     Backing { path: PathBuf, source: Box<Error> },
     #[error("images with {count} internal snapshots can only be opened read-only")]
     Snapshots { count: u32 },
+    #[error(transparent)]
+    Lock(#[from] super::raw::RawError),
     #[error("image size is required when there is no backing file")]
     NoSize,
     #[error("backing file name {name:?} does not fit in the header cluster")]
@@ -433,6 +435,9 @@ pub struct Qcow2 {
     rt_offset: u64,
     rt: Vec<u64>,
     rt_dirty: BTreeSet<usize>,
+    /// Entries of the refcount table as it is on disk (the in-memory one is longer while
+    /// the table is being grown).
+    rt_disk_entries: usize,
     rc_cache: TableCache<Vec<u8>>,
     backing: Option<BackingDisk>,
     chain: Vec<(PathBuf, Format)>,
@@ -500,6 +505,8 @@ impl Qcow2 {
             .write(!read_only)
             .open(path)
             .map_err(open_err)?;
+        // Exclusive for a writer, shared for readers (backing files), like raw images.
+        super::raw::lock_file(&file, path, !read_only)?;
         let io_err = |source| Error::Io {
             path: path.to_owned(),
             source,
@@ -625,6 +632,7 @@ impl Qcow2 {
             refcount_order: h.refcount_order,
             rcb_bits: cluster_bits + 3 - h.refcount_order,
             rt_offset: h.refcount_table_offset,
+            rt_disk_entries: rt.len(),
             rt,
             rt_dirty: BTreeSet::new(),
             rc_cache: TableCache::new(rc_cap),
@@ -955,6 +963,7 @@ impl Qcow2 {
             self.pwrite(&hdr, header::OFF_REFCOUNT_TABLE)?;
             self.file.sync_data()?;
             self.rt_offset = new_rt_offset;
+            self.rt_disk_entries = self.rt.len();
             self.rt_dirty.clear();
             let first = old_rt.0 >> cb;
             let count = old_rt.1.div_ceil(self.cluster_size);
@@ -1017,6 +1026,13 @@ impl Qcow2 {
         if !self.rt_dirty.is_empty() {
             self.file.sync_data()?;
             for i in std::mem::take(&mut self.rt_dirty) {
+                if i >= self.rt_disk_entries {
+                    // A refcount table growth failed half way; never write past the table.
+                    return Err(self.corrupt(format!(
+                        "refcount table entry {i} beyond the on-disk table ({} entries) after a failed table growth",
+                        self.rt_disk_entries
+                    )));
+                }
                 let e = self.rt[i];
                 self.pwrite(&e.to_be_bytes(), self.rt_offset + i as u64 * 8)?;
             }
@@ -1275,9 +1291,9 @@ impl Qcow2 {
             let m = self.mapping(g)?;
             let host = match m {
                 Mapping::Data { host, copied: true } => {
-                    if self.is_fixed_metadata(host >> self.cluster_bits) {
+                    if self.is_fixed_metadata(host >> self.cluster_bits) || host >= self.file_size {
                         return Err(self.corrupt(format!(
-                            "data cluster {host:#x} overlaps the header, L1 or refcount table"
+                            "data cluster {host:#x} overlaps the header, L1 or refcount table, or lies past the end of the file"
                         )));
                     }
                     host + inoff

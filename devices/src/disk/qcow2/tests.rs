@@ -1034,3 +1034,79 @@ fn crash_consistency_under_sigkill() {
         "backing file changed"
     );
 }
+
+#[test]
+fn a_second_writer_is_locked_out() {
+    let dir = TempDir::new("lock");
+    let img = dir.path("l.qcow2");
+    create(&img, Some(1 << 20), None, None).expect("create");
+    let _w = Qcow2::open(&img, false).expect("first writer");
+    let msg = match Qcow2::open(&img, false) {
+        Ok(_) => panic!("second writer allowed"),
+        Err(e) => e.to_string(),
+    };
+    assert!(msg.contains("in use"), "{msg}");
+    assert!(
+        Qcow2::open(&img, true).is_err(),
+        "reader allowed next to a writer"
+    );
+}
+
+/// Hostile images: random damage to the header and the metadata tables of an image with
+/// data in it (L1, L2, refcount table and blocks, compressed clusters), then every
+/// operation over the whole disk. Errors are fine; a panic or a hang is not.
+#[test]
+fn damaged_metadata_gives_errors_not_panics() {
+    let dir = TempDir::new("hostile");
+    let mut rng = Rng(0xbad_1dea);
+    let seed_img = dir.path("seed.qcow2");
+    create(&seed_img, Some(4 << 20), Some(4096), None).expect("create");
+    {
+        let mut q = Qcow2::open(&seed_img, false).expect("open");
+        let ops = random_ops(&mut rng, 4 << 20, 4096, 60);
+        let mut model = vec![0u8; 4 << 20];
+        apply(&ops, &mut q, &mut model);
+    }
+    let pristine = fs::read(&seed_img).expect("seed");
+    let meta_end = pristine.len().min(64 << 10);
+    for round in 0..300 {
+        let mut bytes = pristine.clone();
+        let flips = 1 + rng.below(8);
+        for _ in 0..flips {
+            let pos = if rng.below(3) == 0 {
+                rng.below(112) as usize
+            } else {
+                rng.below(meta_end as u64) as usize
+            };
+            bytes[pos] = match rng.below(4) {
+                0 => 0xff,
+                1 => 0,
+                2 => bytes[pos] ^ (1 << rng.below(8)),
+                _ => rng.next() as u8,
+            };
+        }
+        if rng.below(10) == 0 {
+            bytes.truncate(rng.below(bytes.len() as u64) as usize);
+        }
+        let img = dir.path(&format!("h{round}.qcow2"));
+        fs::write(&img, &bytes).expect("write damaged");
+        if let Ok(mut q) = Qcow2::open(&img, false) {
+            let len = q.len().min(4 << 20);
+            let mut buf = vec![0u8; 65536 + 512];
+            let mut off = 0;
+            while off + buf.len() as u64 <= len {
+                let _ = q.read_at(off, &mut buf);
+                let _ = q.write_at(off + 100, &buf[..5000]);
+                off += 200_000;
+            }
+            let _ = q.discard(0, len / 2);
+            let _ = q.write_zeroes(len / 2, len / 4, true);
+            let _ = q.flush();
+        }
+        let _ = Qcow2::open(&img, true).map(|mut q| {
+            let mut b = [0u8; 4096];
+            let _ = q.read_at(0, &mut b);
+        });
+        let _ = fs::remove_file(&img);
+    }
+}
