@@ -57,7 +57,10 @@ impl VirtioDevices {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.fd
             .register_irqfd(&irq, gsi)
-            .map_err(|source| DeviceError::Kvm { op: "KVM_IRQFD", source })?;
+            .map_err(|source| DeviceError::Kvm {
+                op: "KVM_IRQFD",
+                source,
+            })?;
         let transport = MmioTransport::new(device, vm.mem.clone(), Arc::new(IrqFd(irq)))
             .map_err(|e| DeviceError::Transport(e.to_string()))?;
         for (queue, evt) in transport.queue_evts().iter().enumerate() {
@@ -125,7 +128,11 @@ pub fn open_disk(disk: &DiskConfig) -> Result<Block, DeviceError> {
                         .into(),
                 ));
             }
-            Block::new(Box::new(Locked { image, _lock: lock }), disk.serial.clone(), disk.readonly)
+            Block::new(
+                Box::new(Locked { image, _lock: lock }),
+                disk.serial.clone(),
+                disk.readonly,
+            )
         }
     };
     block.map_err(|e| err(e.to_string()))

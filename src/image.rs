@@ -61,10 +61,12 @@ pub fn run(cmd: &ImageCommand) -> Result<(), ImageError> {
 fn size_arg(flag: &'static str, v: &Option<String>) -> Result<Option<u64>, ImageError> {
     v.as_ref()
         .map(|s| {
-            s.parse::<MemSize>().map(|m| m.0).map_err(|e| ImageError::Arg {
-                flag,
-                reason: e.to_string(),
-            })
+            s.parse::<MemSize>()
+                .map(|m| m.0)
+                .map_err(|e| ImageError::Arg {
+                    flag,
+                    reason: e.to_string(),
+                })
         })
         .transpose()
 }
@@ -130,7 +132,11 @@ fn info(a: &InfoArgs) -> Result<(), ImageError> {
     } else {
         println!("image: {}", a.path.display());
         println!("format: {}", i.format);
-        println!("virtual size: {} ({} bytes)", MemSize(i.virtual_size), i.virtual_size);
+        println!(
+            "virtual size: {} ({} bytes)",
+            MemSize(i.virtual_size),
+            i.virtual_size
+        );
         println!("allocated: {} bytes", i.allocated_bytes);
         for (depth, (p, f)) in i.backing_chain.iter().enumerate() {
             println!("backing file {}: {} ({f})", depth + 1, p.display());

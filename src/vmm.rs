@@ -79,7 +79,7 @@ impl Vmm {
         let vm = Vm::new(mem_size)?;
         let pvm = pvm::is_pvm_host();
         if pvm {
-            log::info!("PVM host: hiding CX16, XSAVE and SMAP, completing int3/fwait");
+            log::info!("PVM host: completing the instructions its emulator cannot run");
         }
         let exit = ExitSignal::new().map_err(io_err("eventfd"))?;
 
@@ -124,6 +124,13 @@ impl Vmm {
 
         // Each virtio device is described once: in the DSDT, or on the command line.
         let mut cmdline = config.cmdline.clone();
+        if pvm && boot::is_linux(&config.kernel) {
+            if let Some(words) = pvm::linux_cmdline_additions(&cmdline) {
+                log::info!("PVM host: adding `{words}` to the Linux command line");
+                cmdline.push(' ');
+                cmdline.push_str(words);
+            }
+        }
         let acpi_virtio = if config.virtio_mmio_cmdline {
             cmdline.push_str(&virtio.cmdline());
             &[][..]
@@ -157,14 +164,7 @@ impl Vmm {
                 .create_vcpu(id.into())
                 .map_err(kvm("KVM_CREATE_VCPU"))?;
             let mut cpuid = supported.clone();
-            cpuid::normalize(
-                &mut cpuid,
-                id,
-                cpuid::CpuidOptions {
-                    vcpu_count: config.cpus,
-                    pvm,
-                },
-            );
+            cpuid::normalize(&mut cpuid, id, config.cpus);
             fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
             let setup = |fd: &kvm_ioctls::VcpuFd| -> Result<(), regs::RegsError> {
                 regs::setup_msrs(fd)?;
@@ -227,8 +227,11 @@ impl Vmm {
             for (q, evt) in h.queue_evts().iter().enumerate() {
                 add(evt.as_raw_fd(), Source::Queue(dev, q).token()).map_err(io_err("epoll"))?;
             }
-            add(h.fds_changed_evt().as_raw_fd(), Source::FdsChanged(dev).token())
-                .map_err(io_err("epoll"))?;
+            add(
+                h.fds_changed_evt().as_raw_fd(),
+                Source::FdsChanged(dev).token(),
+            )
+            .map_err(io_err("epoll"))?;
         }
         let mut device_fds: Vec<Vec<RawFd>> = vec![Vec::new(); self.virtio.handlers.len()];
         let mut stdin_watched = false;
@@ -297,11 +300,13 @@ impl Vmm {
                             let h = &self.virtio.handlers[dev];
                             let _ = h.fds_changed_evt().read();
                             for fd in device_fds[dev].drain(..) {
-                                let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                                let _ =
+                                    epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
                             }
                             for (j, fd) in h.device_fds().into_iter().enumerate() {
                                 let token = Source::DeviceFd(dev, j).token();
-                                let ev = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, token);
+                                let ev =
+                                    EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, token);
                                 if let Err(e) = epoll.ctl(ControlOperation::Add, fd, ev) {
                                     log::error!("cannot watch device fd {fd}: {e}");
                                     continue;

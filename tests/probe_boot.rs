@@ -27,11 +27,21 @@ fn hello_prints_and_poweroff_exits_zero() {
     if !kvm_available("hello_prints_and_poweroff_exits_zero") {
         return;
     }
-    let f = Wisp::spawn(&["run", "--memory", "64M", "--kernel", probes().hello.to_str().unwrap()])
-        .wait(T);
+    let f = Wisp::spawn(&[
+        "run",
+        "--memory",
+        "64M",
+        "--kernel",
+        probes().hello.to_str().unwrap(),
+    ])
+    .wait(T);
     assert!(f.stdout.contains("probe: hello"), "console: {}", f.stdout);
     assert_eq!(f.code(), Some(0), "stderr: {}", f.stderr);
-    assert!(f.stderr.is_empty(), "a clean poweroff prints nothing: {}", f.stderr);
+    assert!(
+        f.stderr.is_empty(),
+        "a clean poweroff prints nothing: {}",
+        f.stderr
+    );
 }
 
 #[test]
@@ -54,7 +64,10 @@ fn triple_fault_exits_nonzero_with_reason() {
     }
     let f = run_probe("triplefault", 1, "64M", &[], T);
     assert_eq!(f.code(), Some(2));
-    assert_eq!(f.stderr.trim(), "wisp: vcpu0: triple fault, the guest crashed");
+    assert_eq!(
+        f.stderr.trim(),
+        "wisp: vcpu0: triple fault, the guest crashed"
+    );
 }
 
 #[test]
@@ -109,7 +122,10 @@ fn guest_sees_the_memory_it_was_given() {
     for (flag, bytes) in [("128M", 128u64 << 20), ("1G", 1 << 30), ("5G", 5 << 30)] {
         let f = run_probe("info", 1, flag, &[], T);
         assert_clean_run(&f, "info");
-        let ram: u64 = lines_with(&f.stdout, "probe: ram ")[0].trim().parse().unwrap();
+        let ram: u64 = lines_with(&f.stdout, "probe: ram ")[0]
+            .trim()
+            .parse()
+            .unwrap();
         assert_eq!(ram, expected_ram(bytes), "--memory {flag}");
         // The probe wrote and read back the first and last page of each RAM range.
         let tested = lines_with(&f.stdout, "probe: memtest ");
@@ -132,10 +148,17 @@ fn acpi_tables_are_found_and_checksummed() {
     let f = run_probe("info", 4, "128M", &[], T);
     assert_clean_run(&f, "info");
     for sig in ["RSDP", "XSDT", "FACP", "APIC", "DSDT"] {
-        assert!(f.stdout.contains(&format!("probe: acpi {sig} ")), "{sig}: {}", f.stdout);
+        assert!(
+            f.stdout.contains(&format!("probe: acpi {sig} ")),
+            "{sig}: {}",
+            f.stdout
+        );
     }
     assert_eq!(lines_with(&f.stdout, "probe: madt-cpus "), vec!["4"]);
-    assert_eq!(lines_with(&f.stdout, "probe: cmdline "), vec!["probe.scenario=info"]);
+    assert_eq!(
+        lines_with(&f.stdout, "probe: cmdline "),
+        vec!["probe.scenario=info"]
+    );
 }
 
 #[test]
@@ -146,7 +169,11 @@ fn int3_and_fwait_at_cpl0_complete() {
     for scenario in ["int3", "fwait"] {
         let f = run_probe(scenario, 1, "64M", &["--log-level", "info"], T);
         assert_clean_run(&f, scenario);
-        assert!(f.stdout.contains(&format!("probe: {scenario} ok")), "{}", f.stdout);
+        assert!(
+            f.stdout.contains(&format!("probe: {scenario} ok")),
+            "{}",
+            f.stdout
+        );
         if pvm_host() {
             // On PVM the instruction ends KVM_RUN and wisp completes it, saying so.
             assert!(
@@ -178,7 +205,12 @@ fn vcpu_threads_are_named_and_sigterm_stops_cleanly() {
     w.wait_for("probe: progress", T);
     let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", w.pid()))
         .unwrap()
-        .map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap().trim().to_string())
+        .map(|t| {
+            std::fs::read_to_string(t.unwrap().path().join("comm"))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
         .filter(|n| n.starts_with("wisp-vcpu"))
         .collect();
     names.sort();
@@ -199,7 +231,13 @@ fn unsupported_instruction_ends_the_vm_with_rip_and_bytes() {
         return;
     }
     let f = run_probe("emufail", 1, "64M", &[], T);
-    assert_eq!(f.code(), Some(2), "console: {}\nstderr: {}", f.stdout, f.stderr);
+    assert_eq!(
+        f.code(),
+        Some(2),
+        "console: {}\nstderr: {}",
+        f.stdout,
+        f.stderr
+    );
     let line = f.stderr.trim();
     assert!(
         line.starts_with("wisp: vcpu0: KVM could not emulate the instruction at rip 0x"),

@@ -83,7 +83,8 @@ impl Bus {
 /// A device whose lock was poisoned panicked while handling an access; its state is still
 /// the best we have, and refusing every later access would wedge the guest.
 fn lock(dev: &Arc<Mutex<dyn BusDevice>>) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    dev.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    dev.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -47,7 +47,10 @@ impl DiskConfig {
                 .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
             match key {
                 "path" => disk.path = PathBuf::from(value),
-                "readonly" | "ro" => disk.readonly = parse_bool(value).ok_or_else(|| bad(format!("readonly={value}: use on or off")))?,
+                "readonly" | "ro" => {
+                    disk.readonly = parse_bool(value)
+                        .ok_or_else(|| bad(format!("readonly={value}: use on or off")))?
+                }
                 "serial" => disk.serial = Some(value.to_string()),
                 "format" => {
                     disk.format = Some(match value {
@@ -56,7 +59,11 @@ impl DiskConfig {
                         _ => return Err(bad(format!("format={value}: use raw or qcow2"))),
                     })
                 }
-                _ => return Err(bad(format!("unknown key {key:?} (path, readonly, serial, format)"))),
+                _ => {
+                    return Err(bad(format!(
+                        "unknown key {key:?} (path, readonly, serial, format)"
+                    )))
+                }
             }
         }
         if disk.path.as_os_str().is_empty() {
@@ -157,7 +164,10 @@ mod tests {
             "disk /nonexistent.img: No such file or directory"
         );
         d.path = "/tmp".into();
-        assert_eq!(d.validate().unwrap_err().to_string(), "disk /tmp: is a directory");
+        assert_eq!(
+            d.validate().unwrap_err().to_string(),
+            "disk /tmp: is a directory"
+        );
         d.path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
         d.serial = Some("x".repeat(21));
         assert!(d.validate().unwrap_err().to_string().contains("at most 20"));
@@ -167,7 +177,15 @@ mod tests {
     fn the_same_file_twice_is_refused() {
         let f = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
         let a = DiskConfig::parse(&format!("path={}", f.display())).unwrap();
-        let b = DiskConfig::parse(&format!("path={}/../{}/Cargo.toml", f.parent().unwrap().display(), f.parent().unwrap().file_name().unwrap().to_str().unwrap())).unwrap();
-        assert!(check_distinct(&[a, b]).unwrap_err().to_string().contains("is the same file"));
+        let b = DiskConfig::parse(&format!(
+            "path={}/../{}/Cargo.toml",
+            f.parent().unwrap().display(),
+            f.parent().unwrap().file_name().unwrap().to_str().unwrap()
+        ))
+        .unwrap();
+        assert!(check_distinct(&[a, b])
+            .unwrap_err()
+            .to_string()
+            .contains("is the same file"));
     }
 }

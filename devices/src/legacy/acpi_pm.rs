@@ -63,7 +63,10 @@ mod tests {
     fn pm() -> (AcpiPm, Arc<Mutex<Vec<PlatformEvent>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        (AcpiPm::new(Arc::new(move |e| s.lock().unwrap().push(e))), seen)
+        (
+            AcpiPm::new(Arc::new(move |e| s.lock().unwrap().push(e))),
+            seen,
+        )
     }
 
     #[test]

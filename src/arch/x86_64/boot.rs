@@ -61,6 +61,74 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// Whether `kernel` is a Linux kernel: every bzImage is, and an ELF is when it carries
+/// Linux's ELF notes ("Linux" owner, or the Xen guest-OS note saying "linux").
+pub fn is_linux(kernel: &Path) -> bool {
+    let Ok(mut f) = File::open(kernel) else {
+        return false;
+    };
+    match sniff(&mut f) {
+        Ok(Some(Format::BzImage)) => true,
+        Ok(Some(Format::Elf)) => elf_has_linux_note(&mut f).unwrap_or(false),
+        _ => false,
+    }
+}
+
+fn elf_has_linux_note(f: &mut File) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut ehdr = [0u8; 64];
+    f.read_exact_at(&mut ehdr, 0)?;
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+    let (phoff, phentsize, phnum) = (
+        u64_at(&ehdr, 0x20),
+        u16_at(&ehdr, 0x36),
+        u16_at(&ehdr, 0x38),
+    );
+    if phentsize < 56 || phnum > 64 {
+        return Ok(false);
+    }
+    for i in 0..u64::from(phnum) {
+        let mut ph = [0u8; 56];
+        f.read_exact_at(&mut ph, phoff.saturating_add(i * u64::from(phentsize)))?;
+        const PT_NOTE: u32 = 4;
+        if u32_at(&ph, 0) != PT_NOTE {
+            continue;
+        }
+        let (off, size) = (u64_at(&ph, 0x08), u64_at(&ph, 0x20).min(64 << 10));
+        let mut notes = vec![0u8; size as usize];
+        f.read_exact_at(&mut notes, off)?;
+        let mut at = 0usize;
+        let align = |n: usize| (n + 3) & !3;
+        while at + 12 <= notes.len() {
+            let (namesz, descsz, kind) = (
+                u32_at(&notes, at) as usize,
+                u32_at(&notes, at + 4) as usize,
+                u32_at(&notes, at + 8),
+            );
+            let name_at = at + 12;
+            let desc_at = name_at.saturating_add(align(namesz));
+            let next = desc_at.saturating_add(align(descsz));
+            if next > notes.len() {
+                break;
+            }
+            let name = &notes[name_at..name_at + namesz];
+            let desc = &notes[desc_at..desc_at + descsz];
+            const XEN_ELFNOTE_GUEST_OS: u32 = 6;
+            if name.starts_with(b"Linux\0")
+                || (name.starts_with(b"Xen\0")
+                    && kind == XEN_ELFNOTE_GUEST_OS
+                    && desc.starts_with(b"linux"))
+            {
+                return Ok(true);
+            }
+            at = next;
+        }
+    }
+    Ok(false)
+}
+
 /// Loads the kernel, initrd and command line and writes the boot structures.
 pub fn load(
     mem: &GuestMemoryMmap,

@@ -1,35 +1,24 @@
 //! The guest's CPUID: what KVM supports, normalised per vCPU (APIC ids and topology), with the
-//! hypervisor bit set and, on a PVM host, the features that backend cannot emulate hidden.
+//! hypervisor bit set and no PMU or power management.
+//!
+//! PVM hosts (ENVIRONMENT.md) ignore the CPUID a VMM sets: the guest sees the host's values
+//! (measured: leaf 1 ECX reads back the host's, XSAVE and POPCNT included, whatever
+//! KVM_SET_CPUID2 said). So features PVM cannot emulate cannot be hidden here; see
+//! `pvm.rs` for how wisp copes instead.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 // Leaf 1.
-const LEAF1_ECX_CX16: u32 = 1 << 13;
-const LEAF1_ECX_XSAVE: u32 = 1 << 26;
 const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
-const LEAF1_ECX_AVX: u32 = 1 << 28;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
-// Leaf 7 subleaf 0.
-const LEAF7_EBX_AVX2: u32 = 1 << 5;
-const LEAF7_EBX_SMAP: u32 = 1 << 20;
-const LEAF7_EBX_AVX512F: u32 = 1 << 16;
 // Leaf 0xB/0x1F level types (Intel SDM vol. 2A, CPUID leaf 0BH).
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
 
-/// What the host's KVM is, as far as CPUID is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CpuidOptions {
-    pub vcpu_count: u8,
-    /// PVM (software KVM, see ENVIRONMENT.md): hide CX16 (its emulator cannot complete
-    /// `lock cmpxchg16b` at CPL0), XSAVE (nor `xrstors`) and SMAP (nor `clac`).
-    pub pvm: bool,
-}
-
-/// Rewrites `cpuid` (from KVM_GET_SUPPORTED_CPUID) for vCPU `vcpu_id`.
-pub fn normalize(cpuid: &mut CpuId, vcpu_id: u8, opts: CpuidOptions) {
-    let n = u32::from(opts.vcpu_count);
+/// Rewrites `cpuid` (from KVM_GET_SUPPORTED_CPUID) for vCPU `vcpu_id` of `vcpu_count`.
+pub fn normalize(cpuid: &mut CpuId, vcpu_id: u8, vcpu_count: u8) {
+    let n = u32::from(vcpu_count);
     let apic_id = u32::from(vcpu_id);
     // Bits of the x2APIC id that count cores in the package (one thread per core).
     let core_bits = 32 - (n.max(1) - 1).leading_zeros();
@@ -47,9 +36,6 @@ pub fn normalize(cpuid: &mut CpuId, vcpu_id: u8, opts: CpuidOptions) {
                 }
                 // OSXSAVE mirrors the guest's CR4.OSXSAVE; KVM sets it when the guest does.
                 e.ecx &= !LEAF1_ECX_OSXSAVE;
-                if opts.pvm {
-                    e.ecx &= !(LEAF1_ECX_CX16 | LEAF1_ECX_XSAVE | LEAF1_ECX_AVX);
-                }
             }
             0x4 => {
                 // Cores per package - 1 in EAX[31:26]; each cache is private to one core
@@ -65,9 +51,6 @@ pub fn normalize(cpuid: &mut CpuId, vcpu_id: u8, opts: CpuidOptions) {
                 // No power management to the guest (no HWP, no turbo).
                 e.eax = 0;
                 e.ecx = 0;
-            }
-            0x7 if e.index == 0 && opts.pvm => {
-                e.ebx &= !(LEAF7_EBX_SMAP | LEAF7_EBX_AVX2 | LEAF7_EBX_AVX512F);
             }
             0xa => {
                 // No PMU.
@@ -95,12 +78,6 @@ pub fn normalize(cpuid: &mut CpuId, vcpu_id: u8, opts: CpuidOptions) {
                         e.ecx = e.index;
                     }
                 }
-            }
-            0xd if opts.pvm => {
-                e.eax = 0;
-                e.ebx = 0;
-                e.ecx = 0;
-                e.edx = 0;
             }
             _ => {}
         }
@@ -130,7 +107,7 @@ mod tests {
             ..Default::default()
         };
         CpuId::from_entries(&[
-            entry(0x1, 0, LEAF1_ECX_CX16 | LEAF1_ECX_XSAVE, LEAF1_EDX_HTT),
+            entry(0x1, 0, LEAF1_ECX_OSXSAVE, LEAF1_EDX_HTT),
             entry(0x7, 0, 0, 0),
             entry(0xb, 0, 0, 0),
             entry(0xb, 1, 0, 0),
@@ -142,19 +119,13 @@ mod tests {
     #[test]
     fn apic_id_and_topology_per_vcpu() {
         let mut c = sample();
-        normalize(
-            &mut c,
-            5,
-            CpuidOptions {
-                vcpu_count: 8,
-                pvm: false,
-            },
-        );
+        normalize(&mut c, 5, 8);
         let l1 = find(&c, 1, 0).unwrap();
         assert_eq!(l1.ebx >> 24, 5);
         assert_eq!((l1.ebx >> 16) & 0xff, 8);
         assert_ne!(l1.ecx & LEAF1_ECX_HYPERVISOR, 0);
         assert_ne!(l1.edx & LEAF1_EDX_HTT, 0);
+        assert_eq!(l1.ecx & LEAF1_ECX_OSXSAVE, 0);
         let smt = find(&c, 0xb, 0).unwrap();
         assert_eq!((smt.ebx, smt.edx, smt.ecx >> 8), (1, 5, LEVEL_TYPE_SMT));
         let core = find(&c, 0xb, 1).unwrap();
@@ -165,43 +136,8 @@ mod tests {
     #[test]
     fn single_vcpu_has_no_htt() {
         let mut c = sample();
-        normalize(
-            &mut c,
-            0,
-            CpuidOptions {
-                vcpu_count: 1,
-                pvm: false,
-            },
-        );
+        normalize(&mut c, 0, 1);
         assert_eq!(find(&c, 1, 0).unwrap().edx & LEAF1_EDX_HTT, 0);
         assert_eq!(find(&c, 0xb, 1).unwrap().eax, 0);
-    }
-
-    #[test]
-    fn pvm_hides_what_its_emulator_cannot_run() {
-        let mut c = sample();
-        c.as_mut_slice()[1].ebx = LEAF7_EBX_SMAP;
-        normalize(
-            &mut c,
-            0,
-            CpuidOptions {
-                vcpu_count: 2,
-                pvm: true,
-            },
-        );
-        let l1 = find(&c, 1, 0).unwrap();
-        assert_eq!(l1.ecx & (LEAF1_ECX_CX16 | LEAF1_ECX_XSAVE), 0);
-        assert_eq!(find(&c, 7, 0).unwrap().ebx & LEAF7_EBX_SMAP, 0);
-
-        let mut c = sample();
-        normalize(
-            &mut c,
-            0,
-            CpuidOptions {
-                vcpu_count: 2,
-                pvm: false,
-            },
-        );
-        assert_ne!(find(&c, 1, 0).unwrap().ecx & LEAF1_ECX_CX16, 0);
     }
 }

@@ -1,8 +1,11 @@
 //! PVM, the software KVM backend of our development machines (ENVIRONMENT.md), cannot
 //! complete a few instructions that ordinary kernel paths run at CPL0: KVM_RUN then ends with
-//! an emulation failure at the instruction. wisp completes the two that kernels cannot avoid
-//! (`int3` in the alternatives self-test, `fwait` in FPU teardown) as the CPU would, and
-//! reports any other one clearly. On hardware KVM none of this is ever reached.
+//! an emulation failure at the instruction. It also ignores the CPUID a VMM sets, so these
+//! cannot be avoided by hiding features. wisp completes the ones ordinary kernels run
+//! (`int3` in the alternatives self-test, `fwait` in FPU teardown, `popcnt` in bitmap code,
+//! `clac`/`stac` around user accesses) as the CPU would, asks Linux guests not to use XSAVE
+//! (`noxsave`, see `linux_cmdline_additions`), and reports any other instruction clearly.
+//! On hardware KVM none of this is ever reached.
 
 use kvm_ioctls::VcpuFd;
 use std::fmt;
@@ -16,6 +19,10 @@ pub fn is_pvm_host() -> bool {
 
 const OPCODE_INT3: u8 = 0xcc;
 const OPCODE_FWAIT: u8 = 0x9b;
+const RFLAGS_AC: u64 = 1 << 18;
+/// Arithmetic flags POPCNT writes: CF, PF, AF, ZF, SF, OF.
+const RFLAGS_ARITH: u64 = 0x8d5;
+const RFLAGS_ZF: u64 = 1 << 6;
 const BP_VECTOR: u8 = 3;
 /// The longest x86 instruction.
 const MAX_INSN_LEN: usize = 15;
@@ -27,6 +34,146 @@ pub enum Completed {
     Int3,
     /// `fwait` with no pending x87 exception is a no-op: RIP stepped past it.
     Fwait,
+    /// `popcnt reg, reg`.
+    Popcnt,
+    /// `clac` / `stac`: RFLAGS.AC cleared or set.
+    Clac,
+    Stac,
+}
+
+/// Kernel command-line words a Linux guest needs on a PVM host: its emulator cannot run
+/// XSAVE/XRSTOR at CPL0, and the guest cannot be told so through CPUID (PVM ignores the
+/// CPUID the VMM sets), so the kernel is asked to use FXSAVE instead.
+pub fn linux_cmdline_additions(cmdline: &str) -> Option<&'static str> {
+    let has = |w: &str| cmdline.split_whitespace().any(|x| x == w);
+    (!has("noxsave")).then_some("noxsave")
+}
+
+/// An instruction decoded far enough to complete it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Insn {
+    Int3,
+    Fwait,
+    /// Register-to-register POPCNT: destination, source (0-15, SDM encoding), width in bytes.
+    Popcnt {
+        dst: u8,
+        src: u8,
+        width: u8,
+        len: u8,
+    },
+    Clac,
+    Stac,
+}
+
+/// Decodes the few instructions wisp completes (Intel SDM vol. 2: prefixes, REX, ModRM).
+fn decode(bytes: &[u8]) -> Option<Insn> {
+    let mut i = 0;
+    let (mut opsize16, mut rep) = (false, false);
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            0x66 => opsize16 = true,
+            0xf3 => rep = true,
+            _ => break,
+        }
+        i += 1;
+    }
+    let rex = bytes.get(i).copied().filter(|b| b & 0xf0 == 0x40);
+    if rex.is_some() {
+        i += 1;
+    }
+    let (w, r, b) = rex.map_or((false, 0, 0), |x| (x & 8 != 0, (x >> 2) & 1, x & 1));
+    match bytes.get(i..)? {
+        [OPCODE_INT3, ..] if i == 0 => Some(Insn::Int3),
+        [OPCODE_FWAIT, ..] if i == 0 => Some(Insn::Fwait),
+        [0x0f, 0x01, 0xca, ..] if i == 0 => Some(Insn::Clac),
+        [0x0f, 0x01, 0xcb, ..] if i == 0 => Some(Insn::Stac),
+        [0x0f, 0xb8, modrm, ..] if rep && modrm >> 6 == 3 => Some(Insn::Popcnt {
+            dst: ((modrm >> 3) & 7) | (r << 3),
+            src: (modrm & 7) | (b << 3),
+            width: if w {
+                8
+            } else if opsize16 {
+                2
+            } else {
+                4
+            },
+            len: (i + 3) as u8,
+        }),
+        _ => None,
+    }
+}
+
+/// The general register with SDM number `n` (0 = RAX ... 15 = R15).
+fn gpr(regs: &mut kvm_bindings::kvm_regs, n: u8) -> &mut u64 {
+    match n {
+        0 => &mut regs.rax,
+        1 => &mut regs.rcx,
+        2 => &mut regs.rdx,
+        3 => &mut regs.rbx,
+        4 => &mut regs.rsp,
+        5 => &mut regs.rbp,
+        6 => &mut regs.rsi,
+        7 => &mut regs.rdi,
+        8 => &mut regs.r8,
+        9 => &mut regs.r9,
+        10 => &mut regs.r10,
+        11 => &mut regs.r11,
+        12 => &mut regs.r12,
+        13 => &mut regs.r13,
+        14 => &mut regs.r14,
+        _ => &mut regs.r15,
+    }
+}
+
+/// Applies `insn`'s register effects as the CPU would (int3 also needs #BP injected).
+fn execute(insn: Insn, regs: &mut kvm_bindings::kvm_regs) -> Completed {
+    match insn {
+        Insn::Int3 => {
+            regs.rip = regs.rip.wrapping_add(1);
+            Completed::Int3
+        }
+        Insn::Fwait => {
+            regs.rip = regs.rip.wrapping_add(1);
+            Completed::Fwait
+        }
+        Insn::Clac | Insn::Stac => {
+            regs.rip = regs.rip.wrapping_add(3);
+            if insn == Insn::Clac {
+                regs.rflags &= !RFLAGS_AC;
+                Completed::Clac
+            } else {
+                regs.rflags |= RFLAGS_AC;
+                Completed::Stac
+            }
+        }
+        Insn::Popcnt {
+            dst,
+            src,
+            width,
+            len,
+        } => {
+            let mask = if width == 8 {
+                u64::MAX
+            } else {
+                (1u64 << (width * 8)) - 1
+            };
+            let value = *gpr(regs, src) & mask;
+            let count = u64::from(value.count_ones());
+            let d = gpr(regs, dst);
+            // 32-bit results zero-extend; 16-bit ones keep the upper bits (SDM vol. 1 3.4.1.1).
+            *d = if width == 2 {
+                (*d & !0xffff) | count
+            } else {
+                count
+            };
+            regs.rflags &= !RFLAGS_ARITH;
+            if value == 0 {
+                regs.rflags |= RFLAGS_ZF;
+            }
+            regs.rip = regs.rip.wrapping_add(u64::from(len));
+            Completed::Popcnt
+        }
+    }
 }
 
 /// An instruction that could not be completed.
@@ -70,40 +217,54 @@ pub fn complete_emulation_failure(
         .map_err(|e| fail(0, vec![], &format!("KVM_GET_REGS failed: {e}")))?;
     let rip = regs.rip;
     let bytes = read_insn(vcpu, mem, rip);
-    match bytes.first().copied() {
-        Some(OPCODE_INT3) => {
-            regs.rip = rip.wrapping_add(1);
-            vcpu.set_regs(&regs)
-                .map_err(|e| fail(rip, bytes.clone(), &format!("KVM_SET_REGS failed: {e}")))?;
-            let mut events = vcpu.get_vcpu_events().map_err(|e| {
-                fail(
-                    rip,
-                    bytes.clone(),
-                    &format!("KVM_GET_VCPU_EVENTS failed: {e}"),
-                )
-            })?;
-            events.exception.injected = 1;
-            events.exception.nr = BP_VECTOR;
-            events.exception.has_error_code = 0;
-            events.exception.error_code = 0;
-            vcpu.set_vcpu_events(&events).map_err(|e| {
-                fail(
-                    rip,
-                    bytes.clone(),
-                    &format!("KVM_SET_VCPU_EVENTS failed: {e}"),
-                )
-            })?;
-            log::info!("pvm: completed int3 at {rip:#x} (injected #BP)");
-            Ok(Completed::Int3)
-        }
-        Some(OPCODE_FWAIT) => {
-            regs.rip = rip.wrapping_add(1);
-            vcpu.set_regs(&regs)
-                .map_err(|e| fail(rip, bytes.clone(), &format!("KVM_SET_REGS failed: {e}")))?;
-            log::info!("pvm: completed fwait at {rip:#x}");
-            Ok(Completed::Fwait)
-        }
-        _ => Err(fail(rip, bytes, "this KVM's emulator does not support it")),
+    let Some(insn) = decode(&bytes) else {
+        return Err(fail(rip, bytes, "this KVM's emulator does not support it"));
+    };
+    let done = execute(insn, &mut regs);
+    vcpu.set_regs(&regs)
+        .map_err(|e| fail(rip, bytes.clone(), &format!("KVM_SET_REGS failed: {e}")))?;
+    if done == Completed::Int3 {
+        let mut events = vcpu.get_vcpu_events().map_err(|e| {
+            fail(
+                rip,
+                bytes.clone(),
+                &format!("KVM_GET_VCPU_EVENTS failed: {e}"),
+            )
+        })?;
+        events.exception.injected = 1;
+        events.exception.nr = BP_VECTOR;
+        events.exception.has_error_code = 0;
+        events.exception.error_code = 0;
+        vcpu.set_vcpu_events(&events).map_err(|e| {
+            fail(
+                rip,
+                bytes.clone(),
+                &format!("KVM_SET_VCPU_EVENTS failed: {e}"),
+            )
+        })?;
+    }
+    // The first completion of each kind is worth an info line; kernels run some of these
+    // (clac on every interrupt entry) thousands of times.
+    static SEEN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let bit = 1u8 << (done as u8);
+    if SEEN.fetch_or(bit, std::sync::atomic::Ordering::Relaxed) & bit == 0 {
+        log::info!(
+            "pvm: completed {} at {rip:#x} (further ones logged at debug level)",
+            name(done)
+        );
+    } else {
+        log::debug!("pvm: completed {} at {rip:#x}", name(done));
+    }
+    Ok(done)
+}
+
+fn name(c: Completed) -> &'static str {
+    match c {
+        Completed::Int3 => "int3 (injected #BP)",
+        Completed::Fwait => "fwait",
+        Completed::Popcnt => "popcnt",
+        Completed::Clac => "clac",
+        Completed::Stac => "stac",
     }
 }
 
@@ -130,4 +291,109 @@ fn read_insn(vcpu: &VcpuFd, mem: &GuestMemoryMmap, rip: u64) -> Vec<u8> {
         va = va.wrapping_add(n as u64);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_regs;
+
+    #[test]
+    fn decodes_what_it_completes_and_nothing_else() {
+        assert_eq!(decode(&[0xcc, 0x90]), Some(Insn::Int3));
+        assert_eq!(decode(&[0x9b]), Some(Insn::Fwait));
+        assert_eq!(decode(&[0x0f, 0x01, 0xca]), Some(Insn::Clac));
+        assert_eq!(decode(&[0x0f, 0x01, 0xcb]), Some(Insn::Stac));
+        // popcnt %rdi,%rax (seen in Linux's hweight64)
+        assert_eq!(
+            decode(&[0xf3, 0x48, 0x0f, 0xb8, 0xc7, 0x01]),
+            Some(Insn::Popcnt {
+                dst: 0,
+                src: 7,
+                width: 8,
+                len: 5
+            })
+        );
+        // popcnt %r9d,%r10d
+        assert_eq!(
+            decode(&[0xf3, 0x45, 0x0f, 0xb8, 0xd1]),
+            Some(Insn::Popcnt {
+                dst: 10,
+                src: 9,
+                width: 4,
+                len: 5
+            })
+        );
+        // popcnt with a memory operand, xrstor, lock cmpxchg16b, a prefixed int3: refused.
+        assert_eq!(decode(&[0xf3, 0x48, 0x0f, 0xb8, 0x07]), None);
+        assert_eq!(decode(&[0x48, 0x0f, 0xae, 0x2f]), None);
+        assert_eq!(decode(&[0xf0, 0x48, 0x0f, 0xc7, 0x0e]), None);
+        assert_eq!(decode(&[0x66, 0xcc]), None);
+        assert_eq!(decode(&[]), None);
+    }
+
+    #[test]
+    fn popcnt_counts_sets_zf_and_steps_rip() {
+        let mut r = kvm_regs {
+            rip: 0x1000,
+            rdi: 0xf0f0,
+            rax: u64::MAX,
+            rflags: 0x2 | 0x8d5,
+            ..Default::default()
+        };
+        let c = execute(
+            Insn::Popcnt {
+                dst: 0,
+                src: 7,
+                width: 8,
+                len: 5,
+            },
+            &mut r,
+        );
+        assert_eq!(c, Completed::Popcnt);
+        assert_eq!((r.rax, r.rip, r.rflags), (8, 0x1005, 0x2));
+        r.rdi = 0xffff_ffff_0000_0000;
+        execute(
+            Insn::Popcnt {
+                dst: 0,
+                src: 7,
+                width: 4,
+                len: 4,
+            },
+            &mut r,
+        );
+        assert_eq!(r.rax, 0);
+        assert_eq!(r.rflags & RFLAGS_ZF, RFLAGS_ZF);
+        r.rax = 0xaaaa_0000;
+        r.rdi = 0x7;
+        execute(
+            Insn::Popcnt {
+                dst: 0,
+                src: 7,
+                width: 2,
+                len: 5,
+            },
+            &mut r,
+        );
+        assert_eq!(r.rax, 0xaaaa_0003);
+    }
+
+    #[test]
+    fn clac_and_stac_flip_ac_only() {
+        let mut r = kvm_regs {
+            rip: 0x10,
+            rflags: 0x2 | RFLAGS_AC,
+            ..Default::default()
+        };
+        execute(Insn::Clac, &mut r);
+        assert_eq!((r.rflags, r.rip), (0x2, 0x13));
+        execute(Insn::Stac, &mut r);
+        assert_eq!((r.rflags, r.rip), (0x2 | RFLAGS_AC, 0x16));
+    }
+
+    #[test]
+    fn noxsave_is_added_once() {
+        assert_eq!(linux_cmdline_additions("console=ttyS0"), Some("noxsave"));
+        assert_eq!(linux_cmdline_additions("console=ttyS0 noxsave"), None);
+    }
 }
