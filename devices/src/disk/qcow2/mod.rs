@@ -457,6 +457,12 @@ pub struct Qcow2 {
     /// A page-aligned cluster buffer for copy-on-write (the kernel copies from the page
     /// cache several times faster into page-aligned memory).
     scratch: AlignedBuf,
+    /// Test hook: writes allowed before a simulated crash (every later write fails and
+    /// nothing is written back on drop), and the number of writes issued.
+    #[cfg(test)]
+    crash_after: Option<u64>,
+    #[cfg(test)]
+    writes_issued: u64,
 }
 
 /// A page-aligned byte buffer.
@@ -645,6 +651,10 @@ impl Qcow2 {
             data_dirty: false,
             compressed_cache: None,
             scratch: AlignedBuf::new(cluster_size as usize),
+            #[cfg(test)]
+            crash_after: None,
+            #[cfg(test)]
+            writes_issued: 0,
         })
     }
 
@@ -685,7 +695,22 @@ impl Qcow2 {
         Ok(())
     }
 
+    #[cfg(test)]
+    fn crash_point(&mut self) -> io::Result<()> {
+        self.writes_issued += 1;
+        match &mut self.crash_after {
+            Some(0) => Err(io::Error::other("simulated crash")),
+            Some(n) => {
+                *n -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
     fn pwrite(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        #[cfg(test)]
+        self.crash_point()?;
         self.file.write_all_at(buf, offset)?;
         self.file_size = self.file_size.max(offset + buf.len() as u64);
         Ok(())
@@ -1078,7 +1103,11 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn punch_hole(&self, offset: u64) {
+    fn punch_hole(&mut self, offset: u64) {
+        #[cfg(test)]
+        if self.crash_point().is_err() {
+            return;
+        }
         // SAFETY: fallocate on our own fd with plain integer arguments.
         let _ = unsafe {
             libc::fallocate(
@@ -1437,6 +1466,10 @@ impl DiskBackend for Qcow2 {
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
+        #[cfg(test)]
+        if self.crash_after == Some(0) {
+            return;
+        }
         // The second pass writes the refcount drops the first one applied.
         for _ in 0..2 {
             if let Err(e) = self.flush_metadata() {
