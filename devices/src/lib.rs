@@ -5,4 +5,5 @@ pub mod bus;
 pub mod disk;
 pub mod interrupt;
 pub mod legacy;
+pub mod tap;
 pub mod virtio;

@@ -66,6 +66,7 @@ macro_rules! rate_limited_warn {
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 #[cfg(test)]
 pub(crate) mod testing;

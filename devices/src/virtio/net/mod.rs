@@ -1,0 +1,58 @@
+//! virtio-net (virtio 1.2 §5.1) over a [`Tap`](crate::tap::Tap): one receive queue (0) and
+//! one transmit queue (1), no control queue.
+
+mod device;
+#[cfg(test)]
+mod tests;
+
+pub use device::{Net, NetCounters, NetCountersSnapshot, NetError};
+
+/// Feature bits (virtio 1.2 §5.1.3).
+pub mod features {
+    pub const CSUM: u64 = 1 << 0;
+    pub const GUEST_CSUM: u64 = 1 << 1;
+    pub const MTU: u64 = 1 << 3;
+    pub const MAC: u64 = 1 << 5;
+    pub const GUEST_TSO4: u64 = 1 << 7;
+    pub const GUEST_TSO6: u64 = 1 << 8;
+    pub const GUEST_ECN: u64 = 1 << 9;
+    pub const HOST_TSO4: u64 = 1 << 11;
+    pub const HOST_TSO6: u64 = 1 << 12;
+    pub const HOST_ECN: u64 = 1 << 13;
+    pub const MRG_RXBUF: u64 = 1 << 15;
+    pub const STATUS: u64 = 1 << 16;
+}
+
+/// `struct virtio_net_hdr_v1` (virtio 1.2 §5.1.6): flags, gso_type, hdr_len, gso_size,
+/// csum_start, csum_offset, num_buffers. VERSION_1 devices always use all 12 bytes.
+pub const HDR_LEN: usize = 12;
+/// Offset of num_buffers in the header.
+pub const HDR_NUM_BUFFERS: usize = 10;
+
+/// virtio_net_hdr.flags
+pub mod hdr_flags {
+    pub const NEEDS_CSUM: u8 = 1;
+    pub const DATA_VALID: u8 = 2;
+}
+
+/// virtio_net_hdr.gso_type
+pub mod gso {
+    pub const NONE: u8 = 0;
+    pub const TCPV4: u8 = 1;
+    pub const UDP: u8 = 3;
+    pub const TCPV6: u8 = 4;
+    pub const ECN: u8 = 0x80;
+}
+
+/// Config space status bit (virtio 1.2 §5.1.4).
+pub const STATUS_LINK_UP: u16 = 1;
+
+/// Largest frame the device moves, without the virtio-net header: a 64 KiB GSO packet
+/// with its Ethernet and VLAN headers (as Firecracker and QEMU).
+pub const MAX_FRAME_LEN: usize = 65550;
+/// Smallest frame the tap accepts: an Ethernet header.
+pub const MIN_FRAME_LEN: usize = 14;
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;

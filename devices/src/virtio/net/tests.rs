@@ -1,0 +1,1121 @@
+//! virtio-net driven through the virtio-mmio registers by the host-side driver harness,
+//! over real taps in a network namespace each test creates (and removes, also on failure).
+//! Host-side traffic comes from AF_PACKET sockets on the tap inside that namespace.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::device::mac_from_name;
+use super::{
+    features as netf, gso, hdr_flags, Net, NetCounters, NetCountersSnapshot, HDR_LEN, RX_QUEUE,
+    TX_QUEUE,
+};
+use crate::bus::BusDevice;
+use crate::tap::{Tap, TapError};
+use crate::virtio::testing::{regs, used_ring, Buf, Driver};
+use crate::virtio::{features, status};
+
+const TAP: &str = "wtap0";
+const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+/// IEEE local experimental ethertype: the namespace's stack ignores these frames.
+const ETH_TEST: u16 = 0x88b5;
+
+// ---------------------------------------------------------------------------------------
+// Network namespace guard
+
+/// A network namespace for one test, deleted on drop (the taps in it go with their fds).
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "wisp-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        // No IPv6: the namespace's stack must not send router solicitations or MLD reports
+        // onto the tap behind the tests' backs.
+        for key in [
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ] {
+            run("ip", &["netns", "exec", &ns.name, "sysctl", "-qw", key]);
+        }
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n NAME args..`, which must succeed.
+    fn ip(&self, args: &[&str]) {
+        let mut a = vec!["-n", &self.name];
+        a.extend_from_slice(args);
+        run("ip", &a);
+    }
+
+    fn sysctl(&self, key_value: &str) {
+        run(
+            "ip",
+            &["netns", "exec", &self.name, "sysctl", "-qw", key_value],
+        );
+    }
+
+    /// Runs `f` on a thread that joined the namespace (fds it opens stay in it).
+    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).expect("open netns");
+                // SAFETY: setns on an fd we own; it changes only this thread's namespace.
+                let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("thread in netns")
+        })
+    }
+
+    /// (tx_packets, tx_dropped) of an interface as the kernel counts them: for a tap, the
+    /// frames its reader took and the frames dropped because its queue was full.
+    fn tx_stats(&self, dev: &str) -> (u64, u64) {
+        let out = Command::new("ip")
+            .args(["-n", &self.name, "-s", "-j", "link", "show", dev])
+            .output()
+            .expect("ip");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+        let tx = &v[0]["stats64"]["tx"];
+        (
+            tx["packets"].as_u64().expect("packets"),
+            tx["dropped"].as_u64().expect("dropped"),
+        )
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Host side: AF_PACKET sockets in the namespace
+
+struct PacketSocket {
+    fd: OwnedFd,
+}
+
+impl PacketSocket {
+    /// Opens an AF_PACKET socket bound to `dev`; call inside the namespace. With
+    /// `vnet_hdr`, frames carry a 10-byte virtio_net_hdr (PACKET_VNET_HDR).
+    fn bind(dev: &str, vnet_hdr: bool) -> PacketSocket {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket calls, results checked.
+        unsafe {
+            let raw = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                i32::from(proto),
+            );
+            assert!(raw >= 0, "socket: {}", std::io::Error::last_os_error());
+            let fd = OwnedFd::from_raw_fd(raw);
+            if vnet_hdr {
+                let one: libc::c_int = 1;
+                let r = libc::setsockopt(
+                    raw,
+                    libc::SOL_PACKET,
+                    libc::PACKET_VNET_HDR,
+                    (&one as *const libc::c_int).cast(),
+                    4,
+                );
+                assert_eq!(r, 0, "PACKET_VNET_HDR");
+            }
+            let name = std::ffi::CString::new(dev).unwrap();
+            let ifindex = libc::if_nametoindex(name.as_ptr());
+            assert_ne!(ifindex, 0, "no interface {dev}");
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = ifindex as i32;
+            let r = libc::bind(
+                raw,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+            PacketSocket { fd }
+        }
+    }
+
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: `frame` is valid for reads.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// The next frame within `timeout`.
+    fn recv(&self, timeout: Duration) -> Option<Vec<u8>> {
+        if !wait_readable(self.fd.as_raw_fd(), timeout) {
+            return None;
+        }
+        let mut buf = vec![0u8; 70000];
+        // SAFETY: `buf` is valid for writes.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            return None;
+        }
+        buf.truncate(n as usize);
+        Some(buf)
+    }
+}
+
+fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) == 1 }
+}
+
+// ---------------------------------------------------------------------------------------
+// Frames
+
+fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn test_frame(dst: [u8; 6], src: [u8; 6], len: usize, seed: u8) -> Vec<u8> {
+    eth(dst, src, ETH_TEST, &pattern(len - 14, seed))
+}
+
+/// Internet checksum of `data` added to `sum` (not folded, not inverted).
+fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        sum += u32::from(w);
+    }
+    sum
+}
+
+fn csum_fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+fn pseudo_sum(src: [u8; 4], dst: [u8; 4], tcp_len: usize) -> u32 {
+    let mut s = csum_add(0, &src);
+    s = csum_add(s, &dst);
+    s + 6 + tcp_len as u32
+}
+
+/// An IPv4/TCP frame carrying `payload`. With `partial`, the TCP checksum field holds the
+/// pseudo-header sum only (as a driver leaves it with NEEDS_CSUM); else the full checksum.
+fn tcp_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    seq: u32,
+    payload: &[u8],
+    partial: bool,
+) -> Vec<u8> {
+    let tcp_len = 20 + payload.len();
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let c = !csum_fold(csum_add(0, &ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&5001u16.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x18; // PSH ACK
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    tcp.extend_from_slice(payload);
+    let pseudo = pseudo_sum(src, dst, tcp_len);
+    let c = if partial {
+        csum_fold(pseudo)
+    } else {
+        !csum_fold(csum_add(pseudo, &tcp))
+    };
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    let mut l3 = ip;
+    l3.extend_from_slice(&tcp);
+    eth(dst_mac, src_mac, 0x0800, &l3)
+}
+
+/// virtio_net_hdr_v1 bytes.
+fn vnet_hdr(
+    flags: u8,
+    gso_type: u8,
+    hdr_len: u16,
+    gso_size: u16,
+    csum_start: u16,
+    csum_offset: u16,
+) -> [u8; HDR_LEN] {
+    let mut h = [0u8; HDR_LEN];
+    h[0] = flags;
+    h[1] = gso_type;
+    h[2..4].copy_from_slice(&hdr_len.to_le_bytes());
+    h[4..6].copy_from_slice(&gso_size.to_le_bytes());
+    h[6..8].copy_from_slice(&csum_start.to_le_bytes());
+    h[8..10].copy_from_slice(&csum_offset.to_le_bytes());
+    h
+}
+
+// ---------------------------------------------------------------------------------------
+// The device under test and its event loop
+
+/// Everything one test needs; drop order: driver (closes the tap), socket, namespace.
+struct Env {
+    d: Driver,
+    ep: OwnedFd,
+    host: PacketSocket,
+    rx_bufs: HashMap<u16, (u64, u32)>,
+    rx_seen: u16,
+    /// Used rx entries taken from the ring, not yet returned as frames.
+    used_q: std::collections::VecDeque<(u64, u32)>,
+    tx_area: u64,
+    counters: Arc<NetCounters>,
+    ns: Netns,
+}
+
+const ALL_OFFLOADS: u64 = netf::CSUM
+    | netf::GUEST_CSUM
+    | netf::GUEST_TSO4
+    | netf::GUEST_TSO6
+    | netf::GUEST_ECN
+    | netf::HOST_TSO4
+    | netf::HOST_TSO6
+    | netf::HOST_ECN;
+
+/// A namespace with the tap up (MAC [`HOST_MAC`]), the device on it started with `accepted`
+/// features, and an AF_PACKET socket on the tap.
+fn env(accepted: u64) -> Env {
+    env_with(accepted, 64)
+}
+
+fn env_with(accepted: u64, queue_size: u16) -> Env {
+    let ns = Netns::new();
+    let tap = ns.enter(|| Tap::open(TAP).expect("open tap"));
+    ns.ip(&["link", "set", TAP, "address", "02:00:00:00:00:01", "up"]);
+    let host = ns.enter(|| PacketSocket::bind(TAP, false));
+    let net = Net::new(tap, Some(GUEST_MAC), Some(1500)).unwrap();
+    let counters = net.counters();
+    let mut d = Driver::new(Box::new(net));
+    d.queue_size = queue_size;
+    d.start_queues(accepted | features::VERSION_1, 2);
+    let tap_fd = d.handler.device_fds()[0];
+    // SAFETY: epoll calls on fds that outlive the epoll (closed before the driver drops).
+    let ep = unsafe {
+        let ep = OwnedFd::from_raw_fd(libc::epoll_create1(libc::EPOLL_CLOEXEC));
+        let add = |fd: RawFd, events: u32, data: u64| {
+            let mut ev = libc::epoll_event { events, u64: data };
+            assert_eq!(
+                libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev),
+                0
+            );
+        };
+        // As the VMM's event loop: the tap edge-triggered, queue eventfds level-triggered.
+        add(tap_fd, (libc::EPOLLIN | libc::EPOLLET) as u32, 100);
+        for (i, e) in d.handler.queue_evts().iter().enumerate() {
+            add(e.as_raw_fd(), libc::EPOLLIN as u32, i as u64);
+        }
+        ep
+    };
+    let tx_area = d.alloc(70000);
+    Env {
+        d,
+        ep,
+        host,
+        rx_bufs: HashMap::new(),
+        rx_seen: 0,
+        used_q: Default::default(),
+        tx_area,
+        counters,
+        ns,
+    }
+}
+
+impl Env {
+    /// Runs the event loop until `until` holds or `timeout` passes; returns whether it held.
+    fn pump(&mut self, timeout: Duration, mut until: impl FnMut(&mut Env) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if until(self) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 8];
+            // SAFETY: `evs` has room for 8 events.
+            let n = unsafe { libc::epoll_wait(self.ep.as_raw_fd(), evs.as_mut_ptr(), 8, 5) };
+            for ev in &evs[..n.max(0) as usize] {
+                match ev.u64 {
+                    100 => self.d.handler.process_device_fd(0),
+                    q => self.d.handler.process_queue(q as usize),
+                }
+            }
+        }
+    }
+
+    /// Posts a device-writable rx buffer of `len` bytes at `addr` (one descriptor).
+    fn post_rx_at(&mut self, addr: u64, len: u32) {
+        let head = self.d.add_chain_to(
+            RX_QUEUE as u32,
+            &[Buf {
+                addr,
+                len,
+                writable: true,
+            }],
+        );
+        self.rx_bufs.insert(head, (addr, len));
+        self.d.publish_to(RX_QUEUE as u32, head);
+    }
+
+    fn post_rx(&mut self, n: usize, len: u32) -> Vec<u64> {
+        let addrs: Vec<u64> = (0..n).map(|_| self.d.alloc(u64::from(len))).collect();
+        for &a in &addrs {
+            self.post_rx_at(a, len);
+        }
+        self.d.kick(RX_QUEUE as u32);
+        addrs
+    }
+
+    /// Used rx entries not yet seen: (buffer address, used length).
+    fn take_used_rx(&mut self) -> Vec<(u64, u32)> {
+        let mut out = Vec::new();
+        while self.rx_seen != self.d.used_idx_of(RX_QUEUE as u32) {
+            let (id, len) = self.d.used_elem_of(RX_QUEUE as u32, self.rx_seen);
+            let (addr, cap) = self.rx_bufs[&(id as u16)];
+            assert!(len <= cap, "used length {len} > buffer {cap}");
+            out.push((addr, len));
+            self.rx_seen = self.rx_seen.wrapping_add(1);
+        }
+        out
+    }
+
+    /// Next received frame (header, frame) from the used ring, following num_buffers.
+    fn recv_frame(&mut self, timeout: Duration) -> Option<([u8; HDR_LEN], Vec<u8>)> {
+        let mut got = None;
+        self.pump(timeout, |e| {
+            let used = e.take_used_rx();
+            e.used_q.extend(used);
+            let Some(&(addr, len)) = e.used_q.front() else {
+                return false;
+            };
+            assert!(len as usize >= HDR_LEN, "used length {len} < header");
+            let hdr = e.d.read_bytes(addr, HDR_LEN);
+            let num = u16::from_le_bytes([hdr[10], hdr[11]]) as usize;
+            assert!(num >= 1, "num_buffers 0");
+            if e.used_q.len() < num {
+                return false;
+            }
+            let mut bytes = Vec::new();
+            for (a, l) in e.used_q.drain(..num) {
+                bytes.extend(e.d.read_bytes(a, l as usize));
+            }
+            got = Some((
+                bytes[..HDR_LEN].try_into().unwrap(),
+                bytes[HDR_LEN..].to_vec(),
+            ));
+            true
+        });
+        got
+    }
+
+    /// Sends `bufs` as a tx chain (no kick).
+    fn add_tx(&mut self, bufs: &[Buf]) {
+        let head = self.d.add_chain_to(TX_QUEUE as u32, bufs);
+        self.d.publish_to(TX_QUEUE as u32, head);
+    }
+
+    /// Writes header + frame into the tx area as `pieces` descriptors, kicks tx and checks
+    /// the chain came back with length 0.
+    fn transmit(&mut self, hdr: [u8; HDR_LEN], frame: &[u8], pieces: usize) {
+        let mut bytes = hdr.to_vec();
+        bytes.extend_from_slice(frame);
+        self.d
+            .mem
+            .write_slice(&bytes, GuestAddress(self.tx_area))
+            .unwrap();
+        let step = bytes.len().div_ceil(pieces);
+        let bufs: Vec<Buf> = (0..bytes.len())
+            .step_by(step)
+            .map(|off| Buf {
+                addr: self.tx_area + off as u64,
+                len: step.min(bytes.len() - off) as u32,
+                writable: false,
+            })
+            .collect();
+        self.kick_tx(&bufs);
+    }
+
+    fn kick_tx(&mut self, bufs: &[Buf]) {
+        let before = self.d.used_idx_of(TX_QUEUE as u32);
+        self.add_tx(bufs);
+        self.d.kick(TX_QUEUE as u32);
+        assert_eq!(
+            self.d.used_idx_of(TX_QUEUE as u32),
+            before.wrapping_add(1),
+            "tx chain not returned"
+        );
+        assert_eq!(self.d.used_elem_of(TX_QUEUE as u32, before).1, 0);
+    }
+
+    fn counters(&self) -> NetCountersSnapshot {
+        self.counters.snapshot()
+    }
+
+    /// Frames from the tap until one with ethertype [`ETH_TEST`] (or TCP) arrives.
+    fn host_recv(&self) -> Option<Vec<u8>> {
+        self.host.recv(Duration::from_secs(2))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+
+const T: Duration = Duration::from_secs(3);
+
+#[test]
+fn config_space_has_mac_link_up_and_mtu() {
+    let ns = Netns::new();
+    let tap = ns.enter(|| Tap::open(TAP).unwrap());
+    let net = Net::new(tap, Some(GUEST_MAC), Some(9000)).unwrap();
+    let mut d = Driver::new(Box::new(net));
+    assert_eq!(d.read32(regs::DEVICE_ID), 1);
+    let f = d.device_features();
+    for bit in [
+        features::VERSION_1,
+        netf::MAC,
+        netf::STATUS,
+        netf::MTU,
+        netf::MRG_RXBUF,
+        ALL_OFFLOADS,
+    ] {
+        assert_eq!(f & bit, bit, "feature {bit:#x} not offered");
+    }
+    let mut cfg = [0u8; 12];
+    for (i, b) in cfg.iter_mut().enumerate() {
+        let mut x = [0u8; 1];
+        d.transport.read(regs::CONFIG + i as u64, &mut x);
+        *b = x[0];
+    }
+    assert_eq!(&cfg[0..6], &GUEST_MAC);
+    assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), 1, "link up");
+    assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 9000, "mtu");
+    // 16-bit reads of status and mtu.
+    let mut two = [0u8; 2];
+    d.transport.read(regs::CONFIG + 6, &mut two);
+    assert_eq!(two, [1, 0]);
+
+    // Without MTU the feature is not offered.
+    let tap = ns.enter(|| Tap::open("wtap1").unwrap());
+    let mut d = Driver::new(Box::new(Net::new(tap, Some(GUEST_MAC), None).unwrap()));
+    assert_eq!(d.device_features() & netf::MTU, 0);
+}
+
+#[test]
+fn generated_mac_is_stable_local_unicast_and_per_name() {
+    let ns = Netns::new();
+    let (a, b, c) = ns.enter(|| {
+        let a = Net::new(Tap::open("wnet-a").unwrap(), None, None)
+            .unwrap()
+            .mac();
+        // The same name again (the first tap is gone with its fd): the same MAC.
+        let b = Net::new(Tap::open("wnet-a").unwrap(), None, None)
+            .unwrap()
+            .mac();
+        let c = Net::new(Tap::open("wnet-b").unwrap(), None, None)
+            .unwrap()
+            .mac();
+        (a, b, c)
+    });
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    for m in [a, c] {
+        assert_eq!(m[0] & 0x03, 0x02, "locally administered unicast: {m:02x?}");
+    }
+    assert_eq!(a, mac_from_name("wnet-a"));
+    assert!(matches!(
+        Net::new(
+            ns.enter(|| Tap::open("wnet-c").unwrap()),
+            Some([0x01, 0, 0, 0, 0, 1]),
+            None
+        ),
+        Err(super::NetError::MulticastMac { .. })
+    ));
+}
+
+#[test]
+fn tap_open_errors_name_the_tap_and_the_cause() {
+    let ns = Netns::new();
+    ns.enter(|| {
+        let long = "a-name-longer-than-15";
+        match Tap::open(long) {
+            Err(e @ TapError::NameTooLong { .. }) => assert!(e.to_string().contains(long)),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            Tap::open("a/b"),
+            Err(TapError::InvalidName { .. })
+        ));
+        assert!(matches!(Tap::open(""), Err(TapError::InvalidName { .. })));
+        let first = Tap::open("wbusy0").unwrap();
+        match Tap::open("wbusy0") {
+            Err(e @ TapError::Busy { .. }) => {
+                assert!(e.to_string().contains("wbusy0") && e.to_string().contains("busy"))
+            }
+            other => panic!("second open: {other:?}"),
+        }
+        // "lo" exists and is not a tap.
+        assert!(matches!(Tap::open("lo"), Err(TapError::NotATap { .. })));
+        drop(first);
+        // Closed: the non-persistent tap is gone and can be made again.
+        Tap::open("wbusy0").unwrap();
+    });
+    let out = Command::new("ip")
+        .args(["-n", &ns.name, "link", "show", "wbusy0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a created tap must not persist");
+}
+
+#[test]
+fn tap_from_fd_takes_a_preopened_tap() {
+    let ns = Netns::new();
+    let tap = ns.enter(|| {
+        let t = Tap::open("wfd0").unwrap();
+        // SAFETY: dup of an fd we own.
+        let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(t.as_raw_fd())) };
+        drop(t);
+        Tap::from_fd(dup).unwrap()
+    });
+    assert_eq!(tap.name(), "wfd0");
+    let file = std::fs::File::open("/dev/null").unwrap();
+    assert!(matches!(
+        Tap::from_fd(file.into()),
+        Err(TapError::NotATapFd { .. })
+    ));
+}
+
+fn frames_from_the_tap_arrive(accepted: u64, buf_len: u32) {
+    let mut e = env(accepted);
+    e.post_rx(16, buf_len);
+    let sizes = [60usize, 1514, 200];
+    for (i, &len) in sizes.iter().enumerate() {
+        let f = test_frame(GUEST_MAC, HOST_MAC, len, i as u8);
+        e.host.send(&f);
+        let (hdr, got) = e.recv_frame(T).expect("frame reached the guest");
+        assert_eq!(got, f, "frame {i} arrived intact");
+        // No offload in play: flags 0 or DATA_VALID, gso NONE, num_buffers as the buffers.
+        assert_eq!(hdr[0] & !hdr_flags::DATA_VALID, 0);
+        assert_eq!(hdr[1], gso::NONE);
+        let num = u16::from_le_bytes([hdr[10], hdr[11]]);
+        let expect = if accepted & netf::MRG_RXBUF != 0 {
+            (len + HDR_LEN).div_ceil(buf_len as usize) as u16
+        } else {
+            1
+        };
+        assert_eq!(num, expect, "num_buffers for a {len}-byte frame");
+    }
+    let c = e.counters();
+    assert_eq!(c.rx_frames, 3);
+    assert_eq!(c.rx_bytes, sizes.iter().sum::<usize>() as u64);
+    assert_eq!(c.rx_dropped, 0);
+}
+
+#[test]
+fn frames_from_the_tap_arrive_in_big_guest_buffers() {
+    frames_from_the_tap_arrive(0, 2048);
+}
+
+#[test]
+fn frames_from_the_tap_span_mergeable_buffers() {
+    frames_from_the_tap_arrive(netf::MRG_RXBUF, 512);
+}
+
+#[test]
+fn frames_from_the_tap_arrive_with_event_idx() {
+    frames_from_the_tap_arrive(netf::MRG_RXBUF | features::RING_EVENT_IDX, 1536);
+}
+
+#[test]
+fn guest_frames_leave_the_tap_intact() {
+    let mut e = env(netf::MRG_RXBUF);
+    for (i, (len, pieces)) in [(60usize, 1usize), (1514, 1), (1514, 5), (100, 3), (15, 2)]
+        .into_iter()
+        .enumerate()
+    {
+        let f = test_frame(HOST_MAC, GUEST_MAC, len, 0x40 + i as u8);
+        e.transmit([0; HDR_LEN], &f, pieces);
+        assert_eq!(e.host_recv().as_deref(), Some(&f[..]), "frame {i}");
+    }
+    let c = e.counters();
+    assert_eq!((c.tx_frames, c.tx_malformed, c.tx_errors), (5, 0, 0));
+    assert_eq!(c.tx_bytes, 60 + 1514 + 1514 + 100 + 15);
+    // A tx chain raises the interrupt (no EVENT_IDX: always).
+    assert!(e.d.take_interrupts() > 0);
+}
+
+#[test]
+fn malformed_tx_chains_are_dropped_and_counted_and_the_next_frame_goes_out() {
+    let mut e = env(ALL_OFFLOADS);
+    let good = test_frame(HOST_MAC, GUEST_MAC, 200, 9);
+    let mut bytes = vec![0u8; HDR_LEN];
+    bytes.extend_from_slice(&good);
+    e.d.mem
+        .write_slice(&bytes, GuestAddress(e.tx_area))
+        .unwrap();
+    let a = e.tx_area;
+    let n = bytes.len() as u32;
+    let ro = |addr, len| Buf {
+        addr,
+        len,
+        writable: false,
+    };
+    let mem_end = crate::virtio::testing::MEM_SIZE as u64;
+    let big = e.d.alloc(70000);
+    let bad_chains: Vec<(&str, Vec<Buf>)> = vec![
+        (
+            "writable descriptor",
+            vec![
+                ro(a, 12),
+                Buf {
+                    addr: a + 12,
+                    len: n - 12,
+                    writable: true,
+                },
+            ],
+        ),
+        ("header too short", vec![ro(a, 11)]),
+        ("oversized frame", vec![ro(big, 65550 + 12 + 1)]),
+        (
+            "outside guest memory",
+            vec![ro(a, 12), ro(mem_end - 100, 200)],
+        ),
+        (
+            "beyond the address space",
+            vec![ro(a, 12), ro(u64::MAX - 10, 100)],
+        ),
+        ("runt frame", vec![ro(a, 12 + 13)]),
+    ];
+    for (i, (what, bufs)) in bad_chains.iter().enumerate() {
+        e.kick_tx(bufs);
+        assert_eq!(
+            e.counters().tx_malformed,
+            i as u64 + 1,
+            "{what} not counted"
+        );
+        assert_eq!(e.counters().tx_frames, 0, "{what} sent");
+    }
+    // Headers asking for offloads the driver did not negotiate, or unknown ones.
+    let mut e2 = env(0);
+    for (what, hdr) in [
+        (
+            "NEEDS_CSUM without CSUM",
+            vnet_hdr(hdr_flags::NEEDS_CSUM, 0, 0, 0, 14, 16),
+        ),
+        (
+            "TSO without HOST_TSO4",
+            vnet_hdr(0, gso::TCPV4, 54, 1448, 0, 0),
+        ),
+        ("UFO", vnet_hdr(0, gso::UDP, 42, 1000, 0, 0)),
+    ] {
+        let before = e2.counters().tx_malformed;
+        e2.transmit(hdr, &good, 1);
+        assert_eq!(e2.counters().tx_malformed, before + 1, "{what} not counted");
+    }
+    // A broken chain: a descriptor whose NEXT points to itself.
+    let head = e.d.reserve_descs_in(TX_QUEUE as u32, 1);
+    e.d.write_desc(
+        crate::virtio::testing::desc_table(TX_QUEUE as u32),
+        head,
+        a,
+        n,
+        crate::virtio::testing::VIRTQ_DESC_F_NEXT,
+        head,
+    );
+    let before = e.d.used_idx_of(TX_QUEUE as u32);
+    e.d.publish_to(TX_QUEUE as u32, head);
+    e.d.kick(TX_QUEUE as u32);
+    assert_eq!(e.d.used_idx_of(TX_QUEUE as u32), before.wrapping_add(1));
+    assert_eq!(e.counters().tx_malformed, bad_chains.len() as u64 + 1);
+    // Nothing came out of the tap, and the next good frame does.
+    assert!(e.host.recv(Duration::from_millis(100)).is_none());
+    e.kick_tx(&[ro(a, 12), ro(a + 12, n - 12)]);
+    assert_eq!(e.host_recv().as_deref(), Some(&good[..]));
+    assert_eq!(e.counters().tx_frames, 1);
+    assert_eq!(e.d.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn malformed_rx_chains_are_returned_unused_and_rx_goes_on() {
+    let mut e = env(netf::MRG_RXBUF);
+    let a = e.d.alloc(2048);
+    // A device-readable buffer and a buffer outside guest memory, then a good one.
+    let h = e.d.add_chain_to(
+        RX_QUEUE as u32,
+        &[Buf {
+            addr: a,
+            len: 2048,
+            writable: false,
+        }],
+    );
+    e.rx_bufs.insert(h, (a, 2048));
+    e.d.publish_to(RX_QUEUE as u32, h);
+    let mem_end = crate::virtio::testing::MEM_SIZE as u64;
+    let h = e.d.add_chain_to(
+        RX_QUEUE as u32,
+        &[Buf {
+            addr: mem_end - 10,
+            len: 2048,
+            writable: true,
+        }],
+    );
+    e.rx_bufs.insert(h, (mem_end - 10, 2048));
+    e.d.publish_to(RX_QUEUE as u32, h);
+    let good = e.d.alloc(2048);
+    e.post_rx_at(good, 2048);
+    e.d.kick(RX_QUEUE as u32);
+    let f = test_frame(GUEST_MAC, HOST_MAC, 300, 3);
+    e.host.send(&f);
+    let mut used = Vec::new();
+    assert!(e.pump(T, |e| {
+        used.extend(e.take_used_rx());
+        used.len() == 3
+    }));
+    assert_eq!(used[0], (a, 0));
+    assert_eq!(used[1], (mem_end - 10, 0));
+    assert_eq!(used[2], (good, (HDR_LEN + 300) as u32));
+    assert_eq!(e.d.read_bytes(good + HDR_LEN as u64, 300), f);
+    assert_eq!(e.counters().rx_bad_chains, 2);
+    assert_eq!(e.counters().rx_frames, 1);
+}
+
+#[test]
+fn flood_without_rx_buffers_keeps_the_device_responsive_and_its_memory_flat() {
+    const FLOOD: usize = 20_000;
+    let mut e = env_with(netf::MRG_RXBUF, 16);
+    let rss_before = rss_kib();
+    // No rx buffers posted: the host floods the tap.
+    let sender = e.ns.enter(|| PacketSocket::bind(TAP, false));
+    let flood = std::thread::spawn(move || {
+        for i in 0..FLOOD {
+            sender.send(&test_frame(GUEST_MAC, HOST_MAC, 1514, i as u8));
+        }
+    });
+    let tx_frame = test_frame(HOST_MAC, GUEST_MAC, 1000, 77);
+    let mut sent = 0;
+    while !flood.is_finished() || sent < 20 {
+        // The event loop runs, tx still works meanwhile.
+        e.pump(Duration::from_millis(5), |_| false);
+        e.transmit([0; HDR_LEN], &tx_frame, 2);
+        sent += 1;
+    }
+    flood.join().unwrap();
+    e.pump(Duration::from_millis(50), |_| false);
+    let c = e.counters();
+    assert_eq!(c.tx_frames, sent, "tx kept working during the flood");
+    assert_eq!(c.rx_frames, 0);
+    // wisp took nothing from the tap; the kernel's queue holds what fits and drops the rest.
+    let (taken, dropped) = e.ns.tx_stats(TAP);
+    assert_eq!(taken, 0, "frames read from the tap without rx buffers");
+    assert!(
+        dropped > 0,
+        "the tap's own queue overflowed, not wisp's memory"
+    );
+    let rss_after = rss_kib();
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    // Waiting for buffers: rx notifications are on (used.flags has no NO_NOTIFY).
+    let flags: u16 =
+        e.d.mem
+            .read_obj(GuestAddress(used_ring(RX_QUEUE as u32)))
+            .unwrap();
+    assert_eq!(flags, 0, "the driver must be asked to kick rx");
+
+    // Buffers come back: the queued frames flow in, in order, intact.
+    let bufs = e.post_rx(16, 2048);
+    let queued = FLOOD as u64 - dropped;
+    let mut got = 0u64;
+    while got < queued {
+        let Some((_, frame)) = e.recv_frame(T) else {
+            break;
+        };
+        assert_eq!(
+            frame,
+            test_frame(GUEST_MAC, HOST_MAC, 1514, got as u8),
+            "frame {got}"
+        );
+        got += 1;
+        if got.is_multiple_of(16) {
+            // All 16 buffers used: recycle them as a driver would.
+            for &a in &bufs {
+                e.post_rx_at(a, 2048);
+            }
+            e.d.kick(RX_QUEUE as u32);
+        }
+    }
+    assert_eq!(got, queued, "every frame the tap queued reached the guest");
+    assert_eq!(e.counters().rx_frames, queued);
+    assert_eq!(e.counters().rx_dropped, 0);
+}
+
+fn rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Checks an IPv4/TCP frame's lengths and checksums; returns (TTL, seq, payload).
+fn parse_tcp_segment(frame: &[u8]) -> (u8, u32, Vec<u8>) {
+    assert!(frame.len() >= 54, "{}-byte frame", frame.len());
+    assert_eq!(&frame[12..14], &[0x08, 0x00], "IPv4");
+    let ip = &frame[14..];
+    let ihl = usize::from(ip[0] & 0xf) * 4;
+    let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    assert_eq!(tot, ip.len(), "IP total length matches the frame");
+    assert_eq!(
+        csum_fold(csum_add(0, &ip[..ihl])),
+        0xffff,
+        "IP header checksum"
+    );
+    let tcp = &ip[ihl..tot];
+    let src: [u8; 4] = ip[12..16].try_into().unwrap();
+    let dst: [u8; 4] = ip[16..20].try_into().unwrap();
+    assert_eq!(
+        csum_fold(csum_add(pseudo_sum(src, dst, tcp.len()), tcp)),
+        0xffff,
+        "TCP checksum"
+    );
+    let seq = u32::from_be_bytes(tcp[4..8].try_into().unwrap());
+    let doff = usize::from(tcp[12] >> 4) * 4;
+    (ip[8], seq, tcp[doff..].to_vec())
+}
+
+const GUEST_IP: [u8; 4] = [10, 0, 0, 2];
+const FAR_IP: [u8; 4] = [10, 0, 1, 2];
+const TSO_PAYLOAD: usize = 30_000;
+const MSS: u16 = 1448;
+
+#[test]
+fn guest_tso_frame_leaves_the_tap_as_valid_mtu_sized_segments() {
+    let mut e = env(ALL_OFFLOADS | netf::MRG_RXBUF);
+    // The namespace routes the guest's packets from wtap0 to wtap1, a tap without
+    // offloads whose reader we are: the kernel must cut the GSO frame there.
+    let ns = &e.ns;
+    let out = ns.enter(|| {
+        let t = Tap::open("wtap1").unwrap();
+        t.set_vnet_hdr_size(HDR_LEN as i32).unwrap();
+        t
+    });
+    ns.sysctl("net.ipv4.ip_forward=1");
+    ns.sysctl("net.ipv4.conf.all.rp_filter=0");
+    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", TAP]);
+    ns.ip(&["addr", "add", "10.0.1.1/24", "dev", "wtap1"]);
+    ns.ip(&["link", "set", "wtap1", "up"]);
+    ns.ip(&[
+        "neigh",
+        "add",
+        "10.0.1.2",
+        "lladdr",
+        "02:00:00:00:01:02",
+        "dev",
+        "wtap1",
+        "nud",
+        "permanent",
+    ]);
+    let payload = pattern(TSO_PAYLOAD, 5);
+    let frame = tcp_frame(HOST_MAC, GUEST_MAC, GUEST_IP, FAR_IP, 1000, &payload, true);
+    let hdr = vnet_hdr(hdr_flags::NEEDS_CSUM, gso::TCPV4, 54, MSS, 34, 16);
+    e.transmit(hdr, &frame, 4);
+    assert_eq!(e.counters().tx_frames, 1);
+    assert_eq!(e.counters().tx_bytes, frame.len() as u64);
+
+    let mut data = vec![0u8; TSO_PAYLOAD];
+    let mut covered = 0;
+    let mut segments = 0;
+    let mut buf = vec![0u8; 70000];
+    let deadline = Instant::now() + T;
+    while covered < TSO_PAYLOAD && Instant::now() < deadline {
+        if !wait_readable(out.as_raw_fd(), Duration::from_millis(100)) {
+            continue;
+        }
+        let Ok(n) = out.read(&mut buf) else { continue };
+        let f = &buf[HDR_LEN..n];
+        if f.len() < 14 || f[12..14] != [0x08, 0x00] {
+            continue; // e.g. ARP from the namespace
+        }
+        assert_eq!(buf[1], gso::NONE, "wtap1 has no TSO: no GSO frame");
+        assert!(f.len() <= 1514, "segment of {} bytes", f.len());
+        let (ttl, seq, p) = parse_tcp_segment(f);
+        assert_eq!(ttl, 63, "forwarded");
+        assert!(p.len() <= usize::from(MSS));
+        let off = (seq - 1000) as usize;
+        data[off..off + p.len()].copy_from_slice(&p);
+        covered += p.len();
+        segments += 1;
+    }
+    assert_eq!(covered, TSO_PAYLOAD, "all payload arrived");
+    assert_eq!(segments, TSO_PAYLOAD.div_ceil(usize::from(MSS)));
+    assert_eq!(data, payload);
+}
+
+/// The host sends one 30 KB TCP GSO packet to the guest through the tap (AF_PACKET with a
+/// virtio-net header); returns what the guest received.
+fn host_sends_gso_packet(accepted: u64) -> Vec<([u8; HDR_LEN], Vec<u8>)> {
+    let mut e = env(accepted | netf::MRG_RXBUF);
+    let gso_sock = e.ns.enter(|| PacketSocket::bind(TAP, true));
+    e.post_rx(64, 1536);
+    let payload = pattern(TSO_PAYLOAD, 11);
+    let frame = tcp_frame(GUEST_MAC, HOST_MAC, FAR_IP, GUEST_IP, 5000, &payload, true);
+    // struct virtio_net_hdr (10 bytes) for PACKET_VNET_HDR.
+    let hdr = vnet_hdr(hdr_flags::NEEDS_CSUM, gso::TCPV4, 54, MSS, 34, 16);
+    let mut pkt = hdr[..10].to_vec();
+    pkt.extend_from_slice(&frame);
+    gso_sock.send(&pkt);
+    let mut frames = Vec::new();
+    let mut covered = 0;
+    while covered < TSO_PAYLOAD {
+        let Some((h, f)) = e.recv_frame(T) else { break };
+        if f.len() >= 54 && f[12..14] == [0x08, 0x00] {
+            covered += f.len() - 54;
+        }
+        frames.push((h, f));
+    }
+    assert_eq!(covered, TSO_PAYLOAD, "all payload reached the guest");
+    assert_eq!(e.counters().rx_dropped, 0);
+    frames
+}
+
+#[test]
+fn with_guest_tso_negotiated_the_guest_receives_one_gso_frame() {
+    let frames = host_sends_gso_packet(ALL_OFFLOADS);
+    assert_eq!(frames.len(), 1, "the tap passed the GSO packet whole");
+    let (h, f) = &frames[0];
+    assert_eq!(h[0] & hdr_flags::NEEDS_CSUM, hdr_flags::NEEDS_CSUM);
+    assert_eq!(h[1], gso::TCPV4);
+    assert_eq!(u16::from_le_bytes([h[4], h[5]]), MSS, "gso_size");
+    assert_eq!(u16::from_le_bytes([h[6], h[7]]), 34, "csum_start");
+    assert_eq!(u16::from_le_bytes([h[8], h[9]]), 16, "csum_offset");
+    assert_eq!(
+        u16::from_le_bytes([h[10], h[11]]) as usize,
+        (HDR_LEN + f.len()).div_ceil(1536),
+        "num_buffers"
+    );
+    assert_eq!(f.len(), 54 + TSO_PAYLOAD);
+    assert_eq!(&f[54..], &pattern(TSO_PAYLOAD, 11)[..]);
+}
+
+#[test]
+fn without_guest_offloads_the_guest_receives_checksummed_segments() {
+    let frames = host_sends_gso_packet(0);
+    assert_eq!(frames.len(), TSO_PAYLOAD.div_ceil(usize::from(MSS)));
+    let mut data = vec![0u8; TSO_PAYLOAD];
+    for (h, f) in &frames {
+        assert_eq!(h[0] & hdr_flags::NEEDS_CSUM, 0, "no partial checksum");
+        assert_eq!(h[1], gso::NONE);
+        assert!(f.len() <= 1514);
+        let (_, seq, p) = parse_tcp_segment(f);
+        let off = (seq - 5000) as usize;
+        data[off..off + p.len()].copy_from_slice(&p);
+    }
+    assert_eq!(data, pattern(TSO_PAYLOAD, 11));
+}
+
+#[test]
+fn inconsistent_offload_features_are_refused_at_activation() {
+    let ns = Netns::new();
+    let tap = ns.enter(|| Tap::open(TAP).unwrap());
+    let mut d = Driver::new(Box::new(Net::new(tap, None, None).unwrap()));
+    // GUEST_TSO4 without GUEST_CSUM (virtio 1.2 §5.1.3.1).
+    d.negotiate(features::VERSION_1 | netf::GUEST_TSO4);
+    d.setup_queue(0);
+    d.setup_queue(1);
+    let s = d.driver_ok();
+    assert_ne!(s & status::DEVICE_NEEDS_RESET, 0);
+    assert!(d.handler.device_fds().is_empty());
+}
+
+#[test]
+fn reset_stops_watching_the_tap_and_a_new_driver_gets_frames() {
+    let mut e = env(netf::MRG_RXBUF);
+    assert_eq!(e.d.handler.device_fds().len(), 1);
+    e.d.write32(regs::STATUS, 0);
+    assert!(e.d.handler.device_fds().is_empty(), "tap no longer watched");
+    // A frame sent while the device is reset waits in the tap.
+    let f = test_frame(GUEST_MAC, HOST_MAC, 100, 1);
+    e.host.send(&f);
+    e.d.start_queues(features::VERSION_1 | netf::MRG_RXBUF, 2);
+    e.rx_bufs.clear();
+    e.rx_seen = 0;
+    e.post_rx(4, 2048);
+    let (_, got) = e.recv_frame(T).expect("frame after re-activation");
+    assert_eq!(got, f);
+}
