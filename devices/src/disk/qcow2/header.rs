@@ -40,6 +40,8 @@ pub struct Header {
     pub incompatible: u64,
     pub autoclear: u64,
     pub refcount_order: u32,
+    /// 0: deflate, 1: zstd.
+    pub compression_type: u8,
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
 }
@@ -202,10 +204,10 @@ impl Header {
         if incompatible & INCOMPAT_EXTL2 != 0 {
             return Err(Error::ExtendedL2);
         }
-        if incompatible & INCOMPAT_COMPRESSION != 0 || compression_type != 0 {
-            if compression_type == 0 || incompatible & INCOMPAT_COMPRESSION == 0 {
-                return Err(Error::CompressionTypeMismatch { compression_type });
-            }
+        if (incompatible & INCOMPAT_COMPRESSION != 0) != (compression_type != 0) {
+            return Err(Error::CompressionTypeMismatch { compression_type });
+        }
+        if compression_type > 1 {
             return Err(Error::CompressionType { compression_type });
         }
         let known = INCOMPAT_DIRTY
@@ -310,6 +312,7 @@ impl Header {
             incompatible,
             autoclear,
             refcount_order,
+            compression_type,
             backing_file,
             backing_format,
         })

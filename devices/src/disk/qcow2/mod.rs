@@ -73,7 +73,7 @@ pub enum Error {
     ExternalDataFile,
     #[error("images with extended L2 entries / subclusters (incompatible feature bit 4) are not supported")]
     ExtendedL2,
-    #[error("compression type {compression_type} is not supported (only deflate, type 0; zstd is type 1)")]
+    #[error("compression type {compression_type} is not supported (0 deflate and 1 zstd are)")]
     CompressionType { compression_type: u8 },
     #[error(
         "compression type field ({compression_type}) disagrees with incompatible feature bit 3"
@@ -353,6 +353,53 @@ fn pread_zero_fill(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Raw deflate (no zlib header), as QEMU writes compressed clusters; the data must fill
+/// `out` exactly (trailing sector padding is ignored).
+fn inflate_deflate(input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
+    use miniz_oxide::inflate::TINFLStatus;
+    let mut state = DecompressorOxide::new();
+    let (status, _, written) = decompress(
+        &mut state,
+        input,
+        out,
+        0,
+        inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF,
+    );
+    if matches!(status, TINFLStatus::Done | TINFLStatus::HasMoreOutput) && written == out.len() {
+        Ok(())
+    } else {
+        Err(format!("deflate: {status:?} after {written} bytes"))
+    }
+}
+
+/// zstd frames until `out` is full (QEMU may write more than one frame per cluster).
+fn inflate_zstd(input: &[u8], out: &mut [u8]) -> Result<(), String> {
+    use std::io::Read;
+    let mut src: &[u8] = input;
+    let mut pos = 0;
+    while pos < out.len() {
+        let before = pos;
+        // QEMU compresses one cluster (at most 2 MiB) per frame; refuse bigger windows.
+        let mut dec =
+            ruzstd::decoding::StreamingDecoder::new_with_max_window_size(&mut src, 8 << 20)
+                .map_err(|e| format!("zstd frame at {pos}: {e}"))?;
+        while pos < out.len() {
+            let n = dec
+                .read(&mut out[pos..])
+                .map_err(|e| format!("zstd: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            pos += n;
+        }
+        if pos == before {
+            return Err(format!("zstd: no progress after {pos} bytes"));
+        }
+    }
+    Ok(())
+}
+
 /// A read-only raw file at the bottom of a backing chain.
 struct RawFile {
     file: File,
@@ -422,6 +469,8 @@ pub struct Qcow2 {
     read_only: bool,
     version: u32,
     size: u64,
+    /// 0: deflate, 1: zstd.
+    compression_type: u8,
     cluster_bits: u32,
     cluster_size: u64,
     l2_bits: u32,
@@ -628,6 +677,7 @@ impl Qcow2 {
             read_only,
             version: h.version,
             size: h.size,
+            compression_type: h.compression_type,
             cluster_bits,
             cluster_size,
             l2_bits: cluster_bits - 3,
@@ -1157,20 +1207,14 @@ impl Qcow2 {
         let mut input = vec![0u8; len as usize];
         pread_zero_fill(&self.file, &mut input, entry_host)?;
         let mut out = vec![0u8; self.cluster_size as usize];
-        let mut state = miniz_oxide::inflate::core::DecompressorOxide::new();
-        let (status, _, written) = miniz_oxide::inflate::core::decompress(
-            &mut state,
-            &input,
-            &mut out,
-            0,
-            miniz_oxide::inflate::core::inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF,
-        );
-        use miniz_oxide::inflate::TINFLStatus;
-        let ok = matches!(status, TINFLStatus::Done | TINFLStatus::HasMoreOutput)
-            && written == out.len();
-        if !ok {
+        let r = if self.compression_type == 1 {
+            inflate_zstd(&input, &mut out)
+        } else {
+            inflate_deflate(&input, &mut out)
+        };
+        if let Err(why) = r {
             return Err(self.corrupt(format!(
-                "compressed cluster at {entry_host:#x} does not inflate to a cluster ({status:?}, {written} bytes)"
+                "compressed cluster at {entry_host:#x} does not decompress to a cluster: {why}"
             )));
         }
         self.compressed_cache = Some((key, out));

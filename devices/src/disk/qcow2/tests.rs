@@ -219,6 +219,21 @@ fn reads_compressed_images() {
         let mut q = Qcow2::open(&img, true).expect("open");
         assert_reads(&mut q, &data, 3);
     }
+    for cs in ["4k", "64k", "2M"] {
+        let img = dir.path(&format!("z-{cs}.qcow2"));
+        qemu_img(&[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("cluster_size={cs},compression_type=zstd"),
+            raw.to_str().expect("utf8"),
+            img.to_str().expect("utf8"),
+        ]);
+        let mut q = Qcow2::open(&img, true).expect("open zstd");
+        assert_reads(&mut q, &data, 4);
+    }
 }
 
 /// base.raw (shorter than the overlays) <- mid.qcow2 <- top.qcow2 <- leaf.qcow2, relative
@@ -664,12 +679,17 @@ fn refuses_bad_images_with_reasons() {
             "external data file",
         ),
         (
-            "zstd",
+            "unknown-compression",
             Box::new(|p| {
                 patch(p, 72, &8u64.to_be_bytes());
-                patch(p, 104, &[1]);
+                patch(p, 104, &[2]);
             }),
-            "compression type 1",
+            "compression type 2",
+        ),
+        (
+            "compression-bit",
+            Box::new(|p| patch(p, 104, &[1])),
+            "disagrees",
         ),
         ("magic", Box::new(|p| patch(p, 0, b"QFI\0")), "magic"),
         (
