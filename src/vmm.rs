@@ -5,6 +5,7 @@ use crate::arch::x86_64::{acpi, boot, cpuid, layout::*, pvm, regs};
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::devices::{open_disk, DeviceError, VirtioDevices};
 use crate::terminal;
+use crate::vstate::control::{self, VcpuControl};
 use crate::vstate::exit::{ExitSignal, VmExit};
 use crate::vstate::vcpu::{ThreadStart, Vcpu};
 use crate::vstate::vm::{Vm, VmError};
@@ -69,6 +70,7 @@ pub struct Vmm {
     serial_drained: EventFd,
     console_input: bool,
     virtio: VirtioDevices,
+    control: Arc<VcpuControl>,
     vcpu_start: Option<Arc<dyn Fn(u8, libc::pid_t) -> Result<(), String> + Send + Sync>>,
 }
 
@@ -157,6 +159,8 @@ impl Vmm {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let control = Arc::new(VcpuControl::default());
+        control::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
         let mut vcpus = Vec::with_capacity(config.cpus.into());
         for id in 0..config.cpus {
             let fd = vm
@@ -184,6 +188,7 @@ impl Vmm {
                 mem: vm.mem.clone(),
                 exit: exit.clone(),
                 pvm,
+                control: control.clone(),
             });
         }
 
@@ -195,6 +200,7 @@ impl Vmm {
             serial_drained,
             console_input: config.console == ConsoleConfig::Stdio,
             virtio,
+            control,
             vcpu_start: None,
         })
     }
@@ -274,11 +280,11 @@ impl Vmm {
                     TOKEN_EXIT => {
                         let _ = self.exit.event_fd().read();
                     }
-                    TOKEN_SIGNAL => {
-                        if let Some(sig) = read_signal(&signals) {
-                            self.exit.report(VmExit::Signal(sig));
-                        }
-                    }
+                    TOKEN_SIGNAL => match read_signal(&signals) {
+                        Some(libc::SIGUSR1) => self.control.request_dump(),
+                        Some(sig) => self.exit.report(VmExit::Signal(sig)),
+                        None => {}
+                    },
                     TOKEN_STDIN => {
                         if !self.forward_input(&mut stdin) {
                             let _ = epoll.ctl(ControlOperation::Delete, 0, EpollEvent::default());
@@ -434,14 +440,14 @@ fn unsafe_stdin() -> File {
     unsafe { File::from(OwnedFd::from_raw_fd(fd)) }
 }
 
-/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and so in the vCPU threads spawned
+/// Blocks SIGINT, SIGTERM, SIGHUP (stop) and SIGUSR1 (log vCPU registers) in this thread (and so in the vCPU threads spawned
 /// after) and returns a signalfd that receives them, for a clean stop from the event loop.
 fn block_stop_signals() -> io::Result<OwnedFd> {
     // SAFETY: plain libc calls on a local, zero-initialised sigset.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1] {
             libc::sigaddset(&mut set, sig);
         }
         if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {

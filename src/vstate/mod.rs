@@ -1,5 +1,6 @@
 //! KVM state: the VM (memory, irqchip), the vCPUs and how a VM ends.
 
+pub mod control;
 pub mod exit;
 pub mod vcpu;
 pub mod vm;

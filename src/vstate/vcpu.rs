@@ -2,10 +2,12 @@
 //! exits to the buses. A vCPU never blocks on device I/O: devices do their work on the event
 //! loop, reached through ioeventfds.
 
+use super::control::{self, VcpuControl};
 use super::exit::{ExitSignal, VmExit};
 use crate::arch::x86_64::pvm;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use vm_memory::GuestMemoryMmap;
 use wisp_devices::bus::Bus;
@@ -24,6 +26,7 @@ pub struct Vcpu {
     pub mem: GuestMemoryMmap,
     pub exit: ExitSignal,
     pub pvm: bool,
+    pub control: Arc<VcpuControl>,
 }
 
 impl Vcpu {
@@ -31,6 +34,9 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("wisp-vcpu{}", self.id))
             .spawn(move || {
+                control::register_kvm_run(self.fd.get_kvm_run());
+                // SAFETY: pthread_self has no preconditions.
+                self.control.add_thread(unsafe { libc::pthread_self() });
                 if let Some(f) = on_start {
                     // SAFETY: gettid has no preconditions.
                     let tid = unsafe { libc::gettid() };
@@ -51,10 +57,20 @@ impl Vcpu {
     /// Runs the guest until it stops; returns why.
     fn run(&mut self) -> VmExit {
         let id = self.id;
+        let mut dumped = self.control.dump_generation();
         loop {
+            self.control.park_if_paused();
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    let generation = self.control.dump_generation();
+                    if generation != dumped {
+                        dumped = generation;
+                        self.log_state();
+                    }
+                    continue;
+                }
                 Err(e) => {
                     return VmExit::KvmCall {
                         vcpu: id,
@@ -111,6 +127,24 @@ impl Vcpu {
                     }
                 }
             }
+        }
+    }
+
+    fn log_state(&self) {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => log::warn!(
+                "vcpu{}: rip {:#x} rsp {:#x} rflags {:#x} rax {:#x} cr0 {:#x} cr3 {:#x} cs.dpl {} mp_state {:?}",
+                self.id,
+                r.rip,
+                r.rsp,
+                r.rflags,
+                r.rax,
+                s.cr0,
+                s.cr3,
+                s.cs.dpl,
+                self.fd.get_mp_state().map(|m| m.mp_state).ok()
+            ),
+            (Err(e), _) | (_, Err(e)) => log::warn!("vcpu{}: cannot read registers: {e}", self.id),
         }
     }
 
