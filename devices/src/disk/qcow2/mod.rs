@@ -1,6 +1,20 @@
-//! qcow2 images (QEMU docs/interop/qcow2.txt): versions 2 and 3, backing chains, compressed
-//! clusters (deflate), allocating copy-on-write writes with exact refcounts and a metadata
+//! qcow2 images (QEMU docs/interop/qcow2.txt): versions 2 and 3, 512 B to 2 MiB clusters,
+//! refcounts of any width (read and write), backing chains (raw or qcow2, up to
+//! `MAX_BACKING_DEPTH`, relative names resolved against the overlay's directory),
+//! compressed clusters (deflate and zstd, read), allocating copy-on-write writes with exact
+//! refcounts, discard / write-zeroes that free clusters (and punch holes), and a metadata
 //! write order that keeps the image consistent across a crash.
+//!
+//! API: [`Qcow2::open`] (a [`DiskBackend`]), [`create`], [`info`], [`probe_format`].
+//! Formats: a backing file whose format the overlay records is opened as that format and
+//! never probed; only a backing file with no recorded format is probed. Callers should do
+//! the same for top-level disks: use the format the user gave and probe only when none was
+//! given.
+//!
+//! Refused: unknown incompatible features, the corrupt bit, external data files,
+//! encryption, extended L2 entries, bad headers and tables; dirty images (lazy refcounts)
+//! and images with internal snapshots are opened read-only only (no refcount rebuild).
+//! Writers take an exclusive OFD lock on the image, readers (backing files) a shared one.
 //!
 //! Write ordering (each arrow is an fdatasync): data clusters and refcount blocks ->
 //! refcount table entries -> L2 tables -> L1 entries. Refcount decrements are applied only

@@ -1233,3 +1233,49 @@ fn every_crash_point_leaves_a_consistent_image() {
         }
     }
 }
+
+#[test]
+fn discard_and_write_zeroes_on_v2_and_v3_overlays() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = TempDir::new("v2discard");
+    let base: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 253) as u8 + 1).collect();
+    fs::write(dir.path("base.raw"), &base).expect("base");
+    for compat in ["0.10", "1.1"] {
+        let img = dir.path(&format!("o-{compat}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("compat={compat},cluster_size=4096"),
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            img.to_str().expect("utf8"),
+            "2M",
+        ]);
+        let mut model = base.clone();
+        {
+            let mut q = Qcow2::open(&img, false).expect("open");
+            q.write_at(0, &[9u8; 65536]).expect("write");
+            model[..65536].fill(9);
+            q.discard(0, 32768).expect("discard");
+            // v3: whole clusters become zero clusters; v2 keeps the old contents.
+            if compat == "1.1" {
+                model[..32768].fill(0);
+            }
+            q.write_zeroes(40000, 100_000, false).expect("zeroes");
+            model[40000..140_000].fill(0);
+            q.write_zeroes(200_000, 5, true).expect("small zeroes");
+            model[200_000..200_005].fill(0);
+            assert_reads(&mut q, &model, 11);
+        }
+        check_clean(&img);
+        compare_with_model(&img, &model, &dir);
+    }
+    assert_eq!(fs::read(dir.path("base.raw")).expect("base"), base);
+}
