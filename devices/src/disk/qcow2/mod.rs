@@ -187,7 +187,7 @@ pub struct ImageInfo {
 
 /// Describes an image file (raw or qcow2, probed).
 pub fn info(path: &Path) -> Result<ImageInfo, Error> {
-    let file = File::open(path).map_err(|source| Error::Open {
+    let (file, len) = open_image_file(path, false).map_err(|source| Error::Open {
         path: path.to_owned(),
         source,
     })?;
@@ -198,7 +198,7 @@ pub fn info(path: &Path) -> Result<ImageInfo, Error> {
     let meta = file.metadata().map_err(io_err)?;
     let format = probe_format(&file).map_err(io_err)?;
     let (virtual_size, backing_chain) = match format {
-        Format::Raw => (meta.len(), Vec::new()),
+        Format::Raw => (len, Vec::new()),
         Format::Qcow2 => {
             let q = Qcow2::open(path, true)?;
             (q.size, q.chain.clone())
@@ -230,12 +230,14 @@ pub fn create(
         Some((bpath, fmt)) => {
             let full = resolve_backing(path, bpath);
             let len = match fmt {
-                Format::Raw => fs::metadata(&full)
-                    .map_err(|source| Error::Open {
-                        path: full.clone(),
-                        source,
-                    })?
-                    .len(),
+                Format::Raw => {
+                    open_image_file(&full, false)
+                        .map_err(|source| Error::Open {
+                            path: full.clone(),
+                            source,
+                        })?
+                        .1
+                }
                 Format::Qcow2 => {
                     Qcow2::open(&full, true)
                         .map_err(|e| Error::Backing {
@@ -330,6 +332,28 @@ pub fn create(
             source,
         }
     })
+}
+
+/// Opens an image file without blocking (a FIFO named as a backing file must not hang the
+/// VMM) and accepts only regular files and block devices. Returns the file and its size.
+fn open_image_file(path: &Path, write: bool) -> io::Result<(File, u64)> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let ft = file.metadata()?.file_type();
+    if !(ft.is_file() || ft.is_block_device()) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file or block device",
+        ));
+    }
+    // Seeking to the end gives the size of block devices too.
+    let len = (&file).seek(SeekFrom::End(0))?;
+    Ok((file, len))
 }
 
 fn resolve_backing(overlay: &Path, backing: &Path) -> PathBuf {
@@ -569,18 +593,13 @@ impl Qcow2 {
             });
         }
         seen.push(canonical);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(open_err)?;
+        let (file, file_size) = open_image_file(path, !read_only).map_err(open_err)?;
         // Exclusive for a writer, shared for readers (backing files), like raw images.
         super::raw::lock_file(&file, path, !read_only)?;
         let io_err = |source| Error::Io {
             path: path.to_owned(),
             source,
         };
-        let file_size = file.metadata().map_err(io_err)?.len();
         let mut first = vec![0u8; file_size.min(2 << 20) as usize];
         file.read_exact_at(&mut first, 0).map_err(io_err)?;
         let h = Header::parse(&first, file_size)?;
@@ -628,7 +647,7 @@ impl Qcow2 {
                         })
                     }
                     None => {
-                        let f = File::open(&bpath).map_err(|source| {
+                        let (f, _) = open_image_file(&bpath, false).map_err(|source| {
                             wrap(Error::Open {
                                 path: bpath.clone(),
                                 source,
@@ -645,21 +664,13 @@ impl Qcow2 {
                 chain.push((bpath.clone(), format));
                 Some(match format {
                     Format::Raw => {
-                        let f = File::open(&bpath).map_err(|source| {
+                        let (f, len) = open_image_file(&bpath, false).map_err(|source| {
                             wrap(Error::Open {
                                 path: bpath.clone(),
                                 source,
                             })
                         })?;
-                        let len = f
-                            .metadata()
-                            .map_err(|source| {
-                                wrap(Error::Io {
-                                    path: bpath.clone(),
-                                    source,
-                                })
-                            })?
-                            .len();
+                        super::raw::lock_file(&f, &bpath, false).map_err(|e| wrap(e.into()))?;
                         BackingDisk::Raw(RawFile { file: f, len })
                     }
                     Format::Qcow2 => {

@@ -819,6 +819,32 @@ fn refuses_bad_images_with_reasons() {
 }
 
 #[test]
+fn a_fifo_as_backing_file_is_refused_without_hanging() {
+    let dir = TempDir::new("fifo");
+    let fifo = dir.path("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().expect("utf8")).expect("cstring");
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let ov = dir.path("ov.qcow2");
+    let fake = dir.path("fake.raw");
+    fs::write(&fake, [0u8; 512]).expect("fake");
+    create(
+        &ov,
+        Some(1 << 20),
+        None,
+        Some((Path::new("fake.raw"), Format::Raw)),
+    )
+    .expect("ov");
+    fs::remove_file(&fake).expect("rm");
+    fs::rename(&fifo, &fake).expect("fifo in place");
+    let msg = match Qcow2::open(&ov, true) {
+        Ok(_) => panic!("FIFO backing accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(msg.contains("not a regular file"), "{msg}");
+}
+
+#[test]
 fn raw_backing_format_is_never_probed() {
     let dir = TempDir::new("noprobe");
     // A "raw" backing file whose contents look like a qcow2 image.
