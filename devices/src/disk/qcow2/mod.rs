@@ -356,6 +356,39 @@ fn open_image_file(path: &Path, write: bool) -> io::Result<(File, u64)> {
     Ok((file, len))
 }
 
+/// Fuzzing entry point (for a `cargo fuzz` target): `data` is written to a scratch file,
+/// opened as an image read-only and read-write, and driven through every operation.
+/// Errors are expected; a panic, a hang or an unbounded allocation is a bug.
+#[doc(hidden)]
+pub fn fuzz_image(data: &[u8]) {
+    let path = std::env::temp_dir().join(format!("wisp-qcow2-fuzz-{}.img", std::process::id()));
+    if fs::write(&path, data).is_err() {
+        return;
+    }
+    for read_only in [true, false] {
+        let Ok(mut q) = Qcow2::open(&path, read_only) else {
+            continue;
+        };
+        let len = q.len();
+        let span = len.min(8 << 20);
+        let mut buf = vec![0u8; 70_000];
+        for i in 0..4u64 {
+            let off = span / 4 * i;
+            let n = (buf.len() as u64).min(len - off) as usize;
+            let _ = q.read_at(off, &mut buf[..n]);
+            if !read_only {
+                let _ = q.write_at(off + n as u64 / 2, &buf[..n / 2]);
+            }
+        }
+        if !read_only {
+            let _ = q.discard(0, span / 2);
+            let _ = q.write_zeroes(span / 2, span / 4, true);
+            let _ = q.flush();
+        }
+    }
+    let _ = fs::remove_file(&path);
+}
+
 fn resolve_backing(overlay: &Path, backing: &Path) -> PathBuf {
     if backing.is_absolute() {
         backing.to_owned()
