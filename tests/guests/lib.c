@@ -253,3 +253,65 @@ void delay_us(u64 us)
 	while (!tsc_passed(end))
 		cpu_relax();
 }
+
+/* Command line parameters: "key=value" words of the PVH command line. */
+static const char *cmdline_find(const char *key)
+{
+	u32 k = strlen(key);
+	for (const char *p = cmdline; *p; p++) {
+		if ((p != cmdline && p[-1] != ' ') || memcmp(p, key, k) || p[k] != '=')
+			continue;
+		return p + k + 1;
+	}
+	return 0;
+}
+
+/* Decimal, or hex with 0x; advances *p past the digits. */
+u64 parse_u64(const char **p)
+{
+	const char *s = *p;
+	u64 v = 0;
+	if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+		s += 2;
+		for (;; s++) {
+			u32 c = (u8)*s;
+			if (c >= '0' && c <= '9')
+				v = v * 16 + (c - '0');
+			else if ((c | 0x20) >= 'a' && (c | 0x20) <= 'f')
+				v = v * 16 + ((c | 0x20) - 'a' + 10);
+			else
+				break;
+		}
+	} else {
+		for (; *s >= '0' && *s <= '9'; s++)
+			v = v * 10 + (u64)(*s - '0');
+	}
+	*p = s;
+	return v;
+}
+
+u64 cmdline_u64(const char *key, u64 def)
+{
+	const char *v = cmdline_find(key);
+	if (!v || !*v || *v == ' ')
+		return def;
+	const char *e = v;
+	u64 n = parse_u64(&e);
+	if (e == v || (*e && *e != ' '))
+		fail("command line %s=: not a number", key);
+	return n;
+}
+
+int cmdline_str(const char *key, char *out, u32 n)
+{
+	const char *v = cmdline_find(key);
+	if (!v)
+		return 0;
+	u32 i = 0;
+	while (v[i] && v[i] != ' ' && i + 1 < n) {
+		out[i] = v[i];
+		i++;
+	}
+	out[i] = 0;
+	return 1;
+}

@@ -29,6 +29,9 @@ typedef uint64_t u64;
 /* Interrupt vectors the probe uses. */
 #define VEC_LAPIC_TIMER 0x40
 #define VEC_SERIAL 0x41
+/* virtio-mmio devices: VEC_VIRTIO + slot, slot < VIRTIO_SLOTS (virtio.c). */
+#define VEC_VIRTIO 0x42
+#define VIRTIO_SLOTS 4
 /* Spurious vector: low nibble 1111 works on every xAPIC (SDM Vol. 3A, 11.9);
  * also the IDT's last entry. */
 #define VEC_SPURIOUS 0x4f
@@ -136,6 +139,12 @@ void delay_us(u64 us);
 u64 tsc_deadline(u64 ms);
 int tsc_passed(u64 deadline);
 
+/* Command line parameters "key=value" (lib.c). cmdline_u64 accepts decimal or 0x hex;
+ * cmdline_str copies the value (at most n - 1 bytes) and returns 1 if the key is there. */
+u64 cmdline_u64(const char *key, u64 def);
+int cmdline_str(const char *key, char *out, u32 n);
+u64 parse_u64(const char **p);
+
 /* acpi.c */
 struct acpi_info {
 	u64 rsdp, xsdt, fadt, dsdt, madt;
@@ -156,6 +165,7 @@ void i8042_reset(void); /* returns if no reset happened within ~2 s */
 extern char scenario[32];
 extern volatile u32 cpus_checked_in;
 extern volatile u32 lapic_ticks, serial_irqs, bp_hits;
+extern volatile u32 virtio_irqs[VIRTIO_SLOTS];
 u64 ustack_top(u32 cpu);
 /* CPUID as the VMM presents it, read at CPL0 (on PVM, CPUID at CPL3 is not
  * intercepted and returns the host CPU's values). */
@@ -164,6 +174,119 @@ extern u32 cpuid_1_ecx; /* BSP */
 extern int cpu_1g_pages; /* CPUID.80000001H:EDX.Page1GB[26] */
 extern char cpuid_hv_signature[13]; /* CPUID.40000000H:EBX,ECX,EDX */
 void trap(struct trap_frame *f);
+
+/* scenarios.c */
+extern char cmdline[1024];
+void lapic_enable(void);
+u32 lapic_id(void);
+void ioapic_write(u32 reg, u32 v);
+void done(void) __attribute__((noreturn));
+
+/* virtio.c: a minimal virtio-mmio driver (virtio 1.2 §4.2.2) with split virtqueues (§2.7). */
+#define VIRTIO_ID_NET 1
+#define VIRTIO_ID_BLOCK 2
+#define VIRTIO_MAGIC 0x74726976 /* "virt" */
+
+/* virtio-mmio registers (virtio 1.2 §4.2.2). */
+#define VMMIO_MAGIC 0x000
+#define VMMIO_VERSION 0x004
+#define VMMIO_DEVICE_ID 0x008
+#define VMMIO_VENDOR_ID 0x00c
+#define VMMIO_DEVICE_FEATURES 0x010
+#define VMMIO_DEVICE_FEATURES_SEL 0x014
+#define VMMIO_DRIVER_FEATURES 0x020
+#define VMMIO_DRIVER_FEATURES_SEL 0x024
+#define VMMIO_QUEUE_SEL 0x030
+#define VMMIO_QUEUE_NUM_MAX 0x034
+#define VMMIO_QUEUE_NUM 0x038
+#define VMMIO_QUEUE_READY 0x044
+#define VMMIO_QUEUE_NOTIFY 0x050
+#define VMMIO_INTERRUPT_STATUS 0x060
+#define VMMIO_INTERRUPT_ACK 0x064
+#define VMMIO_STATUS 0x070
+#define VMMIO_QUEUE_DESC_LOW 0x080
+#define VMMIO_QUEUE_DESC_HIGH 0x084
+#define VMMIO_QUEUE_DRIVER_LOW 0x090
+#define VMMIO_QUEUE_DRIVER_HIGH 0x094
+#define VMMIO_QUEUE_DEVICE_LOW 0x0a0
+#define VMMIO_QUEUE_DEVICE_HIGH 0x0a4
+#define VMMIO_CONFIG_GENERATION 0x0fc
+#define VMMIO_CONFIG 0x100
+
+/* Device status bits (virtio 1.2 §2.1). */
+#define VSTAT_ACKNOWLEDGE 1
+#define VSTAT_DRIVER 2
+#define VSTAT_DRIVER_OK 4
+#define VSTAT_FEATURES_OK 8
+#define VSTAT_NEEDS_RESET 0x40
+#define VSTAT_FAILED 0x80
+
+#define VIRTIO_F_VERSION_1 (1ull << 32)
+
+/* Split virtqueue layout (virtio 1.2 §2.7.5, §2.7.6, §2.7.8). */
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+struct vring_desc {
+	u64 addr;
+	u32 len;
+	u16 flags;
+	u16 next;
+};
+struct vring_avail {
+	u16 flags;
+	u16 idx;
+	u16 ring[];
+};
+struct vring_used_elem {
+	u32 id;
+	u32 len;
+};
+struct vring_used {
+	u16 flags;
+	u16 idx;
+	struct vring_used_elem ring[];
+};
+
+struct virtio_dev {
+	u64 base;
+	u32 gsi;
+	u32 device_id;
+	u32 slot; /* interrupt vector VEC_VIRTIO + slot, counter virtio_irqs[slot] */
+	int edge, active_low; /* from the ACPI interrupt descriptor */
+	u64 features; /* offered by the device */
+	u64 acked; /* accepted by the driver */
+};
+
+struct vq {
+	struct virtio_dev *dev;
+	u16 index, size;
+	volatile struct vring_desc *desc;
+	volatile struct vring_avail *avail;
+	volatile struct vring_used *used;
+	u16 avail_idx, last_used;
+};
+
+void *dma_alloc(u64 size);
+u32 vio_read(const struct virtio_dev *d, u32 reg);
+void vio_write(const struct virtio_dev *d, u32 reg, u32 v);
+void virtio_find(u32 device_id, u32 nth, struct virtio_dev *d, const char *what);
+void virtio_route_irq(struct virtio_dev *d);
+u64 virtio_negotiate(struct virtio_dev *d, const char *what, u64 wanted, int print);
+void virtio_queue_setup(struct virtio_dev *d, struct vq *q, u16 index, u16 size);
+void virtio_driver_ok(struct virtio_dev *d, const char *what);
+void vq_publish(struct vq *q, u16 head);
+void vq_kick(struct vq *q);
+int vq_wait_used(struct vq *q, u64 timeout_ms, u32 *id, u32 *len);
+int vq_has_used(struct vq *q);
+void vq_pop_used(struct vq *q, u32 *id, u32 *len);
+u32 virtio_config32(const struct virtio_dev *d, u32 off);
+void scenario_blk(void) __attribute__((noreturn));
+void scenario_blk_hostile(void) __attribute__((noreturn));
+void scenario_blk_flush_then_hang(void) __attribute__((noreturn));
+
+/* net.c */
+void scenario_net(void) __attribute__((noreturn));
 void kmain(u32 start_info_paddr);
 void ap_kmain(u32 index);
 

@@ -8,10 +8,10 @@
 
 #define TRAMPOLINE_PA 0x8000ull /* SIPI vector 0x08 */
 
-static char cmdline[1024];
+char cmdline[1024];
 static struct hvm_start_info *start_info;
 
-static void done(void)
+void done(void)
 {
 	printf("probe: done %s\n", scenario);
 	acpi_poweroff();
@@ -35,10 +35,10 @@ static void park(void)
 
 static u32 lapic_read(u32 reg) { return mmio_read32(LAPIC_BASE + reg); }
 static void lapic_write(u32 reg, u32 v) { mmio_write32(LAPIC_BASE + reg, v); }
-static u32 lapic_id(void) { return lapic_read(LAPIC_ID) >> 24; }
+u32 lapic_id(void) { return lapic_read(LAPIC_ID) >> 24; }
 
 /* Software-enable the LAPIC with the spurious vector (SDM Vol. 3A, 11.9). */
-static void lapic_enable(void) { lapic_write(LAPIC_SVR, 0x100 | VEC_SPURIOUS); }
+void lapic_enable(void) { lapic_write(LAPIC_SVR, 0x100 | VEC_SPURIOUS); }
 
 /* Send an IPI and wait (bounded) for Delivery Status to go idle (bit 12). */
 static void lapic_ipi(u32 apic_id, u32 icr_lo)
@@ -238,7 +238,7 @@ void ap_user_main(u64 cpu)
 
 /* ---- irq ---- */
 
-static void ioapic_write(u32 reg, u32 v)
+void ioapic_write(u32 reg, u32 v)
 {
 	/* IOAPIC: IOREGSEL at +0x00, IOWIN at +0x10 (82093AA datasheet 3.1). */
 	mmio_write32(acpi.ioapic_addr, reg);
@@ -354,6 +354,14 @@ void user_main(u64 cpl0_done)
 		scenario_irq();
 	else if (!strcmp(scenario, "exits"))
 		scenario_exits();
+	else if (!strcmp(scenario, "blk"))
+		scenario_blk();
+	else if (!strcmp(scenario, "blk-hostile"))
+		scenario_blk_hostile();
+	else if (!strcmp(scenario, "blk-flush-then-hang"))
+		scenario_blk_flush_then_hang();
+	else if (!strcmp(scenario, "net"))
+		scenario_net();
 	else if (!strcmp(scenario, "reset-acpi"))
 		acpi_reset();
 	else if (!strcmp(scenario, "reset-i8042")) {

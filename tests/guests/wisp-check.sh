@@ -63,4 +63,54 @@ for s in emufail emufail-xrstors; do
 	run 30 "$out/probe.elf" --cmdline "probe.scenario=$s"
 	check "$s" 2 "$o" $rc "^probe: start $s\$" 'could not emulate'
 done
+
+# virtio-blk: the pattern must land in the file (README: "virtio-blk scenarios").
+# pattern_ok FILE BYTE_OFFSET LENGTH SEED: the file holds the probe's pattern there.
+pattern_ok() {
+	python3 - "$@" <<'PY'
+import struct, sys
+path, off, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+with open(path, 'rb') as f:
+    f.seek(off)
+    d = f.read(n)
+want = b''.join(struct.pack('<I', ((off + i) // 4 * 0x9e3779b1 + seed) & 0xffffffff) for i in range(0, n, 4))
+sys.exit(0 if d == want else 1)
+PY
+}
+disk=$(mktemp "$out/disk.XXXXXX")
+truncate -s 64M "$disk"
+run 30 "$out/probe.elf" --cmdline "probe.scenario=blk probe.seed=7" --disk "path=$disk,serial=check-1"
+check blk 0 "$o" $rc '^probe: blk capacity 131072$' '^probe: blk serial check-1$' '^probe: blk write ok$' \
+	'^probe: blk flush ok$' '^probe: blk readback ok$' '^probe: done blk$'
+if pattern_ok "$disk" 4096 65536 7 && [ "$(head -c 4096 "$disk" | tr -d '\0' | wc -c)" = 0 ]; then
+	echo "ok   blk pattern in the file at 4 KiB"
+else
+	echo "FAIL blk pattern in the file at 4 KiB"; failed=1
+fi
+sum=$(md5sum <"$disk")
+run 30 "$out/probe.elf" --cmdline "probe.scenario=blk probe.seed=7" --disk "path=$disk,readonly=on"
+check "blk readonly" 0 "$o" $rc '^probe: blk capacity 131072 readonly$' '^probe: blk readonly-write refused$' \
+	'^probe: blk readback ok$' '^probe: done blk$'
+[ "$(md5sum <"$disk")" = "$sum" ] || { echo "FAIL blk readonly: the file changed"; failed=1; }
+run 60 "$out/probe.elf" --cmdline probe.scenario=blk-hostile --disk "path=$disk"
+check blk-hostile 0 "$o" $rc '^probe: blk hostile data-outside-memory status 1 ' \
+	'^probe: blk hostile looping-chain status 255 len 0$' '^probe: blk hostile registers ok$' \
+	'^probe: blk hostile survived$' '^probe: done blk-hostile$'
+run 60 "$out/probe.elf" --cmdline probe.scenario=blk-hostile --disk "path=$disk,readonly=on"
+check "blk-hostile readonly" 0 "$o" $rc '^probe: blk hostile readonly-write status 1 len 1$' \
+	'^probe: blk hostile survived$'
+# Flushed data survives kill -9 of wisp.
+truncate -s 0 "$disk" && truncate -s 16M "$disk"
+log=$(mktemp "$out/log.XXXXXX")
+"$wisp" run --kernel "$out/probe.elf" --memory 128M --disk "path=$disk" \
+	--cmdline "probe.scenario=blk-flush-then-hang probe.seed=42" >"$log" 2>&1 &
+pid=$!
+for _ in $(seq 100); do grep -q '^probe: blk flushed$' "$log" && break; sleep 0.1; done
+kill -9 $pid; wait $pid 2>/dev/null
+if grep -q '^probe: blk flushed$' "$log" && pattern_ok "$disk" 0 1048576 42; then
+	echo "ok   blk-flush-then-hang (kill -9, pattern in the file)"
+else
+	echo "FAIL blk-flush-then-hang"; sed 's/^/  | /' "$log"; failed=1
+fi
+rm -f "$disk" "$log"
 exit $failed
