@@ -169,6 +169,9 @@ impl Vmm {
                 .map_err(kvm("KVM_CREATE_VCPU"))?;
             let mut cpuid = supported.clone();
             cpuid::normalize(&mut cpuid, id, config.cpus);
+            if pvm {
+                cpuid::hide_kvm_features(&mut cpuid, cpuid::PVM_BROKEN_KVM_FEATURES);
+            }
             fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
             let setup = |fd: &kvm_ioctls::VcpuFd| -> Result<(), regs::RegsError> {
                 regs::setup_msrs(fd)?;

@@ -16,6 +16,25 @@ const LEAF1_EDX_HTT: u32 = 1 << 28;
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
 
+// KVM paravirtual features (CPUID 0x40000001 EAX, Documentation/virt/kvm/x86/cpuid.rst)
+// that the guest uses through hypercalls.
+const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
+const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
+/// Hypercall-based features: on PVM a guest's KVM_HC_SEND_IPI never completes (measured: an
+/// AP spins on the hypercall instruction forever), so guests must not be offered them there.
+pub const PVM_BROKEN_KVM_FEATURES: u32 =
+    KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD;
+
+/// Clears KVM paravirtual feature bits (0x40000001 EAX).
+pub fn hide_kvm_features(cpuid: &mut CpuId, features: u32) {
+    for e in cpuid.as_mut_slice() {
+        if e.function == 0x4000_0001 {
+            e.eax &= !features;
+        }
+    }
+}
+
 /// Rewrites `cpuid` (from KVM_GET_SUPPORTED_CPUID) for vCPU `vcpu_id` of `vcpu_count`.
 pub fn normalize(cpuid: &mut CpuId, vcpu_id: u8, vcpu_count: u8) {
     let n = u32::from(vcpu_count);
