@@ -66,6 +66,59 @@ pub struct RunArgs {
     /// instead of in ACPI, for kernels built without ACPI.
     #[arg(long)]
     pub virtio_mmio_cmdline: bool,
+    /// The VM's name, used for its cgroups [default: the process id].
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+    /// Put the vCPU threads in a cgroup of their own, created under PARENT (a path under a
+    /// cgroup mount, or a name relative to each controller's hierarchy); removed on exit.
+    #[arg(long, value_name = "PARENT")]
+    pub cgroup: Option<String>,
+    /// CPU cap for all vCPUs together, QUOTA/PERIOD in microseconds (e.g. 50000/100000).
+    #[arg(long, value_name = "QUOTA/PERIOD", conflicts_with = "vcpu_cpus")]
+    pub vcpu_cpu_max: Option<String>,
+    /// CPU cap for all vCPUs together as a number of host CPUs (e.g. 0.5).
+    #[arg(long, value_name = "CPUS")]
+    pub vcpu_cpus: Option<String>,
+    /// Host CPUs the vCPU threads may run on (e.g. 0-1,3).
+    #[arg(long, value_name = "LIST")]
+    pub vcpu_cpuset: Option<String>,
+    /// Pin vCPUs to host CPUs: VCPU:CPU pairs (e.g. 0:1,1:0).
+    #[arg(long, value_name = "PAIRS")]
+    pub vcpu_affinity: Option<String>,
+}
+
+impl RunArgs {
+    fn apply_cgroup(&self, config: &mut VmConfig) -> Result<(), ConfigError> {
+        use crate::cgroup::{Affinity, CgroupSpec, CpuList, CpuMax};
+        if let Some(parent) = &self.cgroup {
+            config.cgroup.get_or_insert_with(CgroupSpec::default).parent = parent.clone();
+        }
+        let limits = [
+            ("vcpu-cpu-max", self.vcpu_cpu_max.is_some()),
+            ("vcpu-cpus", self.vcpu_cpus.is_some()),
+            ("vcpu-cpuset", self.vcpu_cpuset.is_some()),
+            ("vcpu-affinity", self.vcpu_affinity.is_some()),
+        ];
+        let Some(spec) = config.cgroup.as_mut() else {
+            return match limits.iter().find(|(_, given)| *given) {
+                Some((flag, _)) => Err(ConfigError::CgroupNeedsParent { flag }),
+                None => Ok(()),
+            };
+        };
+        if let Some(v) = &self.vcpu_cpu_max {
+            spec.cpu_max = Some(v.parse::<CpuMax>()?);
+        }
+        if let Some(v) = &self.vcpu_cpus {
+            spec.cpu_max = Some(CpuMax::parse_cpus(v)?);
+        }
+        if let Some(v) = &self.vcpu_cpuset {
+            spec.cpuset = Some(v.parse::<CpuList>()?);
+        }
+        if let Some(v) = &self.vcpu_affinity {
+            spec.affinity = Some(v.parse::<Affinity>()?);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +164,10 @@ impl RunArgs {
         if self.virtio_mmio_cmdline {
             config.virtio_mmio_cmdline = true;
         }
+        if let Some(id) = &self.id {
+            config.id = Some(id.clone());
+        }
+        self.apply_cgroup(&mut config)?;
         config.validate()?;
         Ok(config)
     }

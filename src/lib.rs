@@ -1,5 +1,6 @@
 //! wisp: a lightweight virtual machine monitor for x86_64 KVM.
 
+pub mod api;
 pub mod arch;
 pub mod cgroup;
 pub mod cli;

@@ -2,6 +2,7 @@
 //! thread: console input, signals and the end of the VM.
 
 use crate::arch::x86_64::{acpi, boot, cpuid, layout::*, pvm, regs};
+use crate::cgroup::VmCgroup;
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::devices::{open_disk, DeviceError, VirtioDevices};
 use crate::terminal;
@@ -46,6 +47,8 @@ pub enum VmmError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error("{0}")]
+    Cgroup(#[from] crate::cgroup::Error),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -71,6 +74,7 @@ pub struct Vmm {
     console_input: bool,
     virtio: VirtioDevices,
     control: Arc<VcpuControl>,
+    cgroup: Option<Arc<VmCgroup>>,
     vcpu_start: Option<Arc<dyn Fn(u8, libc::pid_t) -> Result<(), String> + Send + Sync>>,
 }
 
@@ -195,6 +199,36 @@ impl Vmm {
             });
         }
 
+        // The vCPU cgroup exists before any vCPU thread: each moves itself in before its
+        // first KVM_RUN. Groups left by a wisp that was killed are removed first.
+        let cgroup = match &config.cgroup {
+            Some(spec) => {
+                let name = config
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| std::process::id().to_string());
+                let cg = VmCgroup::create(spec, &name)?;
+                match VmCgroup::cleanup_stale(&spec.parent) {
+                    Ok(n) if n > 0 => {
+                        log::info!("removed {n} stale cgroup(s) of dead wisp processes")
+                    }
+                    Ok(_) => {}
+                    Err(e) => log::warn!("cleaning up stale cgroups: {e}"),
+                }
+                Some(Arc::new(cg))
+            }
+            None => None,
+        };
+        let vcpu_start: Option<Arc<dyn Fn(u8, libc::pid_t) -> Result<(), String> + Send + Sync>> =
+            cgroup.clone().map(|cg| {
+                let f: Arc<dyn Fn(u8, libc::pid_t) -> Result<(), String> + Send + Sync> =
+                    Arc::new(move |id, tid| {
+                        cg.add_vcpu_thread(id.into(), tid)
+                            .map_err(|e| e.to_string())
+                    });
+                f
+            });
+
         Ok(Self {
             vm,
             vcpus,
@@ -204,7 +238,8 @@ impl Vmm {
             console_input: config.console == ConsoleConfig::Stdio,
             virtio,
             control,
-            vcpu_start: None,
+            cgroup,
+            vcpu_start,
         })
     }
 
@@ -329,6 +364,21 @@ impl Vmm {
             }
         };
         terminal::restore();
+        // Leave no cgroup behind on any way out (process::exit runs no destructors). The
+        // vCPU start hooks hold the last other references.
+        self.vcpu_start = None;
+        if let Some(cg) = self.cgroup.take() {
+            match Arc::try_unwrap(cg) {
+                Ok(cg) => {
+                    if let Err(e) = cg.remove() {
+                        log::warn!("removing the VM's cgroups: {e}");
+                    }
+                }
+                Err(_) => {
+                    log::warn!("the VM's cgroups are still in use; the next start removes them")
+                }
+            }
+        }
         result
     }
 

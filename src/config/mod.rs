@@ -37,6 +37,12 @@ pub enum ConfigError {
     MemoryAlignment(u64),
     #[error("kernel command line is {len} bytes, the limit is {max}")]
     CmdlineTooLong { len: usize, max: usize },
+    #[error("{0}")]
+    Cgroup(#[from] crate::cgroup::Error),
+    #[error("--{flag} needs --cgroup PARENT")]
+    CgroupNeedsParent { flag: &'static str },
+    #[error("id {0:?}: use 1 to 64 letters, digits, '-' or '_'")]
+    Id(String),
     #[error("--disk {spec}: {reason}")]
     DiskSpec { spec: String, reason: String },
     #[error("at most {max} virtio devices fit the platform, {count} were asked for")]
@@ -126,6 +132,12 @@ pub struct VmConfig {
     /// instead of in the ACPI DSDT, for kernels built without ACPI.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub virtio_mmio_cmdline: bool,
+    /// Confine the vCPU threads in a cgroup of their own under this parent, with limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<crate::cgroup::CgroupSpec>,
+    /// The VM's name (cgroup names, logs); the process id when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// virtio-mmio devices get GSIs 5..=23 of the IOAPIC.
@@ -152,6 +164,8 @@ impl VmConfig {
             console: ConsoleConfig::default(),
             disks: Vec::new(),
             virtio_mmio_cmdline: false,
+            cgroup: None,
+            id: None,
         }
     }
 
@@ -191,6 +205,19 @@ impl VmConfig {
                 count: self.disks.len(),
                 max: MAX_VIRTIO_DEVICES,
             });
+        }
+        if let Some(cg) = &self.cgroup {
+            cg.validate()?;
+            cg.validate_vcpu_count(self.cpus.into())?;
+        }
+        if let Some(id) = &self.id {
+            let ok = (1..=64).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(ConfigError::Id(id.clone()));
+            }
         }
         // The PVH and boot_params command lines both need the terminating NUL.
         let max = crate::arch::x86_64::layout::CMDLINE_MAX_SIZE - 1;

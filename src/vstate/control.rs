@@ -80,11 +80,19 @@ impl Default for VcpuControl {
 
 impl VcpuControl {
     pub fn add_thread(&self, t: libc::pthread_t) {
-        self.threads.lock().unwrap_or_else(PoisonError::into_inner).push(t);
+        self.threads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(t);
     }
 
     fn kick_all(&self) {
-        for &t in self.threads.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+        for &t in self
+            .threads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
             // SAFETY: `t` is a live vCPU thread: they run until the process exits.
             unsafe {
                 libc::pthread_kill(t, kick_signal());
@@ -96,7 +104,10 @@ impl VcpuControl {
     pub fn pause(&self, n: usize) {
         *self.paused.lock().unwrap_or_else(PoisonError::into_inner) = true;
         self.kick_all();
-        let mut g = self.parked_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut g = self
+            .parked_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         while self.parked.load(Ordering::SeqCst) < n {
             g = self
                 .parked_changed
@@ -137,11 +148,17 @@ impl VcpuControl {
         }
         self.parked.fetch_add(1, Ordering::SeqCst);
         {
-            let _g = self.parked_lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let _g = self
+                .parked_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             self.parked_changed.notify_all();
         }
         while *paused || self.stopping.load(Ordering::SeqCst) {
-            paused = self.changed.wait(paused).unwrap_or_else(PoisonError::into_inner);
+            paused = self
+                .changed
+                .wait(paused)
+                .unwrap_or_else(PoisonError::into_inner);
         }
         self.parked.fetch_sub(1, Ordering::SeqCst);
     }

@@ -274,3 +274,81 @@ pub fn lines_with<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
         .filter_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
         .collect()
 }
+
+/// A cgroup v1 parent group for tests, made in the cpu, cpuacct and cpuset hierarchies and
+/// removed (with anything wisp left in it) on drop. `None` when cgroup v1 is not mounted.
+pub struct TestCgroupParent {
+    pub name: String,
+}
+
+pub const CGROUP_V1_CONTROLLERS: [&str; 3] = ["cpu", "cpuacct", "cpuset"];
+
+impl TestCgroupParent {
+    pub fn new(test: &str) -> Option<Self> {
+        if !Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists() {
+            if require_kvm() {
+                panic!("{test}: cgroup v1 cpu controller not mounted and WISP_REQUIRE_KVM=1");
+            }
+            eprintln!("skipped {test}: no cgroup v1 cpu hierarchy at /sys/fs/cgroup/cpu");
+            return None;
+        }
+        let name = format!("wisp-test-{}-{test}", std::process::id());
+        for c in CGROUP_V1_CONTROLLERS {
+            std::fs::create_dir_all(format!("/sys/fs/cgroup/{c}/{name}"))
+                .expect("create test cgroup");
+        }
+        for f in ["cpuset.cpus", "cpuset.mems"] {
+            let v = std::fs::read_to_string(format!("/sys/fs/cgroup/cpuset/{f}")).unwrap();
+            std::fs::write(format!("/sys/fs/cgroup/cpuset/{name}/{f}"), v.trim()).unwrap();
+        }
+        // Other work on this small machine must not starve the capped threads: the tests
+        // measure the cap, not contention.
+        let _ = std::fs::write(format!("/sys/fs/cgroup/cpu/{name}/cpu.shares"), "262144");
+        Some(Self { name })
+    }
+
+    pub fn path(&self, controller: &str) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/cgroup/{controller}/{}", self.name))
+    }
+
+    /// The groups wisp made under this parent.
+    pub fn children(&self, controller: &str) -> Vec<String> {
+        std::fs::read_dir(self.path(controller))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TestCgroupParent {
+    fn drop(&mut self) {
+        for c in CGROUP_V1_CONTROLLERS {
+            let root = self.path(c);
+            // Deepest first; move any task left back to the root group.
+            let mut dirs: Vec<PathBuf> = Vec::new();
+            let mut stack = vec![root.clone()];
+            while let Some(d) = stack.pop() {
+                if let Ok(rd) = std::fs::read_dir(&d) {
+                    for e in rd.flatten() {
+                        if e.path().is_dir() {
+                            stack.push(e.path());
+                        }
+                    }
+                }
+                dirs.push(d);
+            }
+            for d in dirs.iter().rev() {
+                if let Ok(tasks) = std::fs::read_to_string(d.join("tasks")) {
+                    for t in tasks.lines() {
+                        let _ = std::fs::write(format!("/sys/fs/cgroup/{c}/tasks"), t);
+                    }
+                }
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! The configuration collected before boot (API calls or a Firecracker config file), and its
+//! conversion into wisp's [`VmConfig`].
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::requests::{
+    ApiRequest, BootSource, Drive, LoggerConfig, MachineConfig, MetricsConfig, NetworkInterface,
+};
+use super::ApiFault;
+use crate::cgroup::CgroupSpec;
+use crate::config::{io_reason, DiskConfig, MemSize, VmConfig, DEFAULT_CMDLINE};
+
+/// Firecracker's `--config-file` format: the bodies of the pre-boot PUT requests under one
+/// object. Sections wisp does not implement are accepted only when absent or `null`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirecrackerConfig {
+    #[serde(rename = "boot-source")]
+    pub boot_source: BootSource,
+    #[serde(
+        rename = "machine-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub machine_config: Option<MachineConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<Drive>,
+    #[serde(
+        rename = "network-interfaces",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub network_interfaces: Vec<NetworkInterface>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<LoggerConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<Value>,
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mmds_config: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<Value>,
+    #[serde(
+        rename = "cpu-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_config: Option<Value>,
+}
+
+impl FirecrackerConfig {
+    /// Parses the file's JSON; the fault names the field that is wrong.
+    pub fn from_json(text: &str) -> Result<Self, ApiFault> {
+        super::parse_body(text.as_bytes())
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ApiFault> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ApiFault::bad_request(format!("config file {}: {}", path.display(), io_reason(&e)))
+        })?;
+        Self::from_json(&text).map_err(|f| {
+            ApiFault::bad_request(format!(
+                "config file {}: {}",
+                path.display(),
+                f.fault_message
+            ))
+        })
+    }
+}
+
+/// What the pre-boot requests have configured so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PendingConfig {
+    pub boot_source: Option<BootSource>,
+    pub machine_config: MachineConfig,
+    /// In the order they were first PUT; the root device becomes vda.
+    pub drives: Vec<Drive>,
+    pub network_interfaces: Vec<NetworkInterface>,
+    pub logger: Option<LoggerConfig>,
+    pub metrics: Option<MetricsConfig>,
+}
+
+impl PendingConfig {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies the sections of a config file, with the same checks as the API requests.
+    pub fn from_firecracker_config(file: &FirecrackerConfig) -> Result<Self, ApiFault> {
+        for (name, v) in [
+            ("balloon", &file.balloon),
+            ("vsock", &file.vsock),
+            ("mmds-config", &file.mmds_config),
+            ("entropy", &file.entropy),
+            ("cpu-config", &file.cpu_config),
+        ] {
+            if v.is_some() {
+                return Err(ApiFault::bad_request(format!(
+                    "{name}: not supported by wisp; leave it out or set it to null"
+                )));
+            }
+        }
+        let mut p = Self::new();
+        p.apply(&ApiRequest::PutBootSource(file.boot_source.clone()))?;
+        if let Some(m) = &file.machine_config {
+            p.apply(&ApiRequest::PutMachineConfig(m.clone()))?;
+        }
+        for d in &file.drives {
+            p.apply(&ApiRequest::PutDrive(d.clone()))?;
+        }
+        for n in &file.network_interfaces {
+            p.apply(&ApiRequest::PutNetworkInterface(n.clone()))?;
+        }
+        if let Some(l) = &file.logger {
+            p.apply(&ApiRequest::PutLogger(l.clone()))?;
+        }
+        if let Some(m) = &file.metrics {
+            p.apply(&ApiRequest::PutMetrics(m.clone()))?;
+        }
+        Ok(p)
+    }
+
+    /// Records one pre-boot configuration request. Files named in it must exist and be
+    /// readable now (Firecracker opens them at PUT time too). Any other request is refused:
+    /// lifecycle requests are the caller's (InstanceStart, GETs, ...).
+    pub fn apply(&mut self, req: &ApiRequest) -> Result<(), ApiFault> {
+        match req {
+            ApiRequest::PutBootSource(b) => {
+                b.validate()?;
+                check_readable("kernel_image_path", &b.kernel_image_path)?;
+                if let Some(i) = &b.initrd_path {
+                    check_readable("initrd_path", i)?;
+                }
+                self.boot_source = Some(b.clone());
+            }
+            ApiRequest::PutMachineConfig(m) => {
+                m.validate()?;
+                check_cgroup(m)?;
+                self.machine_config = m.clone();
+            }
+            ApiRequest::PatchMachineConfig(u) => {
+                u.validate()?;
+                let m = self.machine_config.patched(u)?;
+                check_cgroup(&m)?;
+                self.machine_config = m;
+            }
+            ApiRequest::PutDrive(d) => {
+                d.validate()?;
+                check_readable("path_on_host", &d.path_on_host)?;
+                if d.is_root_device {
+                    if let Some(other) = self
+                        .drives
+                        .iter()
+                        .find(|o| o.is_root_device && o.drive_id != d.drive_id)
+                    {
+                        return Err(ApiFault::bad_request(format!(
+                            "is_root_device: drive {:?} is already the root device",
+                            other.drive_id
+                        )));
+                    }
+                }
+                if let Some(other) = self
+                    .drives
+                    .iter()
+                    .find(|o| o.path_on_host == d.path_on_host && o.drive_id != d.drive_id)
+                {
+                    return Err(ApiFault::bad_request(format!(
+                        "path_on_host: {} is already drive {:?}",
+                        d.path_on_host.display(),
+                        other.drive_id
+                    )));
+                }
+                match self.drives.iter_mut().find(|o| o.drive_id == d.drive_id) {
+                    Some(slot) => *slot = d.clone(),
+                    None => {
+                        if self.device_count() >= crate::config::MAX_VIRTIO_DEVICES {
+                            return Err(too_many_devices());
+                        }
+                        self.drives.push(d.clone())
+                    }
+                }
+            }
+            ApiRequest::PatchDrive(u) => {
+                u.validate()?;
+                check_readable("path_on_host", &u.path_on_host)?;
+                let slot = self
+                    .drives
+                    .iter_mut()
+                    .find(|o| o.drive_id == u.drive_id)
+                    .ok_or_else(|| {
+                        ApiFault::bad_request(format!(
+                            "drive_id: no drive {:?}; PUT /drives/{} first",
+                            u.drive_id, u.drive_id
+                        ))
+                    })?;
+                slot.path_on_host = u.path_on_host.clone();
+            }
+            ApiRequest::PutNetworkInterface(n) => {
+                n.validate()?;
+                if let Some(other) = self
+                    .network_interfaces
+                    .iter()
+                    .find(|o| o.iface_id != n.iface_id && o.host_dev_name == n.host_dev_name)
+                {
+                    return Err(ApiFault::bad_request(format!(
+                        "host_dev_name: {:?} is already used by interface {:?}",
+                        n.host_dev_name, other.iface_id
+                    )));
+                }
+                if let Some(mac) = n.guest_mac {
+                    if let Some(other) = self
+                        .network_interfaces
+                        .iter()
+                        .find(|o| o.iface_id != n.iface_id && o.guest_mac == Some(mac))
+                    {
+                        return Err(ApiFault::bad_request(format!(
+                            "guest_mac: {mac} is already used by interface {:?}",
+                            other.iface_id
+                        )));
+                    }
+                }
+                match self
+                    .network_interfaces
+                    .iter_mut()
+                    .find(|o| o.iface_id == n.iface_id)
+                {
+                    Some(slot) => *slot = n.clone(),
+                    None => {
+                        if self.device_count() >= crate::config::MAX_VIRTIO_DEVICES {
+                            return Err(too_many_devices());
+                        }
+                        self.network_interfaces.push(n.clone())
+                    }
+                }
+            }
+            ApiRequest::PutLogger(l) => {
+                l.validate()?;
+                self.logger = Some(l.clone());
+            }
+            ApiRequest::PutMetrics(m) => {
+                m.validate()?;
+                self.metrics = Some(m.clone());
+            }
+            other => {
+                return Err(ApiFault::bad_request(format!(
+                    "{} is not a configuration request",
+                    other.describe()
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    fn device_count(&self) -> usize {
+        self.drives.len() + self.network_interfaces.len()
+    }
+
+    /// The vCPU cgroup settings, if any (not in `VmConfig` yet).
+    pub fn cgroup(&self) -> Option<CgroupSpec> {
+        self.machine_config.cgroup.as_ref().map(|c| c.to_spec())
+    }
+
+    /// The drives in device order: the root device first (vda), then the others as PUT.
+    pub fn drives_in_order(&self) -> Vec<&Drive> {
+        let mut v: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
+        v.extend(self.drives.iter().filter(|d| !d.is_root_device));
+        v
+    }
+
+    /// The kernel command line: `boot_args` (or wisp's default) plus, with a root device,
+    /// Firecracker's `root=/dev/vda` or `root=PARTUUID=...` and `ro`/`rw`.
+    pub fn cmdline(&self) -> String {
+        let mut cmdline = self
+            .boot_source
+            .as_ref()
+            .and_then(|b| b.boot_args.clone())
+            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+        if let Some(root) = self.drives.iter().find(|d| d.is_root_device) {
+            let dev = match &root.partuuid {
+                Some(u) => format!("PARTUUID={u}"),
+                None => "/dev/vda".to_string(),
+            };
+            let mode = if root.is_read_only { "ro" } else { "rw" };
+            cmdline.push_str(&format!(" root={dev} {mode}"));
+        }
+        cmdline
+    }
+
+    /// The `VmConfig` to build. Network interfaces, the cgroup, logger and metrics are not in
+    /// `VmConfig` yet: take them from [`PendingConfig::network_interfaces`],
+    /// [`PendingConfig::cgroup`], `logger` and `metrics`.
+    pub fn to_vm_config(&self) -> Result<VmConfig, ApiFault> {
+        let boot = self.boot_source.as_ref().ok_or_else(|| {
+            ApiFault::bad_request(
+                "no boot source configured: PUT /boot-source with kernel_image_path first",
+            )
+        })?;
+        let m = &self.machine_config;
+        let mut config = VmConfig::new(boot.kernel_image_path.clone());
+        config.initrd = boot.initrd_path.clone();
+        config.cmdline = self.cmdline();
+        config.cpus = u8::try_from(m.vcpu_count).map_err(|_| {
+            ApiFault::bad_request(format!("vcpu_count: {} is too large", m.vcpu_count))
+        })?;
+        config.memory = MemSize(m.mem_size_mib << 20);
+        config.disks = self
+            .drives_in_order()
+            .into_iter()
+            .map(|d| DiskConfig {
+                path: d.path_on_host.clone(),
+                readonly: d.is_read_only,
+                serial: d.serial.clone(),
+                format: d.format,
+            })
+            .collect();
+        config
+            .validate()
+            .map_err(|e| ApiFault::bad_request(e.to_string()))?;
+        Ok(config)
+    }
+
+    /// `GET /vm/config`: Firecracker's full configuration object.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "boot-source": self.boot_source,
+            "machine-config": self.machine_config,
+            "drives": self.drives,
+            "network-interfaces": self.network_interfaces,
+            "logger": self.logger,
+            "metrics": self.metrics,
+            "balloon": null,
+            "vsock": null,
+            "mmds-config": null,
+            "entropy": null,
+        })
+    }
+}
+
+fn too_many_devices() -> ApiFault {
+    ApiFault::bad_request(format!(
+        "at most {} drives and network interfaces together fit the platform",
+        crate::config::MAX_VIRTIO_DEVICES
+    ))
+}
+
+fn check_readable(field: &str, path: &PathBuf) -> Result<(), ApiFault> {
+    let bad =
+        |reason: String| ApiFault::bad_request(format!("{field}: {}: {reason}", path.display()));
+    let meta = std::fs::metadata(path).map_err(|e| bad(io_reason(&e)))?;
+    if meta.is_dir() {
+        return Err(bad("is a directory".into()));
+    }
+    std::fs::File::open(path).map_err(|e| bad(io_reason(&e)))?;
+    Ok(())
+}
+
+fn check_cgroup(m: &MachineConfig) -> Result<(), ApiFault> {
+    if let Some(c) = &m.cgroup {
+        c.to_spec()
+            .validate()
+            .map_err(|e| ApiFault::bad_request(format!("cgroup: {e}")))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,741 @@
+//! Router, body validation, PendingConfig and OpenAPI document tests (no socket).
+
+use super::*;
+use serde_json::json;
+
+fn req(method: &str, path: &str, body: &str) -> Result<ApiRequest, ApiFault> {
+    match route(method, path, body.as_bytes())? {
+        Routed::Request(r) => Ok(r),
+        Routed::Local(v) => panic!("{method} {path} answered locally: {v}"),
+    }
+}
+
+fn fault(method: &str, path: &str, body: &str) -> ApiFault {
+    req(method, path, body).expect_err("request should be refused")
+}
+
+fn assert_fault(f: &ApiFault, status: u16, needle: &str) {
+    assert_eq!(f.status, status, "{f}");
+    assert!(
+        f.fault_message.contains(needle),
+        "fault {:?} does not mention {needle:?}",
+        f.fault_message
+    );
+}
+
+/// A readable regular file for the path checks of PendingConfig.
+fn existing_file() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml").to_string()
+}
+
+#[test]
+fn get_routes() {
+    assert_eq!(req("GET", "/", "").unwrap(), ApiRequest::GetInstanceInfo);
+    assert_eq!(
+        req("GET", "/machine-config", "").unwrap(),
+        ApiRequest::GetMachineConfig
+    );
+    assert_eq!(
+        req("GET", "/vm/config", "").unwrap(),
+        ApiRequest::GetVmConfig
+    );
+    assert_eq!(
+        req("GET", "/vm/metrics", "").unwrap(),
+        ApiRequest::GetVmMetrics
+    );
+    // A query string is ignored.
+    assert_eq!(
+        req("GET", "/?x=1", "").unwrap(),
+        ApiRequest::GetInstanceInfo
+    );
+    match route("GET", "/version", b"").unwrap() {
+        Routed::Local(v) => {
+            assert_eq!(v["firecracker_version"], VMM_VERSION);
+            assert_eq!(v["app_name"], "wisp");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn unknown_path_is_404_and_wrong_method_is_405() {
+    assert_fault(
+        &fault("GET", "/nothing", ""),
+        404,
+        "Invalid request method and/or path: GET /nothing",
+    );
+    assert_fault(&fault("PUT", "/balloon", "{}"), 404, "/balloon");
+    assert_fault(&fault("PUT", "/drives/", "{}"), 404, "/drives/");
+    assert_fault(&fault("PUT", "/drives/a/b", "{}"), 404, "/drives/a/b");
+    assert_fault(&fault("DELETE", "/", ""), 405, "DELETE /");
+    assert_fault(&fault("GET", "/boot-source", ""), 405, "GET /boot-source");
+    assert_eq!(
+        allowed_methods("/machine-config"),
+        vec!["GET", "PUT", "PATCH"]
+    );
+    assert_eq!(allowed_methods("/drives/x"), vec!["PUT", "PATCH"]);
+    assert!(allowed_methods("/nothing").is_empty());
+}
+
+#[test]
+fn boot_source() {
+    let r = req(
+        "PUT",
+        "/boot-source",
+        r#"{"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        r,
+        ApiRequest::PutBootSource(BootSource {
+            kernel_image_path: "/k".into(),
+            initrd_path: None,
+            boot_args: Some("console=ttyS0".into()),
+        })
+    );
+    assert_fault(
+        &fault("PUT", "/boot-source", "{}"),
+        400,
+        "missing field `kernel_image_path`",
+    );
+    assert_fault(
+        &fault("PUT", "/boot-source", r#"{"kernel_image_path": ""}"#),
+        400,
+        "kernel_image_path: empty path",
+    );
+    assert_fault(
+        &fault(
+            "PUT",
+            "/boot-source",
+            r#"{"kernel_image_path": "/k", "kernel": "/k"}"#,
+        ),
+        400,
+        "unknown field `kernel`",
+    );
+    assert_fault(
+        &fault("PUT", "/boot-source", r#"{"kernel_image_path": 5}"#),
+        400,
+        "kernel_image_path: invalid type",
+    );
+}
+
+#[test]
+fn malformed_or_empty_json() {
+    assert_fault(
+        &fault("PUT", "/boot-source", r#"{"kernel_image_path": "/k""#),
+        400,
+        "invalid JSON body: EOF",
+    );
+    assert_fault(
+        &fault("PUT", "/boot-source", "{,}"),
+        400,
+        "invalid JSON body: key must be a string",
+    );
+    assert_fault(
+        &fault("PUT", "/boot-source", ""),
+        400,
+        "the request body is empty",
+    );
+    assert_fault(
+        &fault("PUT", "/boot-source", "[1]"),
+        400,
+        "invalid JSON body: expected a JSON object",
+    );
+    assert_fault(
+        &fault("PUT", "/actions", r#"{"action_type": "InstanceStart"} x"#),
+        400,
+        "trailing characters",
+    );
+}
+
+#[test]
+fn machine_config_ranges_and_types() {
+    let r = req(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 256}"#,
+    )
+    .unwrap();
+    let ApiRequest::PutMachineConfig(m) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!((m.vcpu_count, m.mem_size_mib, m.smt), (2, 256, false));
+    let put = |b: &str| fault("PUT", "/machine-config", b);
+    assert_fault(
+        &put(r#"{"vcpu_count": 0, "mem_size_mib": 256}"#),
+        400,
+        "vcpu_count: must be between 1 and 32, got 0",
+    );
+    assert_fault(
+        &put(r#"{"vcpu_count": 1000, "mem_size_mib": 256}"#),
+        400,
+        "vcpu_count: must be between 1 and 32, got 1000",
+    );
+    assert_fault(
+        &put(r#"{"vcpu_count": -1, "mem_size_mib": 256}"#),
+        400,
+        "vcpu_count: invalid value: integer `-1`",
+    );
+    assert_fault(
+        &put(r#"{"vcpu_count": "2", "mem_size_mib": 256}"#),
+        400,
+        "vcpu_count: invalid type: string \"2\"",
+    );
+    assert_fault(
+        &put(r#"{"vcpu_count": 2, "mem_size_mib": 32}"#),
+        400,
+        "mem_size_mib: must be between 64",
+    );
+    assert_fault(
+        &put(r#"{"vcpu_count": 2}"#),
+        400,
+        "missing field `mem_size_mib`",
+    );
+    assert_fault(
+        &put(r#"{"vcpu_count": 2, "mem_size_mib": 256, "smt": true}"#),
+        400,
+        "smt: wisp does not support SMT",
+    );
+    assert_fault(
+        &put(r#"{"vcpu_count": 2, "mem_size_mib": 256, "cpu_template": "T2"}"#),
+        400,
+        "cpu_template: \"T2\" is not supported",
+    );
+    assert_fault(
+        &put(r#"{"vcpu_count": 2, "mem_size_mib": 256, "huge_pages": "2M"}"#),
+        400,
+        "huge_pages",
+    );
+    assert_fault(
+        &put(r#"{"vcpu_count": 2, "mem_size_mib": 256, "vcpus": 2}"#),
+        400,
+        "unknown field `vcpus`",
+    );
+    // Firecracker's fields with the values wisp implements are accepted.
+    req(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "track_dirty_pages": true,
+            "cpu_template": "None", "huge_pages": "None"}"#,
+    )
+    .unwrap();
+}
+
+#[test]
+fn machine_config_cgroup_extension() {
+    let r = req(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 256,
+            "cgroup": {"parent": "machines", "cpu_max": "20000/100000", "cpuset": "0-1", "affinity": "0:0,1:1"}}"#,
+    )
+    .unwrap();
+    let ApiRequest::PutMachineConfig(m) = r else {
+        panic!("{r:?}")
+    };
+    let spec = m.cgroup.as_ref().unwrap().to_spec();
+    assert_eq!(spec.parent, "machines");
+    assert_eq!(spec.cpu_max.unwrap().quota_us, Some(20000));
+    assert_eq!(spec.cpuset.unwrap().cpus(), &[0, 1]);
+    assert_eq!(spec.affinity.unwrap().host_cpu(1), Some(1));
+    // It serializes back to the same string forms.
+    let v = serde_json::to_value(&m).unwrap();
+    assert_eq!(
+        v["cgroup"],
+        json!({"parent": "machines", "cpu_max": "20000/100000", "cpuset": "0-1", "affinity": "0:0,1:1"})
+    );
+    assert_fault(
+        &fault(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 256, "cgroup": {"cpu_max": "fast"}}"#,
+        ),
+        400,
+        "cgroup.cpu_max: invalid CPU cap `fast`",
+    );
+    assert_fault(
+        &fault(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 256, "cgroup": {"affinity": "0:0,1:1"}}"#,
+        ),
+        400,
+        "cgroup.affinity: vCPU 1 is pinned, but the VM has only 1 vCPUs",
+    );
+}
+
+#[test]
+fn patch_machine_config() {
+    let r = req("PATCH", "/machine-config", r#"{"vcpu_count": 4}"#).unwrap();
+    assert_eq!(
+        r,
+        ApiRequest::PatchMachineConfig(MachineConfigUpdate {
+            vcpu_count: Some(4),
+            ..Default::default()
+        })
+    );
+    assert_fault(
+        &fault("PATCH", "/machine-config", r#"{"vcpu_count": 33}"#),
+        400,
+        "vcpu_count",
+    );
+    assert_fault(
+        &fault("PATCH", "/machine-config", r#"{"memory": 1}"#),
+        400,
+        "unknown field `memory`",
+    );
+}
+
+#[test]
+fn drives() {
+    let r = req(
+        "PUT",
+        "/drives/rootfs",
+        r#"{"drive_id": "rootfs", "path_on_host": "/img", "is_root_device": true, "is_read_only": false, "format": "qcow2", "serial": "disk0"}"#,
+    )
+    .unwrap();
+    let ApiRequest::PutDrive(d) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(d.format, Some(crate::config::DiskFormat::Qcow2));
+    assert_eq!(d.serial.as_deref(), Some("disk0"));
+    let put = |id: &str, b: &str| fault("PUT", &format!("/drives/{id}"), b);
+    assert_fault(
+        &put(
+            "other",
+            r#"{"drive_id": "rootfs", "path_on_host": "/img", "is_root_device": true}"#,
+        ),
+        400,
+        "drive_id: the path names \"other\" but the body names \"rootfs\"",
+    );
+    assert_fault(
+        &put("a", r#"{"drive_id": "a", "path_on_host": "/img"}"#),
+        400,
+        "missing field `is_root_device`",
+    );
+    assert_fault(
+        &put(
+            "a",
+            r#"{"drive_id": "a", "path_on_host": "/img", "is_root_device": "yes"}"#,
+        ),
+        400,
+        "is_root_device: invalid type",
+    );
+    assert_fault(
+        &put(
+            "a",
+            r#"{"drive_id": "a", "path_on_host": "/img", "is_root_device": false, "format": "vmdk"}"#,
+        ),
+        400,
+        "format: unknown variant `vmdk`",
+    );
+    assert_fault(
+        &put(
+            "a",
+            r#"{"drive_id": "a", "path_on_host": "/img", "is_root_device": false, "io_engine": "Async"}"#,
+        ),
+        400,
+        "io_engine",
+    );
+    assert_fault(
+        &put(
+            "a",
+            r#"{"drive_id": "a", "path_on_host": "/img", "is_root_device": false, "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}"#,
+        ),
+        400,
+        "rate_limiter: rate limiters are not supported",
+    );
+    assert_fault(
+        &put(
+            "a",
+            r#"{"drive_id": "a", "path_on_host": "/img", "is_root_device": false, "partuuid": "abc"}"#,
+        ),
+        400,
+        "partuuid: only meaningful",
+    );
+    assert_fault(
+        &put(
+            "a.b",
+            r#"{"drive_id": "a.b", "path_on_host": "/img", "is_root_device": false}"#,
+        ),
+        400,
+        "drive_id: \"a.b\" is not a valid id",
+    );
+    assert_fault(
+        &put(
+            "a",
+            r#"{"drive_id": "a", "path_on_host": "/img", "is_root_device": false, "serial": "012345678901234567890"}"#,
+        ),
+        400,
+        "serial: 21 bytes",
+    );
+    // Firecracker's null rate limiter and explicit defaults are fine.
+    req(
+        "PUT",
+        "/drives/a",
+        r#"{"drive_id": "a", "path_on_host": "/img", "is_root_device": false, "rate_limiter": null, "cache_type": "Unsafe", "io_engine": "Sync"}"#,
+    )
+    .unwrap();
+    let r = req(
+        "PATCH",
+        "/drives/a",
+        r#"{"drive_id": "a", "path_on_host": "/new"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        r,
+        ApiRequest::PatchDrive(DriveUpdate {
+            drive_id: "a".into(),
+            path_on_host: "/new".into(),
+            rate_limiter: None
+        })
+    );
+    assert_fault(
+        &fault(
+            "PATCH",
+            "/drives/a",
+            r#"{"drive_id": "b", "path_on_host": "/new"}"#,
+        ),
+        400,
+        "drive_id",
+    );
+}
+
+#[test]
+fn network_interfaces() {
+    let r = req(
+        "PUT",
+        "/network-interfaces/eth0",
+        r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:AC:10:00:02"}"#,
+    )
+    .unwrap();
+    let ApiRequest::PutNetworkInterface(n) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(n.guest_mac, Some(MacAddr([6, 0, 0xac, 0x10, 0, 2])));
+    assert_eq!(
+        serde_json::to_value(n).unwrap()["guest_mac"],
+        "06:00:ac:10:00:02"
+    );
+    let put = |b: &str| fault("PUT", "/network-interfaces/eth0", b);
+    assert_fault(
+        &put(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00"}"#),
+        400,
+        "guest_mac: \"06:00:ac:10:00\" is not a MAC address",
+    );
+    assert_fault(
+        &put(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "01:00:5e:00:00:01"}"#),
+        400,
+        "multicast",
+    );
+    assert_fault(
+        &put(r#"{"iface_id": "eth0", "host_dev_name": "a-very-long-tap-name"}"#),
+        400,
+        "host_dev_name",
+    );
+    assert_fault(
+        &put(r#"{"iface_id": "eth0"}"#),
+        400,
+        "missing field `host_dev_name`",
+    );
+    assert_fault(
+        &put(r#"{"iface_id": "eth1", "host_dev_name": "tap0"}"#),
+        400,
+        "iface_id: the path names \"eth0\"",
+    );
+}
+
+#[test]
+fn actions_vm_state_logger_metrics_cgroup() {
+    for (a, t) in [
+        ("InstanceStart", ActionType::InstanceStart),
+        ("SendCtrlAltDel", ActionType::SendCtrlAltDel),
+        ("FlushMetrics", ActionType::FlushMetrics),
+    ] {
+        let body = format!(r#"{{"action_type": "{a}"}}"#);
+        assert_eq!(
+            req("PUT", "/actions", &body).unwrap(),
+            ApiRequest::Action(t)
+        );
+    }
+    assert_fault(
+        &fault("PUT", "/actions", r#"{"action_type": "Reboot"}"#),
+        400,
+        "action_type: unknown variant `Reboot`",
+    );
+    assert_eq!(
+        req("PATCH", "/vm", r#"{"state": "Paused"}"#).unwrap(),
+        ApiRequest::PatchVm(VmState::Paused)
+    );
+    assert_eq!(
+        req("PATCH", "/vm", r#"{"state": "Resumed"}"#).unwrap(),
+        ApiRequest::PatchVm(VmState::Resumed)
+    );
+    assert_fault(
+        &fault("PATCH", "/vm", r#"{"state": "Stopped"}"#),
+        400,
+        "state: unknown variant `Stopped`",
+    );
+    let r = req(
+        "PUT",
+        "/logger",
+        r#"{"log_path": "/tmp/log", "level": "Debug", "show_level": true}"#,
+    )
+    .unwrap();
+    let ApiRequest::PutLogger(l) = r else {
+        panic!()
+    };
+    assert_eq!(l.level.unwrap().to_level_filter(), log::LevelFilter::Debug);
+    assert_fault(
+        &fault("PUT", "/logger", r#"{"level": "Loud"}"#),
+        400,
+        "level: unknown variant",
+    );
+    assert_eq!(
+        req("PUT", "/metrics", r#"{"metrics_path": "/tmp/m"}"#).unwrap(),
+        ApiRequest::PutMetrics(MetricsConfig {
+            metrics_path: "/tmp/m".into()
+        })
+    );
+    assert_fault(
+        &fault("PUT", "/metrics", "{}"),
+        400,
+        "missing field `metrics_path`",
+    );
+
+    let r = req(
+        "PATCH",
+        "/vm/cgroup",
+        r#"{"cpu_max": "20000/100000", "cpuset": null}"#,
+    )
+    .unwrap();
+    let ApiRequest::PatchCgroup(c) = r else {
+        panic!()
+    };
+    assert_eq!(c.cpu_max.unwrap().unwrap().quota_us, Some(20000));
+    assert_eq!(c.cpuset, Some(None));
+    let r = req("PATCH", "/vm/cgroup", r#"{"cpuset": "1"}"#).unwrap();
+    let ApiRequest::PatchCgroup(c) = r else {
+        panic!()
+    };
+    assert_eq!(c.cpu_max, None);
+    assert_fault(
+        &fault("PATCH", "/vm/cgroup", "{}"),
+        400,
+        "nothing to change",
+    );
+    assert_fault(
+        &fault("PATCH", "/vm/cgroup", r#"{"cpu_max": "500/100000"}"#),
+        400,
+        "cpu_max: CPU quota 500",
+    );
+    assert_fault(
+        &fault("PATCH", "/vm/cgroup", r#"{"cpuset": "x"}"#),
+        400,
+        "cpuset: invalid CPU list",
+    );
+}
+
+#[test]
+fn allowed_states() {
+    assert_eq!(
+        ApiRequest::Action(ActionType::InstanceStart).allowed(),
+        Allowed::PreBoot
+    );
+    assert_eq!(
+        ApiRequest::PatchVm(VmState::Paused).allowed(),
+        Allowed::PostBoot
+    );
+    assert_eq!(ApiRequest::GetInstanceInfo.allowed(), Allowed::Always);
+    let f = ApiFault::wrong_state(&ApiRequest::Action(ActionType::InstanceStart), true);
+    assert_fault(
+        &f,
+        400,
+        "PUT /actions InstanceStart is only valid before InstanceStart",
+    );
+}
+
+#[test]
+fn instance_info_shape() {
+    let v = serde_json::to_value(InstanceInfo::new("vm1", InstanceState::NotStarted)).unwrap();
+    assert_eq!(
+        v,
+        json!({"id": "vm1", "state": "Not started", "vmm_version": VMM_VERSION, "app_name": "wisp"})
+    );
+}
+
+#[test]
+fn pending_config_builds_a_vm_config() {
+    let f = existing_file();
+    let mut p = PendingConfig::new();
+    let start = ApiRequest::Action(ActionType::InstanceStart);
+    assert_fault(
+        &p.to_vm_config().unwrap_err(),
+        400,
+        "no boot source configured",
+    );
+    assert_fault(
+        &p.apply(&start).unwrap_err(),
+        400,
+        "is not a configuration request",
+    );
+    let apply =
+        |p: &mut PendingConfig, m: &str, path: &str, b: String| p.apply(&req(m, path, &b).unwrap());
+    apply(
+        &mut p,
+        "PUT",
+        "/boot-source",
+        format!(r#"{{"kernel_image_path": "{f}"}}"#),
+    )
+    .unwrap();
+    apply(
+        &mut p,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 128}"#.into(),
+    )
+    .unwrap();
+    apply(
+        &mut p,
+        "PATCH",
+        "/machine-config",
+        r#"{"mem_size_mib": 256}"#.into(),
+    )
+    .unwrap();
+    apply(&mut p, "PUT", "/drives/data", format!(r#"{{"drive_id": "data", "path_on_host": "{f}", "is_root_device": false, "serial": "d1"}}"#)).unwrap();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/src/lib.rs");
+    apply(&mut p, "PUT", "/drives/root", format!(r#"{{"drive_id": "root", "path_on_host": "{root}", "is_root_device": true, "is_read_only": true}}"#)).unwrap();
+    apply(
+        &mut p,
+        "PUT",
+        "/network-interfaces/eth0",
+        r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#.into(),
+    )
+    .unwrap();
+    let c = p.to_vm_config().unwrap();
+    assert_eq!(c.kernel, std::path::PathBuf::from(&f));
+    assert_eq!(c.cpus, 2);
+    assert_eq!(c.memory, crate::config::MemSize(256 << 20));
+    assert_eq!(
+        c.cmdline,
+        format!("{} root=/dev/vda ro", crate::config::DEFAULT_CMDLINE)
+    );
+    // The root device is vda, whatever the PUT order.
+    assert_eq!(c.disks.len(), 2);
+    assert_eq!(c.disks[0].path, std::path::PathBuf::from(root));
+    assert!(c.disks[0].readonly);
+    assert_eq!(c.disks[1].serial.as_deref(), Some("d1"));
+    assert_eq!(p.network_interfaces.len(), 1);
+
+    // Errors at PUT time.
+    let e = apply(
+        &mut p,
+        "PUT",
+        "/boot-source",
+        r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#.into(),
+    )
+    .unwrap_err();
+    assert_fault(
+        &e,
+        400,
+        "kernel_image_path: /nonexistent/vmlinux: No such file or directory",
+    );
+    let e = apply(
+        &mut p,
+        "PUT",
+        "/drives/root2",
+        r#"{"drive_id": "root2", "path_on_host": "/tmp", "is_root_device": false}"#.to_string(),
+    )
+    .unwrap_err();
+    assert_fault(&e, 400, "path_on_host: /tmp: is a directory");
+    let e = apply(
+        &mut p,
+        "PUT",
+        "/drives/root2",
+        format!(r#"{{"drive_id": "root2", "path_on_host": "{f}", "is_root_device": true}}"#),
+    )
+    .unwrap_err();
+    assert_fault(&e, 400, "already the root device");
+    let e = apply(
+        &mut p,
+        "PUT",
+        "/network-interfaces/eth1",
+        r#"{"iface_id": "eth1", "host_dev_name": "tap0"}"#.into(),
+    )
+    .unwrap_err();
+    assert_fault(&e, 400, "host_dev_name: \"tap0\" is already used");
+    // Re-PUT of the same id replaces it.
+    apply(
+        &mut p,
+        "PUT",
+        "/boot-source",
+        format!(r#"{{"kernel_image_path": "{f}", "boot_args": "quiet"}}"#),
+    )
+    .unwrap();
+    assert_eq!(p.to_vm_config().unwrap().cmdline, "quiet root=/dev/vda ro");
+
+    let full = p.to_json();
+    assert_eq!(full["machine-config"]["mem_size_mib"], 256);
+    assert_eq!(full["drives"].as_array().unwrap().len(), 2);
+    // GET /vm/config's answer is itself a valid config file for the same VM.
+    let again =
+        PendingConfig::from_firecracker_config(&serde_json::from_value(full).unwrap()).unwrap();
+    assert_eq!(again, p);
+}
+
+#[test]
+fn firecracker_config_file() {
+    let f = existing_file();
+    let text = format!(
+        r#"{{
+          "boot-source": {{"kernel_image_path": "{f}", "boot_args": "console=ttyS0 reboot=k panic=1"}},
+          "drives": [{{"drive_id": "rootfs", "path_on_host": "{f}", "is_root_device": true, "is_read_only": false}}],
+          "machine-config": {{"vcpu_count": 2, "mem_size_mib": 1024, "smt": false}},
+          "network-interfaces": [{{"iface_id": "eth0", "guest_mac": "AA:FC:00:00:00:01", "host_dev_name": "tap0"}}],
+          "balloon": null, "vsock": null, "mmds-config": null
+        }}"#
+    );
+    let file = FirecrackerConfig::from_json(&text).unwrap();
+    let p = PendingConfig::from_firecracker_config(&file).unwrap();
+    let c = p.to_vm_config().unwrap();
+    assert_eq!((c.cpus, c.memory.0), (2, 1 << 30));
+    assert_eq!(c.cmdline, "console=ttyS0 reboot=k panic=1 root=/dev/vda rw");
+    assert_eq!(
+        p.network_interfaces[0].guest_mac.unwrap().to_string(),
+        "aa:fc:00:00:00:01"
+    );
+
+    assert_fault(
+        &FirecrackerConfig::from_json(r#"{"drives": []}"#).unwrap_err(),
+        400,
+        "missing field `boot-source`",
+    );
+    assert_fault(
+        &FirecrackerConfig::from_json(r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": "x", "mem_size_mib": 1}}"#).unwrap_err(),
+        400,
+        "machine-config.vcpu_count: invalid type",
+    );
+    assert_fault(
+        &FirecrackerConfig::from_json(r#"{"boot-source": {"kernel_image_path": "/k"}, "drives": [{"drive_id": "a", "path_on_host": "/x", "is_root_device": false, "bogus": 1}]}"#).unwrap_err(),
+        400,
+        "drives[0].bogus: unknown field `bogus`",
+    );
+    let with_vsock = FirecrackerConfig::from_json(&format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{f}"}}, "vsock": {{"guest_cid": 3, "uds_path": "/v"}}}}"#
+    ))
+    .unwrap();
+    assert_fault(
+        &PendingConfig::from_firecracker_config(&with_vsock).unwrap_err(),
+        400,
+        "vsock: not supported",
+    );
+    let bad_vcpus = FirecrackerConfig::from_json(&format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{f}"}}, "machine-config": {{"vcpu_count": 0, "mem_size_mib": 128}}}}"#
+    ))
+    .unwrap();
+    assert_fault(
+        &PendingConfig::from_firecracker_config(&bad_vcpus).unwrap_err(),
+        400,
+        "vcpu_count: must be between 1 and 32, got 0",
+    );
+}
