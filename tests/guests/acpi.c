@@ -113,6 +113,11 @@ static void parse_madt(u64 madt)
 				acpi.ncpus++;
 			}
 		} else if (type == 1 && len >= 12) { /* I/O APIC: the one with GSI 4 wins */
+			if (acpi.nioapics < 8) {
+				acpi.ioapics[acpi.nioapics].addr = rd32(p + 4);
+				acpi.ioapics[acpi.nioapics].gsi_base = rd32(p + 8);
+				acpi.nioapics++;
+			}
 			if (!acpi.ioapic_addr || rd32(p + 8) == 0) {
 				acpi.ioapic_addr = rd32(p + 4);
 				acpi.ioapic_gsi_base = rd32(p + 8);

@@ -152,6 +152,11 @@ struct acpi_info {
 	u32 apic_ids[MAX_CPUS];
 	u64 ioapic_addr;
 	u32 ioapic_gsi_base;
+	u32 nioapics; /* every I/O APIC in the MADT (QEMU's microvm has two) */
+	struct {
+		u64 addr;
+		u32 gsi_base;
+	} ioapics[8];
 	u32 irq4_gsi; /* ISA IRQ 4 after interrupt source overrides */
 	u16 irq4_flags; /* MPS INTI flags of that override, 0 = bus default */
 };

@@ -63,4 +63,14 @@ for s in int3 fwait emufail emufail-xrstors; do
 		expect "$s" "$o" "^probe: done $s\$"
 	fi
 done
+# virtio-blk through the probe's driver: modern virtio-mmio (force-legacy=false), found in
+# microvm's DSDT (512-byte windows, GSIs on the second IOAPIC). blk-hostile is wisp's
+# contract only: QEMU completes a read into unassigned guest-physical space with status OK.
+disk=$(mktemp "$out/qdisk.XXXXXX")
+truncate -s 64M "$disk"
+o=$(qemu -global virtio-mmio.force-legacy=false -kernel "$out/probe.elf" -append 'probe.scenario=blk probe.seed=7' \
+	-drive "file=$disk,format=raw,if=none,id=d0" -device virtio-blk-device,drive=d0,serial=qemu-1)
+expect blk "$o" '^probe: blk capacity 131072$' '^probe: blk serial qemu-1$' '^probe: blk write ok$' \
+	'^probe: blk flush ok$' '^probe: blk readback ok$' '^probe: done blk$'
+rm -f "$disk"
 exit $failed

@@ -154,8 +154,9 @@ void virtio_find(u32 device_id, u32 nth, struct virtio_dev *d, const char *what)
 	u32 seen = 0;
 	for (u32 i = 0; i < n; i++) {
 		u64 b = f[i].base;
-		if (b < 0xc0000000ull || b >= 0x100000000ull || (b & 0xfff))
-			fail("%s virtio-mmio window 0x%lx is not a page in the 3-4 GiB hole", what, b);
+		/* QEMU's microvm packs 512-byte windows; wisp uses pages. */
+		if (b < 0xc0000000ull || b > 0x100000000ull - 0x200 || (b & 0x1ff))
+			fail("%s virtio-mmio window 0x%lx: not 512-byte aligned in the 3-4 GiB hole", what, b);
 		if (mmio_read32(b + VMMIO_MAGIC) != VIRTIO_MAGIC)
 			fail("%s virtio-mmio 0x%lx MagicValue 0x%x", what, b, mmio_read32(b + VMMIO_MAGIC));
 		if (mmio_read32(b + VMMIO_DEVICE_ID) != device_id || seen++ != nth)
@@ -177,17 +178,29 @@ void virtio_find(u32 device_id, u32 nth, struct virtio_dev *d, const char *what)
 	fail("%s no virtio device %u number %u (%u virtio-mmio windows, %s)", what, device_id, nth, n, how);
 }
 
-/* IOAPIC redirection entry for the device's GSI -> VEC_VIRTIO + slot, this CPU. */
+/*
+ * IOAPIC redirection entry for the device's GSI -> VEC_VIRTIO + slot, this CPU.
+ * The IOAPIC is the MADT's one whose GSI range (base + entries from its
+ * version register, 82093AA 3.2.2) holds the GSI.
+ */
 void virtio_route_irq(struct virtio_dev *d)
 {
-	if (!acpi.ioapic_addr)
-		fail("virtio no IOAPIC in the MADT");
-	if (d->gsi < acpi.ioapic_gsi_base || d->gsi - acpi.ioapic_gsi_base >= 24)
-		fail("virtio gsi %u not on the IOAPIC (base %u)", d->gsi, acpi.ioapic_gsi_base);
-	u32 pin = d->gsi - acpi.ioapic_gsi_base;
-	lapic_enable();
-	ioapic_write(0x10 + 2 * pin + 1, lapic_id() << 24);
-	ioapic_write(0x10 + 2 * pin, (VEC_VIRTIO + d->slot) | (u32)d->active_low << 13 | (u32)!d->edge << 15);
+	for (u32 i = 0; i < acpi.nioapics; i++) {
+		u64 a = acpi.ioapics[i].addr;
+		u32 base = acpi.ioapics[i].gsi_base;
+		mmio_write32(a, 1);
+		u32 entries = ((mmio_read32(a + 0x10) >> 16) & 0xff) + 1;
+		if (d->gsi < base || d->gsi - base >= entries)
+			continue;
+		u32 pin = d->gsi - base;
+		lapic_enable();
+		mmio_write32(a, 0x10 + 2 * pin + 1);
+		mmio_write32(a + 0x10, lapic_id() << 24);
+		mmio_write32(a, 0x10 + 2 * pin);
+		mmio_write32(a + 0x10, (VEC_VIRTIO + d->slot) | (u32)d->active_low << 13 | (u32)!d->edge << 15);
+		return;
+	}
+	fail("virtio gsi %u is on none of the %u IOAPICs in the MADT", d->gsi, acpi.nioapics);
 }
 
 static void set_status(struct virtio_dev *d, u32 s) { vio_write(d, VMMIO_STATUS, s); }
