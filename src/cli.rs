@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot a VM and run it until the guest powers off, reboots or crashes.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Create and inspect disk images (qcow2, raw).
     #[command(subcommand)]
     Image(crate::image::ImageCommand),

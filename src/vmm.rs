@@ -64,6 +64,9 @@ fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { op, source }
 }
 
+/// Runs on each vCPU thread with its index and thread id, before the thread enters the guest.
+type VcpuStartHook = Arc<dyn Fn(u8, libc::pid_t) -> Result<(), String> + Send + Sync>;
+
 /// A VM built and ready to start.
 pub struct Vmm {
     vm: Vm,
@@ -75,7 +78,7 @@ pub struct Vmm {
     virtio: VirtioDevices,
     control: Arc<VcpuControl>,
     cgroup: Option<Arc<VmCgroup>>,
-    vcpu_start: Option<Arc<dyn Fn(u8, libc::pid_t) -> Result<(), String> + Send + Sync>>,
+    vcpu_start: Option<VcpuStartHook>,
 }
 
 impl Vmm {
@@ -219,15 +222,12 @@ impl Vmm {
             }
             None => None,
         };
-        let vcpu_start: Option<Arc<dyn Fn(u8, libc::pid_t) -> Result<(), String> + Send + Sync>> =
-            cgroup.clone().map(|cg| {
-                let f: Arc<dyn Fn(u8, libc::pid_t) -> Result<(), String> + Send + Sync> =
-                    Arc::new(move |id, tid| {
-                        cg.add_vcpu_thread(id.into(), tid)
-                            .map_err(|e| e.to_string())
-                    });
-                f
-            });
+        let vcpu_start = cgroup.clone().map(|cg| -> VcpuStartHook {
+            Arc::new(move |id, tid| {
+                cg.add_vcpu_thread(id.into(), tid)
+                    .map_err(|e| e.to_string())
+            })
+        });
 
         Ok(Self {
             vm,
@@ -241,14 +241,6 @@ impl Vmm {
             cgroup,
             vcpu_start,
         })
-    }
-
-    /// A hook each vCPU thread runs with its index and thread id before entering the guest.
-    pub fn on_vcpu_start(
-        &mut self,
-        f: Arc<dyn Fn(u8, libc::pid_t) -> Result<(), String> + Send + Sync>,
-    ) {
-        self.vcpu_start = Some(f);
     }
 
     /// Starts the vCPUs and runs the event loop until the VM ends.

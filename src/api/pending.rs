@@ -265,7 +265,7 @@ impl PendingConfig {
         self.drives.len() + self.network_interfaces.len()
     }
 
-    /// The vCPU cgroup settings, if any (not in `VmConfig` yet).
+    /// The vCPU cgroup settings, if any.
     pub fn cgroup(&self) -> Option<CgroupSpec> {
         self.machine_config.cgroup.as_ref().map(|c| c.to_spec())
     }
@@ -296,9 +296,9 @@ impl PendingConfig {
         cmdline
     }
 
-    /// The `VmConfig` to build. Network interfaces, the cgroup, logger and metrics are not in
-    /// `VmConfig` yet: take them from [`PendingConfig::network_interfaces`],
-    /// [`PendingConfig::cgroup`], `logger` and `metrics`.
+    /// The `VmConfig` to build (its `id` is left for the caller, from `--id`). Network
+    /// interfaces, logger and metrics are not in `VmConfig` yet: take them from
+    /// `network_interfaces`, `logger` and `metrics`.
     pub fn to_vm_config(&self) -> Result<VmConfig, ApiFault> {
         let boot = self.boot_source.as_ref().ok_or_else(|| {
             ApiFault::bad_request(
@@ -323,6 +323,7 @@ impl PendingConfig {
                 format: d.format,
             })
             .collect();
+        config.cgroup = self.cgroup();
         config
             .validate()
             .map_err(|e| ApiFault::bad_request(e.to_string()))?;

@@ -1,7 +1,7 @@
 //! Router, body validation, PendingConfig and OpenAPI document tests (no socket).
 
 use super::*;
-use serde_json::json;
+use serde_json::{json, Value};
 
 fn req(method: &str, path: &str, body: &str) -> Result<ApiRequest, ApiFault> {
     match route(method, path, body.as_bytes())? {
@@ -738,4 +738,259 @@ fn firecracker_config_file() {
         400,
         "vcpu_count: must be between 1 and 32, got 0",
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The OpenAPI document against the code
+// ---------------------------------------------------------------------------------------------
+
+fn openapi() -> Value {
+    serde_json::from_str(OPENAPI_JSON).expect("openapi.json is valid JSON")
+}
+
+/// `(method, path template, operation)` for every operation in the document.
+fn operations(doc: &Value) -> Vec<(String, String, Value)> {
+    let mut ops = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            ops.push((method.to_uppercase(), path.clone(), op.clone()));
+        }
+    }
+    ops
+}
+
+fn schema<'a>(doc: &'a Value, s: &'a Value) -> &'a Value {
+    match s.get("$ref").and_then(Value::as_str) {
+        Some(r) => {
+            let name = r.strip_prefix("#/components/schemas/").expect("local $ref");
+            let target = &doc["components"]["schemas"][name];
+            assert!(target.is_object(), "dangling $ref {r}");
+            target
+        }
+        None => s,
+    }
+}
+
+fn variant_name(r: &ApiRequest) -> &'static str {
+    use ApiRequest::*;
+    match r {
+        GetInstanceInfo => "GetInstanceInfo",
+        PutBootSource(_) => "PutBootSource",
+        GetMachineConfig => "GetMachineConfig",
+        PutMachineConfig(_) => "PutMachineConfig",
+        PatchMachineConfig(_) => "PatchMachineConfig",
+        GetVmConfig => "GetVmConfig",
+        PutDrive(_) => "PutDrive",
+        PatchDrive(_) => "PatchDrive",
+        PutNetworkInterface(_) => "PutNetworkInterface",
+        Action(_) => "Action",
+        PatchVm(_) => "PatchVm",
+        PutLogger(_) => "PutLogger",
+        PutMetrics(_) => "PutMetrics",
+        GetVmMetrics => "GetVmMetrics",
+        PatchCgroup(_) => "PatchCgroup",
+    }
+}
+
+/// The concrete path for a template, taking the id from the body when there is one.
+fn concrete_path(template: &str, body: Option<&Value>) -> String {
+    let mut path = template.to_string();
+    for param in ["drive_id", "iface_id"] {
+        let id = body
+            .and_then(|b| b[param].as_str())
+            .unwrap_or("x")
+            .to_string();
+        path = path.replace(&format!("{{{param}}}"), &id);
+    }
+    path
+}
+
+/// The fields a request type accepts, from serde's "unknown field" message.
+fn accepted_fields(method: &str, path: &str) -> Vec<String> {
+    let f = route(method, path, br#"{"__probe__": 1}"#).expect_err("probe field refused");
+    let msg = f.fault_message;
+    let list = msg
+        .split_once("expected one of ")
+        .map(|(_, l)| l)
+        .or_else(|| msg.split_once("expected ").map(|(_, l)| l))
+        .unwrap_or_else(|| panic!("no field list in {msg:?}"));
+    list.split(", ")
+        .map(|s| s.trim().trim_matches('`').to_string())
+        .collect()
+}
+
+fn keys(v: &Value) -> Vec<String> {
+    let mut k: Vec<String> = v
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    k.sort();
+    k
+}
+
+#[test]
+fn openapi_routes_are_the_served_routes() {
+    let doc = openapi();
+    assert_eq!(
+        doc["openapi"].as_str().unwrap().split('.').next(),
+        Some("3")
+    );
+    let mut documented: Vec<(String, String)> = operations(&doc)
+        .into_iter()
+        .map(|(m, p, _)| (m, p))
+        .collect();
+    let mut served: Vec<(String, String)> = ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    documented.sort();
+    served.sort();
+    assert_eq!(documented, served, "openapi.json paths vs api::ROUTES");
+    // And every route in the table is really served by the router.
+    for (method, template) in ROUTES {
+        let path = concrete_path(template, None);
+        if let Err(f) = route(method, &path, b"{}") {
+            assert!(
+                f.status != 404 && f.status != 405,
+                "{method} {template} is in ROUTES but not served: {f}"
+            );
+        }
+    }
+}
+
+#[test]
+fn openapi_request_examples_parse_into_the_right_request() {
+    let doc = openapi();
+    let mut checked = 0;
+    for (method, template, op) in operations(&doc) {
+        let body = &op["requestBody"];
+        let expected = op["x-wisp-request"].as_str();
+        if body.is_null() {
+            let r = route(&method, &concrete_path(&template, None), b"")
+                .unwrap_or_else(|f| panic!("{method} {template}: {f}"));
+            match (r, expected) {
+                (Routed::Request(r), Some(e)) => {
+                    assert_eq!(variant_name(&r), e, "{method} {template}")
+                }
+                (Routed::Local(_), None) => {}
+                (r, e) => panic!("{method} {template}: routed to {r:?}, document says {e:?}"),
+            }
+            continue;
+        }
+        let expected = expected.unwrap_or_else(|| panic!("{method} {template}: no x-wisp-request"));
+        let content = &body["content"]["application/json"];
+        let sch = schema(&doc, &content["schema"]);
+        let examples = content["examples"].as_object().expect("request examples");
+        assert!(!examples.is_empty(), "{method} {template}: no examples");
+        for (i, (name, ex)) in examples.iter().enumerate() {
+            let value = &ex["value"];
+            let path = concrete_path(&template, Some(value));
+            let text = serde_json::to_vec(value).unwrap();
+            let r = match route(&method, &path, &text) {
+                Ok(Routed::Request(r)) => r,
+                other => panic!("{method} {template} example {name}: {other:?}"),
+            };
+            assert_eq!(
+                variant_name(&r),
+                expected,
+                "{method} {template} example {name}"
+            );
+            checked += 1;
+            // The document's `required` matches the code: dropping a field of the first
+            // example breaks the request exactly when the field is required.
+            if i == 0 {
+                let required: Vec<&str> = sch["required"]
+                    .as_array()
+                    .map(|a| a.iter().map(|v| v.as_str().unwrap()).collect())
+                    .unwrap_or_default();
+                for key in keys(value) {
+                    let mut less = value.clone();
+                    less.as_object_mut().unwrap().remove(&key);
+                    let ok = route(&method, &path, &serde_json::to_vec(&less).unwrap()).is_ok();
+                    assert_eq!(
+                        ok,
+                        !required.contains(&key.as_str()),
+                        "{method} {template}: field {key} required in the code: {}, in the document: {}",
+                        !ok,
+                        required.contains(&key.as_str())
+                    );
+                }
+            }
+        }
+        // The document's properties are exactly the fields the code accepts.
+        let mut props = keys(&sch["properties"]);
+        let mut fields = accepted_fields(&method, &concrete_path(&template, None));
+        props.sort();
+        fields.sort();
+        assert_eq!(
+            props, fields,
+            "{method} {template}: schema properties vs struct fields"
+        );
+    }
+    assert!(checked >= 20, "only {checked} examples");
+}
+
+#[test]
+fn openapi_response_examples_match_the_code() {
+    let doc = openapi();
+    for (method, template, op) in operations(&doc) {
+        for (code, resp) in op["responses"].as_object().unwrap() {
+            let content = &resp["content"]["application/json"];
+            if content.is_null() {
+                assert_eq!(code, "204", "{method} {template}: {code} without a body");
+                continue;
+            }
+            let sch = &content["schema"];
+            let ex = &content["example"];
+            let name = sch["$ref"]
+                .as_str()
+                .unwrap_or("")
+                .rsplit('/')
+                .next()
+                .unwrap();
+            let what = format!("{method} {template} {code} example");
+            match name {
+                "Error" => {
+                    assert_eq!(keys(ex), vec!["fault_message"], "{what}");
+                    let status: u16 = code.parse().unwrap();
+                    assert!(status >= 400, "{what}");
+                }
+                "InstanceInfo" => {
+                    let info: InstanceInfo = serde_json::from_value(ex.clone()).expect(&what);
+                    assert_eq!(&serde_json::to_value(info).unwrap(), ex, "{what}");
+                }
+                "VersionInfo" => {
+                    let v: VersionInfo = serde_json::from_value(ex.clone()).expect(&what);
+                    assert_eq!(v.app_name, "wisp");
+                    assert_eq!(
+                        keys(ex),
+                        keys(&serde_json::to_value(VersionInfo::current()).unwrap())
+                    );
+                }
+                "MachineConfiguration" => {
+                    let m: MachineConfig = serde_json::from_value(ex.clone()).expect(&what);
+                    m.validate().expect(&what);
+                    assert_eq!(&serde_json::to_value(m).unwrap(), ex, "{what}");
+                }
+                "FullVmConfiguration" => {
+                    let f: FirecrackerConfig = serde_json::from_value(ex.clone()).expect(&what);
+                    // PendingConfig::to_json produces the same keys.
+                    assert_eq!(keys(ex), keys(&PendingConfig::new().to_json()), "{what}");
+                    assert_eq!(f.drives.len(), 1);
+                }
+                "VmMetrics" => assert!(ex.is_object(), "{what}"),
+                other => panic!("{what}: schema {other:?} not checked by this test"),
+            }
+        }
+    }
+    // The config-file schema lists exactly FirecrackerConfig's fields.
+    let full = &doc["components"]["schemas"]["FullVmConfiguration"];
+    let f = FirecrackerConfig::from_json(r#"{"__probe__": 1}"#).unwrap_err();
+    let list = f.fault_message.split_once("expected one of ").unwrap().1;
+    let mut fields: Vec<String> = list
+        .split(", ")
+        .map(|s| s.trim_matches('`').to_string())
+        .collect();
+    fields.sort();
+    assert_eq!(keys(&full["properties"]), fields);
 }

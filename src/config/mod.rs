@@ -193,7 +193,7 @@ impl VmConfig {
         if !(MIN_MEMORY..=MAX_MEMORY).contains(&mem) {
             return Err(ConfigError::Memory(self.memory));
         }
-        if mem % (1 << 20) != 0 {
+        if !mem.is_multiple_of(1 << 20) {
             return Err(ConfigError::MemoryAlignment(mem));
         }
         for disk in &self.disks {
