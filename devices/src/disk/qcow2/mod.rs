@@ -971,7 +971,24 @@ impl Qcow2 {
 
     /// Adds `delta` to a cluster's refcount, creating its refcount block if needed.
     fn update_refcount(&mut self, cluster: u64, delta: i64) -> io::Result<u64> {
-        let off = self.ensure_rc_block(cluster)?;
+        if (cluster << self.cluster_bits) >> self.cluster_bits != cluster
+            || cluster << self.cluster_bits >= MAX_HOST_OFFSET
+        {
+            return Err(self.corrupt(format!(
+                "cluster index {cluster} beyond the host offset limit"
+            )));
+        }
+        let off = if delta < 0 {
+            // A cluster without a refcount block has refcount 0: nothing to drop.
+            self.rc_block_offset(cluster >> self.rcb_bits)?
+                .ok_or_else(|| {
+                    self.corrupt(format!(
+                        "refcount of free cluster {cluster} would drop below 0"
+                    ))
+                })?
+        } else {
+            self.ensure_rc_block(cluster)?
+        };
         self.load_rc(off)?;
         let idx = (cluster & ((1 << self.rcb_bits) - 1)) as usize;
         let order = self.refcount_order;
@@ -1022,6 +1039,13 @@ impl Qcow2 {
                 } else {
                     0
                 };
+                if t.saturating_mul(self.cluster_size) > header::MAX_REFTABLE_BYTES {
+                    return Err(io::Error::other(format!(
+                        "{}: refcount table would exceed {} bytes (cluster {cluster})",
+                        self.path.display(),
+                        header::MAX_REFTABLE_BYTES
+                    )));
+                }
                 if need == blocks && t == table_clusters {
                     break;
                 }
