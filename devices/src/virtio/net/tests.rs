@@ -1252,3 +1252,197 @@ fn rx_cost() {
         );
     }
 }
+
+/// xorshift64*: a deterministic stream for the hostile-guest tests.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Writes a random chain of 1..=6 descriptors into queue `q`, pointing into `scratch`
+/// (64 KiB), near the end of guest memory or anywhere; returns its head.
+fn random_chain(e: &mut Env, rng: &mut Rng, q: u32, scratch: u64) -> u16 {
+    let mem_size = crate::virtio::testing::MEM_SIZE as u64;
+    let n = 1 + rng.below(6) as u16;
+    let head = e.d.reserve_descs_in(q, n);
+    for i in 0..n {
+        let idx = (head + i) % e.d.queue_size;
+        let addr = match rng.below(8) {
+            0 => rng.next(),
+            1 => mem_size - rng.below(64),
+            _ => scratch + rng.below(60 << 10),
+        };
+        let len = match rng.below(4) {
+            0 => rng.below(16) as u32,
+            1 => 12,
+            2 => 64 * (1 + rng.below(32) as u32),
+            _ => rng.next() as u32,
+        };
+        let mut flags = match rng.below(4) {
+            0 => crate::virtio::testing::VIRTQ_DESC_F_WRITE,
+            1 => 0,
+            // Mostly the direction the queue expects.
+            _ if q == RX_QUEUE as u32 => crate::virtio::testing::VIRTQ_DESC_F_WRITE,
+            _ => 0,
+        };
+        if i + 1 < n || rng.below(10) == 0 {
+            flags |= crate::virtio::testing::VIRTQ_DESC_F_NEXT;
+        }
+        if rng.below(40) == 0 {
+            flags |= crate::virtio::testing::VIRTQ_DESC_F_INDIRECT;
+        }
+        let next = if rng.below(10) == 0 {
+            rng.below(80) as u16
+        } else {
+            (idx + 1) % e.d.queue_size
+        };
+        let table = crate::virtio::testing::desc_table(q);
+        e.d.write_desc(table, idx, addr, len, flags, next);
+    }
+    head
+}
+
+/// Guest memory changed only inside `allowed` (address, length) ranges.
+fn assert_only_changed(before: &[u8], after: &[u8], allowed: &[(u64, u64)], what: &str) {
+    let mut start = 0usize;
+    let mut ranges: Vec<(usize, usize)> = allowed
+        .iter()
+        .map(|&(a, l)| (a as usize, (a + l) as usize))
+        .collect();
+    ranges.sort();
+    ranges.push((before.len(), before.len()));
+    for (a, end) in ranges {
+        let a = a.min(before.len());
+        if start < a && before[start..a] != after[start..a] {
+            let i = (start..a).find(|&i| before[i] != after[i]).unwrap();
+            panic!("{what}: guest memory changed at {i:#x}, outside the buffers");
+        }
+        start = start.max(end.min(before.len()));
+    }
+}
+
+#[test]
+fn random_hostile_tx_chains_are_dropped_without_touching_guest_memory() {
+    let mut e = env(ALL_OFFLOADS | features::RING_INDIRECT_DESC);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let scratch = e.d.alloc(64 << 10);
+    let used = (
+        used_ring(TX_QUEUE as u32),
+        6 + 8 * u64::from(e.d.queue_size),
+    );
+    for round in 0..500 {
+        // A plausible header and frame in the scratch area now and then.
+        if rng.below(2) == 0 {
+            let off = scratch + rng.below(60 << 10);
+            let mut b = vnet_hdr(
+                [0, hdr_flags::NEEDS_CSUM][rng.below(2) as usize],
+                [gso::NONE, gso::TCPV4, gso::TCPV6, gso::UDP][rng.below(4) as usize],
+                rng.next() as u16,
+                rng.next() as u16,
+                rng.next() as u16,
+                rng.next() as u16,
+            )
+            .to_vec();
+            b.extend_from_slice(&test_frame(HOST_MAC, GUEST_MAC, 64, round as u8));
+            let end = (scratch + (64 << 10)).min(off + b.len() as u64);
+            e.d.mem
+                .write_slice(&b[..(end - off) as usize], GuestAddress(off))
+                .unwrap();
+        }
+        let head = random_chain(&mut e, &mut rng, TX_QUEUE as u32, scratch);
+        let before = e.d.used_idx_of(TX_QUEUE as u32);
+        e.d.publish_to(TX_QUEUE as u32, head);
+        let snap = e.d.snapshot();
+        e.d.kick(TX_QUEUE as u32);
+        assert_eq!(
+            e.d.used_idx_of(TX_QUEUE as u32),
+            before.wrapping_add(1),
+            "round {round}: chain not returned"
+        );
+        assert_eq!(e.d.used_elem_of(TX_QUEUE as u32, before).1, 0);
+        // Transmit never writes guest memory, only the used ring.
+        assert_only_changed(&snap, &e.d.snapshot(), &[used], &format!("round {round}"));
+    }
+    let c = e.counters();
+    assert_eq!(c.tx_frames + c.tx_malformed + c.tx_errors, 500);
+    assert!(c.tx_malformed > 250, "{c:?}");
+    // Drain what the tap passed, then the device still sends a good frame.
+    while e.host.recv(Duration::from_millis(20)).is_some() {}
+    let f = test_frame(HOST_MAC, GUEST_MAC, 300, 1);
+    e.transmit([0; HDR_LEN], &f, 3);
+    let mut seen = false;
+    while let Some(got) = e.host_recv() {
+        if got == f {
+            seen = true;
+            break;
+        }
+    }
+    assert!(seen, "good frame after the hostile ones");
+    assert_eq!(e.d.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn random_hostile_rx_chains_only_receive_into_their_own_buffers() {
+    let mut e = env(netf::MRG_RXBUF | features::RING_INDIRECT_DESC);
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let scratch = e.d.alloc(64 << 10);
+    let mem_size = crate::virtio::testing::MEM_SIZE as u64;
+    let allowed = [
+        (scratch, 64 << 10),
+        (mem_size - 64, 64),
+        (
+            used_ring(RX_QUEUE as u32),
+            6 + 8 * u64::from(e.d.queue_size),
+        ),
+    ];
+    for round in 0..300u32 {
+        let head = random_chain(&mut e, &mut rng, RX_QUEUE as u32, scratch);
+        e.d.publish_to(RX_QUEUE as u32, head);
+        let snap = e.d.snapshot();
+        e.d.kick(RX_QUEUE as u32);
+        let len = [60, 200, 1514][rng.below(3) as usize];
+        e.host
+            .send(&test_frame(GUEST_MAC, HOST_MAC, len, round as u8));
+        e.pump(Duration::from_millis(3), |_| false);
+        assert_only_changed(&snap, &e.d.snapshot(), &allowed, &format!("round {round}"));
+        for i in e.rx_seen..e.d.used_idx_of(RX_QUEUE as u32) {
+            let (_, l) = e.d.used_elem_of(RX_QUEUE as u32, i);
+            assert!(l as usize <= HDR_LEN + 1514, "round {round}: used len {l}");
+        }
+        e.rx_seen = e.d.used_idx_of(RX_QUEUE as u32);
+    }
+    let c = e.counters();
+    assert!(c.rx_bad_chains > 50 && c.rx_frames >= 5, "{c:?}");
+    assert_eq!(e.d.status() & status::DEVICE_NEEDS_RESET, 0);
+    // Good buffers: frames flow again, up to a marker sent last.
+    e.used_q.clear();
+    let bufs = e.post_rx(32, 2048);
+    let marker = test_frame(GUEST_MAC, HOST_MAC, 99, 0xee);
+    e.host.send(&marker);
+    let mut seen = false;
+    let mut got = 0u32;
+    // Frames the tap queued during the hostile rounds come first.
+    while let Some((_, f)) = e.recv_frame(T) {
+        if f == marker {
+            seen = true;
+            break;
+        }
+        got += 1;
+        if got.is_multiple_of(32) {
+            for &a in &bufs {
+                e.post_rx_at(a, 2048);
+            }
+            e.d.kick(RX_QUEUE as u32);
+        }
+    }
+    assert!(seen, "marker frame after the hostile buffers");
+}
