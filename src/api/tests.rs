@@ -674,6 +674,35 @@ fn pending_config_builds_a_vm_config() {
     .unwrap();
     assert_eq!(p.to_vm_config().unwrap().cmdline, "quiet root=/dev/vda ro");
 
+    // wisp's cgroup extension reaches VmConfig.cgroup.
+    p.apply(
+        &req(
+            "PATCH",
+            "/machine-config",
+            r#"{"cgroup": {"cpu_max": "50000/100000", "cpuset": "0"}}"#,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let cg = p
+        .to_vm_config()
+        .unwrap()
+        .cgroup
+        .expect("cgroup in VmConfig");
+    assert_eq!(cg.cpu_max.unwrap().quota_us, Some(50000));
+    assert_eq!(cg.cpuset.unwrap().cpus(), &[0]);
+    let e = p
+        .apply(
+            &req(
+                "PATCH",
+                "/machine-config",
+                r#"{"cgroup": {"cpuset": "1023"}}"#,
+            )
+            .unwrap(),
+        )
+        .unwrap_err();
+    assert_fault(&e, 400, "cgroup: host CPU 1023 in the cpuset is not online");
+
     let full = p.to_json();
     assert_eq!(full["machine-config"]["mem_size_mib"], 256);
     assert_eq!(full["drives"].as_array().unwrap().len(), 2);
@@ -805,17 +834,21 @@ fn concrete_path(template: &str, body: Option<&Value>) -> String {
     path
 }
 
-/// The fields a request type accepts, from serde's "unknown field" message.
+/// The fields a request type accepts, from serde's "unknown field" message
+/// ("expected `a`", "expected `a` or `b`", "expected one of `a`, `b`, `c`").
 fn accepted_fields(method: &str, path: &str) -> Vec<String> {
     let f = route(method, path, br#"{"__probe__": 1}"#).expect_err("probe field refused");
-    let msg = f.fault_message;
-    let list = msg
-        .split_once("expected one of ")
-        .map(|(_, l)| l)
-        .or_else(|| msg.split_once("expected ").map(|(_, l)| l))
+    field_list(&f.fault_message)
+}
+
+fn field_list(msg: &str) -> Vec<String> {
+    let (_, list) = msg
+        .split_once(", expected ")
         .unwrap_or_else(|| panic!("no field list in {msg:?}"));
-    list.split(", ")
-        .map(|s| s.trim().trim_matches('`').to_string())
+    list.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
         .collect()
 }
 
@@ -986,11 +1019,7 @@ fn openapi_response_examples_match_the_code() {
     // The config-file schema lists exactly FirecrackerConfig's fields.
     let full = &doc["components"]["schemas"]["FullVmConfiguration"];
     let f = FirecrackerConfig::from_json(r#"{"__probe__": 1}"#).unwrap_err();
-    let list = f.fault_message.split_once("expected one of ").unwrap().1;
-    let mut fields: Vec<String> = list
-        .split(", ")
-        .map(|s| s.trim_matches('`').to_string())
-        .collect();
+    let mut fields = field_list(&f.fault_message);
     fields.sort();
     assert_eq!(keys(&full["properties"]), fields);
 }
