@@ -8,13 +8,12 @@ use crate::vstate::vm::Vm;
 use kvm_ioctls::IoEventAddress;
 use std::fs::File;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 use wisp_devices::bus::{Bus, BusError};
 use wisp_devices::disk::qcow2::{self, Qcow2};
-use wisp_devices::disk::raw::{lock_file, RawFile};
-use wisp_devices::disk::DiskBackend;
+use wisp_devices::disk::raw::RawFile;
 use wisp_devices::interrupt::IrqFd;
 use wisp_devices::virtio::block::Block;
 use wisp_devices::virtio::{MmioTransport, VirtioDevice, VirtioEventHandler, NOTIFY_REG_OFFSET};
@@ -119,7 +118,7 @@ pub fn open_disk(disk: &DiskConfig) -> Result<Block, DeviceError> {
             Block::new_raw(raw, disk.serial.clone(), disk.readonly)
         }
         DiskFormat::Qcow2 => {
-            let lock = lock_image(&disk.path, disk.readonly).map_err(err)?;
+            // Qcow2::open takes the image lock (and shared locks on its backing files).
             let image = Qcow2::open(&disk.path, disk.readonly).map_err(|e| err(e.to_string()))?;
             if disk.format.is_none() && !image.backing_chain().is_empty() {
                 return Err(err(
@@ -128,53 +127,8 @@ pub fn open_disk(disk: &DiskConfig) -> Result<Block, DeviceError> {
                         .into(),
                 ));
             }
-            Block::new(
-                Box::new(Locked { image, _lock: lock }),
-                disk.serial.clone(),
-                disk.readonly,
-            )
+            Block::new(Box::new(image), disk.serial.clone(), disk.readonly)
         }
     };
     block.map_err(|e| err(e.to_string()))
-}
-
-/// The same advisory lock raw images take (see disk::raw::lock_file), on its own descriptor.
-fn lock_image(path: &Path, read_only: bool) -> Result<File, String> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .map_err(|e| io_reason(&e))?;
-    lock_file(&file, path, !read_only).map_err(|e| e.to_string())?;
-    Ok(file)
-}
-
-/// A disk image and the lock that keeps other wisp processes from writing it.
-struct Locked<D> {
-    image: D,
-    _lock: File,
-}
-
-impl<D: DiskBackend> DiskBackend for Locked<D> {
-    fn len(&self) -> u64 {
-        self.image.len()
-    }
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.image.read_at(offset, buf)
-    }
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.image.write_at(offset, buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.image.flush()
-    }
-    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        self.image.discard(offset, len)
-    }
-    fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        self.image.write_zeroes(offset, len, may_unmap)
-    }
-    fn read_only(&self) -> bool {
-        self.image.read_only()
-    }
 }
