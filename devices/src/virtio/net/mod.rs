@@ -1,5 +1,21 @@
 //! virtio-net (virtio 1.2 §5.1) over a [`Tap`](crate::tap::Tap): one receive queue (0) and
 //! one transmit queue (1), no control queue.
+//!
+//! # How the VMM wires it
+//!
+//! ```text
+//! let tap = Tap::open("tap0")?;                  // in wisp's network namespace; or Tap::from_fd(fd)
+//! let net = Net::new(tap, mac, mtu)?;            // mac None: stable, derived from the tap name
+//! let counters = net.counters();                 // Arc<NetCounters>: rx/tx frames, bytes, drops
+//! let transport = MmioTransport::new(Box::new(net), mem.clone(), irq)?;
+//! // then as every virtio device (crate::virtio docs): two queue ioeventfds (datamatch 0
+//! // and 1), the handler on the event loop, and the tap from handler.device_fds() watched
+//! // EPOLLIN | EPOLLET from DRIVER_OK until reset (re-read it on fds_changed_evt).
+//! ```
+//!
+//! The tap must be up (and addressed, bridged, ...) on the host side for traffic to flow;
+//! a tap that wisp created is down until someone sets it up. While it is down, frames the
+//! guest sends are counted in `tx_errors`.
 
 mod device;
 #[cfg(test)]

@@ -1446,3 +1446,78 @@ fn random_hostile_rx_chains_only_receive_into_their_own_buffers() {
     }
     assert!(seen, "marker frame after the hostile buffers");
 }
+
+#[test]
+fn tap_open_attaches_to_a_persistent_tap_and_leaves_it_in_place() {
+    let ns = Netns::new();
+    ns.ip(&["tuntap", "add", "dev", "wpre0", "mode", "tap"]);
+    ns.ip(&["tuntap", "add", "dev", "wmq0", "mode", "tap", "multi_queue"]);
+    ns.enter(|| {
+        let t = Tap::open("wpre0").unwrap();
+        // The header size can be set: IFF_VNET_HDR took on the existing tap.
+        t.set_vnet_hdr_size(HDR_LEN as i32).unwrap();
+        assert!(matches!(Tap::open("wmq0"), Err(TapError::NotATap { .. })));
+    });
+    // Still there after wisp's fd closed.
+    ns.ip(&["link", "show", "wpre0"]);
+}
+
+/// Device time per transmitted frame (not a pass/fail test): run with
+/// `cargo test --release -p wisp-devices tx_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn tx_cost() {
+    for (len, frames) in [
+        (60usize, 20_000u32),
+        (1514, 20_000),
+        (TSO_PAYLOAD + 54, 2_000),
+    ] {
+        let mut e = env_with(ALL_OFFLOADS, 256);
+        let (hdr, frame) = if len > 1514 {
+            let f = tcp_frame(
+                HOST_MAC,
+                GUEST_MAC,
+                GUEST_IP,
+                FAR_IP,
+                1,
+                &pattern(TSO_PAYLOAD, 1),
+                true,
+            );
+            (
+                vnet_hdr(hdr_flags::NEEDS_CSUM, gso::TCPV4, 54, MSS, 34, 16),
+                f,
+            )
+        } else {
+            ([0; HDR_LEN], test_frame(HOST_MAC, GUEST_MAC, len, 0))
+        };
+        let mut bytes = hdr.to_vec();
+        bytes.extend_from_slice(&frame);
+        e.d.mem
+            .write_slice(&bytes, GuestAddress(e.tx_area))
+            .unwrap();
+        let buf = Buf {
+            addr: e.tx_area,
+            len: bytes.len() as u32,
+            writable: false,
+        };
+        let mut busy = Duration::ZERO;
+        let mut sent = 0;
+        while sent < frames {
+            // A full ring of chains per notification, as a busy driver would leave it.
+            for _ in 0..256 {
+                e.add_tx(&[buf]);
+            }
+            sent += 256;
+            e.d.write32(regs::QUEUE_NOTIFY, TX_QUEUE as u32);
+            let t = Instant::now();
+            e.d.handler.process_queue(TX_QUEUE);
+            busy += t.elapsed();
+        }
+        let c = e.counters();
+        assert_eq!(c.tx_frames, u64::from(sent));
+        eprintln!(
+            "tx {len:>6}-byte frames: {:>7.2} us of device time per frame ({sent} frames)",
+            busy.as_secs_f64() * 1e6 / f64::from(sent)
+        );
+    }
+}
