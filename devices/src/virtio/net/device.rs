@@ -408,6 +408,7 @@ impl Net {
         let rx = &mut self.rx;
         let mrg = active.acked & net::MRG_RXBUF != 0;
         let queue_size = active.rx.size();
+        // Frames read from the tap in this call, delivered or dropped.
         let mut frames = 0u32;
         let mut used = false;
         let mut waiting = false;
@@ -442,6 +443,8 @@ impl Net {
                 }
                 match self.tap.read(&mut rx.frame) {
                     Ok(n) if n > rx.frame.len() || n < HDR_LEN + MIN_FRAME_LEN => {
+                        // Dropped frames count against the budget too.
+                        frames += 1;
                         bump(&self.counters.rx_dropped, 1);
                         rate_limited_warn!(
                             "virtio-net: tap {} gave a {}-byte frame; dropped",
@@ -486,6 +489,7 @@ impl Net {
                         rx.chains.front().map_or(0, |c| c.capacity)
                     );
                     rx.pending = 0;
+                    frames += 1;
                     continue;
                 }
                 match take_rx_chain(active, rx, &self.counters, &mut self.descs, &mut used) {
@@ -502,6 +506,7 @@ impl Net {
                         rx.capacity
                     );
                     rx.pending = 0;
+                    frames += 1;
                     continue;
                 }
                 match wait_for_buffers(active, rx) {

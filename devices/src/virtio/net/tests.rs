@@ -1521,3 +1521,26 @@ fn tx_cost() {
         );
     }
 }
+
+#[test]
+fn frame_larger_than_the_rx_buffer_is_dropped_and_the_next_one_delivered() {
+    // Without MRG_RXBUF each buffer must hold a whole frame.
+    let mut e = env(0);
+    e.post_rx(2, 512);
+    e.host.send(&test_frame(GUEST_MAC, HOST_MAC, 1514, 1));
+    let small = test_frame(GUEST_MAC, HOST_MAC, 100, 2);
+    e.host.send(&small);
+    let (_, got) = e.recv_frame(T).expect("small frame");
+    assert_eq!(got, small);
+    assert_eq!(e.counters().rx_dropped, 1);
+
+    // With MRG_RXBUF, a frame larger than every buffer the ring can hold (4 x 256 bytes).
+    let mut e = env_with(netf::MRG_RXBUF, 4);
+    e.post_rx(4, 256);
+    e.host.send(&test_frame(GUEST_MAC, HOST_MAC, 1514, 3));
+    e.host.send(&small);
+    let (h, got) = e.recv_frame(T).expect("small frame");
+    assert_eq!(got, small);
+    assert_eq!(u16::from_le_bytes([h[10], h[11]]), 1);
+    assert_eq!(e.counters().rx_dropped, 1);
+}
