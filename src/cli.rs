@@ -18,8 +18,22 @@ pub struct Cli {
     /// Log level: error, warn, info, debug or trace (also WISP_LOG).
     #[arg(long, global = true, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Serve the control API (Firecracker-compatible REST) on this Unix socket and wait for
+    /// the VM to be configured and started through it.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_api")]
+    pub api_sock: Option<std::path::PathBuf>,
+    /// The VM's id (GET /, cgroup names) [default: anonymous-instance].
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+    /// Boot from a Firecracker-style config file (boot-source, machine-config, drives,
+    /// network-interfaces, plus wisp's fields); with --api-sock the API keeps serving.
+    #[arg(long, value_name = "FILE")]
+    pub config_file: Option<std::path::PathBuf>,
+    /// With --config-file: serve no API.
+    #[arg(long, requires = "config_file")]
+    pub no_api: bool,
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -181,7 +195,7 @@ mod tests {
         let mut full = vec!["wisp", "run"];
         full.extend_from_slice(args);
         let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
-        let Command::Run(run) = cli.command else {
+        let Some(Command::Run(run)) = cli.command else {
             panic!("not a run command");
         };
         run.to_config().map_err(|e| e.to_string())

@@ -5,6 +5,7 @@ pub mod arch;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod image;
 pub mod logger;

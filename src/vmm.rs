@@ -1,6 +1,9 @@
 //! The builder (a validated `VmConfig` becomes a running VM) and the event loop on the main
 //! thread: console input, signals and the end of the VM.
 
+use crate::api::{
+    ActionType, ApiChannel, ApiFault, ApiRequest, ApiResponse, InstanceInfo, InstanceState, VmState,
+};
 use crate::arch::x86_64::{acpi, boot, cpuid, layout::*, pvm, regs};
 use crate::cgroup::VmCgroup;
 use crate::config::{ConsoleConfig, VmConfig};
@@ -79,6 +82,20 @@ pub struct Vmm {
     control: Arc<VcpuControl>,
     cgroup: Option<Arc<VmCgroup>>,
     vcpu_start: Option<VcpuStartHook>,
+    i8042: Arc<Mutex<I8042>>,
+    vcpu_count: u8,
+    mem_size_mib: u64,
+    started: std::time::Instant,
+}
+
+/// What the control API needs once the VM runs.
+pub struct ApiContext {
+    pub channel: ApiChannel,
+    pub id: String,
+    /// `GET /vm/config`.
+    pub vm_config: serde_json::Value,
+    /// Where `FlushMetrics` appends a line of JSON (`PUT /metrics`).
+    pub metrics_path: Option<std::path::PathBuf>,
 }
 
 impl Vmm {
@@ -110,11 +127,8 @@ impl Vmm {
         let serial = Arc::new(Mutex::new(serial));
         io_bus.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
         let kbd_irq = irq_line(&vm, I8042_GSI)?;
-        io_bus.insert(
-            Arc::new(Mutex::new(I8042::new(events.clone(), Some(kbd_irq)))),
-            I8042_PORT,
-            I8042_PORT_LEN,
-        )?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(events.clone(), Some(kbd_irq))));
+        io_bus.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)?;
         io_bus.insert(
             Arc::new(Mutex::new(PvPanic::new(events.clone()))),
             PVPANIC_PORT,
@@ -240,11 +254,15 @@ impl Vmm {
             control,
             cgroup,
             vcpu_start,
+            i8042,
+            vcpu_count: config.cpus,
+            mem_size_mib: mem_size >> 20,
+            started: std::time::Instant::now(),
         })
     }
 
     /// Starts the vCPUs and runs the event loop until the VM ends.
-    pub fn run(mut self) -> Result<VmExit, VmmError> {
+    pub fn run(mut self, mut api: Option<ApiContext>) -> Result<VmExit, VmmError> {
         let signals = block_stop_signals().map_err(io_err("signalfd"))?;
         let epoll = Epoll::new().map_err(io_err("epoll"))?;
         let add = |fd: RawFd, token: u64| {
@@ -257,18 +275,12 @@ impl Vmm {
         add(self.exit.event_fd().as_raw_fd(), TOKEN_EXIT).map_err(io_err("epoll"))?;
         add(signals.as_raw_fd(), TOKEN_SIGNAL).map_err(io_err("epoll"))?;
         add(self.serial_drained.as_raw_fd(), TOKEN_SERIAL_DRAINED).map_err(io_err("epoll"))?;
+        if let Some(api) = &api {
+            add(api.channel.event_fd(), TOKEN_API).map_err(io_err("epoll"))?;
+        }
         // Device events: one token per queue eventfd, per "device fds changed" eventfd and
         // per device fd (re-registered when a device activates or resets).
-        for (dev, h) in self.virtio.handlers.iter().enumerate() {
-            for (q, evt) in h.queue_evts().iter().enumerate() {
-                add(evt.as_raw_fd(), Source::Queue(dev, q).token()).map_err(io_err("epoll"))?;
-            }
-            add(
-                h.fds_changed_evt().as_raw_fd(),
-                Source::FdsChanged(dev).token(),
-            )
-            .map_err(io_err("epoll"))?;
-        }
+        self.watch_queues(&epoll, true).map_err(io_err("epoll"))?;
         let mut device_fds: Vec<Vec<RawFd>> = vec![Vec::new(); self.virtio.handlers.len()];
         let mut stdin_watched = false;
         if self.console_input {
@@ -309,6 +321,14 @@ impl Vmm {
                 match ev.data() {
                     TOKEN_EXIT => {
                         let _ = self.exit.event_fd().read();
+                    }
+                    TOKEN_API => {
+                        if let Some(api) = api.as_mut() {
+                            while let Some((req, responder)) = api.channel.try_recv() {
+                                let answer = self.handle_api(req, api, &epoll, &mut device_fds);
+                                responder.respond(answer);
+                            }
+                        }
                     }
                     TOKEN_SIGNAL => match read_signal(&signals) {
                         Some(libc::SIGUSR1) => self.control.request_dump(),
@@ -356,6 +376,10 @@ impl Vmm {
             }
         };
         terminal::restore();
+        // The socket file goes with the VM; clients still connected get 503.
+        if let Some(mut api) = api.take() {
+            api.channel.shutdown();
+        }
         // Leave no cgroup behind on any way out (process::exit runs no destructors). The
         // vCPU start hooks hold the last other references.
         self.vcpu_start = None;
@@ -372,6 +396,168 @@ impl Vmm {
             }
         }
         result
+    }
+
+    /// Adds (or removes) the queue eventfds and "device fds changed" eventfds to the loop.
+    fn watch_queues(&self, epoll: &Epoll, on: bool) -> io::Result<()> {
+        for (dev, h) in self.virtio.handlers.iter().enumerate() {
+            let fds = h
+                .queue_evts()
+                .iter()
+                .enumerate()
+                .map(|(q, evt)| (evt.as_raw_fd(), Source::Queue(dev, q).token()))
+                .chain(std::iter::once((
+                    h.fds_changed_evt().as_raw_fd(),
+                    Source::FdsChanged(dev).token(),
+                )));
+            for (fd, token) in fds {
+                if on {
+                    epoll.ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, token),
+                    )?;
+                } else {
+                    epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pauses or resumes the VM: every vCPU out of KVM_RUN and parked, and no device work
+    /// (queue notifications and device fds are not watched while paused).
+    fn set_paused(
+        &mut self,
+        paused: bool,
+        epoll: &Epoll,
+        device_fds: &mut [Vec<RawFd>],
+    ) -> io::Result<()> {
+        if paused == self.control.is_paused() {
+            return Ok(());
+        }
+        if paused {
+            self.control.pause(self.vcpu_count.into());
+            self.watch_queues(epoll, false)?;
+            for fd in device_fds.iter_mut().flat_map(|v| v.drain(..)) {
+                let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            }
+        } else {
+            self.watch_queues(epoll, true)?;
+            for (dev, h) in self.virtio.handlers.iter().enumerate() {
+                let _ = h.fds_changed_evt().write(1);
+                // Notifications that came while paused are still counted in the eventfds;
+                // look at every queue once anyway.
+                for q in 0..h.queue_evts().len() {
+                    let _ = h.queue_evts()[q].write(1);
+                }
+                let _ = dev;
+            }
+            self.control.resume();
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> InstanceState {
+        if self.control.is_paused() {
+            InstanceState::Paused
+        } else {
+            InstanceState::Running
+        }
+    }
+
+    fn metrics(&self) -> serde_json::Value {
+        serde_json::json!({
+            "utc_timestamp_ms": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "state": self.state(),
+            "vcpu_count": self.vcpu_count,
+            "mem_size_mib": self.mem_size_mib,
+            "vcpu_exits": self.control.exits(),
+            "cgroup_usage_usec": self.cgroup.as_ref().and_then(|c| c.usage_usec().ok()),
+        })
+    }
+
+    /// Answers an API request once the VM has started.
+    fn handle_api(
+        &mut self,
+        req: ApiRequest,
+        api: &ApiContext,
+        epoll: &Epoll,
+        device_fds: &mut [Vec<RawFd>],
+    ) -> ApiResponse {
+        let internal = |e: io::Error| ApiFault::internal(e.to_string());
+        match req {
+            ApiRequest::GetInstanceInfo => Ok(Some(
+                serde_json::to_value(InstanceInfo::new(&api.id, self.state()))
+                    .map_err(|e| ApiFault::internal(e.to_string()))?,
+            )),
+            ApiRequest::GetVmConfig => Ok(Some(api.vm_config.clone())),
+            ApiRequest::GetMachineConfig => Ok(Some(
+                api.vm_config
+                    .get("machine-config")
+                    .cloned()
+                    .unwrap_or(serde_json::Value::Null),
+            )),
+            ApiRequest::GetVmMetrics => Ok(Some(self.metrics())),
+            ApiRequest::PatchVm(VmState::Paused) => {
+                self.set_paused(true, epoll, device_fds).map_err(internal)?;
+                Ok(None)
+            }
+            ApiRequest::PatchVm(VmState::Resumed) => {
+                self.set_paused(false, epoll, device_fds)
+                    .map_err(internal)?;
+                Ok(None)
+            }
+            ApiRequest::Action(ActionType::SendCtrlAltDel) => {
+                self.i8042
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .send_ctrl_alt_del();
+                Ok(None)
+            }
+            ApiRequest::Action(ActionType::FlushMetrics) => {
+                let path = api.metrics_path.as_ref().ok_or_else(|| {
+                    ApiFault::bad_request(
+                        "metrics are not configured: PUT /metrics before InstanceStart",
+                    )
+                })?;
+                let mut f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(internal)?;
+                writeln!(f, "{}", self.metrics()).map_err(internal)?;
+                Ok(None)
+            }
+            ApiRequest::PatchCgroup(update) => {
+                let cg = self.cgroup.as_ref().ok_or_else(|| {
+                    ApiFault::bad_request("the VM has no cgroup: start it with a cgroup parent")
+                })?;
+                let cpu_max = update
+                    .cpu_max
+                    .map(|m| m.unwrap_or(crate::cgroup::CpuMax::UNLIMITED));
+                let cpuset = match update.cpuset {
+                    Some(Some(list)) => Some(list),
+                    Some(None) => Some(
+                        crate::cgroup::CpuList::online()
+                            .map_err(|e| ApiFault::bad_request(e.to_string()))?,
+                    ),
+                    None => None,
+                };
+                cg.set_limits(cpu_max, cpuset)
+                    .map_err(|e| ApiFault::bad_request(e.to_string()))?;
+                Ok(None)
+            }
+            ApiRequest::PatchDrive(d) => Err(ApiFault::bad_request(format!(
+                "drive {}: changing a drive's file after boot is not supported yet",
+                d.drive_id
+            ))),
+            other => Err(ApiFault::wrong_state(&other, true)),
+        }
     }
 
     /// Moves console input into the UART's FIFO. Returns false when stdin should stop being
@@ -408,6 +594,7 @@ const TOKEN_EXIT: u64 = 0;
 const TOKEN_SIGNAL: u64 = 1;
 const TOKEN_STDIN: u64 = 2;
 const TOKEN_SERIAL_DRAINED: u64 = 3;
+const TOKEN_API: u64 = 4;
 
 /// What a device's epoll token stands for: (device index, queue or fd index), encoded as
 /// kind << 32 | device << 16 | index, so tokens never need a table that a guest could grow.
@@ -487,7 +674,7 @@ fn unsafe_stdin() -> File {
 
 /// Blocks SIGINT, SIGTERM, SIGHUP (stop) and SIGUSR1 (log vCPU registers) in this thread (and so in the vCPU threads spawned
 /// after) and returns a signalfd that receives them, for a clean stop from the event loop.
-fn block_stop_signals() -> io::Result<OwnedFd> {
+pub fn block_stop_signals() -> io::Result<OwnedFd> {
     // SAFETY: plain libc calls on a local, zero-initialised sigset.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -506,7 +693,7 @@ fn block_stop_signals() -> io::Result<OwnedFd> {
     }
 }
 
-fn read_signal(fd: &OwnedFd) -> Option<i32> {
+pub(crate) fn read_signal(fd: &OwnedFd) -> Option<i32> {
     // SAFETY: reads one signalfd_siginfo into a properly sized, zeroed buffer.
     unsafe {
         let mut info: libc::signalfd_siginfo = std::mem::zeroed();

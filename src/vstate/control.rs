@@ -61,6 +61,8 @@ pub struct VcpuControl {
     threads: Mutex<Vec<libc::pthread_t>>,
     /// Bumped to ask every vCPU to log its registers (SIGUSR1).
     dump_generation: AtomicU64,
+    /// Port I/O and MMIO exits handled by the vCPU threads, for metrics.
+    exits: AtomicU64,
 }
 
 impl Default for VcpuControl {
@@ -74,6 +76,7 @@ impl Default for VcpuControl {
             stopping: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
             dump_generation: AtomicU64::new(0),
+            exits: AtomicU64::new(0),
         }
     }
 }
@@ -129,6 +132,14 @@ impl VcpuControl {
     /// The current dump request generation (a vCPU dumps when it differs from its last).
     pub fn dump_generation(&self) -> u64 {
         self.dump_generation.load(Ordering::SeqCst)
+    }
+
+    pub fn count_exit(&self) {
+        self.exits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn exits(&self) -> u64 {
+        self.exits.load(Ordering::Relaxed)
     }
 
     pub fn resume(&self) {

@@ -79,6 +79,15 @@ impl Vcpu {
                     }
                 }
             };
+            if matches!(
+                exit,
+                VcpuExit::IoIn(..)
+                    | VcpuExit::IoOut(..)
+                    | VcpuExit::MmioRead(..)
+                    | VcpuExit::MmioWrite(..)
+            ) {
+                self.control.count_exit();
+            }
             match exit {
                 VcpuExit::IoIn(port, data) => {
                     if !self.io_bus.read(u64::from(port), data) {
