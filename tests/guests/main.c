@@ -9,6 +9,8 @@ char scenario[32];
 volatile u32 cpus_checked_in;
 volatile u32 lapic_ticks, serial_irqs, bp_hits;
 volatile u32 virtio_irqs[VIRTIO_SLOTS];
+volatile u32 virtio_isr[VIRTIO_SLOTS];
+u64 virtio_base[VIRTIO_SLOTS];
 int cpu_1g_pages;
 u32 cpuid_apic_id[MAX_CPUS];
 u32 cpuid_1_ecx;
@@ -48,17 +50,19 @@ static void lidt(const void *base, u16 limit)
  * not-present gate (#NP) or lies beyond the limit (#GP), with error code
  * vector * 8 + 2 (SDM Vol. 3A, 7.13); either is reported as a FAIL.
  */
-static void set_gate(int v)
+static void set_gate_dpl(int v, u8 type_attr)
 {
 	u64 h = (u64)isr_stubs + 16 * v;
 	idt[v] = (struct idt_gate){
 		.offset_lo = (u16)h,
 		.selector = SEL_KCODE64,
-		.type_attr = 0x8e,
+		.type_attr = type_attr,
 		.offset_mid = (u16)(h >> 16),
 		.offset_hi = (u32)(h >> 32),
 	};
 }
+
+static void set_gate(int v) { set_gate_dpl(v, 0x8e); }
 
 /* On PVM each rep stosq iteration costs about one interpreted instruction,
  * a third of a C loop's. */
@@ -73,6 +77,8 @@ static void idt_init(void)
 	set_gate(VEC_SERIAL);
 	for (int v = 0; v < VIRTIO_SLOTS; v++)
 		set_gate(VEC_VIRTIO + v);
+	/* 0xee: DPL 3, so CPL3 code may use int $VEC_WAIT. */
+	set_gate_dpl(VEC_WAIT, 0xee);
 	set_gate(VEC_SPURIOUS);
 }
 
@@ -117,6 +123,18 @@ static void cpu_init(u32 cpu)
 
 static void lapic_eoi(void) { mmio_write32(LAPIC_BASE + 0xb0, 0); }
 
+/*
+ * wait_change16(p = rdi, v = rsi): IF is clear here (interrupt gate), so an
+ * interrupt after the check stays pending until STI, and the STI shadow lets
+ * it end the HLT rather than precede it. The interrupt nests on this stack
+ * (CPL0 to CPL0).
+ */
+static void wait_for_change(struct trap_frame *f)
+{
+	if (*(const volatile u16 *)f->rdi == (u16)f->rsi)
+		__asm__ volatile("sti; hlt; cli" ::: "memory");
+}
+
 void trap(struct trap_frame *f)
 {
 	switch (f->vector) {
@@ -140,11 +158,33 @@ void trap(struct trap_frame *f)
 		serial_irqs++;
 		lapic_eoi();
 		return;
-	case VEC_VIRTIO ... VEC_VIRTIO + VIRTIO_SLOTS - 1:
-		/* virtio-mmio used-buffer interrupt (edge, through the IOAPIC): only
-		 * counted here; the CPL3 driver reads InterruptStatus and acks it. */
-		virtio_irqs[f->vector - VEC_VIRTIO]++;
+	case VEC_VIRTIO ... VEC_VIRTIO + VIRTIO_SLOTS - 1: {
+		/* virtio-mmio interrupt: read InterruptStatus, acknowledge it
+		 * (virtio 1.2 §4.2.2) and remember it for the CPL3 driver. The
+		 * line may be level-triggered (QEMU's microvm), so the device
+		 * must drop it before the EOI or the IOAPIC delivers it again. */
+		u32 slot = f->vector - VEC_VIRTIO;
+		if (virtio_base[slot]) {
+			u32 isr = mmio_read32(virtio_base[slot] + 0x60);
+			if (isr)
+				mmio_write32(virtio_base[slot] + 0x64, isr);
+			virtio_isr[slot] |= isr;
+		}
+		virtio_irqs[slot]++;
 		lapic_eoi();
+		return;
+	}
+	case 6:
+		/* PVM raises #UD for INT n at CPL3 (ENVIRONMENT.md): do what the
+		 * VEC_WAIT gate would have done and step over the instruction. */
+		if ((f->cs & 3) == 3 && *(const u8 *)f->rip == 0xcd && ((const u8 *)f->rip)[1] == VEC_WAIT) {
+			wait_for_change(f);
+			f->rip += 2;
+			return;
+		}
+		break;
+	case VEC_WAIT:
+		wait_for_change(f);
 		return;
 	case VEC_SPURIOUS: /* SDM Vol. 3A, 11.9: no EOI for spurious vectors */
 		return;

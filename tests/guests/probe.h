@@ -32,6 +32,8 @@ typedef uint64_t u64;
 /* virtio-mmio devices: VEC_VIRTIO + slot, slot < VIRTIO_SLOTS (virtio.c). */
 #define VEC_VIRTIO 0x42
 #define VIRTIO_SLOTS 4
+/* int $VEC_WAIT from CPL3 (DPL 3 gate): halt until an interrupt (main.c). */
+#define VEC_WAIT 0x48
 /* Spurious vector: low nibble 1111 works on every xAPIC (SDM Vol. 3A, 11.9);
  * also the IDT's last entry. */
 #define VEC_SPURIOUS 0x4f
@@ -118,6 +120,16 @@ static inline void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d)
 {
 	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
 }
+/*
+ * Sleep until the next interrupt unless *p != v already: main.c checks with
+ * interrupts off, then sti; hlt (the STI shadow keeps an interrupt from
+ * slipping in between, SDM Vol. 2B, STI). The vCPU blocks in the VMM instead
+ * of spinning, so the VMM's own threads get the host CPU.
+ */
+static inline void wait_change16(const volatile u16 *p, u16 v)
+{
+	__asm__ volatile("int $0x48" ::"D"(p), "S"((u64)v) : "memory");
+}
 static inline void halt_forever(void)
 {
 	for (;;)
@@ -171,6 +183,10 @@ extern char scenario[32];
 extern volatile u32 cpus_checked_in;
 extern volatile u32 lapic_ticks, serial_irqs, bp_hits;
 extern volatile u32 virtio_irqs[VIRTIO_SLOTS];
+/* InterruptStatus bits the handler read and acknowledged, per slot; the
+ * window each slot's handler acknowledges (virtio.c sets it). */
+extern volatile u32 virtio_isr[VIRTIO_SLOTS];
+extern u64 virtio_base[VIRTIO_SLOTS];
 u64 ustack_top(u32 cpu);
 /* CPUID as the VMM presents it, read at CPL0 (on PVM, CPUID at CPL3 is not
  * intercepted and returns the host CPU's values). */
