@@ -836,3 +836,34 @@ fn curl_drives_the_api() {
     let (code, _) = run(&["-X", "PUT", "-d", &big, "http://localhost/boot-source"]);
     assert_eq!(code, 204);
 }
+
+#[test]
+fn deeply_nested_json_is_refused_without_crashing() {
+    let srv = Server::start();
+    let mut c = srv.connect();
+    for depth in [100, 127, 128, 129, 5000, 30000] {
+        for field in ["rate_limiter", "boot_args"] {
+            let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            let (path, body) = if field == "rate_limiter" {
+                (
+                    "/drives/a",
+                    format!(
+                        r#"{{"drive_id": "a", "path_on_host": "/x", "is_root_device": false, "rate_limiter": {nested}}}"#
+                    ),
+                )
+            } else {
+                (
+                    "/boot-source",
+                    format!(r#"{{"kernel_image_path": "/k", "boot_args": {nested}}}"#),
+                )
+            };
+            let r = c.put(path, &body);
+            assert!(
+                r.status == 400 || r.status == 413,
+                "depth {depth} {field}: {}",
+                r.status
+            );
+        }
+    }
+    assert_eq!(c.get("/").status, 200);
+}

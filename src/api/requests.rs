@@ -912,6 +912,13 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiFault> {
             "invalid JSON body: expected a JSON object ({...})",
         ));
     }
+    // Request bodies nest three levels at most; refusing deep nesting before serde recurses
+    // keeps a hostile body from exhausting the connection thread's stack.
+    if nesting_exceeds(body, MAX_JSON_DEPTH) {
+        return Err(ApiFault::bad_request(format!(
+            "invalid JSON body: nested deeper than {MAX_JSON_DEPTH} levels"
+        )));
+    }
     let de = &mut serde_json::Deserializer::from_slice(body);
     let value: T = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
@@ -926,6 +933,37 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiFault> {
     de.end()
         .map_err(|e| ApiFault::bad_request(format!("invalid JSON body: {e}")))?;
     Ok(value)
+}
+
+/// Deepest nesting of JSON arrays and objects accepted in a body.
+pub const MAX_JSON_DEPTH: usize = 16;
+
+/// True if arrays/objects nest deeper than `max` (brackets inside strings do not count).
+fn nesting_exceeds(body: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// serde_json's message, with " at line L column C" kept only for syntax errors.

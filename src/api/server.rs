@@ -18,8 +18,9 @@ use super::http::{Conn, ReadError, Response};
 use super::requests::{allowed_methods, route, Routed};
 use super::{ApiError, ApiFault, ApiLimits, ApiRequest, ApiResponse, Responder};
 
-/// Connection threads parse at most 64 KiB of JSON (serde_json's recursion limit is 128).
-const CONN_STACK_SIZE: usize = 256 << 10;
+/// Connection threads parse at most 64 KiB of JSON nested at most `MAX_JSON_DEPTH` deep.
+/// Only the pages touched are resident.
+const CONN_STACK_SIZE: usize = 1 << 20;
 
 type Queue = mpsc::Sender<(ApiRequest, Responder)>;
 

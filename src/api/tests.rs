@@ -1023,3 +1023,34 @@ fn openapi_response_examples_match_the_code() {
     fields.sort();
     assert_eq!(keys(&full["properties"]), fields);
 }
+
+#[test]
+fn deep_nesting_is_refused_before_parsing() {
+    let deep = format!(
+        r#"{{"drive_id": "a", "path_on_host": "/x", "is_root_device": false, "rate_limiter": {}{}}}"#,
+        "[".repeat(16),
+        "]".repeat(16)
+    );
+    assert_fault(
+        &fault("PUT", "/drives/a", &deep),
+        400,
+        "nested deeper than 16 levels",
+    );
+    // Brackets inside strings (and after escaped quotes) do not count.
+    let b = format!(
+        r#"{{"kernel_image_path": "/k", "boot_args": "\"{}"}}"#,
+        "[".repeat(100)
+    );
+    req("PUT", "/boot-source", &b).unwrap();
+    // Fifteen levels inside the object are fine as far as nesting goes (refused as a limiter).
+    let ok = format!(
+        r#"{{"drive_id": "a", "path_on_host": "/x", "is_root_device": false, "rate_limiter": {}{}}}"#,
+        "[".repeat(15),
+        "]".repeat(15)
+    );
+    assert_fault(
+        &fault("PUT", "/drives/a", &ok),
+        400,
+        "rate_limiter: rate limiters are not supported",
+    );
+}
