@@ -1,0 +1,318 @@
+//! The control API driving real VMs: configure, start, pause, resume, metrics, runtime
+//! cgroup limits, over a real Unix socket, with curl (as a node agent's shell scripts would)
+//! and with a small client.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(60);
+
+fn sock_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("wisp-api-{}-{name}.sock", std::process::id()))
+}
+
+/// One request with a small HTTP/1.1 client; returns (status, body).
+fn call(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = UnixStream::connect(sock).expect("connect to the API socket");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn curl(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(sock)
+        .args([
+            "-X",
+            method,
+            &format!("http://localhost{path}"),
+            "-H",
+            "Content-Type: application/json",
+        ])
+        .args(if body.is_empty() {
+            vec![]
+        } else {
+            vec!["-d", body]
+        })
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+fn wait_socket(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(sock).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "API socket {} never accepted",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn progress_count(console: &str) -> usize {
+    lines_with(console, "probe: progress ").len()
+}
+
+/// CPU time (user + system, clock ticks) of the threads named wisp-vcpu*.
+fn vcpu_ticks(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("wisp-vcpu"))
+        })
+        .map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap();
+            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<&str> = after.split_whitespace().collect();
+            f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+        })
+        .sum()
+}
+
+#[test]
+fn configure_start_pause_resume_and_stop_through_the_api() {
+    if !kvm_available("configure_start_pause_resume_and_stop_through_the_api") {
+        return;
+    }
+    let sock = sock_path("life");
+    let mut w = Wisp::spawn(&["--api-sock", sock.to_str().unwrap(), "--id", "vm-life"]);
+    wait_socket(&sock);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let (st, body) = curl(&sock, "GET", "/", "");
+    assert_eq!(st, 200);
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(info["state"], "Not started");
+    assert_eq!(info["id"], "vm-life");
+
+    // Wrong state: pause before boot.
+    let (st, body) = curl(&sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("fault_message"));
+    // A start without a boot source says what is missing.
+    let (st, body) = call(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(st, 400);
+    assert!(body.contains("boot-source"), "{body}");
+
+    let kernel = probes().probe.to_str().unwrap().to_string();
+    let (st, body) = curl(
+        &sock,
+        "PUT",
+        "/boot-source",
+        &format!(r#"{{"kernel_image_path": "{kernel}", "boot_args": "probe.scenario=spin"}}"#),
+    );
+    assert_eq!(st, 204, "{body}");
+    let (st, body) = curl(
+        &sock,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 64}"#,
+    );
+    assert_eq!(st, 204, "{body}");
+    let (st, body) = curl(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    assert_eq!(st, 204, "{body}");
+    w.wait_for("probe: progress 2", T);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&call(&sock, "GET", "/", None).1).unwrap()
+            ["state"],
+        "Running"
+    );
+
+    // Paused: no progress lines, no vCPU CPU time.
+    let (st, _) = call(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(st, 204);
+    std::thread::sleep(Duration::from_millis(300));
+    let (lines, ticks) = (progress_count(&w.stdout()), vcpu_ticks(w.pid()));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        progress_count(&w.stdout()),
+        lines,
+        "the guest made progress while paused"
+    );
+    assert!(
+        vcpu_ticks(w.pid()) - ticks <= 2,
+        "paused vCPU threads used CPU"
+    );
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&call(&sock, "GET", "/", None).1).unwrap()
+            ["state"],
+        "Paused"
+    );
+
+    let (st, _) = call(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    assert_eq!(st, 204);
+    w.wait_for(&format!("probe: progress {}", lines + 2), T);
+
+    let (st, body) = call(&sock, "GET", "/vm/metrics", None);
+    assert_eq!(st, 200);
+    let m: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(m["vcpu_exits"].as_u64().unwrap() > 0, "{body}");
+    let (st, body) = call(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(st, 400, "a second start: {body}");
+    let (st, body) = call(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(r#"{"kernel_image_path": "/x"}"#),
+    );
+    assert_eq!(st, 400, "boot source after start: {body}");
+
+    w.signal(libc::SIGTERM);
+    let f = w.wait(Duration::from_secs(10));
+    assert_eq!(f.code(), Some(128 + libc::SIGTERM));
+    assert!(!sock.exists(), "the socket is removed on exit");
+}
+
+#[test]
+fn config_file_without_api_boots_and_exits_with_the_guest() {
+    if !kvm_available("config_file_without_api_boots_and_exits_with_the_guest") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("wisp-api-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("vm.json");
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "probe.scenario=smp"}},
+                "machine-config": {{"vcpu_count": 2, "mem_size_mib": 128}}}}"#,
+            probes().probe.display()
+        ),
+    )
+    .unwrap();
+    let f = Wisp::spawn(&["--config-file", file.to_str().unwrap(), "--no-api"]).wait(T);
+    assert_eq!(f.code(), Some(0), "{}", f.stderr);
+    assert!(f.stdout.contains("probe: cpus 2"), "{}", f.stdout);
+    // A bad file is one clear line.
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}}, "machine-config": {{"vcpu_count": 0, "mem_size_mib": 128}}}}"#,
+            probes().probe.display()
+        ),
+    )
+    .unwrap();
+    let f = Wisp::spawn(&["--config-file", file.to_str().unwrap(), "--no-api"]).wait(T);
+    assert_eq!(f.code(), Some(1));
+    assert!(f.stderr.contains("vcpu_count"), "{}", f.stderr);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn cgroup_cap_is_raised_through_the_api_without_a_restart() {
+    if !kvm_available("cgroup_cap_is_raised_through_the_api_without_a_restart") {
+        return;
+    }
+    let Some(parent) = TestCgroupParent::new("apicap") else {
+        return;
+    };
+    let sock = sock_path("cap");
+    let probe = probes().probe.to_str().unwrap().to_string();
+    let mut w = Wisp::spawn(&["--api-sock", sock.to_str().unwrap(), "--id", "capapi"]);
+    wait_socket(&sock);
+    let body = format!(r#"{{"kernel_image_path": "{probe}", "boot_args": "probe.scenario=spin"}}"#);
+    assert_eq!(call(&sock, "PUT", "/boot-source", Some(&body)).0, 204);
+    let mc = format!(
+        r#"{{"vcpu_count": 2, "mem_size_mib": 64, "cgroup": {{"parent": "{}", "cpu_max": "20000/100000"}}}}"#,
+        parent.name
+    );
+    let (st, body) = call(&sock, "PUT", "/machine-config", Some(&mc));
+    assert_eq!(st, 204, "{body}");
+    assert_eq!(
+        call(
+            &sock,
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#)
+        )
+        .0,
+        204
+    );
+    w.wait_for("probe: progress", T);
+    let usage = || -> u64 {
+        let vm = &parent.children("cpuacct")[0];
+        std::fs::read_to_string(parent.path("cpuacct").join(vm).join("vcpus/cpuacct.usage"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let share = |window: Duration| {
+        let (u0, t0) = (usage(), Instant::now());
+        std::thread::sleep(window);
+        (usage() - u0) as f64 / t0.elapsed().as_nanos() as f64
+    };
+    let low = share(Duration::from_secs(3));
+    assert!(
+        (0.15..=0.25).contains(&low),
+        "capped at 20%: used {:.1}%",
+        low * 100.0
+    );
+    let (st, body) = call(
+        &sock,
+        "PATCH",
+        "/vm/cgroup",
+        Some(r#"{"cpu_max": "60000/100000"}"#),
+    );
+    assert_eq!(st, 204, "{body}");
+    let high = share(Duration::from_secs(3));
+    assert!(
+        high > low + 0.2,
+        "raised to 60%: used {:.1}% (was {:.1}%)",
+        high * 100.0,
+        low * 100.0
+    );
+    let (st, _) = call(
+        &sock,
+        "PATCH",
+        "/vm/cgroup",
+        Some(r#"{"cpu_max": "0/100000"}"#),
+    );
+    assert_eq!(st, 400, "a zero quota is refused at run time too");
+    w.signal(libc::SIGTERM);
+    w.wait(Duration::from_secs(10));
+    assert!(parent.children("cpu").is_empty());
+}
