@@ -1,6 +1,6 @@
 //! The command line. Flags become a `VmConfig`; nothing below this module sees them.
 
-use crate::config::{self, ConfigError, ConsoleConfig, DiskConfig, MemSize, VmConfig};
+use crate::config::{self, ConfigError, ConsoleConfig, DiskConfig, MemSize, NetConfig, VmConfig};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -76,6 +76,12 @@ pub struct RunArgs {
     /// replace those of the config file.
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
+    /// A virtio-net interface over a tap, repeatable (eth0, eth1, ...):
+    /// tap=NAME[,mac=52:54:00:12:34:56]. A missing tap is created (and gone when wisp
+    /// exits); without mac, a stable one is derived from the tap name. Given here, the
+    /// interfaces replace those of the config file.
+    #[arg(long = "net", value_name = "SPEC")]
+    pub nets: Vec<String>,
     /// Describe virtio-mmio devices on the kernel command line (virtio_mmio.device=)
     /// instead of in ACPI, for kernels built without ACPI.
     #[arg(long)]
@@ -173,6 +179,13 @@ impl RunArgs {
                 .disks
                 .iter()
                 .map(|d| DiskConfig::parse(d))
+                .collect::<Result<_, _>>()?;
+        }
+        if !self.nets.is_empty() {
+            config.nets = self
+                .nets
+                .iter()
+                .map(|n| NetConfig::parse(n))
                 .collect::<Result<_, _>>()?;
         }
         if self.virtio_mmio_cmdline {

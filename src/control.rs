@@ -39,6 +39,14 @@ fn fault(f: ApiFault) -> ControlError {
 fn build(pending: &PendingConfig, id: &str) -> Result<(Vmm, ApiContextParts), ApiFault> {
     let mut config = pending.to_vm_config()?;
     config.id = Some(id.to_string());
+    config.nets = pending
+        .network_interfaces
+        .iter()
+        .map(|n| crate::config::NetConfig {
+            tap: n.host_dev_name.clone(),
+            mac: n.guest_mac.as_ref().map(|m| m.to_string()),
+        })
+        .collect();
     config
         .validate()
         .map_err(|e| ApiFault::bad_request(e.to_string()))?;

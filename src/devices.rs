@@ -3,7 +3,7 @@
 
 use crate::arch::x86_64::acpi::MmioDevice;
 use crate::arch::x86_64::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
-use crate::config::{io_reason, DiskConfig, DiskFormat};
+use crate::config::{io_reason, DiskConfig, DiskFormat, NetConfig};
 use crate::vstate::vm::Vm;
 use kvm_ioctls::IoEventAddress;
 use std::fs::File;
@@ -15,7 +15,9 @@ use wisp_devices::bus::{Bus, BusError};
 use wisp_devices::disk::qcow2::{self, Qcow2};
 use wisp_devices::disk::raw::RawFile;
 use wisp_devices::interrupt::IrqFd;
+use wisp_devices::tap::Tap;
 use wisp_devices::virtio::block::Block;
+use wisp_devices::virtio::net::Net;
 use wisp_devices::virtio::{MmioTransport, VirtioDevice, VirtioEventHandler, NOTIFY_REG_OFFSET};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,8 @@ pub enum DeviceError {
         op: &'static str,
         source: kvm_ioctls::Error,
     },
+    #[error("network interface {tap}: {reason}")]
+    Net { tap: String, reason: String },
     #[error("eventfd: {0}")]
     EventFd(io::Error),
     #[error("virtio-mmio transport: {0}")]
@@ -93,6 +97,16 @@ impl VirtioDevices {
             .map(|w| format!(" virtio_mmio.device=4K@{:#x}:{}", w.base, w.gsi))
             .collect()
     }
+}
+
+/// Opens (or creates) the tap and wraps it in a virtio-net device.
+pub fn open_net(net: &NetConfig) -> Result<Net, DeviceError> {
+    let err = |reason: String| DeviceError::Net {
+        tap: net.tap.clone(),
+        reason,
+    };
+    let tap = Tap::open(&net.tap).map_err(|e| err(e.to_string()))?;
+    Net::new(tap, net.mac_bytes(), None).map_err(|e| err(e.to_string()))
 }
 
 /// Opens a disk image as its format says (probing when none was given) and wraps it in a

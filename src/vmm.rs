@@ -7,7 +7,7 @@ use crate::api::{
 use crate::arch::x86_64::{acpi, boot, cpuid, layout::*, pvm, regs};
 use crate::cgroup::VmCgroup;
 use crate::config::{ConsoleConfig, VmConfig};
-use crate::devices::{open_disk, DeviceError, VirtioDevices};
+use crate::devices::{open_disk, open_net, DeviceError, VirtioDevices};
 use crate::terminal;
 use crate::vstate::control::{self, VcpuControl};
 use crate::vstate::exit::{ExitSignal, VmExit};
@@ -86,6 +86,7 @@ pub struct Vmm {
     vcpu_count: u8,
     mem_size_mib: u64,
     started: std::time::Instant,
+    net_counters: Vec<(String, Arc<wisp_devices::virtio::net::NetCounters>)>,
 }
 
 /// What the control API needs once the VM runs.
@@ -143,6 +144,12 @@ impl Vmm {
         let mut virtio = VirtioDevices::default();
         for disk in &config.disks {
             virtio.attach(&vm, &mut mmio_bus, Box::new(open_disk(disk)?))?;
+        }
+        let mut net_counters = Vec::new();
+        for net in &config.nets {
+            let dev = open_net(net)?;
+            net_counters.push((net.tap.clone(), dev.counters()));
+            virtio.attach(&vm, &mut mmio_bus, Box::new(dev))?;
         }
 
         // Each virtio device is described once: in the DSDT, or on the command line.
@@ -258,6 +265,7 @@ impl Vmm {
             vcpu_count: config.cpus,
             mem_size_mib: mem_size >> 20,
             started: std::time::Instant::now(),
+            net_counters,
         })
     }
 
@@ -478,6 +486,20 @@ impl Vmm {
             "mem_size_mib": self.mem_size_mib,
             "vcpu_exits": self.control.exits(),
             "cgroup_usage_usec": self.cgroup.as_ref().and_then(|c| c.usage_usec().ok()),
+            "net": self
+                .net_counters
+                .iter()
+                .map(|(tap, c)| {
+                    let n = c.snapshot();
+                    let v = serde_json::json!({
+                        "rx_frames": n.rx_frames, "rx_bytes": n.rx_bytes,
+                        "rx_dropped": n.rx_dropped, "rx_bad_chains": n.rx_bad_chains,
+                        "tx_frames": n.tx_frames, "tx_bytes": n.tx_bytes,
+                        "tx_malformed": n.tx_malformed, "tx_errors": n.tx_errors,
+                    });
+                    (tap.clone(), v)
+                })
+                .collect::<serde_json::Map<_, _>>(),
         })
     }
 

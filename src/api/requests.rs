@@ -433,6 +433,9 @@ pub struct NetworkInterface {
     pub host_dev_name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<MacAddr>,
+    /// Not supported yet (VIRTIO_NET_F_MTU): refused when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
     /// Not supported: refused when given (not null).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rx_rate_limiter: Option<serde_json::Value>,
@@ -453,6 +456,11 @@ impl NetworkInterface {
             return Err(ApiFault::bad_request(format!(
                 "host_dev_name: {n:?} is not an interface name (1 to {MAX_IFNAME_LEN} bytes, no '/' or whitespace)"
             )));
+        }
+        if self.mtu.is_some() {
+            return Err(ApiFault::bad_request(
+                "mtu: not supported by wisp yet; leave it out (the guest uses its default MTU)",
+            ));
         }
         if self.rx_rate_limiter.is_some() || self.tx_rate_limiter.is_some() {
             let f = if self.rx_rate_limiter.is_some() {
@@ -575,20 +583,34 @@ impl LoggerConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Log levels; parsed case-insensitively as Firecracker does (`Warn` also means Warning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum LogLevel {
-    #[serde(alias = "error", alias = "ERROR")]
     Error,
-    #[serde(alias = "Warn", alias = "warn", alias = "warning", alias = "WARNING")]
     Warning,
-    #[serde(alias = "info", alias = "INFO")]
     Info,
-    #[serde(alias = "debug", alias = "DEBUG")]
     Debug,
-    #[serde(alias = "trace", alias = "TRACE")]
     Trace,
-    #[serde(alias = "off", alias = "OFF")]
     Off,
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<LogLevel, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "error" => LogLevel::Error,
+            "warning" | "warn" => LogLevel::Warning,
+            "info" => LogLevel::Info,
+            "debug" => LogLevel::Debug,
+            "trace" => LogLevel::Trace,
+            "off" => LogLevel::Off,
+            _ => {
+                return Err(serde::de::Error::custom(format!(
+                    "unknown level {s:?}, expected Error, Warning, Info, Debug, Trace or Off"
+                )))
+            }
+        })
+    }
 }
 
 impl LogLevel {

@@ -489,7 +489,27 @@ fn actions_vm_state_logger_metrics_cgroup() {
     assert_fault(
         &fault("PUT", "/logger", r#"{"level": "Loud"}"#),
         400,
-        "level: unknown variant",
+        "level: unknown level \"Loud\"",
+    );
+    for (text, level) in [
+        ("warn", LogLevel::Warning),
+        ("TRACE", LogLevel::Trace),
+        ("Off", LogLevel::Off),
+    ] {
+        let body = format!(r#"{{"level": "{text}"}}"#);
+        let ApiRequest::PutLogger(l) = req("PUT", "/logger", &body).unwrap() else {
+            panic!()
+        };
+        assert_eq!(l.level, Some(level));
+    }
+    assert_fault(
+        &fault(
+            "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0", "mtu": 9000}"#,
+        ),
+        400,
+        "mtu: not supported",
     );
     assert_eq!(
         req("PUT", "/metrics", r#"{"metrics_path": "/tmp/m"}"#).unwrap(),
@@ -721,7 +741,7 @@ fn firecracker_config_file() {
           "drives": [{{"drive_id": "rootfs", "path_on_host": "{f}", "is_root_device": true, "is_read_only": false}}],
           "machine-config": {{"vcpu_count": 2, "mem_size_mib": 1024, "smt": false}},
           "network-interfaces": [{{"iface_id": "eth0", "guest_mac": "AA:FC:00:00:00:01", "host_dev_name": "tap0"}}],
-          "balloon": null, "vsock": null, "mmds-config": null
+          "balloon": null, "vsock": null, "mmds-config": null, "memory-hotplug": null, "pmem": []
         }}"#
     );
     let file = FirecrackerConfig::from_json(&text).unwrap();
@@ -757,6 +777,15 @@ fn firecracker_config_file() {
         &PendingConfig::from_firecracker_config(&with_vsock).unwrap_err(),
         400,
         "vsock: not supported",
+    );
+    let with_pmem = FirecrackerConfig::from_json(&format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{f}"}}, "pmem": [{{"id": "p", "path_on_host": "/p"}}]}}"#
+    ))
+    .unwrap();
+    assert_fault(
+        &PendingConfig::from_firecracker_config(&with_pmem).unwrap_err(),
+        400,
+        "pmem: not supported",
     );
     let bad_vcpus = FirecrackerConfig::from_json(&format!(
         r#"{{"boot-source": {{"kernel_image_path": "{f}"}}, "machine-config": {{"vcpu_count": 0, "mem_size_mib": 128}}}}"#

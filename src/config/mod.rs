@@ -2,9 +2,11 @@
 //! validated once, here. The builder never sees flags or JSON.
 
 mod disk;
+mod net;
 pub mod size;
 
 pub use disk::{DiskConfig, DiskFormat};
+pub use net::{parse_mac, NetConfig};
 
 pub use size::MemSize;
 
@@ -43,6 +45,8 @@ pub enum ConfigError {
     CgroupNeedsParent { flag: &'static str },
     #[error("id {0:?}: use 1 to 64 letters, digits, '-' or '_'")]
     Id(String),
+    #[error("--net {spec}: {reason}")]
+    NetSpec { spec: String, reason: String },
     #[error("--disk {spec}: {reason}")]
     DiskSpec { spec: String, reason: String },
     #[error("at most {max} virtio devices fit the platform, {count} were asked for")]
@@ -128,6 +132,9 @@ pub struct VmConfig {
     /// virtio-blk disks, in order: vda, vdb, ...
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces over taps, in order: eth0, eth1, ...
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
     /// Describe virtio-mmio devices on the kernel command line (`virtio_mmio.device=`)
     /// instead of in the ACPI DSDT, for kernels built without ACPI.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -163,6 +170,7 @@ impl VmConfig {
             memory: default_memory(),
             console: ConsoleConfig::default(),
             disks: Vec::new(),
+            nets: Vec::new(),
             virtio_mmio_cmdline: false,
             cgroup: None,
             id: None,
@@ -200,9 +208,19 @@ impl VmConfig {
             disk.validate()?;
         }
         disk::check_distinct(&self.disks)?;
-        if self.disks.len() > MAX_VIRTIO_DEVICES {
+        for (i, net) in self.nets.iter().enumerate() {
+            net.validate()?;
+            if self.nets[..i].iter().any(|n| n.tap == net.tap) {
+                return Err(ConfigError::NetSpec {
+                    spec: format!("tap={}", net.tap),
+                    reason: "the same tap is given twice".into(),
+                });
+            }
+        }
+        let devices = self.disks.len() + self.nets.len();
+        if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices {
-                count: self.disks.len(),
+                count: devices,
                 max: MAX_VIRTIO_DEVICES,
             });
         }

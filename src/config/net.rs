@@ -1,0 +1,116 @@
+//! Network interfaces: `--net tap=NAME[,mac=52:54:00:12:34:56]`.
+
+use super::ConfigError;
+use serde::{Deserialize, Serialize};
+
+/// A Linux interface name holds at most IFNAMSIZ - 1 bytes.
+pub const MAX_TAP_NAME_LEN: usize = 15;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The host tap device; opened, or created (non-persistent) if it does not exist.
+    pub tap: String,
+    /// The guest's MAC address; a stable locally administered one derived from the tap
+    /// name when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl NetConfig {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let bad = |reason: String| ConfigError::NetSpec {
+            spec: s.to_string(),
+            reason,
+        };
+        let mut net = NetConfig {
+            tap: String::new(),
+            mac: None,
+        };
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+            match key {
+                "tap" => net.tap = value.to_string(),
+                "mac" => net.mac = Some(value.to_string()),
+                _ => return Err(bad(format!("unknown key {key:?} (tap, mac)"))),
+            }
+        }
+        net.validate().map_err(|e| match e {
+            ConfigError::NetSpec { reason, .. } => bad(reason),
+            e => e,
+        })?;
+        Ok(net)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |reason: String| ConfigError::NetSpec {
+            spec: format!("tap={}", self.tap),
+            reason,
+        };
+        if self.tap.is_empty() {
+            return Err(bad("tap=NAME is required".into()));
+        }
+        if self.tap.len() > MAX_TAP_NAME_LEN || self.tap.contains(['/', ' ', '\0']) {
+            return Err(bad(format!(
+                "{:?} is not a valid interface name (at most {MAX_TAP_NAME_LEN} bytes, no '/' or spaces)",
+                self.tap
+            )));
+        }
+        if let Some(mac) = &self.mac {
+            parse_mac(mac)
+                .ok_or_else(|| bad(format!("mac={mac}: use six hex bytes, 52:54:00:12:34:56")))?;
+        }
+        Ok(())
+    }
+
+    pub fn mac_bytes(&self) -> Option<[u8; 6]> {
+        self.mac.as_deref().and_then(parse_mac)
+    }
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    if parts.next().is_some() || out[0] & 1 == 1 {
+        // A multicast address cannot be a NIC's own.
+        return None;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tap_and_mac() {
+        let n = NetConfig::parse("tap=wisp0,mac=52:54:00:12:34:56").unwrap();
+        assert_eq!(n.tap, "wisp0");
+        assert_eq!(n.mac_bytes(), Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert_eq!(NetConfig::parse("tap=t").unwrap().mac, None);
+    }
+
+    #[test]
+    fn rejects_bad_names_and_macs() {
+        for (spec, want) in [
+            ("mac=52:54:00:12:34:56", "tap=NAME is required"),
+            ("tap=averyveryverylongname", "not a valid interface name"),
+            ("tap=a/b", "not a valid interface name"),
+            ("tap=t,mac=52:54:00:12:34", "mac=52:54:00:12:34"),
+            ("tap=t,mac=01:00:5e:00:00:01", "use six hex bytes"),
+            ("tap=t,queues=2", "unknown key"),
+        ] {
+            let e = NetConfig::parse(spec).unwrap_err().to_string();
+            assert!(e.contains(want), "{spec}: {e}");
+        }
+    }
+}
