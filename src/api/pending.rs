@@ -56,6 +56,15 @@ pub struct FirecrackerConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub cpu_config: Option<Value>,
+    #[serde(
+        rename = "memory-hotplug",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_hotplug: Option<Value>,
+    /// Accepted when absent, null or empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pmem: Option<Value>,
 }
 
 impl FirecrackerConfig {
@@ -103,12 +112,22 @@ impl PendingConfig {
             ("mmds-config", &file.mmds_config),
             ("entropy", &file.entropy),
             ("cpu-config", &file.cpu_config),
+            ("memory-hotplug", &file.memory_hotplug),
         ] {
             if v.is_some() {
                 return Err(ApiFault::bad_request(format!(
                     "{name}: not supported by wisp; leave it out or set it to null"
                 )));
             }
+        }
+        if file
+            .pmem
+            .as_ref()
+            .is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty()))
+        {
+            return Err(ApiFault::bad_request(
+                "pmem: not supported by wisp; leave it out or make it empty",
+            ));
         }
         let mut p = Self::new();
         p.apply(&ApiRequest::PutBootSource(file.boot_source.clone()))?;
