@@ -113,4 +113,54 @@ else
 	echo "FAIL blk-flush-then-hang"; sed 's/^/  | /' "$log"; failed=1
 fi
 rm -f "$disk" "$log"
+
+# virtio-net, when this wisp has --net and we may make network namespaces: a tap in a
+# namespace of our own (host end 10.0.0.1/24), ping the probe, count its UDP burst.
+if "$wisp" run --help | grep -q -- '--net' && [ "$(id -u)" = 0 ]; then
+	ns=wisp-check-$$
+	ip netns add $ns
+	ip netns exec $ns sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+	ip -n $ns link set lo up
+	ip -n $ns tuntap add dev wchk0 mode tap
+	ip -n $ns addr add 10.0.0.1/24 dev wchk0
+	ip -n $ns link set wchk0 up
+	ip netns exec $ns python3 -c '
+import socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+s.bind(("10.0.0.1", 9000))
+s.settimeout(5)
+seen, bad = set(), 0
+try:
+    while True:
+        d = s.recv(2048)
+        seq = struct.unpack(">I", d[:4])[0]
+        bad += d[4:] != bytes((seq + i) & 0xff for i in range(4, len(d)))
+        seen.add(seq)
+except socket.timeout:
+    pass
+print("udp received", len(seen), "bad", bad)
+' >"$out/udp.$$" 2>&1 &
+	lpid=$!
+	log=$(mktemp "$out/log.XXXXXX")
+	ip netns exec $ns timeout 60 "$wisp" run --kernel "$out/probe.elf" --memory 128M \
+		--net tap=wchk0,mac=52:54:00:12:34:56 \
+		--cmdline "probe.scenario=net probe.pings=3 probe.serve_ms=20000 probe.burst=1000" >"$log" 2>&1 &
+	wpid=$!
+	for _ in $(seq 100); do grep -q '^probe: net ready$' "$log" && break; sleep 0.1; done
+	pingout=$(ip netns exec $ns ping -c 3 -i 0.2 -W 5 10.0.0.2 2>&1)
+	wait $wpid; rc=$?
+	wait $lpid
+	o=$(cat "$log")
+	check net 0 "$o" $rc '^probe: net mac 52:54:00:12:34:56$' '^probe: net answered 3$' \
+		'^probe: net burst sent 1000$' '^probe: done net$'
+	printf '%s\n' "$pingout" | grep -q ' 0% packet loss' && echo "ok   net ping" ||
+		{ echo "FAIL net ping"; printf '%s\n' "$pingout"; failed=1; }
+	grep -q '^udp received 1000 bad 0$' "$out/udp.$$" && echo "ok   net udp burst (1000 datagrams intact)" ||
+		{ echo "FAIL net udp burst: $(cat "$out/udp.$$")"; failed=1; }
+	ip netns del $ns
+	rm -f "$log" "$out/udp.$$"
+else
+	echo "skip net (no --net in this wisp, or not root)"
+fi
 exit $failed
