@@ -47,6 +47,8 @@ impl Drop for TempDir {
 
 /// The API server plus a stand-in main thread.
 struct Server {
+    /// Server tests run one at a time: some measure this process's RSS.
+    _serial: std::sync::MutexGuard<'static, ()>,
     _dir: TempDir,
     sock: PathBuf,
     stop: Arc<AtomicBool>,
@@ -59,6 +61,7 @@ impl Server {
     }
 
     fn with_limits(limits: ApiLimits) -> Self {
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let dir = TempDir::new("srv");
         let sock = dir.path("api.sock");
         let channel = api::start_with_limits(&sock, limits).expect("API server starts");
@@ -66,6 +69,7 @@ impl Server {
         let stop2 = stop.clone();
         let main = thread::spawn(move || fake_main_loop(channel, &stop2));
         Server {
+            _serial: serial,
             _dir: dir,
             sock,
             stop,
@@ -279,8 +283,8 @@ impl Client {
     }
 }
 
-/// Held by tests that measure this process's RSS and by the one that starts 200 threads.
-static RSS_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Held by every `Server` (see `Server::_serial`).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn vm_rss_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -467,7 +471,6 @@ fn dropped_responder_is_500() {
 
 #[test]
 fn ten_mib_body_is_refused_unread() {
-    let _rss = RSS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let srv = Server::start();
     let rss_before = vm_rss_kib();
     let mut c = srv.connect();
@@ -579,7 +582,6 @@ fn silent_and_trickling_clients_do_not_block_others() {
 
 #[test]
 fn hundred_concurrent_clients_all_answered() {
-    let _rss = RSS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let srv = Server::start();
     let round = |sock: &Path| {
         let ok = Arc::new(AtomicUsize::new(0));
@@ -866,4 +868,44 @@ fn deeply_nested_json_is_refused_without_crashing() {
         }
     }
     assert_eq!(c.get("/").status, 200);
+}
+
+/// The API threads block process-directed signals, so SIGTERM and friends reach the main
+/// thread's signalfd instead of killing wisp from an API thread.
+#[test]
+fn api_threads_block_async_signals() {
+    let srv = Server::start();
+    let mut c = srv.connect();
+    assert_eq!(c.get("/").status, 200);
+    let mut checked = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.trim().starts_with("wisp-api") {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let Some(blk) = status.lines().find_map(|l| l.strip_prefix("SigBlk:")) else {
+            continue; // the thread ended meanwhile
+        };
+        let mask = u64::from_str_radix(blk.trim(), 16).unwrap();
+        for sig in [
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGUSR1,
+            libc::SIGCHLD,
+        ] {
+            assert_ne!(
+                mask & (1 << (sig - 1)),
+                0,
+                "{} blocks no signal {sig}",
+                comm.trim()
+            );
+        }
+        assert_eq!(mask & (1 << (libc::SIGSEGV - 1)), 0);
+        checked += 1;
+    }
+    // The acceptor and this client's connection thread (other tests' threads may add more).
+    assert!(checked >= 2, "found {checked} API threads");
 }

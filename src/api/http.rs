@@ -158,7 +158,12 @@ impl Conn {
         let timeout = timeout.max(Duration::from_millis(1));
         self.stream.set_read_timeout(Some(timeout))?;
         let mut chunk = [0u8; 4096];
-        let n = self.stream.read(&mut chunk)?;
+        let n = loop {
+            match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r?,
+            }
+        };
         self.buf.extend_from_slice(&chunk[..n]);
         Ok(n)
     }

@@ -196,6 +196,10 @@ fn accept_loop(
     queue: Queue,
     evt: Arc<EventFd>,
 ) {
+    // Process-directed signals (SIGTERM, SIGINT, SIGUSR1, ...) are for the main thread's
+    // signalfd: never let the kernel pick an API thread for them. Connection threads
+    // inherit this mask.
+    block_async_signals();
     let active = Arc::new(AtomicUsize::new(0));
     while wait_readable(&listener, &stop) {
         let stream = match listener.accept() {
@@ -225,6 +229,26 @@ fn accept_loop(
             // The closure, its guard and the stream were dropped with the error.
             log::warn!("API socket: cannot start a connection thread: {e}");
         }
+    }
+}
+
+fn block_async_signals() {
+    // SAFETY: sigset_t is plain data initialised by sigfillset; pthread_sigmask only changes
+    // this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        // Faults caused by this thread must still be delivered to it.
+        for sig in [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGFPE,
+            libc::SIGILL,
+            libc::SIGABRT,
+        ] {
+            libc::sigdelset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
@@ -269,6 +293,7 @@ fn serve_connection(stream: UnixStream, limits: &ApiLimits, queue: &Queue, evt: 
                 resp
             }
         };
+        log::debug!("API {} {} -> {}", req.method, req.target, response.status);
         if conn
             .write_response(&response, limits.request_timeout)
             .is_err()
