@@ -177,7 +177,7 @@ fn int3_and_fwait_at_cpl0_complete() {
         if pvm_host() {
             // On PVM the instruction ends KVM_RUN and wisp completes it, saying so.
             assert!(
-                f.stderr.contains(&format!("pvm: completed {scenario} at")),
+                f.stderr.contains(&format!("pvm: completed {scenario}")),
                 "{scenario}: {}",
                 f.stderr
             );
