@@ -909,3 +909,39 @@ fn api_threads_block_async_signals() {
     // The acceptor and this client's connection thread (other tests' threads may add more).
     assert!(checked >= 2, "found {checked} API threads");
 }
+
+/// Measurement, not a check: `cargo test --release --test api_socket -- --ignored --nocapture`.
+/// Median time from `api::start` to the first answered `GET /version`, and of a `GET /`
+/// round trip through the main thread on a kept-alive connection.
+#[test]
+#[ignore]
+fn measure_start_and_get_latency() {
+    let dir = TempDir::new("bench");
+    let path = dir.path("api.sock");
+    let mut starts = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        let ch = api::start(&path).unwrap();
+        let mut c = Client::connect(&path);
+        assert_eq!(c.get("/version").status, 200);
+        starts.push(t.elapsed());
+        drop(c);
+        drop(ch);
+    }
+    starts.sort();
+    let srv = Server::start();
+    let mut c = srv.connect();
+    let mut gets = Vec::new();
+    for _ in 0..2000 {
+        let t = Instant::now();
+        assert_eq!(c.get("/").status, 200);
+        gets.push(t.elapsed());
+    }
+    gets.sort();
+    eprintln!(
+        "api::start to first answer: median {:?}; GET / via the main thread: median {:?}, p99 {:?}",
+        starts[starts.len() / 2],
+        gets[gets.len() / 2],
+        gets[gets.len() * 99 / 100]
+    );
+}
