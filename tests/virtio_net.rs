@@ -148,7 +148,9 @@ fn listen(ns: &Netns, stop: Arc<AtomicBool>) -> JoinHandle<Received> {
             bad: 0,
         };
         let mut buf = [0u8; 2048];
-        while !stop.load(Ordering::SeqCst) {
+        // Bounded, so that a test that panicked before setting `stop` leaves no thread behind.
+        let give_up = std::time::Instant::now() + 2 * T;
+        while !stop.load(Ordering::SeqCst) && std::time::Instant::now() < give_up {
             let Ok((n, from)) = sock.recv_from(&mut buf) else {
                 continue;
             };
