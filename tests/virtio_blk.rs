@@ -352,3 +352,26 @@ fn flushed_data_survives_sigkill() {
     assert_eq!(data[..1 << 20], pattern(0, 1 << 20, 42)[..]);
     assert!(data[1 << 20..].iter().all(|&b| b == 0));
 }
+
+#[test]
+fn bench_scenario_keeps_a_queue_depth_in_flight() {
+    if !kvm_available("bench_scenario_keeps_a_queue_depth_in_flight") {
+        return;
+    }
+    let dir = tempdir();
+    let disk = raw_disk(&dir, "disk.raw", 64 << 20);
+    let f = run_scenario(
+        "probe.scenario=blk-bench probe.op=randwrite probe.qd=16 probe.ms=300",
+        &["--disk", &disk_arg(&disk, "")],
+    );
+    assert_clean(&f, "blk-bench");
+    let line = lines_with(&f.stdout, "probe: blk bench randwrite bs 4096 qd 16 ios ");
+    let ios: u64 = line
+        .first()
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no bench line:\n{}", f.stdout));
+    assert!(ios > 16, "{ios} writes completed");
+    // The writes landed in the file.
+    assert!(std::fs::read(&disk).unwrap().iter().any(|&b| b != 0));
+}

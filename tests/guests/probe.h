@@ -305,6 +305,7 @@ u32 virtio_config32(const struct virtio_dev *d, u32 off);
 void scenario_blk(void) __attribute__((noreturn));
 void scenario_blk_hostile(void) __attribute__((noreturn));
 void scenario_blk_flush_then_hang(void) __attribute__((noreturn));
+void scenario_blk_bench(void) __attribute__((noreturn));
 
 /* net.c */
 void scenario_net(void) __attribute__((noreturn));

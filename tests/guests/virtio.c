@@ -375,11 +375,12 @@ struct blk {
 };
 
 static struct blk blk;
+static u16 blk_queue_size = BLK_QUEUE_SIZE;
 
 static void blk_setup(struct blk *b, int print)
 {
 	virtio_negotiate(&b->dev, "blk", VIRTIO_BLK_F_RO | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH, print);
-	virtio_queue_setup(&b->dev, &b->q, 0, BLK_QUEUE_SIZE);
+	virtio_queue_setup(&b->dev, &b->q, 0, blk_queue_size);
 	virtio_driver_ok(&b->dev, "blk");
 	b->ro = (b->dev.acked & VIRTIO_BLK_F_RO) != 0;
 	b->capacity = virtio_config32(&b->dev, 0) | (u64)virtio_config32(&b->dev, 4) << 32;
@@ -837,6 +838,99 @@ void scenario_blk_hostile(void)
 
 	hostile_registers(b);
 	printf("probe: blk hostile survived\n");
+	done();
+}
+
+/* ---- blk-bench: throughput through the driver, for scripts/bench ---- */
+
+static u64 xorshift(u64 *s)
+{
+	*s ^= *s << 13;
+	*s ^= *s >> 7;
+	*s ^= *s << 17;
+	return *s;
+}
+
+/*
+ * probe.op=randread|randwrite|read|write, probe.bs=BYTES, probe.qd=N (1..32),
+ * probe.ms=DURATION, probe.span_mib=N (the part of the disk used, from sector
+ * 0). Keeps qd requests in flight (descriptors 3k..3k+2 for slot k), for
+ * probe.ms, then drains, and prints
+ * "probe: blk bench <op> bs <bs> qd <qd> ios <n> us <elapsed> iops <n> kib-per-s <n>".
+ */
+void scenario_blk_bench(void)
+{
+	char op[16];
+	if (!cmdline_str("probe.op", op, sizeof(op)))
+		memcpy(op, "randread", 9);
+	int rnd = !memcmp(op, "rand", 4);
+	int wr = !strcmp(op + (rnd ? 4 : 0), "write");
+	if (!wr && strcmp(op + (rnd ? 4 : 0), "read"))
+		fail("probe.op=%s: want randread, randwrite, read or write", op);
+	u32 bs = (u32)cmdline_u64("probe.bs", 4096), qd = (u32)cmdline_u64("probe.qd", 1);
+	u64 ms = cmdline_u64("probe.ms", 2000);
+	if (!bs || bs % 512 || bs > (1u << 20) || !qd || qd > 32 || (u64)bs * qd > (8u << 20))
+		fail("blk bench: bs %u (multiple of 512, at most 1 MiB), qd %u (1 to 32), bs * qd at most 8 MiB", bs, qd);
+	blk_queue_size = 128;
+	blk_init(&blk);
+	struct blk *b = &blk;
+	if (wr && b->ro)
+		fail("blk bench: %s on a read-only disk", op);
+	u64 span = cmdline_u64("probe.span_mib", 1024) << 11; /* sectors */
+	if (span > b->capacity)
+		span = b->capacity;
+	u64 blocks = span / (bs / 512);
+	if (!blocks)
+		fail("blk bench: disk smaller than one %u-byte block", bs);
+	struct blk_req_hdr *hdrs = dma_alloc(4096);
+	volatile u8 *sts = (volatile u8 *)(hdrs + 32);
+	u8 *bufs = dma_alloc((u64)bs * qd);
+	for (u64 i = 0; i < (u64)bs * qd; i++)
+		bufs[i] = (u8)(i * 7);
+	u8 busy[32] = { 0 };
+	u64 seed = 0x9e3779b97f4a7c15ull, next_seq = 0, ios = 0, inflight = 0;
+	u64 t0 = rdtsc(), end = tsc_deadline(ms);
+	int stopping = 0;
+	for (;;) {
+		/* Fill every free slot (all of them at the start). */
+		while (!stopping && inflight < qd) {
+			u32 k = 0;
+			while (busy[k])
+				k++;
+			busy[k] = 1;
+			u64 blk_no = rnd ? xorshift(&seed) % blocks : next_seq % blocks;
+			next_seq++;
+			hdrs[k] = (struct blk_req_hdr){ wr ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN, 0, blk_no * (bs / 512) };
+			sts[k] = NO_STATUS;
+			u16 d0 = (u16)(3 * k);
+			b->q.desc[d0] = (struct vring_desc){ (u64)&hdrs[k], 16, VRING_DESC_F_NEXT, (u16)(d0 + 1) };
+			b->q.desc[d0 + 1] = (struct vring_desc){ (u64)(bufs + (u64)k * bs), bs,
+								 (u16)(VRING_DESC_F_NEXT | (wr ? 0 : VRING_DESC_F_WRITE)), (u16)(d0 + 2) };
+			b->q.desc[d0 + 2] = (struct vring_desc){ (u64)&sts[k], 1, VRING_DESC_F_WRITE, 0 };
+			vq_publish(&b->q, d0);
+			inflight++;
+		}
+		vq_kick(&b->q);
+		if (!inflight)
+			break;
+		u32 id, len;
+		if (!vq_wait_used(&b->q, 5000, &id, &len))
+			fail("blk bench: no completion within 5 s (%lu in flight)", inflight);
+		do {
+			if (id % 3 || id / 3 >= qd || !busy[id / 3] || sts[id / 3] != VIRTIO_BLK_S_OK)
+				fail("blk bench: used id %u status %u", id, id / 3 < qd ? sts[id / 3] : 0);
+			busy[id / 3] = 0;
+			inflight--;
+			ios++;
+		} while (vq_has_used(&b->q) && (vq_pop_used(&b->q, &id, &len), 1));
+		if (tsc_passed(end))
+			stopping = 1;
+	}
+	u64 us = (rdtsc() - t0) * 1000000 / tsc_hz;
+	if (!us)
+		us = 1;
+	printf("probe: blk bench %s bs %u qd %u ios %lu us %lu iops %lu kib-per-s %lu\n", op, bs, qd, ios, us,
+	       ios * 1000000 / us, ios * (bs / 1024) * 1000000 / us);
 	done();
 }
 

@@ -99,6 +99,8 @@ check blk-hostile 0 "$o" $rc '^probe: blk hostile data-outside-memory status 1 '
 run 60 "$out/probe.elf" --cmdline probe.scenario=blk-hostile --disk "path=$disk,readonly=on"
 check "blk-hostile readonly" 0 "$o" $rc '^probe: blk hostile readonly-write status 1 len 1$' \
 	'^probe: blk hostile survived$'
+run 30 "$out/probe.elf" --cmdline "probe.scenario=blk-bench probe.op=randwrite probe.qd=8 probe.ms=300" --disk "path=$disk"
+check blk-bench 0 "$o" $rc '^probe: blk bench randwrite bs 4096 qd 8 ios [1-9][0-9]* us [0-9]+ iops [0-9]+ ' '^probe: done blk-bench$'
 # Flushed data survives kill -9 of wisp.
 truncate -s 0 "$disk" && truncate -s 16M "$disk"
 log=$(mktemp "$out/log.XXXXXX")
