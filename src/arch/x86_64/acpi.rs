@@ -55,7 +55,7 @@ pub fn build(platform: &Platform) -> Result<Vec<(u64, Vec<u8>)>, AcpiError> {
     let dsdt_addr = place(dsdt.len());
     let fadt = bytes_of(&fadt(dsdt_addr));
     let fadt_addr = place(fadt.len());
-    let madt = bytes_of(&madt(platform.vcpus));
+    let madt = madt_bytes(platform.vcpus);
     let madt_addr = place(madt.len());
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -118,6 +118,24 @@ fn fadt(dsdt_addr: u64) -> impl Aml {
     f.iapc_boot_arch = (IAPC_8042 | IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT).into();
     f.hypervisor_vendor_identity = u64::from_le_bytes(*b"WISPWISP").into();
     f.finalize()
+}
+
+/// MADT flags (ACPI 6.5 table 5.43): PCAT_COMPAT, the machine also has the dual 8259 PICs
+/// (KVM's in-kernel irqchip does). Linux then maps the ISA IRQs 0-15 to IOAPIC pins 0-15, which
+/// the legacy devices (the UART's IRQ 4, the i8042's IRQ 1) need; without it they have no
+/// interrupt and the serial console's tty fails with EIO.
+const MADT_PCAT_COMPAT: u32 = 1;
+const MADT_FLAGS_OFFSET: usize = 40;
+const SDT_CHECKSUM_OFFSET: usize = 9;
+
+fn madt_bytes(vcpus: u8) -> Vec<u8> {
+    let mut t = bytes_of(&madt(vcpus));
+    // acpi_tables' MADT has no setter for the flags: set them and fix the checksum.
+    t[MADT_FLAGS_OFFSET..MADT_FLAGS_OFFSET + 4].copy_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
+    t[SDT_CHECKSUM_OFFSET] = 0;
+    let sum = t.iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    t[SDT_CHECKSUM_OFFSET] = sum.wrapping_neg();
+    t
 }
 
 fn madt(vcpus: u8) -> MADT {
@@ -348,6 +366,7 @@ mod tests {
             .unwrap();
             let (_, m) = find(&tables, b"APIC");
             assert_eq!(u32_at(m, 36), LAPIC_START as u32);
+            assert_eq!(u32_at(m, 40), MADT_PCAT_COMPAT, "flags: PCAT_COMPAT");
             let (mut off, mut lapics, mut ioapics) = (44, Vec::new(), 0);
             while off < m.len() {
                 let (kind, len) = (m[off], m[off + 1] as usize);
