@@ -57,12 +57,20 @@ fn test_kernel_elf_boots_to_init_sees_cpus_and_memory_and_powers_off() {
         return;
     }
     let f = boot_linux("vmlinux", "2", "128M", "info,poweroff");
-    assert!(f.stdout.contains("WISP-INIT: ready"), "no init:\n{}\n{}", f.stdout, f.stderr);
+    assert!(
+        f.stdout.contains("WISP-INIT: ready"),
+        "no init:\n{}\n{}",
+        f.stdout,
+        f.stderr
+    );
     assert_acpi_tables_accepted(&f.stdout);
     assert_eq!(lines_with(&f.stdout, "WISP-INIT: nproc="), vec!["2"]);
     // MemTotal is RAM less what the kernel keeps for itself: most of the 128 MiB.
     let kb = memtotal_kb(&f.stdout);
-    assert!((100 * 1024..=128 * 1024).contains(&kb), "MemTotal {kb} kB for 128 MiB");
+    assert!(
+        (100 * 1024..=128 * 1024).contains(&kb),
+        "MemTotal {kb} kB for 128 MiB"
+    );
     assert!(f.stdout.contains("WISP-INIT: scenario info ok"));
     assert_eq!(f.code(), Some(0), "stderr: {}", f.stderr);
 }
@@ -73,11 +81,19 @@ fn test_kernel_bzimage_boots_and_reboot_exits_zero() {
         return;
     }
     let f = boot_linux("bzImage", "1", "192M", "info,reboot");
-    assert!(f.stdout.contains("WISP-INIT: ready"), "no init:\n{}\n{}", f.stdout, f.stderr);
+    assert!(
+        f.stdout.contains("WISP-INIT: ready"),
+        "no init:\n{}\n{}",
+        f.stdout,
+        f.stderr
+    );
     assert_acpi_tables_accepted(&f.stdout);
     assert_eq!(lines_with(&f.stdout, "WISP-INIT: nproc="), vec!["1"]);
     let kb = memtotal_kb(&f.stdout);
-    assert!((160 * 1024..=192 * 1024).contains(&kb), "MemTotal {kb} kB for 192 MiB");
+    assert!(
+        (160 * 1024..=192 * 1024).contains(&kb),
+        "MemTotal {kb} kB for 192 MiB"
+    );
     assert!(f.stdout.contains("WISP-INIT: rebooting"));
     assert_eq!(f.code(), Some(0), "stderr: {}", f.stderr);
 }
@@ -88,10 +104,18 @@ fn guest_kernel_panic_ends_wisp_nonzero_through_pvpanic() {
         return;
     }
     let f = boot_linux("vmlinux", "1", "128M", "panic");
-    assert!(f.stdout.contains("WISP-INIT: triggering panic"), "{}", f.stdout);
+    assert!(
+        f.stdout.contains("WISP-INIT: triggering panic"),
+        "{}",
+        f.stdout
+    );
     assert!(f.stdout.contains("Kernel panic"), "{}", f.stdout);
     assert_eq!(f.code(), Some(2));
-    assert!(f.stderr.contains("wisp: guest kernel panicked"), "{}", f.stderr);
+    assert!(
+        f.stderr.contains("wisp: guest kernel panicked"),
+        "{}",
+        f.stderr
+    );
 }
 
 #[test]
@@ -101,7 +125,11 @@ fn stock_debian_kernel_boots_with_acpi_cpus_memory_and_console() {
     }
     let f = boot_linux("stock-vmlinux", "2", "256M", "info,poweroff");
     let out = &f.stdout;
-    assert!(out.contains("Linux version 6.1"), "console:\n{out}\n{}", f.stderr);
+    assert!(
+        out.contains("Linux version 6.1"),
+        "console:\n{out}\n{}",
+        f.stderr
+    );
     assert!(out.contains("Command line: console=ttyS0"), "{out}");
     assert_acpi_tables_accepted(out);
     assert!(out.contains("smpboot: Allowing 2 CPUs"), "{out}");
