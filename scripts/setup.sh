@@ -7,7 +7,7 @@ PACKAGES=(
 	build-essential pkg-config    # probe guests (gcc, as, ld), crates that build C
 	qemu-utils                    # qemu-img: the judge of wisp's qcow2 images
 	iproute2 iputils-ping dnsmasq-base busybox-static  # network tests in namespaces
-	util-linux curl jq e2fsprogs cpio  # setpriv, API tests, images
+	util-linux curl jq e2fsprogs cpio python3  # setpriv, API tests, images, benchmarks
 )
 
 missing=()

@@ -352,3 +352,84 @@ impl Drop for TestCgroupParent {
         }
     }
 }
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace of the test's own (IPv6 off, so nothing is sent unasked), with taps
+/// whose host ends have addresses; deleted, with everything in it, on drop. No traffic ever
+/// leaves it.
+pub struct TestNetns {
+    pub name: String,
+}
+
+impl TestNetns {
+    pub fn new(tag: &str) -> TestNetns {
+        let name = format!("wisp-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run_ok("ip", &["netns", "add", &name]);
+        let ns = TestNetns { name };
+        for key in [
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ] {
+            run_ok("ip", &["netns", "exec", &ns.name, "sysctl", "-qw", key]);
+        }
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A persistent tap `name` with `addr` (CIDR) on the host end, up.
+    pub fn add_tap(&self, name: &str, addr: &str) {
+        self.ip(&["tuntap", "add", "dev", name, "mode", "tap"]);
+        self.ip(&["addr", "add", addr, "dev", name]);
+        self.ip(&["link", "set", name, "up"]);
+    }
+
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut a = vec!["-n", self.name.as_str()];
+        a.extend_from_slice(args);
+        run_ok("ip", &a)
+    }
+
+    /// `ip netns exec NS program`: the program (wisp, a listener) runs inside.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        // Processes still inside (dnsmasq, listeners) go first, then the namespace.
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: kills a process inside the namespace this test created.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
