@@ -316,3 +316,40 @@ fn cgroup_cap_is_raised_through_the_api_without_a_restart() {
     w.wait(Duration::from_secs(10));
     assert!(parent.children("cpu").is_empty());
 }
+
+#[test]
+fn send_ctrl_alt_del_reaches_the_guest_which_powers_off() {
+    if !kvm_available("send_ctrl_alt_del_reaches_the_guest_which_powers_off") {
+        return;
+    }
+    let sock = sock_path("cad");
+    let mut w = Wisp::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    wait_socket(&sock);
+    let body = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "probe.scenario=ctrl-alt-del"}}"#,
+        probes().probe.display()
+    );
+    assert_eq!(call(&sock, "PUT", "/boot-source", Some(&body)).0, 204);
+    assert_eq!(
+        call(
+            &sock,
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#)
+        )
+        .0,
+        204
+    );
+    w.wait_for("probe: waiting for ctrl-alt-del", T);
+    let (st, body) = curl(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "SendCtrlAltDel"}"#,
+    );
+    assert_eq!(st, 204, "{body}");
+    let f = w.wait(T);
+    assert!(f.stdout.contains("probe: ctrl-alt-del"), "{}", f.stdout);
+    assert_eq!(f.code(), Some(0), "{}", f.stderr);
+    assert!(!sock.exists());
+}

@@ -56,6 +56,30 @@ static void scenario_hello(void)
 	done();
 }
 
+/* ---- ctrl-alt-del ---- */
+
+/*
+ * Wait for Ctrl-Alt-Del from the i8042 (scan code set 2, as a PC keyboard sends it: Ctrl
+ * 0x14, Alt 0x11, Delete 0xe0 0x71), then power off, as a guest OS would shut down.
+ * Polls the status port (bit 0: output buffer full) at CPL3.
+ */
+static void scenario_ctrl_alt_del(void)
+{
+	static const u8 want[] = {0x14, 0x11, 0xe0, 0x71};
+	unsigned int matched = 0;
+	printf("probe: waiting for ctrl-alt-del\n");
+	while (matched < sizeof(want)) {
+		if (!(inb(0x64) & 1)) {
+			__asm__ volatile("pause");
+			continue;
+		}
+		u8 b = inb(0x60);
+		matched = (b == want[matched]) ? matched + 1 : (b == want[0]);
+	}
+	printf("probe: ctrl-alt-del\n");
+	done();
+}
+
 /* ---- info ---- */
 
 /*
@@ -364,6 +388,8 @@ void user_main(u64 cpl0_done)
 		scenario_blk_bench();
 	else if (!strcmp(scenario, "net"))
 		scenario_net();
+	else if (!strcmp(scenario, "ctrl-alt-del"))
+		scenario_ctrl_alt_del();
 	else if (!strcmp(scenario, "reset-acpi"))
 		acpi_reset();
 	else if (!strcmp(scenario, "reset-i8042")) {
