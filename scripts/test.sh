@@ -8,6 +8,5 @@ cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
 bash images/build.sh all
-cargo build --release --bins
 # Two test threads: the Linux boots are interpreted on a software KVM and share 2 cores.
-cargo test --workspace --release -- --test-threads=2
+cargo test --workspace -- --test-threads=2
