@@ -143,7 +143,7 @@ ROOT_DIRS=(bin sbin usr usr/bin usr/sbin proc sys dev mnt tmp root etc run var)
 
 build_initramfs() {
 	ensure_tools
-	local list="$BUILD/initramfs.list" d a
+	local list="$BUILD/initramfs.list.$$" d a
 	mkdir -p "$BUILD"
 	{
 		for d in "${ROOT_DIRS[@]}"; do
@@ -160,13 +160,14 @@ build_initramfs() {
 	} >"$list"
 	# Uncompressed on purpose: decompression is very slow when the guest
 	# kernel runs interpreted (see README).
-	"$TOOLS/gen_init_cpio" "$list" >"$OUT/initramfs.cpio.tmp"
-	mv "$OUT/initramfs.cpio.tmp" "$OUT/initramfs.cpio"
+	"$TOOLS/gen_init_cpio" "$list" >"$OUT/initramfs.cpio.$$"
+	mv "$OUT/initramfs.cpio.$$" "$OUT/initramfs.cpio"
+	rm -f "$list"
 	log "initramfs: $(stat -c %s "$OUT/initramfs.cpio") bytes"
 }
 
 build_rootfs() {
-	local stage="$BUILD/rootfs" d a
+	local stage="$BUILD/rootfs.$$" d a
 	rm -rf "$stage"
 	mkdir -p "$stage"
 	for d in "${ROOT_DIRS[@]}"; do
@@ -181,15 +182,33 @@ build_rootfs() {
 	ln -sf /init "$stage/sbin/init"
 	# No device nodes: the kernel opens the console before mounting root and
 	# CONFIG_DEVTMPFS_MOUNT mounts /dev on it.
-	rm -f "$OUT/rootfs.ext4.tmp"
-	truncate -s "${ROOTFS_SIZE_MB}M" "$OUT/rootfs.ext4.tmp"
+	rm -f "$OUT/rootfs.ext4.$$"
+	truncate -s "${ROOTFS_SIZE_MB}M" "$OUT/rootfs.ext4.$$"
 	mkfs.ext4 -q -F -L wisp-root -E root_owner=0:0 -d "$stage" \
-		"$OUT/rootfs.ext4.tmp"
-	mv "$OUT/rootfs.ext4.tmp" "$OUT/rootfs.ext4"
+		"$OUT/rootfs.ext4.$$"
+	mv "$OUT/rootfs.ext4.$$" "$OUT/rootfs.ext4"
+	rm -rf "$stage"
 	log "rootfs: $ROOTFS_SIZE_MB MiB ext4"
 }
 
 # --- main ----------------------------------------------------------------------
+
+# One kernel build at a time per clone and per cache: concurrent runs would
+# unpack over each other's kernel tree and race on the cache directory.
+locked_build_kernel() {
+	exec 8>"$OUT/.kernel.lock"
+	if ! flock -n 8; then
+		log "kernel: waiting for another build.sh in this clone ($OUT/.kernel.lock)"
+		flock 8
+	fi
+	exec 9>"$CACHE/.kernel.lock"
+	if ! flock -n 9; then
+		log "kernel: waiting for another build.sh using $CACHE ($CACHE/.kernel.lock)"
+		flock 9
+	fi
+	build_kernel
+	exec 8>&- 9>&-
+}
 
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(all)
@@ -205,12 +224,12 @@ mkdir -p "$OUT" "$BUILD" "$CACHE"
 for t in "${targets[@]}"; do
 	case "$t" in
 	all)
-		build_kernel
+		locked_build_kernel
 		build_stock
 		build_initramfs
 		build_rootfs
 		;;
-	kernel) build_kernel ;;
+	kernel) locked_build_kernel ;;
 	stock) build_stock ;;
 	initramfs) build_initramfs ;;
 	rootfs) build_rootfs ;;
