@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# virtio-blk benchmark: wisp against QEMU (microvm, KVM, virtio-blk-device) on the same probe
+# guest (tests/guests, scenario blk-bench: a virtio-mmio driver at CPL3) and the same file,
+# alternating runs.
+#
+#   scripts/bench/blk.sh [--runs N] [--ms MS] [--size-mib N] [--no-writeback] [--no-qcow2]
+#
+# Prints, for 4 KiB random reads and writes at queue depth 1 and 32 and 1 MiB sequential
+# reads and writes: IOPS or MiB/s as the guest measured them, and host CPU time of the VMM
+# process per request; medians, ranges and wisp/QEMU ratios. QEMU runs twice: cache=none,
+# aio=native (O_DIRECT) and cache=writeback (page cache, as wisp). Also wisp on a qcow2 image
+# of the same data against wisp on the raw file. Files live in target/bench/.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+
+if ! command -v qemu-system-x86_64 >/dev/null; then
+	echo "blk.sh: installing qemu-system-x86 (the peer)" >&2
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-system-x86 >/dev/null
+fi
+command -v qemu-img >/dev/null || { echo "blk.sh: qemu-img missing: apt-get install qemu-utils" >&2; exit 1; }
+cargo build --release --bins -q
+mkdir -p target/probe-guests target/bench
+bash tests/guests/build.sh target/probe-guests >/dev/null
+exec python3 scripts/bench/blk.py "$@"
