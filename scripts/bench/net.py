@@ -1,0 +1,325 @@
+#!/usr/bin/env python3
+"""virtio-net benchmark driver; see net.sh, which runs this inside a network namespace of its
+own that holds the tap (host end 10.0.0.1/24). Everything here (the VMMs, ping, the UDP sender
+and receiver) runs in that namespace; nothing else is touched.
+
+One guest boot per VMM and payload size, the probe's `net` scenario:
+  1. `probe: net ready` -> one ping (ARP warm-up),
+  2. host -> guest: an unpaced UDP flood to 10.0.0.2:9000 for --flood-s seconds; the guest
+     counts what arrives (`udp-rx` in its stats line),
+  3. ping -c 20 -i 0.05: the guest stops serving after the 21st echo reply (probe.pings=21),
+  4. guest -> host: the probe's burst of --burst datagrams to 10.0.0.1:9000, counted and
+     timed by a receiver here.
+"""
+
+import argparse
+import os
+import re
+import select
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+WISP = os.path.join(ROOT, "target/release/wisp")
+PROBE = os.path.join(ROOT, "target/probe-guests/probe.elf")
+MAC = "52:54:00:12:34:56"
+GUEST, HOST, PORT = "10.0.0.2", "10.0.0.1", 9000
+TICK = os.sysconf("SC_CLK_TCK")
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+
+
+def wisp_cmd(tap, cmdline):
+    return [WISP, "run", "--kernel", PROBE, "--memory", "128M", "--console", "stdio",
+            "--net", f"tap={tap},mac={MAC}", "--cmdline", cmdline]
+
+
+def qemu_cmd(tap, cmdline):
+    return ["qemu-system-x86_64", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", "microvm",
+            "-m", "128M", "-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio",
+            "-global", "virtio-mmio.force-legacy=false", "-kernel", PROBE, "-append", cmdline,
+            "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off",
+            "-device", f"virtio-net-device,netdev=n0,mac={MAC}"]
+
+
+def cpu_ticks(pid):
+    """utime + stime of the whole process (all threads), in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+class Receiver:
+    """Counts the guest's burst on HOST:PORT (datagrams from GUEST:9001 of the expected
+    length whose first 4 bytes are a sequence number below the burst size)."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+        self.sock.bind((HOST, PORT))
+        self.sock.settimeout(0.1)
+        self.stop = threading.Event()
+        self.reset(0, 0)
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def reset(self, length, n):
+        self.length, self.n = length, n
+        self.count = self.bad = 0
+        self.first = self.last = None
+
+    def loop(self):
+        while not self.stop.is_set():
+            try:
+                d, src = self.sock.recvfrom(2048)
+            except socket.timeout:
+                continue
+            now = time.monotonic()
+            if src != (GUEST, 9001) or len(d) != self.length or int.from_bytes(d[:4], "big") >= self.n:
+                self.bad += 1
+                continue
+            if self.first is None:
+                self.first = now
+            self.last = now
+            self.count += 1
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+
+
+def flood(length, seconds):
+    """Unpaced UDP to the guest for `seconds`; returns datagrams handed to the stack."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 4 << 20)
+    payload = bytes(length)
+    dst = (GUEST, PORT)
+    sent = 0
+    end = time.monotonic() + seconds
+    while True:
+        for _ in range(64):
+            try:
+                s.sendto(payload, dst)
+                sent += 1
+            except OSError:  # ENOBUFS when the queue is full: the flood is meant to overrun it
+                pass
+        if time.monotonic() >= end:
+            break
+    s.close()
+    return sent
+
+
+def ping(count, interval):
+    out = subprocess.run(["ping", "-n", "-c", str(count), "-i",
+                          str(interval), "-W", "2", GUEST], capture_output=True, text=True)
+    return [float(x) for x in re.findall(r"time=([0-9.]+) ms", out.stdout)], out.stdout
+
+
+def tap_stat(tap, name):
+    with open(f"/sys/class/net/{tap}/statistics/{name}") as f:
+        return int(f.read())
+
+
+class Guest:
+    """A VMM process running the probe; lines of its console, read as they come."""
+
+    def __init__(self, argv):
+        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        self.buf = b""
+        self.lines = []
+        self.marks = {}
+
+    def wait_for(self, prefix, timeout, mark_cpu=None):
+        """Reads lines until one starts with `prefix`; records the VMM's CPU ticks at lines
+        starting with a key of `mark_cpu` (dict: prefix -> name)."""
+        deadline = time.monotonic() + timeout
+        fd = self.p.stdout.fileno()
+        while True:
+            for i, line in enumerate(self.lines):
+                if line.startswith(prefix):
+                    del self.lines[:i + 1]
+                    return line
+            self.lines.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"no {prefix!r} within {timeout} s")
+            r, _, _ = select.select([fd], [], [], min(left, 0.5))
+            if not r:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"VMM exited before {prefix!r}")
+            self.buf += chunk
+            while b"\n" in self.buf:
+                raw, self.buf = self.buf.split(b"\n", 1)
+                line = raw.decode(errors="replace")
+                for key, name in (mark_cpu or {}).items():
+                    if line.startswith(key):
+                        self.marks[name] = cpu_ticks(self.p.pid)
+                if line.startswith("probe: FAIL"):
+                    raise RuntimeError(line)
+                self.lines.append(line)
+
+    def cpu(self):
+        return cpu_ticks(self.p.pid)
+
+    def finish(self):
+        try:
+            self.p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+        err = self.p.stderr.read().decode(errors="replace")
+        self.p.stdout.close()
+        self.p.stderr.close()
+        return err
+
+
+def run_once(mk, tap, recv, length, a):
+    """One boot; returns a dict of measurements or None."""
+    cmdline = (f"probe.scenario=net probe.serve_ms=60000 probe.pings=21 probe.burst={a.burst} "
+               f"probe.udp_len={length}")
+    recv.reset(length, a.burst)
+    g = Guest(mk(tap, cmdline))
+    r = {}
+    try:
+        g.wait_for("probe: net ready", 30)
+        rtts, out = ping(1, 0.2)
+        if not rtts:
+            raise RuntimeError(f"warm-up ping failed: {out}")
+        dropped0 = tap_stat(tap, "tx_dropped")
+        c0 = g.cpu()
+        t0 = time.monotonic()
+        r["h2g_sent"] = flood(length, a.flood_s)
+        t1 = time.monotonic()
+        time.sleep(0.3)  # let the tap queue drain into the guest
+        c1 = g.cpu()
+        r["h2g_dropped"] = tap_stat(tap, "tx_dropped") - dropped0
+        rtts, out = ping(20, 0.05)
+        if len(rtts) < 20:
+            print(f"warning: {20 - len(rtts)} of 20 pings lost", file=sys.stderr)
+        r["rtt_ms"] = statistics.median(rtts) if rtts else None
+        marks = {"probe: net peer": "b0", "probe: net burst us": "b1"}
+        g.wait_for("probe: net answered", 30, marks)
+        line = g.wait_for("probe: net burst us", 60, marks)
+        r["g2h_guest_pps"] = int(line.split()[-1])
+        g2h_guest_us = int(line.split()[4])
+        stats = g.wait_for("probe: net stats", 30)
+        g.wait_for("probe: done net", 10)
+        kv = dict(zip(stats.split()[3::2], stats.split()[4::2]))
+        r["h2g_rx"] = int(kv["udp-rx"])
+        r["h2g_pps"] = r["h2g_rx"] / (t1 - t0)
+        r["h2g_cpu_us"] = (c1 - c0) / TICK * 1e6 / max(r["h2g_rx"], 1)
+        r["g2h_cpu_us"] = (g.marks["b1"] - g.marks["b0"]) / TICK * 1e6 / a.burst
+    except RuntimeError as e:
+        print(f"warning: {e}", file=sys.stderr)
+        r = None
+    err = g.finish()
+    if r is None:
+        print(f"  stderr: {err.strip()[-2000:]}", file=sys.stderr)
+        return None
+    time.sleep(0.3)  # the last datagrams through the namespace's stack
+    r["g2h_recv"] = recv.count
+    r["g2h_bad"] = recv.bad
+    r["g2h_host_pps"] = (recv.count / (recv.last - recv.first)
+                         if recv.count > 1 and recv.last > recv.first else None)
+    r["g2h_guest_us"] = g2h_guest_us
+    return r
+
+
+def fmt(values):
+    if not values:
+        return "n/a", None
+    med = statistics.median(values)
+    if med >= 100:
+        return f"{med:9.0f} [{min(values):.0f}-{max(values):.0f}]", med
+    return f"{med:9.3f} [{min(values):.3f}-{max(values):.3f}]", med
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tap", required=True)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--flood-s", type=float, default=1.5, help="host->guest flood length")
+    ap.add_argument("--burst", type=int, default=20000, help="guest->host datagrams per boot")
+    a = ap.parse_args()
+
+    with open("/proc/cpuinfo") as f:
+        model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    qv = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True)
+    print(f"machine: {model}, {os.cpu_count()} cpus, load average {load}, "
+          f"kvm_pvm={'yes' if os.path.exists('/sys/module/kvm_pvm') else 'no'}")
+    print(f"qemu: {qv.stdout.splitlines()[0]}")
+    print(f"network: namespace of its own, tap {a.tap} (host 10.0.0.1/24, guest 10.0.0.2), "
+          "probe net scenario (no offloads, 16 rx buffers of 2 KiB)")
+    print("  wisp: --net tap=...   qemu: microvm, virtio-net-device, -netdev tap,vhost=off")
+    print(f"  {a.runs} boots per VMM and payload size, alternating; per boot: a {a.flood_s} s "
+          f"unpaced host->guest UDP flood, ping -c 20 -i 0.05, a {a.burst}-datagram guest burst")
+    print("  h2g pps = guest's udp-rx / flood time (the tap queue's backlog, at most ~1000, is "
+          "counted too); g2h pps: the guest's own figure (first frame queued to last returned) "
+          "and the host receiver's (first to last datagram received)")
+    print("  CPU/pkt: utime+stime of the VMM process (all threads, vCPU included) from "
+          "/proc/PID/stat over the flood (h2g) or the burst (g2h), / packets")
+
+    vmms = {"wisp": wisp_cmd, "qemu": qemu_cmd}
+    sizes = [64, 1472]
+    res = {n: {s: [] for s in sizes} for n in vmms}
+    recv = Receiver()
+    try:
+        for i in range(a.runs):
+            for size in sizes:
+                for name, mk in vmms.items():
+                    res[name][size].append(run_once(mk, a.tap, recv, size, a))
+            print(f"  round {i + 1}/{a.runs} done", file=sys.stderr)
+    finally:
+        recv.close()
+
+    rows = [
+        ("h2g_pps", "host->guest pps", "pps", True),
+        ("h2g_cpu_us", "host->guest CPU/pkt", "us", False),
+        ("g2h_guest_pps", "guest->host pps (guest)", "pps", True),
+        ("g2h_host_pps", "guest->host pps (host rx)", "pps", True),
+        ("g2h_cpu_us", "guest->host CPU/pkt", "us", False),
+    ]
+    print(f"\n== median [min-max]; ratio = wisp/qemu (> 1 is better for pps, < 1 for CPU and RTT)")
+    print(f"{'metric':<28} {'payload':<8} {'wisp':<30} {'qemu':<30} wisp/qemu")
+    for size in sizes:
+        for key, label, unit, _ in rows:
+            w, wm = fmt([r[key] for r in res["wisp"][size] if r and r[key] is not None])
+            q, qm = fmt([r[key] for r in res["qemu"][size] if r and r[key] is not None])
+            rt = f"{wm / qm:.2f}" if wm is not None and qm else "n/a"
+            print(f"{label:<28} {size:<8} {w + ' ' + unit:<30} {q + ' ' + unit:<30} {rt}")
+    rtt = {n: [r["rtt_ms"] for s in sizes for r in res[n][s] if r and r["rtt_ms"] is not None]
+           for n in vmms}
+    w, wm = fmt(rtt["wisp"])
+    q, qm = fmt(rtt["qemu"])
+    rt = f"{wm / qm:.2f}" if wm is not None and qm else "n/a"
+    print(f"{'ping RTT (median per boot)':<28} {'icmp':<8} {w + ' ms':<30} {q + ' ms':<30} {rt}")
+
+    print("\n== delivery (sums over all boots)")
+    for name in vmms:
+        for size in sizes:
+            ok = [r for r in res[name][size] if r]
+            print(f"  {name} {size:>4} B: h2g sent {sum(r['h2g_sent'] for r in ok)}, "
+                  f"guest got {sum(r['h2g_rx'] for r in ok)}, "
+                  f"tap dropped {sum(r['h2g_dropped'] for r in ok)}; "
+                  f"g2h {sum(r['g2h_recv'] for r in ok)} of {a.burst * len(ok)} received, "
+                  f"{sum(r['g2h_bad'] for r in ok)} unexpected")
+    failed = sum(1 for n in res for s in sizes for r in res[n][s] if r is None)
+    if failed:
+        print(f"\n{failed} boots failed (see warnings)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
