@@ -230,7 +230,8 @@ fn unsupported_instruction_ends_the_vm_with_rip_and_bytes() {
         eprintln!("skipped unsupported_instruction_ends_the_vm_with_rip_and_bytes: hardware KVM runs every instruction");
         return;
     }
-    let f = run_probe("emufail", 1, "64M", &[], T);
+    // xrstors at CPL0: neither PVM's emulator nor wisp completes it.
+    let f = run_probe("emufail-xrstors", 1, "64M", &[], T);
     assert_eq!(
         f.code(),
         Some(2),
@@ -243,7 +244,29 @@ fn unsupported_instruction_ends_the_vm_with_rip_and_bytes() {
         line.starts_with("wisp: vcpu0: KVM could not emulate the instruction at rip 0x"),
         "{line}"
     );
-    // lock cmpxchg16b: f0 48 0f c7 ...
-    assert!(line.contains("(bytes: f0 "), "{line}");
+    // xrstors64 (%rip): 48 0f c7 1d ...
+    assert!(line.contains("(bytes: 48 0f c7 1d "), "{line}");
     assert_eq!(line.lines().count(), 1);
+}
+
+#[test]
+fn locked_cmpxchg16b_at_cpl0_completes_with_both_outcomes() {
+    if !kvm_available("locked_cmpxchg16b_at_cpl0_completes_with_both_outcomes") {
+        return;
+    }
+    // On PVM wisp completes it (its emulator cannot); elsewhere the CPU does.
+    let f = run_probe("emufail", 1, "64M", &["--log-level", "info"], T);
+    assert_clean_run(&f, "emufail");
+    assert!(
+        f.stdout.contains("probe: emufail cmpxchg16b ok"),
+        "{}",
+        f.stdout
+    );
+    if pvm_host() {
+        assert!(
+            f.stderr.contains("pvm: completed lock cmpxchg8b/16b"),
+            "{}",
+            f.stderr
+        );
+    }
 }

@@ -288,6 +288,17 @@ static void cpl0_scenario_emufail(void)
 			 : "b"(3ull), "c"(4ull)
 			 : "memory", "cc");
 	printf("probe: emufail not-failed\n");
+	/* Both outcomes (SDM Vol. 2A): equal -> RCX:RBX stored, ZF set; not equal -> the
+	 * operand loaded into RDX:RAX, ZF clear, memory unchanged. */
+	u8 zf;
+	int ok = target[0] == 3 && target[1] == 4;
+	lo = 7, hi = 8;
+	__asm__ volatile("lock cmpxchg16b %0; setz %3"
+			 : "+m"(*(volatile u64(*)[2])target), "+a"(lo), "+d"(hi), "=q"(zf)
+			 : "b"(5ull), "c"(6ull)
+			 : "memory", "cc");
+	ok = ok && !zf && lo == 3 && hi == 4 && target[0] == 3 && target[1] == 4;
+	printf("probe: emufail cmpxchg16b %s\n", ok ? "ok" : "wrong");
 }
 
 static void cpl0_scenario_emufail_xrstors(void)

@@ -39,6 +39,8 @@ pub enum Completed {
     /// `clac` / `stac`: RFLAGS.AC cleared or set.
     Clac,
     Stac,
+    /// `lock cmpxchg16b` / `lock cmpxchg8b` on guest memory.
+    CmpxchgDouble,
 }
 
 /// Kernel command-line words a Linux guest needs on a PVM host: its emulator cannot run
@@ -63,16 +65,98 @@ enum Insn {
     },
     Clac,
     Stac,
+    /// CMPXCHG8B/16B m64/m128 (0F C7 /1): `wide` is the 16-byte form (REX.W).
+    CmpxchgDouble {
+        mem: MemOperand,
+        wide: bool,
+        len: u8,
+    },
+}
+
+/// A decoded memory operand (Intel SDM vol. 2 §2.1.5, 64-bit addressing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MemOperand {
+    /// 0x64 (FS) or 0x65 (GS) segment override.
+    seg: Option<u8>,
+    base: Option<u8>,
+    index: Option<(u8, u8)>,
+    disp: i64,
+    rip_relative: bool,
+}
+
+/// Decodes a ModRM memory operand at `bytes[0]`; returns it and the bytes it used.
+fn decode_modrm_mem(
+    bytes: &[u8],
+    rex_b: u8,
+    rex_x: u8,
+    seg: Option<u8>,
+) -> Option<(MemOperand, usize)> {
+    let modrm = *bytes.first()?;
+    let (md, rm) = (modrm >> 6, modrm & 7);
+    if md == 3 {
+        return None;
+    }
+    let mut used = 1;
+    let mut op = MemOperand {
+        seg,
+        base: None,
+        index: None,
+        disp: 0,
+        rip_relative: false,
+    };
+    if rm == 4 {
+        let sib = *bytes.get(1)?;
+        used += 1;
+        let (scale, index, base) = (
+            sib >> 6,
+            ((sib >> 3) & 7) | (rex_x << 3),
+            (sib & 7) | (rex_b << 3),
+        );
+        if index != 4 {
+            op.index = Some((index, 1 << scale));
+        }
+        if !(md == 0 && sib & 7 == 5) {
+            op.base = Some(base);
+        }
+        if md == 0 && sib & 7 == 5 {
+            op.disp = i64::from(i32::from_le_bytes(
+                bytes.get(used..used + 4)?.try_into().ok()?,
+            ));
+            used += 4;
+        }
+    } else if md == 0 && rm == 5 {
+        op.rip_relative = true;
+        op.disp = i64::from(i32::from_le_bytes(bytes.get(1..5)?.try_into().ok()?));
+        used += 4;
+    } else {
+        op.base = Some(rm | (rex_b << 3));
+    }
+    match md {
+        1 => {
+            op.disp = i64::from(*bytes.get(used)? as i8);
+            used += 1;
+        }
+        2 => {
+            op.disp = i64::from(i32::from_le_bytes(
+                bytes.get(used..used + 4)?.try_into().ok()?,
+            ));
+            used += 4;
+        }
+        _ => {}
+    }
+    Some((op, used))
 }
 
 /// Decodes the few instructions wisp completes (Intel SDM vol. 2: prefixes, REX, ModRM).
 fn decode(bytes: &[u8]) -> Option<Insn> {
     let mut i = 0;
-    let (mut opsize16, mut rep) = (false, false);
+    let (mut opsize16, mut rep, mut lock, mut seg) = (false, false, false, None);
     while let Some(&b) = bytes.get(i) {
         match b {
             0x66 => opsize16 = true,
             0xf3 => rep = true,
+            0xf0 => lock = true,
+            0x64 | 0x65 => seg = Some(b),
             _ => break,
         }
         i += 1;
@@ -82,23 +166,35 @@ fn decode(bytes: &[u8]) -> Option<Insn> {
         i += 1;
     }
     let (w, r, b) = rex.map_or((false, 0, 0), |x| (x & 8 != 0, (x >> 2) & 1, x & 1));
+    let x = rex.map_or(0, |v| (v >> 1) & 1);
     match bytes.get(i..)? {
         [OPCODE_INT3, ..] if i == 0 => Some(Insn::Int3),
+        _ if lock && bytes.get(i..i + 2) != Some(&[0x0f, 0xc7]) => None,
         [OPCODE_FWAIT, ..] if i == 0 => Some(Insn::Fwait),
         [0x0f, 0x01, 0xca, ..] if i == 0 => Some(Insn::Clac),
         [0x0f, 0x01, 0xcb, ..] if i == 0 => Some(Insn::Stac),
-        [0x0f, 0xb8, modrm, ..] if rep && modrm >> 6 == 3 => Some(Insn::Popcnt {
-            dst: ((modrm >> 3) & 7) | (r << 3),
-            src: (modrm & 7) | (b << 3),
-            width: if w {
-                8
-            } else if opsize16 {
-                2
-            } else {
-                4
-            },
-            len: (i + 3) as u8,
-        }),
+        [0x0f, 0xc7, modrm, ..] if lock && !rep && (modrm >> 3) & 7 == 1 => {
+            let (mem, used) = decode_modrm_mem(&bytes[i + 2..], b, x, seg)?;
+            Some(Insn::CmpxchgDouble {
+                mem,
+                wide: w,
+                len: (i + 2 + used) as u8,
+            })
+        }
+        [0x0f, 0xb8, modrm, ..] if rep && !lock && seg.is_none() && modrm >> 6 == 3 => {
+            Some(Insn::Popcnt {
+                dst: ((modrm >> 3) & 7) | (r << 3),
+                src: (modrm & 7) | (b << 3),
+                width: if w {
+                    8
+                } else if opsize16 {
+                    2
+                } else {
+                    4
+                },
+                len: (i + 3) as u8,
+            })
+        }
         _ => None,
     }
 }
@@ -128,6 +224,8 @@ fn gpr(regs: &mut kvm_bindings::kvm_regs, n: u8) -> &mut u64 {
 /// Applies `insn`'s register effects as the CPU would (int3 also needs #BP injected).
 fn execute(insn: Insn, regs: &mut kvm_bindings::kvm_regs) -> Completed {
     match insn {
+        // Needs guest memory: complete_emulation_failure sends it to cmpxchg_double.
+        Insn::CmpxchgDouble { .. } => Completed::CmpxchgDouble,
         Insn::Int3 => {
             regs.rip = regs.rip.wrapping_add(1);
             Completed::Int3
@@ -220,7 +318,16 @@ pub fn complete_emulation_failure(
     let Some(insn) = decode(&bytes) else {
         return Err(fail(rip, bytes, "this KVM's emulator does not support it"));
     };
-    let done = execute(insn, &mut regs);
+    let done = match insn {
+        Insn::CmpxchgDouble { mem: op, wide, len } => {
+            let sregs = vcpu
+                .get_sregs()
+                .map_err(|e| fail(rip, bytes.clone(), &format!("KVM_GET_SREGS failed: {e}")))?;
+            cmpxchg_double(vcpu, mem, &mut regs, &sregs, op, wide, len)
+                .map_err(|reason| fail(rip, bytes.clone(), &reason))?
+        }
+        other => execute(other, &mut regs),
+    };
     vcpu.set_regs(&regs)
         .map_err(|e| fail(rip, bytes.clone(), &format!("KVM_SET_REGS failed: {e}")))?;
     if done == Completed::Int3 {
@@ -258,6 +365,90 @@ pub fn complete_emulation_failure(
     Ok(done)
 }
 
+/// Serialises the completion of locked memory instructions across vCPUs: every vCPU that
+/// runs one on PVM exits to wisp, so holding this makes the read-compare-write atomic
+/// against the others' (not against plain stores, which a correct caller does not mix in).
+static LOCKED_OPS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// CMPXCHG8B/16B (SDM vol. 2A): compare EDX:EAX / RDX:RAX with the memory operand; if equal,
+/// store ECX:EBX / RCX:RBX there and set ZF, else load it into EDX:EAX / RDX:RAX and clear ZF.
+fn cmpxchg_double(
+    vcpu: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    regs: &mut kvm_bindings::kvm_regs,
+    sregs: &kvm_bindings::kvm_sregs,
+    op: MemOperand,
+    wide: bool,
+    len: u8,
+) -> Result<Completed, String> {
+    let size: u64 = if wide { 16 } else { 8 };
+    let next_rip = regs.rip.wrapping_add(u64::from(len));
+    let mut ea = op.disp as u64;
+    if op.rip_relative {
+        ea = ea.wrapping_add(next_rip);
+    }
+    if let Some(b) = op.base {
+        ea = ea.wrapping_add(*gpr(regs, b));
+    }
+    if let Some((i, scale)) = op.index {
+        ea = ea.wrapping_add(gpr(regs, i).wrapping_mul(u64::from(scale)));
+    }
+    match op.seg {
+        Some(0x64) => ea = ea.wrapping_add(sregs.fs.base),
+        Some(0x65) => ea = ea.wrapping_add(sregs.gs.base),
+        _ => {}
+    }
+    // CMPXCHG16B needs a 16-byte aligned operand (#GP otherwise); an 8-byte one must not
+    // straddle a page here, since each page translates on its own.
+    if (wide && ea % 16 != 0) || (ea & 0xfff) + size > 0x1000 {
+        return Err(format!("unaligned operand at {ea:#x}"));
+    }
+    let t = vcpu
+        .translate_gva(ea)
+        .map_err(|e| format!("KVM_TRANSLATE of {ea:#x} failed: {e}"))?;
+    if t.valid == 0 || t.writeable == 0 {
+        return Err(format!("operand at {ea:#x} is not mapped writable"));
+    }
+    let gpa = GuestAddress(t.physical_address);
+    let _serialised = LOCKED_OPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut cur = [0u8; 16];
+    mem.read_slice(&mut cur[..size as usize], gpa)
+        .map_err(|_| format!("operand at {ea:#x} is outside guest memory"))?;
+    let (lo, hi) = if wide {
+        (
+            u64::from_le_bytes(cur[..8].try_into().expect("8 bytes")),
+            u64::from_le_bytes(cur[8..].try_into().expect("8 bytes")),
+        )
+    } else {
+        (
+            u64::from(u32::from_le_bytes(cur[..4].try_into().expect("4 bytes"))),
+            u64::from(u32::from_le_bytes(cur[4..8].try_into().expect("4 bytes"))),
+        )
+    };
+    let mask = if wide { u64::MAX } else { 0xffff_ffff };
+    if lo == regs.rax & mask && hi == regs.rdx & mask {
+        let mut new = [0u8; 16];
+        if wide {
+            new[..8].copy_from_slice(&regs.rbx.to_le_bytes());
+            new[8..].copy_from_slice(&regs.rcx.to_le_bytes());
+        } else {
+            new[..4].copy_from_slice(&(regs.rbx as u32).to_le_bytes());
+            new[4..8].copy_from_slice(&(regs.rcx as u32).to_le_bytes());
+        }
+        mem.write_slice(&new[..size as usize], gpa)
+            .map_err(|_| format!("operand at {ea:#x} is outside guest memory"))?;
+        regs.rflags |= RFLAGS_ZF;
+    } else {
+        regs.rax = lo;
+        regs.rdx = hi;
+        regs.rflags &= !RFLAGS_ZF;
+    }
+    regs.rip = next_rip;
+    Ok(Completed::CmpxchgDouble)
+}
+
 fn name(c: Completed) -> &'static str {
     match c {
         Completed::Int3 => "int3 (injected #BP)",
@@ -265,6 +456,7 @@ fn name(c: Completed) -> &'static str {
         Completed::Popcnt => "popcnt",
         Completed::Clac => "clac",
         Completed::Stac => "stac",
+        Completed::CmpxchgDouble => "lock cmpxchg8b/16b",
     }
 }
 
@@ -324,10 +516,56 @@ mod tests {
                 len: 5
             })
         );
-        // popcnt with a memory operand, xrstor, lock cmpxchg16b, a prefixed int3: refused.
+        // lock cmpxchg16b 0x20(%rbp) (seen in Debian's kernel), %gs:(%rsi), (%rsi,%rcx,8)
+        assert_eq!(
+            decode(&[0xf0, 0x48, 0x0f, 0xc7, 0x4d, 0x20, 0x74]),
+            Some(Insn::CmpxchgDouble {
+                mem: MemOperand {
+                    seg: None,
+                    base: Some(5),
+                    index: None,
+                    disp: 0x20,
+                    rip_relative: false
+                },
+                wide: true,
+                len: 6
+            })
+        );
+        assert_eq!(
+            decode(&[0x65, 0xf0, 0x48, 0x0f, 0xc7, 0x0e]),
+            Some(Insn::CmpxchgDouble {
+                mem: MemOperand {
+                    seg: Some(0x65),
+                    base: Some(6),
+                    index: None,
+                    disp: 0,
+                    rip_relative: false
+                },
+                wide: true,
+                len: 6
+            })
+        );
+        assert_eq!(
+            decode(&[0xf0, 0x0f, 0xc7, 0x0c, 0xce]),
+            Some(Insn::CmpxchgDouble {
+                mem: MemOperand {
+                    seg: None,
+                    base: Some(6),
+                    index: Some((1, 8)),
+                    disp: 0,
+                    rip_relative: false
+                },
+                wide: false,
+                len: 5
+            })
+        );
+        // cmpxchg16b without lock, on a register, other locked instructions, popcnt with a
+        // memory operand, xrstor, a prefixed int3: refused.
+        assert_eq!(decode(&[0x48, 0x0f, 0xc7, 0x0e]), None);
+        assert_eq!(decode(&[0xf0, 0x48, 0x0f, 0xc7, 0xce]), None);
+        assert_eq!(decode(&[0xf0, 0x48, 0x0f, 0xb1, 0x0e]), None);
         assert_eq!(decode(&[0xf3, 0x48, 0x0f, 0xb8, 0x07]), None);
         assert_eq!(decode(&[0x48, 0x0f, 0xae, 0x2f]), None);
-        assert_eq!(decode(&[0xf0, 0x48, 0x0f, 0xc7, 0x0e]), None);
         assert_eq!(decode(&[0x66, 0xcc]), None);
         assert_eq!(decode(&[]), None);
     }
