@@ -45,7 +45,7 @@ def vmms(args):
                                   "-device", "virtio-blk-device,drive=d0"]
 
     v = {
-        "wisp": ("wisp, raw file, buffered I/O (host page cache, pread/pwrite on the event loop)",
+        "wisp": ("wisp, raw file, buffered I/O (host page cache; preadv/pwritev on its event-loop thread)",
                  wisp(RAW, "raw")),
         "qemu-none": ("QEMU 7.2, raw file, cache=none,aio=native (O_DIRECT, Linux AIO; "
                       "bypasses the page cache)", qemu("none", "native")),
