@@ -5,6 +5,7 @@ on QEMU (microvm, virtio-blk-device), alternating, on the same files."""
 import argparse
 import os
 import select
+import signal
 import statistics
 import subprocess
 import sys
@@ -101,6 +102,9 @@ def run_once(argv, timeout):
                     result = {k: int(kv[k]) for k in ("ios", "us", "iops", "kib-per-s")}
                 elif line.startswith("probe: FAIL"):
                     print(f"warning: {line}", file=sys.stderr)
+    except BaseException:  # interrupted: no VMM left behind
+        p.kill()
+        raise
     finally:
         if p.poll() is None:
             try:
@@ -197,6 +201,7 @@ def main():
     print("  CPU/req:    utime+stime of the VMM process (all threads, vCPU included) from "
           "/proc/PID/stat, from device set-up to the result line, / requests completed")
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     res = {n: {w[0]: [] for w in WORKLOADS} for n in v}
     for i in range(a.runs):
         for label, op, bs, qd, _ in WORKLOADS:

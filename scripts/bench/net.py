@@ -16,6 +16,7 @@ import argparse
 import os
 import re
 import select
+import signal
 import socket
 import statistics
 import subprocess
@@ -222,6 +223,10 @@ def run_once(mk, tap, recv, length, a):
     except RuntimeError as e:
         print(f"warning: {e}", file=sys.stderr)
         r = None
+    except BaseException:  # interrupted: no VMM left behind
+        g.p.kill()
+        g.finish()
+        raise
     err = g.finish()
     if r is None:
         print(f"  stderr: {err.strip()[-2000:]}", file=sys.stderr)
@@ -249,7 +254,7 @@ def main():
     ap.add_argument("--tap", required=True)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--flood-s", type=float, default=1.5, help="host->guest flood length")
-    ap.add_argument("--burst", type=int, default=20000, help="guest->host datagrams per boot")
+    ap.add_argument("--burst", type=int, default=50000, help="guest->host datagrams per boot")
     a = ap.parse_args()
 
     with open("/proc/cpuinfo") as f:
@@ -271,6 +276,7 @@ def main():
     print("  CPU/pkt: utime+stime of the VMM process (all threads, vCPU included) from "
           "/proc/PID/stat over the flood (h2g) or the burst (g2h), / packets")
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     vmms = {"wisp": wisp_cmd, "qemu": qemu_cmd}
     sizes = [64, 1472]
     res = {n: {s: [] for s in sizes} for n in vmms}
