@@ -124,12 +124,8 @@ fn stock_debian_kernel_boots_with_acpi_cpus_memory_and_console() {
         return;
     }
     let f = boot_linux("stock-vmlinux", "2", "256M", "info,poweroff");
-    let out = &f.stdout;
-    assert!(
-        out.contains("Linux version 6.1"),
-        "console:\n{out}\n{}",
-        f.stderr
-    );
+    let out = &format!("{}\n--- wisp's stderr:\n{}", f.stdout, f.stderr);
+    assert!(out.contains("Linux version 6.1"), "console:\n{out}");
     assert!(out.contains("Command line: console=ttyS0"), "{out}");
     assert_acpi_tables_accepted(out);
     assert!(out.contains("smpboot: Allowing 2 CPUs"), "{out}");
