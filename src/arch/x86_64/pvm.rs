@@ -400,7 +400,7 @@ fn cmpxchg_double(
     }
     // CMPXCHG16B needs a 16-byte aligned operand (#GP otherwise); an 8-byte one must not
     // straddle a page here, since each page translates on its own.
-    if (wide && ea % 16 != 0) || (ea & 0xfff) + size > 0x1000 {
+    if (wide && !ea.is_multiple_of(16)) || (ea & 0xfff) + size > 0x1000 {
         return Err(format!("unaligned operand at {ea:#x}"));
     }
     let t = vcpu
