@@ -59,7 +59,7 @@ fn linux_uses_disks_and_network_through_wisp_devices() {
     let ns = TestNetns::new("t3dev");
     ns.add_tap(TAP, "10.0.0.1/24");
     let lease = dir.join("leases");
-    let _dnsmasq = ns
+    let mut dnsmasq = ns
         .command("dnsmasq")
         .args([
             "--no-daemon",
@@ -233,6 +233,8 @@ c, _ = tx.accept(); c.sendall(open("{inp}", "rb").read()); c.close()
         std::fs::read(&base).unwrap().iter().all(|&b| b == 0x5a),
         "the backing file was written"
     );
+    let _ = dnsmasq.kill();
+    let _ = dnsmasq.wait();
     drop(ns);
     let _ = std::fs::remove_dir_all(&dir);
 }
