@@ -39,7 +39,7 @@ pub enum Completed {
     /// `clac` / `stac`: RFLAGS.AC cleared or set.
     Clac,
     Stac,
-    /// `lock cmpxchg16b` / `lock cmpxchg8b` on guest memory.
+    /// `cmpxchg16b` / `cmpxchg8b` on guest memory (locked or per-CPU).
     CmpxchgDouble,
 }
 
@@ -173,7 +173,7 @@ fn decode(bytes: &[u8]) -> Option<Insn> {
         [OPCODE_FWAIT, ..] if i == 0 => Some(Insn::Fwait),
         [0x0f, 0x01, 0xca, ..] if i == 0 => Some(Insn::Clac),
         [0x0f, 0x01, 0xcb, ..] if i == 0 => Some(Insn::Stac),
-        [0x0f, 0xc7, modrm, ..] if lock && !rep && (modrm >> 3) & 7 == 1 => {
+        [0x0f, 0xc7, modrm, ..] if !rep && (modrm >> 3) & 7 == 1 => {
             let (mem, used) = decode_modrm_mem(&bytes[i + 2..], b, x, seg)?;
             Some(Insn::CmpxchgDouble {
                 mem,
@@ -559,9 +559,23 @@ mod tests {
                 len: 5
             })
         );
-        // cmpxchg16b without lock, on a register, other locked instructions, popcnt with a
-        // memory operand, xrstor, a prefixed int3: refused.
-        assert_eq!(decode(&[0x48, 0x0f, 0xc7, 0x0e]), None);
+        // %gs:cmpxchg16b (%rdi) without lock: Linux's this_cpu_cmpxchg_double.
+        assert_eq!(
+            decode(&[0x65, 0x48, 0x0f, 0xc7, 0x0f, 0x0f, 0x94]),
+            Some(Insn::CmpxchgDouble {
+                mem: MemOperand {
+                    seg: Some(0x65),
+                    base: Some(7),
+                    index: None,
+                    disp: 0,
+                    rip_relative: false
+                },
+                wide: true,
+                len: 5
+            })
+        );
+        // cmpxchg16b on a register, other locked instructions, popcnt with a memory
+        // operand, xrstor, a prefixed int3: refused.
         assert_eq!(decode(&[0xf0, 0x48, 0x0f, 0xc7, 0xce]), None);
         assert_eq!(decode(&[0xf0, 0x48, 0x0f, 0xb1, 0x0e]), None);
         assert_eq!(decode(&[0xf3, 0x48, 0x0f, 0xb8, 0x07]), None);
