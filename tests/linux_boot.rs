@@ -10,7 +10,7 @@ use common::*;
 use std::time::Duration;
 
 /// A Linux boot to init and back, with the machine's two cores shared by two boots.
-const BOOT: Duration = Duration::from_secs(600);
+const BOOT: Duration = Duration::from_secs(900);
 
 fn memtotal_kb(console: &str) -> u64 {
     lines_with(console, "WISP-INIT: memtotal_kb=")
@@ -32,6 +32,7 @@ fn assert_acpi_tables_accepted(console: &str) {
 }
 
 fn boot_linux(kernel: &str, cpus: &str, memory: &str, scenario: &str) -> Finished {
+    let _slot = linux_boot_slot();
     let kernel = image(kernel);
     let initrd = image("initramfs.cpio");
     let cmdline = format!("console=ttyS0 panic=-1 wisp.scenario={scenario}");

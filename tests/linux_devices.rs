@@ -118,6 +118,7 @@ c, _ = tx.accept(); c.sendall(open("{inp}", "rb").read()); c.close()
         .write_all(listener.as_bytes())
         .unwrap();
 
+    let _slot = linux_boot_slot();
     let net = format!("tap={TAP},mac={GUEST_MAC}");
     let disk0 = format!("path={},format=raw,serial=data", ext4.display());
     let disk1 = format!("path={},format=qcow2", overlay.display());

@@ -433,3 +433,11 @@ impl Drop for TestNetns {
             .output();
     }
 }
+
+/// Linux boots run one at a time: the guest kernel is interpreted on a software KVM, and two
+/// 2-vCPU guests on a 2-core machine starve each other's timer ticks (RCU stalls, boots that
+/// take many times longer). Hold this for the whole boot.
+pub fn linux_boot_slot() -> std::sync::MutexGuard<'static, ()> {
+    static SLOT: Mutex<()> = Mutex::new(());
+    SLOT.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
