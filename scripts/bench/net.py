@@ -224,9 +224,15 @@ def run_once(mk, tap, recv, length, a):
         c1 = g.cpu()
         r["h2g_dropped"] = tap_stat(tap, "tx_dropped") - dropped0
         rtts, out = ping(20, 0.05)
+        r["rtt_ms"] = statistics.median(rtts) if rtts else None
         if len(rtts) < 20:
             print(f"warning: {20 - len(rtts)} of 20 pings lost", file=sys.stderr)
-        r["rtt_ms"] = statistics.median(rtts) if rtts else None
+            # The guest serves until its 21st echo reply: make up for the lost ones.
+            missing = 20 - len(rtts)
+            for _ in range(3):
+                missing -= len(ping(missing, 0.2)[0])
+                if missing <= 0:
+                    break
         marks = {"probe: net peer": "b0", "probe: net burst us": "b1"}
         g.wait_for("probe: net answered", 30, marks)
         line = g.wait_for("probe: net burst us", 60, marks)
