@@ -61,19 +61,21 @@ fn linux_uses_disks_and_network_through_wisp_devices() {
     let lease = dir.join("leases");
     let mut dnsmasq = ns
         .command("dnsmasq")
-        .args([
-            "--no-daemon",
-            "--port=0",
-            "--bind-interfaces",
-            "--interface",
-            TAP,
-        ])
-        .args(["--dhcp-range=10.0.0.2,10.0.0.2,1h", "--dhcp-leasefile"])
-        .arg(&lease)
+        // dnsmasq takes long options only as --opt=value.
+        .args(["--no-daemon", "--port=0", "--bind-interfaces"])
+        .arg(format!("--interface={TAP}"))
+        .arg("--dhcp-range=10.0.0.2,10.0.0.2,1h")
+        .arg(format!("--dhcp-leasefile={}", lease.display()))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("dnsmasq");
+    // A dnsmasq that refused its options is gone at once; say so rather than wait for DHCP.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        dnsmasq.try_wait().unwrap().is_none(),
+        "dnsmasq exited at start"
+    );
     // The host end of the TCP transfers: receive on 9000, send `kib` KiB on 9001.
     let to_guest = dir.join("to_guest.bin");
     run_ok(
