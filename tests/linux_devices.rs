@@ -151,10 +151,13 @@ c, _ = tx.accept(); c.sendall(open("{inp}", "rb").read()); c.close()
     .wait(Duration::from_secs(1200));
     let out = &f.stdout;
     assert_eq!(f.code(), Some(0), "console:\n{out}\nstderr:\n{}", f.stderr);
-    assert!(
-        out.contains("WISP-INIT: done ok"),
-        "a scenario failed:\n{out}"
-    );
+    for scenario in ["info", "disk", "net"] {
+        assert!(
+            out.contains(&format!("WISP-INIT: scenario {scenario} ok")),
+            "scenario {scenario} failed:\n{out}"
+        );
+    }
+    assert!(out.contains("WISP-INIT: powering off"), "{out}");
 
     // DHCP through the tap, the MAC we gave.
     assert!(out.contains("IP-Config: Got DHCP answer"), "{out}");
