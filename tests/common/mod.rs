@@ -439,5 +439,6 @@ impl Drop for TestNetns {
 /// take many times longer). Hold this for the whole boot.
 pub fn linux_boot_slot() -> std::sync::MutexGuard<'static, ()> {
     static SLOT: Mutex<()> = Mutex::new(());
-    SLOT.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    SLOT.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
