@@ -35,9 +35,24 @@ fn disk(dir: &TempDir) -> PathBuf {
     p
 }
 
+/// Opens the test image, riding out a lock that a just-dropped device still holds: a child
+/// process that another test thread forks at that moment shares the open file description
+/// (and so its OFD lock) until it execs.
+fn open_raw(path: &PathBuf, read_only: bool) -> RawFile {
+    for _ in 0..100 {
+        match RawFile::open(path, read_only) {
+            Err(crate::disk::raw::RawError::Locked { .. }) => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            other => return other.unwrap(),
+        }
+    }
+    RawFile::open(path, read_only).unwrap()
+}
+
 /// The device as the VMM builds it for a raw image: zero-copy data path.
 fn block_driver(path: &PathBuf, read_only: bool, serial: Option<&str>) -> Driver {
-    let raw = RawFile::open(path, read_only).unwrap();
+    let raw = open_raw(path, read_only);
     let dev = Block::new_raw(raw, serial.map(str::to_owned), read_only).unwrap();
     let mut d = Driver::new(Box::new(dev));
     d.start();
