@@ -72,7 +72,8 @@ type VcpuStartHook = Arc<dyn Fn(u8, libc::pid_t) -> Result<(), String> + Send + 
 
 /// A VM built and ready to start.
 pub struct Vmm {
-    vm: Vm,
+    /// The VM fd and guest memory: never read here, owned so they outlive the vCPUs.
+    _vm: Vm,
     vcpus: Vec<Vcpu>,
     exit: ExitSignal,
     serial: Arc<Mutex<Serial>>,
@@ -251,7 +252,7 @@ impl Vmm {
         });
 
         Ok(Self {
-            vm,
+            _vm: vm,
             vcpus,
             exit,
             serial,
@@ -290,16 +291,24 @@ impl Vmm {
         // per device fd (re-registered when a device activates or resets).
         self.watch_queues(&epoll, true).map_err(io_err("epoll"))?;
         let mut device_fds: Vec<Vec<RawFd>> = vec![Vec::new(); self.virtio.handlers.len()];
-        let mut stdin_watched = false;
-        if self.console_input {
-            // Regular files and /dev/null cannot be watched: there is no input to wait for.
-            stdin_watched = add(0, TOKEN_STDIN).is_ok();
-            if stdin_watched {
-                terminal::enter_raw_mode();
-            }
+        // Console input: our own descriptor for stdin. Regular files and /dev/null cannot be
+        // watched (there is no input to wait for); EOF or an error ends input for good.
+        let mut stdin = if self.console_input {
+            io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .ok()
+                .map(File::from)
+        } else {
+            None
+        };
+        let mut stdin_watched = stdin.is_some() && add(0, TOKEN_STDIN).is_ok();
+        if stdin_watched {
+            terminal::enter_raw_mode();
+        } else {
+            stdin = None;
         }
 
-        let _vm = &self.vm;
         for vcpu in self.vcpus.drain(..) {
             let start: Option<ThreadStart> = self.vcpu_start.clone().map(|f| {
                 let b: ThreadStart = Box::new(move |id, tid| f(id, tid));
@@ -310,7 +319,6 @@ impl Vmm {
         }
 
         let mut events = vec![EpollEvent::default(); 16];
-        let mut stdin = unsafe_stdin();
         let result = loop {
             if let Some(exit) = self.exit.take() {
                 break Ok(exit);
@@ -344,14 +352,22 @@ impl Vmm {
                         None => {}
                     },
                     TOKEN_STDIN => {
-                        if !self.forward_input(&mut stdin) {
+                        let state = match stdin.as_mut() {
+                            Some(f) => self.forward_input(f),
+                            None => Input::Ended,
+                        };
+                        if state != Input::More {
                             let _ = epoll.ctl(ControlOperation::Delete, 0, EpollEvent::default());
                             stdin_watched = false;
+                        }
+                        if state == Input::Ended {
+                            stdin = None;
                         }
                     }
                     TOKEN_SERIAL_DRAINED => {
                         let _ = self.serial_drained.read();
-                        if self.console_input && !stdin_watched {
+                        // Input waits while the UART's FIFO is full; resume once it drained.
+                        if stdin.is_some() && !stdin_watched {
                             stdin_watched = add(0, TOKEN_STDIN).is_ok();
                         }
                     }
@@ -452,14 +468,13 @@ impl Vmm {
             }
         } else {
             self.watch_queues(epoll, true)?;
-            for (dev, h) in self.virtio.handlers.iter().enumerate() {
+            for h in &self.virtio.handlers {
+                // Re-sync the device fds, and look at every queue once: notifications that
+                // came while paused are still counted in the eventfds, tap data is not.
                 let _ = h.fds_changed_evt().write(1);
-                // Notifications that came while paused are still counted in the eventfds;
-                // look at every queue once anyway.
-                for q in 0..h.queue_evts().len() {
-                    let _ = h.queue_evts()[q].write(1);
+                for evt in h.queue_evts() {
+                    let _ = evt.write(1);
                 }
-                let _ = dev;
             }
             self.control.resume();
         }
@@ -582,34 +597,44 @@ impl Vmm {
         }
     }
 
-    /// Moves console input into the UART's FIFO. Returns false when stdin should stop being
-    /// watched: at EOF, on an error, or while the FIFO is full (resumed when it drains).
-    fn forward_input(&self, stdin: &mut File) -> bool {
+    /// Moves console input into the UART's FIFO (no input is read while the FIFO is full).
+    fn forward_input(&self, stdin: &mut File) -> Input {
         let mut serial = self
             .serial
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let room = serial.input_capacity();
         if room == 0 {
-            return false;
+            return Input::Full;
         }
         let mut buf = [0u8; 64];
         match stdin.read(&mut buf[..room.min(64)]) {
-            Ok(0) => false,
+            Ok(0) => Input::Ended,
             Ok(n) => {
                 if let Err(e) = serial.enqueue_input(&buf[..n]) {
                     log::warn!("console input dropped: {e}");
                 }
-                true
+                Input::More
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Input::More,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Input::More,
             Err(e) => {
                 log::warn!("console input: {e}");
-                false
+                Input::Ended
             }
         }
     }
+}
+
+/// What became of console input after a read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Input {
+    /// Keep reading.
+    More,
+    /// The UART's FIFO is full: wait until the guest drains it.
+    Full,
+    /// EOF or an error: no more input.
+    Ended,
 }
 
 const TOKEN_EXIT: u64 = 0;
@@ -677,21 +702,6 @@ fn console_output(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, VmmE
         ),
         ConsoleConfig::None => Box::new(io::sink()),
     })
-}
-
-/// stdin as a File without taking ownership of fd 0 away from the process.
-fn unsafe_stdin() -> File {
-    // SAFETY: dup returns a new descriptor that the File then owns.
-    let fd = unsafe { libc::dup(0) };
-    if fd < 0 {
-        // No stdin at all: a File on /dev/null reads EOF and is dropped from the loop.
-        return File::open("/dev/null").unwrap_or_else(|_| {
-            // SAFETY: fd 0 is at worst closed; reads then fail and stdin is unwatched.
-            unsafe { File::from_raw_fd(0) }
-        });
-    }
-    // SAFETY: fd is a fresh descriptor from dup.
-    unsafe { File::from(OwnedFd::from_raw_fd(fd)) }
 }
 
 /// Blocks SIGINT, SIGTERM, SIGHUP (stop) and SIGUSR1 (log vCPU registers) in this thread (and so in the vCPU threads spawned

@@ -51,13 +51,13 @@ pub fn register_kvm_run(run: *mut kvm_bindings::kvm_run) {
 /// What the VMM asks of all vCPUs, and the vCPUs' acknowledgements.
 pub struct VcpuControl {
     paused: Mutex<bool>,
+    /// Mirrors `paused` for the vCPUs' lock-free check after each exit.
+    pause_requested: AtomicBool,
     changed: Condvar,
     /// vCPUs currently parked (out of KVM_RUN and waiting).
     parked: AtomicUsize,
     parked_changed: Condvar,
     parked_lock: Mutex<()>,
-    /// Set once the VM is ending; parked vCPUs stay parked.
-    stopping: AtomicBool,
     threads: Mutex<Vec<libc::pthread_t>>,
     /// Bumped to ask every vCPU to log its registers (SIGUSR1).
     dump_generation: AtomicU64,
@@ -69,11 +69,11 @@ impl Default for VcpuControl {
     fn default() -> Self {
         Self {
             paused: Mutex::new(false),
+            pause_requested: AtomicBool::new(false),
             changed: Condvar::new(),
             parked: AtomicUsize::new(0),
             parked_changed: Condvar::new(),
             parked_lock: Mutex::new(()),
-            stopping: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
             dump_generation: AtomicU64::new(0),
             exits: AtomicU64::new(0),
@@ -106,6 +106,7 @@ impl VcpuControl {
     /// Stops every vCPU outside KVM_RUN; returns once all `n` are parked.
     pub fn pause(&self, n: usize) {
         *self.paused.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.pause_requested.store(true, Ordering::Release);
         self.kick_all();
         let mut g = self
             .parked_lock
@@ -144,6 +145,7 @@ impl VcpuControl {
 
     pub fn resume(&self) {
         *self.paused.lock().unwrap_or_else(PoisonError::into_inner) = false;
+        self.pause_requested.store(false, Ordering::Release);
         self.changed.notify_all();
     }
 
@@ -153,6 +155,10 @@ impl VcpuControl {
 
     /// On the vCPU thread after an exit: parks while paused.
     pub fn park_if_paused(&self) {
+        // The common case on every exit: one atomic load, no lock.
+        if !self.pause_requested.load(Ordering::Acquire) {
+            return;
+        }
         let mut paused = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
         if !*paused {
             return;
@@ -165,7 +171,7 @@ impl VcpuControl {
                 .unwrap_or_else(PoisonError::into_inner);
             self.parked_changed.notify_all();
         }
-        while *paused || self.stopping.load(Ordering::SeqCst) {
+        while *paused {
             paused = self
                 .changed
                 .wait(paused)
