@@ -45,6 +45,7 @@ fn build(pending: &PendingConfig, id: &str) -> Result<(Vmm, ApiContextParts), Ap
         .map(|n| crate::config::NetConfig {
             tap: n.host_dev_name.clone(),
             mac: n.guest_mac.as_ref().map(|m| m.to_string()),
+            offload: n.offload.unwrap_or(true),
         })
         .collect();
     config

@@ -6,6 +6,7 @@ use crate::arch::x86_64::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_SIZE, VIRTIO_MMI
 use crate::config::{io_reason, DiskConfig, DiskFormat, NetConfig};
 use crate::vstate::vm::Vm;
 use kvm_ioctls::IoEventAddress;
+use std::any::Any;
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
@@ -16,7 +17,7 @@ use wisp_devices::disk::qcow2::{self, Qcow2};
 use wisp_devices::disk::raw::RawFile;
 use wisp_devices::interrupt::IrqFd;
 use wisp_devices::tap::Tap;
-use wisp_devices::virtio::block::Block;
+use wisp_devices::virtio::block::{Block, Disk};
 use wisp_devices::virtio::net::Net;
 use wisp_devices::virtio::{MmioTransport, VirtioDevice, VirtioEventHandler, NOTIFY_REG_OFFSET};
 
@@ -106,16 +107,36 @@ pub fn open_net(net: &NetConfig) -> Result<Net, DeviceError> {
         reason,
     };
     let tap = Tap::open(&net.tap).map_err(|e| err(e.to_string()))?;
-    Net::new(tap, net.mac_bytes(), None).map_err(|e| err(e.to_string()))
+    let dev = Net::new(tap, net.mac_bytes(), None).map_err(|e| err(e.to_string()))?;
+    Ok(if net.offload {
+        dev
+    } else {
+        dev.without_offloads()
+    })
 }
 
 /// Opens a disk image as its format says (probing when none was given) and wraps it in a
 /// virtio-blk device.
 pub fn open_disk(disk: &DiskConfig) -> Result<Block, DeviceError> {
-    let err = |reason: String| DeviceError::Disk {
+    let block = match open_medium(disk)? {
+        Disk::Raw(raw) => Block::new_raw(raw, disk.serial.clone(), disk.readonly),
+        Disk::Generic(image) => Block::new(image, disk.serial.clone(), disk.readonly),
+    };
+    block.map_err(|e| disk_error(disk, e.to_string()))
+}
+
+fn disk_error(disk: &DiskConfig, reason: String) -> DeviceError {
+    DeviceError::Disk {
         path: disk.path.clone(),
         reason,
-    };
+    }
+}
+
+/// Opens the image `disk` names, with the rules of boot time: the format given, or probed
+/// (a probed qcow2 image that names a backing file is refused), read-only as the drive is,
+/// locked against other writers.
+fn open_medium(disk: &DiskConfig) -> Result<Disk, DeviceError> {
+    let err = |reason: String| disk_error(disk, reason);
     let format = match disk.format {
         Some(f) => f,
         None => {
@@ -126,10 +147,10 @@ pub fn open_disk(disk: &DiskConfig) -> Result<Block, DeviceError> {
             }
         }
     };
-    let block = match format {
+    match format {
         DiskFormat::Raw => {
             let raw = RawFile::open(&disk.path, disk.readonly).map_err(|e| err(e.to_string()))?;
-            Block::new_raw(raw, disk.serial.clone(), disk.readonly)
+            Ok(Disk::Raw(raw))
         }
         DiskFormat::Qcow2 => {
             // Qcow2::open takes the image lock (and shared locks on its backing files).
@@ -141,8 +162,25 @@ pub fn open_disk(disk: &DiskConfig) -> Result<Block, DeviceError> {
                         .into(),
                 ));
             }
-            Block::new(Box::new(image), disk.serial.clone(), disk.readonly)
+            Ok(Disk::Generic(Box::new(image)))
         }
-    };
-    block.map_err(|e| err(e.to_string()))
+    }
+}
+
+/// Media change on a running VM (`PATCH /drives`), on the event loop between two requests:
+/// opens `disk` with the rules of [`open_disk`], flushes and closes the old medium, and tells
+/// the driver (new capacity, ConfigGeneration, configuration change interrupt). On any error
+/// the old medium stays in place. Returns the new capacity in 512-byte sectors.
+pub fn change_medium(device: &VirtioEventHandler, disk: &DiskConfig) -> Result<u64, DeviceError> {
+    let medium = open_medium(disk)?;
+    device.change_config(|dev| {
+        let dev: &mut dyn Any = dev;
+        let block = dev
+            .downcast_mut::<Block>()
+            .ok_or_else(|| disk_error(disk, "the device is not a virtio-blk disk".into()))?;
+        block
+            .change_medium(medium)
+            .map_err(|e| disk_error(disk, e.to_string()))?;
+        Ok(block.capacity_sectors())
+    })
 }

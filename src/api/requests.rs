@@ -356,6 +356,16 @@ pub enum CacheType {
 }
 
 impl Drive {
+    /// The disk the VM builder opens for this drive.
+    pub fn disk_config(&self) -> crate::config::DiskConfig {
+        crate::config::DiskConfig {
+            path: self.path_on_host.clone(),
+            readonly: self.is_read_only,
+            serial: self.serial.clone(),
+            format: self.format,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ApiFault> {
         check_id("drive_id", &self.drive_id)?;
         non_empty_path("path_on_host", &self.path_on_host)?;
@@ -442,6 +452,9 @@ pub struct NetworkInterface {
     /// Not supported: refused when given (not null).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<serde_json::Value>,
+    /// wisp: checksum and segmentation offloads offered to the guest (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<bool>,
 }
 
 impl NetworkInterface {

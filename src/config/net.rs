@@ -1,4 +1,4 @@
-//! Network interfaces: `--net tap=NAME[,mac=52:54:00:12:34:56]`.
+//! Network interfaces: `--net tap=NAME[,mac=52:54:00:12:34:56][,offload=off]`.
 
 use super::ConfigError;
 use serde::{Deserialize, Serialize};
@@ -15,6 +15,18 @@ pub struct NetConfig {
     /// name when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// Checksum and segmentation offloads offered to the guest (and mirrored to the tap);
+    /// on unless turned off.
+    #[serde(default = "offload_default", skip_serializing_if = "is_true")]
+    pub offload: bool,
+}
+
+fn offload_default() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl NetConfig {
@@ -26,6 +38,7 @@ impl NetConfig {
         let mut net = NetConfig {
             tap: String::new(),
             mac: None,
+            offload: true,
         };
         for part in s.split(',') {
             let (key, value) = part
@@ -34,7 +47,14 @@ impl NetConfig {
             match key {
                 "tap" => net.tap = value.to_string(),
                 "mac" => net.mac = Some(value.to_string()),
-                _ => return Err(bad(format!("unknown key {key:?} (tap, mac)"))),
+                "offload" => {
+                    net.offload = match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad(format!("offload={value}: use on or off"))),
+                    }
+                }
+                _ => return Err(bad(format!("unknown key {key:?} (tap, mac, offload)"))),
             }
         }
         net.validate().map_err(|e| match e {
@@ -97,6 +117,8 @@ mod tests {
         assert_eq!(n.tap, "wisp0");
         assert_eq!(n.mac_bytes(), Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
         assert_eq!(NetConfig::parse("tap=t").unwrap().mac, None);
+        assert!(NetConfig::parse("tap=t").unwrap().offload);
+        assert!(!NetConfig::parse("tap=t,offload=off").unwrap().offload);
     }
 
     #[test]
@@ -108,6 +130,7 @@ mod tests {
             ("tap=t,mac=52:54:00:12:34", "mac=52:54:00:12:34"),
             ("tap=t,mac=01:00:5e:00:00:01", "use six hex bytes"),
             ("tap=t,queues=2", "unknown key"),
+            ("tap=t,offload=no", "use on or off"),
         ] {
             let e = NetConfig::parse(spec).unwrap_err().to_string();
             assert!(e.contains(want), "{spec}: {e}");

@@ -412,6 +412,116 @@ impl TestNetns {
     }
 }
 
+impl TestNetns {
+    /// dnsmasq serving DHCP on `tap` inside the namespace, leasing `addr` only.
+    pub fn dnsmasq(&self, tap: &str, addr: &str, dir: &Path) -> Child {
+        let mut dnsmasq = self
+            .command("dnsmasq")
+            // dnsmasq takes long options only as --opt=value.
+            .args(["--no-daemon", "--port=0", "--bind-interfaces"])
+            .arg(format!("--interface={tap}"))
+            .arg(format!("--dhcp-range={addr},{addr},1h"))
+            .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq");
+        // A dnsmasq that refused its options is gone at once; say so rather than wait for
+        // DHCP.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            dnsmasq.try_wait().unwrap().is_none(),
+            "dnsmasq exited at start"
+        );
+        dnsmasq
+    }
+
+    /// The host end of a guest's TCP transfers (the init's net scenario): receives `kib`
+    /// KiB on `ip`:9000, then sends `kib` KiB of random data on `ip`:9001.
+    pub fn tcp_peer(&self, ip: &str, kib: u64, dir: &Path) -> TcpPeer {
+        let to_guest = dir.join("to_guest.bin");
+        run_ok(
+            "dd",
+            &[
+                "if=/dev/urandom",
+                &format!("of={}", to_guest.display()),
+                "bs=1024",
+                &format!("count={kib}"),
+                "status=none",
+            ],
+        );
+        let from_guest = dir.join("from_guest.bin");
+        let script = format!(
+            r#"
+import socket
+rx = socket.socket(); rx.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); rx.bind(("{ip}", 9000)); rx.listen(1)
+tx = socket.socket(); tx.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); tx.bind(("{ip}", 9001)); tx.listen(1)
+rx.settimeout(1500); tx.settimeout(1500)
+c, _ = rx.accept(); c.settimeout(600)
+want = {bytes}; got = b""
+while len(got) < want:
+    d = c.recv(65536)
+    if not d: break
+    got += d
+open("{out}", "wb").write(got); c.close()
+c, _ = tx.accept(); c.sendall(open("{inp}", "rb").read()); c.close()
+"#,
+            bytes = kib * 1024,
+            out = from_guest.display(),
+            inp = to_guest.display()
+        );
+        let mut child = self
+            .command("python3")
+            .arg("-")
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        TcpPeer {
+            child,
+            to_guest,
+            from_guest,
+        }
+    }
+}
+
+pub struct TcpPeer {
+    child: Child,
+    to_guest: PathBuf,
+    from_guest: PathBuf,
+}
+
+impl TcpPeer {
+    /// What the guest sent arrived intact, and the guest got what was sent to it (the
+    /// checksums the guest printed against the files on the host).
+    pub fn assert_intact(mut self, console: &str) {
+        let _ = self.child.wait();
+        assert_eq!(
+            lines_with(console, "WISP-INIT: net_tx_sha256="),
+            vec![sha256_hex(&self.from_guest)],
+            "guest -> host"
+        );
+        assert_eq!(
+            lines_with(console, "WISP-INIT: net_rx_sha256="),
+            vec![sha256_hex(&self.to_guest)],
+            "host -> guest"
+        );
+    }
+}
+
+impl Drop for TcpPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for TestNetns {
     fn drop(&mut self) {
         // Processes still inside (dnsmasq, listeners) go first, then the namespace.
@@ -441,4 +551,46 @@ pub fn linux_boot_slot() -> std::sync::MutexGuard<'static, ()> {
     static SLOT: Mutex<()> = Mutex::new(());
     SLOT.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Writes `out`: a disk with an MBR partition table (disk signature `signature`, so the
+/// partition's PARTUUID is `{signature:08x}-01`) whose one Linux partition (type 0x83)
+/// starts at 1 MiB and holds the bytes of `fs`. No loop device, no partitioning tool.
+pub fn mbr_disk(fs: &Path, out: &Path, signature: u32) {
+    const START_LBA: u64 = 2048;
+    let fs_len = std::fs::metadata(fs).expect("filesystem image").len();
+    let sectors = fs_len.div_ceil(512);
+    let mut mbr = [0u8; 512];
+    mbr[440..444].copy_from_slice(&signature.to_le_bytes());
+    let entry = &mut mbr[446..462];
+    entry[0] = 0x00; // not bootable
+    entry[1..4].copy_from_slice(&[0xfe, 0xff, 0xff]); // CHS unused: LBA only
+    entry[4] = 0x83;
+    entry[5..8].copy_from_slice(&[0xfe, 0xff, 0xff]);
+    entry[8..12].copy_from_slice(&(START_LBA as u32).to_le_bytes());
+    entry[12..16].copy_from_slice(&(sectors as u32).to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xaa;
+    let mut f = std::fs::File::create(out).expect("create partitioned disk");
+    use std::io::Write as _;
+    f.write_all(&mbr).unwrap();
+    f.set_len(START_LBA * 512).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(START_LBA * 512)).unwrap();
+    std::io::copy(&mut std::fs::File::open(fs).unwrap(), &mut f).unwrap();
+    f.set_len((START_LBA + sectors) * 512).unwrap();
+}
+
+/// Copies `len` bytes at `offset` of `disk` into `out` (a partition, for debugfs/e2fsck).
+pub fn extract(disk: &Path, offset: u64, len: u64, out: &Path) {
+    use std::io::{Read as _, Seek as _};
+    let mut f = std::fs::File::open(disk).expect("disk");
+    f.seek(std::io::SeekFrom::Start(offset)).unwrap();
+    let mut o = std::fs::File::create(out).unwrap();
+    std::io::copy(&mut f.take(len), &mut o).unwrap();
+}
+
+/// The SHA-256 of a file, as sha256sum prints it.
+pub fn sha256_hex(path: &Path) -> String {
+    let out = run_ok("sha256sum", &[path.to_str().unwrap()]);
+    out.split_whitespace().next().unwrap().to_string()
 }

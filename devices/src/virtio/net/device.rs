@@ -164,6 +164,16 @@ struct Rx {
     notify: bool,
 }
 
+/// Every checksum and segmentation offload the device offers.
+pub const OFFLOAD_FEATURES: u64 = net::CSUM
+    | net::GUEST_CSUM
+    | net::GUEST_TSO4
+    | net::GUEST_TSO6
+    | net::GUEST_ECN
+    | net::HOST_TSO4
+    | net::HOST_TSO6
+    | net::HOST_ECN;
+
 /// A virtio-net device over a tap.
 pub struct Net {
     tap: Tap,
@@ -232,6 +242,14 @@ impl Net {
             },
             descs: Vec::new(),
         })
+    }
+
+    /// Offers no checksum or segmentation offload: the guest then sends and receives only
+    /// complete, checksummed frames no larger than the MTU, and the tap's offloads stay off.
+    /// For guests whose offload paths are suspect, and to measure what offloads buy.
+    pub fn without_offloads(mut self) -> Net {
+        self.features &= !OFFLOAD_FEATURES;
+        self
     }
 
     pub fn mac(&self) -> [u8; 6] {

@@ -577,6 +577,37 @@ fn config_space_has_mac_link_up_and_mtu() {
 }
 
 #[test]
+fn offloads_can_be_left_unoffered() {
+    let ns = Netns::new();
+    let tap = ns.enter(|| Tap::open("wtap0").unwrap());
+    let mut d = Driver::new(Box::new(
+        Net::new(tap, Some(GUEST_MAC), None)
+            .unwrap()
+            .without_offloads(),
+    ));
+    let f = d.device_features();
+    for (name, bit) in [
+        ("CSUM", netf::CSUM),
+        ("GUEST_CSUM", netf::GUEST_CSUM),
+        ("GUEST_TSO4", netf::GUEST_TSO4),
+        ("GUEST_TSO6", netf::GUEST_TSO6),
+        ("HOST_TSO4", netf::HOST_TSO4),
+        ("HOST_TSO6", netf::HOST_TSO6),
+    ] {
+        assert_eq!(f & bit, 0, "{name} offered");
+    }
+    // Everything else is still there.
+    for bit in [
+        netf::MAC,
+        netf::STATUS,
+        netf::MRG_RXBUF,
+        features::VERSION_1,
+    ] {
+        assert_ne!(f & bit, 0);
+    }
+}
+
+#[test]
 fn generated_mac_is_stable_local_unicast_and_per_name() {
     let ns = Netns::new();
     let (a, b, c) = ns.enter(|| {

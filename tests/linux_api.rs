@@ -1,0 +1,205 @@
+//! Tier 3 through the control API, as a node agent drives it: the test kernel configured over
+//! the socket with a root disk (an MBR-partitioned image, found by PARTUUID, no initramfs) and
+//! a NIC with offloads turned off (wisp's `offload` extension), booted, running the same disk
+//! and network scenarios as from the CLI, and shut down cleanly by `SendCtrlAltDel` (the
+//! i8042 key sequence, the kernel's keyboard driver, init's SIGINT handler, poweroff).
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const TAP: &str = "wtap0";
+const GUEST_MAC: &str = "52:54:00:aa:bb:11";
+const DISK_SIGNATURE: u32 = 0x7769_7370;
+
+/// One API call with curl over the Unix socket; returns (status, body).
+fn api(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "30", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(sock)
+        .args(["-X", method, &format!("http://localhost{path}")])
+        .args(if body.is_empty() {
+            vec![]
+        } else {
+            vec!["-H", "Content-Type: application/json", "-d", body]
+        })
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn api_ok(sock: &Path, method: &str, path: &str, body: &str) {
+    let (status, answer) = api(sock, method, path, body);
+    assert!(
+        (200..300).contains(&status),
+        "{method} {path} {body}: {status} {answer}"
+    );
+}
+
+#[test]
+fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
+    if !kvm_available("linux_booted_through_the_api_shuts_down_on_ctrl_alt_del") {
+        return;
+    }
+    let kib = if pvm_host() { 256 } else { 64 * 1024 };
+    let dir = std::env::temp_dir().join(format!("wisp-linux-api-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // The root filesystem image in partition 1 of an MBR disk.
+    let rootfs = image("rootfs.ext4");
+    let disk = dir.join("root-disk.raw");
+    mbr_disk(&rootfs, &disk, DISK_SIGNATURE);
+
+    let ns = TestNetns::new("t3api");
+    ns.add_tap(TAP, "10.0.0.1/24");
+    let mut dnsmasq = ns.dnsmasq(TAP, "10.0.0.2", &dir);
+    let peer = ns.tcp_peer("10.0.0.1", kib, &dir);
+
+    let _slot = linux_boot_slot();
+    let sock = dir.join("api.sock");
+    let mut w = Wisp::spawn_cmd(ns.command(wisp_bin()).args([
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--id",
+        "linux-api",
+    ]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(std::time::Instant::now() < deadline, "API socket never up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let boot_args = format!(
+        "console=ttyS0 panic=-1 ip=:::::eth0:dhcp \
+         wisp.scenario=info,rootfs,net,cad wisp.peer=10.0.0.1 wisp.nc_kib={kib}"
+    );
+    api_ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path": "{}", "boot_args": "{boot_args}"}}"#,
+            image("vmlinux").display()
+        ),
+    );
+    api_ok(
+        &sock,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 256}"#,
+    );
+    api_ok(
+        &sock,
+        "PUT",
+        "/drives/rootfs",
+        &format!(
+            r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true,
+                 "is_read_only": false, "partuuid": "{DISK_SIGNATURE:08x}-01", "format": "raw"}}"#,
+            disk.display()
+        ),
+    );
+    api_ok(
+        &sock,
+        "PUT",
+        "/network-interfaces/eth0",
+        &format!(
+            r#"{{"iface_id": "eth0", "host_dev_name": "{TAP}", "guest_mac": "{GUEST_MAC}",
+                 "offload": false}}"#
+        ),
+    );
+    api_ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+
+    w.wait_for(
+        "WISP-INIT: waiting for ctrl-alt-del",
+        Duration::from_secs(1500),
+    );
+    let (status, info) = api(&sock, "GET", "/", "");
+    assert_eq!(status, 200);
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["state"], "Running", "{info}");
+    api_ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "SendCtrlAltDel"}"#,
+    );
+    let f = w.wait(Duration::from_secs(300));
+    let out = &f.stdout;
+    assert_eq!(f.code(), Some(0), "console:\n{out}\nstderr:\n{}", f.stderr);
+    assert!(
+        out.contains("WISP-INIT: ctrl-alt-del received, shutting down"),
+        "{out}"
+    );
+    for scenario in ["info", "rootfs", "net"] {
+        assert!(
+            out.contains(&format!("WISP-INIT: scenario {scenario} ok")),
+            "scenario {scenario} failed:\n{out}"
+        );
+    }
+
+    // The root filesystem is partition 1 of the drive (PARTUUID), read-write, no initramfs;
+    // the guest's file is in it.
+    assert!(out.contains(" vda: vda1"), "{out}");
+    assert_eq!(lines_with(out, "WISP-INIT: root_dev="), vec!["vda1"]);
+    assert_eq!(lines_with(out, "WISP-INIT: root_mode="), vec!["rw"]);
+    let part = dir.join("root-part.ext4");
+    extract(
+        &disk,
+        2048 * 512,
+        std::fs::metadata(&rootfs).unwrap().len(),
+        &part,
+    );
+    let dumped = dir.join("guest-root.txt");
+    run_ok(
+        "debugfs",
+        &[
+            "-R",
+            &format!("dump /guest-root.txt {}", dumped.display()),
+            part.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(&dumped).unwrap(),
+        "written-by-the-guest\n"
+    );
+    let fsck = Command::new("e2fsck")
+        .args(["-fn", part.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck after the clean shutdown: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+
+    // The NIC: DHCP, the MAC given over the API, no offloads negotiated, TCP intact.
+    assert!(out.contains("IP-Config: Got DHCP answer"), "{out}");
+    assert_eq!(lines_with(out, "WISP-INIT: net_addr="), vec!["10.0.0.2/24"]);
+    assert_eq!(lines_with(out, "WISP-INIT: net_mac_eth0="), vec![GUEST_MAC]);
+    let features = lines_with(out, "WISP-INIT: net_features_eth0=");
+    assert_eq!(features.len(), 1, "{out}");
+    for bit in [0, 1, 7, 8, 11, 12] {
+        assert_eq!(
+            features[0].as_bytes()[bit],
+            b'0',
+            "offload bit {bit} negotiated: {features:?}"
+        );
+    }
+    assert_eq!(features[0].as_bytes()[15], b'1', "MRG_RXBUF: {features:?}");
+    peer.assert_intact(out);
+
+    let _ = dnsmasq.kill();
+    let _ = dnsmasq.wait();
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&dir);
+}
