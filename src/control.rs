@@ -45,6 +45,8 @@ fn build(pending: &PendingConfig, id: &str) -> Result<(Vmm, ApiContextParts), Ap
         .map(|n| crate::config::NetConfig {
             tap: n.host_dev_name.clone(),
             mac: n.guest_mac.as_ref().map(|m| m.to_string()),
+            // validate() kept it in u16 range.
+            mtu: n.mtu.and_then(|m| u16::try_from(m).ok()),
             offload: n.offload.unwrap_or(true),
         })
         .collect();

@@ -107,7 +107,10 @@ pub fn open_net(net: &NetConfig) -> Result<Net, DeviceError> {
         reason,
     };
     let tap = Tap::open(&net.tap).map_err(|e| err(e.to_string()))?;
-    let dev = Net::new(tap, net.mac_bytes(), None).map_err(|e| err(e.to_string()))?;
+    if let Some(mtu) = net.mtu {
+        tap.set_mtu(mtu).map_err(|e| err(e.to_string()))?;
+    }
+    let dev = Net::new(tap, net.mac_bytes(), net.mtu).map_err(|e| err(e.to_string()))?;
     Ok(if net.offload {
         dev
     } else {

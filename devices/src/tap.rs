@@ -61,6 +61,12 @@ pub enum TapError {
         flags: u32,
         source: io::Error,
     },
+    #[error("tap {name:?}: cannot set MTU {mtu}: {source}")]
+    SetMtu {
+        name: String,
+        mtu: u16,
+        source: io::Error,
+    },
 }
 
 /// struct ifreq with the flags member of its union (linux/if.h); 40 bytes on x86_64.
@@ -79,6 +85,14 @@ impl IfReq {
             _pad: [0; 22],
         }
     }
+}
+
+/// `struct ifreq` with its `ifr_mtu` member.
+#[repr(C)]
+struct IfReqMtu {
+    name: [u8; libc::IFNAMSIZ],
+    mtu: libc::c_int,
+    _pad: [u8; 20],
 }
 
 /// An open tap device.
@@ -215,6 +229,35 @@ impl Tap {
                 size,
                 source: io::Error::last_os_error(),
             });
+        }
+        Ok(())
+    }
+
+    /// Sets the interface's MTU (SIOCSIFMTU), so the host end takes the frames a guest told
+    /// of that MTU sends.
+    pub fn set_mtu(&self, mtu: u16) -> Result<(), TapError> {
+        let err = |source| TapError::SetMtu {
+            name: self.name.clone(),
+            mtu,
+            source,
+        };
+        // SAFETY: a plain socket call; the result is checked.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh fd nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut req = IfReqMtu {
+            name: [0; libc::IFNAMSIZ],
+            mtu: libc::c_int::from(mtu),
+            _pad: [0; 20],
+        };
+        req.name[..self.name.len()].copy_from_slice(self.name.as_bytes());
+        // SAFETY: SIOCSIFMTU reads a struct ifreq, which `req` is laid out as.
+        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU, &req) };
+        if r < 0 {
+            return Err(err(io::Error::last_os_error()));
         }
         Ok(())
     }

@@ -443,7 +443,7 @@ pub struct NetworkInterface {
     pub host_dev_name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<MacAddr>,
-    /// Not supported yet (VIRTIO_NET_F_MTU): refused when given.
+    /// The MTU told to the guest (VIRTIO_NET_F_MTU) and set on the tap, 68 to 65535.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
     /// Not supported: refused when given (not null).
@@ -470,10 +470,13 @@ impl NetworkInterface {
                 "host_dev_name: {n:?} is not an interface name (1 to {MAX_IFNAME_LEN} bytes, no '/' or whitespace)"
             )));
         }
-        if self.mtu.is_some() {
-            return Err(ApiFault::bad_request(
-                "mtu: not supported by wisp yet; leave it out (the guest uses its default MTU)",
-            ));
+        if let Some(mtu) = self.mtu {
+            if !(crate::config::MIN_MTU as u32..=u16::MAX as u32).contains(&mtu) {
+                return Err(ApiFault::bad_request(format!(
+                    "mtu: {mtu} is out of range ({} to 65535)",
+                    crate::config::MIN_MTU
+                )));
+            }
         }
         if self.rx_rate_limiter.is_some() || self.tx_rate_limiter.is_some() {
             let f = if self.rx_rate_limiter.is_some() {
@@ -593,6 +596,17 @@ impl LoggerConfig {
             non_empty_path("log_path", p)?;
         }
         Ok(())
+    }
+
+    /// The change to wisp's log; fields left out keep their current value.
+    pub fn to_settings(&self) -> crate::logger::LogSettings {
+        crate::logger::LogSettings {
+            path: self.log_path.clone(),
+            level: self.level.map(LogLevel::to_level_filter),
+            show_level: self.show_level,
+            show_origin: self.show_log_origin,
+            module: self.module.clone(),
+        }
     }
 }
 

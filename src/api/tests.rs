@@ -506,10 +506,10 @@ fn actions_vm_state_logger_metrics_cgroup() {
         &fault(
             "PUT",
             "/network-interfaces/eth0",
-            r#"{"iface_id": "eth0", "host_dev_name": "tap0", "mtu": 9000}"#,
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0", "mtu": 67}"#,
         ),
         400,
-        "mtu: not supported",
+        "mtu: 67 is out of range",
     );
     assert_eq!(
         req("PUT", "/metrics", r#"{"metrics_path": "/tmp/m"}"#).unwrap(),

@@ -1,7 +1,10 @@
-//! Network interfaces: `--net tap=NAME[,mac=52:54:00:12:34:56][,offload=off]`.
+//! Network interfaces: `--net tap=NAME[,mac=52:54:00:12:34:56][,mtu=N][,offload=off]`.
 
 use super::ConfigError;
 use serde::{Deserialize, Serialize};
+
+/// The smallest MTU an IPv4 host must take (RFC 791).
+pub const MIN_MTU: u16 = 68;
 
 /// A Linux interface name holds at most IFNAMSIZ - 1 bytes.
 pub const MAX_TAP_NAME_LEN: usize = 15;
@@ -15,6 +18,10 @@ pub struct NetConfig {
     /// name when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// The MTU told to the guest (VIRTIO_NET_F_MTU) and set on the tap; the tap's own when
+    /// not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
     /// Checksum and segmentation offloads offered to the guest (and mirrored to the tap);
     /// on unless turned off.
     #[serde(default = "offload_default", skip_serializing_if = "is_true")]
@@ -38,6 +45,7 @@ impl NetConfig {
         let mut net = NetConfig {
             tap: String::new(),
             mac: None,
+            mtu: None,
             offload: true,
         };
         for part in s.split(',') {
@@ -47,6 +55,13 @@ impl NetConfig {
             match key {
                 "tap" => net.tap = value.to_string(),
                 "mac" => net.mac = Some(value.to_string()),
+                "mtu" => {
+                    net.mtu = Some(
+                        value
+                            .parse()
+                            .map_err(|_| bad(format!("mtu={value}: not a number up to 65535")))?,
+                    )
+                }
                 "offload" => {
                     net.offload = match value {
                         "on" => true,
@@ -54,7 +69,7 @@ impl NetConfig {
                         _ => return Err(bad(format!("offload={value}: use on or off"))),
                     }
                 }
-                _ => return Err(bad(format!("unknown key {key:?} (tap, mac, offload)"))),
+                _ => return Err(bad(format!("unknown key {key:?} (tap, mac, mtu, offload)"))),
             }
         }
         net.validate().map_err(|e| match e {
@@ -77,6 +92,11 @@ impl NetConfig {
                 "{:?} is not a valid interface name (at most {MAX_TAP_NAME_LEN} bytes, no '/' or spaces)",
                 self.tap
             )));
+        }
+        if let Some(mtu) = self.mtu {
+            if mtu < MIN_MTU {
+                return Err(bad(format!("mtu={mtu}: at least {MIN_MTU}")));
+            }
         }
         if let Some(mac) = &self.mac {
             parse_mac(mac)
@@ -119,6 +139,7 @@ mod tests {
         assert_eq!(NetConfig::parse("tap=t").unwrap().mac, None);
         assert!(NetConfig::parse("tap=t").unwrap().offload);
         assert!(!NetConfig::parse("tap=t,offload=off").unwrap().offload);
+        assert_eq!(NetConfig::parse("tap=t,mtu=9000").unwrap().mtu, Some(9000));
     }
 
     #[test]
@@ -131,6 +152,8 @@ mod tests {
             ("tap=t,mac=01:00:5e:00:00:01", "use six hex bytes"),
             ("tap=t,queues=2", "unknown key"),
             ("tap=t,offload=no", "use on or off"),
+            ("tap=t,mtu=67", "at least 68"),
+            ("tap=t,mtu=big", "not a number"),
         ] {
             let e = NetConfig::parse(spec).unwrap_err().to_string();
             assert!(e.contains(want), "{spec}: {e}");

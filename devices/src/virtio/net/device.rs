@@ -207,14 +207,7 @@ impl Net {
             | features::RING_INDIRECT_DESC
             | net::MAC
             | net::STATUS
-            | net::CSUM
-            | net::GUEST_CSUM
-            | net::GUEST_TSO4
-            | net::GUEST_TSO6
-            | net::GUEST_ECN
-            | net::HOST_TSO4
-            | net::HOST_TSO6
-            | net::HOST_ECN
+            | OFFLOAD_FEATURES
             | net::MRG_RXBUF;
         let mut config = [0u8; CONFIG_LEN];
         config[0..6].copy_from_slice(&mac);

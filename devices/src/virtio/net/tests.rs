@@ -577,6 +577,22 @@ fn config_space_has_mac_link_up_and_mtu() {
 }
 
 #[test]
+fn tap_mtu_is_set_on_the_host_end() {
+    let ns = Netns::new();
+    let tap = ns.enter(|| Tap::open("wtap0").unwrap());
+    ns.enter(|| tap.set_mtu(9000)).unwrap();
+    let out = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "-o", "link", "show", "wtap0"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" mtu 9000 "), "{text}");
+    // Below what the kernel takes for an Ethernet device: a clear error, the MTU unchanged.
+    let e = ns.enter(|| tap.set_mtu(40)).unwrap_err().to_string();
+    assert!(e.contains("cannot set MTU 40"), "{e}");
+}
+
+#[test]
 fn offloads_can_be_left_unoffered() {
     let ns = Netns::new();
     let tap = ns.enter(|| Tap::open("wtap0").unwrap());
