@@ -1,12 +1,56 @@
-//! A small logger to stderr: `wisp: LEVEL: message`. The level comes from --log-level or
-//! WISP_LOG (error, warn, info, debug, trace).
+//! wisp's log: `wisp: LEVEL: message` lines, to stderr until `PUT /logger` names a file or a
+//! named pipe. The level comes from --log-level or WISP_LOG (error, warn, info, debug,
+//! trace), and `PUT /logger` may change it.
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
+use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
-struct StderrLogger;
+#[derive(Debug, thiserror::Error)]
+pub enum LoggerError {
+    #[error("log_path: {}: {reason}", path.display())]
+    Open { path: PathBuf, reason: String },
+}
 
-impl Log for StderrLogger {
+/// A change of the log's settings; `None` keeps what is set.
+#[derive(Debug, Clone, Default)]
+pub struct LogSettings {
+    /// A file (appended to, created if missing) or a named pipe.
+    pub path: Option<PathBuf>,
+    pub level: Option<LevelFilter>,
+    /// `LEVEL: ` before the message (on by default).
+    pub show_level: Option<bool>,
+    /// `file:line: ` of the log statement before the message (off by default).
+    pub show_origin: Option<bool>,
+    /// Only lines from this module path and below (e.g. `wisp::vmm`).
+    pub module: Option<String>,
+}
+
+struct Sink {
+    /// None: stderr.
+    file: Option<File>,
+    show_level: bool,
+    show_origin: bool,
+    module: Option<String>,
+}
+
+static SINK: Mutex<Sink> = Mutex::new(Sink {
+    file: None,
+    show_level: true,
+    show_origin: false,
+    module: None,
+});
+
+fn sink() -> std::sync::MutexGuard<'static, Sink> {
+    SINK.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+struct WispLogger;
+
+impl Log for WispLogger {
     fn enabled(&self, metadata: &Metadata) -> bool {
         metadata.level() <= log::max_level()
     }
@@ -15,20 +59,44 @@ impl Log for StderrLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let level = match record.level() {
-            Level::Error => "error",
-            Level::Warn => "warning",
-            Level::Info => "info",
-            Level::Debug => "debug",
-            Level::Trace => "trace",
+        let mut sink = sink();
+        if let Some(m) = &sink.module {
+            let path = record.module_path().unwrap_or("");
+            if !(path == m || path.starts_with(&format!("{m}::"))) {
+                return;
+            }
+        }
+        let mut line = String::from("wisp: ");
+        if sink.show_level {
+            line.push_str(match record.level() {
+                Level::Error => "error: ",
+                Level::Warn => "warning: ",
+                Level::Info => "info: ",
+                Level::Debug => "debug: ",
+                Level::Trace => "trace: ",
+            });
+        }
+        if sink.show_origin {
+            line.push_str(&format!(
+                "{}:{}: ",
+                record.file().unwrap_or("?"),
+                record.line().unwrap_or(0)
+            ));
+        }
+        line.push_str(&record.args().to_string());
+        line.push('\n');
+        // One write per line, so that lines from several threads do not interleave. A pipe
+        // that is full drops the line (it is non-blocking): logging never stalls the VMM.
+        let _ = match sink.file.as_mut() {
+            Some(f) => f.write_all(line.as_bytes()),
+            None => std::io::stderr().lock().write_all(line.as_bytes()),
         };
-        let _ = writeln!(std::io::stderr().lock(), "wisp: {level}: {}", record.args());
     }
 
     fn flush(&self) {}
 }
 
-static LOGGER: StderrLogger = StderrLogger;
+static LOGGER: WispLogger = WispLogger;
 
 pub fn init(level: Option<&str>) {
     let env = std::env::var("WISP_LOG").ok();
@@ -39,5 +107,110 @@ pub fn init(level: Option<&str>) {
         .unwrap_or(LevelFilter::Warn);
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(filter);
+    }
+}
+
+/// Applies `PUT /logger`: the destination is opened first, and on an error nothing changes.
+pub fn configure(settings: &LogSettings) -> Result<(), LoggerError> {
+    let file = settings.path.as_deref().map(open_destination).transpose()?;
+    // Installed here too when `init` never ran (tests, library users).
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(LevelFilter::Warn);
+    }
+    let mut sink = sink();
+    if let Some(f) = file {
+        sink.file = Some(f);
+    }
+    if let Some(v) = settings.show_level {
+        sink.show_level = v;
+    }
+    if let Some(v) = settings.show_origin {
+        sink.show_origin = v;
+    }
+    if let Some(m) = &settings.module {
+        sink.module = Some(m.clone());
+    }
+    if let Some(level) = settings.level {
+        log::set_max_level(level);
+    }
+    Ok(())
+}
+
+/// A named pipe is opened read-write and non-blocking, as Firecracker does: the open does not
+/// wait for a reader, and a full pipe never blocks a writer. Anything else is opened for
+/// appending and created if missing.
+fn open_destination(path: &Path) -> Result<File, LoggerError> {
+    let err = |reason: String| LoggerError::Open {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
+    let opened = if fifo {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+    } else {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+    };
+    opened.map_err(|e| err(crate::config::io_reason(&e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("wisp-logger-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn destination_errors_name_the_path_and_change_nothing() {
+        let dir = temp_dir("bad");
+        for bad in [dir.clone(), dir.join("missing/dir/wisp.log")] {
+            let e = configure(&LogSettings {
+                path: Some(bad.clone()),
+                level: Some(LevelFilter::Trace),
+                ..Default::default()
+            })
+            .unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.starts_with(&format!("log_path: {}: ", bad.display())),
+                "{msg}"
+            );
+            assert_ne!(
+                log::max_level(),
+                LevelFilter::Trace,
+                "the level was changed"
+            );
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_named_pipe_without_a_reader_opens_and_never_blocks() {
+        let dir = temp_dir("fifo");
+        let path = dir.join("log.fifo");
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut f = open_destination(&path).unwrap();
+        // Far more than the pipe holds: the writes past its capacity fail with EAGAIN
+        // instead of blocking.
+        let line = [b'x'; 4096];
+        let full = (0..64).any(|_| {
+            f.write_all(&line)
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock)
+        });
+        assert!(full, "a full pipe must refuse, not block");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

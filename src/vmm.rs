@@ -2,7 +2,8 @@
 //! thread: console input, signals and the end of the VM.
 
 use crate::api::{
-    ActionType, ApiChannel, ApiFault, ApiRequest, ApiResponse, InstanceInfo, InstanceState, VmState,
+    ActionType, ApiChannel, ApiFault, ApiRequest, ApiResponse, DriveUpdate, InstanceInfo,
+    InstanceState, StartedDrive, VmState,
 };
 use crate::arch::x86_64::{acpi, boot, cpuid, layout::*, pvm, regs};
 use crate::cgroup::VmCgroup;
@@ -317,6 +318,12 @@ impl Vmm {
             vcpu.spawn(start)
                 .map_err(io_err("spawning a vCPU thread"))?;
         }
+        log::info!(
+            "VM started: {} vCPU(s), {} MiB, {} virtio device(s)",
+            self.vcpu_count,
+            self.mem_size_mib,
+            self.virtio.handlers.len()
+        );
 
         let mut events = vec![EpollEvent::default(); 16];
         let result = loop {
@@ -518,11 +525,57 @@ impl Vmm {
         })
     }
 
+    /// `PATCH /drives/{id}`: the drive gets the new file as its medium (the guest sees the
+    /// new size and contents). Opened here, on the event loop, between two requests.
+    fn change_drive_medium(
+        &self,
+        update: &DriveUpdate,
+        api: &mut ApiContext,
+    ) -> Result<(), ApiFault> {
+        let started = StartedDrive::find(&api.vm_config, &update.drive_id)?;
+        let path = &update.path_on_host;
+        if let Some((other, _)) = started.others.iter().find(|(_, p)| p == path) {
+            return Err(ApiFault::bad_request(format!(
+                "path_on_host: {} is drive {other:?}'s file",
+                path.display()
+            )));
+        }
+        // A read-write image is locked exclusively: its own drive cannot open it a second
+        // time (a read-only drive can, which re-reads its size).
+        if !started.drive.is_read_only && same_file(&started.drive.path_on_host, path) {
+            return Err(ApiFault::bad_request(format!(
+                "path_on_host: {} is already drive {:?}'s file; a read-write drive cannot \
+                 reopen it (give another file)",
+                path.display(),
+                update.drive_id
+            )));
+        }
+        let handler = self
+            .virtio
+            .handlers
+            .get(started.device_index)
+            .ok_or_else(|| {
+                ApiFault::internal(format!("drive {:?} has no device", update.drive_id))
+            })?;
+        let mut disk = started.drive.disk_config();
+        disk.path = path.clone();
+        let sectors = crate::devices::change_medium(handler, &disk).map_err(|e| {
+            ApiFault::bad_request(format!("drive {:?} keeps its medium: {e}", update.drive_id))
+        })?;
+        StartedDrive::set_path(&mut api.vm_config, &update.drive_id, path);
+        log::info!(
+            "drive {}: new medium {} ({sectors} sectors)",
+            update.drive_id,
+            path.display()
+        );
+        Ok(())
+    }
+
     /// Answers an API request once the VM has started.
     fn handle_api(
         &mut self,
         req: ApiRequest,
-        api: &ApiContext,
+        api: &mut ApiContext,
         epoll: &Epoll,
         device_fds: &mut [Vec<RawFd>],
     ) -> ApiResponse {
@@ -589,10 +642,10 @@ impl Vmm {
                     .map_err(|e| ApiFault::bad_request(e.to_string()))?;
                 Ok(None)
             }
-            ApiRequest::PatchDrive(d) => Err(ApiFault::bad_request(format!(
-                "drive {}: changing a drive's file after boot is not supported yet",
-                d.drive_id
-            ))),
+            ApiRequest::PatchDrive(update) => {
+                self.change_drive_medium(&update, api)?;
+                Ok(None)
+            }
             other => Err(ApiFault::wrong_state(&other, true)),
         }
     }
@@ -623,6 +676,15 @@ impl Vmm {
                 Input::Ended
             }
         }
+    }
+}
+
+/// Whether two paths name the same file (both exist and have the same device and inode).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 

@@ -353,3 +353,257 @@ fn send_ctrl_alt_del_reaches_the_guest_which_powers_off() {
     assert_eq!(f.code(), Some(0), "{}", f.stderr);
     assert!(!sock.exists());
 }
+
+/// A raw disk of `len` bytes whose first bytes are `label` (the rest zeros).
+fn labelled_disk(dir: &Path, name: &str, len: usize, label: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    let mut data = vec![0u8; len];
+    data[..label.len()].copy_from_slice(label);
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+fn test_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wisp-api-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// wisp on an API socket, started with the blk-media probe scenario on drive `data`.
+fn start_media_guest(sock: &Path, disk: &Path, wait_ms: u32) -> Wisp {
+    let mut w = Wisp::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    wait_socket(sock);
+    let body = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "probe.scenario=blk-media probe.wait_ms={wait_ms}"}}"#,
+        probes().probe.display()
+    );
+    assert_eq!(call(sock, "PUT", "/boot-source", Some(&body)).0, 204);
+    let body = format!(
+        r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false}}"#,
+        disk.display()
+    );
+    let (st, body) = call(sock, "PUT", "/drives/data", Some(&body));
+    assert_eq!(st, 204, "{body}");
+    let (st, body) = call(
+        sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(st, 204, "{body}");
+    w.wait_for("probe: media waiting", T);
+    w
+}
+
+fn patch_drive(sock: &Path, path: &Path) -> (u16, String) {
+    let body = format!(
+        r#"{{"drive_id": "data", "path_on_host": "{}"}}"#,
+        path.display()
+    );
+    call(sock, "PATCH", "/drives/data", Some(&body))
+}
+
+fn assert_no_probe_failure(f: &Finished) {
+    assert!(
+        !f.stdout.contains("probe: FAIL"),
+        "{}\nstderr:\n{}",
+        f.stdout,
+        f.stderr
+    );
+    assert_eq!(f.code(), Some(0), "{}\nstderr:\n{}", f.stdout, f.stderr);
+}
+
+#[test]
+fn patch_drive_gives_the_running_guest_a_new_medium() {
+    if !kvm_available("patch_drive_gives_the_running_guest_a_new_medium") {
+        return;
+    }
+    let dir = test_dir("media");
+    let one = labelled_disk(&dir, "one.img", 1 << 20, b"wisp-media-one!!");
+    let two = labelled_disk(&dir, "two.img", 3 << 20, b"wisp-media-two!!");
+    let sock = sock_path("media");
+    let w = start_media_guest(&sock, &one, 60_000);
+    assert!(
+        w.stdout()
+            .contains("probe: media initial capacity 2048 sector0 wisp-media-one!!"),
+        "{}",
+        w.stdout()
+    );
+
+    // Refused before anything is opened: an unknown drive, a rate limiter.
+    let (st, body) = call(
+        &sock,
+        "PATCH",
+        "/drives/nope",
+        Some(&format!(
+            r#"{{"drive_id": "nope", "path_on_host": "{}"}}"#,
+            two.display()
+        )),
+    );
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains(r#"no drive \"nope\""#), "{body}");
+    let (st, body) = call(
+        &sock,
+        "PATCH",
+        "/drives/data",
+        Some(&format!(
+            r#"{{"drive_id": "data", "path_on_host": "{}", "rate_limiter": {{"bandwidth": {{"size": 1, "refill_time": 1}}}}}}"#,
+            two.display()
+        )),
+    );
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("rate_limiter"), "{body}");
+
+    let (st, body) = patch_drive(&sock, &two);
+    assert_eq!(st, 204, "{body}");
+    let (st, body) = call(&sock, "GET", "/vm/config", None);
+    assert_eq!(st, 200);
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(config["drives"][0]["path_on_host"], two.to_str().unwrap());
+
+    let f = w.wait(T);
+    assert_no_probe_failure(&f);
+    assert!(
+        f.stdout
+            .contains("probe: media changed capacity 6144 sector0 wisp-media-two!!"),
+        "{}",
+        f.stdout
+    );
+    assert!(f.stdout.contains("probe: done blk-media"), "{}", f.stdout);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn patch_drive_to_a_bad_file_is_refused_and_the_guest_keeps_its_medium() {
+    if !kvm_available("patch_drive_to_a_bad_file_is_refused_and_the_guest_keeps_its_medium") {
+        return;
+    }
+    let dir = test_dir("badmedia");
+    let one = labelled_disk(&dir, "one.img", 1 << 20, b"wisp-media-one!!");
+    let base = labelled_disk(&dir, "base.img", 2 << 20, b"wisp-media-base!");
+    let overlay = dir.join("overlay.qcow2");
+    let out = Command::new(wisp_bin())
+        .args(["image", "create", "--backing"])
+        .arg(&base)
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let sock = sock_path("badmedia");
+    let w = start_media_guest(&sock, &one, 8_000);
+
+    let missing = dir.join("missing.img");
+    for (path, why) in [
+        (&missing, "No such file"),
+        (&dir, "directory"),
+        // Probed as qcow2 with a backing file: refused as at boot.
+        (&overlay, "backing file"),
+        // Its own file, read-write: it cannot be locked twice.
+        (&one, "already drive"),
+    ] {
+        let (st, body) = patch_drive(&sock, path);
+        assert_eq!(st, 400, "{}: {body}", path.display());
+        let fault: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let msg = fault["fault_message"].as_str().unwrap();
+        assert!(
+            msg.contains(&*path.to_string_lossy()) && msg.contains(why),
+            "{}: {msg}",
+            path.display()
+        );
+    }
+    assert!(
+        !w.stdout().contains("probe: media unchanged"),
+        "the guest stopped waiting before the requests were answered"
+    );
+    let (_, body) = call(&sock, "GET", "/vm/config", None);
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(config["drives"][0]["path_on_host"], one.to_str().unwrap());
+
+    let f = w.wait(T);
+    assert_no_probe_failure(&f);
+    assert!(
+        f.stdout
+            .contains("probe: media unchanged capacity 2048 sector0 wisp-media-one!!"),
+        "{}",
+        f.stdout
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn put_logger_sends_wisp_log_lines_to_the_file_at_its_level() {
+    if !kvm_available("put_logger_sends_wisp_log_lines_to_the_file_at_its_level") {
+        return;
+    }
+    let dir = test_dir("logger");
+    let log = dir.join("wisp.log");
+    let sock = sock_path("logger");
+    let mut w = Wisp::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    wait_socket(&sock);
+
+    let bad = dir.join("no/such/dir/wisp.log");
+    let (st, body) = call(
+        &sock,
+        "PUT",
+        "/logger",
+        Some(&format!(r#"{{"log_path": "{}"}}"#, bad.display())),
+    );
+    assert_eq!(st, 400, "{body}");
+    assert!(
+        body.contains("log_path") && body.contains(&*bad.to_string_lossy()),
+        "{body}"
+    );
+    let (st, body) = call(
+        &sock,
+        "PUT",
+        "/logger",
+        Some(&format!(
+            r#"{{"log_path": "{}", "level": "Debug", "show_level": true}}"#,
+            log.display()
+        )),
+    );
+    assert_eq!(st, 204, "{body}");
+    let body = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "probe.scenario=ctrl-alt-del"}}"#,
+        probes().probe.display()
+    );
+    assert_eq!(call(&sock, "PUT", "/boot-source", Some(&body)).0, 204);
+    assert_eq!(
+        call(
+            &sock,
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#)
+        )
+        .0,
+        204
+    );
+    w.wait_for("probe: waiting for ctrl-alt-del", T);
+    // Firecracker configures the logger before boot only.
+    let (st, body) = call(&sock, "PUT", "/logger", Some(r#"{"level": "Error"}"#));
+    assert_eq!(st, 400, "{body}");
+    let (st, _) = call(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    assert_eq!(st, 204);
+    let f = w.wait(T);
+    assert_eq!(f.code(), Some(0), "{}", f.stderr);
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("wisp: info: VM started: 1 vCPU(s)"), "{text}");
+    // Debug lines too: the API's request log.
+    assert!(
+        text.contains("wisp: debug: API PUT /actions -> 204"),
+        "{text}"
+    );
+    assert!(
+        !f.stderr.contains("VM started"),
+        "the log still went to stderr: {}",
+        f.stderr
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
-pub use pending::{FirecrackerConfig, PendingConfig};
+pub use pending::{FirecrackerConfig, PendingConfig, StartedDrive};
 pub use requests::{
     allowed_methods, parse_body, route, ActionType, Allowed, ApiRequest, BootSource, CacheType,
     CgroupConfig, CgroupUpdate, Drive, DriveUpdate, InstanceAction, InstanceInfo, InstanceState,

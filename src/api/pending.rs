@@ -11,7 +11,7 @@ use super::requests::{
 };
 use super::ApiFault;
 use crate::cgroup::CgroupSpec;
-use crate::config::{io_reason, DiskConfig, MemSize, VmConfig, DEFAULT_CMDLINE};
+use crate::config::{io_reason, MemSize, VmConfig, DEFAULT_CMDLINE};
 
 /// Firecracker's `--config-file` format: the bodies of the pre-boot PUT requests under one
 /// object. Sections wisp does not implement are accepted only when absent or `null`.
@@ -264,6 +264,10 @@ impl PendingConfig {
             }
             ApiRequest::PutLogger(l) => {
                 l.validate()?;
+                // Applied at once (as Firecracker does): the lines about building and
+                // starting the VM go where the agent asked.
+                crate::logger::configure(&l.to_settings())
+                    .map_err(|e| ApiFault::bad_request(e.to_string()))?;
                 self.logger = Some(l.clone());
             }
             ApiRequest::PutMetrics(m) => {
@@ -291,9 +295,7 @@ impl PendingConfig {
 
     /// The drives in device order: the root device first (vda), then the others as PUT.
     pub fn drives_in_order(&self) -> Vec<&Drive> {
-        let mut v: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
-        v.extend(self.drives.iter().filter(|d| !d.is_root_device));
-        v
+        drives_in_device_order(&self.drives)
     }
 
     /// The kernel command line: `boot_args` (or wisp's default) plus, with a root device,
@@ -335,12 +337,7 @@ impl PendingConfig {
         config.disks = self
             .drives_in_order()
             .into_iter()
-            .map(|d| DiskConfig {
-                path: d.path_on_host.clone(),
-                readonly: d.is_read_only,
-                serial: d.serial.clone(),
-                format: d.format,
-            })
+            .map(Drive::disk_config)
             .collect();
         config.cgroup = self.cgroup();
         config
@@ -363,6 +360,59 @@ impl PendingConfig {
             "mmds-config": null,
             "entropy": null,
         })
+    }
+}
+
+/// The root device first (vda), then the others in the order given: the order in which the
+/// VM's virtio-blk devices are attached.
+fn drives_in_device_order(drives: &[Drive]) -> Vec<&Drive> {
+    let mut v: Vec<&Drive> = drives.iter().filter(|d| d.is_root_device).collect();
+    v.extend(drives.iter().filter(|d| !d.is_root_device));
+    v
+}
+
+/// A drive of a started VM, found by id in the configuration it was built from
+/// ([`PendingConfig::to_json`]), for `PATCH /drives`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartedDrive {
+    /// Index among the VM's virtio-blk devices.
+    pub device_index: usize,
+    pub drive: Drive,
+    /// The other drives' files, which the new file must not be.
+    pub others: Vec<(String, PathBuf)>,
+}
+
+impl StartedDrive {
+    pub fn find(vm_config: &Value, drive_id: &str) -> Result<StartedDrive, ApiFault> {
+        let drives: Vec<Drive> = serde_json::from_value(vm_config["drives"].clone())
+            .map_err(|e| ApiFault::internal(format!("the VM's drive list: {e}")))?;
+        let order = drives_in_device_order(&drives);
+        let device_index = order
+            .iter()
+            .position(|d| d.drive_id == drive_id)
+            .ok_or_else(|| {
+                ApiFault::bad_request(format!(
+                    "drive_id: the VM has no drive {drive_id:?} (drives are added with PUT /drives before boot)"
+                ))
+            })?;
+        Ok(StartedDrive {
+            device_index,
+            drive: order[device_index].clone(),
+            others: drives
+                .iter()
+                .filter(|d| d.drive_id != drive_id)
+                .map(|d| (d.drive_id.clone(), d.path_on_host.clone()))
+                .collect(),
+        })
+    }
+
+    /// Records the drive's new file in the configuration (`GET /vm/config`).
+    pub fn set_path(vm_config: &mut Value, drive_id: &str, path: &Path) {
+        if let Some(drives) = vm_config["drives"].as_array_mut() {
+            for d in drives.iter_mut().filter(|d| d["drive_id"] == drive_id) {
+                d["path_on_host"] = json!(path);
+            }
+        }
     }
 }
 

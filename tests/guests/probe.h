@@ -307,6 +307,9 @@ void scenario_blk_hostile(void) __attribute__((noreturn));
 void scenario_blk_flush_then_hang(void) __attribute__((noreturn));
 void scenario_blk_bench(void) __attribute__((noreturn));
 
+/* blk_media.c */
+void scenario_blk_media(void) __attribute__((noreturn));
+
 /* net.c */
 void scenario_net(void) __attribute__((noreturn));
 void kmain(u32 start_info_paddr);

@@ -384,6 +384,8 @@ void user_main(u64 cpl0_done)
 		scenario_blk_hostile();
 	else if (!strcmp(scenario, "blk-flush-then-hang"))
 		scenario_blk_flush_then_hang();
+	else if (!strcmp(scenario, "blk-media"))
+		scenario_blk_media();
 	else if (!strcmp(scenario, "blk-bench"))
 		scenario_blk_bench();
 	else if (!strcmp(scenario, "net"))

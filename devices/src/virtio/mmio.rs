@@ -94,6 +94,7 @@ pub struct VirtioEventHandler {
     slot: Arc<Mutex<DeviceSlot>>,
     queue_evts: Arc<Vec<EventFd>>,
     fds_changed: Arc<EventFd>,
+    shared: Arc<SharedState>,
 }
 
 fn lock_slot(slot: &Mutex<DeviceSlot>) -> MutexGuard<'_, DeviceSlot> {
@@ -154,6 +155,25 @@ impl VirtioEventHandler {
             slot.device.process_device_fd(index);
         }
     }
+
+    /// Changes the device's configuration from the event loop, between two requests: `f`
+    /// runs under the device's lock (downcast the device to reach its own methods). When it
+    /// returns `Ok`, ConfigGeneration is bumped after the change, so that a driver whose read
+    /// of the config space straddled it reads again (virtio 1.2 §2.5), and, once the
+    /// driver has the device running (DRIVER_OK), the configuration change interrupt is
+    /// raised. On `Err` nothing is signalled.
+    pub fn change_config<T, E>(
+        &self,
+        f: impl FnOnce(&mut dyn VirtioDevice) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut slot = lock_slot(&self.slot);
+        let out = f(slot.device.as_mut())?;
+        self.shared.config_generation.fetch_add(1, Ordering::SeqCst);
+        if slot.active {
+            self.shared.raise(super::INT_CONFIG_CHANGE);
+        }
+        Ok(out)
+    }
 }
 
 /// A virtio device's register window. Put it on the MMIO bus at a 0x1000-byte window.
@@ -206,14 +226,15 @@ impl MmioTransport {
         let fds_changed = EventFd::new(EFD_NONBLOCK).map_err(MmioError::FdsChangedEventFd)?;
         let device_type = device.device_type();
         let device_features = device.features();
+        let shared = Arc::new(SharedState {
+            interrupt_status: Default::default(),
+            config_generation: Default::default(),
+            needs_reset: Default::default(),
+            line: interrupt,
+        });
         Ok(MmioTransport {
             mem,
-            shared: Arc::new(SharedState {
-                interrupt_status: Default::default(),
-                config_generation: Default::default(),
-                needs_reset: Default::default(),
-                line: interrupt,
-            }),
+            shared: shared.clone(),
             handler: VirtioEventHandler {
                 slot: Arc::new(Mutex::new(DeviceSlot {
                     device,
@@ -221,6 +242,7 @@ impl MmioTransport {
                 })),
                 queue_evts: Arc::new(queue_evts),
                 fds_changed: Arc::new(fds_changed),
+                shared,
             },
             device_type,
             device_features,

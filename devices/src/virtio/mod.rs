@@ -135,8 +135,10 @@ pub enum ActivateError {
 }
 
 /// A virtio device model behind a transport. All methods run with the device's lock held;
-/// `process_*` run on the event-loop thread.
-pub trait VirtioDevice: Send {
+/// `process_*` run on the event-loop thread. `Any` lets the VMM reach a device's own
+/// methods (e.g. a virtio-blk media change) through
+/// [`VirtioEventHandler::change_config`].
+pub trait VirtioDevice: Send + std::any::Any {
     /// Device id (virtio 1.2 §5), e.g. [`device_type::BLOCK`].
     fn device_type(&self) -> u32;
     /// Maximum size of each queue (powers of two); the length is the number of queues.

@@ -22,6 +22,13 @@ use crate::virtio::{
 pub enum BlockError {
     #[error("disk serial {serial:?} is {len} bytes; virtio-blk allows at most 20")]
     SerialTooLong { serial: String, len: usize },
+    #[error(
+        "the new medium is read-only but the guest was offered a writable disk; open it \
+         read-write or give the drive is_read_only at boot"
+    )]
+    MediumReadOnly,
+    #[error("flushing the old medium failed ({reason}); it stays in place")]
+    FlushOldMedium { reason: String },
 }
 
 /// struct virtio_blk_config up to write_zeroes_may_unmap and its padding (virtio 1.2 §5.2.4).
@@ -82,13 +89,7 @@ impl Block {
             id[..bytes.len()].copy_from_slice(bytes);
         }
         let read_only = read_only || backend.read_only();
-        if !backend.len().is_multiple_of(SECTOR_SIZE) {
-            log::warn!(
-                "virtio-blk: disk size {} is not a multiple of 512; the last {} bytes are not visible to the guest",
-                backend.len(),
-                backend.len() % SECTOR_SIZE
-            );
-        }
+        warn_partial_sector(backend.len());
         let handler = RequestHandler::new(disk, read_only, id);
 
         let mut features = features::VERSION_1
@@ -107,7 +108,7 @@ impl Block {
         let mut put = |offset: usize, bytes: &[u8]| {
             config[offset..offset + bytes.len()].copy_from_slice(bytes)
         };
-        put(0x00, &(handler.capacity / SECTOR_SIZE).to_le_bytes()); // capacity
+        put(CAPACITY, &(handler.capacity / SECTOR_SIZE).to_le_bytes());
         put(0x0c, &SEG_MAX.to_le_bytes()); // seg_max
         put(0x14, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
         put(0x24, &MAX_DISCARD_SECTORS.to_le_bytes());
@@ -132,6 +133,47 @@ impl Block {
 
     pub fn read_only(&self) -> bool {
         self.handler.read_only
+    }
+
+    /// Media change: `disk` replaces the current medium, whose writes are flushed before it
+    /// is closed (and its lock released). Call it between requests (the event loop runs them
+    /// synchronously), through [`VirtioEventHandler::change_config`] so that the driver is
+    /// told the capacity changed. Features and serial stay as offered at boot, so a
+    /// read-only medium cannot replace a writable one. On an error the old medium stays and
+    /// `disk` is dropped.
+    ///
+    /// [`VirtioEventHandler::change_config`]: crate::virtio::VirtioEventHandler::change_config
+    pub fn change_medium(&mut self, mut disk: Disk) -> Result<(), BlockError> {
+        if disk.get_ref().read_only() && !self.handler.read_only {
+            return Err(BlockError::MediumReadOnly);
+        }
+        self.handler
+            .disk
+            .get()
+            .flush()
+            .map_err(|e| BlockError::FlushOldMedium {
+                reason: e.to_string(),
+            })?;
+        warn_partial_sector(disk.get_ref().len());
+        std::mem::swap(&mut self.handler.disk, &mut disk);
+        drop(disk);
+        self.handler.capacity = self.handler.disk.get_ref().len() / SECTOR_SIZE * SECTOR_SIZE;
+        let sectors = self.handler.capacity / SECTOR_SIZE;
+        self.config[CAPACITY..CAPACITY + 8].copy_from_slice(&sectors.to_le_bytes());
+        Ok(())
+    }
+}
+
+/// Offset of `capacity` (le64, 512-byte sectors) in the config space.
+const CAPACITY: usize = 0x00;
+
+fn warn_partial_sector(len: u64) {
+    if !len.is_multiple_of(SECTOR_SIZE) {
+        log::warn!(
+            "virtio-blk: disk size {} is not a multiple of 512; the last {} bytes are not visible to the guest",
+            len,
+            len % SECTOR_SIZE
+        );
     }
 }
 

@@ -6,7 +6,7 @@ mod request;
 mod tests;
 
 pub use device::{Block, BlockError};
-pub use request::{SECTOR_SIZE, SERIAL_LEN};
+pub use request::{Disk, SECTOR_SIZE, SERIAL_LEN};
 
 /// Feature bits (virtio 1.2 §5.2.3).
 pub mod features {

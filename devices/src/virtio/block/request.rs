@@ -47,9 +47,10 @@ fn ioerr(msg: impl Into<String>) -> (Failure, u32) {
     (Failure::IoErr(msg.into()), 0)
 }
 
-/// The disk behind the device. A raw file moves data between the file and guest memory
-/// directly (preadv/pwritev on guest memory); other backends go through a bounce buffer.
-pub(super) enum Disk {
+/// The disk behind the device (its medium). A raw file moves data between the file and
+/// guest memory directly (preadv/pwritev on guest memory); other backends go through a
+/// bounce buffer.
+pub enum Disk {
     Generic(Box<dyn DiskBackend>),
     Raw(RawFile),
 }

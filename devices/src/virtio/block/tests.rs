@@ -1583,3 +1583,134 @@ fn random_register_accesses_never_panic() {
         assert_still_works(&mut d, &p);
     }
 }
+
+// ---- media change ----
+
+fn capacity(d: &mut Driver) -> u64 {
+    u64::from(d.read32(regs::CONFIG)) | (u64::from(d.read32(regs::CONFIG + 4)) << 32)
+}
+
+/// What the VMM does for `PATCH /drives`: the new medium through `change_config`.
+fn change_medium(d: &Driver, disk: super::Disk) -> Result<(), BlockError> {
+    d.handler.change_config(|dev| {
+        let dev: &mut dyn std::any::Any = dev;
+        dev.downcast_mut::<Block>()
+            .expect("the device is virtio-blk")
+            .change_medium(disk)
+    })
+}
+
+fn second_disk(dir: &TempDir, len: usize, seed: u8) -> PathBuf {
+    let p = dir.path().join(format!("disk-{len}-{seed}.img"));
+    std::fs::write(&p, pattern(len, seed)).unwrap();
+    p
+}
+
+#[test]
+fn media_change_updates_capacity_generation_interrupt_and_data() {
+    let dir = TempDir::new();
+    let a = disk(&dir);
+    let mut d = block_driver(&a, false, Some("keep-me"));
+    let (s, _, back) = read(&mut d, 0, 512);
+    assert_eq!((s, back), (st::OK, pattern(DISK_LEN, 7)[..512].to_vec()));
+    // A write just before the change must be in the old file once it is closed.
+    let data = pattern(512, 200);
+    assert_eq!(write(&mut d, 5, &data), (st::OK, 1));
+    let gen = d.read32(regs::CONFIG_GENERATION);
+    let isr = d.read32(regs::INTERRUPT_STATUS);
+    d.write32(regs::INTERRUPT_ACK, isr);
+    d.take_interrupts();
+
+    let b_len = 3 * DISK_LEN;
+    let b = second_disk(&dir, b_len, 42);
+    change_medium(&d, super::Disk::Raw(open_raw(&b, false))).unwrap();
+
+    assert_eq!(capacity(&mut d), (b_len / 512) as u64);
+    assert_eq!(d.read32(regs::CONFIG_GENERATION), gen.wrapping_add(1));
+    assert_ne!(
+        d.read32(regs::INTERRUPT_STATUS) & crate::virtio::INT_CONFIG_CHANGE,
+        0,
+        "configuration change bit"
+    );
+    assert!(d.take_interrupts() >= 1, "the interrupt line fired");
+    // Reads come from the new file, including beyond the old capacity.
+    let whole = pattern(b_len, 42);
+    let (s, l, back) = read(&mut d, 0, 4096);
+    assert_eq!((s, l), (st::OK, 4097));
+    assert_eq!(back, whole[..4096]);
+    let far = (b_len - 4096) as u64 / 512;
+    let (s, _, back) = read(&mut d, far, 4096);
+    assert_eq!(s, st::OK);
+    assert_eq!(back, whole[b_len - 4096..]);
+    // Writes go to the new file; the old one kept the write before the change and its
+    // lock is gone.
+    assert_eq!(write(&mut d, 9, &data), (st::OK, 1));
+    assert_eq!(&std::fs::read(&b).unwrap()[9 * 512..10 * 512], &data[..]);
+    assert_eq!(&std::fs::read(&a).unwrap()[5 * 512..6 * 512], &data[..]);
+    drop(open_raw(&a, false));
+    // GET_ID still answers the drive's serial.
+    let r = build(&mut d, rt::GET_ID, 0, None, 20);
+    assert_eq!(submit(&mut d, &r).0, st::OK);
+    assert_eq!(&d.read_bytes(r.data.unwrap().addr, 7), b"keep-me");
+}
+
+#[test]
+fn media_change_to_a_smaller_image_through_the_bounce_path() {
+    let dir = TempDir::new();
+    let a = disk(&dir);
+    let mut d = block_driver(&a, false, None);
+    let small = 64 * 1024;
+    let b = second_disk(&dir, small, 3);
+    let raw = open_raw(&b, false);
+    change_medium(&d, super::Disk::Generic(Box::new(raw))).unwrap();
+    assert_eq!(capacity(&mut d), (small / 512) as u64);
+    let (s, _, back) = read(&mut d, 8, 512);
+    assert_eq!(s, st::OK);
+    assert_eq!(back, pattern(small, 3)[8 * 512..9 * 512]);
+    // What was inside the old capacity is now beyond the new one.
+    let (s, l, _) = read(&mut d, (small / 512) as u64, 512);
+    assert_eq!((s, l), (st::IOERR, 1));
+}
+
+#[test]
+fn read_only_medium_does_not_replace_a_writable_one() {
+    let dir = TempDir::new();
+    let a = disk(&dir);
+    let mut d = block_driver(&a, false, None);
+    let gen = d.read32(regs::CONFIG_GENERATION);
+    d.take_interrupts();
+    let b = second_disk(&dir, 2 * DISK_LEN, 9);
+    let e = change_medium(&d, super::Disk::Raw(open_raw(&b, true))).unwrap_err();
+    assert_eq!(e, BlockError::MediumReadOnly);
+    assert_eq!(capacity(&mut d), (DISK_LEN / 512) as u64);
+    assert_eq!(d.read32(regs::CONFIG_GENERATION), gen);
+    assert_eq!(d.take_interrupts(), 0);
+    assert_eq!(
+        d.read32(regs::INTERRUPT_STATUS) & crate::virtio::INT_CONFIG_CHANGE,
+        0
+    );
+    assert_still_works(&mut d, &a);
+    // The refused medium was closed: its lock is free.
+    drop(open_raw(&b, false));
+}
+
+#[test]
+fn media_change_before_driver_ok_bumps_the_generation_without_an_interrupt() {
+    let dir = TempDir::new();
+    let a = disk(&dir);
+    let dev = Block::new_raw(open_raw(&a, false), None, false).unwrap();
+    let mut d = Driver::new(Box::new(dev));
+    let gen = d.read32(regs::CONFIG_GENERATION);
+    let b = second_disk(&dir, 2 * DISK_LEN, 5);
+    change_medium(&d, super::Disk::Raw(open_raw(&b, false))).unwrap();
+    assert_eq!(d.read32(regs::CONFIG_GENERATION), gen.wrapping_add(1));
+    assert_eq!(d.take_interrupts(), 0);
+    assert_eq!(d.read32(regs::INTERRUPT_STATUS), 0);
+    d.start();
+    assert_eq!(capacity(&mut d), (2 * DISK_LEN / 512) as u64);
+    let (s, _, back) = read(&mut d, 0, 512);
+    assert_eq!(
+        (s, back),
+        (st::OK, pattern(2 * DISK_LEN, 5)[..512].to_vec())
+    );
+}
