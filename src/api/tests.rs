@@ -1142,3 +1142,59 @@ fn mutated_requests_never_panic() {
     }
     assert!(ok > 100 && refused > 10_000, "ok {ok}, refused {refused}");
 }
+
+#[test]
+fn started_drive_is_found_in_device_order_and_its_path_recorded() {
+    let f = existing_file();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/src/lib.rs");
+    let mut p = PendingConfig::new();
+    for body in [
+        format!(r#"{{"drive_id": "data", "path_on_host": "{f}", "is_root_device": false}}"#),
+        format!(
+            r#"{{"drive_id": "root", "path_on_host": "{root}", "is_root_device": true, "is_read_only": true, "format": "raw"}}"#
+        ),
+    ] {
+        let id = if body.contains("\"root\"") {
+            "root"
+        } else {
+            "data"
+        };
+        p.apply(&req("PUT", &format!("/drives/{id}"), &body).unwrap())
+            .unwrap();
+    }
+    let mut config = p.to_json();
+    // The root device is attached first (vda), whatever the PUT order.
+    let root_drive = StartedDrive::find(&config, "root").unwrap();
+    assert_eq!(root_drive.device_index, 0);
+    assert!(root_drive.drive.is_read_only);
+    assert_eq!(
+        root_drive.drive.disk_config().format,
+        Some(crate::config::DiskFormat::Raw)
+    );
+    assert_eq!(
+        root_drive.others,
+        vec![("data".to_string(), f.clone().into())]
+    );
+    assert_eq!(StartedDrive::find(&config, "data").unwrap().device_index, 1);
+    assert_fault(
+        &StartedDrive::find(&config, "nope").unwrap_err(),
+        400,
+        "no drive \"nope\"",
+    );
+    StartedDrive::set_path(&mut config, "data", std::path::Path::new("/srv/new.img"));
+    assert_eq!(config["drives"][0]["path_on_host"], "/srv/new.img");
+    assert_eq!(config["drives"][1]["path_on_host"], root);
+}
+
+#[test]
+fn put_logger_with_a_path_that_cannot_be_opened_is_refused_and_not_recorded() {
+    let mut p = PendingConfig::new();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
+    let body = format!(r#"{{"log_path": "{dir}", "level": "Info"}}"#);
+    assert_fault(
+        &p.apply(&req("PUT", "/logger", &body).unwrap()).unwrap_err(),
+        400,
+        &format!("log_path: {dir}: "),
+    );
+    assert_eq!(p.logger, None);
+}
