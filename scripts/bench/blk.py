@@ -48,10 +48,11 @@ def vmms(args):
     v = {
         "wisp": ("wisp, raw file, buffered I/O (host page cache; preadv/pwritev on its event-loop thread)",
                  wisp(RAW, "raw")),
-        "qemu-none": ("QEMU 7.2, raw file, cache=none,aio=native (O_DIRECT, Linux AIO; "
-                      "bypasses the page cache)", qemu("none", "native")),
     }
-    if not args.no_writeback:
+    if not args.qcow2_only:
+        v["qemu-none"] = ("QEMU 7.2, raw file, cache=none,aio=native (O_DIRECT, Linux AIO; "
+                          "bypasses the page cache)", qemu("none", "native"))
+    if not (args.no_writeback or args.qcow2_only):
         v["qemu-wb"] = ("QEMU 7.2, raw file, cache=writeback,aio=threads (host page cache, "
                         "like wisp)", qemu("writeback", "threads"))
     if not args.no_qcow2:
@@ -182,6 +183,8 @@ def main():
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--no-writeback", action="store_true", help="skip QEMU cache=writeback")
     ap.add_argument("--no-qcow2", action="store_true", help="skip wisp on qcow2")
+    ap.add_argument("--qcow2-only", action="store_true",
+                    help="only wisp on raw vs wisp on qcow2 (no QEMU runs)")
     a = ap.parse_args()
 
     with open("/proc/cpuinfo") as f:
@@ -213,10 +216,11 @@ def main():
 
     names = [n for n in ("wisp", "qemu-none", "qemu-wb") if n in v]
     peers = [("wisp", n) for n in names[1:]]
-    table("throughput, median [min-max]", res, names, peers,
-          lambda r, unit: (unit, value(r, unit) if r else None))
-    table("host CPU per request (us), median [min-max]", res, names, peers,
-          lambda r, unit: ("us", r["cpu_us_per_req"] if r else None))
+    if peers:
+        table("throughput, median [min-max]", res, names, peers,
+              lambda r, unit: (unit, value(r, unit) if r else None))
+        table("host CPU per request (us), median [min-max]", res, names, peers,
+              lambda r, unit: ("us", r["cpu_us_per_req"] if r else None))
     if "wisp-qcow2" in v:
         q = ["wisp-qcow2", "wisp"]
         table("wisp on qcow2 vs raw: throughput", res, q, [("wisp-qcow2", "wisp")],

@@ -3,13 +3,14 @@
 # guest (tests/guests, scenario blk-bench: a virtio-mmio driver at CPL3) and the same file,
 # alternating runs.
 #
-#   scripts/bench/blk.sh [--runs N] [--ms MS] [--size-mib N] [--no-writeback] [--no-qcow2]
+#   scripts/bench/blk.sh [--runs N] [--ms MS] [--size-mib N] [--no-writeback] [--no-qcow2] [--qcow2-only]
 #
 # Prints, for 4 KiB random reads and writes at queue depth 1 and 32 and 1 MiB sequential
 # reads and writes: IOPS or MiB/s as the guest measured them, and host CPU time of the VMM
 # process per request; medians, ranges and wisp/QEMU ratios. QEMU runs twice: cache=none,
 # aio=native (O_DIRECT) and cache=writeback (page cache, as wisp). Also wisp on a qcow2 image
-# of the same data against wisp on the raw file. Files live in target/bench/.
+# of the same data against wisp on the raw file (--qcow2-only: just that part, no QEMU).
+# Files live in target/bench/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"

@@ -1332,3 +1332,44 @@ fn freeing_a_wild_compressed_cluster_fails_fast() {
     drop(q);
     assert!(start.elapsed() < std::time::Duration::from_secs(5));
 }
+
+/// Allocating writes reserve space past the end of the file (`PREALLOC_CHUNK`); the image
+/// stays exactly what qemu-img expects, and a clean close gives the reservation back.
+#[test]
+fn reserved_space_past_the_end_is_given_back_on_close() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = TempDir::new("prealloc");
+    let img = dir.path("p.qcow2");
+    create(&img, Some(256 << 20), None, None).expect("create");
+    let blocks = |p: &Path| fs::metadata(p).expect("meta").blocks() * 512;
+    let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 253) as u8).collect();
+    let mut q = Qcow2::open(&img, false).expect("open");
+    q.write_at(1 << 20, &data).expect("write");
+    q.flush().expect("flush");
+    let len = fs::metadata(&img).expect("meta").len();
+    let reserved = q.prealloc_end > len;
+    if reserved {
+        // ext4/xfs/tmpfs: the blocks past the end are held while the image is open.
+        assert!(
+            blocks(&img) >= q.prealloc_end - (1 << 20),
+            "{}",
+            blocks(&img)
+        );
+    }
+    drop(q);
+    assert_eq!(fs::metadata(&img).expect("meta").len(), len);
+    assert!(
+        blocks(&img) < len + (1 << 20),
+        "{} blocks for {len}",
+        blocks(&img)
+    );
+    check_clean(&img);
+    let mut back = vec![0u8; data.len()];
+    Qcow2::open(&img, true)
+        .expect("reopen")
+        .read_at(1 << 20, &mut back)
+        .expect("read");
+    assert!(back == data, "data read back differs");
+}
