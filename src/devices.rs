@@ -187,3 +187,90 @@ pub fn change_medium(device: &VirtioEventHandler, disk: &DiskConfig) -> Result<u
         Ok(block.capacity_sectors())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::tempdir::TempDir;
+    use wisp_devices::bus::BusDevice;
+
+    fn raw(dir: &Path, name: &str, len: usize) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, vec![0x5a; len]).unwrap();
+        p
+    }
+
+    fn disk(path: &Path, format: Option<DiskFormat>) -> DiskConfig {
+        DiskConfig {
+            path: path.to_path_buf(),
+            readonly: false,
+            serial: None,
+            format,
+        }
+    }
+
+    /// The disk's virtio-mmio window, without KVM (the interrupt line is a plain eventfd).
+    fn transport(config: &DiskConfig) -> MmioTransport {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let line = Arc::new(IrqFd(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        MmioTransport::new(Box::new(open_disk(config).unwrap()), mem, line).unwrap()
+    }
+
+    /// (capacity in sectors, ConfigGeneration) as the driver reads them.
+    fn capacity_and_generation(t: &mut MmioTransport) -> (u64, u32) {
+        let mut b = [0u8; 8];
+        t.read(0x100, &mut b);
+        let mut g = [0u8; 4];
+        t.read(0xfc, &mut g);
+        (u64::from_le_bytes(b), u32::from_le_bytes(g))
+    }
+
+    #[test]
+    fn media_change_opens_with_the_boot_rules_and_keeps_the_old_medium_on_error() {
+        let dir = TempDir::new().unwrap();
+        let dir = dir.as_path();
+        let old = raw(dir, "old.img", 1 << 20);
+        let mut t = transport(&disk(&old, None));
+        let h = t.event_handler();
+        let base = raw(dir, "base.img", 2 << 20);
+        let overlay = dir.join("overlay.qcow2");
+        qcow2::create(&overlay, None, None, Some((&base, qcow2::Format::Raw))).unwrap();
+        let dir_path = dir.to_path_buf();
+        let cases: [(DiskConfig, &str); 4] = [
+            (disk(&dir.join("missing.img"), None), "No such file"),
+            (disk(&dir_path, None), "directory"),
+            // Probed as qcow2 with a backing file: refused, as at boot.
+            (disk(&overlay, None), "names a backing file"),
+            // The format given is the format used.
+            (disk(&base, Some(DiskFormat::Qcow2)), ""),
+        ];
+        for (config, why) in cases {
+            let e = change_medium(&h, &config).unwrap_err().to_string();
+            assert!(
+                e.contains(&*config.path.to_string_lossy()) && e.contains(why),
+                "{e}"
+            );
+            assert_eq!(capacity_and_generation(&mut t), (2048, 0), "after {e}");
+        }
+        // Given as qcow2, the overlay is trusted: 2 MiB from its backing file.
+        assert_eq!(
+            change_medium(&h, &disk(&overlay, Some(DiskFormat::Qcow2))).unwrap(),
+            4096
+        );
+        assert_eq!(capacity_and_generation(&mut t), (4096, 1));
+        // The old file was closed: its lock is free again (allowing a moment for a child
+        // that another test thread forked with the fd, until it execs).
+        let reopened = (0..100).find_map(|_| {
+            RawFile::open(&old, false).ok().or_else(|| {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                None
+            })
+        });
+        assert!(reopened.is_some(), "the old medium is still locked");
+        let other = raw(dir, "other.img", 512 * 3);
+        assert_eq!(change_medium(&h, &disk(&other, None)).unwrap(), 3);
+        assert_eq!(capacity_and_generation(&mut t), (3, 2));
+    }
+}
