@@ -9,6 +9,7 @@ use kvm_ioctls::IoEventAddress;
 use std::any::Any;
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
@@ -140,6 +141,14 @@ fn disk_error(disk: &DiskConfig, reason: String) -> DeviceError {
 /// locked against other writers.
 fn open_medium(disk: &DiskConfig) -> Result<Disk, DeviceError> {
     let err = |reason: String| disk_error(disk, reason);
+    // Opening a named pipe waits for a writer: the event loop would hang on it.
+    let meta = std::fs::metadata(&disk.path).map_err(|e| err(io_reason(&e)))?;
+    if meta.file_type().is_fifo() || meta.file_type().is_socket() {
+        return Err(err(
+            "is a named pipe or a socket, not a disk image (a regular file or a block device)"
+                .into(),
+        ));
+    }
     let format = match disk.format {
         Some(f) => f,
         None => {
@@ -238,9 +247,16 @@ mod tests {
         let overlay = dir.join("overlay.qcow2");
         qcow2::create(&overlay, None, None, Some((&base, qcow2::Format::Raw))).unwrap();
         let dir_path = dir.to_path_buf();
-        let cases: [(DiskConfig, &str); 4] = [
+        let fifo = dir.join("pipe");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path in our temporary directory.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let cases: [(DiskConfig, &str); 6] = [
             (disk(&dir.join("missing.img"), None), "No such file"),
             (disk(&dir_path, None), "directory"),
+            // Opening a pipe would block the event loop until a writer came.
+            (disk(&fifo, None), "named pipe"),
+            (disk(&fifo, Some(DiskFormat::Raw)), "named pipe"),
             // Probed as qcow2 with a backing file: refused, as at boot.
             (disk(&overlay, None), "names a backing file"),
             // The format given is the format used.

@@ -430,6 +430,11 @@ fn check_readable(field: &str, path: &PathBuf) -> Result<(), ApiFault> {
     if meta.is_dir() {
         return Err(bad("is a directory".into()));
     }
+    // Opening a named pipe would wait for a writer, and hold up every other request.
+    use std::os::unix::fs::FileTypeExt;
+    if meta.file_type().is_fifo() || meta.file_type().is_socket() {
+        return Err(bad("is a named pipe or a socket, not a file".into()));
+    }
     std::fs::File::open(path).map_err(|e| bad(io_reason(&e)))?;
     Ok(())
 }

@@ -668,6 +668,24 @@ fn pending_config_builds_a_vm_config() {
     )
     .unwrap_err();
     assert_fault(&e, 400, "path_on_host: /tmp: is a directory");
+    // A named pipe is refused before it is opened (the open would wait for a writer).
+    let fifo = std::env::temp_dir().join(format!("wisp-api-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path of our own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let e = apply(
+        &mut p,
+        "PUT",
+        "/drives/pipe",
+        format!(
+            r#"{{"drive_id": "pipe", "path_on_host": "{}", "is_root_device": false}}"#,
+            fifo.display()
+        ),
+    )
+    .unwrap_err();
+    std::fs::remove_file(&fifo).unwrap();
+    assert_fault(&e, 400, "is a named pipe");
     let e = apply(
         &mut p,
         "PUT",
