@@ -37,6 +37,41 @@ struct Sink {
     module: Option<String>,
 }
 
+impl Sink {
+    /// The line for `record`, or None when the module filter leaves it out.
+    fn format(&self, record: &Record) -> Option<String> {
+        if let Some(m) = &self.module {
+            let path = record.module_path().unwrap_or("");
+            let below = path
+                .strip_prefix(m.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"));
+            if !below {
+                return None;
+            }
+        }
+        let mut line = String::from("wisp: ");
+        if self.show_level {
+            line.push_str(match record.level() {
+                Level::Error => "error: ",
+                Level::Warn => "warning: ",
+                Level::Info => "info: ",
+                Level::Debug => "debug: ",
+                Level::Trace => "trace: ",
+            });
+        }
+        if self.show_origin {
+            line.push_str(&format!(
+                "{}:{}: ",
+                record.file().unwrap_or("?"),
+                record.line().unwrap_or(0)
+            ));
+        }
+        line.push_str(&record.args().to_string());
+        line.push('\n');
+        Some(line)
+    }
+}
+
 static SINK: Mutex<Sink> = Mutex::new(Sink {
     file: None,
     show_level: true,
@@ -60,31 +95,9 @@ impl Log for WispLogger {
             return;
         }
         let mut sink = sink();
-        if let Some(m) = &sink.module {
-            let path = record.module_path().unwrap_or("");
-            if !(path == m || path.starts_with(&format!("{m}::"))) {
-                return;
-            }
-        }
-        let mut line = String::from("wisp: ");
-        if sink.show_level {
-            line.push_str(match record.level() {
-                Level::Error => "error: ",
-                Level::Warn => "warning: ",
-                Level::Info => "info: ",
-                Level::Debug => "debug: ",
-                Level::Trace => "trace: ",
-            });
-        }
-        if sink.show_origin {
-            line.push_str(&format!(
-                "{}:{}: ",
-                record.file().unwrap_or("?"),
-                record.line().unwrap_or(0)
-            ));
-        }
-        line.push_str(&record.args().to_string());
-        line.push('\n');
+        let Some(line) = sink.format(record) else {
+            return;
+        };
         // One write per line, so that lines from several threads do not interleave. A pipe
         // that is full drops the line (it is non-blocking): logging never stalls the VMM.
         let _ = match sink.file.as_mut() {
@@ -169,6 +182,42 @@ mod tests {
         let d = std::env::temp_dir().join(format!("wisp-logger-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn lines_show_level_origin_and_follow_the_module_filter() {
+        let mut sink = Sink {
+            file: None,
+            show_level: true,
+            show_origin: false,
+            module: None,
+        };
+        let line = |sink: &Sink, module: &str| {
+            sink.format(
+                &Record::builder()
+                    .args(format_args!("VM started"))
+                    .level(Level::Info)
+                    .module_path(Some(module))
+                    .file(Some("src/vmm.rs"))
+                    .line(Some(42))
+                    .build(),
+            )
+        };
+        assert_eq!(
+            line(&sink, "wisp::vmm").as_deref(),
+            Some("wisp: info: VM started\n")
+        );
+        sink.show_level = false;
+        sink.show_origin = true;
+        assert_eq!(
+            line(&sink, "wisp::vmm").as_deref(),
+            Some("wisp: src/vmm.rs:42: VM started\n")
+        );
+        sink.module = Some("wisp::vmm".into());
+        assert!(line(&sink, "wisp::vmm").is_some());
+        assert!(line(&sink, "wisp::vmm::inner").is_some());
+        assert!(line(&sink, "wisp::vmmx").is_none());
+        assert!(line(&sink, "wisp::api::server").is_none());
     }
 
     #[test]
