@@ -19,6 +19,9 @@
 //! //       handler.device_fds() is the current list: empty until the driver sets
 //! //       DRIVER_OK, empty again after a reset. Watch each with EPOLLIN | EPOLLET.
 //! //   handler.device_fds()[j] readable   -> handler.process_device_fd(j)
+//! //   a config change the VMM makes (e.g. virtio-blk media change), between requests:
+//! //       handler.change_config(|dev| downcast dev to Block, block.change_medium(disk))
+//! //       -> ConfigGeneration bumped, configuration change interrupt once DRIVER_OK
 //! ```
 //!
 //! The vCPU threads touch only the transport (register accesses, under its mutex on the
