@@ -534,7 +534,11 @@ impl Vmm {
     ) -> Result<(), ApiFault> {
         let started = StartedDrive::find(&api.vm_config, &update.drive_id)?;
         let path = &update.path_on_host;
-        if let Some((other, _)) = started.others.iter().find(|(_, p)| p == path) {
+        if let Some((other, _)) = started
+            .others
+            .iter()
+            .find(|(_, p)| p == path || same_file(p, path))
+        {
             return Err(ApiFault::bad_request(format!(
                 "path_on_host: {} is drive {other:?}'s file",
                 path.display()
