@@ -135,7 +135,14 @@ def prepare(size_mib):
     if os.path.exists(QCOW2):
         os.unlink(QCOW2)
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", RAW, QCOW2], check=True)
-    # The same starting point for everyone: both files in the page cache.
+    # The same starting point for everyone: both files in the page cache, brought in the
+    # same way (how a file came into the cache sets the size of its folios, which alone
+    # moved read throughput by up to 30%), so first drop their pages (only theirs).
+    os.sync()
+    for path in (RAW, QCOW2):
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
     for path in (RAW, QCOW2):
         with open(path, "rb") as f:
             while f.read(8 << 20):

@@ -6,7 +6,7 @@
 # blocks, scattered over the L2 tables); "1m seq" is sequential 1 MiB requests.
 # Prints MB/s for each and wisp/qemu ratios (>= 1.00 means wisp is at least as fast).
 #
-# usage: scripts/bench/qcow2.sh   (SIZE=512M COUNT4K=20000 COUNT1M=1024 REPS=3 to change)
+# usage: scripts/bench/qcow2.sh   (SIZE=512M COUNT4K=20000 COUNT1M=1024 REPS=5 to change)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 command -v qemu-img >/dev/null || { echo "qemu-img missing: apt-get install qemu-utils" >&2; exit 1; }
@@ -14,7 +14,7 @@ command -v qemu-img >/dev/null || { echo "qemu-img missing: apt-get install qemu
 SIZE=${SIZE:-512M}
 COUNT4K=${COUNT4K:-20000}
 COUNT1M=${COUNT1M:-1024}
-REPS=${REPS:-3}
+REPS=${REPS:-5}
 STEP4K=$((4096 * 2731))
 
 cargo build -q --release -p wisp-devices --example qcow2_bench
@@ -38,6 +38,12 @@ make_d() {
 }
 make_c
 make_d
+# The same page-cache state for (a) and (b): how a file came into the cache (one large
+# write, 2 MiB writes, readahead) sets the size of its folios, and that alone moved read
+# throughput of two files with the same data by up to 30%. Drop both files' pages (only
+# theirs) so that the reads in run() bring them back in the same way.
+sync
+for f in "$DIR/a.raw" "$DIR/b.qcow2"; do dd if="$f" iflag=nocache count=0 status=none; done
 
 # run <label> <fmt> <file> <read|write> <bs> <step> <count> <reset-cmd>
 # Best of $REPS alternating runs for each tool (the machine is shared and noisy).
