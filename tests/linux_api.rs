@@ -1,8 +1,10 @@
 //! Tier 3 through the control API, as a node agent drives it: the test kernel configured over
 //! the socket with a root disk (an MBR-partitioned image, found by PARTUUID, no initramfs) and
 //! a NIC with offloads turned off (wisp's `offload` extension), booted, running the same disk
-//! and network scenarios as from the CLI, and shut down cleanly by `SendCtrlAltDel` (the
-//! i8042 key sequence, the kernel's keyboard driver, init's SIGINT handler, poweroff).
+//! and network scenarios as from the CLI; a second drive's medium changed with
+//! `PATCH /drives` while the guest runs (its kernel sees the new size); then shut down
+//! cleanly by `SendCtrlAltDel` (the i8042 key sequence, the kernel's keyboard driver, init's
+//! SIGINT handler, poweroff).
 
 mod common;
 use common::*;
@@ -54,6 +56,11 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     let rootfs = image("rootfs.ext4");
     let disk = dir.join("root-disk.raw");
     mbr_disk(&rootfs, &disk, DISK_SIGNATURE);
+    // The second drive: 4 MiB, later replaced by an 8 MiB medium.
+    let scratch = dir.join("scratch-4m.raw");
+    std::fs::write(&scratch, vec![0x11u8; 4 << 20]).unwrap();
+    let scratch2 = dir.join("scratch-8m.raw");
+    std::fs::write(&scratch2, vec![0x22u8; 8 << 20]).unwrap();
 
     let ns = TestNetns::new("t3api");
     ns.add_tap(TAP, "10.0.0.1/24");
@@ -106,6 +113,16 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     api_ok(
         &sock,
         "PUT",
+        "/drives/scratch",
+        &format!(
+            r#"{{"drive_id": "scratch", "path_on_host": "{}", "is_root_device": false,
+                 "is_read_only": false}}"#,
+            scratch.display()
+        ),
+    );
+    api_ok(
+        &sock,
+        "PUT",
         "/network-interfaces/eth0",
         &format!(
             r#"{{"iface_id": "eth0", "host_dev_name": "{TAP}", "guest_mac": "{GUEST_MAC}",
@@ -127,6 +144,21 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     assert_eq!(status, 200);
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(info["state"], "Running", "{info}");
+    // A new medium for the second drive: the guest kernel is told (config change interrupt)
+    // and reads the new capacity.
+    api_ok(
+        &sock,
+        "PATCH",
+        "/drives/scratch",
+        &format!(
+            r#"{{"drive_id": "scratch", "path_on_host": "{}"}}"#,
+            scratch2.display()
+        ),
+    );
+    w.wait_for(
+        "[vdb] new size: 16384 512-byte logical blocks",
+        Duration::from_secs(300),
+    );
     api_ok(
         &sock,
         "PUT",
@@ -150,6 +182,7 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     // The root filesystem is partition 1 of the drive (PARTUUID), read-write, no initramfs;
     // the guest's file is in it.
     assert!(out.contains(" vda: vda1"), "{out}");
+    assert!(out.contains("[vdb] 8192 512-byte logical blocks"), "{out}");
     assert_eq!(lines_with(out, "WISP-INIT: root_dev="), vec!["vda1"]);
     assert_eq!(lines_with(out, "WISP-INIT: root_mode="), vec!["rw"]);
     let part = dir.join("root-part.ext4");
