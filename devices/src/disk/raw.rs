@@ -159,9 +159,6 @@ impl RawFile {
     }
 }
 
-/// Most iovecs one preadv/pwritev takes (Linux UIO_MAXIOV).
-const IOV_MAX: usize = 1024;
-
 impl RawFile {
     /// Reads the sum of `bufs`' lengths from `offset` straight into `bufs` (guest memory),
     /// with preadv: no bounce buffer.
@@ -172,12 +169,7 @@ impl RawFile {
     ) -> io::Result<()> {
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check(offset, total)?;
-        let r = self.vectored(offset, bufs, total, true);
-        // Partial reads may have landed anywhere; mark it all.
-        for b in bufs {
-            b.bitmap().mark_dirty(0, b.len());
-        }
-        r
+        super::file_vectored(&self.file, offset, bufs, 0, total, true)
     }
 
     /// Writes `bufs` (guest memory) at `offset` with pwritev: no bounce buffer.
@@ -189,97 +181,8 @@ impl RawFile {
         self.check_writable()?;
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check(offset, total)?;
-        self.vectored(offset, bufs, total, false)
+        super::file_vectored(&self.file, offset, bufs, 0, total, false)
     }
-
-    fn vectored<B: BitmapSlice>(
-        &self,
-        offset: u64,
-        bufs: &[VolatileSlice<B>],
-        total: u64,
-        read: bool,
-    ) -> io::Result<()> {
-        let mut done = 0u64;
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(bufs.len().min(IOV_MAX));
-        while done < total {
-            // The iovecs for bytes done..: skip what is done, take up to IOV_MAX pieces.
-            iov.clear();
-            let mut guards = Vec::with_capacity(bufs.len().min(IOV_MAX));
-            let mut skip = done;
-            for b in bufs {
-                if iov.len() == IOV_MAX {
-                    break;
-                }
-                let len = b.len() as u64;
-                if skip >= len {
-                    skip -= len;
-                    continue;
-                }
-                let guard = b.ptr_guard_mut();
-                // SAFETY: skip < len, so the pointer stays inside the slice.
-                let base = unsafe { guard.as_ptr().add(skip as usize) };
-                iov.push(libc::iovec {
-                    iov_base: base.cast(),
-                    iov_len: (len - skip) as usize,
-                });
-                guards.push(guard);
-                skip = 0;
-            }
-            let pos = libc::off_t::try_from(offset + done)
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-            // SAFETY: every iovec points into a VolatileSlice of guest memory that stays
-            // mapped while `bufs` is borrowed; its guard is held in `guards` for the call.
-            // The kernel reads or writes only those bytes.
-            let n = unsafe {
-                if read {
-                    libc::preadv(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, pos)
-                } else {
-                    libc::pwritev(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, pos)
-                }
-            };
-            drop(guards);
-            match n {
-                // The file shrank under us: as in read_at, the rest reads as zeros.
-                0 if read => return zero_fill(bufs, done),
-                0 => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        format!("pwritev at {} wrote nothing", offset + done),
-                    ))
-                }
-                n if n > 0 => done += n as u64,
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Zeroes `bufs` from stream offset `skip` to the end.
-fn zero_fill<B: BitmapSlice>(bufs: &[VolatileSlice<B>], mut skip: u64) -> io::Result<()> {
-    const ZEROES: [u8; 4096] = [0; 4096];
-    for b in bufs {
-        let len = b.len() as u64;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let mut pos = skip as usize;
-        skip = 0;
-        while pos < b.len() {
-            let n = (b.len() - pos).min(ZEROES.len());
-            b.subslice(pos, n)
-                .map_err(|e| io::Error::other(e.to_string()))?
-                .copy_from(&ZEROES[..n]);
-            pos += n;
-        }
-    }
-    Ok(())
 }
 
 fn unsupported(e: &io::Error) -> bool {
@@ -316,6 +219,14 @@ impl DiskBackend for RawFile {
         self.check_writable()?;
         self.check(offset, buf.len() as u64)?;
         self.file.write_all_at(buf, offset)
+    }
+
+    fn read_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
+        self.read_vectored_at(offset, bufs)
+    }
+
+    fn write_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
+        self.write_vectored_at(offset, bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {

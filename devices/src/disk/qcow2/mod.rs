@@ -21,6 +21,7 @@
 //! after the L2 entries that stopped pointing at the clusters are durable, so a crash can
 //! leak clusters but never leave a reference to a cluster with refcount 0.
 
+mod buffers;
 mod cache;
 mod header;
 mod refcount;
@@ -36,9 +37,12 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use buffers::{Guest, ReadDest, WriteSrc};
 use cache::TableCache;
 pub use header::MAGIC;
 use header::{Header, INCOMPAT_DIRTY};
+
+use vm_memory::VolatileSlice;
 
 use super::DiskBackend;
 
@@ -587,6 +591,8 @@ pub struct Qcow2 {
     /// A page-aligned cluster buffer for copy-on-write (the kernel copies from the page
     /// cache several times faster into page-aligned memory).
     scratch: AlignedBuf,
+    /// Backing-file data on its way to guest memory.
+    bounce: Vec<u8>,
     /// Test hook: writes allowed before a simulated crash (every later write fails and
     /// nothing is written back on drop), and the number of writes issued.
     #[cfg(test)]
@@ -772,6 +778,7 @@ impl Qcow2 {
             data_dirty: false,
             compressed_cache: None,
             scratch: AlignedBuf::new(cluster_size as usize),
+            bounce: Vec::new(),
             #[cfg(test)]
             crash_after: None,
             #[cfg(test)]
@@ -830,13 +837,24 @@ impl Qcow2 {
     }
 
     fn pwrite(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.pwrite_from(buf, 0, buf.len(), offset)
+    }
+
+    /// Writes bytes `start..start + n` of `src` at file offset `offset`.
+    fn pwrite_from<S: WriteSrc + ?Sized>(
+        &mut self,
+        src: &S,
+        start: usize,
+        n: usize,
+        offset: u64,
+    ) -> io::Result<()> {
         #[cfg(test)]
         self.crash_point()?;
-        let end = offset + buf.len() as u64;
+        let end = offset + n as u64;
         if end > self.prealloc_end && self.prealloc {
             self.preallocate(offset, end);
         }
-        self.file.write_all_at(buf, offset)?;
+        src.write_file(&self.file, offset, start, n)?;
         self.file_size = self.file_size.max(end);
         Ok(())
     }
@@ -1338,6 +1356,36 @@ impl Qcow2 {
         }
     }
 
+    /// Reads backing data for guest bytes `[offset, offset + n)` into `dest` at `start`;
+    /// guest memory goes through a bounce buffer, a megabyte at a time.
+    fn read_backing_into<D: ReadDest + ?Sized>(
+        &mut self,
+        offset: u64,
+        dest: &mut D,
+        start: usize,
+        n: usize,
+    ) -> io::Result<()> {
+        if self.backing.is_none() {
+            return dest.zero(start, n);
+        }
+        if let Some(buf) = dest.bytes(start, n) {
+            return self.read_backing(offset, buf);
+        }
+        let mut bounce = std::mem::take(&mut self.bounce);
+        let mut done = 0;
+        let mut r = Ok(());
+        while done < n && r.is_ok() {
+            let k = (n - done).min(1 << 20);
+            bounce.resize(k, 0);
+            r = self
+                .read_backing(offset + done as u64, &mut bounce[..k])
+                .and_then(|()| dest.copy_in(start + done, &bounce[..k]));
+            done += k;
+        }
+        self.bounce = bounce;
+        r
+    }
+
     fn decompress(&mut self, entry_host: u64, sectors: u64) -> io::Result<()> {
         let key = entry_host ^ (sectors << 56);
         if matches!(&self.compressed_cache, Some((k, _)) if *k == key) {
@@ -1386,7 +1434,7 @@ impl Qcow2 {
         }
     }
 
-    fn read_inner(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    fn read_inner<D: ReadDest + ?Sized>(&mut self, offset: u64, buf: &mut D) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let cs = self.cluster_size;
         let mut done = 0usize;
@@ -1416,14 +1464,16 @@ impl Qcow2 {
                     k += 1;
                 }
             }
-            let chunk = &mut buf[done..done + n];
+            let inoff = off & (cs - 1);
             match m {
-                Mapping::Compressed { .. } => self.read_mapped(m, off, chunk)?,
-                Mapping::Unallocated => self.read_backing(off, chunk)?,
-                Mapping::Zero { .. } => chunk.fill(0),
-                Mapping::Data { host, .. } => {
-                    pread_zero_fill(&self.file, chunk, host + (off & (cs - 1)))?
+                Mapping::Compressed { host, sectors } => {
+                    self.decompress(host, sectors)?;
+                    let data = &self.compressed_cache.as_ref().expect("just decompressed").1;
+                    buf.copy_in(done, &data[inoff as usize..inoff as usize + n])?;
                 }
+                Mapping::Unallocated => self.read_backing_into(off, buf, done, n)?,
+                Mapping::Zero { .. } => buf.zero(done, n)?,
+                Mapping::Data { host, .. } => buf.read_file(&self.file, host + inoff, done, n)?,
             }
             done += n;
         }
@@ -1483,15 +1533,19 @@ impl Qcow2 {
         }
     }
 
-    fn flush_run(&mut self, run: &mut Option<WriteRun>, buf: &[u8]) -> io::Result<()> {
+    fn flush_run<S: WriteSrc + ?Sized>(
+        &mut self,
+        run: &mut Option<WriteRun>,
+        buf: &S,
+    ) -> io::Result<()> {
         if let Some(r) = run.take() {
-            self.pwrite(&buf[r.start..r.end], r.host)?;
+            self.pwrite_from(buf, r.start, r.end - r.start, r.host)?;
             self.data_dirty = true;
         }
         Ok(())
     }
 
-    fn write_inner(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+    fn write_inner<S: WriteSrc + ?Sized>(&mut self, offset: u64, buf: &S) -> io::Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
         let cs = self.cluster_size;
@@ -1527,9 +1581,11 @@ impl Qcow2 {
                     self.flush_run(&mut run, buf)?;
                     let mut scratch = std::mem::take(&mut self.scratch);
                     let cluster = scratch.as_mut_slice();
-                    let r = self.read_mapped(m, g << self.cluster_bits, cluster);
-                    cluster[inoff as usize..inoff as usize + n]
-                        .copy_from_slice(&buf[done..done + n]);
+                    let r = self
+                        .read_mapped(m, g << self.cluster_bits, cluster)
+                        .and_then(|()| {
+                            buf.copy_out(done, &mut cluster[inoff as usize..inoff as usize + n])
+                        });
                     let r = r.and_then(|()| {
                         let new = self.alloc_cluster()?;
                         self.pwrite(cluster, new)?;
@@ -1588,7 +1644,7 @@ impl Qcow2 {
             if n < cs {
                 if zero && !reads_zero {
                     let zeros = vec![0u8; n as usize];
-                    self.write_inner(off, &zeros)?;
+                    self.write_inner(off, &zeros[..])?;
                 }
             } else if zero {
                 if reads_zero {
@@ -1600,7 +1656,7 @@ impl Qcow2 {
                     self.free_later(m);
                 } else {
                     let zeros = vec![0u8; n as usize];
-                    self.write_inner(off, &zeros)?;
+                    self.write_inner(off, &zeros[..])?;
                 }
             } else if !reads_zero {
                 // Discard of a whole cluster: v3 makes it read zeros (a zero cluster hides
@@ -1630,6 +1686,14 @@ impl DiskBackend for Qcow2 {
 
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.write_inner(offset, buf)
+    }
+
+    fn read_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
+        self.read_inner(offset, &mut Guest::new(bufs)?)
+    }
+
+    fn write_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {
+        self.write_inner(offset, &Guest::new(bufs)?)
     }
 
     fn flush(&mut self) -> io::Result<()> {
