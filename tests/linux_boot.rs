@@ -31,25 +31,41 @@ fn assert_acpi_tables_accepted(console: &str) {
     assert!(!console.contains("ACPI Error"), "ACPI errors:\n{console}");
 }
 
-fn boot_linux(kernel: &str, cpus: &str, memory: &str, scenario: &str) -> Finished {
+/// Boots `kernel` with the initramfs, or, with `root_disk`, from partition 1 of that disk
+/// (`root=/dev/vda1`, no initramfs).
+fn boot_linux(
+    kernel: &str,
+    cpus: &str,
+    memory: &str,
+    scenario: &str,
+    root_disk: Option<&std::path::Path>,
+) -> Finished {
     let _slot = linux_boot_slot();
     let kernel = image(kernel);
-    let initrd = image("initramfs.cpio");
-    let cmdline = format!("console=ttyS0 panic=-1 wisp.scenario={scenario}");
-    Wisp::spawn(&[
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--cpus",
-        cpus,
-        "--memory",
-        memory,
-        "--cmdline",
-        &cmdline,
-    ])
-    .wait(BOOT)
+    let mut args: Vec<String> = vec!["run".into(), "--kernel".into(), path_arg(&kernel)];
+    let mut cmdline = format!("console=ttyS0 panic=-1 wisp.scenario={scenario}");
+    match root_disk {
+        Some(disk) => {
+            args.extend([
+                "--disk".into(),
+                format!("path={},format=raw", disk.display()),
+            ]);
+            cmdline.push_str(" root=/dev/vda1 rw");
+        }
+        None => args.extend(["--initrd".into(), path_arg(&image("initramfs.cpio"))]),
+    }
+    args.extend([
+        "--cpus".into(),
+        cpus.into(),
+        "--memory".into(),
+        memory.into(),
+    ]);
+    args.extend(["--cmdline".into(), cmdline]);
+    Wisp::spawn(&args).wait(BOOT)
+}
+
+fn path_arg(p: &std::path::Path) -> String {
+    p.to_str().expect("UTF-8 path").to_string()
 }
 
 #[test]
@@ -57,7 +73,7 @@ fn test_kernel_elf_boots_to_init_sees_cpus_and_memory_and_powers_off() {
     if !kvm_available("test_kernel_elf_boots_to_init_sees_cpus_and_memory_and_powers_off") {
         return;
     }
-    let f = boot_linux("vmlinux", "2", "128M", "info,poweroff");
+    let f = boot_linux("vmlinux", "2", "128M", "info,poweroff", None);
     assert!(
         f.stdout.contains("WISP-INIT: ready"),
         "no init:\n{}\n{}",
@@ -76,17 +92,53 @@ fn test_kernel_elf_boots_to_init_sees_cpus_and_memory_and_powers_off() {
     assert_eq!(f.code(), Some(0), "stderr: {}", f.stderr);
 }
 
+/// The bzImage, with its root filesystem on partition 1 of a disk (no initramfs): init on
+/// the disk runs, writes a file there, and reboots.
 #[test]
-fn test_kernel_bzimage_boots_and_reboot_exits_zero() {
-    if !kvm_available("test_kernel_bzimage_boots_and_reboot_exits_zero") {
+fn test_kernel_bzimage_boots_from_a_disk_partition_and_reboot_exits_zero() {
+    if !kvm_available("test_kernel_bzimage_boots_from_a_disk_partition_and_reboot_exits_zero") {
         return;
     }
-    let f = boot_linux("bzImage", "1", "192M", "info,reboot");
+    let dir = std::env::temp_dir().join(format!("wisp-linux-root-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rootfs = image("rootfs.ext4");
+    let disk = dir.join("root.raw");
+    mbr_disk(&rootfs, &disk, 0x1234_5678);
+    let f = boot_linux("bzImage", "1", "192M", "info,rootfs,reboot", Some(&disk));
     assert!(
         f.stdout.contains("WISP-INIT: ready"),
         "no init:\n{}\n{}",
         f.stdout,
         f.stderr
+    );
+    assert!(f.stdout.contains(" vda: vda1"), "{}", f.stdout);
+    assert!(
+        f.stdout.contains("WISP-INIT: scenario rootfs ok"),
+        "{}",
+        f.stdout
+    );
+    assert_eq!(lines_with(&f.stdout, "WISP-INIT: root_dev="), vec!["vda1"]);
+    assert_eq!(lines_with(&f.stdout, "WISP-INIT: root_mode="), vec!["rw"]);
+    let part = dir.join("root.ext4");
+    extract(
+        &disk,
+        2048 * 512,
+        std::fs::metadata(&rootfs).unwrap().len(),
+        &part,
+    );
+    let dumped = dir.join("guest-root.txt");
+    run_ok(
+        "debugfs",
+        &[
+            "-R",
+            &format!("dump /guest-root.txt {}", dumped.display()),
+            part.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(&dumped).unwrap(),
+        "written-by-the-guest\n"
     );
     assert_acpi_tables_accepted(&f.stdout);
     assert_eq!(lines_with(&f.stdout, "WISP-INIT: nproc="), vec!["1"]);
@@ -97,6 +149,7 @@ fn test_kernel_bzimage_boots_and_reboot_exits_zero() {
     );
     assert!(f.stdout.contains("WISP-INIT: rebooting"));
     assert_eq!(f.code(), Some(0), "stderr: {}", f.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -104,7 +157,7 @@ fn guest_kernel_panic_ends_wisp_nonzero_through_pvpanic() {
     if !kvm_available("guest_kernel_panic_ends_wisp_nonzero_through_pvpanic") {
         return;
     }
-    let f = boot_linux("vmlinux", "1", "128M", "panic");
+    let f = boot_linux("vmlinux", "1", "128M", "panic", None);
     assert!(
         f.stdout.contains("WISP-INIT: triggering panic"),
         "{}",
@@ -126,7 +179,7 @@ fn stock_debian_kernel_boots_with_acpi_cpus_memory_and_console() {
     }
     if !pvm_host() {
         // Hardware KVM: the stock kernel runs the same scenario as the test kernel.
-        let f = boot_linux("stock-vmlinux", "2", "256M", "info,poweroff");
+        let f = boot_linux("stock-vmlinux", "2", "256M", "info,poweroff", None);
         let out = &format!("{}\n--- wisp's stderr:\n{}", f.stdout, f.stderr);
         assert_stock_platform(out);
         assert_eq!(
