@@ -184,7 +184,9 @@ build_rootfs() {
 	# CONFIG_DEVTMPFS_MOUNT mounts /dev on it.
 	rm -f "$OUT/rootfs.ext4.$$"
 	truncate -s "${ROOTFS_SIZE_MB}M" "$OUT/rootfs.ext4.$$"
-	mkfs.ext4 -q -F -L wisp-root -E root_owner=0:0 -d "$stage" \
+	# Inode tables and journal zeroed here, not by the guest kernel's ext4lazyinit
+	# thread in the background (interpreted on PVM, it slows every boot).
+	mkfs.ext4 -q -F -L wisp-root -E root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0 -d "$stage" \
 		"$OUT/rootfs.ext4.$$"
 	mv "$OUT/rootfs.ext4.$$" "$OUT/rootfs.ext4"
 	rm -rf "$stage"

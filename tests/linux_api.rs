@@ -48,9 +48,7 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
         return;
     }
     let kib = if pvm_host() { 256 } else { 64 * 1024 };
-    let dir = std::env::temp_dir().join(format!("wisp-linux-api-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TestDir::new("linux-api");
 
     // The root filesystem image in partition 1 of an MBR disk.
     let rootfs = image("rootfs.ext4");
@@ -234,5 +232,4 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     let _ = dnsmasq.kill();
     let _ = dnsmasq.wait();
     drop(ns);
-    let _ = std::fs::remove_dir_all(&dir);
 }

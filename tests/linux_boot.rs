@@ -99,9 +99,7 @@ fn test_kernel_bzimage_boots_from_a_disk_partition_and_reboot_exits_zero() {
     if !kvm_available("test_kernel_bzimage_boots_from_a_disk_partition_and_reboot_exits_zero") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("wisp-linux-root-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TestDir::new("linux-root");
     let rootfs = image("rootfs.ext4");
     let disk = dir.join("root.raw");
     mbr_disk(&rootfs, &disk, 0x1234_5678);
@@ -149,7 +147,6 @@ fn test_kernel_bzimage_boots_from_a_disk_partition_and_reboot_exits_zero() {
     );
     assert!(f.stdout.contains("WISP-INIT: rebooting"));
     assert_eq!(f.code(), Some(0), "stderr: {}", f.stderr);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

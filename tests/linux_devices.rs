@@ -35,6 +35,9 @@ fn ext4_with(dir: &std::path::Path, name: &str, text: &str, mib: u32) -> std::pa
         &[
             "-q",
             "-F",
+            // Zeroed here rather than by the guest's ext4lazyinit thread (slow on PVM).
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
             "-d",
             root.to_str().unwrap(),
             img.to_str().unwrap(),
@@ -91,9 +94,7 @@ fn linux_uses_disks_and_network_through_wisp_devices() {
     }
     // Guest kernel networking is interpreted on PVM: move less data there.
     let kib = if pvm_host() { 256 } else { 64 * 1024 };
-    let dir = std::env::temp_dir().join(format!("wisp-linux-dev-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TestDir::new("linux-dev");
 
     // vda: a partitioned raw disk, ext4 in partition 1.
     let part_fs = ext4_with(&dir, "part.ext4", "written-by-the-host", 32);
@@ -376,5 +377,4 @@ fn linux_uses_disks_and_network_through_wisp_devices() {
     let _ = dnsmasq.kill();
     let _ = dnsmasq.wait();
     drop(ns);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -594,3 +594,32 @@ pub fn sha256_hex(path: &Path) -> String {
     let out = run_ok("sha256sum", &[path.to_str().unwrap()]);
     out.split_whitespace().next().unwrap().to_string()
 }
+
+/// A scratch directory of the test's own, removed on drop (also when the test fails).
+pub struct TestDir(PathBuf);
+
+impl TestDir {
+    pub fn new(tag: &str) -> TestDir {
+        let p = std::env::temp_dir().join(format!("wisp-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create the test directory");
+        TestDir(p)
+    }
+
+    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

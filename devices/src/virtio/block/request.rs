@@ -25,8 +25,6 @@ const HEADER_LEN: u64 = 16;
 /// struct virtio_blk_discard_write_zeroes
 const DISCARD_SEGMENT_LEN: u64 = 16;
 const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
-/// Largest bounce buffer for data, reused between requests.
-const MAX_BOUNCE: usize = 1 << 20;
 
 #[derive(Clone, Copy, Debug)]
 struct Segment {
@@ -47,9 +45,9 @@ fn ioerr(msg: impl Into<String>) -> (Failure, u32) {
     (Failure::IoErr(msg.into()), 0)
 }
 
-/// The disk behind the device (its medium). A raw file moves data between the file and
-/// guest memory directly (preadv/pwritev on guest memory); other backends go through a
-/// bounce buffer.
+/// The disk behind the device (its medium). Data moves through the backend's
+/// `read_vectored` / `write_vectored` on guest memory: raw files and qcow2 data clusters
+/// go straight between the file and guest memory (preadv/pwritev).
 pub enum Disk {
     Generic(Box<dyn DiskBackend>),
     Raw(RawFile),
@@ -83,7 +81,6 @@ pub(super) struct RequestHandler {
     descs: Vec<Descriptor>,
     readable: Vec<Segment>,
     writable: Vec<Segment>,
-    bounce: Vec<u8>,
 }
 
 impl RequestHandler {
@@ -98,7 +95,6 @@ impl RequestHandler {
             descs: Vec::new(),
             readable: Vec::new(),
             writable: Vec::new(),
-            bounce: Vec::new(),
         }
     }
 
@@ -325,41 +321,15 @@ impl RequestHandler {
         Ok(())
     }
 
-    fn bounce_len(&mut self, total: u64) -> usize {
-        let n = total.min(MAX_BOUNCE as u64) as usize;
-        if self.bounce.len() < n {
-            self.bounce.resize(n, 0);
-        }
-        n
-    }
-
     fn read_to_guest(&mut self, mem: &GuestMemoryMmap, offset: u64, len: u64) -> Outcome {
-        if let Disk::Raw(raw) = &mut self.disk {
-            let slices = guest_slices(mem, &self.writable, 0, len)
-                .map_err(|_| ioerr("cannot map guest memory"))?;
-            // On failure any part may have been written: report it all.
-            raw.read_vectored_at(offset, &slices)
-                .map_err(|e| (Failure::IoErr(format!("read at {offset}: {e}")), len as u32))?;
-            return Ok(len as u32);
-        }
-        let mut done = 0u64;
-        while done < len {
-            let n = self.bounce_len(len - done);
-            let buf = &mut self.bounce[..n];
-            self.disk.get().read_at(offset + done, buf).map_err(|e| {
-                (
-                    Failure::IoErr(format!("read at {}: {e}", offset + done)),
-                    done as u32,
-                )
-            })?;
-            scatter(mem, &self.writable, done, buf).map_err(|_| {
-                (
-                    Failure::IoErr("cannot write guest memory".into()),
-                    done as u32,
-                )
-            })?;
-            done += n as u64;
-        }
+        let slices = guest_slices(mem, &self.writable, 0, len)
+            .map_err(|_| ioerr("cannot map guest memory"))?;
+        // Straight into guest memory (preadv for raw files and qcow2 data clusters). On
+        // failure any part may have been written: report it all.
+        self.disk
+            .get()
+            .read_vectored(offset, &slices)
+            .map_err(|e| (Failure::IoErr(format!("read at {offset}: {e}")), len as u32))?;
         Ok(len as u32)
     }
 
@@ -369,26 +339,12 @@ impl RequestHandler {
         offset: u64,
         len: u64,
     ) -> Result<(), (Failure, u32)> {
-        if let Disk::Raw(raw) = &mut self.disk {
-            let slices = guest_slices(mem, &self.readable, HEADER_LEN, len)
-                .map_err(|_| ioerr("cannot map guest memory"))?;
-            return raw
-                .write_vectored_at(offset, &slices)
-                .map_err(|e| ioerr(format!("write at {offset}: {e}")));
-        }
-        let mut done = 0u64;
-        while done < len {
-            let n = self.bounce_len(len - done);
-            let buf = &mut self.bounce[..n];
-            gather(mem, &self.readable, HEADER_LEN + done, buf)
-                .map_err(|_| ioerr("cannot read guest memory"))?;
-            self.disk
-                .get()
-                .write_at(offset + done, buf)
-                .map_err(|e| ioerr(format!("write at {}: {e}", offset + done)))?;
-            done += n as u64;
-        }
-        Ok(())
+        let slices = guest_slices(mem, &self.readable, HEADER_LEN, len)
+            .map_err(|_| ioerr("cannot map guest memory"))?;
+        self.disk
+            .get()
+            .write_vectored(offset, &slices)
+            .map_err(|e| ioerr(format!("write at {offset}: {e}")))
     }
 
     fn discard_or_zero(
