@@ -208,6 +208,13 @@ fn linux_uses_disks_and_network_through_wisp_devices() {
     cmd.args(["--net", &format!("tap={TAP1},mac={GUEST1_MAC}")]);
     let f = Wisp::spawn_cmd(&mut cmd).wait(Duration::from_secs(1500));
     let out = &f.stdout;
+    // Guest-side timings, for the record (the guest kernel is interpreted on PVM).
+    for key in ["net_tcp_seconds", "disk_vda1_mounted", "disk_vde_unmounted"] {
+        eprintln!(
+            "guest {key}: {:?}",
+            lines_with(out, &format!("WISP-INIT: {key}"))
+        );
+    }
     assert_eq!(f.code(), Some(0), "console:\n{out}\nstderr:\n{}", f.stderr);
     for scenario in ["info", "disk", "net"] {
         assert!(
