@@ -419,6 +419,34 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap()[0], 0);
     }
 
+    /// Another test thread starting a child process holds a copy of every open file of this
+    /// process until the child execs, and with it the lock of an image a test has just
+    /// closed: opens the test expects to succeed wait that out (bounded).
+    fn open_retry(p: &Path, read_only: bool) -> RawFile {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match RawFile::open(p, read_only) {
+                Err(RawError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                r => return r.unwrap(),
+            }
+        }
+    }
+
+    /// [`probe_from_another_process`] for an open that must succeed once such a transient
+    /// holder (see [`open_retry`]) is gone.
+    fn probe_until_opened(p: &Path, read_only: bool) -> i32 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let code = probe_from_another_process(p, read_only);
+            if code != 11 || std::time::Instant::now() >= deadline {
+                return code;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     #[test]
     fn second_read_write_open_of_a_file_is_refused() {
         let dir = TempDir::new();
@@ -434,7 +462,7 @@ mod tests {
         ));
         drop(first);
         // Closing releases the lock.
-        let _again = RawFile::open(&p, false).unwrap();
+        let _again = open_retry(&p, false);
     }
 
     /// Run by `a_second_process_cannot_open_a_locked_image`: opens the image named in the
@@ -500,15 +528,15 @@ mod tests {
             "read-only open refused"
         );
         drop(writer);
-        let reader = RawFile::open(&p, true).unwrap();
-        assert_eq!(probe_from_another_process(&p, true), 10, "readers share");
+        let reader = open_retry(&p, true);
+        assert_eq!(probe_until_opened(&p, true), 10, "readers share");
         assert_eq!(
             probe_from_another_process(&p, false),
             11,
             "no writer while read"
         );
         drop(reader);
-        assert_eq!(probe_from_another_process(&p, false), 10);
+        assert_eq!(probe_until_opened(&p, false), 10);
     }
 
     #[test]

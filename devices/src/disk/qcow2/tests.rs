@@ -17,6 +17,24 @@ impl TempDir {
     }
 }
 
+/// Opens an image the test expects to open. Another test thread starting a child process
+/// holds a copy of every open file of this process until the child execs, and with it the
+/// OFD lock of an image this test has just closed: wait that out (bounded), do not fail.
+fn open_retry(path: impl AsRef<Path>, read_only: bool) -> Result<Qcow2, Error> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Qcow2::open(path.as_ref(), read_only) {
+            Err(e)
+                if e.to_string().contains("in use by another process")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            r => return r,
+        }
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
@@ -180,7 +198,7 @@ fn reads_images_written_by_qemu() {
         let cmds: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
         qemu_io(&img, "qcow2", &cmds);
         let expected = to_raw(&img, &dir);
-        let mut q = Qcow2::open(&img, true).expect("open");
+        let mut q = open_retry(&img, true).expect("open");
         assert_reads(&mut q, &expected, cs);
     }
 }
@@ -216,7 +234,7 @@ fn reads_compressed_images() {
             raw.to_str().expect("utf8"),
             img.to_str().expect("utf8"),
         ]);
-        let mut q = Qcow2::open(&img, true).expect("open");
+        let mut q = open_retry(&img, true).expect("open");
         assert_reads(&mut q, &data, 3);
     }
     for cs in ["4k", "64k", "2M"] {
@@ -231,7 +249,7 @@ fn reads_compressed_images() {
             raw.to_str().expect("utf8"),
             img.to_str().expect("utf8"),
         ]);
-        let mut q = Qcow2::open(&img, true).expect("open zstd");
+        let mut q = open_retry(&img, true).expect("open zstd");
         assert_reads(&mut q, &data, 4);
     }
 }
@@ -317,7 +335,7 @@ fn reads_backing_chain_with_relative_paths() {
     }
     let dir = TempDir::new("chain");
     let (leaf, expected) = make_chain(&dir);
-    let mut q = Qcow2::open(&leaf, true).expect("open chain");
+    let mut q = open_retry(&leaf, true).expect("open chain");
     assert_eq!(q.backing_chain().len(), 3);
     assert_eq!(q.backing_chain()[2].1, Format::Raw);
     assert_reads(&mut q, &expected, 5);
@@ -428,7 +446,7 @@ fn random_writes_match_a_raw_file_and_pass_check() {
         let count = if cs == 512 { 900 } else { 300 };
         let ops = random_ops(&mut rng, size, cs, count);
         {
-            let mut q = Qcow2::open(&img, false).expect("open rw");
+            let mut q = open_retry(&img, false).expect("open rw");
             apply(&ops, &mut q, &mut model);
             assert_reads(&mut q, &model, cs + 1);
             q.flush().expect("flush");
@@ -441,7 +459,7 @@ fn random_writes_match_a_raw_file_and_pass_check() {
             assert!(rt_clusters > 1, "refcount table did not grow");
         }
         // Reopen and read back through wisp too.
-        let mut q = Qcow2::open(&img, true).expect("reopen");
+        let mut q = open_retry(&img, true).expect("reopen");
         assert_reads(&mut q, &model, cs + 2);
     }
     assert_eq!(
@@ -474,7 +492,7 @@ fn writes_with_other_refcount_widths() {
         let mut model = vec![0u8; size as usize];
         let ops = random_ops(&mut rng, size, 4096, 100);
         {
-            let mut q = Qcow2::open(&img, false).expect("open");
+            let mut q = open_retry(&img, false).expect("open");
             apply(&ops, &mut q, &mut model);
         }
         check_clean(&img);
@@ -507,7 +525,7 @@ fn writes_over_compressed_clusters() {
     let mut rng = Rng(5);
     let ops = random_ops(&mut rng, data.len() as u64, 4096, 200);
     {
-        let mut q = Qcow2::open(&img, false).expect("open");
+        let mut q = open_retry(&img, false).expect("open");
         apply(&ops, &mut q, &mut data);
         q.discard(0, 1 << 20).expect("discard");
         data[..1 << 20].fill(0);
@@ -546,7 +564,7 @@ fn create_and_info_agree_with_qemu_img() {
         assert_eq!(i.virtual_size, 10 << 30);
         assert_eq!(json_field(&j, "actual-size"), i.allocated_bytes);
         // Write through wisp, then qemu-img must still be happy.
-        let mut q = Qcow2::open(&img, false).expect("open created");
+        let mut q = open_retry(&img, false).expect("open created");
         q.write_at(5 << 30, &[7u8; 10_000]).expect("write");
         drop(q);
         check_clean(&img);
@@ -604,14 +622,14 @@ fn discard_frees_space() {
     create(&img, Some(64 << 20), None, None).expect("create");
     let blocks = |p: &Path| fs::metadata(p).expect("meta").blocks() * 512;
     {
-        let mut q = Qcow2::open(&img, false).expect("open");
+        let mut q = open_retry(&img, false).expect("open");
         q.write_at(0, &vec![0x5au8; 32 << 20]).expect("write");
         q.flush().expect("flush");
     }
     let full = blocks(&img);
     assert!(full >= 32 << 20, "allocated {full}");
     {
-        let mut q = Qcow2::open(&img, false).expect("open");
+        let mut q = open_retry(&img, false).expect("open");
         q.discard(0, 30 << 20).expect("discard");
         let mut buf = vec![1u8; 4096];
         q.read_at(1 << 20, &mut buf).expect("read");
@@ -623,7 +641,7 @@ fn discard_frees_space() {
     // Freed clusters are reused: writing again does not grow the file.
     let len_before = fs::metadata(&img).expect("meta").len();
     {
-        let mut q = Qcow2::open(&img, false).expect("open");
+        let mut q = open_retry(&img, false).expect("open");
         q.write_at(40 << 20, &vec![0x11u8; 16 << 20])
             .expect("write");
     }
@@ -768,12 +786,12 @@ fn refuses_bad_images_with_reasons() {
     // A dirty image can still be read.
     let p = fresh("dirty-ro.qcow2");
     patch(&p, 72, &1u64.to_be_bytes());
-    Qcow2::open(&p, true).expect("dirty image opens read-only");
+    open_retry(&p, true).expect("dirty image opens read-only");
 
     // An L2 table pointing outside the file: an I/O error on read, not a panic.
     let p = fresh("l2-outside.qcow2");
     {
-        let mut q = Qcow2::open(&p, false).expect("open");
+        let mut q = open_retry(&p, false).expect("open");
         q.write_at(0, &[1u8; 512]).expect("write");
     }
     let l1_off = {
@@ -781,7 +799,7 @@ fn refuses_bad_images_with_reasons() {
         u64::from_be_bytes(h[40..48].try_into().expect("8"))
     };
     patch(&p, l1_off, &((1u64 << 63) | (1 << 45)).to_be_bytes());
-    let mut q = Qcow2::open(&p, true).expect("opens (tables checked lazily)");
+    let mut q = open_retry(&p, true).expect("opens (tables checked lazily)");
     let err = q.read_at(0, &mut [0u8; 512]).expect_err("L2 outside file");
     assert!(err.to_string().contains("outside the file"), "{err}");
 
@@ -859,7 +877,7 @@ fn raw_backing_format_is_never_probed() {
         Some((Path::new("evil.raw"), Format::Raw)),
     )
     .expect("ov");
-    let mut q = Qcow2::open(&ov, true).expect("open");
+    let mut q = open_retry(&ov, true).expect("open");
     assert_eq!(q.backing_chain(), &[(dir.path("evil.raw"), Format::Raw)]);
     let mut buf = [0u8; 4];
     q.read_at(0, &mut buf).expect("read");
@@ -944,7 +962,7 @@ fn crash_writer_child() {
     };
     let parts: Vec<&str> = spec.split('|').collect();
     let (img, seed, log) = (parts[0], parts[1].parse::<u64>().expect("seed"), parts[2]);
-    let mut q = Qcow2::open(img, false).expect("child open");
+    let mut q = open_retry(img, false).expect("child open");
     let size = q.len();
     let mut log = OpenOptions::new()
         .append(true)
@@ -1093,7 +1111,7 @@ fn a_second_writer_is_locked_out() {
     let dir = TempDir::new("lock");
     let img = dir.path("l.qcow2");
     create(&img, Some(1 << 20), None, None).expect("create");
-    let _w = Qcow2::open(&img, false).expect("first writer");
+    let _w = open_retry(&img, false).expect("first writer");
     let msg = match Qcow2::open(&img, false) {
         Ok(_) => panic!("second writer allowed"),
         Err(e) => e.to_string(),
@@ -1115,7 +1133,7 @@ fn damaged_metadata_gives_errors_not_panics() {
     let seed_img = dir.path("seed.qcow2");
     create(&seed_img, Some(4 << 20), Some(4096), None).expect("create");
     {
-        let mut q = Qcow2::open(&seed_img, false).expect("open");
+        let mut q = open_retry(&seed_img, false).expect("open");
         let ops = random_ops(&mut rng, 4 << 20, 4096, 60);
         let mut model = vec![0u8; 4 << 20];
         apply(&ops, &mut q, &mut model);
@@ -1168,7 +1186,7 @@ fn damaged_metadata_gives_errors_not_panics() {
 /// that one on fails (as if the process had been killed just before issuing it). Returns
 /// the writes issued and the number of ops covered by the last completed flush.
 fn run_crash_workload(img: &Path, seed: u64, ops: u64, crash_after: Option<u64>) -> (u64, u64) {
-    let mut q = Qcow2::open(img, false).expect("open");
+    let mut q = open_retry(img, false).expect("open");
     q.crash_after = crash_after;
     let size = q.len();
     let mut flushed = 0;
@@ -1210,7 +1228,7 @@ fn every_crash_point_leaves_a_consistent_image() {
     // grow the refcount table (first table: 64 blocks of 256 clusters).
     create(&template, Some(size), Some(512), None).expect("create");
     {
-        let mut q = Qcow2::open(&template, false).expect("open");
+        let mut q = open_retry(&template, false).expect("open");
         q.write_at(0, &vec![0x3cu8; (7 << 20) + (900 << 10)])
             .expect("prefill");
     }
@@ -1286,7 +1304,7 @@ fn discard_and_write_zeroes_on_v2_and_v3_overlays() {
         ]);
         let mut model = base.clone();
         {
-            let mut q = Qcow2::open(&img, false).expect("open");
+            let mut q = open_retry(&img, false).expect("open");
             q.write_at(0, &[9u8; 65536]).expect("write");
             model[..65536].fill(9);
             q.discard(0, 32768).expect("discard");
@@ -1314,7 +1332,7 @@ fn freeing_a_wild_compressed_cluster_fails_fast() {
     let img = dir.path("w.qcow2");
     create(&img, Some(1 << 20), None, None).expect("create");
     {
-        let mut q = Qcow2::open(&img, false).expect("open");
+        let mut q = open_retry(&img, false).expect("open");
         q.write_at(0, &[1u8; 512]).expect("write");
     }
     let h = fs::read(&img).expect("read");
@@ -1324,7 +1342,7 @@ fn freeing_a_wild_compressed_cluster_fails_fast() {
     // 64 KiB clusters: compressed host offset in bits 0..53.
     patch(&img, l2, &((1u64 << 62) | (1u64 << 53)).to_be_bytes());
     let start = std::time::Instant::now();
-    let mut q = Qcow2::open(&img, false).expect("open");
+    let mut q = open_retry(&img, false).expect("open");
     q.write_at(0, &vec![2u8; 65536])
         .expect("full-cluster write replaces the entry");
     let err = q.flush().expect_err("dropping the wild cluster's refcount");
@@ -1345,7 +1363,7 @@ fn reserved_space_past_the_end_is_given_back_on_close() {
     create(&img, Some(256 << 20), None, None).expect("create");
     let blocks = |p: &Path| fs::metadata(p).expect("meta").blocks() * 512;
     let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 253) as u8).collect();
-    let mut q = Qcow2::open(&img, false).expect("open");
+    let mut q = open_retry(&img, false).expect("open");
     q.write_at(1 << 20, &data).expect("write");
     q.flush().expect("flush");
     let len = fs::metadata(&img).expect("meta").len();
@@ -1439,7 +1457,7 @@ fn guest_memory_reads_and_writes_match_a_raw_file() {
     let mut model = to_raw(&img, &dir);
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("mem");
     {
-        let mut q = Qcow2::open(&img, false).expect("open rw");
+        let mut q = open_retry(&img, false).expect("open rw");
         for op in random_ops(&mut rng, size, cs, 200) {
             let Op::Write(off, data) = op else { continue };
             let data = &data[..data.len().min(1 << 20)];
