@@ -184,25 +184,7 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     assert_eq!(lines_with(out, "WISP-INIT: root_dev="), vec!["vda1"]);
     assert_eq!(lines_with(out, "WISP-INIT: root_mode="), vec!["rw"]);
     let part = dir.join("root-part.ext4");
-    extract(
-        &disk,
-        2048 * 512,
-        std::fs::metadata(&rootfs).unwrap().len(),
-        &part,
-    );
-    let dumped = dir.join("guest-root.txt");
-    run_ok(
-        "debugfs",
-        &[
-            "-R",
-            &format!("dump /guest-root.txt {}", dumped.display()),
-            part.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(
-        std::fs::read_to_string(&dumped).unwrap(),
-        "written-by-the-guest\n"
-    );
+    assert_guest_root_file(&disk, &rootfs, &part);
     let fsck = Command::new("e2fsck")
         .args(["-fn", part.to_str().unwrap()])
         .output()

@@ -119,25 +119,7 @@ fn test_kernel_bzimage_boots_from_a_disk_partition_and_reboot_exits_zero() {
     assert_eq!(lines_with(&f.stdout, "WISP-INIT: root_dev="), vec!["vda1"]);
     assert_eq!(lines_with(&f.stdout, "WISP-INIT: root_mode="), vec!["rw"]);
     let part = dir.join("root.ext4");
-    extract(
-        &disk,
-        2048 * 512,
-        std::fs::metadata(&rootfs).unwrap().len(),
-        &part,
-    );
-    let dumped = dir.join("guest-root.txt");
-    run_ok(
-        "debugfs",
-        &[
-            "-R",
-            &format!("dump /guest-root.txt {}", dumped.display()),
-            part.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(
-        std::fs::read_to_string(&dumped).unwrap(),
-        "written-by-the-guest\n"
-    );
+    assert_guest_root_file(&disk, &rootfs, &part);
     assert_acpi_tables_accepted(&f.stdout);
     assert_eq!(lines_with(&f.stdout, "WISP-INIT: nproc="), vec!["1"]);
     let kb = memtotal_kb(&f.stdout);

@@ -580,6 +580,26 @@ pub fn mbr_disk(fs: &Path, out: &Path, signature: u32) {
     f.set_len((START_LBA + sectors) * 512).unwrap();
 }
 
+/// The root filesystem `rootfs` booted from partition 1 of `disk` (an [`mbr_disk`]) holds
+/// the file the init's rootfs scenario wrote; the partition is left extracted at `part`.
+pub fn assert_guest_root_file(disk: &Path, rootfs: &Path, part: &Path) {
+    let len = std::fs::metadata(rootfs).expect("rootfs image").len();
+    extract(disk, 2048 * 512, len, part);
+    let dumped = part.with_extension("guest-root.txt");
+    run_ok(
+        "debugfs",
+        &[
+            "-R",
+            &format!("dump /guest-root.txt {}", dumped.display()),
+            part.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(&dumped).unwrap(),
+        "written-by-the-guest\n"
+    );
+}
+
 /// Copies `len` bytes at `offset` of `disk` into `out` (a partition, for debugfs/e2fsck).
 pub fn extract(disk: &Path, offset: u64, len: u64, out: &Path) {
     use std::io::{Read as _, Seek as _};
