@@ -170,12 +170,7 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
         out.contains("WISP-INIT: ctrl-alt-del received, shutting down"),
         "{out}"
     );
-    for scenario in ["info", "rootfs", "net"] {
-        assert!(
-            out.contains(&format!("WISP-INIT: scenario {scenario} ok")),
-            "scenario {scenario} failed:\n{out}"
-        );
-    }
+    assert_scenarios_ok(out, &["info", "rootfs", "net"]);
 
     // The root filesystem is partition 1 of the drive (PARTUUID), read-write, no initramfs;
     // the guest's file is in it.
@@ -196,9 +191,7 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     );
 
     // The NIC: DHCP, the MAC given over the API, no offloads negotiated, TCP intact.
-    assert!(out.contains("IP-Config: Got DHCP answer"), "{out}");
-    assert_said(out, "net_addr", "10.0.0.2/24");
-    assert_said(out, "net_mac_eth0", GUEST_MAC);
+    assert_dhcp_and_ping(out, GUEST_MAC);
     // The longest copy: an intact one (see assert_said).
     let features = said(out, "net_features_eth0");
     let features = [features

@@ -302,6 +302,28 @@ pub fn assert_said(console: &str, key: &str, value: &str) {
     );
 }
 
+/// Each of the init's `scenarios` reported success.
+pub fn assert_scenarios_ok(console: &str, scenarios: &[&str]) {
+    for scenario in scenarios {
+        assert!(
+            console.contains(&format!("WISP-INIT: scenario {scenario} ok")),
+            "scenario {scenario} failed:\n{console}"
+        );
+    }
+}
+
+/// The guest's eth0 got 10.0.0.2/24 from the test's DHCP server through the tap, has the
+/// MAC it was given, and pinged the host end.
+pub fn assert_dhcp_and_ping(console: &str, mac: &str) {
+    assert!(
+        console.contains("IP-Config: Got DHCP answer"),
+        "no DHCP answer:\n{console}"
+    );
+    assert_said(console, "net_addr", "10.0.0.2/24");
+    assert_said(console, "net_mac_eth0", mac);
+    assert!(console.contains("WISP-INIT: net_ping_ok"), "{console}");
+}
+
 /// A cgroup v1 parent group for tests, made in the cpu, cpuacct and cpuset hierarchies and
 /// removed (with anything wisp left in it) on drop. `None` when cgroup v1 is not mounted.
 pub struct TestCgroupParent {
