@@ -291,9 +291,10 @@ pub fn said(console: &str, key: &str) -> Vec<String> {
         .collect()
 }
 
-/// The guest's init said `key=value`, on its console line or on the kernel-log copy: the
-/// serial console of an interpreted guest has been seen to drop a 16-byte burst of tty
-/// output now and then, and one intact copy is the guest's word.
+/// The guest's init said `key=value`, on its console line or on the kernel-log copy. Both
+/// copies come from the same string in the guest: on PVM that text has been seen to lose
+/// 16-byte pieces inside the guest before printing (both copies damaged alike; see the issue
+/// note), so a mismatch names every copy the guest gave.
 pub fn assert_said(console: &str, key: &str, value: &str) {
     let all = said(console, key);
     assert!(
