@@ -99,7 +99,7 @@ pub fn serve(
     }
 
     let io = |what| move |source| ControlError::Io { what, source };
-    let signals = vmm::block_stop_signals().map_err(io("signalfd"))?;
+    let signals = crate::signals::block_stop_signals().map_err(io("signalfd"))?;
     let epoll = Epoll::new().map_err(io("epoll"))?;
     for (fd, token) in [(channel.event_fd(), 0u64), (signals.as_raw_fd(), 1)] {
         epoll
@@ -124,7 +124,7 @@ pub fn serve(
         };
         for ev in &events[..n] {
             if ev.data() == 1 {
-                if let Some(sig) = vmm::read_signal(&signals) {
+                if let Some(sig) = crate::signals::read_signal(&signals) {
                     if sig != libc::SIGUSR1 {
                         return Ok(VmExit::Signal(sig));
                     }

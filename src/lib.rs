@@ -2,13 +2,16 @@
 
 pub mod api;
 pub mod arch;
+pub mod builder;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod control;
-pub mod devices;
+pub mod device_manager;
+pub mod event_loop;
 pub mod image;
 pub mod logger;
+pub mod signals;
 pub mod terminal;
 pub mod vmm;
 pub mod vstate;

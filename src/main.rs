@@ -11,7 +11,7 @@ fn main() {
     // SIGINT, SIGTERM, SIGHUP and SIGUSR1 are taken through a signalfd by the event loop:
     // block them before any thread exists, so that none of wisp's threads (API, vCPUs)
     // gets them delivered with their default action.
-    if let Err(e) = wisp::vmm::block_stop_signals() {
+    if let Err(e) = wisp::signals::block_stop_signals() {
         eprintln!("wisp: error: blocking signals: {e}");
         std::process::exit(1);
     }

@@ -31,6 +31,7 @@
 mod http;
 mod pending;
 mod requests;
+mod runtime;
 mod server;
 
 use std::os::unix::io::{AsRawFd, RawFd};

@@ -1,0 +1,223 @@
+//! The builder: a validated `VmConfig` becomes a VM ready to start.
+
+use crate::arch::x86_64::{acpi, boot, cpuid, layout::*, pvm, regs};
+use crate::cgroup::VmCgroup;
+use crate::config::{ConsoleConfig, VmConfig};
+use crate::device_manager::{open_disk, open_net, VirtioDevices};
+use crate::vmm::*;
+use crate::vstate::control::{self, VcpuControl};
+use crate::vstate::exit::{ExitSignal, VmExit};
+use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vm::Vm;
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+use vmm_sys_util::eventfd::EventFd;
+use wisp_devices::bus::Bus;
+use wisp_devices::interrupt::{InterruptLine, IrqFd};
+use wisp_devices::legacy::{
+    AcpiPm, PlatformEvent, PlatformEventSink, PvPanic, Serial, ACPI_PM_PORT_LEN, I8042,
+};
+
+impl Vmm {
+    /// Builds the VM described by `config` (already validated).
+    pub fn build(config: &VmConfig) -> Result<Self, VmmError> {
+        let mem_size = config.memory.0;
+        let vm = Vm::new(mem_size)?;
+        let pvm = pvm::is_pvm_host();
+        if pvm {
+            log::info!("PVM host: completing the instructions its emulator cannot run");
+        }
+        let exit = ExitSignal::new().map_err(io_err("eventfd"))?;
+
+        let events: PlatformEventSink = {
+            let exit = exit.clone();
+            Arc::new(move |e| {
+                exit.report(match e {
+                    PlatformEvent::PowerOff => VmExit::PowerOff,
+                    PlatformEvent::Reset => VmExit::Reset,
+                    PlatformEvent::Panicked => VmExit::GuestPanicked,
+                })
+            })
+        };
+
+        let mut io_bus = Bus::new();
+        let com1_irq = irq_line(&vm, COM1_GSI)?;
+        let (serial, serial_drained) =
+            Serial::new(com1_irq, console_output(&config.console)?).map_err(io_err("serial"))?;
+        let serial = Arc::new(Mutex::new(serial));
+        io_bus.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
+        let kbd_irq = irq_line(&vm, I8042_GSI)?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(events.clone(), Some(kbd_irq))));
+        io_bus.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)?;
+        io_bus.insert(
+            Arc::new(Mutex::new(PvPanic::new(events.clone()))),
+            PVPANIC_PORT,
+            1,
+        )?;
+        io_bus.insert(
+            Arc::new(Mutex::new(AcpiPm::new(events))),
+            ACPI_PM_PORT,
+            ACPI_PM_PORT_LEN,
+        )?;
+        let mut mmio_bus = Bus::new();
+        let mut virtio = VirtioDevices::default();
+        for disk in &config.disks {
+            virtio.attach(&vm, &mut mmio_bus, Box::new(open_disk(disk)?))?;
+        }
+        let mut net_counters = Vec::new();
+        for net in &config.nets {
+            let dev = open_net(net)?;
+            net_counters.push((net.tap.clone(), dev.counters()));
+            virtio.attach(&vm, &mut mmio_bus, Box::new(dev))?;
+        }
+
+        // Each virtio device is described once: in the DSDT, or on the command line.
+        let mut cmdline = config.cmdline.clone();
+        if pvm && boot::is_linux(&config.kernel) {
+            if let Some(words) = pvm::linux_cmdline_additions(&cmdline) {
+                log::info!("PVM host: adding `{words}` to the Linux command line");
+                cmdline.push(' ');
+                cmdline.push_str(words);
+            }
+        }
+        let acpi_virtio = if config.virtio_mmio_cmdline {
+            cmdline.push_str(&virtio.cmdline());
+            &[][..]
+        } else {
+            &virtio.windows[..]
+        };
+        let rsdp = acpi::write(
+            &vm.mem,
+            &acpi::Platform {
+                vcpus: config.cpus,
+                virtio_mmio: acpi_virtio,
+            },
+        )?;
+        let kernel = boot::load(
+            &vm.mem,
+            mem_size,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &cmdline,
+            rsdp,
+        )?;
+
+        let supported = vm
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let control = Arc::new(VcpuControl::default());
+        control::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
+        let mut vcpus = Vec::with_capacity(config.cpus.into());
+        for id in 0..config.cpus {
+            let fd = vm
+                .fd
+                .create_vcpu(id.into())
+                .map_err(kvm("KVM_CREATE_VCPU"))?;
+            let mut cpuid = supported.clone();
+            cpuid::normalize(&mut cpuid, id, config.cpus);
+            if pvm {
+                cpuid::hide_kvm_features(&mut cpuid, cpuid::PVM_BROKEN_KVM_FEATURES);
+            }
+            fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+            let setup = |fd: &kvm_ioctls::VcpuFd| -> Result<(), regs::RegsError> {
+                regs::setup_msrs(fd)?;
+                regs::setup_fpu(fd)?;
+                regs::setup_lapic(fd)?;
+                if id == 0 {
+                    regs::setup_boot_vcpu(fd, &vm.mem, kernel.entry)?;
+                }
+                Ok(())
+            };
+            setup(&fd).map_err(|source| VmmError::VcpuSetup { vcpu: id, source })?;
+            vcpus.push(Vcpu {
+                id,
+                fd,
+                io_bus: io_bus.clone(),
+                mmio_bus: mmio_bus.clone(),
+                mem: vm.mem.clone(),
+                exit: exit.clone(),
+                pvm,
+                control: control.clone(),
+            });
+        }
+
+        // The vCPU cgroup exists before any vCPU thread: each moves itself in before its
+        // first KVM_RUN. Groups left by a wisp that was killed are removed first.
+        let cgroup = match &config.cgroup {
+            Some(spec) => {
+                let name = config
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| std::process::id().to_string());
+                let cg = VmCgroup::create(spec, &name)?;
+                match VmCgroup::cleanup_stale(&spec.parent) {
+                    Ok(n) if n > 0 => {
+                        log::info!("removed {n} stale cgroup(s) of dead wisp processes")
+                    }
+                    Ok(_) => {}
+                    Err(e) => log::warn!("cleaning up stale cgroups: {e}"),
+                }
+                Some(Arc::new(cg))
+            }
+            None => None,
+        };
+        let vcpu_start = cgroup.clone().map(|cg| -> VcpuStartHook {
+            Arc::new(move |id, tid| {
+                cg.add_vcpu_thread(id.into(), tid)
+                    .map_err(|e| e.to_string())
+            })
+        });
+
+        Ok(Self {
+            _vm: vm,
+            vcpus,
+            exit,
+            serial,
+            serial_drained,
+            console_input: config.console == ConsoleConfig::Stdio,
+            virtio,
+            control,
+            cgroup,
+            vcpu_start,
+            i8042,
+            vcpu_count: config.cpus,
+            mem_size_mib: mem_size >> 20,
+            started: std::time::Instant::now(),
+            net_counters,
+        })
+    }
+}
+
+fn irq_line(vm: &Vm, gsi: u32) -> Result<Arc<dyn InterruptLine>, VmmError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
+    vm.fd.register_irqfd(&evt, gsi).map_err(kvm("KVM_IRQFD"))?;
+    Ok(Arc::new(IrqFd(evt)))
+}
+
+/// The console's output side: written byte by byte by the UART, so unbuffered.
+fn console_output(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match console {
+        ConsoleConfig::Stdio => {
+            let fd = io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(io_err("stdout"))?;
+            Box::new(File::from(fd))
+        }
+        ConsoleConfig::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| VmmError::ConsoleFile {
+                    path: path.clone(),
+                    reason: crate::config::io_reason(&e),
+                })?,
+        ),
+        ConsoleConfig::None => Box::new(io::sink()),
+    })
+}
