@@ -21,175 +21,246 @@ use wisp_devices::legacy::{
     AcpiPm, PlatformEvent, PlatformEventSink, PvPanic, Serial, ACPI_PM_PORT_LEN, I8042,
 };
 
-impl Vmm {
-    /// Builds the VM described by `config` (already validated).
-    pub fn build(config: &VmConfig) -> Result<Self, VmmError> {
-        let mem_size = config.memory.0;
-        let vm = Vm::new(mem_size)?;
-        let pvm = pvm::is_pvm_host();
-        if pvm {
-            log::info!("PVM host: completing the instructions its emulator cannot run");
-        }
-        let exit = ExitSignal::new().map_err(io_err("eventfd"))?;
-
-        let events: PlatformEventSink = {
-            let exit = exit.clone();
-            Arc::new(move |e| {
-                exit.report(match e {
-                    PlatformEvent::PowerOff => VmExit::PowerOff,
-                    PlatformEvent::Reset => VmExit::Reset,
-                    PlatformEvent::Panicked => VmExit::GuestPanicked,
-                })
-            })
-        };
-
-        let mut io_bus = Bus::new();
-        let com1_irq = irq_line(&vm, COM1_GSI)?;
-        let (serial, serial_drained) =
-            Serial::new(com1_irq, console_output(&config.console)?).map_err(io_err("serial"))?;
-        let serial = Arc::new(Mutex::new(serial));
-        io_bus.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
-        let kbd_irq = irq_line(&vm, I8042_GSI)?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(events.clone(), Some(kbd_irq))));
-        io_bus.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)?;
-        io_bus.insert(
-            Arc::new(Mutex::new(PvPanic::new(events.clone()))),
-            PVPANIC_PORT,
-            1,
-        )?;
-        io_bus.insert(
-            Arc::new(Mutex::new(AcpiPm::new(events))),
-            ACPI_PM_PORT,
-            ACPI_PM_PORT_LEN,
-        )?;
-        let mut mmio_bus = Bus::new();
-        let mut virtio = VirtioDevices::default();
-        for disk in &config.disks {
-            virtio.attach(&vm, &mut mmio_bus, Box::new(open_disk(disk)?))?;
-        }
-        let mut net_counters = Vec::new();
-        for net in &config.nets {
-            let dev = open_net(net)?;
-            net_counters.push((net.tap.clone(), dev.counters()));
-            virtio.attach(&vm, &mut mmio_bus, Box::new(dev))?;
-        }
-
-        // Each virtio device is described once: in the DSDT, or on the command line.
-        let mut cmdline = config.cmdline.clone();
-        if pvm && boot::is_linux(&config.kernel) {
-            if let Some(words) = pvm::linux_cmdline_additions(&cmdline) {
-                log::info!("PVM host: adding `{words}` to the Linux command line");
-                cmdline.push(' ');
-                cmdline.push_str(words);
-            }
-        }
-        let acpi_virtio = if config.virtio_mmio_cmdline {
-            cmdline.push_str(&virtio.cmdline());
-            &[][..]
-        } else {
-            &virtio.windows[..]
-        };
-        let rsdp = acpi::write(
-            &vm.mem,
-            &acpi::Platform {
-                vcpus: config.cpus,
-                virtio_mmio: acpi_virtio,
-            },
-        )?;
-        let kernel = boot::load(
-            &vm.mem,
-            mem_size,
-            &config.kernel,
-            config.initrd.as_deref(),
-            &cmdline,
-            rsdp,
-        )?;
-
-        let supported = vm
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
-        let control = Arc::new(VcpuControl::default());
-        control::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
-        let mut vcpus = Vec::with_capacity(config.cpus.into());
-        for id in 0..config.cpus {
-            let fd = vm
-                .fd
-                .create_vcpu(id.into())
-                .map_err(kvm("KVM_CREATE_VCPU"))?;
-            let mut cpuid = supported.clone();
-            cpuid::normalize(&mut cpuid, id, config.cpus);
-            if pvm {
-                cpuid::hide_kvm_features(&mut cpuid, cpuid::PVM_BROKEN_KVM_FEATURES);
-            }
-            fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
-            let setup = |fd: &kvm_ioctls::VcpuFd| -> Result<(), regs::RegsError> {
-                regs::setup_msrs(fd)?;
-                regs::setup_fpu(fd)?;
-                regs::setup_lapic(fd)?;
-                if id == 0 {
-                    regs::setup_boot_vcpu(fd, &vm.mem, kernel.entry)?;
-                }
-                Ok(())
-            };
-            setup(&fd).map_err(|source| VmmError::VcpuSetup { vcpu: id, source })?;
-            vcpus.push(Vcpu {
-                id,
-                fd,
-                io_bus: io_bus.clone(),
-                mmio_bus: mmio_bus.clone(),
-                mem: vm.mem.clone(),
-                exit: exit.clone(),
-                pvm,
-                control: control.clone(),
-            });
-        }
-
-        // The vCPU cgroup exists before any vCPU thread: each moves itself in before its
-        // first KVM_RUN. Groups left by a wisp that was killed are removed first.
-        let cgroup = match &config.cgroup {
-            Some(spec) => {
-                let name = config
-                    .id
-                    .clone()
-                    .unwrap_or_else(|| std::process::id().to_string());
-                let cg = VmCgroup::create(spec, &name)?;
-                match VmCgroup::cleanup_stale(&spec.parent) {
-                    Ok(n) if n > 0 => {
-                        log::info!("removed {n} stale cgroup(s) of dead wisp processes")
-                    }
-                    Ok(_) => {}
-                    Err(e) => log::warn!("cleaning up stale cgroups: {e}"),
-                }
-                Some(Arc::new(cg))
-            }
-            None => None,
-        };
-        let vcpu_start = cgroup.clone().map(|cg| -> VcpuStartHook {
-            Arc::new(move |id, tid| {
-                cg.add_vcpu_thread(id.into(), tid)
-                    .map_err(|e| e.to_string())
-            })
-        });
-
-        Ok(Self {
-            _vm: vm,
-            vcpus,
-            exit,
-            serial,
-            serial_drained,
-            console_input: config.console == ConsoleConfig::Stdio,
-            virtio,
-            control,
-            cgroup,
-            vcpu_start,
-            i8042,
-            vcpu_count: config.cpus,
-            mem_size_mib: mem_size >> 20,
-            started: std::time::Instant::now(),
-            net_counters,
-        })
+/// Builds the VM described by `config` (already validated), in the order the machine needs:
+/// memory, legacy devices, virtio devices, the kernel (whose command line and ACPI tables
+/// describe the devices), vCPUs and their cgroup.
+pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
+    let vm = Vm::new(config.memory.0)?;
+    let pvm = pvm::is_pvm_host();
+    if pvm {
+        log::info!("PVM host: completing the instructions its emulator cannot run");
     }
+    let exit = ExitSignal::new().map_err(io_err("eventfd"))?;
+    let legacy = attach_legacy_devices(&vm, config, &exit)?;
+    let mut mmio_bus = Bus::new();
+    let (virtio, net_counters) = attach_virtio_devices(&vm, config, &mut mmio_bus)?;
+    let entry = load_kernel(&vm, config, &virtio, pvm)?;
+    let control = Arc::new(VcpuControl::default());
+    let vcpus = create_vcpus(
+        &vm,
+        config,
+        entry,
+        pvm,
+        Buses {
+            io: legacy.io_bus,
+            mmio: mmio_bus,
+        },
+        &exit,
+        &control,
+    )?;
+    let cgroup = create_cgroup(config)?;
+    let vcpu_start = cgroup.clone().map(|cg| -> VcpuStartHook {
+        Arc::new(move |id, tid| {
+            cg.add_vcpu_thread(id.into(), tid)
+                .map_err(|e| e.to_string())
+        })
+    });
+    Ok(Vmm {
+        _vm: vm,
+        vcpus,
+        exit,
+        serial: legacy.serial,
+        serial_drained: legacy.serial_drained,
+        console_input: config.console == ConsoleConfig::Stdio,
+        virtio,
+        control,
+        cgroup,
+        vcpu_start,
+        i8042: legacy.i8042,
+        vcpu_count: config.cpus,
+        mem_size_mib: config.memory.0 >> 20,
+        started: std::time::Instant::now(),
+        net_counters,
+    })
+}
+
+/// The port-I/O devices and what the VMM keeps of them.
+struct Legacy {
+    io_bus: Bus,
+    serial: Arc<Mutex<Serial>>,
+    serial_drained: EventFd,
+    i8042: Arc<Mutex<I8042>>,
+}
+
+struct Buses {
+    io: Bus,
+    mmio: Bus,
+}
+
+/// COM1, the i8042 (reset and Ctrl+Alt+Del), pvpanic and the ACPI PM block: each reports
+/// the guest's power-off, reset or panic through `exit`.
+fn attach_legacy_devices(
+    vm: &Vm,
+    config: &VmConfig,
+    exit: &ExitSignal,
+) -> Result<Legacy, VmmError> {
+    let events: PlatformEventSink = {
+        let exit = exit.clone();
+        Arc::new(move |e| {
+            exit.report(match e {
+                PlatformEvent::PowerOff => VmExit::PowerOff,
+                PlatformEvent::Reset => VmExit::Reset,
+                PlatformEvent::Panicked => VmExit::GuestPanicked,
+            })
+        })
+    };
+    let mut io_bus = Bus::new();
+    let com1_irq = irq_line(vm, COM1_GSI)?;
+    let (serial, serial_drained) =
+        Serial::new(com1_irq, console_output(&config.console)?).map_err(io_err("serial"))?;
+    let serial = Arc::new(Mutex::new(serial));
+    io_bus.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
+    let kbd_irq = irq_line(vm, I8042_GSI)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(events.clone(), Some(kbd_irq))));
+    io_bus.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)?;
+    io_bus.insert(
+        Arc::new(Mutex::new(PvPanic::new(events.clone()))),
+        PVPANIC_PORT,
+        1,
+    )?;
+    io_bus.insert(
+        Arc::new(Mutex::new(AcpiPm::new(events))),
+        ACPI_PM_PORT,
+        ACPI_PM_PORT_LEN,
+    )?;
+    Ok(Legacy {
+        io_bus,
+        serial,
+        serial_drained,
+        i8042,
+    })
+}
+
+type NetCounters = Vec<(String, Arc<wisp_devices::virtio::net::NetCounters>)>;
+
+/// Disks first (vda, vdb, ...), then network interfaces, each in the order configured.
+fn attach_virtio_devices(
+    vm: &Vm,
+    config: &VmConfig,
+    mmio_bus: &mut Bus,
+) -> Result<(VirtioDevices, NetCounters), VmmError> {
+    let mut virtio = VirtioDevices::default();
+    for disk in &config.disks {
+        virtio.attach(vm, mmio_bus, Box::new(open_disk(disk)?))?;
+    }
+    let mut net_counters = Vec::new();
+    for net in &config.nets {
+        let dev = open_net(net)?;
+        net_counters.push((net.tap.clone(), dev.counters()));
+        virtio.attach(vm, mmio_bus, Box::new(dev))?;
+    }
+    Ok((virtio, net_counters))
+}
+
+/// Loads the kernel (and initrd) and writes the ACPI tables; returns the entry point.
+fn load_kernel(
+    vm: &Vm,
+    config: &VmConfig,
+    virtio: &VirtioDevices,
+    pvm: bool,
+) -> Result<regs::EntryMode, VmmError> {
+    let mut cmdline = config.cmdline.clone();
+    if pvm && boot::is_linux(&config.kernel) {
+        if let Some(words) = pvm::linux_cmdline_additions(&cmdline) {
+            log::info!("PVM host: adding `{words}` to the Linux command line");
+            cmdline.push(' ');
+            cmdline.push_str(words);
+        }
+    }
+    // Each virtio device is described once: in the DSDT, or on the command line.
+    let acpi_virtio = if config.virtio_mmio_cmdline {
+        cmdline.push_str(&virtio.cmdline());
+        &[][..]
+    } else {
+        &virtio.windows[..]
+    };
+    let rsdp = acpi::write(
+        &vm.mem,
+        &acpi::Platform {
+            vcpus: config.cpus,
+            virtio_mmio: acpi_virtio,
+        },
+    )?;
+    let kernel = boot::load(
+        &vm.mem,
+        config.memory.0,
+        &config.kernel,
+        config.initrd.as_deref(),
+        &cmdline,
+        rsdp,
+    )?;
+    Ok(kernel.entry)
+}
+
+/// One vCPU per configured CPU, with CPUID, MSRs, FPU and LAPIC set; vCPU 0 starts at
+/// `entry`.
+fn create_vcpus(
+    vm: &Vm,
+    config: &VmConfig,
+    entry: regs::EntryMode,
+    pvm: bool,
+    buses: Buses,
+    exit: &ExitSignal,
+    control: &Arc<VcpuControl>,
+) -> Result<Vec<Vcpu>, VmmError> {
+    let supported = vm
+        .kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    control::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
+    let mut vcpus = Vec::with_capacity(config.cpus.into());
+    for id in 0..config.cpus {
+        let fd = vm
+            .fd
+            .create_vcpu(id.into())
+            .map_err(kvm("KVM_CREATE_VCPU"))?;
+        let mut cpuid = supported.clone();
+        cpuid::normalize(&mut cpuid, id, config.cpus);
+        if pvm {
+            cpuid::hide_kvm_features(&mut cpuid, cpuid::PVM_BROKEN_KVM_FEATURES);
+        }
+        fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        let setup = |fd: &kvm_ioctls::VcpuFd| -> Result<(), regs::RegsError> {
+            regs::setup_msrs(fd)?;
+            regs::setup_fpu(fd)?;
+            regs::setup_lapic(fd)?;
+            if id == 0 {
+                regs::setup_boot_vcpu(fd, &vm.mem, entry)?;
+            }
+            Ok(())
+        };
+        setup(&fd).map_err(|source| VmmError::VcpuSetup { vcpu: id, source })?;
+        vcpus.push(Vcpu {
+            id,
+            fd,
+            io_bus: buses.io.clone(),
+            mmio_bus: buses.mmio.clone(),
+            mem: vm.mem.clone(),
+            exit: exit.clone(),
+            pvm,
+            control: control.clone(),
+        });
+    }
+    Ok(vcpus)
+}
+
+/// The vCPU cgroup exists before any vCPU thread: each moves itself in before its first
+/// KVM_RUN. Groups left by a wisp that was killed are removed first.
+fn create_cgroup(config: &VmConfig) -> Result<Option<Arc<VmCgroup>>, VmmError> {
+    let Some(spec) = &config.cgroup else {
+        return Ok(None);
+    };
+    let name = config
+        .id
+        .clone()
+        .unwrap_or_else(|| std::process::id().to_string());
+    let cg = VmCgroup::create(spec, &name)?;
+    match VmCgroup::cleanup_stale(&spec.parent) {
+        Ok(n) if n > 0 => log::info!("removed {n} stale cgroup(s) of dead wisp processes"),
+        Ok(_) => {}
+        Err(e) => log::warn!("cleaning up stale cgroups: {e}"),
+    }
+    Ok(Some(Arc::new(cg)))
 }
 
 fn irq_line(vm: &Vm, gsi: u32) -> Result<Arc<dyn InterruptLine>, VmmError> {

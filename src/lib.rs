@@ -6,7 +6,6 @@ pub mod builder;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
-pub mod control;
 pub mod device_manager;
 pub mod event_loop;
 pub mod image;

@@ -1,5 +1,9 @@
 use clap::Parser;
+use std::path::Path;
+use wisp::api::{self, PrebootApiController};
 use wisp::cli::{Cli, Command};
+use wisp::event_loop::{EventLoop, Phase, RunError};
+use wisp::vstate::exit::VmExit;
 
 fn main() {
     // One malloc arena: vCPU threads allocate next to nothing, and a per-thread arena costs
@@ -18,20 +22,20 @@ fn main() {
     let cli = Cli::parse();
     wisp::logger::init(cli.log_level.as_deref());
     let code = match cli.command {
-        Some(Command::Run(args)) => run(&args),
+        Some(Command::Run(args)) => match args.to_config() {
+            Ok(config) => ended(run_vm(|| wisp::builder::build(&config).map_err(Into::into))),
+            Err(e) => fail(&e),
+        },
         Some(Command::Image(cmd)) => match wisp::image::run(&cmd) {
             Ok(()) => 0,
             Err(e) => fail(&e),
         },
         None => match (&cli.api_sock, &cli.config_file) {
-            (Some(sock), file) => ended(wisp::control::serve(
-                sock,
-                cli.id.as_deref(),
-                file.as_deref(),
-            )),
-            (None, Some(file)) if cli.no_api => {
-                ended(wisp::control::run_config_file(file, cli.id.as_deref()))
-            }
+            (Some(sock), file) => ended(serve(sock, cli.id.as_deref(), file.as_deref())),
+            (None, Some(file)) if cli.no_api => ended(run_vm(|| {
+                let (vmm, _) = PrebootApiController::new(cli.id.as_deref(), Some(file))?.build()?;
+                Ok(vmm)
+            })),
             _ => {
                 eprintln!(
                     "wisp: error: nothing to do: use `wisp run ...`, `wisp --api-sock PATH`, or \
@@ -44,20 +48,29 @@ fn main() {
     std::process::exit(code);
 }
 
-fn run(args: &wisp::cli::RunArgs) -> i32 {
-    let config = match args.to_config() {
-        Ok(c) => c,
-        Err(e) => return fail(&e),
+/// `wisp run` and `wisp --config-file F --no-api`: a VM with no API.
+fn run_vm(build: impl FnOnce() -> Result<wisp::vmm::Vmm, RunError>) -> Result<VmExit, RunError> {
+    let vmm = build()?;
+    EventLoop::new(None)?.run(Phase::Start(Box::new(vmm), None))
+}
+
+/// `wisp --api-sock PATH [--config-file F]`: serves the API until the VM ends (or a signal
+/// stops wisp before it started). With a config file the VM starts at once, as
+/// Firecracker's does.
+fn serve(socket: &Path, id: Option<&str>, config_file: Option<&Path>) -> Result<VmExit, RunError> {
+    let preboot = PrebootApiController::new(id, config_file)?;
+    let phase = match config_file {
+        Some(_) => {
+            let (vmm, runtime) = preboot.build()?;
+            Phase::Start(Box::new(vmm), Some(runtime))
+        }
+        None => Phase::Preboot(Box::new(preboot)),
     };
-    let vmm = match wisp::vmm::Vmm::build(&config) {
-        Ok(v) => v,
-        Err(e) => return fail(&e),
-    };
-    ended(vmm.run(None))
+    EventLoop::new(Some(api::start(socket)?))?.run(phase)
 }
 
 /// The exit status and message for how a VM ended.
-fn ended<E: std::fmt::Display>(result: Result<wisp::vstate::exit::VmExit, E>) -> i32 {
+fn ended(result: Result<VmExit, RunError>) -> i32 {
     match result {
         Ok(exit) => {
             let code = exit.exit_code();

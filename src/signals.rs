@@ -1,22 +1,43 @@
-//! Signals: SIGINT, SIGTERM, SIGHUP and SIGUSR1 are blocked in every thread and read from a
-//! signalfd by the event loop.
+//! Signals. SIGINT, SIGTERM and SIGHUP stop the VM cleanly and SIGUSR1 logs the vCPUs'
+//! registers: `main` blocks them before any thread exists (so every thread inherits the
+//! mask and none gets them delivered with their default action), and the event loop reads
+//! them from a signalfd. API threads block every asynchronous signal (see [`block_async`]);
+//! vCPU threads take only the kick signal (vstate::control).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-/// Blocks SIGINT, SIGTERM, SIGHUP (stop) and SIGUSR1 (log vCPU registers) in this thread (and so in the vCPU threads spawned
-/// after) and returns a signalfd that receives them, for a clean stop from the event loop.
-pub fn block_stop_signals() -> io::Result<OwnedFd> {
-    // SAFETY: plain libc calls on a local, zero-initialised sigset.
+/// The signals the event loop reads.
+const LOOP_SIGNALS: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
+
+fn loop_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise and fill it.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1] {
+        for sig in LOOP_SIGNALS {
             libc::sigaddset(&mut set, sig);
         }
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        set
+    }
+}
+
+/// Blocks the event loop's signals in this thread (and so in threads it spawns after).
+pub fn block_stop_signals() -> io::Result<()> {
+    let set = loop_set();
+    // SAFETY: pthread_sigmask reads a valid, initialised set and changes only this thread.
+    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Blocks the event loop's signals here and returns a signalfd that receives them.
+pub fn signal_fd() -> io::Result<OwnedFd> {
+    block_stop_signals()?;
+    let set = loop_set();
+    // SAFETY: signalfd reads a valid set; the fd it returns is owned by nobody else.
+    unsafe {
         let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
         if fd < 0 {
             return Err(io::Error::last_os_error());
@@ -25,6 +46,7 @@ pub fn block_stop_signals() -> io::Result<OwnedFd> {
     }
 }
 
+/// The next signal queued on a signalfd from [`signal_fd`], if any.
 pub fn read_signal(fd: &OwnedFd) -> Option<i32> {
     // SAFETY: reads one signalfd_siginfo into a properly sized, zeroed buffer.
     unsafe {
@@ -36,5 +58,26 @@ pub fn read_signal(fd: &OwnedFd) -> Option<i32> {
             size,
         );
         (n == size as isize).then_some(info.ssi_signo as i32)
+    }
+}
+
+/// Blocks every asynchronous signal in this thread (API threads: signals are the event
+/// loop's). Faults this thread causes are still delivered to it.
+pub fn block_async() {
+    // SAFETY: sigset_t is plain data initialised by sigfillset; pthread_sigmask only changes
+    // this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        for sig in [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGFPE,
+            libc::SIGILL,
+            libc::SIGABRT,
+        ] {
+            libc::sigdelset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }

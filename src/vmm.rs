@@ -1,12 +1,12 @@
 //! The VMM: a built VM (KVM state, devices, vCPUs) and the errors of building and running it.
 
-use crate::api::ApiChannel;
+use crate::api::InstanceState;
 use crate::arch::x86_64::{acpi, boot, regs};
 use crate::cgroup::VmCgroup;
 use crate::device_manager::{DeviceError, VirtioDevices};
 use crate::vstate::control::VcpuControl;
 use crate::vstate::exit::ExitSignal;
-use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vcpu::{ThreadStart, Vcpu};
 use crate::vstate::vm::{Vm, VmError};
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -58,14 +58,17 @@ pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmErro
 /// Runs on each vCPU thread with its index and thread id, before the thread enters the guest.
 pub(crate) type VcpuStartHook = Arc<dyn Fn(u8, libc::pid_t) -> Result<(), String> + Send + Sync>;
 
-/// A VM built and ready to start.
+/// A VM built and ready to start: KVM state, devices and vCPUs (not yet running).
 pub struct Vmm {
     /// The VM fd and guest memory: never read here, owned so they outlive the vCPUs.
     pub(crate) _vm: Vm,
+    /// Taken by [`Vmm::start_vcpus`].
     pub(crate) vcpus: Vec<Vcpu>,
     pub(crate) exit: ExitSignal,
     pub(crate) serial: Arc<Mutex<Serial>>,
+    /// Readable when the guest drained the UART's input FIFO.
     pub(crate) serial_drained: EventFd,
+    /// Console input comes from stdin.
     pub(crate) console_input: bool,
     pub(crate) virtio: VirtioDevices,
     pub(crate) control: Arc<VcpuControl>,
@@ -78,12 +81,96 @@ pub struct Vmm {
     pub(crate) net_counters: Vec<(String, Arc<wisp_devices::virtio::net::NetCounters>)>,
 }
 
-/// What the control API needs once the VM runs.
-pub struct ApiContext {
-    pub channel: ApiChannel,
-    pub id: String,
-    /// `GET /vm/config`.
-    pub vm_config: serde_json::Value,
-    /// Where `FlushMetrics` appends a line of JSON (`PUT /metrics`).
-    pub metrics_path: Option<std::path::PathBuf>,
+impl Vmm {
+    /// Starts one thread per vCPU; each enters the guest at once.
+    pub fn start_vcpus(&mut self) -> Result<(), VmmError> {
+        for vcpu in self.vcpus.drain(..) {
+            let start: Option<ThreadStart> = self.vcpu_start.clone().map(|f| {
+                let b: ThreadStart = Box::new(move |id, tid| f(id, tid));
+                b
+            });
+            vcpu.spawn(start)
+                .map_err(io_err("spawning a vCPU thread"))?;
+        }
+        log::info!(
+            "VM started: {} vCPU(s), {} MiB, {} virtio device(s)",
+            self.vcpu_count,
+            self.mem_size_mib,
+            self.virtio.handlers.len()
+        );
+        Ok(())
+    }
+
+    /// Parks every vCPU outside KVM_RUN, or lets them run again. The event loop stops and
+    /// resumes device work to match (see [`Vmm::is_paused`]).
+    pub fn set_paused(&mut self, paused: bool) {
+        if paused == self.control.is_paused() {
+            return;
+        }
+        if paused {
+            self.control.pause(self.vcpu_count.into());
+        } else {
+            self.control.resume();
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
+    /// The end of the VM, on every way out: leaves no cgroup behind.
+    pub fn shutdown(&mut self) {
+        // The vCPU start hooks hold the last other references to the cgroup.
+        self.vcpu_start = None;
+        if let Some(cg) = self.cgroup.take() {
+            match Arc::try_unwrap(cg) {
+                Ok(cg) => {
+                    if let Err(e) = cg.remove() {
+                        log::warn!("removing the VM's cgroups: {e}");
+                    }
+                }
+                Err(_) => {
+                    log::warn!("the VM's cgroups are still in use; the next start removes them")
+                }
+            }
+        }
+    }
+
+    pub fn state(&self) -> InstanceState {
+        if self.control.is_paused() {
+            InstanceState::Paused
+        } else {
+            InstanceState::Running
+        }
+    }
+
+    /// `GET /vm/metrics` and `FlushMetrics`.
+    pub fn metrics(&self) -> serde_json::Value {
+        serde_json::json!({
+            "utc_timestamp_ms": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "state": self.state(),
+            "vcpu_count": self.vcpu_count,
+            "mem_size_mib": self.mem_size_mib,
+            "vcpu_exits": self.control.exits(),
+            "cgroup_usage_usec": self.cgroup.as_ref().and_then(|c| c.usage_usec().ok()),
+            "net": self
+                .net_counters
+                .iter()
+                .map(|(tap, c)| {
+                    let n = c.snapshot();
+                    let v = serde_json::json!({
+                        "rx_frames": n.rx_frames, "rx_bytes": n.rx_bytes,
+                        "rx_dropped": n.rx_dropped, "rx_bad_chains": n.rx_bad_chains,
+                        "tx_frames": n.tx_frames, "tx_bytes": n.tx_bytes,
+                        "tx_malformed": n.tx_malformed, "tx_errors": n.tx_errors,
+                    });
+                    (tap.clone(), v)
+                })
+                .collect::<serde_json::Map<_, _>>(),
+        })
+    }
 }

@@ -30,6 +30,7 @@
 
 mod http;
 mod pending;
+mod preboot;
 mod requests;
 mod runtime;
 mod server;
@@ -43,12 +44,14 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use pending::{FirecrackerConfig, PendingConfig, StartedDrive};
+pub use preboot::{Preboot, PrebootApiController, DEFAULT_ID};
 pub use requests::{
     allowed_methods, parse_body, route, ActionType, Allowed, ApiRequest, BootSource, CacheType,
     CgroupConfig, CgroupUpdate, Drive, DriveUpdate, InstanceAction, InstanceInfo, InstanceState,
     LogLevel, LoggerConfig, MacAddr, MachineConfig, MachineConfigUpdate, Method, MetricsConfig,
     NetworkInterface, Routed, VersionInfo, VmState, VmStateChange, ROUTES, VMM_VERSION,
 };
+pub use runtime::RuntimeApiController;
 
 /// The OpenAPI 3 document of this API.
 pub const OPENAPI_JSON: &str = include_str!("openapi.json");

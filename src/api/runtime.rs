@@ -1,61 +1,40 @@
-//! The runtime API controller: requests served once the VM has started.
+//! The runtime API controller: requests served once the VM has started (Firecracker's
+//! `RuntimeApiController`). It acts on the running [`Vmm`]; requests valid only before
+//! InstanceStart are refused here.
 
 use crate::api::{
-    ActionType, ApiFault, ApiRequest, ApiResponse, DriveUpdate, InstanceInfo, InstanceState,
-    StartedDrive, VmState,
+    ActionType, ApiFault, ApiRequest, ApiResponse, DriveUpdate, InstanceInfo, StartedDrive, VmState,
 };
-use crate::vmm::*;
+use crate::vmm::Vmm;
 use std::fs::OpenOptions;
 use std::io::{self, Write};
-use std::os::fd::RawFd;
-use vmm_sys_util::epoll::Epoll;
 
-impl Vmm {
-    pub(crate) fn state(&self) -> InstanceState {
-        if self.control.is_paused() {
-            InstanceState::Paused
-        } else {
-            InstanceState::Running
+/// What the API needs of a started VM beyond the [`Vmm`] itself.
+pub struct RuntimeApiController {
+    id: String,
+    /// `GET /vm/config`.
+    vm_config: serde_json::Value,
+    /// Where `FlushMetrics` appends a line of JSON (`PUT /metrics`).
+    metrics_path: Option<std::path::PathBuf>,
+}
+
+impl RuntimeApiController {
+    pub fn new(
+        id: String,
+        vm_config: serde_json::Value,
+        metrics_path: Option<std::path::PathBuf>,
+    ) -> Self {
+        Self {
+            id,
+            vm_config,
+            metrics_path,
         }
-    }
-
-    pub(crate) fn metrics(&self) -> serde_json::Value {
-        serde_json::json!({
-            "utc_timestamp_ms": std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-            "uptime_ms": self.started.elapsed().as_millis() as u64,
-            "state": self.state(),
-            "vcpu_count": self.vcpu_count,
-            "mem_size_mib": self.mem_size_mib,
-            "vcpu_exits": self.control.exits(),
-            "cgroup_usage_usec": self.cgroup.as_ref().and_then(|c| c.usage_usec().ok()),
-            "net": self
-                .net_counters
-                .iter()
-                .map(|(tap, c)| {
-                    let n = c.snapshot();
-                    let v = serde_json::json!({
-                        "rx_frames": n.rx_frames, "rx_bytes": n.rx_bytes,
-                        "rx_dropped": n.rx_dropped, "rx_bad_chains": n.rx_bad_chains,
-                        "tx_frames": n.tx_frames, "tx_bytes": n.tx_bytes,
-                        "tx_malformed": n.tx_malformed, "tx_errors": n.tx_errors,
-                    });
-                    (tap.clone(), v)
-                })
-                .collect::<serde_json::Map<_, _>>(),
-        })
     }
 
     /// `PATCH /drives/{id}`: the drive gets the new file as its medium (the guest sees the
     /// new size and contents). Opened here, on the event loop, between two requests.
-    fn change_drive_medium(
-        &self,
-        update: &DriveUpdate,
-        api: &mut ApiContext,
-    ) -> Result<(), ApiFault> {
-        let started = StartedDrive::find(&api.vm_config, &update.drive_id)?;
+    fn change_drive_medium(&mut self, vmm: &Vmm, update: &DriveUpdate) -> Result<(), ApiFault> {
+        let started = StartedDrive::find(&self.vm_config, &update.drive_id)?;
         let path = &update.path_on_host;
         if let Some((other, _)) = started
             .others
@@ -77,7 +56,7 @@ impl Vmm {
                 update.drive_id
             )));
         }
-        let handler = self
+        let handler = vmm
             .virtio
             .handlers
             .get(started.device_index)
@@ -89,7 +68,7 @@ impl Vmm {
         let sectors = crate::device_manager::change_medium(handler, &disk).map_err(|e| {
             ApiFault::bad_request(format!("drive {:?} keeps its medium: {e}", update.drive_id))
         })?;
-        StartedDrive::set_path(&mut api.vm_config, &update.drive_id, path);
+        StartedDrive::set_path(&mut self.vm_config, &update.drive_id, path);
         log::info!(
             "drive {}: new medium {} ({sectors} sectors)",
             update.drive_id,
@@ -99,45 +78,38 @@ impl Vmm {
     }
 
     /// Answers an API request once the VM has started.
-    pub(crate) fn handle_api(
-        &mut self,
-        req: ApiRequest,
-        api: &mut ApiContext,
-        epoll: &Epoll,
-        device_fds: &mut [Vec<RawFd>],
-    ) -> ApiResponse {
+    pub fn handle(&mut self, vmm: &mut Vmm, req: ApiRequest) -> ApiResponse {
         let internal = |e: io::Error| ApiFault::internal(e.to_string());
         match req {
             ApiRequest::GetInstanceInfo => Ok(Some(
-                serde_json::to_value(InstanceInfo::new(&api.id, self.state()))
+                serde_json::to_value(InstanceInfo::new(&self.id, vmm.state()))
                     .map_err(|e| ApiFault::internal(e.to_string()))?,
             )),
-            ApiRequest::GetVmConfig => Ok(Some(api.vm_config.clone())),
+            ApiRequest::GetVmConfig => Ok(Some(self.vm_config.clone())),
             ApiRequest::GetMachineConfig => Ok(Some(
-                api.vm_config
+                self.vm_config
                     .get("machine-config")
                     .cloned()
                     .unwrap_or(serde_json::Value::Null),
             )),
-            ApiRequest::GetVmMetrics => Ok(Some(self.metrics())),
+            ApiRequest::GetVmMetrics => Ok(Some(vmm.metrics())),
             ApiRequest::PatchVm(VmState::Paused) => {
-                self.set_paused(true, epoll, device_fds).map_err(internal)?;
+                vmm.set_paused(true);
                 Ok(None)
             }
             ApiRequest::PatchVm(VmState::Resumed) => {
-                self.set_paused(false, epoll, device_fds)
-                    .map_err(internal)?;
+                vmm.set_paused(false);
                 Ok(None)
             }
             ApiRequest::Action(ActionType::SendCtrlAltDel) => {
-                self.i8042
+                vmm.i8042
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .send_ctrl_alt_del();
                 Ok(None)
             }
             ApiRequest::Action(ActionType::FlushMetrics) => {
-                let path = api.metrics_path.as_ref().ok_or_else(|| {
+                let path = self.metrics_path.as_ref().ok_or_else(|| {
                     ApiFault::bad_request(
                         "metrics are not configured: PUT /metrics before InstanceStart",
                     )
@@ -147,11 +119,11 @@ impl Vmm {
                     .append(true)
                     .open(path)
                     .map_err(internal)?;
-                writeln!(f, "{}", self.metrics()).map_err(internal)?;
+                writeln!(f, "{}", vmm.metrics()).map_err(internal)?;
                 Ok(None)
             }
             ApiRequest::PatchCgroup(update) => {
-                let cg = self.cgroup.as_ref().ok_or_else(|| {
+                let cg = vmm.cgroup.as_ref().ok_or_else(|| {
                     ApiFault::bad_request("the VM has no cgroup: start it with a cgroup parent")
                 })?;
                 let cpu_max = update
@@ -170,7 +142,7 @@ impl Vmm {
                 Ok(None)
             }
             ApiRequest::PatchDrive(update) => {
-                self.change_drive_medium(&update, api)?;
+                self.change_drive_medium(vmm, &update)?;
                 Ok(None)
             }
             other => Err(ApiFault::wrong_state(&other, true)),

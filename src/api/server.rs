@@ -199,7 +199,7 @@ fn accept_loop(
     // Process-directed signals (SIGTERM, SIGINT, SIGUSR1, ...) are for the main thread's
     // signalfd: never let the kernel pick an API thread for them. Connection threads
     // inherit this mask.
-    block_async_signals();
+    crate::signals::block_async();
     let active = Arc::new(AtomicUsize::new(0));
     while wait_readable(&listener, &stop) {
         let stream = match listener.accept() {
@@ -229,26 +229,6 @@ fn accept_loop(
             // The closure, its guard and the stream were dropped with the error.
             log::warn!("API socket: cannot start a connection thread: {e}");
         }
-    }
-}
-
-fn block_async_signals() {
-    // SAFETY: sigset_t is plain data initialised by sigfillset; pthread_sigmask only changes
-    // this thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut set);
-        // Faults caused by this thread must still be delivered to it.
-        for sig in [
-            libc::SIGSEGV,
-            libc::SIGBUS,
-            libc::SIGFPE,
-            libc::SIGILL,
-            libc::SIGABRT,
-        ] {
-            libc::sigdelset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 

@@ -1,0 +1,96 @@
+//! The pre-boot API controller (Firecracker's `PrebootApiController`): before InstanceStart,
+//! requests build up a [`PendingConfig`]; InstanceStart turns it into a VM.
+
+use crate::api::{
+    ActionType, Allowed, ApiFault, ApiRequest, ApiResponse, FirecrackerConfig, InstanceInfo,
+    InstanceState, PendingConfig, RuntimeApiController,
+};
+use crate::vmm::Vmm;
+use std::path::Path;
+
+/// Firecracker's id when none is given.
+pub const DEFAULT_ID: &str = "anonymous-instance";
+
+/// The configuration of a VM that has not started, and the requests that change it.
+pub struct PrebootApiController {
+    id: String,
+    pending: PendingConfig,
+}
+
+/// What became of a pre-boot request.
+pub enum Preboot {
+    /// Answer the client; the VM has not started.
+    Answer(ApiResponse),
+    /// InstanceStart built the VM: answer 204 and run it.
+    Start(Box<(Vmm, RuntimeApiController)>),
+}
+
+impl PrebootApiController {
+    /// An empty configuration, or the one of a Firecracker config file (`--config-file`).
+    pub fn new(id: Option<&str>, config_file: Option<&Path>) -> Result<Self, ApiFault> {
+        let pending = match config_file {
+            Some(path) => {
+                PendingConfig::from_firecracker_config(&FirecrackerConfig::from_file(path)?)?
+            }
+            None => PendingConfig::new(),
+        };
+        Ok(Self {
+            id: id.unwrap_or(DEFAULT_ID).to_string(),
+            pending,
+        })
+    }
+
+    /// Builds the VM the configuration describes, and the controller that serves it.
+    pub fn build(&self) -> Result<(Vmm, RuntimeApiController), ApiFault> {
+        let mut config = self.pending.to_vm_config()?;
+        config.id = Some(self.id.clone());
+        config.nets = self
+            .pending
+            .network_interfaces
+            .iter()
+            .map(|n| crate::config::NetConfig {
+                tap: n.host_dev_name.clone(),
+                mac: n.guest_mac.as_ref().map(|m| m.to_string()),
+                // validate() kept it in u16 range.
+                mtu: n.mtu.and_then(|m| u16::try_from(m).ok()),
+                offload: n.offload.unwrap_or(true),
+            })
+            .collect();
+        config
+            .validate()
+            .map_err(|e| ApiFault::bad_request(e.to_string()))?;
+        let vmm =
+            crate::builder::build(&config).map_err(|e| ApiFault::bad_request(e.to_string()))?;
+        let runtime = RuntimeApiController::new(
+            self.id.clone(),
+            self.pending.to_json(),
+            self.pending
+                .metrics
+                .as_ref()
+                .map(|m| m.metrics_path.clone()),
+        );
+        Ok((vmm, runtime))
+    }
+
+    pub fn handle(&mut self, req: ApiRequest) -> Preboot {
+        Preboot::Answer(match req {
+            ApiRequest::GetInstanceInfo => {
+                let info = InstanceInfo::new(&self.id, InstanceState::NotStarted);
+                Ok(serde_json::to_value(info).ok())
+            }
+            ApiRequest::GetVmConfig => Ok(Some(self.pending.to_json())),
+            ApiRequest::GetMachineConfig => {
+                Ok(serde_json::to_value(&self.pending.machine_config).ok())
+            }
+            ApiRequest::Action(ActionType::InstanceStart) => match self.build() {
+                Ok(started) => return Preboot::Start(Box::new(started)),
+                Err(f) => Err(f),
+            },
+            ApiRequest::Action(ActionType::FlushMetrics) => Err(ApiFault::bad_request(
+                "the VM has not started: there are no metrics to flush yet",
+            )),
+            req if req.allowed() == Allowed::PostBoot => Err(ApiFault::wrong_state(&req, false)),
+            req => self.pending.apply(&req).map(|()| None),
+        })
+    }
+}
