@@ -1,6 +1,8 @@
 //! Disk image formats behind one trait. Nothing here knows virtio: a backend is a
 //! byte-addressed virtual disk.
 
+#[doc(hidden)]
+pub mod fault;
 pub mod qcow2;
 pub mod raw;
 
@@ -58,6 +60,10 @@ pub trait DiskBackend: Send {
     fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
     /// Whether the backend refuses writes.
     fn read_only(&self) -> bool;
+    /// Tests and fuzzing: write-side file calls from now on ask `faults` first (see
+    /// [`fault`]). Backends without the seam ignore it.
+    #[doc(hidden)]
+    fn set_faults(&mut self, _faults: Option<fault::Faults>) {}
 }
 
 /// Most iovecs one preadv/pwritev takes (Linux UIO_MAXIOV).

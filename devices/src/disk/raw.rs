@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
 
+use super::fault::{inject, Faults, FileOp};
 use super::DiskBackend;
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +64,10 @@ pub struct RawFile {
     file: File,
     len: u64,
     read_only: bool,
+    /// An fdatasync failed: the kernel may have dropped dirty pages and a later
+    /// fdatasync would report success, so every later flush fails (as QEMU does).
+    sync_failed: bool,
+    faults: Option<Faults>,
 }
 
 impl RawFile {
@@ -107,6 +112,8 @@ impl RawFile {
             file,
             len,
             read_only,
+            sync_failed: false,
+            faults: None,
         })
     }
 
@@ -135,6 +142,7 @@ impl RawFile {
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        inject(&self.faults, FileOp::Fallocate)?;
         let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         };
@@ -152,6 +160,7 @@ impl RawFile {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(zeroes.len() as u64) as usize;
+            inject(&self.faults, FileOp::Write)?;
             self.file.write_all_at(&zeroes[..n], offset + done)?;
             done += n as u64;
         }
@@ -181,6 +190,7 @@ impl RawFile {
         self.check_writable()?;
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         self.check(offset, total)?;
+        inject(&self.faults, FileOp::Write)?;
         super::file_vectored(&self.file, offset, bufs, 0, total, false)
     }
 }
@@ -218,6 +228,7 @@ impl DiskBackend for RawFile {
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.check_writable()?;
         self.check(offset, buf.len() as u64)?;
+        inject(&self.faults, FileOp::Write)?;
         self.file.write_all_at(buf, offset)
     }
 
@@ -233,7 +244,14 @@ impl DiskBackend for RawFile {
         if self.read_only {
             return Ok(());
         }
-        self.file.sync_data()
+        if self.sync_failed {
+            return Err(io::Error::other(
+                "an earlier flush failed and data written before it may be lost; reopen the disk",
+            ));
+        }
+        let r = inject(&self.faults, FileOp::Sync).and_then(|()| self.file.sync_data());
+        self.sync_failed = r.is_err();
+        r
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
@@ -281,6 +299,10 @@ impl DiskBackend for RawFile {
 
     fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn set_faults(&mut self, faults: Option<Faults>) {
+        self.faults = faults;
     }
 }
 
@@ -417,6 +439,30 @@ mod tests {
         assert!(f.write_zeroes(0, 512, true).is_err());
         assert!(f.discard(0, 512).is_err());
         assert_eq!(std::fs::read(&p).unwrap()[0], 0);
+    }
+
+    /// The kernel may drop dirty pages whose writeback failed and report success to the
+    /// next fdatasync: after one failed flush, every later flush must fail too.
+    #[test]
+    fn a_failed_flush_fails_every_later_flush() {
+        use crate::disk::fault::{Faults, FileOp};
+        let dir = TempDir::new();
+        let p = image(&dir, "a.img", 8192);
+        let mut f = RawFile::open(&p, false).unwrap();
+        let faults = Faults::fail_nth(0, libc::EIO).only(&[FileOp::Sync]);
+        f.set_faults(Some(faults.clone()));
+        f.write_at(0, b"abc").unwrap();
+        let e = f.flush().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        f.write_at(3, b"def").unwrap();
+        assert!(f.flush().is_err(), "a flush after a failed one succeeded");
+        assert!(f.flush().is_err());
+        assert_eq!(faults.failed(), vec![FileOp::Sync]);
+        drop(f);
+        // Reopening starts afresh.
+        let mut f = open_retry(&p, false);
+        f.flush().unwrap();
+        assert_eq!(&std::fs::read(&p).unwrap()[..6], b"abcdef");
     }
 
     /// Another test thread starting a child process holds a copy of every open file of this

@@ -44,6 +44,7 @@ use header::{Header, INCOMPAT_DIRTY};
 
 use vm_memory::VolatileSlice;
 
+use super::fault::{inject, Faults, FileOp};
 use super::DiskBackend;
 
 /// Longest backing chain opened (the overlay itself not counted).
@@ -593,6 +594,8 @@ pub struct Qcow2 {
     scratch: AlignedBuf,
     /// Backing-file data on its way to guest memory.
     bounce: Vec<u8>,
+    /// Tests and fuzzing: injected I/O faults (see `disk::fault`).
+    faults: Option<Faults>,
     /// Test hook: writes allowed before a simulated crash (every later write fails and
     /// nothing is written back on drop), and the number of writes issued.
     #[cfg(test)]
@@ -779,6 +782,7 @@ impl Qcow2 {
             compressed_cache: None,
             scratch: AlignedBuf::new(cluster_size as usize),
             bounce: Vec::new(),
+            faults: None,
             #[cfg(test)]
             crash_after: None,
             #[cfg(test)]
@@ -836,6 +840,12 @@ impl Qcow2 {
         }
     }
 
+    /// fdatasync of the image file.
+    fn sync(&mut self) -> io::Result<()> {
+        inject(&self.faults, FileOp::Sync)?;
+        self.file.sync_data()
+    }
+
     fn pwrite(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.pwrite_from(buf, 0, buf.len(), offset)
     }
@@ -850,6 +860,7 @@ impl Qcow2 {
     ) -> io::Result<()> {
         #[cfg(test)]
         self.crash_point()?;
+        inject(&self.faults, FileOp::Write)?;
         let end = offset + n as u64;
         if end > self.prealloc_end && self.prealloc {
             self.preallocate(offset, end);
@@ -877,13 +888,22 @@ impl Qcow2 {
             self.prealloc = false;
             return;
         };
-        // SAFETY: fallocate on our own fd with plain integer arguments.
-        let r =
-            unsafe { libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, off, len) };
-        if r == 0 {
-            self.prealloc_end = new_end;
-        } else if io::Error::last_os_error().raw_os_error() != Some(libc::ENOSPC) {
-            self.prealloc = false;
+        let r = inject(&self.faults, FileOp::Fallocate).and_then(|()| {
+            // SAFETY: fallocate on our own fd with plain integer arguments.
+            let r = unsafe {
+                libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, off, len)
+            };
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        });
+        match r {
+            Ok(()) => self.prealloc_end = new_end,
+            // Full now; a later write may find room again.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {}
+            Err(_) => self.prealloc = false,
         }
     }
 
@@ -894,6 +914,7 @@ impl Qcow2 {
             return Ok(());
         }
         let len = self.file.metadata()?.len();
+        inject(&self.faults, FileOp::Fallocate)?;
         self.file.set_len(len)?;
         self.prealloc_end = len;
         Ok(())
@@ -1191,15 +1212,15 @@ impl Qcow2 {
         if table_clusters > 0 {
             // blocks -> new table -> header -> old table freed.
             self.write_dirty_rc_blocks()?;
-            self.file.sync_data()?;
+            self.sync()?;
             let raw: Vec<u8> = self.rt.iter().flat_map(|e| e.to_be_bytes()).collect();
             self.pwrite(&raw, new_rt_offset)?;
-            self.file.sync_data()?;
+            self.sync()?;
             let mut hdr = [0u8; 12];
             hdr[..8].copy_from_slice(&new_rt_offset.to_be_bytes());
             hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
             self.pwrite(&hdr, header::OFF_REFCOUNT_TABLE)?;
-            self.file.sync_data()?;
+            self.sync()?;
             self.rt_offset = new_rt_offset;
             self.rt_disk_entries = self.rt.len();
             self.rt_dirty.clear();
@@ -1262,7 +1283,7 @@ impl Qcow2 {
         let mut need_sync = self.data_dirty;
         need_sync |= self.write_dirty_rc_blocks()?;
         if !self.rt_dirty.is_empty() {
-            self.file.sync_data()?;
+            self.sync()?;
             for i in std::mem::take(&mut self.rt_dirty) {
                 if i >= self.rt_disk_entries {
                     // A refcount table growth failed half way; never write past the table.
@@ -1279,7 +1300,7 @@ impl Qcow2 {
         let dirty_l2 = self.l2_cache.dirty_offsets();
         if !dirty_l2.is_empty() {
             if need_sync {
-                self.file.sync_data()?;
+                self.sync()?;
             }
             for off in dirty_l2 {
                 let entry = self.l2_cache.get_mut(off).expect("dirty L2 cached");
@@ -1291,7 +1312,7 @@ impl Qcow2 {
         }
         if !self.l1_dirty.is_empty() {
             if need_sync {
-                self.file.sync_data()?;
+                self.sync()?;
             }
             for i in std::mem::take(&mut self.l1_dirty) {
                 let e = self.l1[i];
@@ -1300,7 +1321,7 @@ impl Qcow2 {
             need_sync = true;
         }
         if need_sync {
-            self.file.sync_data()?;
+            self.sync()?;
         }
         self.data_dirty = false;
         for (off, len) in std::mem::take(&mut self.pending_frees) {
@@ -1319,6 +1340,9 @@ impl Qcow2 {
     fn punch_hole(&mut self, offset: u64) {
         #[cfg(test)]
         if self.crash_point().is_err() {
+            return;
+        }
+        if inject(&self.faults, FileOp::Fallocate).is_err() {
             return;
         }
         // SAFETY: fallocate on our own fd with plain integer arguments.
@@ -1714,6 +1738,10 @@ impl DiskBackend for Qcow2 {
 
     fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn set_faults(&mut self, faults: Option<Faults>) {
+        self.faults = faults;
     }
 }
 
