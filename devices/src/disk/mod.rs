@@ -3,6 +3,7 @@
 
 #[doc(hidden)]
 pub mod fault;
+mod lock;
 pub mod qcow2;
 pub mod raw;
 

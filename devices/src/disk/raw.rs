@@ -18,45 +18,15 @@ pub enum RawError {
     Open { path: PathBuf, source: io::Error },
     #[error("disk image {path} is a directory")]
     IsDirectory { path: PathBuf },
-    #[error("disk image {path} is in use by another process (it holds a {held} lock); is another wisp using it?")]
-    Locked { path: PathBuf, held: &'static str },
+    #[error("disk image {path} is in use by another process ({held}); is another wisp or QEMU using it?")]
+    Locked { path: PathBuf, held: String },
     #[error("disk image {path}: cannot lock it: {source}")]
     Lock { path: PathBuf, source: io::Error },
     #[error("disk image {path}: cannot find its size: {source}")]
     Size { path: PathBuf, source: io::Error },
 }
 
-/// Takes an open-file-description lock on the whole file, as QEMU does: exclusive for a
-/// read-write open, shared for a read-only one. OFD locks belong to the open file, so they
-/// conflict between two opens in one process too, and go away when the file is closed.
-pub fn lock_file(file: &File, path: &Path, exclusive: bool) -> Result<(), RawError> {
-    // SAFETY: an all-zero flock is a valid value of this plain C struct.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = if exclusive {
-        libc::F_WRLCK
-    } else {
-        libc::F_RDLCK
-    } as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = 0;
-    fl.l_len = 0; // to the end of the file, however it grows
-                  // SAFETY: F_OFD_SETLK reads the flock we pass and does not keep the pointer.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    if r == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EAGAIN) | Some(libc::EACCES) => Err(RawError::Locked {
-            path: path.to_owned(),
-            held: if exclusive { "read or write" } else { "write" },
-        }),
-        _ => Err(RawError::Lock {
-            path: path.to_owned(),
-            source: err,
-        }),
-    }
-}
+pub use super::lock::lock_file;
 
 /// A raw image file (or block device).
 #[derive(Debug)]
