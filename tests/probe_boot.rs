@@ -186,6 +186,21 @@ fn int3_and_fwait_at_cpl0_complete() {
 }
 
 #[test]
+fn lsl_at_cpl0_loads_segment_limits_as_linux_paranoid_entry_needs() {
+    if !kvm_available("lsl_at_cpl0_loads_segment_limits_as_linux_paranoid_entry_needs") {
+        return;
+    }
+    // Linux's NMI/#DB/#MC entry reads its CPU number with `lsl` when FSGSBASE is on; PVM's
+    // emulator cannot run it at CPL0, so wisp completes it.
+    let f = run_probe("lsl", 1, "64M", &["--log-level", "info"], T);
+    assert_clean_run(&f, "lsl");
+    assert!(f.stdout.contains("probe: lsl ok 2005 "), "{}", f.stdout);
+    if pvm_host() {
+        assert!(f.stderr.contains("pvm: completed lsl"), "{}", f.stderr);
+    }
+}
+
+#[test]
 fn vcpu_threads_are_named_and_sigterm_stops_cleanly() {
     if !kvm_available("vcpu_threads_are_named_and_sigterm_stops_cleanly") {
         return;

@@ -320,6 +320,36 @@ static void cpl0_scenario_emufail_xrstors(void)
 	printf("probe: emufail-xrstors not-failed\n");
 }
 
+static int lsl(u64 sel, u64 *dst)
+{
+	u8 zf;
+	__asm__ volatile("lsl %2, %0; setz %1" : "+r"(*dst), "=q"(zf) : "r"(sel) : "cc", "memory");
+	return zf;
+}
+
+static void cpl0_scenario_lsl(void)
+{
+	/* LSL (SDM Vol. 2A) as Linux's paranoid entry runs it with FSGSBASE:
+	 * the CPU and node numbers from the limit of a DPL-3 data segment
+	 * (GDT_ENTRY_CPUNODE). The entry at 0x40 is CPU 1's TSS slot, unused with
+	 * one vCPU: a data segment, DPL 3, G=0, limit (node 2 << 12) | cpu 5. */
+	gdt[8] = 0x0000f20000002005ull;
+	u64 v = ~0ull, w = ~0ull, x = 0x1111, y = 0x2222;
+	int ok = lsl(0x43, &v) && v == 0x2005;
+	/* 32-bit form: the limit of the 4 GiB kernel code segment, zero-extended. */
+	u32 lo;
+	u8 zf;
+	__asm__ volatile("lsl %2, %0; setz %1" : "=r"(lo), "=q"(zf) : "r"(0x08u) : "cc");
+	ok = ok && zf && lo == 0xffffffffu;
+	/* The CPU's TSS (64-bit, available or busy): its byte limit. */
+	ok = ok && lsl(0x30, &w) && w == sizeof(struct tss64) - 1;
+	/* Null selector and one past the GDT: ZF clear, destination unchanged. */
+	ok = ok && !lsl(0, &x) && x == 0x1111;
+	ok = ok && !lsl(0xfff8, &y) && y == 0x2222;
+	gdt[8] = 0;
+	printf("probe: lsl %s %lx %lx\n", ok ? "ok" : "wrong", v, w);
+}
+
 static int cpl0_done;
 
 void kmain(u32 start_info_pa)
@@ -355,6 +385,10 @@ void kmain(u32 start_info_pa)
 	} else if (!strcmp(scenario, "fwait")) {
 		printf("probe: start %s\n", scenario);
 		cpl0_scenario_fwait();
+		cpl0_done = 1;
+	} else if (!strcmp(scenario, "lsl")) {
+		printf("probe: start %s\n", scenario);
+		cpl0_scenario_lsl();
 		cpl0_done = 1;
 	} else if (!strcmp(scenario, "emufail")) {
 		printf("probe: start %s\n", scenario);

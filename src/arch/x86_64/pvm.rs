@@ -3,7 +3,8 @@
 //! an emulation failure at the instruction. It also ignores the CPUID a VMM sets, so these
 //! cannot be avoided by hiding features. wisp completes the ones ordinary kernels run
 //! (`int3` in the alternatives self-test, `fwait` in FPU teardown, `popcnt` in bitmap code,
-//! `clac`/`stac` around user accesses) as the CPU would, asks Linux guests not to use XSAVE
+//! `clac`/`stac` around user accesses, `lsl` in the paranoid entry of NMI/#DB/#MC with
+//! FSGSBASE) as the CPU would, asks Linux guests not to use XSAVE
 //! (`noxsave`, see `linux_cmdline_additions`), and reports any other instruction clearly.
 //! On hardware KVM none of this is ever reached.
 
@@ -41,6 +42,8 @@ pub enum Completed {
     Stac,
     /// `cmpxchg16b` / `cmpxchg8b` on guest memory (locked or per-CPU).
     CmpxchgDouble,
+    /// `lsl`: a segment limit loaded from the GDT/LDT (or ZF cleared).
+    Lsl,
 }
 
 /// Kernel command-line words a Linux guest needs on a PVM host: its emulator cannot run
@@ -71,6 +74,20 @@ enum Insn {
         wide: bool,
         len: u8,
     },
+    /// LSL r, r/m16 (0F 03 /r): destination register, the selector's source, operand width.
+    Lsl {
+        dst: u8,
+        src: Operand,
+        width: u8,
+        len: u8,
+    },
+}
+
+/// Where an instruction's r/m operand is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Operand {
+    Reg(u8),
+    Mem(MemOperand),
 }
 
 /// A decoded memory operand (Intel SDM vol. 2 §2.1.5, 64-bit addressing).
@@ -181,21 +198,41 @@ fn decode(bytes: &[u8]) -> Option<Insn> {
                 len: (i + 2 + used) as u8,
             })
         }
+        [0x0f, 0x03, modrm, ..] if !rep => {
+            let dst = ((modrm >> 3) & 7) | (r << 3);
+            let (src, used) = if modrm >> 6 == 3 {
+                (Operand::Reg((modrm & 7) | (b << 3)), 1)
+            } else {
+                let (m, used) = decode_modrm_mem(&bytes[i + 2..], b, x, seg)?;
+                (Operand::Mem(m), used)
+            };
+            Some(Insn::Lsl {
+                dst,
+                src,
+                width: operand_width(w, opsize16),
+                len: (i + 2 + used) as u8,
+            })
+        }
         [0x0f, 0xb8, modrm, ..] if rep && !lock && seg.is_none() && modrm >> 6 == 3 => {
             Some(Insn::Popcnt {
                 dst: ((modrm >> 3) & 7) | (r << 3),
                 src: (modrm & 7) | (b << 3),
-                width: if w {
-                    8
-                } else if opsize16 {
-                    2
-                } else {
-                    4
-                },
+                width: operand_width(w, opsize16),
                 len: (i + 3) as u8,
             })
         }
         _ => None,
+    }
+}
+
+/// The operand size of an instruction with REX.W `w` and an operand-size prefix `opsize16`.
+fn operand_width(w: bool, opsize16: bool) -> u8 {
+    if w {
+        8
+    } else if opsize16 {
+        2
+    } else {
+        4
     }
 }
 
@@ -224,8 +261,9 @@ fn gpr(regs: &mut kvm_bindings::kvm_regs, n: u8) -> &mut u64 {
 /// Applies `insn`'s register effects as the CPU would (int3 also needs #BP injected).
 fn execute(insn: Insn, regs: &mut kvm_bindings::kvm_regs) -> Completed {
     match insn {
-        // Needs guest memory: complete_emulation_failure sends it to cmpxchg_double.
+        // Need guest memory: complete_emulation_failure sends them to cmpxchg_double / lsl.
         Insn::CmpxchgDouble { .. } => Completed::CmpxchgDouble,
+        Insn::Lsl { .. } => Completed::Lsl,
         Insn::Int3 => {
             regs.rip = regs.rip.wrapping_add(1);
             Completed::Int3
@@ -326,6 +364,35 @@ pub fn complete_emulation_failure(
             cmpxchg_double(vcpu, mem, &mut regs, &sregs, op, wide, len)
                 .map_err(|reason| fail(rip, bytes.clone(), &reason))?
         }
+        Insn::Lsl {
+            dst,
+            src,
+            width,
+            len,
+        } => {
+            let sregs = vcpu
+                .get_sregs()
+                .map_err(|e| fail(rip, bytes.clone(), &format!("KVM_GET_SREGS failed: {e}")))?;
+            let selector = match src {
+                Operand::Reg(n) => *gpr(&mut regs, n) as u16,
+                Operand::Mem(op) => {
+                    let ea = effective_address(&mut regs, &sregs, op, len);
+                    let mut sel = [0u8; 2];
+                    if read_virt(vcpu, mem, ea, &mut sel) != sel.len() {
+                        return Err(fail(
+                            rip,
+                            bytes,
+                            &format!("lsl operand at {ea:#x} unreadable"),
+                        ));
+                    }
+                    u16::from_le_bytes(sel)
+                }
+            };
+            let limit = segment_limit(&sregs, selector, |va, buf| {
+                read_virt(vcpu, mem, va, buf) == buf.len()
+            });
+            lsl(&mut regs, dst, width, len, limit)
+        }
         other => execute(other, &mut regs),
     };
     vcpu.set_regs(&regs)
@@ -383,21 +450,7 @@ fn cmpxchg_double(
 ) -> Result<Completed, String> {
     let size: u64 = if wide { 16 } else { 8 };
     let next_rip = regs.rip.wrapping_add(u64::from(len));
-    let mut ea = op.disp as u64;
-    if op.rip_relative {
-        ea = ea.wrapping_add(next_rip);
-    }
-    if let Some(b) = op.base {
-        ea = ea.wrapping_add(*gpr(regs, b));
-    }
-    if let Some((i, scale)) = op.index {
-        ea = ea.wrapping_add(gpr(regs, i).wrapping_mul(u64::from(scale)));
-    }
-    match op.seg {
-        Some(0x64) => ea = ea.wrapping_add(sregs.fs.base),
-        Some(0x65) => ea = ea.wrapping_add(sregs.gs.base),
-        _ => {}
-    }
+    let ea = effective_address(regs, sregs, op, len);
     // CMPXCHG16B needs a 16-byte aligned operand (#GP otherwise); an 8-byte one must not
     // straddle a page here, since each page translates on its own.
     if (wide && !ea.is_multiple_of(16)) || (ea & 0xfff) + size > 0x1000 {
@@ -449,6 +502,105 @@ fn cmpxchg_double(
     Ok(Completed::CmpxchgDouble)
 }
 
+/// The linear address of a memory operand of an instruction `len` bytes long at `regs.rip`
+/// (64-bit mode: only FS and GS have a base).
+fn effective_address(
+    regs: &mut kvm_bindings::kvm_regs,
+    sregs: &kvm_bindings::kvm_sregs,
+    op: MemOperand,
+    len: u8,
+) -> u64 {
+    let mut ea = op.disp as u64;
+    if op.rip_relative {
+        ea = ea.wrapping_add(regs.rip.wrapping_add(u64::from(len)));
+    }
+    if let Some(b) = op.base {
+        ea = ea.wrapping_add(*gpr(regs, b));
+    }
+    if let Some((i, scale)) = op.index {
+        ea = ea.wrapping_add(gpr(regs, i).wrapping_mul(u64::from(scale)));
+    }
+    match op.seg {
+        Some(0x64) => ea.wrapping_add(sregs.fs.base),
+        Some(0x65) => ea.wrapping_add(sregs.gs.base),
+        _ => ea,
+    }
+}
+
+/// The limit LSL loads for `selector` (SDM vol. 2A, LSL, IA-32e mode), or `None` when LSL
+/// clears ZF: a null selector, one past its table's limit, a descriptor type LSL does not
+/// accept, or a privilege check that fails. `read` reads guest-linear memory.
+fn segment_limit(
+    sregs: &kvm_bindings::kvm_sregs,
+    selector: u16,
+    read: impl Fn(u64, &mut [u8]) -> bool,
+) -> Option<u32> {
+    let index_offset = u64::from(selector & !7);
+    let (base, table_limit) = if selector & 4 != 0 {
+        if sregs.ldt.unusable != 0 {
+            return None;
+        }
+        (sregs.ldt.base, u64::from(sregs.ldt.limit))
+    } else {
+        if index_offset == 0 {
+            return None;
+        }
+        (sregs.gdt.base, u64::from(sregs.gdt.limit))
+    };
+    if index_offset + 7 > table_limit {
+        return None;
+    }
+    let mut raw = [0u8; 8];
+    if !read(base.wrapping_add(index_offset), &mut raw) {
+        return None;
+    }
+    let d = u64::from_le_bytes(raw);
+    let typ = ((d >> 40) & 0xf) as u8;
+    let system = d & (1 << 44) == 0;
+    let dpl = ((d >> 45) & 3) as u16;
+    let conforming_code = !system && typ & 0b1100 == 0b1100;
+    if system && !matches!(typ, 0x2 | 0x9 | 0xb) {
+        // In IA-32e mode only LDT and 64-bit TSS descriptors have a limit LSL reports.
+        return None;
+    }
+    let cpl = sregs.cs.selector & 3;
+    let rpl = selector & 3;
+    if !conforming_code && (dpl < cpl || dpl < rpl) {
+        return None;
+    }
+    let raw_limit = ((d & 0xffff) | ((d >> 32) & 0xf_0000)) as u32;
+    Some(if d & (1 << 55) != 0 {
+        (raw_limit << 12) | 0xfff
+    } else {
+        raw_limit
+    })
+}
+
+/// LSL's effect: the limit into `dst` (32-bit results zero-extend, 16-bit ones keep the upper
+/// bits) and ZF set, or only ZF cleared.
+fn lsl(
+    regs: &mut kvm_bindings::kvm_regs,
+    dst: u8,
+    width: u8,
+    len: u8,
+    limit: Option<u32>,
+) -> Completed {
+    match limit {
+        Some(limit) => {
+            let d = gpr(regs, dst);
+            *d = if width == 2 {
+                (*d & !0xffff) | u64::from(limit & 0xffff)
+            } else {
+                u64::from(limit)
+            };
+            regs.rflags |= RFLAGS_ZF;
+        }
+        None => regs.rflags &= !RFLAGS_ZF,
+    }
+    regs.rip = regs.rip.wrapping_add(u64::from(len));
+    Completed::Lsl
+}
+
 fn name(c: Completed) -> &'static str {
     match c {
         Completed::Int3 => "int3 (injected #BP)",
@@ -457,32 +609,39 @@ fn name(c: Completed) -> &'static str {
         Completed::Clac => "clac",
         Completed::Stac => "stac",
         Completed::CmpxchgDouble => "lock cmpxchg8b/16b",
+        Completed::Lsl => "lsl",
     }
 }
 
-/// The instruction bytes at guest-virtual `rip`, translated through the guest's page tables
-/// (page by page: an instruction may cross a page boundary).
+/// The instruction bytes at guest-virtual `rip` (up to 15; fewer where RIP's pages end).
 fn read_insn(vcpu: &VcpuFd, mem: &GuestMemoryMmap, rip: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(MAX_INSN_LEN);
-    let mut va = rip;
-    while out.len() < MAX_INSN_LEN {
+    let mut out = vec![0u8; MAX_INSN_LEN];
+    let n = read_virt(vcpu, mem, rip, &mut out);
+    out.truncate(n);
+    out
+}
+
+/// Reads guest-virtual `va` into `buf` through the guest's page tables, page by page (a read
+/// may cross a page boundary); returns how many bytes were readable from the start.
+fn read_virt(vcpu: &VcpuFd, mem: &GuestMemoryMmap, mut va: u64, buf: &mut [u8]) -> usize {
+    let mut done = 0;
+    while done < buf.len() {
         let Ok(t) = vcpu.translate_gva(va) else { break };
         if t.valid == 0 {
             break;
         }
         let in_page = 0x1000 - (va & 0xfff) as usize;
-        let n = in_page.min(MAX_INSN_LEN - out.len());
-        let mut buf = vec![0u8; n];
+        let n = in_page.min(buf.len() - done);
         if mem
-            .read_slice(&mut buf, GuestAddress(t.physical_address))
+            .read_slice(&mut buf[done..done + n], GuestAddress(t.physical_address))
             .is_err()
         {
             break;
         }
-        out.extend_from_slice(&buf);
+        done += n;
         va = va.wrapping_add(n as u64);
     }
-    out
+    done
 }
 
 #[cfg(test)]
@@ -641,6 +800,124 @@ mod tests {
         assert_eq!((r.rflags, r.rip), (0x2, 0x13));
         execute(Insn::Stac, &mut r);
         assert_eq!((r.rflags, r.rip), (0x2 | RFLAGS_AC, 0x16));
+    }
+
+    #[test]
+    fn decodes_lsl_register_and_memory_forms() {
+        // lsl %rax,%rax: Linux's LOAD_CPU_AND_NODE_SEG_LIMIT in the paranoid entry.
+        assert_eq!(
+            decode(&[0x48, 0x0f, 0x03, 0xc0, 0x48, 0x25]),
+            Some(Insn::Lsl {
+                dst: 0,
+                src: Operand::Reg(0),
+                width: 8,
+                len: 4
+            })
+        );
+        // lsl %r9w,%cx and lsl 0x8(%rsp),%r10d
+        assert_eq!(
+            decode(&[0x66, 0x41, 0x0f, 0x03, 0xc9]),
+            Some(Insn::Lsl {
+                dst: 1,
+                src: Operand::Reg(9),
+                width: 2,
+                len: 5
+            })
+        );
+        assert_eq!(
+            decode(&[0x44, 0x0f, 0x03, 0x54, 0x24, 0x08]),
+            Some(Insn::Lsl {
+                dst: 10,
+                src: Operand::Mem(MemOperand {
+                    seg: None,
+                    base: Some(4),
+                    index: None,
+                    disp: 8,
+                    rip_relative: false
+                }),
+                width: 4,
+                len: 6
+            })
+        );
+        assert_eq!(decode(&[0xf0, 0x0f, 0x03, 0xc0]), None);
+    }
+
+    /// A GDT at linear 0x1000 as the probe guest and Linux lay it out.
+    fn gdt_sregs(entries: &[u64]) -> (kvm_bindings::kvm_sregs, Vec<u8>) {
+        let mut sregs = kvm_bindings::kvm_sregs::default();
+        sregs.gdt.base = 0x1000;
+        sregs.gdt.limit = (entries.len() * 8 - 1) as u16;
+        sregs.cs.selector = 0x08;
+        sregs.ldt.unusable = 1;
+        let bytes = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+        (sregs, bytes)
+    }
+
+    fn limit_of(entries: &[u64], selector: u16, cpl: u16) -> Option<u32> {
+        let (mut sregs, table) = gdt_sregs(entries);
+        sregs.cs.selector = (sregs.cs.selector & !3) | cpl;
+        segment_limit(&sregs, selector, |va, buf| {
+            let off = (va - 0x1000) as usize;
+            match table.get(off..off + buf.len()) {
+                Some(b) => {
+                    buf.copy_from_slice(b);
+                    true
+                }
+                None => false,
+            }
+        })
+    }
+
+    #[test]
+    fn lsl_reads_limits_and_refuses_as_the_cpu_does() {
+        let gdt = [
+            0,
+            0x00af9b000000ffff, // 0x08 kernel code, G=1
+            0x00cf93000000ffff, // 0x10 kernel data, DPL 0, G=1
+            0x0000f20000002005, // 0x18 Linux's CPUNODE segment: DPL 3, G=0, node 2 cpu 5
+            0x0000890000000067, // 0x20 available 64-bit TSS, limit 0x67
+            0,                  // (its upper half)
+            0x0000820000000fff, // 0x30 LDT
+            0x00008c0000000000, // 0x38 call gate: no limit
+            0x000f9f000000ffff, // 0x40 conforming code, DPL 0, G=0
+        ];
+        assert_eq!(limit_of(&gdt, 0x08, 0), Some(0xffff_ffff));
+        assert_eq!(limit_of(&gdt, 0x1b, 0), Some(0x2005));
+        assert_eq!(limit_of(&gdt, 0x1b, 3), Some(0x2005));
+        assert_eq!(limit_of(&gdt, 0x20, 0), Some(0x67));
+        assert_eq!(limit_of(&gdt, 0x30, 0), Some(0xfff));
+        // Null selector, past the GDT's limit, a gate, an LDT selector with no LDT.
+        assert_eq!(limit_of(&gdt, 0x00, 0), None);
+        assert_eq!(limit_of(&gdt, 0x03, 0), None);
+        assert_eq!(limit_of(&gdt, 0x48, 0), None);
+        assert_eq!(limit_of(&gdt, 0x38, 0), None);
+        assert_eq!(limit_of(&gdt, 0x0c, 0), None);
+        // DPL 0 data seen with RPL 3 or from CPL 3; a conforming code segment skips the check.
+        assert_eq!(limit_of(&gdt, 0x13, 0), None);
+        assert_eq!(limit_of(&gdt, 0x10, 3), None);
+        assert_eq!(limit_of(&gdt, 0x43, 3), Some(0xfffff));
+    }
+
+    #[test]
+    fn lsl_writes_by_width_and_only_touches_zf() {
+        let flags = 0x2 | 0x8d5;
+        let mut r = kvm_regs {
+            rip: 0x100,
+            rax: u64::MAX,
+            rflags: flags & !RFLAGS_ZF,
+            ..Default::default()
+        };
+        assert_eq!(lsl(&mut r, 0, 8, 4, Some(0x2005)), Completed::Lsl);
+        assert_eq!((r.rax, r.rip, r.rflags), (0x2005, 0x104, flags));
+        r.rax = u64::MAX;
+        lsl(&mut r, 0, 4, 3, Some(0x67));
+        assert_eq!(r.rax, 0x67);
+        r.rax = u64::MAX;
+        lsl(&mut r, 0, 2, 4, Some(0x12345));
+        assert_eq!(r.rax, 0xffff_ffff_ffff_2345);
+        lsl(&mut r, 0, 8, 4, None);
+        assert_eq!(r.rax, 0xffff_ffff_ffff_2345);
+        assert_eq!((r.rflags, r.rip), (flags & !RFLAGS_ZF, 0x10f));
     }
 
     #[test]
