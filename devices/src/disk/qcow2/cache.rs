@@ -80,6 +80,13 @@ impl<T> TableCache<T> {
         );
     }
 
+    /// Marks an entry written back (no use: the LRU order stays).
+    pub fn mark_clean(&mut self, offset: u64) {
+        if let Some(e) = self.map.get_mut(&offset) {
+            e.dirty = false;
+        }
+    }
+
     pub fn over_capacity(&self) -> bool {
         self.map.len() > self.capacity
     }

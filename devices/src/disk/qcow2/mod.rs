@@ -536,6 +536,16 @@ enum Mapping {
     },
 }
 
+/// Metadata written but not yet covered by a successful sync (still dirty).
+#[derive(Default)]
+struct Written {
+    rc: Vec<u64>,
+    rt: Vec<usize>,
+    l2: Vec<u64>,
+    l1: Vec<usize>,
+    data: bool,
+}
+
 /// A run of guest-contiguous bytes going to host-contiguous clusters, written with one
 /// pwrite.
 struct WriteRun {
@@ -587,6 +597,9 @@ pub struct Qcow2 {
     /// are durable.
     pending_frees: Vec<(u64, u64)>,
     data_dirty: bool,
+    /// Why the image is broken: a metadata write or an fdatasync failed. Every later
+    /// flush fails until the image is reopened.
+    broken: Option<String>,
     /// The last decompressed cluster: (L2 entry, contents).
     compressed_cache: Option<(u64, Vec<u8>)>,
     /// A page-aligned cluster buffer for copy-on-write (the kernel copies from the page
@@ -779,6 +792,7 @@ impl Qcow2 {
             free_hint: 0,
             pending_frees: Vec::new(),
             data_dirty: false,
+            broken: None,
             compressed_cache: None,
             scratch: AlignedBuf::new(cluster_size as usize),
             bounce: Vec::new(),
@@ -840,10 +854,29 @@ impl Qcow2 {
         }
     }
 
-    /// fdatasync of the image file.
+    /// fdatasync of the image file. A failure breaks the image (see `flush_metadata`).
     fn sync(&mut self) -> io::Result<()> {
-        inject(&self.faults, FileOp::Sync)?;
-        self.file.sync_data()
+        let r = inject(&self.faults, FileOp::Sync).and_then(|()| self.file.sync_data());
+        if let Err(e) = &r {
+            self.note_broken(e);
+        }
+        r
+    }
+
+    /// Records the first metadata write or sync failure: every later flush fails.
+    fn note_broken(&mut self, e: &io::Error) {
+        if self.broken.is_none() {
+            self.broken = Some(e.to_string());
+        }
+    }
+
+    /// Writes metadata; a failure breaks the image (see `flush_metadata`).
+    fn pwrite_meta(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let r = self.pwrite(buf, offset);
+        if let Err(e) = &r {
+            self.note_broken(e);
+        }
+        r
     }
 
     fn pwrite(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -1194,7 +1227,7 @@ impl Qcow2 {
         let old_rt = (self.rt_offset, self.rt.len() as u64 * 8);
         if table_clusters > 0 {
             // The new table's entries point at blocks that must be on disk first.
-            self.write_dirty_rc_blocks()?;
+            self.write_rc_blocks_synced()?;
             self.rt
                 .resize((table_clusters * self.cluster_size / 8) as usize, 0);
         }
@@ -1211,15 +1244,14 @@ impl Qcow2 {
         }
         if table_clusters > 0 {
             // blocks -> new table -> header -> old table freed.
-            self.write_dirty_rc_blocks()?;
-            self.sync()?;
+            self.write_rc_blocks_synced()?;
             let raw: Vec<u8> = self.rt.iter().flat_map(|e| e.to_be_bytes()).collect();
-            self.pwrite(&raw, new_rt_offset)?;
+            self.pwrite_meta(&raw, new_rt_offset)?;
             self.sync()?;
             let mut hdr = [0u8; 12];
             hdr[..8].copy_from_slice(&new_rt_offset.to_be_bytes());
             hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-            self.pwrite(&hdr, header::OFF_REFCOUNT_TABLE)?;
+            self.pwrite_meta(&hdr, header::OFF_REFCOUNT_TABLE)?;
             self.sync()?;
             self.rt_offset = new_rt_offset;
             self.rt_disk_entries = self.rt.len();
@@ -1257,34 +1289,71 @@ impl Qcow2 {
 
     // ---- write-back ----
 
-    /// Writes dirty refcount blocks; returns whether anything was written.
-    fn write_dirty_rc_blocks(&mut self) -> io::Result<bool> {
-        let dirty = self.rc_cache.dirty_offsets();
-        for &off in &dirty {
-            let entry = self.rc_cache.get_mut(off).expect("dirty block cached");
-            entry.dirty = false;
-            let raw = std::mem::take(&mut entry.table);
-            let res = self.pwrite(&raw, off);
-            self.rc_cache
-                .get_mut(off)
-                .expect("dirty block cached")
-                .table = raw;
-            res?;
+    /// Writes one dirty refcount block; it stays dirty until a sync covers it.
+    fn write_rc_block(&mut self, off: u64) -> io::Result<()> {
+        let entry = self.rc_cache.get_mut(off).expect("dirty block cached");
+        let raw = std::mem::take(&mut entry.table);
+        let res = self.pwrite_meta(&raw, off);
+        self.rc_cache
+            .get_mut(off)
+            .expect("dirty block cached")
+            .table = raw;
+        res
+    }
+
+    /// Writes every dirty refcount block and makes them durable.
+    fn write_rc_blocks_synced(&mut self) -> io::Result<()> {
+        let mut w = Written::default();
+        for off in self.rc_cache.dirty_offsets() {
+            self.write_rc_block(off)?;
+            w.rc.push(off);
         }
-        Ok(!dirty.is_empty())
+        self.sync_written(&mut w)
+    }
+
+    /// Syncs the file and marks what `w` lists clean: a table is clean only once its
+    /// write is durable, so a failed write or sync leaves it dirty for the next flush.
+    fn sync_written(&mut self, w: &mut Written) -> io::Result<()> {
+        if w.rc.is_empty() && w.rt.is_empty() && w.l2.is_empty() && w.l1.is_empty() && !w.data {
+            return Ok(());
+        }
+        self.sync()?;
+        for off in w.rc.drain(..) {
+            self.rc_cache.mark_clean(off);
+        }
+        for i in w.rt.drain(..) {
+            self.rt_dirty.remove(&i);
+        }
+        for off in w.l2.drain(..) {
+            self.l2_cache.mark_clean(off);
+        }
+        for i in w.l1.drain(..) {
+            self.l1_dirty.remove(&i);
+        }
+        if std::mem::take(&mut w.data) {
+            self.data_dirty = false;
+        }
+        Ok(())
     }
 
     /// Writes back all dirty metadata in crash-safe order and makes it and all data
-    /// written so far durable; then applies deferred refcount decrements.
-    fn flush_metadata(&mut self) -> io::Result<()> {
+    /// written so far durable; then applies deferred refcount decrements. Does not look at
+    /// `broken`: this is also the best-effort write-back of a broken image.
+    fn write_back(&mut self) -> io::Result<()> {
         if self.read_only {
             return Ok(());
         }
-        let mut need_sync = self.data_dirty;
-        need_sync |= self.write_dirty_rc_blocks()?;
+        let mut w = Written {
+            data: self.data_dirty,
+            ..Written::default()
+        };
+        for off in self.rc_cache.dirty_offsets() {
+            self.write_rc_block(off)?;
+            w.rc.push(off);
+        }
         if !self.rt_dirty.is_empty() {
-            self.sync()?;
-            for i in std::mem::take(&mut self.rt_dirty) {
+            self.sync_written(&mut w)?;
+            for i in self.rt_dirty.iter().copied().collect::<Vec<_>>() {
                 if i >= self.rt_disk_entries {
                     // A refcount table growth failed half way; never write past the table.
                     return Err(self.corrupt(format!(
@@ -1293,37 +1362,31 @@ impl Qcow2 {
                     )));
                 }
                 let e = self.rt[i];
-                self.pwrite(&e.to_be_bytes(), self.rt_offset + i as u64 * 8)?;
+                self.pwrite_meta(&e.to_be_bytes(), self.rt_offset + i as u64 * 8)?;
+                w.rt.push(i);
             }
-            need_sync = true;
         }
         let dirty_l2 = self.l2_cache.dirty_offsets();
         if !dirty_l2.is_empty() {
-            if need_sync {
-                self.sync()?;
-            }
+            self.sync_written(&mut w)?;
             for off in dirty_l2 {
                 let entry = self.l2_cache.get_mut(off).expect("dirty L2 cached");
-                entry.dirty = false;
                 let raw: Vec<u8> = entry.table.iter().flat_map(|e| e.to_be_bytes()).collect();
-                self.pwrite(&raw, off)?;
+                self.pwrite_meta(&raw, off)?;
+                w.l2.push(off);
             }
-            need_sync = true;
         }
         if !self.l1_dirty.is_empty() {
-            if need_sync {
-                self.sync()?;
-            }
-            for i in std::mem::take(&mut self.l1_dirty) {
+            self.sync_written(&mut w)?;
+            for i in self.l1_dirty.iter().copied().collect::<Vec<_>>() {
                 let e = self.l1[i];
-                self.pwrite(&e.to_be_bytes(), self.l1_offset + i as u64 * 8)?;
+                self.pwrite_meta(&e.to_be_bytes(), self.l1_offset + i as u64 * 8)?;
+                w.l1.push(i);
             }
-            need_sync = true;
         }
-        if need_sync {
-            self.sync()?;
-        }
-        self.data_dirty = false;
+        self.sync_written(&mut w)?;
+        // Every L2 entry that stopped pointing at these is durable now (a table is clean
+        // only after its write was synced).
         for (off, len) in std::mem::take(&mut self.pending_frees) {
             let first = off >> self.cluster_bits;
             let last = (off + len - 1) >> self.cluster_bits;
@@ -1335,6 +1398,21 @@ impl Qcow2 {
             }
         }
         Ok(())
+    }
+
+    /// `write_back`, failing if any metadata write or sync ever failed on this image: what
+    /// reached the disk before such a failure is unknown (the kernel may drop dirty pages
+    /// whose writeback failed and report success to the next fdatasync), so no later flush
+    /// may report success.
+    fn flush_metadata(&mut self) -> io::Result<()> {
+        self.write_back()?;
+        match &self.broken {
+            None => Ok(()),
+            Some(why) => Err(io::Error::other(format!(
+                "{}: an earlier metadata write or sync failed ({why}); data written before it may be lost; reopen the image",
+                self.path.display()
+            ))),
+        }
     }
 
     fn punch_hole(&mut self, offset: u64) {
@@ -1361,7 +1439,7 @@ impl Qcow2 {
         let l2_ok = self.l2_cache.evict_clean();
         let rc_ok = self.rc_cache.evict_clean();
         if !(l2_ok && rc_ok) {
-            self.flush_metadata()?;
+            self.write_back()?;
             self.l2_cache.evict_clean();
             self.rc_cache.evict_clean();
         }
@@ -1751,15 +1829,22 @@ impl Drop for Qcow2 {
         if self.crash_after == Some(0) {
             return;
         }
-        // The second pass writes the refcount drops the first one applied.
+        // The second pass writes the refcount drops the first one applied. A broken image
+        // is written back too: its metadata is then as consistent as the disk allows.
         for _ in 0..2 {
-            if let Err(e) = self.flush_metadata() {
+            if let Err(e) = self.write_back() {
                 log::error!(
                     "qcow2 {}: flushing metadata on close: {e}",
                     self.path.display()
                 );
                 return;
             }
+        }
+        if let Some(why) = &self.broken {
+            log::error!(
+                "qcow2 {}: closed after a failed metadata write or sync ({why}); data written before it may be lost",
+                self.path.display()
+            );
         }
         if let Err(e) = self.release_preallocation() {
             log::warn!(

@@ -1509,3 +1509,49 @@ fn guest_memory_reads_and_writes_match_a_raw_file() {
     compare_with_model(&img, &model, &dir);
     assert_eq!(fs::read(dir.path("base.raw")).expect("base"), base);
 }
+
+// ---- injected I/O faults ----
+
+/// Issue 11 item 4: a refcount block whose write failed used to be marked clean, the retried
+/// flush succeeded and the image was left with `refcount=0 reference=1`. Now every table
+/// stays dirty until a sync covers its write, and no flush succeeds after a failed one.
+#[test]
+fn a_failed_metadata_write_fails_every_later_flush_and_loses_nothing() {
+    use crate::disk::fault::{Faults, FileOp};
+    if !have_qemu() {
+        return;
+    }
+    let dir = TempDir::new("metafail");
+    for (kind, errno) in [(FileOp::Write, libc::EIO), (FileOp::Sync, libc::EIO)] {
+        let img = dir.path("m.qcow2");
+        let _ = fs::remove_file(&img);
+        create(&img, Some(4 << 20), None, None).expect("create");
+        let mut q = open_retry(&img, false).expect("open");
+        q.write_at(0, &[1u8; 65536]).expect("write");
+        q.write_at(1 << 20, &[2u8; 4096]).expect("write");
+        let faults = Faults::fail_nth(0, errno).only(&[kind]);
+        q.set_faults(Some(faults.clone()));
+        let e = q.flush().expect_err("flush with a failing metadata write");
+        assert_eq!(e.raw_os_error(), Some(errno), "{e}");
+        assert_eq!(faults.failed(), vec![kind]);
+        assert!(
+            q.flush().is_err(),
+            "{kind:?}: a flush after a failed metadata write reported success"
+        );
+        // Writes go on; the data reaches the disk with the close-time write-back.
+        q.write_at(2 << 20, &[3u8; 512])
+            .expect("write after the failure");
+        assert!(q.flush().is_err(), "{kind:?}: still broken");
+        drop(q);
+        check_clean(&img);
+        let mut q = open_retry(&img, false).expect("reopen");
+        q.flush().expect("a reopened image flushes");
+        let mut expected = vec![0u8; 4 << 20];
+        expected[..65536].fill(1);
+        expected[1 << 20..(1 << 20) + 4096].fill(2);
+        expected[2 << 20..(2 << 20) + 512].fill(3);
+        assert_reads(&mut q, &expected, 5);
+        drop(q);
+        compare_with_model(&img, &expected, &dir);
+    }
+}
