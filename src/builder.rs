@@ -3,7 +3,7 @@
 use crate::arch::x86_64::{acpi, boot, cpuid, layout::*, pvm, regs};
 use crate::cgroup::VmCgroup;
 use crate::config::{ConsoleConfig, VmConfig};
-use crate::device_manager::{open_disk, open_net, VirtioDevices};
+use crate::device_manager::DeviceManager;
 use crate::vmm::*;
 use crate::vstate::control::{self, VcpuControl};
 use crate::vstate::exit::{ExitSignal, VmExit};
@@ -33,8 +33,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     let exit = ExitSignal::new().map_err(io_err("eventfd"))?;
     let legacy = attach_legacy_devices(&vm, config, &exit)?;
     let mut mmio_bus = Bus::new();
-    let (virtio, net_counters) = attach_virtio_devices(&vm, config, &mut mmio_bus)?;
-    let entry = load_kernel(&vm, config, &virtio, pvm)?;
+    let devices = attach_virtio_devices(&vm, config, &mut mmio_bus)?;
+    let entry = load_kernel(&vm, config, &devices, pvm)?;
     let control = Arc::new(VcpuControl::default());
     let vcpus = create_vcpus(
         &vm,
@@ -62,7 +62,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         serial: legacy.serial,
         serial_drained: legacy.serial_drained,
         console_input: config.console == ConsoleConfig::Stdio,
-        virtio,
+        devices,
         control,
         cgroup,
         vcpu_start,
@@ -70,7 +70,6 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         vcpu_count: config.cpus,
         mem_size_mib: config.memory.0 >> 20,
         started: std::time::Instant::now(),
-        net_counters,
     })
 }
 
@@ -131,32 +130,27 @@ fn attach_legacy_devices(
     })
 }
 
-type NetCounters = Vec<(String, Arc<wisp_devices::virtio::net::NetCounters>)>;
-
 /// Disks first (vda, vdb, ...), then network interfaces, each in the order configured.
 fn attach_virtio_devices(
     vm: &Vm,
     config: &VmConfig,
     mmio_bus: &mut Bus,
-) -> Result<(VirtioDevices, NetCounters), VmmError> {
-    let mut virtio = VirtioDevices::default();
+) -> Result<DeviceManager, VmmError> {
+    let mut devices = DeviceManager::default();
     for disk in &config.disks {
-        virtio.attach(vm, mmio_bus, Box::new(open_disk(disk)?))?;
+        devices.attach_disk(vm, mmio_bus, disk)?;
     }
-    let mut net_counters = Vec::new();
     for net in &config.nets {
-        let dev = open_net(net)?;
-        net_counters.push((net.tap.clone(), dev.counters()));
-        virtio.attach(vm, mmio_bus, Box::new(dev))?;
+        devices.attach_net(vm, mmio_bus, net)?;
     }
-    Ok((virtio, net_counters))
+    Ok(devices)
 }
 
 /// Loads the kernel (and initrd) and writes the ACPI tables; returns the entry point.
 fn load_kernel(
     vm: &Vm,
     config: &VmConfig,
-    virtio: &VirtioDevices,
+    virtio: &DeviceManager,
     pvm: bool,
 ) -> Result<regs::EntryMode, VmmError> {
     let mut cmdline = config.cmdline.clone();

@@ -6,7 +6,6 @@ use crate::arch::x86_64::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_SIZE, VIRTIO_MMI
 use crate::config::{io_reason, DiskConfig, DiskFormat, NetConfig};
 use crate::vstate::vm::Vm;
 use kvm_ioctls::IoEventAddress;
-use std::any::Any;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileTypeExt;
@@ -19,8 +18,10 @@ use wisp_devices::disk::raw::RawFile;
 use wisp_devices::interrupt::IrqFd;
 use wisp_devices::tap::Tap;
 use wisp_devices::virtio::block::{Block, Disk};
-use wisp_devices::virtio::net::Net;
-use wisp_devices::virtio::{MmioTransport, VirtioDevice, VirtioEventHandler, NOTIFY_REG_OFFSET};
+use wisp_devices::virtio::net::{Net, NetCounters};
+use wisp_devices::virtio::{
+    DeviceHandle, MmioTransport, VirtioDevice, VirtioEventHandler, NOTIFY_REG_OFFSET,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -36,26 +37,92 @@ pub enum DeviceError {
     #[error("eventfd: {0}")]
     EventFd(io::Error),
     #[error("virtio-mmio transport: {0}")]
-    Transport(String),
+    Transport(#[from] wisp_devices::virtio::MmioError),
     #[error("placing a device on the bus: {0}")]
     Bus(#[from] BusError),
 }
 
-/// The virtio devices of a VM, once on the bus.
-#[derive(Default)]
-pub struct VirtioDevices {
-    pub handlers: Vec<VirtioEventHandler>,
-    pub windows: Vec<MmioDevice>,
+/// A virtio-blk disk of the VM, found by its drive id.
+pub struct BlockDevice {
+    /// The disk as configured, with the path of its current medium.
+    pub config: DiskConfig,
+    pub handle: DeviceHandle<Block>,
 }
 
-impl VirtioDevices {
-    /// Puts `device` at the next virtio-mmio window with the next GSI.
-    pub fn attach(
+/// A virtio-net interface of the VM.
+pub struct NetDevice {
+    pub config: NetConfig,
+    /// Read by metrics without the device's lock.
+    pub counters: Arc<NetCounters>,
+    pub handle: DeviceHandle<Net>,
+}
+
+/// The virtio devices of a VM, once on the bus: the event loop's handlers, where the guest
+/// finds each device, and typed handles for the VMM's own requests (media change, metrics).
+#[derive(Default)]
+pub struct DeviceManager {
+    pub handlers: Vec<VirtioEventHandler>,
+    pub windows: Vec<MmioDevice>,
+    blocks: Vec<BlockDevice>,
+    nets: Vec<NetDevice>,
+}
+
+impl DeviceManager {
+    /// Opens the disk image and attaches it as the next virtio-blk device.
+    pub fn attach_disk(
         &mut self,
         vm: &Vm,
         mmio_bus: &mut Bus,
-        device: Box<dyn VirtioDevice>,
+        disk: &DiskConfig,
     ) -> Result<(), DeviceError> {
+        let handle = self.attach(vm, mmio_bus, open_disk(disk)?)?;
+        self.blocks.push(BlockDevice {
+            config: disk.clone(),
+            handle,
+        });
+        Ok(())
+    }
+
+    /// Opens the tap and attaches it as the next virtio-net device.
+    pub fn attach_net(
+        &mut self,
+        vm: &Vm,
+        mmio_bus: &mut Bus,
+        net: &NetConfig,
+    ) -> Result<(), DeviceError> {
+        let dev = open_net(net)?;
+        let counters = dev.counters();
+        let handle = self.attach(vm, mmio_bus, dev)?;
+        self.nets.push(NetDevice {
+            config: net.clone(),
+            counters,
+            handle,
+        });
+        Ok(())
+    }
+
+    pub fn blocks(&self) -> &[BlockDevice] {
+        &self.blocks
+    }
+
+    pub fn nets(&self) -> &[NetDevice] {
+        &self.nets
+    }
+
+    /// The disk whose drive id is `id`.
+    pub fn block_mut(&mut self, id: &str) -> Option<&mut BlockDevice> {
+        self.blocks
+            .iter_mut()
+            .find(|b| b.config.id.as_deref() == Some(id))
+    }
+
+    /// Puts `device` at the next virtio-mmio window with the next GSI.
+    fn attach<D: VirtioDevice>(
+        &mut self,
+        vm: &Vm,
+        mmio_bus: &mut Bus,
+        device: D,
+    ) -> Result<DeviceHandle<D>, DeviceError> {
         let index = self.windows.len();
         let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
         let gsi = VIRTIO_GSI_START + index as u32;
@@ -66,8 +133,8 @@ impl VirtioDevices {
                 op: "KVM_IRQFD",
                 source,
             })?;
-        let transport = MmioTransport::new(device, vm.mem.clone(), Arc::new(IrqFd(irq)))
-            .map_err(|e| DeviceError::Transport(e.to_string()))?;
+        let (transport, handle) =
+            MmioTransport::with_handle(device, vm.mem.clone(), Arc::new(IrqFd(irq)))?;
         for (queue, evt) in transport.queue_evts().iter().enumerate() {
             // A QueueNotify write of this queue's index signals its eventfd inside KVM:
             // no exit to wisp, and the device's work runs on the event loop.
@@ -89,7 +156,7 @@ impl VirtioDevices {
             size: VIRTIO_MMIO_SIZE,
             gsi,
         });
-        Ok(())
+        Ok(handle)
     }
 
     /// `virtio_mmio.device=` entries for kernels that find devices on the command line.
@@ -183,18 +250,16 @@ fn open_medium(disk: &DiskConfig) -> Result<Disk, DeviceError> {
 /// opens `disk` with the rules of [`open_disk`], flushes and closes the old medium, and tells
 /// the driver (new capacity, ConfigGeneration, configuration change interrupt). On any error
 /// the old medium stays in place. Returns the new capacity in 512-byte sectors.
-pub fn change_medium(device: &VirtioEventHandler, disk: &DiskConfig) -> Result<u64, DeviceError> {
+pub fn change_medium(device: &mut BlockDevice, disk: &DiskConfig) -> Result<u64, DeviceError> {
     let medium = open_medium(disk)?;
-    device.change_config(|dev| {
-        let dev: &mut dyn Any = dev;
-        let block = dev
-            .downcast_mut::<Block>()
-            .ok_or_else(|| disk_error(disk, "the device is not a virtio-blk disk".into()))?;
+    let sectors = device.handle.change_config(|block| {
         block
             .change_medium(medium)
             .map_err(|e| disk_error(disk, e.to_string()))?;
-        Ok(block.capacity_sectors())
-    })
+        Ok::<_, DeviceError>(block.capacity_sectors())
+    })?;
+    device.config = disk.clone();
+    Ok(sectors)
 }
 
 #[cfg(test)]
@@ -213,6 +278,7 @@ mod tests {
 
     fn disk(path: &Path, format: Option<DiskFormat>) -> DiskConfig {
         DiskConfig {
+            id: None,
             path: path.to_path_buf(),
             readonly: false,
             serial: None,
@@ -221,10 +287,18 @@ mod tests {
     }
 
     /// The disk's virtio-mmio window, without KVM (the interrupt line is a plain eventfd).
-    fn transport(config: &DiskConfig) -> MmioTransport {
+    fn transport(config: &DiskConfig) -> (MmioTransport, BlockDevice) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let line = Arc::new(IrqFd(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        MmioTransport::new(Box::new(open_disk(config).unwrap()), mem, line).unwrap()
+        let (t, handle) =
+            MmioTransport::with_handle(open_disk(config).unwrap(), mem, line).unwrap();
+        (
+            t,
+            BlockDevice {
+                config: config.clone(),
+                handle,
+            },
+        )
     }
 
     /// (capacity in sectors, ConfigGeneration) as the driver reads them.
@@ -241,8 +315,7 @@ mod tests {
         let dir = TempDir::new().unwrap();
         let dir = dir.as_path();
         let old = raw(dir, "old.img", 1 << 20);
-        let mut t = transport(&disk(&old, None));
-        let h = t.event_handler();
+        let (mut t, mut h) = transport(&disk(&old, None));
         let base = raw(dir, "base.img", 2 << 20);
         let overlay = dir.join("overlay.qcow2");
         qcow2::create(&overlay, None, None, Some((&base, qcow2::Format::Raw))).unwrap();
@@ -263,7 +336,7 @@ mod tests {
             (disk(&base, Some(DiskFormat::Qcow2)), ""),
         ];
         for (config, why) in cases {
-            let e = change_medium(&h, &config).unwrap_err().to_string();
+            let e = change_medium(&mut h, &config).unwrap_err().to_string();
             assert!(
                 e.contains(&*config.path.to_string_lossy()) && e.contains(why),
                 "{e}"
@@ -272,7 +345,7 @@ mod tests {
         }
         // Given as qcow2, the overlay is trusted: 2 MiB from its backing file.
         assert_eq!(
-            change_medium(&h, &disk(&overlay, Some(DiskFormat::Qcow2))).unwrap(),
+            change_medium(&mut h, &disk(&overlay, Some(DiskFormat::Qcow2))).unwrap(),
             4096
         );
         assert_eq!(capacity_and_generation(&mut t), (4096, 1));
@@ -286,7 +359,7 @@ mod tests {
         });
         assert!(reopened.is_some(), "the old medium is still locked");
         let other = raw(dir, "other.img", 512 * 3);
-        assert_eq!(change_medium(&h, &disk(&other, None)).unwrap(), 3);
+        assert_eq!(change_medium(&mut h, &disk(&other, None)).unwrap(), 3);
         assert_eq!(capacity_and_generation(&mut t), (3, 2));
     }
 }

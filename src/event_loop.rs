@@ -49,7 +49,7 @@ pub enum Phase {
     Preboot(Box<PrebootApiController>),
     /// A VM built from a configuration given at start (`wisp run`, `--config-file`); the
     /// controller serves the API, if there is one.
-    Start(Box<Vmm>, Option<RuntimeApiController>),
+    Start(Box<Vmm>, Option<Box<RuntimeApiController>>),
 }
 
 const TOKEN_EXIT: u64 = 0;
@@ -68,7 +68,7 @@ pub struct EventLoop {
 /// A running VM and what the loop keeps for it.
 struct Running {
     vmm: Vmm,
-    api: Option<RuntimeApiController>,
+    api: Option<Box<RuntimeApiController>>,
     devices: DeviceEvents,
     console: Option<ConsoleInput>,
 }
@@ -128,13 +128,13 @@ impl EventLoop {
     fn start(
         &mut self,
         mut vmm: Vmm,
-        api: Option<RuntimeApiController>,
+        api: Option<Box<RuntimeApiController>>,
     ) -> Result<Box<Running>, RunError> {
         self.add(vmm.exit.event_fd().as_raw_fd(), TOKEN_EXIT)
             .map_err(io_err("epoll"))?;
         self.add(vmm.serial_drained.as_raw_fd(), TOKEN_SERIAL_DRAINED)
             .map_err(io_err("epoll"))?;
-        let devices = DeviceEvents::new(vmm.virtio.handlers.clone());
+        let devices = DeviceEvents::new(vmm.devices.handlers.clone());
         devices.watch(&self.epoll, true).map_err(io_err("epoll"))?;
         let console = if vmm.console_input {
             ConsoleInput::open(self)
@@ -211,7 +211,7 @@ impl EventLoop {
                         let (vmm, api) = *started;
                         responder.respond(Ok(None));
                         // Requests queued behind InstanceStart are served by the running VM.
-                        *state = State::Running(self.start(vmm, Some(api))?);
+                        *state = State::Running(self.start(vmm, Some(Box::new(api)))?);
                     }
                 },
                 State::Running(r) => {

@@ -62,7 +62,7 @@ fn serve(socket: &Path, id: Option<&str>, config_file: Option<&Path>) -> Result<
     let phase = match config_file {
         Some(_) => {
             let (vmm, runtime) = preboot.build()?;
-            Phase::Start(Box::new(vmm), Some(runtime))
+            Phase::Start(Box::new(vmm), Some(Box::new(runtime)))
         }
         None => Phase::Preboot(Box::new(preboot)),
     };

@@ -3,7 +3,7 @@
 use crate::api::InstanceState;
 use crate::arch::x86_64::{acpi, boot, regs};
 use crate::cgroup::VmCgroup;
-use crate::device_manager::{DeviceError, VirtioDevices};
+use crate::device_manager::{DeviceError, DeviceManager};
 use crate::vstate::control::VcpuControl;
 use crate::vstate::exit::ExitSignal;
 use crate::vstate::vcpu::{ThreadStart, Vcpu};
@@ -70,7 +70,7 @@ pub struct Vmm {
     pub(crate) serial_drained: EventFd,
     /// Console input comes from stdin.
     pub(crate) console_input: bool,
-    pub(crate) virtio: VirtioDevices,
+    pub(crate) devices: DeviceManager,
     pub(crate) control: Arc<VcpuControl>,
     pub(crate) cgroup: Option<Arc<VmCgroup>>,
     pub(crate) vcpu_start: Option<VcpuStartHook>,
@@ -78,7 +78,6 @@ pub struct Vmm {
     pub(crate) vcpu_count: u8,
     pub(crate) mem_size_mib: u64,
     pub(crate) started: std::time::Instant,
-    pub(crate) net_counters: Vec<(String, Arc<wisp_devices::virtio::net::NetCounters>)>,
 }
 
 impl Vmm {
@@ -96,7 +95,7 @@ impl Vmm {
             "VM started: {} vCPU(s), {} MiB, {} virtio device(s)",
             self.vcpu_count,
             self.mem_size_mib,
-            self.virtio.handlers.len()
+            self.devices.handlers.len()
         );
         Ok(())
     }
@@ -158,17 +157,18 @@ impl Vmm {
             "vcpu_exits": self.control.exits(),
             "cgroup_usage_usec": self.cgroup.as_ref().and_then(|c| c.usage_usec().ok()),
             "net": self
-                .net_counters
+                .devices
+                .nets()
                 .iter()
-                .map(|(tap, c)| {
-                    let n = c.snapshot();
+                .map(|net| {
+                    let n = net.counters.snapshot();
                     let v = serde_json::json!({
                         "rx_frames": n.rx_frames, "rx_bytes": n.rx_bytes,
                         "rx_dropped": n.rx_dropped, "rx_bad_chains": n.rx_bad_chains,
                         "tx_frames": n.tx_frames, "tx_bytes": n.tx_bytes,
                         "tx_malformed": n.tx_malformed, "tx_errors": n.tx_errors,
                     });
-                    (tap.clone(), v)
+                    (net.config.tap.clone(), v)
                 })
                 .collect::<serde_json::Map<_, _>>(),
         })

@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
-pub use pending::{FirecrackerConfig, PendingConfig, StartedDrive};
+pub use pending::{FirecrackerConfig, PendingConfig};
 pub use preboot::{Preboot, PrebootApiController, DEFAULT_ID};
 pub use requests::{
     allowed_methods, parse_body, route, ActionType, Allowed, ApiRequest, BootSource, CacheType,

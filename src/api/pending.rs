@@ -295,7 +295,9 @@ impl PendingConfig {
 
     /// The drives in device order: the root device first (vda), then the others as PUT.
     pub fn drives_in_order(&self) -> Vec<&Drive> {
-        drives_in_device_order(&self.drives)
+        let mut v: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
+        v.extend(self.drives.iter().filter(|d| !d.is_root_device));
+        v
     }
 
     /// The kernel command line: `boot_args` (or wisp's default) plus, with a root device,
@@ -317,9 +319,9 @@ impl PendingConfig {
         cmdline
     }
 
-    /// The `VmConfig` to build (its `id` is left for the caller, from `--id`). Network
-    /// interfaces, logger and metrics are not in `VmConfig` yet: take them from
-    /// `network_interfaces`, `logger` and `metrics`.
+    /// The one `VmConfig` this configuration describes, validated (its `id` is left for the
+    /// caller, from `--id`). Logger and metrics are not VM state: take them from `logger`
+    /// and `metrics`.
     pub fn to_vm_config(&self) -> Result<VmConfig, ApiFault> {
         let boot = self.boot_source.as_ref().ok_or_else(|| {
             ApiFault::bad_request(
@@ -339,11 +341,35 @@ impl PendingConfig {
             .into_iter()
             .map(Drive::disk_config)
             .collect();
+        config.nets = self
+            .network_interfaces
+            .iter()
+            .map(|n| crate::config::NetConfig {
+                id: Some(n.iface_id.clone()),
+                tap: n.host_dev_name.clone(),
+                mac: n.guest_mac.as_ref().map(|m| m.to_string()),
+                // NetworkInterface::validate kept it in u16 range.
+                mtu: n.mtu.and_then(|m| u16::try_from(m).ok()),
+                offload: n.offload.unwrap_or(true),
+            })
+            .collect();
         config.cgroup = self.cgroup();
         config
             .validate()
             .map_err(|e| ApiFault::bad_request(e.to_string()))?;
         Ok(config)
+    }
+
+    /// The drive whose id is `drive_id`.
+    pub fn drive_mut(&mut self, drive_id: &str) -> Result<&mut Drive, ApiFault> {
+        self.drives
+            .iter_mut()
+            .find(|d| d.drive_id == drive_id)
+            .ok_or_else(|| {
+                ApiFault::bad_request(format!(
+                    "drive_id: the VM has no drive {drive_id:?} (drives are added with PUT /drives before boot)"
+                ))
+            })
     }
 
     /// `GET /vm/config`: Firecracker's full configuration object.
@@ -360,59 +386,6 @@ impl PendingConfig {
             "mmds-config": null,
             "entropy": null,
         })
-    }
-}
-
-/// The root device first (vda), then the others in the order given: the order in which the
-/// VM's virtio-blk devices are attached.
-fn drives_in_device_order(drives: &[Drive]) -> Vec<&Drive> {
-    let mut v: Vec<&Drive> = drives.iter().filter(|d| d.is_root_device).collect();
-    v.extend(drives.iter().filter(|d| !d.is_root_device));
-    v
-}
-
-/// A drive of a started VM, found by id in the configuration it was built from
-/// ([`PendingConfig::to_json`]), for `PATCH /drives`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StartedDrive {
-    /// Index among the VM's virtio-blk devices.
-    pub device_index: usize,
-    pub drive: Drive,
-    /// The other drives' files, which the new file must not be.
-    pub others: Vec<(String, PathBuf)>,
-}
-
-impl StartedDrive {
-    pub fn find(vm_config: &Value, drive_id: &str) -> Result<StartedDrive, ApiFault> {
-        let drives: Vec<Drive> = serde_json::from_value(vm_config["drives"].clone())
-            .map_err(|e| ApiFault::internal(format!("the VM's drive list: {e}")))?;
-        let order = drives_in_device_order(&drives);
-        let device_index = order
-            .iter()
-            .position(|d| d.drive_id == drive_id)
-            .ok_or_else(|| {
-                ApiFault::bad_request(format!(
-                    "drive_id: the VM has no drive {drive_id:?} (drives are added with PUT /drives before boot)"
-                ))
-            })?;
-        Ok(StartedDrive {
-            device_index,
-            drive: order[device_index].clone(),
-            others: drives
-                .iter()
-                .filter(|d| d.drive_id != drive_id)
-                .map(|d| (d.drive_id.clone(), d.path_on_host.clone()))
-                .collect(),
-        })
-    }
-
-    /// Records the drive's new file in the configuration (`GET /vm/config`).
-    pub fn set_path(vm_config: &mut Value, drive_id: &str, path: &Path) {
-        if let Some(drives) = vm_config["drives"].as_array_mut() {
-            for d in drives.iter_mut().filter(|d| d["drive_id"] == drive_id) {
-                d["path_on_host"] = json!(path);
-            }
-        }
     }
 }
 

@@ -44,31 +44,9 @@ impl PrebootApiController {
     pub fn build(&self) -> Result<(Vmm, RuntimeApiController), ApiFault> {
         let mut config = self.pending.to_vm_config()?;
         config.id = Some(self.id.clone());
-        config.nets = self
-            .pending
-            .network_interfaces
-            .iter()
-            .map(|n| crate::config::NetConfig {
-                tap: n.host_dev_name.clone(),
-                mac: n.guest_mac.as_ref().map(|m| m.to_string()),
-                // validate() kept it in u16 range.
-                mtu: n.mtu.and_then(|m| u16::try_from(m).ok()),
-                offload: n.offload.unwrap_or(true),
-            })
-            .collect();
-        config
-            .validate()
-            .map_err(|e| ApiFault::bad_request(e.to_string()))?;
         let vmm =
             crate::builder::build(&config).map_err(|e| ApiFault::bad_request(e.to_string()))?;
-        let runtime = RuntimeApiController::new(
-            self.id.clone(),
-            self.pending.to_json(),
-            self.pending
-                .metrics
-                .as_ref()
-                .map(|m| m.metrics_path.clone()),
-        );
+        let runtime = RuntimeApiController::new(self.id.clone(), self.pending.clone());
         Ok((vmm, runtime))
     }
 

@@ -359,6 +359,7 @@ impl Drive {
     /// The disk the VM builder opens for this drive.
     pub fn disk_config(&self) -> crate::config::DiskConfig {
         crate::config::DiskConfig {
+            id: Some(self.drive_id.clone()),
             path: self.path_on_host.clone(),
             readonly: self.is_read_only,
             serial: self.serial.clone(),

@@ -3,8 +3,10 @@
 //! InstanceStart are refused here.
 
 use crate::api::{
-    ActionType, ApiFault, ApiRequest, ApiResponse, DriveUpdate, InstanceInfo, StartedDrive, VmState,
+    ActionType, ApiFault, ApiRequest, ApiResponse, DriveUpdate, InstanceInfo, PendingConfig,
+    VmState,
 };
+use crate::device_manager::change_medium;
 use crate::vmm::Vmm;
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -12,66 +14,54 @@ use std::io::{self, Write};
 /// What the API needs of a started VM beyond the [`Vmm`] itself.
 pub struct RuntimeApiController {
     id: String,
-    /// `GET /vm/config`.
-    vm_config: serde_json::Value,
-    /// Where `FlushMetrics` appends a line of JSON (`PUT /metrics`).
-    metrics_path: Option<std::path::PathBuf>,
+    /// The configuration the VM was built from, kept up to date (`GET /vm/config`).
+    config: PendingConfig,
 }
 
 impl RuntimeApiController {
-    pub fn new(
-        id: String,
-        vm_config: serde_json::Value,
-        metrics_path: Option<std::path::PathBuf>,
-    ) -> Self {
-        Self {
-            id,
-            vm_config,
-            metrics_path,
-        }
+    pub fn new(id: String, config: PendingConfig) -> Self {
+        Self { id, config }
     }
 
     /// `PATCH /drives/{id}`: the drive gets the new file as its medium (the guest sees the
     /// new size and contents). Opened here, on the event loop, between two requests.
-    fn change_drive_medium(&mut self, vmm: &Vmm, update: &DriveUpdate) -> Result<(), ApiFault> {
-        let started = StartedDrive::find(&self.vm_config, &update.drive_id)?;
+    fn change_drive_medium(&mut self, vmm: &mut Vmm, update: &DriveUpdate) -> Result<(), ApiFault> {
+        let id = &update.drive_id;
+        let drive = self.config.drive_mut(id)?.clone();
         let path = &update.path_on_host;
-        if let Some((other, _)) = started
-            .others
+        if let Some(other) = self
+            .config
+            .drives
             .iter()
-            .find(|(_, p)| p == path || same_file(p, path))
+            .filter(|d| d.drive_id != *id)
+            .find(|d| d.path_on_host == *path || same_file(&d.path_on_host, path))
         {
             return Err(ApiFault::bad_request(format!(
-                "path_on_host: {} is drive {other:?}'s file",
-                path.display()
+                "path_on_host: {} is drive {:?}'s file",
+                path.display(),
+                other.drive_id
             )));
         }
         // A read-write image is locked exclusively: its own drive cannot open it a second
         // time (a read-only drive can, which re-reads its size).
-        if !started.drive.is_read_only && same_file(&started.drive.path_on_host, path) {
+        if !drive.is_read_only && same_file(&drive.path_on_host, path) {
             return Err(ApiFault::bad_request(format!(
-                "path_on_host: {} is already drive {:?}'s file; a read-write drive cannot \
+                "path_on_host: {} is already drive {id:?}'s file; a read-write drive cannot \
                  reopen it (give another file)",
                 path.display(),
-                update.drive_id
             )));
         }
-        let handler = vmm
-            .virtio
-            .handlers
-            .get(started.device_index)
-            .ok_or_else(|| {
-                ApiFault::internal(format!("drive {:?} has no device", update.drive_id))
-            })?;
-        let mut disk = started.drive.disk_config();
+        let block = vmm
+            .devices
+            .block_mut(id)
+            .ok_or_else(|| ApiFault::internal(format!("drive {id:?} has no device")))?;
+        let mut disk = block.config.clone();
         disk.path = path.clone();
-        let sectors = crate::device_manager::change_medium(handler, &disk).map_err(|e| {
-            ApiFault::bad_request(format!("drive {:?} keeps its medium: {e}", update.drive_id))
-        })?;
-        StartedDrive::set_path(&mut self.vm_config, &update.drive_id, path);
+        let sectors = change_medium(block, &disk)
+            .map_err(|e| ApiFault::bad_request(format!("drive {id:?} keeps its medium: {e}")))?;
+        self.config.drive_mut(id)?.path_on_host = path.clone();
         log::info!(
-            "drive {}: new medium {} ({sectors} sectors)",
-            update.drive_id,
+            "drive {id}: new medium {} ({sectors} sectors)",
             path.display()
         );
         Ok(())
@@ -85,12 +75,10 @@ impl RuntimeApiController {
                 serde_json::to_value(InstanceInfo::new(&self.id, vmm.state()))
                     .map_err(|e| ApiFault::internal(e.to_string()))?,
             )),
-            ApiRequest::GetVmConfig => Ok(Some(self.vm_config.clone())),
+            ApiRequest::GetVmConfig => Ok(Some(self.config.to_json())),
             ApiRequest::GetMachineConfig => Ok(Some(
-                self.vm_config
-                    .get("machine-config")
-                    .cloned()
-                    .unwrap_or(serde_json::Value::Null),
+                serde_json::to_value(&self.config.machine_config)
+                    .map_err(|e| ApiFault::internal(e.to_string()))?,
             )),
             ApiRequest::GetVmMetrics => Ok(Some(vmm.metrics())),
             ApiRequest::PatchVm(VmState::Paused) => {
@@ -109,11 +97,16 @@ impl RuntimeApiController {
                 Ok(None)
             }
             ApiRequest::Action(ActionType::FlushMetrics) => {
-                let path = self.metrics_path.as_ref().ok_or_else(|| {
-                    ApiFault::bad_request(
-                        "metrics are not configured: PUT /metrics before InstanceStart",
-                    )
-                })?;
+                let path = self
+                    .config
+                    .metrics
+                    .as_ref()
+                    .map(|m| &m.metrics_path)
+                    .ok_or_else(|| {
+                        ApiFault::bad_request(
+                            "metrics are not configured: PUT /metrics before InstanceStart",
+                        )
+                    })?;
                 let mut f = OpenOptions::new()
                     .create(true)
                     .append(true)

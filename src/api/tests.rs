@@ -1162,7 +1162,7 @@ fn mutated_requests_never_panic() {
 }
 
 #[test]
-fn started_drive_is_found_in_device_order_and_its_path_recorded() {
+fn drives_keep_their_ids_in_device_order_root_first() {
     let f = existing_file();
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/src/lib.rs");
     let mut p = PendingConfig::new();
@@ -1180,26 +1180,23 @@ fn started_drive_is_found_in_device_order_and_its_path_recorded() {
         p.apply(&req("PUT", &format!("/drives/{id}"), &body).unwrap())
             .unwrap();
     }
-    let mut config = p.to_json();
-    // The root device is attached first (vda), whatever the PUT order.
-    let root_drive = StartedDrive::find(&config, "root").unwrap();
-    assert_eq!(root_drive.device_index, 0);
-    assert!(root_drive.drive.is_read_only);
-    assert_eq!(
-        root_drive.drive.disk_config().format,
-        Some(crate::config::DiskFormat::Raw)
-    );
-    assert_eq!(
-        root_drive.others,
-        vec![("data".to_string(), f.clone().into())]
-    );
-    assert_eq!(StartedDrive::find(&config, "data").unwrap().device_index, 1);
-    assert_fault(
-        &StartedDrive::find(&config, "nope").unwrap_err(),
-        400,
-        "no drive \"nope\"",
-    );
-    StartedDrive::set_path(&mut config, "data", std::path::Path::new("/srv/new.img"));
+    // The root device is attached first (vda), whatever the PUT order, and each disk
+    // keeps its drive id: runtime requests find its device by it.
+    p.boot_source = Some(BootSource {
+        kernel_image_path: f.clone().into(),
+        initrd_path: None,
+        boot_args: None,
+    });
+    let disks = p.to_vm_config().unwrap().disks;
+    assert_eq!(disks.len(), 2);
+    assert_eq!(disks[0].id.as_deref(), Some("root"));
+    assert_eq!(disks[0].path, std::path::Path::new(root));
+    assert!(disks[0].readonly);
+    assert_eq!(disks[0].format, Some(crate::config::DiskFormat::Raw));
+    assert_eq!(disks[1].id.as_deref(), Some("data"));
+    assert_fault(&p.drive_mut("nope").unwrap_err(), 400, "no drive \"nope\"");
+    p.drive_mut("data").unwrap().path_on_host = "/srv/new.img".into();
+    let config = p.to_json();
     assert_eq!(config["drives"][0]["path_on_host"], "/srv/new.img");
     assert_eq!(config["drives"][1]["path_on_host"], root);
 }

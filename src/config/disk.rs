@@ -17,6 +17,9 @@ pub enum DiskFormat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
+    /// The drive's id (`drive_id` of the API), by which runtime requests find it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     pub path: PathBuf,
     #[serde(default)]
     pub readonly: bool,
@@ -36,6 +39,7 @@ impl DiskConfig {
             reason,
         };
         let mut disk = DiskConfig {
+            id: None,
             path: PathBuf::new(),
             readonly: false,
             serial: None,

@@ -12,6 +12,9 @@ pub const MAX_TAP_NAME_LEN: usize = 15;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
+    /// The interface's id (`iface_id` of the API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// The host tap device; opened, or created (non-persistent) if it does not exist.
     pub tap: String,
     /// The guest's MAC address; a stable locally administered one derived from the tap
@@ -43,6 +46,7 @@ impl NetConfig {
             reason,
         };
         let mut net = NetConfig {
+            id: None,
             tap: String::new(),
             mac: None,
             mtu: None,

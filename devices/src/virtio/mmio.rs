@@ -82,22 +82,26 @@ struct QueueRegs {
     device: u64,
 }
 
-/// The device behind its own lock, shared between the transport and the event loop.
-struct DeviceSlot {
-    device: Box<dyn VirtioDevice>,
+/// The device behind its own lock, shared between the transport, the event loop and the
+/// VMM's typed [`DeviceHandle`]. The device is the last field so that a slot of a concrete
+/// device coerces to a slot of `dyn VirtioDevice`.
+struct DeviceSlot<D: ?Sized> {
     active: bool,
+    device: D,
 }
+
+type Slot = Mutex<DeviceSlot<dyn VirtioDevice>>;
 
 /// The event loop's handle on a device: process queue notifications and device fds.
 #[derive(Clone)]
 pub struct VirtioEventHandler {
-    slot: Arc<Mutex<DeviceSlot>>,
+    slot: Arc<Slot>,
     queue_evts: Arc<Vec<EventFd>>,
     fds_changed: Arc<EventFd>,
     shared: Arc<SharedState>,
 }
 
-fn lock_slot(slot: &Mutex<DeviceSlot>) -> MutexGuard<'_, DeviceSlot> {
+fn lock_slot<D: ?Sized>(slot: &Mutex<DeviceSlot<D>>) -> MutexGuard<'_, DeviceSlot<D>> {
     // A device that panicked keeps its last state; refusing every later access would wedge
     // the VMM's event loop.
     slot.lock().unwrap_or_else(PoisonError::into_inner)
@@ -167,7 +171,44 @@ impl VirtioEventHandler {
         f: impl FnOnce(&mut dyn VirtioDevice) -> Result<T, E>,
     ) -> Result<T, E> {
         let mut slot = lock_slot(&self.slot);
-        let out = f(slot.device.as_mut())?;
+        let out = f(&mut slot.device)?;
+        self.shared.config_generation.fetch_add(1, Ordering::SeqCst);
+        if slot.active {
+            self.shared.raise(super::INT_CONFIG_CHANGE);
+        }
+        Ok(out)
+    }
+}
+
+/// The VMM's typed handle on a device behind its transport (e.g. a `Block` for a media
+/// change, a flush or metrics), from [`MmioTransport::with_handle`]. No downcast: the type is
+/// the one the transport was made with.
+pub struct DeviceHandle<D> {
+    slot: Arc<Mutex<DeviceSlot<D>>>,
+    shared: Arc<SharedState>,
+}
+
+impl<D> Clone for DeviceHandle<D> {
+    fn clone(&self) -> Self {
+        Self {
+            slot: self.slot.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<D: VirtioDevice> DeviceHandle<D> {
+    /// Runs `f` on the device, under its lock, with no signal to the driver.
+    pub fn with<T>(&self, f: impl FnOnce(&mut D) -> T) -> T {
+        f(&mut lock_slot(&self.slot).device)
+    }
+
+    /// Changes the device's configuration between two requests, as
+    /// [`VirtioEventHandler::change_config`] does: on `Ok`, ConfigGeneration is bumped and,
+    /// once the driver has the device running, the configuration change interrupt raised.
+    pub fn change_config<T, E>(&self, f: impl FnOnce(&mut D) -> Result<T, E>) -> Result<T, E> {
+        let mut slot = lock_slot(&self.slot);
+        let out = f(&mut slot.device)?;
         self.shared.config_generation.fetch_add(1, Ordering::SeqCst);
         if slot.active {
             self.shared.raise(super::INT_CONFIG_CHANGE);
@@ -199,6 +240,15 @@ impl MmioTransport {
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn InterruptLine>,
     ) -> Result<MmioTransport, MmioError> {
+        Ok(Self::with_handle(device, mem, interrupt)?.0)
+    }
+
+    /// Like [`MmioTransport::new`], and a typed handle on the device for the VMM.
+    pub fn with_handle<D: VirtioDevice>(
+        device: D,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn InterruptLine>,
+    ) -> Result<(MmioTransport, DeviceHandle<D>), MmioError> {
         let max_sizes = device.queue_max_sizes().to_vec();
         // The ioeventfd datamatch and QueueSel are 32 bits, but keep the count sane.
         const MAX_QUEUES: usize = 1024;
@@ -226,20 +276,26 @@ impl MmioTransport {
         let fds_changed = EventFd::new(EFD_NONBLOCK).map_err(MmioError::FdsChangedEventFd)?;
         let device_type = device.device_type();
         let device_features = device.features();
+        let typed = Arc::new(Mutex::new(DeviceSlot {
+            active: false,
+            device,
+        }));
+        let slot: Arc<Slot> = typed.clone();
         let shared = Arc::new(SharedState {
             interrupt_status: Default::default(),
             config_generation: Default::default(),
             needs_reset: Default::default(),
             line: interrupt,
         });
-        Ok(MmioTransport {
+        let handle = DeviceHandle {
+            slot: typed,
+            shared: shared.clone(),
+        };
+        let transport = MmioTransport {
             mem,
             shared: shared.clone(),
             handler: VirtioEventHandler {
-                slot: Arc::new(Mutex::new(DeviceSlot {
-                    device,
-                    active: false,
-                })),
+                slot,
                 queue_evts: Arc::new(queue_evts),
                 fds_changed: Arc::new(fds_changed),
                 shared,
@@ -253,7 +309,8 @@ impl MmioTransport {
             driver_features_invalid: false,
             queue_sel: 0,
             queues,
-        })
+        };
+        Ok((transport, handle))
     }
 
     /// One eventfd per queue; register each as a KVM ioeventfd at window base +

@@ -84,7 +84,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupt::InterruptLine;
 
-pub use mmio::{MmioError, MmioTransport, VirtioEventHandler, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
+pub use mmio::{
+    DeviceHandle, MmioError, MmioTransport, VirtioEventHandler, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
+};
 
 /// Device status bits (virtio 1.2 §2.1).
 pub mod status {
@@ -174,6 +176,40 @@ pub trait VirtioDevice: Send + std::any::Any {
     /// `device_fds()[index]` became readable. Only called while active.
     fn process_device_fd(&mut self, index: usize) {
         let _ = index;
+    }
+}
+
+/// A boxed device is a device (transports made from `Box<dyn VirtioDevice>`).
+impl<D: VirtioDevice + ?Sized> VirtioDevice for Box<D> {
+    fn device_type(&self) -> u32 {
+        (**self).device_type()
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        (**self).queue_max_sizes()
+    }
+    fn features(&self) -> u64 {
+        (**self).features()
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        (**self).read_config(offset, data)
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        (**self).write_config(offset, data)
+    }
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        (**self).activate(activation)
+    }
+    fn reset(&mut self) {
+        (**self).reset()
+    }
+    fn process_queue(&mut self, index: usize) {
+        (**self).process_queue(index)
+    }
+    fn device_fds(&self) -> Vec<RawFd> {
+        (**self).device_fds()
+    }
+    fn process_device_fd(&mut self, index: usize) {
+        (**self).process_device_fd(index)
     }
 }
 
