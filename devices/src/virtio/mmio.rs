@@ -98,7 +98,6 @@ pub struct VirtioEventHandler {
     slot: Arc<Slot>,
     queue_evts: Arc<Vec<EventFd>>,
     fds_changed: Arc<EventFd>,
-    shared: Arc<SharedState>,
 }
 
 fn lock_slot<D: ?Sized>(slot: &Mutex<DeviceSlot<D>>) -> MutexGuard<'_, DeviceSlot<D>> {
@@ -159,25 +158,6 @@ impl VirtioEventHandler {
             slot.device.process_device_fd(index);
         }
     }
-
-    /// Changes the device's configuration from the event loop, between two requests: `f`
-    /// runs under the device's lock (downcast the device to reach its own methods). When it
-    /// returns `Ok`, ConfigGeneration is bumped after the change, so that a driver whose read
-    /// of the config space straddled it reads again (virtio 1.2 §2.5), and, once the
-    /// driver has the device running (DRIVER_OK), the configuration change interrupt is
-    /// raised. On `Err` nothing is signalled.
-    pub fn change_config<T, E>(
-        &self,
-        f: impl FnOnce(&mut dyn VirtioDevice) -> Result<T, E>,
-    ) -> Result<T, E> {
-        let mut slot = lock_slot(&self.slot);
-        let out = f(&mut slot.device)?;
-        self.shared.config_generation.fetch_add(1, Ordering::SeqCst);
-        if slot.active {
-            self.shared.raise(super::INT_CONFIG_CHANGE);
-        }
-        Ok(out)
-    }
 }
 
 /// The VMM's typed handle on a device behind its transport (e.g. a `Block` for a media
@@ -203,9 +183,11 @@ impl<D: VirtioDevice> DeviceHandle<D> {
         f(&mut lock_slot(&self.slot).device)
     }
 
-    /// Changes the device's configuration between two requests, as
-    /// [`VirtioEventHandler::change_config`] does: on `Ok`, ConfigGeneration is bumped and,
-    /// once the driver has the device running, the configuration change interrupt raised.
+    /// Changes the device's configuration from the event loop, between two requests: `f`
+    /// runs under the device's lock. When it returns `Ok`, ConfigGeneration is bumped after
+    /// the change, so that a driver whose read of the config space straddled it reads again
+    /// (virtio 1.2 §2.5), and, once the driver has the device running (DRIVER_OK), the
+    /// configuration change interrupt is raised. On `Err` nothing is signalled.
     pub fn change_config<T, E>(&self, f: impl FnOnce(&mut D) -> Result<T, E>) -> Result<T, E> {
         let mut slot = lock_slot(&self.slot);
         let out = f(&mut slot.device)?;
@@ -298,7 +280,6 @@ impl MmioTransport {
                 slot,
                 queue_evts: Arc::new(queue_evts),
                 fds_changed: Arc::new(fds_changed),
-                shared,
             },
             device_type,
             device_features,

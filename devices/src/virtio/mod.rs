@@ -6,7 +6,7 @@
 //! // Raw images take the zero-copy path; any other backend goes through Block::new.
 //! let raw = RawFile::open(&path, read_only)?;                  // locks the file (OFD lock)
 //! let block = Block::new_raw(raw, serial, read_only)?;         // or Block::new(Box<dyn DiskBackend>, ..)
-//! let transport = MmioTransport::new(Box::new(block), mem.clone(), Arc::new(IrqFd(irq_evt)))?;
+//! let (transport, handle) = MmioTransport::with_handle(block, mem.clone(), Arc::new(IrqFd(irq_evt)))?;
 //! for (i, evt) in transport.queue_evts().iter().enumerate() {
 //!     // KVM_IOEVENTFD: addr = window_base + NOTIFY_REG_OFFSET (0x50), len 4, datamatch = i
 //! }
@@ -20,7 +20,7 @@
 //! //       DRIVER_OK, empty again after a reset. Watch each with EPOLLIN | EPOLLET.
 //! //   handler.device_fds()[j] readable   -> handler.process_device_fd(j)
 //! //   a config change the VMM makes (e.g. virtio-blk media change), between requests:
-//! //       handler.change_config(|dev| downcast dev to Block, block.change_medium(disk))
+//! //       handle.change_config(|block: &mut Block| block.change_medium(disk))
 //! //       -> ConfigGeneration bumped, configuration change interrupt once DRIVER_OK
 //! ```
 //!
@@ -140,10 +140,10 @@ pub enum ActivateError {
 }
 
 /// A virtio device model behind a transport. All methods run with the device's lock held;
-/// `process_*` run on the event-loop thread. `Any` lets the VMM reach a device's own
-/// methods (e.g. a virtio-blk media change) through
-/// [`VirtioEventHandler::change_config`].
-pub trait VirtioDevice: Send + std::any::Any {
+/// `process_*` run on the event-loop thread. The VMM reaches a device's own methods (e.g. a
+/// virtio-blk media change) through the typed [`DeviceHandle`] of
+/// [`MmioTransport::with_handle`].
+pub trait VirtioDevice: Send + 'static {
     /// Device id (virtio 1.2 §5), e.g. [`device_type::BLOCK`].
     fn device_type(&self) -> u32;
     /// Maximum size of each queue (powers of two); the length is the number of queues.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{status, MmioTransport, VirtioDevice, VirtioEventHandler};
+use super::{status, DeviceHandle, MmioTransport, VirtioDevice, VirtioEventHandler};
 use crate::bus::BusDevice;
 use crate::interrupt::IrqFd;
 
@@ -115,6 +115,8 @@ struct DriverQueue {
 pub struct Driver {
     pub transport: MmioTransport,
     pub handler: VirtioEventHandler,
+    /// A `DeviceHandle<D>` for the device type `D` the driver was made with.
+    device: Box<dyn std::any::Any>,
     pub mem: GuestMemoryMmap,
     irq_evt: EventFd,
     /// Size the driver programs into every queue it sets up (at most 256).
@@ -126,25 +128,34 @@ pub struct Driver {
 impl Driver {
     /// Guest memory filled with [`CANARY`], the device behind a transport whose interrupt
     /// line is a real eventfd.
-    pub fn new(device: Box<dyn VirtioDevice>) -> Driver {
+    pub fn new<D: VirtioDevice>(device: Box<D>) -> Driver {
         Driver::with_memory(device, guest_memory())
     }
 
     /// Like `new`, with memory from [`guest_memory`] that the test also gave a backend.
-    pub fn with_memory(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap) -> Driver {
+    pub fn with_memory<D: VirtioDevice>(device: Box<D>, mem: GuestMemoryMmap) -> Driver {
         let irq_evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         let line = Arc::new(IrqFd(irq_evt.try_clone().expect("clone eventfd")));
-        let transport = MmioTransport::new(device, mem.clone(), line).expect("transport");
+        let (transport, handle) =
+            MmioTransport::with_handle(*device, mem.clone(), line).expect("transport");
         let handler = transport.event_handler();
         Driver {
             transport,
             handler,
+            device: Box::new(handle),
             mem,
             irq_evt,
             queue_size: 16,
             queues: Default::default(),
             next_data: DATA_START,
         }
+    }
+
+    /// The VMM's typed handle on the device (`D` is the type the driver was made with).
+    pub fn device<D: VirtioDevice>(&self) -> &DeviceHandle<D> {
+        self.device
+            .downcast_ref()
+            .expect("the device has the type the driver was made with")
     }
 
     pub fn read32(&mut self, offset: u64) -> u32 {

@@ -137,12 +137,12 @@ impl Block {
 
     /// Media change: `disk` replaces the current medium, whose writes are flushed before it
     /// is closed (and its lock released). Call it between requests (the event loop runs them
-    /// synchronously), through [`VirtioEventHandler::change_config`] so that the driver is
+    /// synchronously), through [`DeviceHandle::change_config`] so that the driver is
     /// told the capacity changed. Features and serial stay as offered at boot, so a
     /// read-only medium cannot replace a writable one. On an error the old medium stays and
     /// `disk` is dropped.
     ///
-    /// [`VirtioEventHandler::change_config`]: crate::virtio::VirtioEventHandler::change_config
+    /// [`DeviceHandle::change_config`]: crate::virtio::DeviceHandle::change_config
     pub fn change_medium(&mut self, mut disk: Disk) -> Result<(), BlockError> {
         if disk.get_ref().read_only() && !self.handler.read_only {
             return Err(BlockError::MediumReadOnly);

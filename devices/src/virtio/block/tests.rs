@@ -1592,12 +1592,8 @@ fn capacity(d: &mut Driver) -> u64 {
 
 /// What the VMM does for `PATCH /drives`: the new medium through `change_config`.
 fn change_medium(d: &Driver, disk: super::Disk) -> Result<(), BlockError> {
-    d.handler.change_config(|dev| {
-        let dev: &mut dyn std::any::Any = dev;
-        dev.downcast_mut::<Block>()
-            .expect("the device is virtio-blk")
-            .change_medium(disk)
-    })
+    d.device::<Block>()
+        .change_config(|block| block.change_medium(disk))
 }
 
 fn second_disk(dir: &TempDir, len: usize, seed: u8) -> PathBuf {
