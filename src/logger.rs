@@ -8,6 +8,7 @@ use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
+use wisp_devices::ratelimit::{self, LogLimiter};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoggerError {
@@ -94,10 +95,22 @@ impl Log for WispLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
+        let mut suppressed = 0;
+        if is_guest_driven(record.target()) {
+            match GUEST_DRIVEN.check() {
+                Some(n) => suppressed = n,
+                None => return,
+            }
+        }
         let mut sink = sink();
-        let Some(line) = sink.format(record) else {
+        let Some(mut line) = sink.format(record) else {
             return;
         };
+        if suppressed > 0 {
+            line.pop();
+            line.push_str(&ratelimit::suppressed_note(suppressed));
+            line.push('\n');
+        }
         // One write per line, so that lines from several threads do not interleave. A pipe
         // that is full drops the line (it is non-blocking): logging never stalls the VMM.
         let _ = match sink.file.as_mut() {
@@ -110,6 +123,21 @@ impl Log for WispLogger {
 }
 
 static LOGGER: WispLogger = WispLogger;
+
+/// Crates whose log lines a guest can cause at will (virtio-queue logs each bad descriptor
+/// index it is handed at error level); wisp's own such lines go through
+/// `rate_limited_warn!`.
+const GUEST_DRIVEN_TARGETS: &[&str] = &["virtio_queue"];
+
+static GUEST_DRIVEN: LogLimiter = LogLimiter::new();
+
+fn is_guest_driven(target: &str) -> bool {
+    GUEST_DRIVEN_TARGETS.iter().any(|t| {
+        target
+            .strip_prefix(t)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
+}
 
 pub fn init(level: Option<&str>) {
     let env = std::env::var("WISP_LOG").ok();
@@ -218,6 +246,15 @@ mod tests {
         assert!(line(&sink, "wisp::vmm::inner").is_some());
         assert!(line(&sink, "wisp::vmmx").is_none());
         assert!(line(&sink, "wisp::api::server").is_none());
+    }
+
+    #[test]
+    fn the_virtio_queue_crate_is_rate_limited() {
+        assert!(is_guest_driven("virtio_queue"));
+        assert!(is_guest_driven("virtio_queue::queue"));
+        assert!(!is_guest_driven("virtio_queue_x"));
+        assert!(!is_guest_driven("wisp::vmm"));
+        assert!(!is_guest_driven("wisp_devices::virtio::block"));
     }
 
     #[test]

@@ -37,7 +37,11 @@ impl BusDevice for AcpiPm {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let [value] = data else {
-            log::warn!("acpi: ignored {}-byte write at offset {offset}", data.len());
+            rate_limited_warn!(
+                "acpi: ignored {}-byte write at offset {}",
+                data.len(),
+                offset
+            );
             return;
         };
         match offset {
@@ -47,10 +51,10 @@ impl BusDevice for AcpiPm {
             {
                 (self.sink)(PlatformEvent::PowerOff)
             }
-            SLEEP_CONTROL => log::warn!("acpi: unsupported sleep request {value:#x}"),
+            SLEEP_CONTROL => rate_limited_warn!("acpi: unsupported sleep request {:#x}", value),
             SLEEP_STATUS => {}
             RESET if *value == ACPI_RESET_VALUE => (self.sink)(PlatformEvent::Reset),
-            _ => log::warn!("acpi: ignored write {value:#x} at offset {offset}"),
+            _ => rate_limited_warn!("acpi: ignored write {:#x} at offset {}", value, offset),
         }
     }
 }

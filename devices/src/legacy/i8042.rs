@@ -30,6 +30,11 @@ const CTRL_ALT_DEL: [u8; 14] = [
 ];
 const CTRL_ALT_DEL_LEN: usize = 11;
 
+/// Bytes the output buffer holds. A real i8042 holds one; a little more lets the
+/// Ctrl-Alt-Del sequence wait whole. Replies to commands that find it full are dropped, so
+/// a guest that never reads cannot make it grow.
+const OUT_CAPACITY: usize = 16;
+
 pub struct I8042 {
     sink: PlatformEventSink,
     irq: Option<Arc<dyn InterruptLine>>,
@@ -49,17 +54,32 @@ impl I8042 {
             control: CTR_KBD_INT,
             outp: 0,
             pending_cmd: None,
-            out: VecDeque::new(),
+            out: VecDeque::with_capacity(OUT_CAPACITY),
         }
     }
 
     /// Queue the Ctrl-Alt-Del key sequence for the guest.
+    /// All or nothing: a partial sequence would leave keys pressed.
     pub fn send_ctrl_alt_del(&mut self) {
+        if OUT_CAPACITY - self.out.len() < CTRL_ALT_DEL_LEN {
+            log::warn!(
+                "i8042: Ctrl-Alt-Del dropped: the guest left {} bytes unread in the output buffer",
+                self.out.len()
+            );
+            return;
+        }
         self.out.extend(&CTRL_ALT_DEL[..CTRL_ALT_DEL_LEN]);
         self.update_output();
     }
 
     fn push(&mut self, byte: u8) {
+        if self.out.len() >= OUT_CAPACITY {
+            rate_limited_warn!(
+                "i8042: output buffer full (the guest does not read port 0x60); reply {:#x} dropped",
+                byte
+            );
+            return;
+        }
         self.out.push_back(byte);
         self.update_output();
     }
@@ -73,7 +93,7 @@ impl I8042 {
         if self.control & CTR_KBD_INT != 0 {
             if let Some(irq) = &self.irq {
                 if let Err(e) = irq.trigger() {
-                    log::warn!("i8042: cannot raise keyboard interrupt: {e}");
+                    rate_limited_warn!("i8042: cannot raise keyboard interrupt: {}", e);
                 }
             }
         }
@@ -151,5 +171,56 @@ mod tests {
             got.push(b[0]);
         }
         assert_eq!(got, CTRL_ALT_DEL[..CTRL_ALT_DEL_LEN]);
+    }
+
+    /// Every byte the guest can read from the data port.
+    fn drain(dev: &mut I8042) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut b = [0u8];
+        loop {
+            dev.read(COMMAND, &mut b);
+            if b[0] & SB_OUT_DATA_AVAIL == 0 {
+                return got;
+            }
+            dev.read(DATA, &mut b);
+            got.push(b[0]);
+        }
+    }
+
+    #[test]
+    fn a_guest_that_never_reads_cannot_grow_the_output_buffer() {
+        let mut dev = I8042::new(Arc::new(|_| {}), None);
+        // Commands and keyboard bytes that each queue a reply, five million times.
+        for i in 0..5_000_000u32 {
+            match i % 3 {
+                0 => dev.write(COMMAND, &[CMD_SELF_TEST]),
+                1 => dev.write(COMMAND, &[CMD_READ_CTR]),
+                _ => dev.write(DATA, &[0xff]),
+            }
+        }
+        assert!(
+            dev.out.capacity() <= 2 * OUT_CAPACITY,
+            "{}",
+            dev.out.capacity()
+        );
+        let got = drain(&mut dev);
+        assert_eq!(got.len(), OUT_CAPACITY);
+        // The first replies are kept in order, the rest were dropped.
+        assert_eq!(got[..3], [0x55, CTR_KBD_INT, 0xfa]);
+        // Once read, the controller answers again.
+        dev.write(COMMAND, &[CMD_SELF_TEST]);
+        assert_eq!(drain(&mut dev), [0x55]);
+    }
+
+    #[test]
+    fn ctrl_alt_del_is_sent_whole_or_not_at_all() {
+        let mut dev = I8042::new(Arc::new(|_| {}), None);
+        for _ in 0..OUT_CAPACITY - CTRL_ALT_DEL_LEN + 1 {
+            dev.write(COMMAND, &[CMD_SELF_TEST]);
+        }
+        dev.send_ctrl_alt_del();
+        assert!(drain(&mut dev).iter().all(|&b| b == 0x55));
+        dev.send_ctrl_alt_del();
+        assert_eq!(drain(&mut dev), CTRL_ALT_DEL[..CTRL_ALT_DEL_LEN]);
     }
 }

@@ -27,7 +27,7 @@ impl BusDevice for PvPanic {
         if data.first().is_some_and(|v| v & PVPANIC_PANICKED != 0) {
             (self.sink)(PlatformEvent::Panicked);
         } else if data.first().is_some_and(|v| v & PVPANIC_CRASH_LOADED != 0) {
-            log::warn!("guest kernel panicked; a crash kernel is loaded, letting it run");
+            rate_limited_warn!("guest kernel panicked; a crash kernel is loaded, letting it run");
         }
     }
 }

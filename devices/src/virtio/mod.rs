@@ -55,18 +55,6 @@
 //!   (`start_queues(features, 2)`, `add_chain_to(q, ..)`, `publish_to`, `kick`,
 //!   `used_elem_of`).
 
-/// Logs a warning, at most a few times per call site and then once every 1000 calls, so that
-/// a guest cannot flood the log.
-macro_rules! rate_limited_warn {
-    ($($arg:tt)*) => {{
-        static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if n < 10 || n % 1000 == 0 {
-            log::warn!($($arg)*);
-        }
-    }};
-}
-
 pub mod block;
 pub mod mmio;
 pub mod net;
