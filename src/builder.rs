@@ -263,7 +263,7 @@ fn irq_line(vm: &Vm, gsi: u32) -> Result<Arc<dyn InterruptLine>, VmmError> {
     Ok(Arc::new(IrqFd(evt)))
 }
 
-/// The console's output side: written byte by byte by the UART, so unbuffered.
+/// Where the console output goes (written by the serial device's own thread).
 fn console_output(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, VmmError> {
     Ok(match console {
         ConsoleConfig::Stdio => {

@@ -55,6 +55,9 @@ pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmErro
     move |source| VmmError::Kvm { op, source }
 }
 
+/// How long the way out waits for the console's reader to take the guest's last output.
+const CONSOLE_FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs on each vCPU thread with its index and thread id, before the thread enters the guest.
 pub(crate) type VcpuStartHook = Arc<dyn Fn(u8, libc::pid_t) -> Result<(), String> + Send + Sync>;
 
@@ -119,6 +122,17 @@ impl Vmm {
 
     /// The end of the VM, on every way out: leaves no cgroup behind.
     pub fn shutdown(&mut self) {
+        // The guest's last words reach the console; a reader that does not take them in
+        // time loses them (wisp does not wait on it).
+        let output = self
+            .serial
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .output();
+        let dropped = output.finish(CONSOLE_FINISH_TIMEOUT);
+        if dropped > 0 {
+            log::warn!("console: {dropped} bytes of the guest's console output were dropped");
+        }
         // The vCPU start hooks hold the last other references to the cgroup.
         self.vcpu_start = None;
         if let Some(cg) = self.cgroup.take() {

@@ -2,11 +2,13 @@
 //! Ctrl-Alt-Del), pvpanic and the ACPI hardware-reduced power registers.
 
 mod acpi_pm;
+mod console;
 mod i8042;
 mod pvpanic;
 mod serial;
 
 pub use acpi_pm::{AcpiPm, ACPI_PM_PORT_LEN, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP};
+pub use console::{ConsoleOutput, CONSOLE_BUFFER};
 pub use i8042::I8042;
 pub use pvpanic::PvPanic;
 pub use serial::{Serial, SerialInput};

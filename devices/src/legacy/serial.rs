@@ -1,5 +1,7 @@
-//! The 8250 UART (rust-vmm vm-superio) on the I/O port bus, its interrupt on an irqfd.
+//! The 8250 UART (rust-vmm vm-superio) on the I/O port bus, its interrupt on an irqfd. Its
+//! output goes through a [`ConsoleOutput`], so a vCPU never waits for the console's reader.
 
+use super::console::ConsoleOutput;
 use crate::bus::BusDevice;
 use crate::interrupt::InterruptLine;
 use std::io::{self, Write};
@@ -33,10 +35,11 @@ impl SerialEvents for SerialInput {
 }
 
 pub struct Serial {
-    inner: vm_superio::Serial<IrqTrigger, SerialInput, Box<dyn Write + Send>>,
+    inner: vm_superio::Serial<IrqTrigger, SerialInput, ConsoleOutput>,
 }
 
 impl Serial {
+    /// `out` is written by a thread of its own (see [`ConsoleOutput`]).
     pub fn new(
         irq: Arc<dyn InterruptLine>,
         out: Box<dyn Write + Send>,
@@ -45,8 +48,15 @@ impl Serial {
         let events = SerialInput {
             drained: drained.try_clone()?,
         };
+        let out = ConsoleOutput::new(out)?;
         let inner = vm_superio::Serial::with_events(IrqTrigger(irq), events, out);
         Ok((Self { inner }, drained))
+    }
+
+    /// The output side, for the VMM to finish it on the way out
+    /// ([`ConsoleOutput::finish`]).
+    pub fn output(&self) -> ConsoleOutput {
+        self.inner.writer().clone()
     }
 
     /// Room left in the receive FIFO.
@@ -78,8 +88,9 @@ impl BusDevice for Serial {
         let (Ok(off), [value, ..]) = (u8::try_from(offset), data) else {
             return;
         };
+        // Output never fails (ConsoleOutput); only raising the interrupt can.
         if let Err(e) = self.inner.write(off, *value) {
-            log::warn!("serial: write failed: {e:?}");
+            rate_limited_warn!("serial: {:?}", e);
         }
     }
 }

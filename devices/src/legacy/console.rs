@@ -1,0 +1,253 @@
+//! The console's output side: the UART puts each byte into a bounded buffer that a thread
+//! of its own writes out. A vCPU writing to the UART never waits for the reader of stdout
+//! (a full pipe, a stopped terminal, a reader that went away); when the buffer is full the
+//! byte is dropped and counted. After a write error (EPIPE when the reader closed its end)
+//! nothing more is written: the error is logged once and later bytes are only counted.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// Bytes waiting for the writer thread at most: beyond a pipe's own 64 KiB, enough for a
+/// burst of kernel messages while the reader catches up.
+pub const CONSOLE_BUFFER: usize = 64 << 10;
+
+/// Most bytes the writer thread takes per write call: PIPE_BUF, so that a write to a pipe
+/// is all or nothing and the count of dropped bytes is exact.
+const CHUNK: usize = 4096;
+
+struct State {
+    buf: VecDeque<u8>,
+    /// Bytes the guest wrote that will never be written out.
+    dropped: u64,
+    /// The writer thread holds bytes it took from `buf` and has not written yet.
+    writing: usize,
+    /// Set by the first write error: nothing more is written.
+    failed: bool,
+    /// The last write found the buffer full (said once per episode).
+    overflowing: bool,
+    /// No more bytes come: the thread writes what is left and ends.
+    finishing: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Bytes arrived, or finishing.
+    ready: Condvar,
+    /// The buffer became empty (or writing failed).
+    drained: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The guest's side of the console output: a `Write` that never blocks and never fails.
+/// Clones share the buffer.
+#[derive(Clone)]
+pub struct ConsoleOutput {
+    shared: Arc<Shared>,
+    capacity: usize,
+}
+
+impl ConsoleOutput {
+    /// Starts the thread (`wisp-console`) that writes to `out`.
+    pub fn new(out: Box<dyn Write + Send>) -> io::Result<Self> {
+        Self::with_capacity(out, CONSOLE_BUFFER)
+    }
+
+    pub fn with_capacity(out: Box<dyn Write + Send>, capacity: usize) -> io::Result<Self> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                buf: VecDeque::new(),
+                dropped: 0,
+                writing: 0,
+                failed: false,
+                overflowing: false,
+                finishing: false,
+            }),
+            ready: Condvar::new(),
+            drained: Condvar::new(),
+        });
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("wisp-console".into())
+            .spawn(move || write_out(&s, out))?;
+        Ok(Self { shared, capacity })
+    }
+
+    /// Bytes dropped so far (buffer full, or the output failed).
+    pub fn dropped(&self) -> u64 {
+        self.shared.lock().dropped
+    }
+
+    /// Writes what is buffered, waiting at most `timeout` for the reader, and says how many
+    /// bytes were dropped over the VM's life (those not written by then included). For the
+    /// VMM's way out; the guest's later bytes are dropped.
+    pub fn finish(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.shared.lock();
+        s.finishing = true;
+        self.shared.ready.notify_all();
+        while !s.failed && (!s.buf.is_empty() || s.writing > 0) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s = self
+                .shared
+                .drained
+                .wait_timeout(s, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        // What the reader did not take in time is lost with the process.
+        let pending = (s.buf.len() + s.writing) as u64;
+        s.buf.clear();
+        s.dropped = s.dropped.saturating_add(pending);
+        s.dropped
+    }
+}
+
+impl Write for ConsoleOutput {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut s = self.shared.lock();
+        let room = if s.failed || s.finishing {
+            0
+        } else {
+            self.capacity.saturating_sub(s.buf.len()).min(data.len())
+        };
+        s.buf.extend(&data[..room]);
+        let lost = (data.len() - room) as u64;
+        if lost > 0 {
+            s.dropped = s.dropped.saturating_add(lost);
+            if !s.failed && !s.finishing && !s.overflowing {
+                rate_limited_warn!(
+                    "console: output buffer full (its reader is not keeping up); the guest's \
+                     output is dropped until it does"
+                );
+            }
+        }
+        s.overflowing = lost > 0;
+        if room > 0 {
+            self.shared.ready.notify_one();
+        }
+        // Never an error: the UART cannot tell the guest, and a vCPU must not log per byte.
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The writer thread: moves buffered bytes to `out` until finishing and empty, or the first
+/// write error.
+fn write_out(shared: &Shared, mut out: Box<dyn Write + Send>) {
+    let mut chunk = Vec::with_capacity(CHUNK);
+    loop {
+        {
+            let mut s = shared.lock();
+            s.writing = 0;
+            if s.buf.is_empty() {
+                shared.drained.notify_all();
+            }
+            while s.buf.is_empty() && !s.finishing {
+                s = shared.ready.wait(s).unwrap_or_else(PoisonError::into_inner);
+            }
+            if s.buf.is_empty() {
+                return;
+            }
+            let n = s.buf.len().min(CHUNK);
+            chunk.clear();
+            chunk.extend(s.buf.drain(..n));
+            s.writing = n;
+        }
+        if let Err(e) = out.write_all(&chunk).and_then(|()| out.flush()) {
+            let mut s = shared.lock();
+            let lost = (s.writing + s.buf.len()) as u64;
+            s.dropped = s.dropped.saturating_add(lost);
+            s.buf = VecDeque::new();
+            s.writing = 0;
+            s.failed = true;
+            shared.drained.notify_all();
+            log::warn!(
+                "console: writing the guest's output failed ({e}); it is dropped from now on"
+            );
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, OwnedFd};
+
+    fn pipe() -> (std::fs::File, std::fs::File) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both fds are fresh and owned from here on.
+        unsafe {
+            use std::os::fd::FromRawFd;
+            (
+                std::fs::File::from(OwnedFd::from_raw_fd(fds[0])),
+                std::fs::File::from(OwnedFd::from_raw_fd(fds[1])),
+            )
+        }
+    }
+
+    #[test]
+    fn a_reader_that_never_reads_blocks_no_writer_and_memory_stays_bounded() {
+        let (rd, wr) = pipe();
+        let mut out = ConsoleOutput::with_capacity(Box::new(wr), 4096).unwrap();
+        // Far more than the pipe and the buffer hold; each write returns at once.
+        for _ in 0..1_000_000 {
+            out.write_all(b"x").unwrap();
+        }
+        assert!(out.shared.lock().buf.len() <= 4096);
+        let dropped = out.finish(Duration::from_millis(100));
+        // SAFETY: FIONREAD stores the bytes waiting in the pipe into an int.
+        let mut queued: libc::c_int = 0;
+        assert_eq!(
+            unsafe { libc::ioctl(rd.as_raw_fd(), libc::FIONREAD, &mut queued) },
+            0
+        );
+        assert_eq!(dropped + queued as u64, 1_000_000);
+        assert!(dropped > 0);
+    }
+
+    #[test]
+    fn a_closed_reader_stops_the_writing_and_every_byte_is_counted() {
+        let (rd, wr) = pipe();
+        let mut out = ConsoleOutput::new(Box::new(wr)).unwrap();
+        drop(rd);
+        for _ in 0..100_000 {
+            out.write_all(b"y").unwrap();
+        }
+        assert_eq!(out.finish(Duration::from_secs(10)), 100_000);
+        assert!(out.shared.lock().failed);
+    }
+
+    #[test]
+    fn everything_reaches_a_reader_that_keeps_up() {
+        let (mut rd, wr) = pipe();
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            io::Read::read_to_end(&mut rd, &mut all).unwrap();
+            all
+        });
+        let mut out = ConsoleOutput::with_capacity(Box::new(wr), 1 << 20).unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        for b in &data {
+            out.write_all(std::slice::from_ref(b)).unwrap();
+        }
+        assert_eq!(out.finish(Duration::from_secs(60)), 0);
+        // The thread ended with its end of the pipe.
+        assert_eq!(reader.join().unwrap(), data);
+    }
+}
