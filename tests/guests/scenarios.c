@@ -392,6 +392,10 @@ void user_main(u64 cpl0_done)
 		scenario_net();
 	else if (!strcmp(scenario, "ctrl-alt-del"))
 		scenario_ctrl_alt_del();
+	else if (!strcmp(scenario, "i8042-flood"))
+		scenario_i8042_flood();
+	else if (!strcmp(scenario, "console-flood"))
+		scenario_console_flood();
 	else if (!strcmp(scenario, "reset-acpi"))
 		acpi_reset();
 	else if (!strcmp(scenario, "reset-i8042")) {

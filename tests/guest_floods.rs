@@ -1,0 +1,147 @@
+//! Probe guests that hammer a device (tests/guests/floods.c, virtio.c): wisp's memory, its
+//! log and its vCPUs stay bounded whatever the guest does.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(120);
+
+fn probe_args(cmdline: &str) -> Vec<String> {
+    [
+        "run",
+        "--kernel",
+        probes().probe.to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+        "--memory",
+        "64M",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Waits for `child` to exit; kills it and panics after `timeout` (a hang is the failure).
+fn wait_or_kill(child: &mut Child, timeout: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: wisp did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn read_all_in_background(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+#[test]
+fn i8042_flood_queues_no_more_than_a_small_buffer() {
+    if !kvm_available("i8042_flood_queues_no_more_than_a_small_buffer") {
+        return;
+    }
+    let f = Wisp::spawn(&probe_args("probe.scenario=i8042-flood probe.writes=20000")).wait(T);
+    assert!(f.stdout.contains("probe: done i8042-flood"), "{}", f.stdout);
+    let queued: u64 = lines_with(&f.stdout, "probe: i8042 flood writes 20000 queued ")[0]
+        .parse()
+        .unwrap();
+    // A real i8042 holds one byte; wisp a few more (Ctrl-Alt-Del waits whole).
+    assert!(queued <= 16, "{queued} replies queued");
+    assert_eq!(f.code(), Some(0), "{}", f.stderr);
+    // Rate limited: one warning per dropped reply would be 19,984 lines.
+    assert!(f.stderr.lines().count() <= 20, "{}", f.stderr);
+}
+
+#[test]
+fn a_console_reader_that_goes_away_is_reported_once() {
+    if !kvm_available("a_console_reader_that_goes_away_is_reported_once") {
+        return;
+    }
+    // `wisp run ... | head -5`: the reader closes its end while the guest still prints.
+    let mut child = Command::new(wisp_bin())
+        .args(probe_args("probe.scenario=console-flood probe.lines=300"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = read_all_in_background(child.stderr.take().unwrap());
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    for _ in 0..5 {
+        line.clear();
+        out.read_line(&mut line).unwrap();
+    }
+    assert!(line.starts_with("probe: flood 3 "), "{line}");
+    drop(out);
+    let status = wait_or_kill(&mut child, T, "reader gone");
+    let stderr = stderr.join().unwrap();
+    // The guest ran to its end: the lost reader did not stop it.
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(
+        lines[0].contains("console: writing the guest's output failed")
+            && lines[0].contains("Broken pipe"),
+        "{stderr}"
+    );
+    let dropped: u64 = lines[1]
+        .strip_prefix("wisp: warning: console: ")
+        .and_then(|r| r.strip_suffix(" bytes of the guest's console output were dropped"))
+        .unwrap_or_else(|| panic!("{stderr}"))
+        .parse()
+        .unwrap();
+    // Most of the 300 lines of 64 bytes came after the reader left.
+    assert!(dropped > 100 * 64, "{dropped}");
+}
+
+#[test]
+fn a_console_nobody_reads_does_not_stop_the_guest() {
+    if !kvm_available("a_console_nobody_reads_does_not_stop_the_guest") {
+        return;
+    }
+    // A pipe whose reader never reads: the guest's output fills it at once.
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fresh fds into the array, owned right after.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fds[0] and fds[1] are ours alone.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: F_SETPIPE_SZ on our pipe; one page is the smallest size.
+    unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+    let mut child = Command::new(wisp_bin())
+        .args(probe_args("probe.scenario=console-flood probe.lines=2000"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(wr))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = read_all_in_background(child.stderr.take().unwrap());
+    // 128 KB of output against a 4 KiB pipe: a vCPU that waits for the reader never gets
+    // to power off.
+    let status = wait_or_kill(&mut child, T, "reader stuck");
+    let stderr = stderr.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("bytes of the guest's console output were dropped"),
+        "{stderr}"
+    );
+    // The buffer overflowed once, and the total at the end.
+    assert_eq!(stderr.lines().count(), 2, "{stderr}");
+    let mut first = [0u8; 27];
+    std::fs::File::from(rd).read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"probe: start console-flood\n");
+}
