@@ -10,7 +10,7 @@ use crate::vstate::exit::{ExitSignal, VmExit};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
@@ -273,16 +273,13 @@ fn console_output(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, VmmE
                 .map_err(io_err("stdout"))?;
             Box::new(File::from(fd))
         }
-        ConsoleConfig::File(path) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| VmmError::ConsoleFile {
-                    path: path.clone(),
-                    reason: crate::config::io_reason(&e),
-                })?,
-        ),
+        // A named pipe is opened without waiting for a reader (Firecracker's PUT /serial).
+        ConsoleConfig::File(path) => Box::new(crate::logger::open_file_or_pipe(path).map_err(
+            |e| VmmError::ConsoleFile {
+                path: path.clone(),
+                reason: crate::config::io_reason(&e),
+            },
+        )?),
         ConsoleConfig::None => Box::new(io::sink()),
     })
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 #[derive(Parser, Debug)]
 #[command(
     name = "wisp",
-    version,
+    disable_version_flag = true,
     about = "wisp: a lightweight virtual machine monitor for x86_64 KVM",
     long_about = "wisp boots a Linux kernel (or any ELF with a PVH note) directly on KVM, \
                   one VM per process. Exit status: 0 when the guest powers off or reboots, \
@@ -18,22 +18,307 @@ pub struct Cli {
     /// Log level: error, warn, info, debug or trace (also WISP_LOG).
     #[arg(long, global = true, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Firecracker's command line, spoken when no subcommand is given.
+    #[command(flatten)]
+    pub firecracker: FirecrackerArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Firecracker's socket path when `--api-sock` is not given.
+pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
+
+/// Every flag of `firecracker --help` (v1.16). Values are taken as text and checked here, so
+/// that a bad one is refused with a message naming the flag rather than the parser's.
+#[derive(Args, Debug, Default)]
+pub struct FirecrackerArgs {
     /// Serve the control API (Firecracker-compatible REST) on this Unix socket and wait for
-    /// the VM to be configured and started through it.
-    #[arg(long, value_name = "PATH", conflicts_with = "no_api")]
-    pub api_sock: Option<std::path::PathBuf>,
-    /// The VM's id (GET /, cgroup names) [default: anonymous-instance].
+    /// the VM to be configured and started through it [default: /run/firecracker.socket].
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// The VM's id (GET /, log lines, cgroup names): 1 to 64 letters, digits or '-'
+    /// [default: anonymous-instance].
     #[arg(long, value_name = "ID")]
     pub id: Option<String>,
     /// Boot from a Firecracker-style config file (boot-source, machine-config, drives,
-    /// network-interfaces, plus wisp's fields); with --api-sock the API keeps serving.
+    /// network-interfaces, logger, metrics, plus wisp's fields); the API keeps serving unless
+    /// --no-api.
     #[arg(long, value_name = "FILE")]
-    pub config_file: Option<std::path::PathBuf>,
+    pub config_file: Option<PathBuf>,
     /// With --config-file: serve no API.
-    #[arg(long, requires = "config_file")]
+    #[arg(long)]
     pub no_api: bool,
-    #[command(subcommand)]
-    pub command: Option<Command>,
+    /// Log to this file (appended to) or named pipe instead of stderr, in Firecracker's line
+    /// format.
+    #[arg(long, value_name = "PATH")]
+    pub log_path: Option<PathBuf>,
+    /// Log level: Error, Warning, Info, Debug, Trace or Off.
+    #[arg(long, value_name = "LEVEL")]
+    pub level: Option<String>,
+    /// Log only lines from this module path and below (e.g. wisp::vmm).
+    #[arg(long, value_name = "MODULE")]
+    pub module: Option<String>,
+    /// Show the level in log lines.
+    #[arg(long)]
+    pub show_level: bool,
+    /// Show the source file and line in log lines.
+    #[arg(long)]
+    pub show_log_origin: bool,
+    /// Write Firecracker's metrics (JSON lines) to this file or named pipe.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
+    /// Accepted; wisp has no boot-timer device yet (a warning says so).
+    #[arg(long)]
+    pub boot_timer: bool,
+    /// Largest API request body, in bytes [default: 65536].
+    #[arg(long, value_name = "BYTES", allow_negative_numbers = true)]
+    pub http_api_max_payload_size: Option<String>,
+    /// Accepted; wisp has no MMDS (a warning says so).
+    #[arg(long, value_name = "BYTES", allow_negative_numbers = true)]
+    pub mmds_size_limit: Option<String>,
+    /// Refused: wisp has no MMDS to put the metadata in.
+    #[arg(long, value_name = "PATH")]
+    pub metadata: Option<PathBuf>,
+    /// Accepted; wisp installs no seccomp filters yet (a warning says so).
+    #[arg(long, value_name = "PATH")]
+    pub seccomp_filter: Option<PathBuf>,
+    /// Accepted; wisp installs no seccomp filters yet.
+    #[arg(long)]
+    pub no_seccomp: bool,
+    /// When the process was started (CLOCK_MONOTONIC, µs), as the jailer passes it; gives
+    /// the api_server.process_startup_time_us metric.
+    #[arg(long, value_name = "US", allow_negative_numbers = true)]
+    pub start_time_us: Option<String>,
+    /// The process's CPU time at its start (µs); gives api_server.process_startup_time_cpu_us.
+    #[arg(long, value_name = "US", allow_negative_numbers = true)]
+    pub start_time_cpu_us: Option<String>,
+    /// The parent's (jailer's) CPU time (µs), added to the CPU start-up time.
+    #[arg(long, value_name = "US", allow_negative_numbers = true)]
+    pub parent_cpu_time_us: Option<String>,
+    /// Refused: wisp has no snapshots.
+    #[arg(long, value_name = "PATH")]
+    pub describe_snapshot: Option<PathBuf>,
+    /// Refused: wisp has no snapshots.
+    #[arg(long)]
+    pub snapshot_version: bool,
+    /// Refused: wisp's devices are virtio-mmio, it has no PCI.
+    #[arg(long)]
+    pub enable_pci: bool,
+    /// Print wisp's version and the Firecracker API version it speaks.
+    #[arg(long)]
+    pub version: bool,
+}
+
+/// What `wisp` without a subcommand was asked to do.
+#[derive(Debug)]
+pub enum FirecrackerMode {
+    /// `--version`.
+    PrintVersion,
+    Launch(Box<FirecrackerLaunch>),
+}
+
+/// A VM to serve (or boot from a file), from Firecracker's flags, checked.
+#[derive(Debug)]
+pub struct FirecrackerLaunch {
+    /// None with --no-api.
+    pub api_sock: Option<PathBuf>,
+    pub id: String,
+    pub config_file: Option<PathBuf>,
+    pub log: crate::logger::LogSettings,
+    pub metrics_path: Option<PathBuf>,
+    pub max_payload_size: Option<usize>,
+    pub start_time_us: Option<u64>,
+    pub start_time_cpu_us: Option<u64>,
+    pub parent_cpu_time_us: Option<u64>,
+    /// One line each, for flags accepted without effect.
+    pub warnings: Vec<String>,
+}
+
+impl FirecrackerArgs {
+    /// The first Firecracker flag given, for a subcommand that does not take them.
+    pub fn first_given(&self) -> Option<&'static str> {
+        [
+            ("--api-sock", self.api_sock.is_some()),
+            ("--id", self.id.is_some()),
+            ("--config-file", self.config_file.is_some()),
+            ("--no-api", self.no_api),
+            ("--log-path", self.log_path.is_some()),
+            ("--level", self.level.is_some()),
+            ("--module", self.module.is_some()),
+            ("--show-level", self.show_level),
+            ("--show-log-origin", self.show_log_origin),
+            ("--metrics-path", self.metrics_path.is_some()),
+            ("--boot-timer", self.boot_timer),
+            (
+                "--http-api-max-payload-size",
+                self.http_api_max_payload_size.is_some(),
+            ),
+            ("--mmds-size-limit", self.mmds_size_limit.is_some()),
+            ("--metadata", self.metadata.is_some()),
+            ("--seccomp-filter", self.seccomp_filter.is_some()),
+            ("--no-seccomp", self.no_seccomp),
+            ("--start-time-us", self.start_time_us.is_some()),
+            ("--start-time-cpu-us", self.start_time_cpu_us.is_some()),
+            ("--parent-cpu-time-us", self.parent_cpu_time_us.is_some()),
+            ("--describe-snapshot", self.describe_snapshot.is_some()),
+            ("--snapshot-version", self.snapshot_version),
+            ("--enable-pci", self.enable_pci),
+            ("--version", self.version),
+        ]
+        .into_iter()
+        .find(|(_, given)| *given)
+        .map(|(flag, _)| flag)
+    }
+
+    /// Checks the flags: what to do, or the flag that cannot be honoured and why.
+    pub fn resolve(&self) -> Result<FirecrackerMode, CliError> {
+        let refuse = |flag: &'static str, reason: &str| {
+            Err(CliError::Flag {
+                flag,
+                reason: reason.to_string(),
+            })
+        };
+        if self.describe_snapshot.is_some() {
+            return refuse(
+                "--describe-snapshot",
+                "wisp has no snapshots yet, so it reads no snapshot files",
+            );
+        }
+        if self.snapshot_version {
+            return refuse(
+                "--snapshot-version",
+                "wisp has no snapshots yet, so it has no snapshot format version",
+            );
+        }
+        if self.version {
+            return Ok(FirecrackerMode::PrintVersion);
+        }
+        if self.metadata.is_some() {
+            return refuse(
+                "--metadata",
+                "wisp has no MMDS (microVM metadata service) to serve the metadata from",
+            );
+        }
+        if self.enable_pci {
+            return refuse(
+                "--enable-pci",
+                "wisp has no PCI; its virtio devices are virtio-mmio (leave the flag out)",
+            );
+        }
+        if self.seccomp_filter.is_some() && self.no_seccomp {
+            return refuse(
+                "--seccomp-filter",
+                "--seccomp-filter and --no-seccomp exclude each other",
+            );
+        }
+        if self.no_api && self.config_file.is_none() {
+            return refuse(
+                "--no-api",
+                "without the API the VM can only come from a file: add --config-file FILE",
+            );
+        }
+        let id = match &self.id {
+            Some(id) => {
+                if id.is_empty()
+                    || id.len() > 64
+                    || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                {
+                    return refuse(
+                        "--id",
+                        &format!("{id:?} is not a valid id (1 to 64 letters, digits or '-')"),
+                    );
+                }
+                id.clone()
+            }
+            None => crate::api::DEFAULT_ID.to_string(),
+        };
+        let level = match &self.level {
+            Some(l) => Some(
+                serde_json::from_value::<crate::api::LogLevel>(serde_json::Value::String(
+                    l.clone(),
+                ))
+                .map_err(|e| CliError::Flag {
+                    flag: "--level",
+                    reason: e.to_string(),
+                })?
+                .to_level_filter(),
+            ),
+            None => None,
+        };
+        let max_payload_size = match &self.http_api_max_payload_size {
+            Some(v) => Some(
+                number("--http-api-max-payload-size", v)
+                    .and_then(|n| {
+                        usize::try_from(n).map_err(|_| bad_number("--http-api-max-payload-size", v))
+                    })
+                    .and_then(|n| match n {
+                        0 => Err(CliError::Flag {
+                            flag: "--http-api-max-payload-size",
+                            reason: "must be at least 1 byte".into(),
+                        }),
+                        n => Ok(n),
+                    })?,
+            ),
+            None => None,
+        };
+        let mut warnings = Vec::new();
+        if let Some(v) = &self.mmds_size_limit {
+            number("--mmds-size-limit", v)?;
+            warnings.push("--mmds-size-limit: accepted without effect: wisp has no MMDS".into());
+        }
+        if self.boot_timer {
+            warnings.push(
+                "--boot-timer: accepted without effect: wisp has no boot-timer device".into(),
+            );
+        }
+        if self.seccomp_filter.is_some() || self.no_seccomp {
+            let flag = if self.no_seccomp {
+                "--no-seccomp"
+            } else {
+                "--seccomp-filter"
+            };
+            warnings.push(format!(
+                "{flag}: accepted without effect: wisp installs no seccomp filters yet"
+            ));
+        }
+        if self.no_api && self.api_sock.is_some() {
+            warnings.push("--api-sock: not served, --no-api was given".into());
+        }
+        let time = |flag, v: &Option<String>| v.as_deref().map(|v| number(flag, v)).transpose();
+        Ok(FirecrackerMode::Launch(Box::new(FirecrackerLaunch {
+            api_sock: (!self.no_api).then(|| {
+                self.api_sock
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK))
+            }),
+            id,
+            config_file: self.config_file.clone(),
+            log: crate::logger::LogSettings {
+                path: self.log_path.clone(),
+                level,
+                show_level: self.show_level.then_some(true),
+                show_origin: self.show_log_origin.then_some(true),
+                module: self.module.clone(),
+            },
+            metrics_path: self.metrics_path.clone(),
+            max_payload_size,
+            start_time_us: time("--start-time-us", &self.start_time_us)?,
+            start_time_cpu_us: time("--start-time-cpu-us", &self.start_time_cpu_us)?,
+            parent_cpu_time_us: time("--parent-cpu-time-us", &self.parent_cpu_time_us)?,
+            warnings,
+        })))
+    }
+}
+
+fn bad_number(flag: &'static str, v: &str) -> CliError {
+    CliError::Flag {
+        flag,
+        reason: format!("{v:?} is not a whole number"),
+    }
+}
+
+fn number(flag: &'static str, v: &str) -> Result<u64, CliError> {
+    v.parse::<u64>().map_err(|_| bad_number(flag, v))
 }
 
 #[derive(Subcommand, Debug)]
@@ -147,6 +432,8 @@ pub enum CliError {
     Config(#[from] ConfigError),
     #[error("--memory: {0}")]
     Memory(#[from] config::size::MemSizeError),
+    #[error("{flag}: {reason}")]
+    Flag { flag: &'static str, reason: String },
 }
 
 impl RunArgs {
@@ -212,6 +499,135 @@ mod tests {
             panic!("not a run command");
         };
         run.to_config().map_err(|e| e.to_string())
+    }
+
+    fn firecracker(args: &[&str]) -> Result<FirecrackerMode, String> {
+        let mut full = vec!["wisp"];
+        full.extend_from_slice(args);
+        let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
+        assert!(cli.command.is_none());
+        cli.firecracker.resolve().map_err(|e| e.to_string())
+    }
+
+    fn launch(args: &[&str]) -> FirecrackerLaunch {
+        match firecracker(args) {
+            Ok(FirecrackerMode::Launch(l)) => *l,
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_jailers_command_line_is_honoured() {
+        let l = launch(&[
+            "--id",
+            "vm-7",
+            "--start-time-us",
+            "123",
+            "--start-time-cpu-us",
+            "45",
+            "--parent-cpu-time-us",
+            "6",
+            "--api-sock",
+            "/run/fc.sock",
+            "--log-path",
+            "/tmp/fc.log",
+            "--level",
+            "Info",
+            "--show-level",
+            "--show-log-origin",
+            "--metrics-path",
+            "/tmp/fc.metrics",
+            "--http-api-max-payload-size",
+            "1048576",
+        ]);
+        assert_eq!(l.id, "vm-7");
+        assert_eq!(
+            l.api_sock.as_deref(),
+            Some(std::path::Path::new("/run/fc.sock"))
+        );
+        assert_eq!(
+            (l.start_time_us, l.start_time_cpu_us, l.parent_cpu_time_us),
+            (Some(123), Some(45), Some(6))
+        );
+        assert_eq!(l.log.level, Some(log::LevelFilter::Info));
+        assert_eq!(
+            (l.log.show_level, l.log.show_origin),
+            (Some(true), Some(true))
+        );
+        assert_eq!(
+            l.metrics_path.as_deref(),
+            Some(std::path::Path::new("/tmp/fc.metrics"))
+        );
+        assert_eq!(l.max_payload_size, Some(1 << 20));
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+    }
+
+    #[test]
+    fn firecracker_defaults_socket_and_id() {
+        let l = launch(&[]);
+        assert_eq!(
+            l.api_sock.as_deref(),
+            Some(std::path::Path::new(DEFAULT_API_SOCK))
+        );
+        assert_eq!(l.id, "anonymous-instance");
+        let l = launch(&["--config-file", "/vm.json", "--no-api"]);
+        assert_eq!(l.api_sock, None);
+    }
+
+    #[test]
+    fn flags_without_effect_warn_and_snapshot_flags_are_refused() {
+        let l = launch(&["--boot-timer", "--no-seccomp", "--mmds-size-limit", "4096"]);
+        assert_eq!(l.warnings.len(), 3, "{:?}", l.warnings);
+        assert!(l.warnings.iter().all(|w| !w.contains('\n')));
+        assert!(l.warnings[0].starts_with("--mmds-size-limit: "));
+        let l = launch(&["--seccomp-filter", "/f.bpf"]);
+        assert!(
+            l.warnings[0].starts_with("--seccomp-filter: "),
+            "{:?}",
+            l.warnings
+        );
+        assert!(matches!(
+            firecracker(&["--version"]),
+            Ok(FirecrackerMode::PrintVersion)
+        ));
+        for (args, expected) in [
+            (
+                &["--snapshot-version"][..],
+                "--snapshot-version: wisp has no snapshots",
+            ),
+            (
+                &["--describe-snapshot", "/s"],
+                "--describe-snapshot: wisp has no snapshots",
+            ),
+            (&["--metadata", "/m.json"], "--metadata: wisp has no MMDS"),
+            (&["--enable-pci"], "--enable-pci: wisp has no PCI"),
+            (&["--no-api"], "--no-api: without the API"),
+            (
+                &["--no-seccomp", "--seccomp-filter", "/f"],
+                "--seccomp-filter: --seccomp-filter and --no-seccomp exclude each other",
+            ),
+            (&["--id", "a_b"], "--id: \"a_b\" is not a valid id"),
+            (&["--level", "loud"], "--level: unknown level \"loud\""),
+            (
+                &["--start-time-us", "-1"],
+                "--start-time-us: \"-1\" is not a whole number",
+            ),
+            (
+                &["--http-api-max-payload-size", "0"],
+                "--http-api-max-payload-size: must be at least",
+            ),
+            (
+                &["--mmds-size-limit", "x"],
+                "--mmds-size-limit: \"x\" is not a whole number",
+            ),
+        ] {
+            let e = firecracker(args).unwrap_err();
+            assert!(e.starts_with(expected.split(':').next().unwrap()), "{e}");
+            assert!(
+                e.contains(expected.rsplit(": ").next().unwrap()),
+                "{args:?}: {e}"
+            );
+        }
     }
 
     fn kernel() -> String {

@@ -142,6 +142,14 @@ impl EventLoop {
             None
         };
         vmm.start_vcpus()?;
+        let vm_config = api.as_ref().map(|a| a.config().to_json());
+        let nets: Vec<_> = vmm
+            .devices
+            .nets()
+            .iter()
+            .map(|n| (n.config.tap.clone(), n.counters.clone()))
+            .collect();
+        crate::metrics::register_vm(crate::metrics::VmSources::new(vm_config.as_ref(), &nets));
         Ok(Box::new(Running {
             vmm,
             api,

@@ -10,6 +10,7 @@ pub mod device_manager;
 pub mod event_loop;
 pub mod image;
 pub mod logger;
+pub mod metrics;
 pub mod signals;
 pub mod terminal;
 pub mod vmm;

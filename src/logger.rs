@@ -1,6 +1,9 @@
-//! wisp's log: `wisp: LEVEL: message` lines, to stderr until `PUT /logger` names a file or a
-//! named pipe. The level comes from --log-level or WISP_LOG (error, warn, info, debug,
-//! trace), and `PUT /logger` may change it.
+//! wisp's log, to stderr until `--log-path` or `PUT /logger` names a file or a named pipe.
+//! `wisp run` writes `wisp: LEVEL: message` lines; the Firecracker-compatible mode writes
+//! Firecracker's `<local time> [<id>:<thread>:<LEVEL>:<file>:<line>] <message>` (level and
+//! origin when asked), so tools that parse Firecracker's log read wisp's. The level comes from
+//! --log-level, --level or WISP_LOG (error, warn, info, debug, trace), and `PUT /logger` may
+//! change it.
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use std::fs::{File, OpenOptions};
@@ -30,12 +33,22 @@ pub struct LogSettings {
     pub module: Option<String>,
 }
 
+/// The shape of a log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineFormat {
+    /// `wisp: info: message`.
+    Wisp,
+    /// Firecracker's: `2026-12-07T18:34:02.123456789 [vm1:main:INFO:src/vmm.rs:42] message`.
+    Firecracker { instance_id: String },
+}
+
 struct Sink {
     /// None: stderr.
     file: Option<File>,
     show_level: bool,
     show_origin: bool,
     module: Option<String>,
+    format: LineFormat,
 }
 
 impl Sink {
@@ -49,6 +62,9 @@ impl Sink {
             if !below {
                 return None;
             }
+        }
+        if let LineFormat::Firecracker { instance_id } = &self.format {
+            return Some(self.firecracker_line(instance_id, record, &local_time_now()));
         }
         let mut line = String::from("wisp: ");
         if self.show_level {
@@ -71,6 +87,44 @@ impl Sink {
         line.push('\n');
         Some(line)
     }
+
+    /// Firecracker's line (its logger's `[id:thread:LEVEL:file:line]` tag), `time` first.
+    fn firecracker_line(&self, instance_id: &str, record: &Record, time: &str) -> String {
+        let thread = std::thread::current();
+        let mut tag = format!("{instance_id}:{}", thread.name().unwrap_or("-"));
+        if self.show_level {
+            tag.push(':');
+            tag.push_str(record.level().as_str());
+        }
+        if self.show_origin {
+            let line = record.line().map_or("?".to_string(), |l| l.to_string());
+            tag.push_str(&format!(":{}:{line}", record.file().unwrap_or("?")));
+        }
+        format!("{time} [{tag}] {}\n", record.args())
+    }
+}
+
+/// The local time as Firecracker's logger prints it: `YYYY-MM-DDTHH:MM:SS.nnnnnnnnn`.
+pub fn local_time_now() -> String {
+    // SAFETY: clock_gettime and localtime_r only write the plain structs they are given.
+    unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts);
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&ts.tv_sec, &mut tm).is_null() {
+            return format!("{}.{:09}", ts.tv_sec, ts.tv_nsec);
+        }
+        format!(
+            "{}-{:02}-{:02}T{:02}:{:02}:{:02}.{:09}",
+            i64::from(tm.tm_year) + 1900,
+            tm.tm_mon + 1,
+            tm.tm_mday,
+            tm.tm_hour,
+            tm.tm_min,
+            tm.tm_sec,
+            ts.tv_nsec
+        )
+    }
 }
 
 static SINK: Mutex<Sink> = Mutex::new(Sink {
@@ -78,6 +132,7 @@ static SINK: Mutex<Sink> = Mutex::new(Sink {
     show_level: true,
     show_origin: false,
     module: None,
+    format: LineFormat::Wisp,
 });
 
 fn sink() -> std::sync::MutexGuard<'static, Sink> {
@@ -113,10 +168,14 @@ impl Log for WispLogger {
         }
         // One write per line, so that lines from several threads do not interleave. A pipe
         // that is full drops the line (it is non-blocking): logging never stalls the VMM.
-        let _ = match sink.file.as_mut() {
+        let written = match sink.file.as_mut() {
             Some(f) => f.write_all(line.as_bytes()),
             None => std::io::stderr().lock().write_all(line.as_bytes()),
         };
+        drop(sink);
+        if written.is_err() {
+            crate::metrics::add("logger", "missed_log_count", 1);
+        }
     }
 
     fn flush(&self) {}
@@ -151,6 +210,17 @@ pub fn init(level: Option<&str>) {
     }
 }
 
+/// Switches to Firecracker's line shape for the VM `instance_id`, with its defaults (no level,
+/// no origin) until `--show-level`, `--show-log-origin` or `PUT /logger` ask for them.
+pub fn use_firecracker_format(instance_id: &str) {
+    let mut sink = sink();
+    sink.format = LineFormat::Firecracker {
+        instance_id: instance_id.to_string(),
+    };
+    sink.show_level = false;
+    sink.show_origin = false;
+}
+
 /// Applies `PUT /logger`: the destination is opened first, and on an error nothing changes.
 pub fn configure(settings: &LogSettings) -> Result<(), LoggerError> {
     let file = settings.path.as_deref().map(open_destination).transpose()?;
@@ -177,16 +247,19 @@ pub fn configure(settings: &LogSettings) -> Result<(), LoggerError> {
     Ok(())
 }
 
-/// A named pipe is opened read-write and non-blocking, as Firecracker does: the open does not
-/// wait for a reader, and a full pipe never blocks a writer. Anything else is opened for
-/// appending and created if missing.
 fn open_destination(path: &Path) -> Result<File, LoggerError> {
-    let err = |reason: String| LoggerError::Open {
+    open_file_or_pipe(path).map_err(|e| LoggerError::Open {
         path: path.to_path_buf(),
-        reason,
-    };
+        reason: crate::config::io_reason(&e),
+    })
+}
+
+/// Opens a log or metrics destination. A named pipe is opened read-write and non-blocking, as
+/// Firecracker does: the open does not wait for a reader, and a full pipe never blocks a
+/// writer. Anything else is opened for appending and created if missing.
+pub(crate) fn open_file_or_pipe(path: &Path) -> std::io::Result<File> {
     let fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
-    let opened = if fifo {
+    if fifo {
         OpenOptions::new()
             .read(true)
             .write(true)
@@ -198,8 +271,7 @@ fn open_destination(path: &Path) -> Result<File, LoggerError> {
             .append(true)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
-    };
-    opened.map_err(|e| err(crate::config::io_reason(&e)))
+    }
 }
 
 #[cfg(test)]
@@ -219,6 +291,7 @@ mod tests {
             show_level: true,
             show_origin: false,
             module: None,
+            format: LineFormat::Wisp,
         };
         let line = |sink: &Sink, module: &str| {
             sink.format(
@@ -255,6 +328,49 @@ mod tests {
         assert!(!is_guest_driven("virtio_queue_x"));
         assert!(!is_guest_driven("wisp::vmm"));
         assert!(!is_guest_driven("wisp_devices::virtio::block"));
+    }
+
+    #[test]
+    fn firecracker_lines_carry_id_thread_and_asked_for_level_and_origin() {
+        let mut sink = Sink {
+            file: None,
+            show_level: false,
+            show_origin: false,
+            module: None,
+            format: LineFormat::Firecracker {
+                instance_id: "vm1".into(),
+            },
+        };
+        let record = |level| {
+            Record::builder()
+                .args(format_args!("VM started"))
+                .level(level)
+                .module_path(Some("wisp::vmm"))
+                .file(Some("src/vmm.rs"))
+                .line(Some(42))
+                .build()
+        };
+        let t = "2026-12-07T18:34:02.000000001";
+        let thread = std::thread::current().name().unwrap_or("-").to_string();
+        assert_eq!(
+            sink.firecracker_line("vm1", &record(Level::Info), t),
+            format!("{t} [vm1:{thread}] VM started\n")
+        );
+        sink.show_level = true;
+        sink.show_origin = true;
+        assert_eq!(
+            sink.firecracker_line("vm1", &record(Level::Warn), t),
+            format!("{t} [vm1:{thread}:WARN:src/vmm.rs:42] VM started\n")
+        );
+        // format() takes the same path, with the time of the call.
+        let line = sink.format(&record(Level::Error)).unwrap();
+        assert!(
+            line.ends_with(&format!(" [vm1:{thread}:ERROR:src/vmm.rs:42] VM started\n")),
+            "{line}"
+        );
+        let time = line.split(' ').next().unwrap();
+        assert_eq!(time.len(), t.len(), "{time}");
+        assert_eq!((&time[4..5], &time[10..11], &time[19..20]), ("-", "T", "."));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 use clap::Parser;
 use std::path::Path;
 use wisp::api::{self, PrebootApiController};
-use wisp::cli::{Cli, Command};
+use wisp::cli::{Cli, Command, FirecrackerArgs, FirecrackerLaunch, FirecrackerMode};
 use wisp::event_loop::{EventLoop, Phase, RunError};
 use wisp::vstate::exit::VmExit;
 
@@ -22,30 +22,107 @@ fn main() {
     let cli = Cli::parse();
     wisp::logger::init(cli.log_level.as_deref());
     let code = match cli.command {
-        Some(Command::Run(args)) => match args.to_config() {
-            Ok(config) => ended(run_vm(|| wisp::builder::build(&config).map_err(Into::into))),
-            Err(e) => fail(&e),
-        },
-        Some(Command::Image(cmd)) => match wisp::image::run(&cmd) {
-            Ok(()) => 0,
-            Err(e) => fail(&e),
-        },
-        None => match (&cli.api_sock, &cli.config_file) {
-            (Some(sock), file) => ended(serve(sock, cli.id.as_deref(), file.as_deref())),
-            (None, Some(file)) if cli.no_api => ended(run_vm(|| {
-                let (vmm, _) = PrebootApiController::new(cli.id.as_deref(), Some(file))?.build()?;
-                Ok(vmm)
-            })),
-            _ => {
+        Some(command) => {
+            if let Some(flag) = cli.firecracker.first_given() {
                 eprintln!(
-                    "wisp: error: nothing to do: use `wisp run ...`, `wisp --api-sock PATH`, or \
-                     `wisp --config-file FILE --no-api` (see --help)"
+                    "wisp: error: {flag} is a flag of the Firecracker-compatible mode: give it \
+                     without a subcommand (see wisp --help)"
                 );
-                1
+                std::process::exit(1);
             }
-        },
+            match command {
+                Command::Run(args) => match args.to_config() {
+                    Ok(config) => {
+                        ended(run_vm(|| wisp::builder::build(&config).map_err(Into::into)))
+                    }
+                    Err(e) => fail(&e),
+                },
+                Command::Image(cmd) => match wisp::image::run(&cmd) {
+                    Ok(()) => 0,
+                    Err(e) => fail(&e),
+                },
+            }
+        }
+        None => firecracker(&cli.firecracker),
     };
     std::process::exit(code);
+}
+
+/// `wisp` with Firecracker's command line: serve the API, or boot from a config file.
+fn firecracker(args: &FirecrackerArgs) -> i32 {
+    let launch = match args.resolve() {
+        Ok(FirecrackerMode::PrintVersion) => {
+            println!(
+                "wisp v{} (Firecracker v{} API)",
+                api::VMM_VERSION,
+                api::FIRECRACKER_API_VERSION
+            );
+            return 0;
+        }
+        Ok(FirecrackerMode::Launch(l)) => l,
+        Err(e) => return fail(&e),
+    };
+    wisp::logger::use_firecracker_format(&launch.id);
+    if let Err(e) = wisp::logger::configure(&launch.log) {
+        return fail(&e);
+    }
+    for w in &launch.warnings {
+        eprintln!("wisp: warning: {w}");
+    }
+    log::info!(
+        "Running wisp v{} (Firecracker v{} API)",
+        api::VMM_VERSION,
+        api::FIRECRACKER_API_VERSION
+    );
+    if let Some(path) = &launch.metrics_path {
+        if let Err(e) = wisp::metrics::configure(path) {
+            return fail(&e);
+        }
+    }
+    report_startup_time(&launch);
+    if let Some(n) = launch.max_payload_size {
+        api::set_max_payload_size(n);
+    }
+    let id = Some(launch.id.as_str());
+    let result = match (&launch.api_sock, &launch.config_file) {
+        (Some(sock), file) => serve(sock, id, file.as_deref()),
+        (None, Some(file)) => run_vm(|| Ok(PrebootApiController::new(id, Some(file))?.build()?.0)),
+        (None, None) => unreachable!("resolve() refuses --no-api without --config-file"),
+    };
+    let code = ended(result);
+    // As Firecracker, a last line of metrics on the way out.
+    if let Err(e) = wisp::metrics::write() {
+        log::warn!("{e}");
+    }
+    log::info!("wisp exiting. exit_code={code}");
+    code
+}
+
+/// Firecracker's start-up metrics from the times the jailer passed: wall-clock (monotonic)
+/// and CPU time from the process's start to now, the CPU time including the jailer's.
+fn report_startup_time(launch: &FirecrackerLaunch) {
+    let now_us = |clock| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec it is given.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        u64::try_from(ts.tv_sec)
+            .unwrap_or(0)
+            .saturating_mul(1_000_000)
+            .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0) / 1000)
+    };
+    if let Some(start) = launch.start_time_us {
+        let us = now_us(libc::CLOCK_MONOTONIC).saturating_sub(start);
+        wisp::metrics::set("api_server", "process_startup_time_us", us);
+    }
+    if let Some(start) = launch.start_time_cpu_us {
+        let us = now_us(libc::CLOCK_PROCESS_CPUTIME_ID)
+            .saturating_sub(start)
+            .saturating_add(launch.parent_cpu_time_us.unwrap_or(0));
+        wisp::metrics::set("api_server", "process_startup_time_cpu_us", us);
+    }
 }
 
 /// `wisp run` and `wisp --config-file F --no-api`: a VM with no API.

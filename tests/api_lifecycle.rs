@@ -594,10 +594,14 @@ fn put_logger_sends_wisp_log_lines_to_the_file_at_its_level() {
     assert_eq!(f.code(), Some(0), "{}", f.stderr);
 
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("wisp: info: VM started: 1 vCPU(s)"), "{text}");
+    // Firecracker's line shape: `<time> [<id>:<thread>:<LEVEL>] <message>`.
+    assert!(
+        text.contains(" [anonymous-instance:main:INFO] VM started: 1 vCPU(s)"),
+        "{text}"
+    );
     // Debug lines too: the API's request log.
     assert!(
-        text.contains("wisp: debug: API PUT /actions -> 204"),
+        text.contains(" [anonymous-instance:wisp-api-conn:DEBUG] API PUT /actions -> 204"),
         "{text}"
     );
     assert!(

@@ -311,11 +311,16 @@ fn get_root_reports_instance_info_from_the_main_thread() {
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(
         r.json(),
-        json!({"id": "test-vm", "state": "Not started", "vmm_version": api::VMM_VERSION, "app_name": "wisp"})
+        json!({"id": "test-vm", "state": "Not started", "vmm_version": api::FIRECRACKER_API_VERSION,
+               "wisp_version": api::VMM_VERSION, "app_name": "wisp"})
     );
     let v = c.get("/version");
     assert_eq!(v.status, 200);
-    assert_eq!(v.json()["firecracker_version"], api::VMM_VERSION);
+    assert_eq!(
+        v.json(),
+        json!({"firecracker_version": api::FIRECRACKER_API_VERSION,
+               "wisp_version": api::VMM_VERSION, "app_name": "wisp"})
+    );
 }
 
 #[test]
@@ -448,11 +453,19 @@ fn bad_bodies_get_400_naming_the_field() {
 fn unknown_path_404_wrong_method_405_with_allow() {
     let srv = Server::start();
     let mut c = srv.connect();
-    let r = c.get("/snapshot/create");
+    let r = c.get("/snapshots/create");
     assert_eq!(r.status, 404);
     assert_eq!(
         r.fault(),
-        "Invalid request method and/or path: GET /snapshot/create"
+        "Invalid request method and/or path: GET /snapshots/create"
+    );
+    // A Firecracker endpoint wisp lacks is not unknown: 400 saying so.
+    let r = c.request("PUT", "/snapshot/create", Some("{}"));
+    assert_eq!(r.status, 400);
+    assert!(
+        r.fault().contains("snapshots are not supported by wisp"),
+        "{}",
+        r.fault()
     );
     let r = c.request("POST", "/machine-config", Some("{}"));
     assert_eq!(r.status, 405);

@@ -37,6 +37,7 @@ mod server;
 
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +50,8 @@ pub use requests::{
     allowed_methods, parse_body, route, ActionType, Allowed, ApiRequest, BootSource, CacheType,
     CgroupConfig, CgroupUpdate, Drive, DriveUpdate, InstanceAction, InstanceInfo, InstanceState,
     LogLevel, LoggerConfig, MacAddr, MachineConfig, MachineConfigUpdate, Method, MetricsConfig,
-    NetworkInterface, Routed, VersionInfo, VmState, VmStateChange, ROUTES, VMM_VERSION,
+    NetworkInterface, NetworkInterfaceUpdate, Routed, SerialConfig, VersionInfo, VmState,
+    VmStateChange, FIRECRACKER_API_VERSION, ROUTES, UNSUPPORTED, VMM_VERSION,
 };
 pub use runtime::RuntimeApiController;
 
@@ -160,11 +162,22 @@ pub struct ApiLimits {
     pub max_connections: usize,
 }
 
+/// Largest request body by default (Firecracker's `--http-api-max-payload-size`).
+pub const DEFAULT_MAX_PAYLOAD_SIZE: usize = 64 << 10;
+
+static MAX_PAYLOAD_SIZE: AtomicUsize = AtomicUsize::new(DEFAULT_MAX_PAYLOAD_SIZE);
+
+/// Sets the largest request body for servers started from now on (process-wide, as
+/// Firecracker's flag).
+pub fn set_max_payload_size(bytes: usize) {
+    MAX_PAYLOAD_SIZE.store(bytes, Ordering::Relaxed);
+}
+
 impl Default for ApiLimits {
     fn default() -> Self {
         Self {
             max_header_bytes: 8 << 10,
-            max_body_bytes: 64 << 10,
+            max_body_bytes: MAX_PAYLOAD_SIZE.load(Ordering::Relaxed),
             request_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 128,

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use super::requests::{
     ApiRequest, BootSource, Drive, LoggerConfig, MachineConfig, MetricsConfig, NetworkInterface,
+    SerialConfig,
 };
 use super::ApiFault;
 use crate::cgroup::CgroupSpec;
@@ -97,6 +98,8 @@ pub struct PendingConfig {
     pub network_interfaces: Vec<NetworkInterface>,
     pub logger: Option<LoggerConfig>,
     pub metrics: Option<MetricsConfig>,
+    /// `PUT /serial`.
+    pub serial: Option<SerialConfig>,
 }
 
 impl PendingConfig {
@@ -272,7 +275,14 @@ impl PendingConfig {
             }
             ApiRequest::PutMetrics(m) => {
                 m.validate()?;
+                // Opened at once, as Firecracker does: a bad path is this request's error.
+                crate::metrics::configure(&m.metrics_path)
+                    .map_err(|e| ApiFault::bad_request(e.to_string()))?;
                 self.metrics = Some(m.clone());
+            }
+            ApiRequest::PutSerial(c) => {
+                c.validate()?;
+                self.serial = Some(c.clone());
             }
             other => {
                 return Err(ApiFault::bad_request(format!(
@@ -354,6 +364,9 @@ impl PendingConfig {
             })
             .collect();
         config.cgroup = self.cgroup();
+        if let Some(path) = self.serial.as_ref().and_then(|s| s.serial_out_path.clone()) {
+            config.console = crate::config::ConsoleConfig::File(path);
+        }
         config
             .validate()
             .map_err(|e| ApiFault::bad_request(e.to_string()))?;
@@ -385,6 +398,9 @@ impl PendingConfig {
             "vsock": null,
             "mmds-config": null,
             "entropy": null,
+            "cpu-config": null,
+            "memory-hotplug": null,
+            "pmem": [],
         })
     }
 }

@@ -44,6 +44,10 @@ pub enum ApiRequest {
     PatchDrive(DriveUpdate),
     /// `PUT /network-interfaces/{iface_id}`
     PutNetworkInterface(NetworkInterface),
+    /// `PATCH /network-interfaces/{iface_id}` (after boot)
+    PatchNetworkInterface(NetworkInterfaceUpdate),
+    /// `PUT /serial`
+    PutSerial(SerialConfig),
     /// `PUT /actions`
     Action(ActionType),
     /// `PATCH /vm`
@@ -81,11 +85,14 @@ impl ApiRequest {
             | PutDrive(_)
             | PutNetworkInterface(_)
             | PutLogger(_)
-            | PutMetrics(_) => Allowed::PreBoot,
+            | PutMetrics(_)
+            | PutSerial(_) => Allowed::PreBoot,
             Action(ActionType::InstanceStart) => Allowed::PreBoot,
             Action(ActionType::SendCtrlAltDel) => Allowed::PostBoot,
             Action(ActionType::FlushMetrics) => Allowed::Always,
-            PatchDrive(_) | PatchVm(_) | PatchCgroup(_) => Allowed::PostBoot,
+            PatchDrive(_) | PatchNetworkInterface(_) | PatchVm(_) | PatchCgroup(_) => {
+                Allowed::PostBoot
+            }
         }
     }
 
@@ -102,6 +109,8 @@ impl ApiRequest {
             PutDrive(d) => format!("PUT /drives/{}", d.drive_id),
             PatchDrive(d) => format!("PATCH /drives/{}", d.drive_id),
             PutNetworkInterface(n) => format!("PUT /network-interfaces/{}", n.iface_id),
+            PatchNetworkInterface(n) => format!("PATCH /network-interfaces/{}", n.iface_id),
+            PutSerial(_) => "PUT /serial".into(),
             Action(a) => format!("PUT /actions {a:?}"),
             PatchVm(s) => format!("PATCH /vm {s:?}"),
             PutLogger(_) => "PUT /logger".into(),
@@ -493,6 +502,82 @@ impl NetworkInterface {
     }
 }
 
+/// `PATCH /network-interfaces/{iface_id}` (after boot): Firecracker's new rate limiters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceUpdate {
+    pub iface_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<serde_json::Value>,
+}
+
+impl NetworkInterfaceUpdate {
+    pub fn validate(&self) -> Result<(), ApiFault> {
+        check_id("iface_id", &self.iface_id)?;
+        for (field, limiter) in [
+            ("rx_rate_limiter", &self.rx_rate_limiter),
+            ("tx_rate_limiter", &self.tx_rate_limiter),
+        ] {
+            check_no_limit(field, limiter.as_ref())?;
+        }
+        Ok(())
+    }
+}
+
+/// Accepts a rate limiter that limits nothing (`{}`, or its buckets null: what an agent sends
+/// to remove a limit, and wisp has none); refuses one with a bucket, which wisp cannot honour.
+fn check_no_limit(field: &str, limiter: Option<&serde_json::Value>) -> Result<(), ApiFault> {
+    let Some(v) = limiter else {
+        return Ok(());
+    };
+    let unlimited = v.as_object().is_some_and(|o| {
+        o.iter()
+            .all(|(k, v)| matches!(k.as_str(), "bandwidth" | "ops") && v.is_null())
+    });
+    if unlimited {
+        return Ok(());
+    }
+    Err(ApiFault::bad_request(format!(
+        "{field}: rate limiters are not supported by wisp {VMM_VERSION} yet; send null or \
+         {{}} (no limit), or leave it out"
+    )))
+}
+
+/// `PUT /serial`: where the guest's serial output goes (Firecracker 1.10+).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// A file (appended to, created if missing) or a named pipe; left out, the serial output
+    /// stays on wisp's stdout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_out_path: Option<PathBuf>,
+    /// Not supported: refused unless it limits nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<serde_json::Value>,
+}
+
+impl SerialConfig {
+    pub fn validate(&self) -> Result<(), ApiFault> {
+        if let Some(p) = &self.serial_out_path {
+            non_empty_path("serial_out_path", p)?;
+        }
+        // Firecracker's serial limiter is a bare token bucket.
+        let bucket_is_empty = self
+            .rate_limiter
+            .as_ref()
+            .is_none_or(|v| v.is_null() || v.as_object().is_some_and(|o| o.is_empty()));
+        if !bucket_is_empty {
+            return Err(ApiFault::bad_request(format!(
+                "rate_limiter: rate limiting the serial output is not supported by wisp \
+                 {VMM_VERSION} yet; leave it out"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// An Ethernet address, `"06:00:ac:10:00:02"` in JSON.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MacAddr(pub [u8; 6]);
@@ -718,7 +803,10 @@ impl CgroupUpdate {
 pub struct InstanceInfo {
     pub id: String,
     pub state: InstanceState,
+    /// The Firecracker API version wisp implements, as Firecracker reports its own here.
     pub vmm_version: String,
+    /// wisp's own version.
+    pub wisp_version: String,
     pub app_name: String,
 }
 
@@ -727,7 +815,8 @@ impl InstanceInfo {
         Self {
             id: id.to_string(),
             state,
-            vmm_version: VMM_VERSION.to_string(),
+            vmm_version: FIRECRACKER_API_VERSION.to_string(),
+            wisp_version: VMM_VERSION.to_string(),
             app_name: "wisp".to_string(),
         }
     }
@@ -743,18 +832,25 @@ pub enum InstanceState {
 
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The Firecracker release whose API wisp follows (`tests/data/firecracker.yaml`): what
+/// `GET /version` tells clients that check Firecracker's version.
+pub const FIRECRACKER_API_VERSION: &str = "1.16.1";
+
 /// `GET /version` answer (served by the API thread: it needs no VM state).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionInfo {
-    /// Firecracker's field name, carrying wisp's version.
+    /// The Firecracker API version wisp implements (client libraries compare it).
     pub firecracker_version: String,
+    /// wisp's own version.
+    pub wisp_version: String,
     pub app_name: String,
 }
 
 impl VersionInfo {
     pub fn current() -> Self {
         Self {
-            firecracker_version: VMM_VERSION.to_string(),
+            firecracker_version: FIRECRACKER_API_VERSION.to_string(),
+            wisp_version: VMM_VERSION.to_string(),
             app_name: "wisp".to_string(),
         }
     }
@@ -804,12 +900,33 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/drives/{drive_id}"),
     ("PATCH", "/drives/{drive_id}"),
     ("PUT", "/network-interfaces/{iface_id}"),
+    ("PATCH", "/network-interfaces/{iface_id}"),
+    ("PUT", "/serial"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
     ("PUT", "/logger"),
     ("PUT", "/metrics"),
     ("GET", "/vm/metrics"),
     ("PATCH", "/vm/cgroup"),
+];
+
+/// Firecracker's endpoints (v1.16) that wisp does not implement yet, with what they are
+/// about: any method on them answers 400 saying so, where an unknown path gets 404.
+pub const UNSUPPORTED: &[(&str, &str)] = &[
+    ("/balloon", "balloon devices"),
+    ("/balloon/statistics", "balloon devices"),
+    ("/balloon/hinting/start", "balloon devices"),
+    ("/balloon/hinting/status", "balloon devices"),
+    ("/balloon/hinting/stop", "balloon devices"),
+    ("/cpu-config", "custom CPU templates (cpu-config)"),
+    ("/entropy", "entropy (virtio-rng) devices"),
+    ("/hotplug/memory", "memory hotplug"),
+    ("/mmds", "MMDS (the microVM metadata service)"),
+    ("/mmds/config", "MMDS (the microVM metadata service)"),
+    ("/pmem/{id}", "virtio-pmem devices"),
+    ("/snapshot/create", "snapshots"),
+    ("/snapshot/load", "snapshots"),
+    ("/vsock", "vsock devices"),
 ];
 
 /// What the router made of a request.
@@ -870,6 +987,15 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Routed, ApiFault> 
     let path = path.split('?').next().unwrap_or(path);
     let (found, param) = find_route(path);
     let Some(&(_, template)) = found.iter().find(|(m, _)| *m == method) else {
+        if let Some((_, what)) = UNSUPPORTED
+            .iter()
+            .find(|(t, _)| match_template(t, path).is_some())
+        {
+            return Err(ApiFault::bad_request(format!(
+                "{method} {path}: {what} are not supported by wisp {VMM_VERSION} (it implements \
+                 Firecracker's API v{FIRECRACKER_API_VERSION} without them)"
+            )));
+        }
         let invalid = format!("Invalid request method and/or path: {method} {path}");
         return Err(if found.is_empty() {
             ApiFault::new(404, invalid)
@@ -919,6 +1045,17 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Routed, ApiFault> 
             check_path_id("iface_id", param, &n.iface_id)?;
             n.validate()?;
             ApiRequest::PutNetworkInterface(n)
+        }
+        ("PATCH", "/network-interfaces/{iface_id}") => {
+            let n: NetworkInterfaceUpdate = parse_body(body)?;
+            check_path_id("iface_id", param, &n.iface_id)?;
+            n.validate()?;
+            ApiRequest::PatchNetworkInterface(n)
+        }
+        ("PUT", "/serial") => {
+            let c: SerialConfig = parse_body(body)?;
+            c.validate()?;
+            ApiRequest::PutSerial(c)
         }
         ("PUT", "/actions") => {
             let a: InstanceAction = parse_body(body)?;

@@ -8,8 +8,6 @@ use crate::api::{
 };
 use crate::device_manager::change_medium;
 use crate::vmm::Vmm;
-use std::fs::OpenOptions;
-use std::io::{self, Write};
 
 /// What the API needs of a started VM beyond the [`Vmm`] itself.
 pub struct RuntimeApiController {
@@ -21,6 +19,11 @@ pub struct RuntimeApiController {
 impl RuntimeApiController {
     pub fn new(id: String, config: PendingConfig) -> Self {
         Self { id, config }
+    }
+
+    /// The configuration the VM was built from.
+    pub fn config(&self) -> &PendingConfig {
+        &self.config
     }
 
     /// `PATCH /drives/{id}`: the drive gets the new file as its medium (the guest sees the
@@ -69,7 +72,6 @@ impl RuntimeApiController {
 
     /// Answers an API request once the VM has started.
     pub fn handle(&mut self, vmm: &mut Vmm, req: ApiRequest) -> ApiResponse {
-        let internal = |e: io::Error| ApiFault::internal(e.to_string());
         match req {
             ApiRequest::GetInstanceInfo => Ok(Some(
                 serde_json::to_value(InstanceInfo::new(&self.id, vmm.state()))
@@ -97,22 +99,7 @@ impl RuntimeApiController {
                 Ok(None)
             }
             ApiRequest::Action(ActionType::FlushMetrics) => {
-                let path = self
-                    .config
-                    .metrics
-                    .as_ref()
-                    .map(|m| &m.metrics_path)
-                    .ok_or_else(|| {
-                        ApiFault::bad_request(
-                            "metrics are not configured: PUT /metrics before InstanceStart",
-                        )
-                    })?;
-                let mut f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(internal)?;
-                writeln!(f, "{}", vmm.metrics()).map_err(internal)?;
+                crate::metrics::write().map_err(|e| ApiFault::bad_request(e.to_string()))?;
                 Ok(None)
             }
             ApiRequest::PatchCgroup(update) => {
@@ -136,6 +123,22 @@ impl RuntimeApiController {
             }
             ApiRequest::PatchDrive(update) => {
                 self.change_drive_medium(vmm, &update)?;
+                Ok(None)
+            }
+            // Only limiters that limit nothing pass the router: nothing changes, but the
+            // interface must exist.
+            ApiRequest::PatchNetworkInterface(update) => {
+                let known = self
+                    .config
+                    .network_interfaces
+                    .iter()
+                    .any(|n| n.iface_id == update.iface_id);
+                if !known {
+                    return Err(ApiFault::bad_request(format!(
+                        "iface_id: the VM has no network interface {:?}",
+                        update.iface_id
+                    )));
+                }
                 Ok(None)
             }
             other => Err(ApiFault::wrong_state(&other, true)),

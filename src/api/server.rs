@@ -273,6 +273,7 @@ fn serve_connection(stream: UnixStream, limits: &ApiLimits, queue: &Queue, evt: 
                 resp
             }
         };
+        crate::metrics::count_api_request(&req.method, &req.target, response.status);
         log::debug!("API {} {} -> {}", req.method, req.target, response.status);
         if conn
             .write_response(&response, limits.request_timeout)

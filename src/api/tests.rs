@@ -50,11 +50,147 @@ fn get_routes() {
     );
     match route("GET", "/version", b"").unwrap() {
         Routed::Local(v) => {
-            assert_eq!(v["firecracker_version"], VMM_VERSION);
+            // Client libraries compare firecracker_version with the Firecracker release
+            // they need; wisp's own version is a field of its own.
+            assert_eq!(v["firecracker_version"], FIRECRACKER_API_VERSION);
+            assert_eq!(v["wisp_version"], VMM_VERSION);
             assert_eq!(v["app_name"], "wisp");
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn firecracker_endpoints_wisp_lacks_answer_400_naming_wisp_and_its_version() {
+    for (method, path, what) in [
+        ("PUT", "/balloon", "balloon devices"),
+        ("GET", "/balloon/statistics", "balloon devices"),
+        ("PATCH", "/balloon/hinting/stop", "balloon devices"),
+        ("PUT", "/vsock", "vsock devices"),
+        ("PUT", "/mmds", "MMDS"),
+        ("GET", "/mmds", "MMDS"),
+        ("PUT", "/mmds/config", "MMDS"),
+        ("PUT", "/snapshot/create", "snapshots"),
+        ("PUT", "/snapshot/load", "snapshots"),
+        ("PUT", "/entropy", "entropy"),
+        ("PUT", "/cpu-config", "CPU templates"),
+        ("PUT", "/pmem/pmem0", "virtio-pmem"),
+        ("PATCH", "/hotplug/memory", "memory hotplug"),
+    ] {
+        let f = fault(method, path, "{}");
+        assert_fault(&f, 400, what);
+        assert!(
+            f.fault_message.starts_with(&format!("{method} {path}: ")),
+            "{f}"
+        );
+        assert_fault(&f, 400, &format!("not supported by wisp {VMM_VERSION}"));
+    }
+}
+
+#[test]
+fn patch_network_interface_takes_limiters_that_limit_nothing() {
+    let r = req(
+        "PATCH",
+        "/network-interfaces/eth0",
+        r#"{"iface_id": "eth0"}"#,
+    )
+    .unwrap();
+    assert_eq!(r.allowed(), Allowed::PostBoot);
+    assert_eq!(r.describe(), "PATCH /network-interfaces/eth0");
+    for body in [
+        r#"{"iface_id": "eth0", "rx_rate_limiter": null}"#,
+        r#"{"iface_id": "eth0", "rx_rate_limiter": {}, "tx_rate_limiter": {"bandwidth": null, "ops": null}}"#,
+    ] {
+        assert!(matches!(
+            req("PATCH", "/network-interfaces/eth0", body).unwrap(),
+            ApiRequest::PatchNetworkInterface(_)
+        ));
+    }
+    let limited = r#"{"iface_id": "eth0", "tx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#;
+    assert_fault(
+        &fault("PATCH", "/network-interfaces/eth0", limited),
+        400,
+        "tx_rate_limiter: rate limiters are not supported by wisp",
+    );
+    assert_fault(
+        &fault(
+            "PATCH",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth1"}"#,
+        ),
+        400,
+        "the path names \"eth0\" but the body names \"eth1\"",
+    );
+    assert_fault(
+        &fault(
+            "PATCH",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "mtu": 1500}"#,
+        ),
+        400,
+        "unknown field `mtu`",
+    );
+}
+
+#[test]
+fn put_serial_names_the_output_file() {
+    match req(
+        "PUT",
+        "/serial",
+        r#"{"serial_out_path": "/tmp/serial.log"}"#,
+    )
+    .unwrap()
+    {
+        ApiRequest::PutSerial(c) => {
+            assert_eq!(
+                c.serial_out_path.as_deref(),
+                Some(std::path::Path::new("/tmp/serial.log"))
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        req("PUT", "/serial", "{}").unwrap().allowed(),
+        Allowed::PreBoot
+    );
+    assert_fault(
+        &fault("PUT", "/serial", r#"{"serial_out_path": ""}"#),
+        400,
+        "serial_out_path: empty path",
+    );
+    assert_fault(
+        &fault(
+            "PUT",
+            "/serial",
+            r#"{"rate_limiter": {"size": 100, "refill_time": 10}}"#,
+        ),
+        400,
+        "rate_limiter: rate limiting the serial output is not supported",
+    );
+    // Applied before boot, the file becomes the console.
+    let mut p = PendingConfig::new();
+    p.apply(
+        &req(
+            "PUT",
+            "/boot-source",
+            &format!(r#"{{"kernel_image_path": "{}"}}"#, existing_file()),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    p.apply(
+        &req(
+            "PUT",
+            "/serial",
+            r#"{"serial_out_path": "/tmp/serial.log"}"#,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        p.to_vm_config().unwrap().console,
+        crate::config::ConsoleConfig::File("/tmp/serial.log".into())
+    );
 }
 
 #[test]
@@ -64,7 +200,8 @@ fn unknown_path_is_404_and_wrong_method_is_405() {
         404,
         "Invalid request method and/or path: GET /nothing",
     );
-    assert_fault(&fault("PUT", "/balloon", "{}"), 404, "/balloon");
+    // A typo of a Firecracker endpoint is still unknown.
+    assert_fault(&fault("PUT", "/balloons", "{}"), 404, "/balloons");
     assert_fault(&fault("PUT", "/drives/", "{}"), 404, "/drives/");
     assert_fault(&fault("PUT", "/drives/a/b", "{}"), 404, "/drives/a/b");
     assert_fault(&fault("DELETE", "/", ""), 405, "DELETE /");
@@ -580,7 +717,8 @@ fn instance_info_shape() {
     let v = serde_json::to_value(InstanceInfo::new("vm1", InstanceState::NotStarted)).unwrap();
     assert_eq!(
         v,
-        json!({"id": "vm1", "state": "Not started", "vmm_version": VMM_VERSION, "app_name": "wisp"})
+        json!({"id": "vm1", "state": "Not started", "vmm_version": FIRECRACKER_API_VERSION,
+               "wisp_version": VMM_VERSION, "app_name": "wisp"})
     );
 }
 
@@ -859,6 +997,8 @@ fn variant_name(r: &ApiRequest) -> &'static str {
         PutDrive(_) => "PutDrive",
         PatchDrive(_) => "PatchDrive",
         PutNetworkInterface(_) => "PutNetworkInterface",
+        PatchNetworkInterface(_) => "PatchNetworkInterface",
+        PutSerial(_) => "PutSerial",
         Action(_) => "Action",
         PatchVm(_) => "PatchVm",
         PutLogger(_) => "PutLogger",

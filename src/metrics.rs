@@ -1,0 +1,746 @@
+//! Firecracker's metrics file: one JSON object per line, written on `FlushMetrics`, every
+//! 60 seconds once the VM runs, and when wisp exits, to the file or named pipe given by
+//! `--metrics-path` or `PUT /metrics`.
+//!
+//! The object has Firecracker's groups and field names (v1.16: `utc_timestamp_ms`,
+//! `api_server`, `block`, `net`, `vcpu`, `vmm`, `uart`, `latencies_us`, `signals`, ..., and
+//! `block_<drive_id>` / `net_<iface_id>` per device). As in Firecracker, a counter shows what
+//! happened since the previous line and a gauge its current value. What wisp does not count
+//! (or has no device for) is 0, so a parser written for Firecracker finds every key.
+
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use wisp_devices::virtio::net::NetCounters;
+
+/// Firecracker's period for writing metrics while the VM runs.
+pub const WRITE_PERIOD: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("metrics_path: {}: {reason}", path.display())]
+    Open { path: PathBuf, reason: String },
+    #[error("cannot write metrics: {0}")]
+    Write(#[source] std::io::Error),
+}
+
+/// Firecracker's groups that are plain counters, with their fields. A field ending in `_agg`
+/// is a latency aggregate (`min_us`, `max_us`, `sum_us`).
+const GROUPS: &[(&str, &[&str])] = &[
+    (
+        "api_server",
+        &["process_startup_time_us", "process_startup_time_cpu_us"],
+    ),
+    (
+        "balloon",
+        &[
+            "activate_fails",
+            "inflate_count",
+            "stats_updates_count",
+            "stats_update_fails",
+            "deflate_count",
+            "event_fails",
+            "free_page_report_count",
+            "free_page_report_freed",
+            "free_page_report_fails",
+            "free_page_hint_count",
+            "free_page_hint_freed",
+            "free_page_hint_fails",
+        ],
+    ),
+    ("deprecated_api", &["deprecated_http_api_calls"]),
+    (
+        "get_api_requests",
+        &[
+            "instance_info_count",
+            "machine_cfg_count",
+            "mmds_count",
+            "vmm_version_count",
+            "hotplug_memory_count",
+        ],
+    ),
+    (
+        "i8042",
+        &[
+            "error_count",
+            "missed_read_count",
+            "missed_write_count",
+            "read_count",
+            "reset_count",
+            "write_count",
+        ],
+    ),
+    (
+        "rtc",
+        &["error_count", "missed_read_count", "missed_write_count"],
+    ),
+    (
+        "uart",
+        &[
+            "error_count",
+            "flush_count",
+            "missed_read_count",
+            "missed_write_count",
+            "read_count",
+            "write_count",
+            "rate_limiter_dropped_bytes",
+        ],
+    ),
+    (
+        "latencies_us",
+        &[
+            "full_create_snapshot",
+            "diff_create_snapshot",
+            "load_snapshot",
+            "pause_vm",
+            "resume_vm",
+            "vmm_full_create_snapshot",
+            "vmm_diff_create_snapshot",
+            "vmm_load_snapshot",
+            "vmm_pause_vm",
+            "vmm_resume_vm",
+        ],
+    ),
+    (
+        "logger",
+        &[
+            "missed_metrics_count",
+            "metrics_fails",
+            "missed_log_count",
+            "rate_limited_log_count",
+        ],
+    ),
+    (
+        "mmds",
+        &[
+            "rx_accepted",
+            "rx_accepted_err",
+            "rx_accepted_unusual",
+            "rx_bad_eth",
+            "rx_invalid_token",
+            "rx_no_token",
+            "rx_count",
+            "tx_bytes",
+            "tx_count",
+            "tx_errors",
+            "tx_frames",
+            "connections_created",
+            "connections_destroyed",
+        ],
+    ),
+    (
+        "patch_api_requests",
+        &[
+            "drive_count",
+            "drive_fails",
+            "network_count",
+            "network_fails",
+            "machine_cfg_count",
+            "machine_cfg_fails",
+            "mmds_count",
+            "mmds_fails",
+            "hotplug_memory_count",
+            "hotplug_memory_fails",
+            "pmem_count",
+            "pmem_fails",
+        ],
+    ),
+    (
+        "put_api_requests",
+        &[
+            "actions_count",
+            "actions_fails",
+            "boot_source_count",
+            "boot_source_fails",
+            "drive_count",
+            "drive_fails",
+            "logger_count",
+            "logger_fails",
+            "machine_cfg_count",
+            "machine_cfg_fails",
+            "cpu_cfg_count",
+            "cpu_cfg_fails",
+            "metrics_count",
+            "metrics_fails",
+            "network_count",
+            "network_fails",
+            "mmds_count",
+            "mmds_fails",
+            "vsock_count",
+            "vsock_fails",
+            "pmem_count",
+            "pmem_fails",
+            "serial_count",
+            "serial_fails",
+            "hotplug_memory_count",
+            "hotplug_memory_fails",
+        ],
+    ),
+    ("seccomp", &["num_faults"]),
+    (
+        "vcpu",
+        &[
+            "exit_io_in",
+            "exit_io_out",
+            "exit_mmio_read",
+            "exit_mmio_write",
+            "failures",
+            "kvmclock_ctrl_fails",
+            "exit_io_in_agg",
+            "exit_io_out_agg",
+            "exit_mmio_read_agg",
+            "exit_mmio_write_agg",
+        ],
+    ),
+    ("vmm", &["panic_count"]),
+    (
+        "signals",
+        &[
+            "sigbus", "sigsegv", "sigxfsz", "sigxcpu", "sigpipe", "sighup", "sigill",
+        ],
+    ),
+    (
+        "vsock",
+        &[
+            "activate_fails",
+            "cfg_fails",
+            "rx_queue_event_fails",
+            "tx_queue_event_fails",
+            "ev_queue_event_fails",
+            "muxer_event_fails",
+            "conn_event_fails",
+            "rx_queue_event_count",
+            "tx_queue_event_count",
+            "rx_bytes_count",
+            "tx_bytes_count",
+            "rx_packets_count",
+            "tx_packets_count",
+            "conns_added",
+            "conns_killed",
+            "conns_removed",
+            "killq_resync",
+            "tx_flush_fails",
+            "tx_write_fails",
+            "rx_read_fails",
+        ],
+    ),
+    (
+        "entropy",
+        &[
+            "activate_fails",
+            "entropy_event_fails",
+            "entropy_event_count",
+            "entropy_bytes",
+            "host_rng_fails",
+            "entropy_rate_limiter_throttled",
+            "rate_limiter_event_count",
+        ],
+    ),
+    (
+        "pmem",
+        &[
+            "activate_fails",
+            "cfg_fails",
+            "event_fails",
+            "queue_event_count",
+            "rate_limiter_throttled_events",
+            "rate_limiter_event_count",
+        ],
+    ),
+    (
+        "memory_hotplug",
+        &[
+            "activate_fails",
+            "queue_event_fails",
+            "queue_event_count",
+            "plug_agg",
+            "plug_count",
+            "plug_bytes",
+            "plug_fails",
+            "unplug_agg",
+            "unplug_count",
+            "unplug_bytes",
+            "unplug_fails",
+            "unplug_discard_fails",
+            "unplug_all_agg",
+            "unplug_all_count",
+            "unplug_all_fails",
+            "state_agg",
+            "state_count",
+            "state_fails",
+        ],
+    ),
+    ("interrupts", &["triggers", "config_updates"]),
+];
+
+/// A block device's fields (`block_<id>` and the `block` aggregate).
+const BLOCK_FIELDS: &[&str] = &[
+    "activate_fails",
+    "cfg_fails",
+    "no_avail_buffer",
+    "event_fails",
+    "execute_fails",
+    "invalid_reqs_count",
+    "flush_count",
+    "queue_event_count",
+    "rate_limiter_event_count",
+    "update_count",
+    "update_fails",
+    "read_bytes",
+    "write_bytes",
+    "read_count",
+    "write_count",
+    "read_agg",
+    "write_agg",
+    "rate_limiter_throttled_events",
+    "io_engine_throttled_events",
+    "remaining_reqs_count",
+];
+
+/// A network device's fields (`net_<id>` and the `net` aggregate).
+const NET_FIELDS: &[&str] = &[
+    "activate_fails",
+    "cfg_fails",
+    "no_rx_avail_buffer",
+    "no_tx_avail_buffer",
+    "event_fails",
+    "rx_queue_event_count",
+    "rx_event_rate_limiter_count",
+    "rx_rate_limiter_throttled",
+    "rx_tap_event_count",
+    "rx_bytes_count",
+    "rx_packets_count",
+    "rx_fails",
+    "rx_count",
+    "tap_read_fails",
+    "tap_write_fails",
+    "tap_write_agg",
+    "tx_bytes_count",
+    "tx_malformed_frames",
+    "tx_fails",
+    "tx_count",
+    "tx_packets_count",
+    "tx_queue_event_count",
+    "tx_rate_limiter_event_count",
+    "tx_rate_limiter_throttled",
+    "tx_spoofed_mac_count",
+    "tx_remaining_reqs_count",
+];
+
+/// Firecracker's gauges (absolute values); every other field is a counter shown as the
+/// change since the previous line.
+fn is_gauge(group: &str, field: &str) -> bool {
+    matches!(group, "api_server" | "latencies_us" | "vmm" | "seccomp")
+        || (group == "signals" && field != "sigpipe")
+        || field.ends_with("min_us")
+        || field.ends_with("max_us")
+}
+
+/// What the running VM exposes to the metrics.
+#[derive(Default)]
+pub struct VmSources {
+    /// Block devices by drive id (wisp keeps no block counters yet: their fields are 0).
+    pub drives: Vec<String>,
+    /// Network devices by interface id.
+    pub nets: Vec<(String, Arc<NetCounters>)>,
+}
+
+impl VmSources {
+    /// The devices of a VM: ids from Firecracker's `GET /vm/config` shape when the VM was
+    /// configured through the API (taps are matched to `host_dev_name`), else the tap names.
+    pub fn new(vm_config: Option<&Value>, nets: &[(String, Arc<NetCounters>)]) -> Self {
+        let list = |key: &str| {
+            vm_config
+                .and_then(|c| c.get(key))
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let drives = list("drives")
+            .iter()
+            .filter_map(|d| d.get("drive_id").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect();
+        let ifaces = list("network-interfaces");
+        let nets = nets
+            .iter()
+            .map(|(tap, counters)| {
+                let id = ifaces
+                    .iter()
+                    .find(|n| n.get("host_dev_name").and_then(Value::as_str) == Some(tap))
+                    .and_then(|n| n.get("iface_id").and_then(Value::as_str))
+                    .unwrap_or(tap);
+                (id.to_string(), counters.clone())
+            })
+            .collect();
+        Self { drives, nets }
+    }
+}
+
+struct State {
+    dest: Option<File>,
+    /// Counters: running totals by `group.field`.
+    totals: BTreeMap<String, u64>,
+    /// The totals as of the last line written.
+    written: BTreeMap<String, u64>,
+    /// Gauges by `group.field`.
+    gauges: BTreeMap<String, u64>,
+    vm: Option<VmSources>,
+    periodic: bool,
+}
+
+static STATE: Mutex<State> = Mutex::new(State {
+    dest: None,
+    totals: BTreeMap::new(),
+    written: BTreeMap::new(),
+    gauges: BTreeMap::new(),
+    vm: None,
+    periodic: false,
+});
+
+fn state() -> std::sync::MutexGuard<'static, State> {
+    STATE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Sends the metrics to `path` (a file, appended to and created if missing, or a named pipe,
+/// opened so that a missing or slow reader never blocks wisp). Later calls move them.
+pub fn configure(path: &Path) -> Result<(), MetricsError> {
+    let file = crate::logger::open_file_or_pipe(path).map_err(|e| MetricsError::Open {
+        path: path.to_path_buf(),
+        reason: crate::config::io_reason(&e),
+    })?;
+    state().dest = Some(file);
+    Ok(())
+}
+
+/// Whether a metrics destination is set.
+pub fn configured() -> bool {
+    state().dest.is_some()
+}
+
+/// Adds `n` to the counter `group.field`.
+pub fn add(group: &str, field: &str, n: u64) {
+    let mut s = state();
+    let v = s.totals.entry(format!("{group}.{field}")).or_insert(0);
+    *v = v.saturating_add(n);
+}
+
+/// Sets the gauge `group.field`.
+pub fn set(group: &str, field: &str, value: u64) {
+    state().gauges.insert(format!("{group}.{field}"), value);
+}
+
+/// The VM's devices; from now on a line is also written every [`WRITE_PERIOD`] (as
+/// Firecracker does once the VM runs).
+pub fn register_vm(sources: VmSources) {
+    {
+        let mut s = state();
+        s.vm = Some(sources);
+        if std::mem::replace(&mut s.periodic, true) {
+            return;
+        }
+    }
+    // Not under the lock: the logger counts its failed writes here.
+    let spawned = std::thread::Builder::new()
+        .name("wisp-metrics".into())
+        .spawn(|| loop {
+            std::thread::sleep(WRITE_PERIOD);
+            if let Err(e) = write() {
+                log::warn!("{e}");
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("no periodic metrics: cannot start their thread: {e}");
+    }
+}
+
+/// Writes one line to the destination. `Ok(false)` when none is set (as Firecracker, that is
+/// not an error).
+pub fn write() -> Result<bool, MetricsError> {
+    let mut s = state();
+    if s.dest.is_none() {
+        return Ok(false);
+    }
+    let mut line = serde_json::to_vec(&s.next_line()).expect("metrics serialize to JSON");
+    line.push(b'\n');
+    let written = match s.dest.as_mut() {
+        Some(f) => f.write_all(&line),
+        None => Ok(()),
+    };
+    if let Err(e) = written {
+        let v = s.totals.entry("logger.metrics_fails".into()).or_insert(0);
+        *v = v.saturating_add(1);
+        return Err(MetricsError::Write(e));
+    }
+    Ok(true)
+}
+
+impl State {
+    /// The object of the next line; counters restart from here.
+    fn next_line(&mut self) -> Value {
+        let mut totals = self.totals.clone();
+        let mut devices: Vec<(String, &'static [&'static str])> = Vec::new();
+        if let Some(vm) = &self.vm {
+            for id in &vm.drives {
+                devices.push((format!("block_{id}"), BLOCK_FIELDS));
+            }
+            for (id, counters) in &vm.nets {
+                let group = format!("net_{id}");
+                for (field, v) in net_fields(counters) {
+                    totals.insert(format!("{group}.{field}"), v);
+                }
+                devices.push((group, NET_FIELDS));
+            }
+        }
+        let mut groups: Vec<(String, &[&str])> = GROUPS
+            .iter()
+            .map(|(g, f)| (g.to_string(), *f))
+            .chain([
+                ("block".to_string(), BLOCK_FIELDS),
+                ("net".to_string(), NET_FIELDS),
+            ])
+            .collect();
+        groups.extend(devices.iter().map(|(g, f)| (g.clone(), *f)));
+
+        let mut out = Map::new();
+        out.insert("utc_timestamp_ms".into(), json!(utc_now_ms()));
+        for (group, fields) in &groups {
+            let mut obj = Map::new();
+            for field in *fields {
+                let value = if field.ends_with("_agg") {
+                    json!({
+                        "min_us": self.value(&totals, group, &format!("{field}.min_us")),
+                        "max_us": self.value(&totals, group, &format!("{field}.max_us")),
+                        "sum_us": self.value(&totals, group, &format!("{field}.sum_us")),
+                    })
+                } else {
+                    json!(self.value(&totals, group, field))
+                };
+                obj.insert(field.to_string(), value);
+            }
+            out.insert(group.clone(), Value::Object(obj));
+        }
+        // The aggregates are the sums of the devices' lines.
+        for (agg, prefix) in [("block", "block_"), ("net", "net_")] {
+            let mut sum: BTreeMap<String, u64> = BTreeMap::new();
+            for (name, v) in &out {
+                if let (Some(_), Some(obj)) = (name.strip_prefix(prefix), v.as_object()) {
+                    for (field, n) in obj {
+                        if let Some(n) = n.as_u64() {
+                            let e = sum.entry(field.clone()).or_insert(0);
+                            *e = e.saturating_add(n);
+                        }
+                    }
+                }
+            }
+            if let Some(Value::Object(obj)) = out.get_mut(agg) {
+                for (field, n) in sum {
+                    obj.insert(field, json!(n));
+                }
+            }
+        }
+        self.written = totals;
+        Value::Object(out)
+    }
+
+    /// A field's value: a gauge as it is, a counter as its change since the last line.
+    fn value(&self, totals: &BTreeMap<String, u64>, group: &str, field: &str) -> u64 {
+        let key = format!("{group}.{field}");
+        if is_gauge(group, field) {
+            return self.gauges.get(&key).copied().unwrap_or(0);
+        }
+        let now = totals.get(&key).copied().unwrap_or(0);
+        now.saturating_sub(self.written.get(&key).copied().unwrap_or(0))
+    }
+}
+
+/// wisp's network counters under Firecracker's names.
+fn net_fields(c: &NetCounters) -> [(&'static str, u64); 7] {
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let (tx_malformed, tx_errors) = (l(&c.tx_malformed), l(&c.tx_errors));
+    [
+        ("rx_bytes_count", l(&c.rx_bytes)),
+        ("rx_packets_count", l(&c.rx_frames)),
+        // Frames the tap gave that the guest could not take, and chains it malformed.
+        (
+            "rx_fails",
+            l(&c.rx_dropped).saturating_add(l(&c.rx_bad_chains)),
+        ),
+        ("tx_bytes_count", l(&c.tx_bytes)),
+        ("tx_packets_count", l(&c.tx_frames)),
+        ("tx_malformed_frames", tx_malformed),
+        ("tap_write_fails", tx_errors),
+    ]
+}
+
+fn utc_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The API request counters Firecracker keeps for `method path`: (group, field prefix).
+pub fn api_counter(method: &str, path: &str) -> Option<(&'static str, &'static str)> {
+    let path = path.split('?').next().unwrap_or(path);
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    let name = match first {
+        "" if method == "GET" => "instance_info",
+        "version" => "vmm_version",
+        "actions" => "actions",
+        "boot-source" => "boot_source",
+        "drives" => "drive",
+        "logger" => "logger",
+        "machine-config" => "machine_cfg",
+        "cpu-config" => "cpu_cfg",
+        "metrics" => "metrics",
+        "network-interfaces" => "network",
+        "mmds" => "mmds",
+        "vsock" => "vsock",
+        "pmem" => "pmem",
+        "serial" => "serial",
+        "hotplug" => "hotplug_memory",
+        _ => return None,
+    };
+    let group = match method {
+        "GET" => "get_api_requests",
+        "PUT" => "put_api_requests",
+        "PATCH" => "patch_api_requests",
+        _ => return None,
+    };
+    Some((group, name))
+}
+
+/// Counts one answered API request as Firecracker does: `<name>_count` for every request,
+/// `<name>_fails` for the ones that failed (GETs have no failure counter).
+pub fn count_api_request(method: &str, path: &str, status: u16) {
+    let Some((group, name)) = api_counter(method, path) else {
+        return;
+    };
+    let fields = GROUPS
+        .iter()
+        .find(|(g, _)| *g == group)
+        .map_or(&[][..], |(_, f)| *f);
+    let count = format!("{name}_count");
+    if fields.contains(&count.as_str()) {
+        add(group, &count, 1);
+    }
+    let fails = format!("{name}_fails");
+    if status >= 400 && fields.contains(&fails.as_str()) {
+        add(group, &fails, 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh() -> State {
+        State {
+            dest: None,
+            totals: BTreeMap::new(),
+            written: BTreeMap::new(),
+            gauges: BTreeMap::new(),
+            vm: None,
+            periodic: false,
+        }
+    }
+
+    #[test]
+    fn a_line_has_every_firecracker_group_and_counters_restart_after_it() {
+        let mut s = fresh();
+        let counters = Arc::new(NetCounters::default());
+        counters.rx_bytes.store(1500, Ordering::Relaxed);
+        counters.rx_frames.store(1, Ordering::Relaxed);
+        s.vm = Some(VmSources {
+            drives: vec!["rootfs".into()],
+            nets: vec![("eth0".into(), counters.clone())],
+        });
+        s.totals.insert("put_api_requests.actions_count".into(), 2);
+        s.gauges
+            .insert("api_server.process_startup_time_us".into(), 1234);
+        let line = s.next_line();
+        for key in [
+            "utc_timestamp_ms",
+            "api_server",
+            "block",
+            "net",
+            "vcpu",
+            "vmm",
+            "uart",
+            "latencies_us",
+            "signals",
+            "block_rootfs",
+            "net_eth0",
+            "get_api_requests",
+            "put_api_requests",
+            "patch_api_requests",
+            "logger",
+            "mmds",
+            "balloon",
+            "vsock",
+            "entropy",
+            "i8042",
+            "rtc",
+            "seccomp",
+        ] {
+            assert!(line.get(key).is_some(), "{key} missing from {line}");
+        }
+        assert!(line["utc_timestamp_ms"].as_u64().unwrap() > 1_700_000_000_000);
+        assert_eq!(line["net_eth0"]["rx_bytes_count"], 1500);
+        assert_eq!(line["net"]["rx_bytes_count"], 1500, "the aggregate");
+        assert_eq!(line["net_eth0"]["tx_spoofed_mac_count"], 0);
+        assert_eq!(line["block_rootfs"]["read_agg"]["max_us"], 0);
+        assert_eq!(line["put_api_requests"]["actions_count"], 2);
+        assert_eq!(line["api_server"]["process_startup_time_us"], 1234);
+
+        // Counters show the change since the last line, gauges their value.
+        counters.rx_bytes.store(1600, Ordering::Relaxed);
+        let line = s.next_line();
+        assert_eq!(line["net_eth0"]["rx_bytes_count"], 100);
+        assert_eq!(line["net_eth0"]["rx_packets_count"], 0);
+        assert_eq!(line["put_api_requests"]["actions_count"], 0);
+        assert_eq!(line["api_server"]["process_startup_time_us"], 1234);
+    }
+
+    #[test]
+    fn api_requests_map_to_firecracker_counters() {
+        assert_eq!(
+            api_counter("PUT", "/drives/rootfs"),
+            Some(("put_api_requests", "drive"))
+        );
+        assert_eq!(
+            api_counter("PATCH", "/network-interfaces/eth0"),
+            Some(("patch_api_requests", "network"))
+        );
+        assert_eq!(
+            api_counter("GET", "/"),
+            Some(("get_api_requests", "instance_info"))
+        );
+        assert_eq!(
+            api_counter("GET", "/version?x"),
+            Some(("get_api_requests", "vmm_version"))
+        );
+        assert_eq!(api_counter("GET", "/vm/metrics"), None);
+    }
+
+    #[test]
+    fn device_ids_come_from_the_vm_config() {
+        let counters = Arc::new(NetCounters::default());
+        let config = json!({
+            "drives": [{"drive_id": "rootfs"}, {"drive_id": "data"}],
+            "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap7"}],
+        });
+        let s = VmSources::new(
+            Some(&config),
+            &[("tap7".into(), counters.clone()), ("tap8".into(), counters)],
+        );
+        assert_eq!(s.drives, ["rootfs", "data"]);
+        let ids: Vec<&str> = s.nets.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["eth0", "tap8"]);
+    }
+}
