@@ -356,9 +356,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "WHERE")]
     pub console: Option<String>,
     /// A virtio-blk disk, repeatable (vda, vdb, ... in order):
-    /// path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2]. Without format, wisp probes
-    /// and refuses a probed qcow2 image that names a backing file. Given here, the disks
-    /// replace those of the config file.
+    /// path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2][,backing_files=on]
+    /// [,backing_dir=DIR][,backing_devices=on]. Without format the disk is raw. A qcow2 image
+    /// that names a backing file is refused unless backing_files=on (anywhere) or
+    /// backing_dir=DIR (only inside DIR, no symbolic links). Given here, the disks replace
+    /// those of the config file.
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
     /// A virtio-net interface over a tap, repeatable (eth0, eth1, ...):

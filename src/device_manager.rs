@@ -3,17 +3,15 @@
 
 use crate::arch::x86_64::acpi::MmioDevice;
 use crate::arch::x86_64::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
-use crate::config::{io_reason, DiskConfig, DiskFormat, NetConfig};
+use crate::config::{DiskConfig, DiskFormat, NetConfig};
 use crate::vstate::vm::Vm;
 use kvm_ioctls::IoEventAddress;
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 use wisp_devices::bus::{Bus, BusError};
-use wisp_devices::disk::qcow2::{self, Qcow2};
+use wisp_devices::disk::qcow2::{BackingPolicy, Qcow2};
 use wisp_devices::disk::raw::RawFile;
 use wisp_devices::interrupt::IrqFd;
 use wisp_devices::tap::Tap;
@@ -203,44 +201,31 @@ fn disk_error(disk: &DiskConfig, reason: String) -> DeviceError {
     }
 }
 
-/// Opens the image `disk` names, with the rules of boot time: the format given, or probed
-/// (a probed qcow2 image that names a backing file is refused), read-only as the drive is,
+/// Opens the image `disk` names, with the rules of boot time: raw unless the format given
+/// is qcow2, backing files only as the disk's options allow, read-only as the drive is,
 /// locked against other writers.
 fn open_medium(disk: &DiskConfig) -> Result<Disk, DeviceError> {
     let err = |reason: String| disk_error(disk, reason);
-    // Opening a named pipe waits for a writer: the event loop would hang on it.
-    let meta = std::fs::metadata(&disk.path).map_err(|e| err(io_reason(&e)))?;
-    if meta.file_type().is_fifo() || meta.file_type().is_socket() {
-        return Err(err(
-            "is a named pipe or a socket, not a disk image (a regular file or a block device)"
-                .into(),
-        ));
-    }
-    let format = match disk.format {
-        Some(f) => f,
-        None => {
-            let file = File::open(&disk.path).map_err(|e| err(io_reason(&e)))?;
-            match qcow2::probe_format(&file).map_err(|e| err(io_reason(&e)))? {
-                qcow2::Format::Raw => DiskFormat::Raw,
-                qcow2::Format::Qcow2 => DiskFormat::Qcow2,
-            }
-        }
-    };
-    match format {
+    match disk.format.unwrap_or(DiskFormat::Raw) {
         DiskFormat::Raw => {
             let raw = RawFile::open(&disk.path, disk.readonly).map_err(|e| err(e.to_string()))?;
+            if disk.format.is_none() && raw.starts_with_qcow2_magic() {
+                log::warn!(
+                    "disk {}: starts like a qcow2 image but is used raw; give format=qcow2 if it is one",
+                    disk.path.display()
+                );
+            }
             Ok(Disk::Raw(raw))
         }
         DiskFormat::Qcow2 => {
-            // Qcow2::open takes the image lock (and shared locks on its backing files).
-            let image = Qcow2::open(&disk.path, disk.readonly).map_err(|e| err(e.to_string()))?;
-            if disk.format.is_none() && !image.backing_chain().is_empty() {
-                return Err(err(
-                    "probed as qcow2 and it names a backing file; give format=qcow2 if this image is \
-                     trusted (a guest can write a qcow2 header into a raw disk)"
-                        .into(),
-                ));
-            }
+            let backing = BackingPolicy {
+                enabled: disk.backing_files || disk.backing_dir.is_some(),
+                beneath: disk.backing_dir.clone(),
+                block_devices: disk.backing_devices,
+            };
+            // Qcow2 takes the image lock (and shared locks on its backing files).
+            let image = Qcow2::open_with(&disk.path, disk.readonly, &backing)
+                .map_err(|e| err(e.to_string()))?;
             Ok(Disk::Generic(Box::new(image)))
         }
     }
@@ -269,6 +254,7 @@ mod tests {
     use vm_memory::{GuestAddress, GuestMemoryMmap};
     use vmm_sys_util::tempdir::TempDir;
     use wisp_devices::bus::BusDevice;
+    use wisp_devices::disk::qcow2;
 
     fn raw(dir: &Path, name: &str, len: usize) -> PathBuf {
         let p = dir.join(name);
@@ -280,9 +266,8 @@ mod tests {
         DiskConfig {
             id: None,
             path: path.to_path_buf(),
-            readonly: false,
-            serial: None,
             format,
+            ..DiskConfig::default()
         }
     }
 
@@ -330,8 +315,11 @@ mod tests {
             // Opening a pipe would block the event loop until a writer came.
             (disk(&fifo, None), "named pipe"),
             (disk(&fifo, Some(DiskFormat::Raw)), "named pipe"),
-            // Probed as qcow2 with a backing file: refused, as at boot.
-            (disk(&overlay, None), "names a backing file"),
+            // An image naming a backing file, without backing_files=on: refused, as at boot.
+            (
+                disk(&overlay, Some(DiskFormat::Qcow2)),
+                "backing files are off for this disk",
+            ),
             // The format given is the format used.
             (disk(&base, Some(DiskFormat::Qcow2)), ""),
         ];
@@ -343,11 +331,12 @@ mod tests {
             );
             assert_eq!(capacity_and_generation(&mut t), (2048, 0), "after {e}");
         }
-        // Given as qcow2, the overlay is trusted: 2 MiB from its backing file.
-        assert_eq!(
-            change_medium(&mut h, &disk(&overlay, Some(DiskFormat::Qcow2))).unwrap(),
-            4096
-        );
+        // With backing_files=on, the overlay is trusted: 2 MiB from its backing file.
+        let trusted = DiskConfig {
+            backing_files: true,
+            ..disk(&overlay, Some(DiskFormat::Qcow2))
+        };
+        assert_eq!(change_medium(&mut h, &trusted).unwrap(), 4096);
         assert_eq!(capacity_and_generation(&mut t), (4096, 1));
         // The old file was closed: its lock is free again (allowing a moment for a child
         // that another test thread forked with the fd, until it execs).
@@ -361,5 +350,23 @@ mod tests {
         let other = raw(dir, "other.img", 512 * 3);
         assert_eq!(change_medium(&mut h, &disk(&other, None)).unwrap(), 3);
         assert_eq!(capacity_and_generation(&mut t), (3, 2));
+    }
+
+    #[test]
+    fn a_disk_without_a_format_is_raw_whatever_its_first_sector_says() {
+        let dir = TempDir::new().unwrap();
+        // What a guest can leave in its raw disk: a qcow2 header claiming 1 TiB.
+        let img = dir.as_path().join("disk.img");
+        qcow2::create(&img, Some(1 << 40), None, None).unwrap();
+        let file_len = std::fs::metadata(&img).unwrap().len();
+        let read_only = |format| DiskConfig {
+            readonly: true,
+            ..disk(&img, format)
+        };
+        let (mut t, _) = transport(&read_only(None));
+        assert_eq!(capacity_and_generation(&mut t), (file_len / 512, 0));
+        // It is a qcow2 image only when the operator says so.
+        let (mut t, _) = transport(&read_only(Some(DiskFormat::Qcow2)));
+        assert_eq!(capacity_and_generation(&mut t), ((1 << 40) / 512, 0));
     }
 }

@@ -124,3 +124,40 @@ fn no_permission_on_dev_kvm_is_explained() {
     .wait(Duration::from_secs(30));
     assert_one_line_error(&f, "cannot open /dev/kvm: Permission denied");
 }
+
+#[test]
+fn an_image_naming_a_host_file_is_refused_unless_backing_files_are_on() {
+    let dir = std::env::temp_dir().join(format!("wisp-cli-backing-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ov = dir.join("ov.qcow2");
+    let out = Command::new(wisp_bin())
+        .args([
+            "image",
+            "create",
+            "--size",
+            "1M",
+            "--backing",
+            "/etc/passwd",
+        ])
+        .args(["--backing-format", "raw"])
+        .arg(&ov)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let disk = format!("path={},format=qcow2", ov.display());
+    let f = run_wisp(&["run", "--kernel", "/etc/passwd", "--disk", &disk]);
+    if f.stderr.contains("/dev/kvm") {
+        // Without KVM the VM cannot be created, so no disk is opened.
+        assert!(kvm_available(
+            "an_image_naming_a_host_file_is_refused_unless_backing_files_are_on"
+        ));
+    }
+    assert_one_line_error(&f, "names the backing file \"/etc/passwd\"");
+    assert!(f.stderr.contains("backing_files=on"), "{}", f.stderr);
+
+    let disk = format!("path={},backing_devices=on", ov.display());
+    let f = run_wisp(&["run", "--kernel", "/etc/passwd", "--disk", &disk]);
+    assert_one_line_error(&f, "needs backing_files=on or backing_dir=DIR");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -350,9 +350,18 @@ pub struct Drive {
     /// vhost-user: not supported, refused when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
-    /// wisp: image format; left out, wisp probes (and refuses a probed qcow2 with a backing file).
+    /// wisp: image format; left out, raw.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<DiskFormat>,
+    /// wisp: follow the qcow2 image's backing files (default off: such an image is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_files: Option<bool>,
+    /// wisp: backing files only inside this directory, without symbolic links.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_dir: Option<PathBuf>,
+    /// wisp: block devices may be backing files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_devices: Option<bool>,
     /// wisp: the virtio-blk serial the guest reads (at most 20 bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
@@ -373,12 +382,18 @@ impl Drive {
             readonly: self.is_read_only,
             serial: self.serial.clone(),
             format: self.format,
+            backing_files: self.backing_files.unwrap_or(false),
+            backing_dir: self.backing_dir.clone(),
+            backing_devices: self.backing_devices.unwrap_or(false),
         }
     }
 
     pub fn validate(&self) -> Result<(), ApiFault> {
         check_id("drive_id", &self.drive_id)?;
         non_empty_path("path_on_host", &self.path_on_host)?;
+        self.disk_config()
+            .validate_backing()
+            .map_err(|e| ApiFault::bad_request(e.to_string()))?;
         if let Some(p) = &self.partuuid {
             if !self.is_root_device {
                 return Err(ApiFault::bad_request(

@@ -466,6 +466,34 @@ fn drives() {
         400,
         "format: unknown variant `vmdk`",
     );
+    // wisp's backing-file options: off unless given; block devices only with the files.
+    let r = req(
+        "PUT",
+        "/drives/a",
+        r#"{"drive_id": "a", "path_on_host": "/img", "is_root_device": false, "format": "qcow2", "backing_files": true, "backing_devices": true}"#,
+    )
+    .unwrap();
+    let ApiRequest::PutDrive(d) = r else {
+        panic!("{r:?}")
+    };
+    let disk = d.disk_config();
+    assert!(disk.backing_files && disk.backing_devices && disk.backing_dir.is_none());
+    assert_fault(
+        &put(
+            "a",
+            r#"{"drive_id": "a", "path_on_host": "/img", "is_root_device": false, "backing_devices": true}"#,
+        ),
+        400,
+        "backing_devices=on: needs backing_files=on or backing_dir=DIR",
+    );
+    assert_fault(
+        &put(
+            "a",
+            r#"{"drive_id": "a", "path_on_host": "/img", "is_root_device": false, "backing_dir": "/nonexistent"}"#,
+        ),
+        400,
+        "backing_dir /nonexistent: No such file or directory",
+    );
     assert_fault(
         &put(
             "a",

@@ -1,4 +1,5 @@
-//! Disks: `--disk path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2]`.
+//! Disks: `--disk path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2][,backing_files=on]
+//! [,backing_dir=DIR][,backing_devices=on]`.
 
 use super::{io_reason, ConfigError};
 use serde::{Deserialize, Serialize};
@@ -14,7 +15,7 @@ pub enum DiskFormat {
     Qcow2,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// The drive's id (`drive_id` of the API), by which runtime requests find it.
@@ -25,10 +26,25 @@ pub struct DiskConfig {
     pub readonly: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
-    /// Left out: wisp probes, and refuses a probed qcow2 image that names a backing file
-    /// (a guest that wrote a qcow2 header into a raw disk must not reach host files).
+    /// Left out: raw, whatever the file holds (a guest that wrote a qcow2 header into its
+    /// raw disk must not get the qcow2 parser, nor a virtual size of its choosing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<DiskFormat>,
+    /// Follow the backing files a qcow2 image names; off, an image that names one is
+    /// refused (its name could point at any host file).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub backing_files: bool,
+    /// Backing files only inside this directory, reached without symbolic links (implies
+    /// `backing_files`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_dir: Option<PathBuf>,
+    /// Block devices may be backing files (needs `backing_files` or `backing_dir`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub backing_devices: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl DiskConfig {
@@ -38,12 +54,9 @@ impl DiskConfig {
             spec: s.to_string(),
             reason,
         };
-        let mut disk = DiskConfig {
-            id: None,
-            path: PathBuf::new(),
-            readonly: false,
-            serial: None,
-            format: None,
+        let mut disk = DiskConfig::default();
+        let on_off = |key: &str, value: &str| {
+            parse_bool(value).ok_or_else(|| bad(format!("{key}={value}: use on or off")))
         };
         for part in s.split(',') {
             let (key, value) = part
@@ -51,10 +64,10 @@ impl DiskConfig {
                 .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
             match key {
                 "path" => disk.path = PathBuf::from(value),
-                "readonly" | "ro" => {
-                    disk.readonly = parse_bool(value)
-                        .ok_or_else(|| bad(format!("readonly={value}: use on or off")))?
-                }
+                "readonly" | "ro" => disk.readonly = on_off("readonly", value)?,
+                "backing_files" => disk.backing_files = on_off(key, value)?,
+                "backing_dir" => disk.backing_dir = Some(PathBuf::from(value)),
+                "backing_devices" => disk.backing_devices = on_off(key, value)?,
                 "serial" => disk.serial = Some(value.to_string()),
                 "format" => {
                     disk.format = Some(match value {
@@ -65,7 +78,8 @@ impl DiskConfig {
                 }
                 _ => {
                     return Err(bad(format!(
-                        "unknown key {key:?} (path, readonly, serial, format)"
+                        "unknown key {key:?} (path, readonly, serial, format, backing_files, \
+                         backing_dir, backing_devices)"
                     )))
                 }
             }
@@ -86,11 +100,37 @@ impl DiskConfig {
         if meta.is_dir() {
             return Err(bad("is a directory".into()));
         }
+        self.validate_backing()?;
         if let Some(serial) = &self.serial {
             if serial.len() > MAX_SERIAL_LEN {
                 return Err(ConfigError::DiskSpec {
                     spec: format!("serial={serial}"),
                     reason: format!("{} bytes, at most {MAX_SERIAL_LEN}", serial.len()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The backing-file options make sense together (`backing_dir` is a directory).
+    pub fn validate_backing(&self) -> Result<(), ConfigError> {
+        if self.backing_devices && !self.backing_files && self.backing_dir.is_none() {
+            return Err(ConfigError::DiskSpec {
+                spec: "backing_devices=on".into(),
+                reason: "needs backing_files=on or backing_dir=DIR".into(),
+            });
+        }
+        if let Some(dir) = &self.backing_dir {
+            let meta = std::fs::metadata(dir).map_err(|e| ConfigError::BadFile {
+                what: "backing_dir",
+                path: dir.clone(),
+                reason: io_reason(&e),
+            })?;
+            if !meta.is_dir() {
+                return Err(ConfigError::BadFile {
+                    what: "backing_dir",
+                    path: dir.clone(),
+                    reason: "is not a directory".into(),
                 });
             }
         }

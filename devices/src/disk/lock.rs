@@ -108,7 +108,6 @@ fn held_by_another(file: &File, byte: i64) -> io::Result<bool> {
 mod tests {
     use super::*;
     use crate::disk::qcow2::{self, Format, Qcow2};
-    use crate::disk::raw::RawFile;
     use crate::virtio::testing::TempDir;
     use std::io::{BufRead, BufReader, Write};
     use std::path::PathBuf;
@@ -230,7 +229,7 @@ mod tests {
             return;
         }
         let dir = TempDir::new();
-        let (base, a, b) = base_and_overlays(&dir);
+        let (_, a, b) = base_and_overlays(&dir);
         let qemu = QemuIo::open(&b, "qcow2", false);
         // Another overlay of the same base: fine, read-write.
         drop(Qcow2::open(&a, false).unwrap());

@@ -4,6 +4,7 @@
 #[doc(hidden)]
 pub mod fault;
 mod lock;
+pub mod open;
 pub mod qcow2;
 pub mod raw;
 

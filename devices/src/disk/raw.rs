@@ -1,7 +1,7 @@
 //! A raw disk image: the file's bytes are the disk's bytes.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, SeekFrom};
+use std::fs::File;
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -45,11 +45,9 @@ impl RawFile {
     /// or locked by another process.
     pub fn open(path: impl AsRef<Path>, read_only: bool) -> Result<RawFile, RawError> {
         let path = path.as_ref();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| {
+        // Not blocking on a named pipe; the opened file's type decides.
+        let (file, len) =
+            super::open::open_image_file(path, !read_only, true).map_err(|source| {
                 if source.raw_os_error() == Some(libc::EISDIR) {
                     RawError::IsDirectory {
                         path: path.to_owned(),
@@ -61,23 +59,7 @@ impl RawFile {
                     }
                 }
             })?;
-        let meta = file.metadata().map_err(|source| RawError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-        if meta.is_dir() {
-            return Err(RawError::IsDirectory {
-                path: path.to_owned(),
-            });
-        }
         lock_file(&file, path, !read_only)?;
-        // Seeking to the end gives the size of block devices too.
-        let len = (&file)
-            .seek(SeekFrom::End(0))
-            .map_err(|source| RawError::Size {
-                path: path.to_owned(),
-                source,
-            })?;
         Ok(RawFile {
             file,
             len,
@@ -85,6 +67,14 @@ impl RawFile {
             sync_failed: false,
             faults: None,
         })
+    }
+
+    /// Whether the disk begins with the qcow2 magic (a caller may warn that it is used raw).
+    pub fn starts_with_qcow2_magic(&self) -> bool {
+        matches!(
+            super::qcow2::probe_format(&self.file),
+            Ok(super::qcow2::Format::Qcow2)
+        )
     }
 
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -45,6 +45,8 @@ use header::{Header, INCOMPAT_DIRTY};
 use vm_memory::VolatileSlice;
 
 use super::fault::{inject, Faults, FileOp};
+use super::open::{open_backing_file, open_image_file, resolve_backing};
+pub use super::open::{BackingOpenError, BackingPolicy};
 use super::DiskBackend;
 
 /// Longest backing chain opened (the overlay itself not counted).
@@ -135,6 +137,13 @@ pub enum Error {
     BackingLoop { path: PathBuf },
     #[error("backing file {path}: {source}")]
     Backing { path: PathBuf, source: Box<Error> },
+    #[error("{image} names the backing file {name:?}: {source}")]
+    BackingOpen {
+        image: PathBuf,
+        name: String,
+        #[source]
+        source: BackingOpenError,
+    },
     #[error("images with {count} internal snapshots can only be opened read-only")]
     Snapshots { count: u32 },
     #[error(transparent)]
@@ -198,7 +207,7 @@ pub struct ImageInfo {
 
 /// Describes an image file (raw or qcow2, probed).
 pub fn info(path: &Path) -> Result<ImageInfo, Error> {
-    let (file, len) = open_image_file(path, false).map_err(|source| Error::Open {
+    let (file, len) = open_image_file(path, false, true).map_err(|source| Error::Open {
         path: path.to_owned(),
         source,
     })?;
@@ -242,7 +251,7 @@ pub fn create(
             let full = resolve_backing(path, bpath);
             let len = match fmt {
                 Format::Raw => {
-                    open_image_file(&full, false)
+                    open_image_file(&full, false, false)
                         .map_err(|source| Error::Open {
                             path: full.clone(),
                             source,
@@ -345,28 +354,6 @@ pub fn create(
     })
 }
 
-/// Opens an image file without blocking (a FIFO named as a backing file must not hang the
-/// VMM) and accepts only regular files and block devices. Returns the file and its size.
-fn open_image_file(path: &Path, write: bool) -> io::Result<(File, u64)> {
-    use std::io::{Seek, SeekFrom};
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let file = OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    let ft = file.metadata()?.file_type();
-    if !(ft.is_file() || ft.is_block_device()) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file or block device",
-        ));
-    }
-    // Seeking to the end gives the size of block devices too.
-    let len = (&file).seek(SeekFrom::End(0))?;
-    Ok((file, len))
-}
-
 /// Fuzzing entry point (for a `cargo fuzz` target): `data` is written to a scratch file,
 /// opened as an image read-only and read-write, and driven through every operation.
 /// Errors are expected; a panic, a hang or an unbounded allocation is a bug.
@@ -377,7 +364,8 @@ pub fn fuzz_image(data: &[u8]) {
         return;
     }
     for read_only in [true, false] {
-        let Ok(mut q) = Qcow2::open(&path, read_only) else {
+        // No backing files: the fuzzer's input must not reach host files.
+        let Ok(mut q) = Qcow2::open_with(&path, read_only, &BackingPolicy::off()) else {
             continue;
         };
         let len = q.len();
@@ -398,17 +386,6 @@ pub fn fuzz_image(data: &[u8]) {
         }
     }
     let _ = fs::remove_file(&path);
-}
-
-fn resolve_backing(overlay: &Path, backing: &Path) -> PathBuf {
-    if backing.is_absolute() {
-        backing.to_owned()
-    } else {
-        overlay
-            .parent()
-            .unwrap_or_else(|| Path::new("."))
-            .join(backing)
-    }
 }
 
 fn corrupt(path: &Path, msg: String) -> io::Error {
@@ -637,19 +614,48 @@ impl AlignedBuf {
 }
 
 impl Qcow2 {
-    /// Opens an image and its backing chain (backing files always read-only).
+    /// Opens an image the caller trusts (one it made) and its backing chain, which may
+    /// name regular files anywhere (backing files are always read-only). Images from
+    /// others go through [`Qcow2::open_with`] and the operator's policy.
     pub fn open(path: impl AsRef<Path>, read_only: bool) -> Result<Qcow2, Error> {
-        Self::open_chain(path.as_ref(), read_only, &mut Vec::new())
+        Self::open_with(path, read_only, &BackingPolicy::any_file())
     }
 
-    fn open_chain(path: &Path, read_only: bool, seen: &mut Vec<PathBuf>) -> Result<Qcow2, Error> {
+    /// Opens an image (a regular file or a block device) and the backing files `backing`
+    /// allows.
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        read_only: bool,
+        backing: &BackingPolicy,
+    ) -> Result<Qcow2, Error> {
+        let path = path.as_ref();
+        let (file, file_size) =
+            open_image_file(path, !read_only, true).map_err(|source| Error::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        Self::open_chain(path, file, file_size, read_only, backing, &mut Vec::new())
+    }
+
+    /// Opens the image in `file` (named `path`), following its chain; `seen` holds the
+    /// (device, inode) of every image above it.
+    fn open_chain(
+        path: &Path,
+        file: File,
+        file_size: u64,
+        read_only: bool,
+        policy: &BackingPolicy,
+        seen: &mut Vec<(u64, u64)>,
+    ) -> Result<Qcow2, Error> {
         let open_err = |source| Error::Open {
             path: path.to_owned(),
             source,
         };
-        let canonical = fs::canonicalize(path).map_err(open_err)?;
-        if seen.contains(&canonical) {
-            return Err(Error::BackingLoop { path: canonical });
+        let meta = file.metadata().map_err(open_err)?;
+        if seen.contains(&(meta.dev(), meta.ino())) {
+            return Err(Error::BackingLoop {
+                path: path.to_owned(),
+            });
         }
         if seen.len() > MAX_BACKING_DEPTH {
             return Err(Error::BackingTooDeep {
@@ -657,9 +663,8 @@ impl Qcow2 {
                 limit: MAX_BACKING_DEPTH,
             });
         }
-        seen.push(canonical);
-        let (file, file_size) = open_image_file(path, !read_only).map_err(open_err)?;
-        let regular_file = file.metadata().map_err(open_err)?.is_file();
+        seen.push((meta.dev(), meta.ino()));
+        let regular_file = meta.is_file();
         // Exclusive for a writer, shared for readers (backing files), like raw images.
         super::raw::lock_file(&file, path, !read_only)?;
         let io_err = |source| Error::Io {
@@ -698,7 +703,12 @@ impl Qcow2 {
         let backing = match &h.backing_file {
             None => None,
             Some(name) => {
-                let bpath = resolve_backing(path, Path::new(name));
+                let (bpath, bfile, blen) = open_backing_file(path, &file, Path::new(name), policy)
+                    .map_err(|source| Error::BackingOpen {
+                        image: path.to_owned(),
+                        name: name.clone(),
+                        source,
+                    })?;
                 let wrap = |e: Error| Error::Backing {
                     path: bpath.clone(),
                     source: Box::new(e),
@@ -712,39 +722,31 @@ impl Qcow2 {
                             format: other.to_string(),
                         })
                     }
-                    None => {
-                        let (f, _) = open_image_file(&bpath, false).map_err(|source| {
-                            wrap(Error::Open {
-                                path: bpath.clone(),
-                                source,
-                            })
-                        })?;
-                        probe_format(&f).map_err(|source| {
-                            wrap(Error::Io {
-                                path: bpath.clone(),
-                                source,
-                            })
-                        })?
-                    }
+                    None => probe_format(&bfile).map_err(|source| {
+                        wrap(Error::Io {
+                            path: bpath.clone(),
+                            source,
+                        })
+                    })?,
                 };
                 chain.push((bpath.clone(), format));
                 Some(match format {
                     Format::Raw => {
-                        let (f, len) = open_image_file(&bpath, false).map_err(|source| {
-                            wrap(Error::Open {
-                                path: bpath.clone(),
-                                source,
-                            })
-                        })?;
-                        super::raw::lock_file(&f, &bpath, false).map_err(|e| wrap(e.into()))?;
-                        BackingDisk::Raw(RawFile { file: f, len })
+                        super::raw::lock_file(&bfile, &bpath, false).map_err(|e| wrap(e.into()))?;
+                        BackingDisk::Raw(RawFile {
+                            file: bfile,
+                            len: blen,
+                        })
                     }
                     Format::Qcow2 => {
-                        let q = Qcow2::open_chain(&bpath, true, seen).map_err(|e| match e {
-                            // Report chain errors once, not wrapped at every level.
-                            e @ (Error::BackingLoop { .. } | Error::BackingTooDeep { .. }) => e,
-                            e => wrap(e),
-                        })?;
+                        let q = Qcow2::open_chain(&bpath, bfile, blen, true, policy, seen)
+                            .map_err(|e| match e {
+                                // Report chain errors once, not wrapped at every level.
+                                e @ (Error::BackingLoop { .. }
+                                | Error::BackingTooDeep { .. }
+                                | Error::BackingOpen { .. }) => e,
+                                e => wrap(e),
+                            })?;
                         chain.extend(q.chain.iter().cloned());
                         BackingDisk::Qcow2(Box::new(q))
                     }
