@@ -28,6 +28,7 @@
 //! `GET /version` is answered by the API thread (it needs no VM state); `GET /` goes to the
 //! main thread, which knows the VM's id and state (build the answer with [`InstanceInfo`]).
 
+mod fuzz;
 mod http;
 mod pending;
 mod preboot;
@@ -44,6 +45,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
+pub use fuzz::fuzz_connection;
 pub use pending::{FirecrackerConfig, PendingConfig};
 pub use preboot::{Preboot, PrebootApiController, DEFAULT_ID};
 pub use requests::{

@@ -59,8 +59,8 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod queue;
-#[cfg(test)]
-pub(crate) mod testing;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod testing;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

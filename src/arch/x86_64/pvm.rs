@@ -236,6 +236,29 @@ fn operand_width(w: bool, opsize16: bool) -> u8 {
     }
 }
 
+/// Fuzzing entry point (fuzz/fuzz_targets/pvm_decode.rs): decodes `bytes` as
+/// `complete_emulation_failure` does (at most the 15 bytes an instruction can have) and
+/// applies the register effects of what it decoded. Panics if a decoded instruction claims
+/// more bytes than it was given.
+#[doc(hidden)]
+pub fn fuzz_decode(bytes: &[u8], regs: &mut kvm_bindings::kvm_regs) -> Option<Completed> {
+    let bytes = &bytes[..bytes.len().min(MAX_INSN_LEN)];
+    let insn = decode(bytes)?;
+    let len = match insn {
+        Insn::Int3 | Insn::Fwait => 1,
+        Insn::Clac | Insn::Stac => 3,
+        Insn::Popcnt { len, .. } | Insn::CmpxchgDouble { len, .. } | Insn::Lsl { len, .. } => {
+            usize::from(len)
+        }
+    };
+    assert!(
+        len <= bytes.len(),
+        "{insn:?} decoded from {} bytes",
+        bytes.len()
+    );
+    Some(execute(insn, regs))
+}
+
 /// The general register with SDM number `n` (0 = RAX ... 15 = R15).
 fn gpr(regs: &mut kvm_bindings::kvm_regs, n: u8) -> &mut u64 {
     match n {
