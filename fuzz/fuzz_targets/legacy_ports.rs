@@ -43,10 +43,16 @@ fuzz_target!(|data: &[u8]| {
     let serial = Arc::new(Mutex::new(serial));
     let i8042 = Arc::new(Mutex::new(I8042::new(sink.clone(), Some(irq()))));
     let mut bus = Bus::new();
-    bus.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN).unwrap();
-    bus.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN).unwrap();
-    bus.insert(Arc::new(Mutex::new(PvPanic::new(sink.clone()))), PVPANIC_PORT, 1)
+    bus.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)
         .unwrap();
+    bus.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)
+        .unwrap();
+    bus.insert(
+        Arc::new(Mutex::new(PvPanic::new(sink.clone()))),
+        PVPANIC_PORT,
+        1,
+    )
+    .unwrap();
     bus.insert(
         Arc::new(Mutex::new(AcpiPm::new(sink))),
         ACPI_PM_PORT,
@@ -57,7 +63,9 @@ fuzz_target!(|data: &[u8]| {
     while !input.is_empty() {
         let op = input.u8();
         let (base, len) = RANGES[usize::from(op >> 2) % RANGES.len()];
-        let port = (base + u64::from(input.u8() % 16)).saturating_sub(2).min(base + len + 2);
+        let port = (base + u64::from(input.u8() % 16))
+            .saturating_sub(2)
+            .min(base + len + 2);
         let width = [1usize, 1, 2, 4][usize::from(op >> 5) % 4];
         match op & 3 {
             0 | 1 => {
@@ -89,7 +97,10 @@ fuzz_target!(|data: &[u8]| {
         }
         bus.read(I8042_PORT, &mut b);
         queued += 1;
-        assert!(queued <= MAX_QUEUED, "the i8042 holds more than {MAX_QUEUED} bytes");
+        assert!(
+            queued <= MAX_QUEUED,
+            "the i8042 holds more than {MAX_QUEUED} bytes"
+        );
     }
     // Clear DLAB so that port 0 is the receive buffer, then read while LSR.DR is set.
     bus.write(COM1_PORT + 3, &[0x03]);
@@ -101,6 +112,9 @@ fuzz_target!(|data: &[u8]| {
         }
         bus.read(COM1_PORT, &mut b);
         queued += 1;
-        assert!(queued <= MAX_QUEUED, "the UART holds more than {MAX_QUEUED} bytes");
+        assert!(
+            queued <= MAX_QUEUED,
+            "the UART holds more than {MAX_QUEUED} bytes"
+        );
     }
 });

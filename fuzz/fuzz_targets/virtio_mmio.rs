@@ -101,14 +101,33 @@ fuzz_target!(|data: &[u8]| {
     d.mem.write_obj(0xeeu8, GuestAddress(status)).unwrap();
     let before = d.used_idx();
     let head = d.add_chain(&[
-        Buf { addr: header, len: 16, writable: false },
-        Buf { addr: buf, len: 512, writable: true },
-        Buf { addr: status, len: 1, writable: true },
+        Buf {
+            addr: header,
+            len: 16,
+            writable: false,
+        },
+        Buf {
+            addr: buf,
+            len: 512,
+            writable: true,
+        },
+        Buf {
+            addr: status,
+            len: 1,
+            writable: true,
+        },
     ]);
     d.publish(head);
     d.kick(0);
-    assert_eq!(d.used_idx(), before.wrapping_add(1), "the read was not answered");
+    assert_eq!(
+        d.used_idx(),
+        before.wrapping_add(1),
+        "the read was not answered"
+    );
     assert_eq!(d.read_bytes(status, 1), [0], "the read failed");
     let now = std::fs::read(path).expect("read the disk file");
-    assert!(d.read_bytes(buf, 512) == now[3 * 512..4 * 512], "the read returned other data");
+    assert!(
+        d.read_bytes(buf, 512) == now[3 * 512..4 * 512],
+        "the read returned other data"
+    );
 });

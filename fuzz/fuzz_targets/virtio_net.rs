@@ -41,7 +41,10 @@ fn host() -> &'static Host {
     static HOST: OnceLock<Host> = OnceLock::new();
     HOST.get_or_init(|| {
         // SAFETY: unshare only changes this process's network namespace.
-        check(unsafe { libc::unshare(libc::CLONE_NEWNET) }, "unshare(CLONE_NEWNET)");
+        check(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            "unshare(CLONE_NEWNET)",
+        );
         let tap = Tap::open(TAP).expect("open the tap");
         for args in [
             &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"][..],

@@ -142,5 +142,7 @@ pub fn service(d: &mut Driver, q: u32) {
 pub fn scribble_avail(d: &mut Driver, input: &mut Input, q: u32) {
     let slot = u64::from(input.u16() % 260);
     let v = input.u16();
-    let _ = d.mem.write_obj(v, GuestAddress(avail_ring(q) + 2 + 2 * slot));
+    let _ = d
+        .mem
+        .write_obj(v, GuestAddress(avail_ring(q) + 2 + 2 * slot));
 }
