@@ -149,7 +149,9 @@ impl EventLoop {
             .iter()
             .map(|n| (n.config.tap.clone(), n.counters.clone()))
             .collect();
-        crate::metrics::register_vm(crate::metrics::VmSources::new(vm_config.as_ref(), &nets));
+        let mut sources = crate::metrics::VmSources::new(vm_config.as_ref(), &nets);
+        sources.vcpus = Some(vmm.control.clone());
+        crate::metrics::register_vm(sources);
         Ok(Box::new(Running {
             vmm,
             api,

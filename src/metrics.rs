@@ -8,6 +8,7 @@
 //! happened since the previous line and a gauge its current value. What wisp does not count
 //! (or has no device for) is 0, so a parser written for Firecracker finds every key.
 
+use crate::vstate::control::{ExitKind, VcpuControl};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -348,6 +349,8 @@ pub struct VmSources {
     pub drives: Vec<String>,
     /// Network devices by interface id.
     pub nets: Vec<(String, Arc<NetCounters>)>,
+    /// The vCPUs' exit counters.
+    pub vcpus: Option<Arc<VcpuControl>>,
 }
 
 impl VmSources {
@@ -378,7 +381,11 @@ impl VmSources {
                 (id.to_string(), counters.clone())
             })
             .collect();
-        Self { drives, nets }
+        Self {
+            drives,
+            nets,
+            vcpus: None,
+        }
     }
 }
 
@@ -486,6 +493,17 @@ impl State {
         let mut totals = self.totals.clone();
         let mut devices: Vec<(String, &'static [&'static str])> = Vec::new();
         if let Some(vm) = &self.vm {
+            if let Some(vcpus) = &vm.vcpus {
+                let exits = vcpus.exits_by_kind();
+                for (kind, field) in [
+                    (ExitKind::IoIn, "exit_io_in"),
+                    (ExitKind::IoOut, "exit_io_out"),
+                    (ExitKind::MmioRead, "exit_mmio_read"),
+                    (ExitKind::MmioWrite, "exit_mmio_write"),
+                ] {
+                    totals.insert(format!("vcpu.{field}"), exits[kind as usize]);
+                }
+            }
             for id in &vm.drives {
                 devices.push((format!("block_{id}"), BLOCK_FIELDS));
             }
@@ -656,9 +674,12 @@ mod tests {
         let counters = Arc::new(NetCounters::default());
         counters.rx_bytes.store(1500, Ordering::Relaxed);
         counters.rx_frames.store(1, Ordering::Relaxed);
+        let vcpus = Arc::new(VcpuControl::default());
+        vcpus.count_exit(ExitKind::IoOut);
         s.vm = Some(VmSources {
             drives: vec!["rootfs".into()],
             nets: vec![("eth0".into(), counters.clone())],
+            vcpus: Some(vcpus.clone()),
         });
         s.totals.insert("put_api_requests.actions_count".into(), 2);
         s.gauges
@@ -697,6 +718,8 @@ mod tests {
         assert_eq!(line["block_rootfs"]["read_agg"]["max_us"], 0);
         assert_eq!(line["put_api_requests"]["actions_count"], 2);
         assert_eq!(line["api_server"]["process_startup_time_us"], 1234);
+        assert_eq!(line["vcpu"]["exit_io_out"], 1);
+        assert_eq!(line["vcpu"]["exit_mmio_write"], 0);
 
         // Counters show the change since the last line, gauges their value.
         counters.rx_bytes.store(1600, Ordering::Relaxed);
@@ -705,6 +728,7 @@ mod tests {
         assert_eq!(line["net_eth0"]["rx_packets_count"], 0);
         assert_eq!(line["put_api_requests"]["actions_count"], 0);
         assert_eq!(line["api_server"]["process_startup_time_us"], 1234);
+        assert_eq!(line["vcpu"]["exit_io_out"], 0);
     }
 
     #[test]

@@ -83,12 +83,15 @@ impl RuntimeApiController {
                     .map_err(|e| ApiFault::internal(e.to_string()))?,
             )),
             ApiRequest::GetVmMetrics => Ok(Some(vmm.metrics())),
-            ApiRequest::PatchVm(VmState::Paused) => {
-                vmm.set_paused(true);
-                Ok(None)
-            }
-            ApiRequest::PatchVm(VmState::Resumed) => {
-                vmm.set_paused(false);
+            ApiRequest::PatchVm(state) => {
+                let started = std::time::Instant::now();
+                let paused = state == VmState::Paused;
+                vmm.set_paused(paused);
+                // Firecracker's pause/resume latencies (the whole request here is the VMM's).
+                let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                let what = if paused { "pause_vm" } else { "resume_vm" };
+                crate::metrics::set("latencies_us", what, us);
+                crate::metrics::set("latencies_us", &format!("vmm_{what}"), us);
                 Ok(None)
             }
             ApiRequest::Action(ActionType::SendCtrlAltDel) => {

@@ -61,8 +61,17 @@ pub struct VcpuControl {
     threads: Mutex<Vec<libc::pthread_t>>,
     /// Bumped to ask every vCPU to log its registers (SIGUSR1).
     dump_generation: AtomicU64,
-    /// Port I/O and MMIO exits handled by the vCPU threads, for metrics.
-    exits: AtomicU64,
+    /// Port I/O and MMIO exits handled by the vCPU threads, by [`ExitKind`], for metrics.
+    exits: [AtomicU64; 4],
+}
+
+/// The exits counted for metrics (Firecracker's `vcpu.exit_io_in`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    IoIn = 0,
+    IoOut = 1,
+    MmioRead = 2,
+    MmioWrite = 3,
 }
 
 impl Default for VcpuControl {
@@ -76,7 +85,7 @@ impl Default for VcpuControl {
             parked_lock: Mutex::new(()),
             threads: Mutex::new(Vec::new()),
             dump_generation: AtomicU64::new(0),
-            exits: AtomicU64::new(0),
+            exits: Default::default(),
         }
     }
 }
@@ -135,12 +144,18 @@ impl VcpuControl {
         self.dump_generation.load(Ordering::SeqCst)
     }
 
-    pub fn count_exit(&self) {
-        self.exits.fetch_add(1, Ordering::Relaxed);
+    pub fn count_exit(&self, kind: ExitKind) {
+        self.exits[kind as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// All counted exits.
     pub fn exits(&self) -> u64 {
-        self.exits.load(Ordering::Relaxed)
+        self.exits_by_kind().iter().sum()
+    }
+
+    /// Counted exits by [`ExitKind`] (indexed by its value).
+    pub fn exits_by_kind(&self) -> [u64; 4] {
+        self.exits.each_ref().map(|e| e.load(Ordering::Relaxed))
     }
 
     pub fn resume(&self) {

@@ -2,7 +2,7 @@
 //! exits to the buses. A vCPU never blocks on device I/O: devices do their work on the event
 //! loop, reached through ioeventfds.
 
-use super::control::{self, VcpuControl};
+use super::control::{self, ExitKind, VcpuControl};
 use super::exit::{ExitSignal, VmExit};
 use crate::arch::x86_64::pvm;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
@@ -79,14 +79,15 @@ impl Vcpu {
                     }
                 }
             };
-            if matches!(
-                exit,
-                VcpuExit::IoIn(..)
-                    | VcpuExit::IoOut(..)
-                    | VcpuExit::MmioRead(..)
-                    | VcpuExit::MmioWrite(..)
-            ) {
-                self.control.count_exit();
+            let counted = match exit {
+                VcpuExit::IoIn(..) => Some(ExitKind::IoIn),
+                VcpuExit::IoOut(..) => Some(ExitKind::IoOut),
+                VcpuExit::MmioRead(..) => Some(ExitKind::MmioRead),
+                VcpuExit::MmioWrite(..) => Some(ExitKind::MmioWrite),
+                _ => None,
+            };
+            if let Some(kind) = counted {
+                self.control.count_exit(kind);
             }
             match exit {
                 VcpuExit::IoIn(port, data) => {

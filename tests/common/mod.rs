@@ -685,3 +685,39 @@ impl Drop for TestDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// One request on the API socket with a small HTTP/1.1 client (a connection of its own);
+/// returns (status, body).
+pub fn api_call(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect to the API socket");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Waits until the API socket accepts connections.
+pub fn wait_api_socket(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "API socket {} never accepted",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

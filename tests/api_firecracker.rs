@@ -1,0 +1,249 @@
+//! wisp started exactly as Firecracker's jailer and client libraries start Firecracker, driving
+//! a probe guest through its life over the API; the log and metrics files must read as
+//! Firecracker's.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+fn now_us(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    assert_eq!(unsafe { libc::clock_gettime(clock, &mut ts) }, 0);
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
+/// Checks one line of Firecracker's log with level and origin shown:
+/// `YYYY-MM-DDTHH:MM:SS.nnnnnnnnn [<id>:<thread>:<LEVEL>:<file>:<line>] <message>`;
+/// returns (thread, level, message).
+fn parse_log_line<'a>(line: &'a str, id: &str) -> (&'a str, &'a str, &'a str) {
+    let (time, rest) = line.split_once(' ').unwrap_or_else(|| panic!("{line:?}"));
+    let b = time.as_bytes();
+    assert_eq!(time.len(), 29, "timestamp of {line:?}");
+    for (i, c) in b.iter().enumerate() {
+        let expected = match i {
+            4 | 7 => b'-',
+            10 => b'T',
+            13 | 16 => b':',
+            19 => b'.',
+            _ => {
+                assert!(c.is_ascii_digit(), "timestamp of {line:?}");
+                continue;
+            }
+        };
+        assert_eq!(*c, expected, "timestamp of {line:?}");
+    }
+    let (tag, message) = rest
+        .strip_prefix('[')
+        .and_then(|r| r.split_once("] "))
+        .unwrap_or_else(|| panic!("no [tag] in {line:?}"));
+    let parts: Vec<&str> = tag.split(':').collect();
+    assert_eq!(parts.len(), 5, "tag of {line:?}");
+    assert_eq!(parts[0], id, "{line:?}");
+    assert!(
+        ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"].contains(&parts[2]),
+        "{line:?}"
+    );
+    assert!(parts[3].ends_with(".rs"), "{line:?}");
+    assert!(parts[4].parse::<u32>().is_ok(), "{line:?}");
+    (parts[1], parts[2], message)
+}
+
+#[test]
+fn started_as_the_jailer_does_the_log_and_metrics_read_as_firecrackers() {
+    if !kvm_available("started_as_the_jailer_does_the_log_and_metrics_read_as_firecrackers") {
+        return;
+    }
+    let dir = TestDir::new("api-fc-jailer");
+    let (sock, log, metrics) = (
+        dir.join("fc.sock"),
+        dir.join("fc.log"),
+        dir.join("fc.metrics"),
+    );
+    let disk = dir.join("data.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let start_us = now_us(libc::CLOCK_MONOTONIC).to_string();
+    let mut w = Wisp::spawn(&[
+        "--id",
+        "vm-jail",
+        "--start-time-us",
+        &start_us,
+        "--start-time-cpu-us",
+        "0",
+        "--parent-cpu-time-us",
+        "1000",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--log-path",
+        log.to_str().unwrap(),
+        "--level",
+        "Info",
+        "--show-level",
+        "--show-log-origin",
+        "--metrics-path",
+        metrics.to_str().unwrap(),
+    ]);
+    wait_api_socket(&sock);
+    let call = |method: &str, path: &str, body: Option<&str>| api_call(&sock, method, path, body);
+
+    // What client libraries check first.
+    let (st, body) = call("GET", "/version", None);
+    assert_eq!(st, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["firecracker_version"], wisp::api::FIRECRACKER_API_VERSION);
+    let (st, body) = call("GET", "/", None);
+    assert_eq!(st, 200);
+    let info: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (info["id"].as_str(), info["state"].as_str()),
+        (Some("vm-jail"), Some("Not started"))
+    );
+
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "probe.scenario=ctrl-alt-del"}}"#,
+        probes().probe.display()
+    );
+    for (path, body) in [
+        ("/boot-source", boot),
+        (
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 64, "smt": false}"#.to_string(),
+        ),
+        (
+            "/drives/data",
+            format!(
+                r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+                disk.display()
+            ),
+        ),
+    ] {
+        let (st, resp) = call("PUT", path, Some(&body));
+        assert_eq!(st, 204, "PUT {path}: {resp}");
+    }
+    // A line before boot (Firecracker allows it too).
+    let flush = Some(r#"{"action_type": "FlushMetrics"}"#);
+    assert_eq!(call("PUT", "/actions", flush).0, 204);
+    let (st, body) = call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(st, 204, "{body}");
+    w.wait_for("probe: waiting for ctrl-alt-del", T);
+
+    for (state, shown) in [("Paused", "Paused"), ("Resumed", "Running")] {
+        let (st, body) = call("PATCH", "/vm", Some(&format!(r#"{{"state": "{state}"}}"#)));
+        assert_eq!(st, 204, "{body}");
+        let info: Value = serde_json::from_str(&call("GET", "/", None).1).unwrap();
+        assert_eq!(info["state"], shown);
+    }
+    assert_eq!(call("PUT", "/actions", flush).0, 204);
+    let (st, body) = call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    assert_eq!(st, 204, "{body}");
+    let f = w.wait(T);
+    assert_eq!(f.code(), Some(0), "{}", f.stderr);
+    assert!(f.stdout.contains("probe: ctrl-alt-del"), "{}", f.stdout);
+    assert!(!sock.exists());
+
+    // The log: every line in Firecracker's shape, with the id, level and origin asked for.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<(&str, &str, &str)> =
+        text.lines().map(|l| parse_log_line(l, "vm-jail")).collect();
+    assert!(
+        lines
+            .iter()
+            .any(|(t, l, m)| (*t, *l) == ("main", "INFO") && m.starts_with("Running wisp v")),
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|(_, l, m)| *l == "INFO" && m.starts_with("VM started: 1 vCPU(s)")),
+        "{text}"
+    );
+    // --level Info: no debug lines.
+    assert!(lines.iter().all(|(_, l, _)| *l != "DEBUG"), "{text}");
+
+    // The metrics: one JSON object per line (before boot, after the resume, on exit), each
+    // with Firecracker's groups; counters are changes since the line before.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let objs: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(objs.len(), 3, "{text}");
+    for m in &objs {
+        for key in [
+            "utc_timestamp_ms",
+            "api_server",
+            "block",
+            "block_data",
+            "net",
+            "vcpu",
+            "vmm",
+            "uart",
+            "latencies_us",
+            "signals",
+            "get_api_requests",
+            "put_api_requests",
+            "patch_api_requests",
+            "logger",
+        ] {
+            assert!(m.get(key).is_some() || key == "block_data", "{key}: {m}");
+        }
+        assert!(m["vcpu"]["exit_io_out"].is_u64(), "{m}");
+        assert!(m["latencies_us"]["pause_vm"].is_u64(), "{m}");
+        let startup = m["api_server"]["process_startup_time_us"].as_u64().unwrap();
+        assert!(startup > 0, "{m}");
+        let cpu = m["api_server"]["process_startup_time_cpu_us"]
+            .as_u64()
+            .unwrap();
+        assert!(cpu >= 1000, "the jailer's CPU time counts: {m}");
+    }
+    // The drive appears once the VM runs.
+    assert!(objs[0].get("block_data").is_none());
+    assert_eq!(objs[1]["block_data"]["write_bytes"], 0);
+    let ts: Vec<u64> = objs
+        .iter()
+        .map(|m| m["utc_timestamp_ms"].as_u64().unwrap())
+        .collect();
+    assert!(ts.windows(2).all(|w| w[0] <= w[1]), "{ts:?}");
+    // Requests counted once each, in the line after them: the PUTs before the first flush,
+    // then that flush, InstanceStart, the PATCHes and GETs.
+    let put = |i: usize, f: &str| objs[i]["put_api_requests"][f].as_u64().unwrap();
+    assert_eq!(
+        (
+            put(0, "boot_source_count"),
+            put(0, "machine_cfg_count"),
+            put(0, "drive_count")
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(
+        put(0, "actions_count"),
+        0,
+        "the flush counts after its line"
+    );
+    assert_eq!(
+        put(1, "boot_source_count"),
+        0,
+        "counters restart after a line"
+    );
+    assert_eq!(put(1, "actions_count"), 2, "FlushMetrics and InstanceStart");
+    assert_eq!(objs[1]["get_api_requests"]["instance_info_count"], 2);
+    assert_eq!(objs[1]["get_api_requests"]["vmm_version_count"], 0);
+    assert_eq!(objs[0]["get_api_requests"]["vmm_version_count"], 1);
+    let exits = objs[1]["vcpu"]["exit_io_out"].as_u64().unwrap()
+        + objs[1]["vcpu"]["exit_io_in"].as_u64().unwrap();
+    assert!(exits > 0, "the guest's port I/O: {}", objs[1]["vcpu"]);
+}
