@@ -66,6 +66,9 @@ const MAX_HOST_OFFSET: u64 = 1 << 56;
 /// writes on ext4), and the image fragments less. The reservation is past the end of the
 /// file, so it changes no byte of the image; a clean close gives back what was not used.
 const PREALLOC_CHUNK: u64 = 32 << 20;
+/// Most refcounts one allocation looks at before it takes the end of the image: a bound on
+/// the time one request can spend on a full or hostile refcount layout.
+const ALLOC_SCAN_LIMIT: u64 = 1 << 16;
 
 /// Why an image was refused.
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +155,18 @@ pub enum Error {
     NoSize,
     #[error("backing file name {name:?} does not fit in the header cluster")]
     BackingNameTooLong { name: String },
+    #[error("refcount block {index} at {offset:#x} {problem}")]
+    RefcountBlock {
+        index: usize,
+        offset: u64,
+        problem: &'static str,
+    },
+    #[error("L2 table {index} at {offset:#x} {problem}")]
+    L2Table {
+        index: usize,
+        offset: u64,
+        problem: &'static str,
+    },
 }
 
 /// Disk image formats wisp reads.
@@ -529,6 +544,9 @@ struct WriteRun {
     host: u64,
     start: usize,
     end: usize,
+    /// Clusters allocated for the run: (guest cluster, new host offset, old mapping). Their
+    /// L2 entries change only once the data is written.
+    allocs: Vec<(u64, u64, Mapping)>,
 }
 
 /// An open qcow2 image.
@@ -570,6 +588,9 @@ pub struct Qcow2 {
     end_cluster: u64,
     /// No cluster below this index has refcount 0 (allocation scan start).
     free_hint: u64,
+    /// Cluster indexes of the L2 tables and refcount blocks, sorted (read-write opens):
+    /// guest data never goes there.
+    meta_clusters: Vec<u64>,
     /// Host byte ranges whose refcounts drop once the L2 entries that referenced them
     /// are durable.
     pending_frees: Vec<(u64, u64)>,
@@ -764,7 +785,7 @@ impl Qcow2 {
 
         let l2_cap = ((16u64 << 20) >> cluster_bits).clamp(8, 16384) as usize;
         let rc_cap = ((4u64 << 20) >> cluster_bits).clamp(8, 8192) as usize;
-        Ok(Qcow2 {
+        let mut q = Qcow2 {
             path: path.to_owned(),
             file,
             read_only,
@@ -792,6 +813,7 @@ impl Qcow2 {
             prealloc: regular_file && !read_only,
             end_cluster: file_size.div_ceil(cluster_size),
             free_hint: 0,
+            meta_clusters: Vec::new(),
             pending_frees: Vec::new(),
             data_dirty: false,
             broken: None,
@@ -803,7 +825,11 @@ impl Qcow2 {
             crash_after: None,
             #[cfg(test)]
             writes_issued: 0,
-        })
+        };
+        if !read_only {
+            q.index_metadata()?;
+        }
+        Ok(q)
     }
 
     /// Backing files, nearest first.
@@ -977,6 +1003,88 @@ impl Qcow2 {
             || in_table(self.rt_offset, self.rt.len() as u64 * 8)
     }
 
+    /// Whether a host cluster holds metadata: header, L1, refcount table, an L2 table or a
+    /// refcount block (QEMU's overlap check).
+    fn is_metadata(&self, cluster: u64) -> bool {
+        self.is_fixed_metadata(cluster) || self.meta_clusters.binary_search(&cluster).is_ok()
+    }
+
+    fn note_metadata(&mut self, cluster: u64) {
+        if let Err(i) = self.meta_clusters.binary_search(&cluster) {
+            // New tables usually go at the end of the file: the insert moves little.
+            self.meta_clusters.insert(i, cluster);
+        }
+    }
+
+    /// For a writer: checks that the refcount blocks are aligned, inside the file, distinct
+    /// and clear of the header, L1 and refcount table, and that no L2 table is fixed
+    /// metadata or a refcount block; indexes both for `is_metadata`. (A refcount table
+    /// whose entries all share one block made every allocation scan 2^35 clusters.)
+    fn index_metadata(&mut self) -> Result<(), Error> {
+        let cb = self.cluster_bits;
+        let mut blocks: Vec<(u64, usize)> = Vec::new();
+        for (index, &e) in self.rt.iter().enumerate() {
+            let offset = e & RT_OFFSET_MASK;
+            if offset == 0 {
+                continue;
+            }
+            let bad = |problem| Error::RefcountBlock {
+                index,
+                offset,
+                problem,
+            };
+            if !offset.is_multiple_of(self.cluster_size) {
+                return Err(bad("is not aligned to a cluster"));
+            }
+            if offset
+                .checked_add(self.cluster_size)
+                .is_none_or(|end| end > self.file_size)
+            {
+                return Err(bad("lies outside the file"));
+            }
+            if self.is_fixed_metadata(offset >> cb) {
+                return Err(bad(
+                    "overlaps the header, the L1 table or the refcount table",
+                ));
+            }
+            blocks.push((offset >> cb, index));
+        }
+        blocks.sort_unstable();
+        if let Some(w) = blocks.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(Error::RefcountBlock {
+                index: w[1].1,
+                offset: w[1].0 << cb,
+                problem: "is also the block of another refcount table entry",
+            });
+        }
+        let mut meta: Vec<u64> = blocks.iter().map(|b| b.0).collect();
+        for (index, &e) in self.l1.iter().enumerate() {
+            let offset = e & L1E_OFFSET_MASK;
+            if offset == 0 {
+                continue;
+            }
+            let c = offset >> cb;
+            let bad = |problem| Error::L2Table {
+                index,
+                offset,
+                problem,
+            };
+            if self.is_fixed_metadata(c) {
+                return Err(bad(
+                    "overlaps the header, the L1 table or the refcount table",
+                ));
+            }
+            if blocks.binary_search_by_key(&c, |b| b.0).is_ok() {
+                return Err(bad("is also a refcount block"));
+            }
+            meta.push(c);
+        }
+        meta.sort_unstable();
+        meta.dedup();
+        self.meta_clusters = meta;
+        Ok(())
+    }
+
     // ---- L2 tables ----
 
     fn load_l2(&mut self, offset: u64) -> io::Result<()> {
@@ -1108,6 +1216,15 @@ impl Qcow2 {
 
     /// Adds `delta` to a cluster's refcount, creating its refcount block if needed.
     fn update_refcount(&mut self, cluster: u64, delta: i64) -> io::Result<u64> {
+        self.change_refcount(cluster, delta, None)
+    }
+
+    /// Sets a cluster's refcount (creating its refcount block if needed).
+    fn set_refcount(&mut self, cluster: u64, value: u64) -> io::Result<u64> {
+        self.change_refcount(cluster, 1, Some(value))
+    }
+
+    fn change_refcount(&mut self, cluster: u64, delta: i64, set: Option<u64>) -> io::Result<u64> {
         if (cluster << self.cluster_bits) >> self.cluster_bits != cluster
             || cluster << self.cluster_bits >= MAX_HOST_OFFSET
         {
@@ -1129,18 +1246,16 @@ impl Qcow2 {
         self.load_rc(off)?;
         let idx = (cluster & ((1 << self.rcb_bits) - 1)) as usize;
         let order = self.refcount_order;
-        let path = self.path.clone();
         let entry = self.rc_cache.get_mut(off).expect("refcount block loaded");
         let old = refcount::get(&entry.table, order, idx);
-        let new = old
-            .checked_add_signed(delta)
+        let Some(new) = set
+            .or_else(|| old.checked_add_signed(delta))
             .filter(|&v| v <= refcount::max(order))
-            .ok_or_else(|| {
-                corrupt(
-                    &path,
-                    format!("refcount of cluster {cluster} would go from {old} by {delta}"),
-                )
-            })?;
+        else {
+            return Err(self.corrupt(format!(
+                "refcount of cluster {cluster} would go from {old} by {delta}"
+            )));
+        };
         refcount::set(&mut entry.table, order, idx, new);
         entry.dirty = true;
         Ok(new)
@@ -1201,8 +1316,9 @@ impl Qcow2 {
                 )));
             }
             let mut busy = None;
-            for x in e..e + total {
-                if self.is_fixed_metadata(x) || self.get_refcount(x)? != 0 {
+            // Clusters past the end of the image are free whatever their refcount says.
+            for x in e..(e + total).min(self.end_cluster) {
+                if self.is_metadata(x) || self.get_refcount(x)? != 0 {
                     busy = Some(x);
                 }
             }
@@ -1239,10 +1355,12 @@ impl Qcow2 {
                 .insert(off, vec![0u8; self.cluster_size as usize], true);
             self.rt[r as usize] = off;
             self.rt_dirty.insert(r as usize);
+            self.note_metadata(off >> cb);
         }
         self.end_cluster = self.end_cluster.max(start + total);
+        // Past the old end of the image: free whatever a block may claim.
         for x in start..start + total {
-            self.update_refcount(x, 1)?;
+            self.set_refcount(x, 1)?;
         }
         if table_clusters > 0 {
             // blocks -> new table -> header -> old table freed.
@@ -1268,25 +1386,66 @@ impl Qcow2 {
         Ok(self.rt[k as usize])
     }
 
-    /// Allocates one cluster (refcount 0 -> 1) and returns its host offset.
+    /// Allocates one cluster (refcount 0 -> 1) and returns its host offset. Scans at most
+    /// `ALLOC_SCAN_LIMIT` refcounts from the hint, then takes the end of the image, where
+    /// every cluster is free whatever a (hostile) refcount block says.
     fn alloc_cluster(&mut self) -> io::Result<u64> {
-        let mut c = self.free_hint.max(1);
-        loop {
-            if (c + 1) << self.cluster_bits > MAX_HOST_OFFSET {
-                return Err(io::Error::other(format!(
-                    "{}: no free cluster below the 64 PiB host offset limit",
-                    self.path.display()
-                )));
+        let start = self.free_hint.max(1);
+        let scan_end = self.end_cluster.min(start.saturating_add(ALLOC_SCAN_LIMIT));
+        let mut found = None;
+        for c in start..scan_end {
+            if self.is_metadata(c) {
+                continue;
             }
-            if !self.is_fixed_metadata(c) && self.get_refcount(c)? == 0 {
-                break;
+            match self.get_refcount(c) {
+                Ok(0) => {
+                    found = Some(c);
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.free_hint = c;
+                    return Err(e);
+                }
             }
-            c += 1;
         }
-        self.update_refcount(c, 1)?;
-        self.free_hint = c + 1;
+        let c = match found {
+            Some(c) => {
+                self.free_hint = c + 1;
+                c
+            }
+            None => {
+                let end = self.end_cluster.max(start);
+                // The clusters not scanned yet wait for the next allocation.
+                self.free_hint = if scan_end >= self.end_cluster {
+                    end + 1
+                } else {
+                    scan_end
+                };
+                end
+            }
+        };
+        if (c + 1) << self.cluster_bits > MAX_HOST_OFFSET {
+            return Err(io::Error::other(format!(
+                "{}: no free cluster below the 64 PiB host offset limit",
+                self.path.display()
+            )));
+        }
+        if c >= self.end_cluster {
+            self.set_refcount(c, 1)?;
+        } else {
+            self.update_refcount(c, 1)?;
+        }
         self.end_cluster = self.end_cluster.max(c + 1);
         Ok(c << self.cluster_bits)
+    }
+
+    /// Undoes `alloc_cluster` for a cluster nothing points at yet.
+    fn unalloc_cluster(&mut self, host: u64) {
+        let c = host >> self.cluster_bits;
+        if self.update_refcount(c, -1).is_ok() {
+            self.free_hint = self.free_hint.min(c);
+        }
     }
 
     // ---- write-back ----
@@ -1596,6 +1755,7 @@ impl Qcow2 {
         let off = l1e & L1E_OFFSET_MASK;
         if off == 0 {
             let t = self.alloc_cluster()?;
+            self.note_metadata(t >> self.cluster_bits);
             self.l2_cache.insert(t, vec![0u64; 1 << self.l2_bits], true);
             self.l1[l1i] = t | OFLAG_COPIED;
             self.l1_dirty.insert(l1i);
@@ -1624,6 +1784,26 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Refuses to drop the refcount of metadata a (hostile) L2 entry points at: freed, it
+    /// would be handed out as a data cluster.
+    fn check_freeable(&self, m: Mapping) -> io::Result<()> {
+        let (host, len) = match m {
+            Mapping::Data { host, .. } | Mapping::Zero { host: Some(host) } => {
+                (host, self.cluster_size)
+            }
+            Mapping::Compressed { host, sectors } => (host & !511, sectors * 512),
+            Mapping::Unallocated | Mapping::Zero { host: None } => return Ok(()),
+        };
+        let first = host >> self.cluster_bits;
+        let last = host.saturating_add(len - 1) >> self.cluster_bits;
+        if (first..=last.min(first + 2)).any(|c| self.is_metadata(c)) {
+            return Err(self.corrupt(format!(
+                "an L2 entry points at metadata ({host:#x}, {len} bytes)"
+            )));
+        }
+        Ok(())
+    }
+
     /// Defers the refcount drop of what `m` pointed to until the new L2 entry is durable.
     fn free_later(&mut self, m: Mapping) {
         match m {
@@ -1642,11 +1822,24 @@ impl Qcow2 {
         run: &mut Option<WriteRun>,
         buf: &S,
     ) -> io::Result<()> {
-        if let Some(r) = run.take() {
-            self.pwrite_from(buf, r.start, r.end - r.start, r.host)?;
-            self.data_dirty = true;
+        let Some(r) = run.take() else {
+            return Ok(());
+        };
+        let mut res = self.pwrite_from(buf, r.start, r.end - r.start, r.host);
+        self.data_dirty = true;
+        // The new clusters' L2 entries change only once their data is written; a failed
+        // write leaves the old mapping and frees the new clusters.
+        for (g, new, old) in r.allocs {
+            if res.is_ok() {
+                res = self.set_l2_entry(g, new | OFLAG_COPIED);
+                if res.is_ok() {
+                    self.free_later(old);
+                    continue;
+                }
+            }
+            self.unalloc_cluster(new);
         }
-        Ok(())
+        res
     }
 
     fn write_inner<S: WriteSrc + ?Sized>(&mut self, offset: u64, buf: &S) -> io::Result<()> {
@@ -1665,24 +1858,27 @@ impl Qcow2 {
             let inoff = off & (cs - 1);
             let n = ((cs - inoff) as usize).min(buf.len() - done);
             let m = self.mapping(g)?;
-            let host = match m {
+            let (host, alloc) = match m {
                 Mapping::Data { host, copied: true } => {
-                    if self.is_fixed_metadata(host >> self.cluster_bits) || host >= self.file_size {
+                    if self.is_metadata(host >> self.cluster_bits) || host >= self.file_size {
                         return Err(self.corrupt(format!(
-                            "data cluster {host:#x} overlaps the header, L1 or refcount table, or lies past the end of the file"
+                            "data cluster {host:#x} overlaps metadata or lies past the end of the file"
                         )));
                     }
-                    host + inoff
+                    (host + inoff, None)
                 }
                 _ if n as u64 == cs => {
+                    self.check_freeable(m)?;
+                    // The L2 table exists before the data is written.
+                    self.l2_for_write(g)?;
                     let new = self.alloc_cluster()?;
-                    self.set_l2_entry(g, new | OFLAG_COPIED)?;
-                    self.free_later(m);
-                    new
+                    (new, Some((g, new, m)))
                 }
                 _ => {
                     // Partial cluster: copy the rest from what is there now.
                     self.flush_run(&mut run, buf)?;
+                    self.check_freeable(m)?;
+                    self.l2_for_write(g)?;
                     let mut scratch = std::mem::take(&mut self.scratch);
                     let cluster = scratch.as_mut_slice();
                     let r = self
@@ -1692,13 +1888,21 @@ impl Qcow2 {
                         });
                     let r = r.and_then(|()| {
                         let new = self.alloc_cluster()?;
-                        self.pwrite(cluster, new)?;
-                        Ok(new)
+                        self.data_dirty = true;
+                        match self.pwrite_from(cluster, 0, cluster.len(), new) {
+                            Ok(()) => Ok(new),
+                            Err(e) => {
+                                self.unalloc_cluster(new);
+                                Err(e)
+                            }
+                        }
                     });
                     self.scratch = scratch;
                     let new = r?;
-                    self.data_dirty = true;
-                    self.set_l2_entry(g, new | OFLAG_COPIED)?;
+                    if let Err(e) = self.set_l2_entry(g, new | OFLAG_COPIED) {
+                        self.unalloc_cluster(new);
+                        return Err(e);
+                    }
                     self.free_later(m);
                     done += n;
                     continue;
@@ -1707,13 +1911,20 @@ impl Qcow2 {
             match &mut run {
                 Some(r) if r.host + (r.end - r.start) as u64 == host && r.end == done => {
                     r.end += n;
+                    r.allocs.extend(alloc);
                 }
                 _ => {
-                    self.flush_run(&mut run, buf)?;
+                    if let Err(e) = self.flush_run(&mut run, buf) {
+                        if let Some((_, new, _)) = alloc {
+                            self.unalloc_cluster(new);
+                        }
+                        return Err(e);
+                    }
                     run = Some(WriteRun {
                         host,
                         start: done,
                         end: done + n,
+                        allocs: alloc.into_iter().collect(),
                     });
                 }
             }
@@ -1753,9 +1964,11 @@ impl Qcow2 {
             } else if zero {
                 if reads_zero {
                 } else if !has_backing {
+                    self.check_freeable(m)?;
                     self.set_l2_entry(g, 0)?;
                     self.free_later(m);
                 } else if self.version >= 3 {
+                    self.check_freeable(m)?;
                     self.set_l2_entry(g, OFLAG_ZERO)?;
                     self.free_later(m);
                 } else {
@@ -1766,9 +1979,11 @@ impl Qcow2 {
                 // Discard of a whole cluster: v3 makes it read zeros (a zero cluster hides
                 // the backing file); v2 with a backing file keeps the old contents.
                 if !has_backing {
+                    self.check_freeable(m)?;
                     self.set_l2_entry(g, 0)?;
                     self.free_later(m);
                 } else if self.version >= 3 {
+                    self.check_freeable(m)?;
                     self.set_l2_entry(g, OFLAG_ZERO)?;
                     self.free_later(m);
                 }

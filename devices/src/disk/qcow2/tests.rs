@@ -1555,3 +1555,199 @@ fn a_failed_metadata_write_fails_every_later_flush_and_loses_nothing() {
         compare_with_model(&img, &expected, &dir);
     }
 }
+
+/// Issue 11 item 5: an allocating write pointed the L2 entry at the new cluster and freed
+/// the old one before writing the data; when the write failed (ENOSPC) the next flush made
+/// that durable and the old data was gone. Now the entry changes only after the data is
+/// written, and a failed write gives its new cluster back.
+#[test]
+fn a_failed_allocating_write_keeps_the_old_data_and_a_clean_image() {
+    use crate::disk::fault::{Faults, FileOp};
+    if !have_qemu() {
+        return;
+    }
+    let dir = TempDir::new("allocfail");
+    let base: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8 + 1).collect();
+    fs::write(dir.path("base.raw"), &base).expect("base");
+    let img = dir.path("o.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=65536",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        img.to_str().expect("utf8"),
+        "1M",
+    ]);
+    let mut model = base.clone();
+    let mut q = open_retry(&img, false).expect("open");
+    // A zero cluster hiding the backing file.
+    q.write_zeroes(3 << 16, 1 << 16, false).expect("zeroes");
+    model[3 << 16..4 << 16].fill(0);
+    q.flush().expect("flush");
+    // Over the backing file (whole cluster, copy-on-write of a part, a run of two whole
+    // clusters and a part) and over a zero cluster.
+    let writes = [
+        (0u64, 65536usize),
+        (65536 + 100, 1000),
+        (3 << 16, 65536),
+        (4 << 16, 2 * 65536 + 7),
+    ];
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        let faults = Faults::fail_nth(0, libc::ENOSPC).only(&[FileOp::Write]);
+        q.set_faults(Some(faults.clone()));
+        let e = q
+            .write_at(off, &vec![0xee; len])
+            .expect_err("a write on a full disk");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        q.set_faults(None);
+        q.flush()
+            .expect("a failed data write does not break the image");
+        assert_reads(&mut q, &model, i as u64);
+    }
+    drop(q);
+    check_clean(&img);
+    compare_with_model(&img, &model, &dir);
+    let mut q = open_retry(&img, false).expect("reopen");
+    for &(off, len) in &writes {
+        q.write_at(off, &vec![0xee; len]).expect("write");
+        model[off as usize..off as usize + len].fill(0xee);
+    }
+    drop(q);
+    check_clean(&img);
+    compare_with_model(&img, &model, &dir);
+}
+
+fn be64(bytes: &[u8], at: u64) -> u64 {
+    u64::from_be_bytes(bytes[at as usize..at as usize + 8].try_into().expect("8"))
+}
+
+/// Issue 11 item 5: a hostile L2 entry could aim guest writes at live metadata; only the
+/// header, L1 and refcount table were checked, not L2 tables and refcount blocks.
+#[test]
+fn guest_writes_never_land_on_l2_tables_or_refcount_blocks() {
+    let dir = TempDir::new("overlap");
+    let img = dir.path("v.qcow2");
+    create(&img, Some(4 << 20), None, None).expect("create");
+    {
+        let mut q = open_retry(&img, false).expect("open");
+        q.write_at(0, &[7u8; 65536]).expect("write");
+    }
+    let h = fs::read(&img).expect("read");
+    let l2 = be64(&h, be64(&h, 40)) & L1E_OFFSET_MASK;
+    let rcb = be64(&h, be64(&h, 48)) & RT_OFFSET_MASK;
+    // Guest clusters 1 and 2 at the L2 table and the refcount block, "copied" (written in
+    // place); cluster 3 at the refcount block, not copied (an overwrite would free it).
+    patch(&img, l2 + 8, &(l2 | OFLAG_COPIED).to_be_bytes());
+    patch(&img, l2 + 16, &(rcb | OFLAG_COPIED).to_be_bytes());
+    patch(&img, l2 + 24, &rcb.to_be_bytes());
+    let before = fs::read(&img).expect("read");
+    {
+        let mut q = open_retry(&img, false).expect("open");
+        for g in 1..=3u64 {
+            let e = q
+                .write_at(g * 65536 + 512, &[0xaa; 512])
+                .expect_err("a write onto metadata");
+            assert!(e.to_string().contains("metadata"), "cluster {g}: {e}");
+            let e = q
+                .write_at(g * 65536, &[0xaa; 65536])
+                .expect_err("a whole-cluster write onto metadata");
+            assert!(e.to_string().contains("metadata"), "cluster {g}: {e}");
+        }
+        let e = q.discard(3 * 65536, 65536).expect_err("freeing metadata");
+        assert!(e.to_string().contains("metadata"), "{e}");
+        q.write_at(65536 * 5, &[1u8; 100])
+            .expect("other writes work");
+        q.flush().expect("flush");
+    }
+    let after = fs::read(&img).expect("read");
+    for t in [l2 as usize, rcb as usize] {
+        // The three hostile entries stay as they were; cluster 5 got a new entry.
+        let same = |r: std::ops::Range<usize>| after[r.clone()] == before[r];
+        if t == l2 as usize {
+            assert!(
+                same(t..t + 40) && same(t + 48..t + 65536),
+                "L2 table changed"
+            );
+        } else {
+            let rc = |b: &[u8], c: usize| u16::from_be_bytes([b[t + 2 * c], b[t + 2 * c + 1]]);
+            for c in [l2 as usize >> 16, rcb as usize >> 16] {
+                assert_eq!(rc(&after, c), rc(&before, c), "refcount of cluster {c}");
+            }
+        }
+    }
+}
+
+/// Issue 11 item 7: a refcount table whose entries all name one block (or blocks outside
+/// the file) made every allocation scan up to 2^35 clusters. A writer refuses it.
+#[test]
+fn refuses_refcount_blocks_that_are_shared_outside_the_file_or_on_tables() {
+    let dir = TempDir::new("rclayout");
+    let cases: [(&str, u64, &str); 3] = [
+        ("shared", 2 << 16, "also the block of another"),
+        ("outside", 1 << 40, "outside the file"),
+        (
+            "on-table",
+            1 << 16,
+            "overlaps the header, the L1 table or the refcount table",
+        ),
+    ];
+    for (name, block, why) in cases {
+        let img = dir.path(&format!("{name}.qcow2"));
+        create(&img, Some(16 << 20), Some(65536), None).expect("create");
+        // create(): refcount table at cluster 1, its one block at cluster 2.
+        patch(&img, (1 << 16) + 8, &block.to_be_bytes());
+        let err = refused(&img);
+        assert!(
+            err.contains("refcount block 1") && err.contains(why),
+            "{name}: {err}"
+        );
+        // Readers never allocate.
+        open_retry(&img, true).expect("read-only open");
+    }
+    // An L2 table on a refcount block.
+    let img = dir.path("l2.qcow2");
+    create(&img, Some(16 << 20), Some(65536), None).expect("create");
+    let l1 = be64(&fs::read(&img).expect("read"), 40);
+    patch(&img, l1, &((2u64 << 16) | OFLAG_COPIED).to_be_bytes());
+    let err = refused(&img);
+    assert!(
+        err.contains("L2 table 0") && err.contains("refcount block"),
+        "{err}"
+    );
+}
+
+/// Issue 11 item 7: clusters past the end of the image are free whatever a refcount block
+/// claims, so a block that calls every cluster it covers used costs one bounded scan, and
+/// the image does not jump past them.
+#[test]
+fn allocation_takes_the_end_of_the_image_when_refcounts_claim_everything() {
+    let dir = TempDir::new("rcfull");
+    let img = dir.path("f.qcow2");
+    create(&img, Some(16 << 20), Some(65536), None).expect("create");
+    // The one refcount block (cluster 2) says all its 32768 clusters have refcount 1.
+    let ones: Vec<u8> = (0..32768).flat_map(|_| 1u16.to_be_bytes()).collect();
+    patch(&img, 2 << 16, &ones);
+    let data: Vec<u8> = (0..(3u32 << 16)).map(|i| (i % 239) as u8).collect();
+    {
+        let mut q = open_retry(&img, false).expect("open");
+        q.write_at(5 << 16, &data).expect("write");
+        q.flush().expect("flush");
+        let mut back = vec![0u8; data.len()];
+        q.read_at(5 << 16, &mut back).expect("read");
+        assert!(back == data, "data read back differs");
+    }
+    let len = fs::metadata(&img).expect("meta").len();
+    assert!(len < 1 << 20, "the image grew to {len} bytes");
+    let mut back = vec![0u8; data.len()];
+    open_retry(&img, true)
+        .expect("reopen")
+        .read_at(5 << 16, &mut back)
+        .expect("read");
+    assert!(back == data, "data read back after reopen differs");
+}
