@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use wisp_devices::bus::{Bus, BusError};
 use wisp_devices::disk::qcow2::{BackingPolicy, Qcow2};
 use wisp_devices::disk::raw::RawFile;
+use wisp_devices::events::EventSubscriber;
 use wisp_devices::interrupt::IrqFd;
 use wisp_devices::tap::Tap;
 use wisp_devices::virtio::block::{Block, Disk};
@@ -155,6 +156,14 @@ impl DeviceManager {
             gsi,
         });
         Ok(handle)
+    }
+
+    /// The devices' handles for the event loop.
+    pub fn subscribers(&self) -> Vec<Box<dyn EventSubscriber>> {
+        self.handlers
+            .iter()
+            .map(|h| Box::new(h.clone()) as Box<dyn EventSubscriber>)
+            .collect()
     }
 
     /// `virtio_mmio.device=` entries for kernels that find devices on the command line.

@@ -2,19 +2,20 @@
 //! InstanceStart it serves the pre-boot API; once the VM runs, it serves the runtime API,
 //! device events, console input, signals and the end of the VM.
 //!
-//! Every fd the loop watches is level-triggered unless said otherwise, and each has a fixed
-//! token; virtio devices' fds are handed out by [`DeviceEvents`].
+//! The loop's own fds (signals, API, the VM's end, console) have fixed tokens; devices add
+//! and remove their own fds as [`EventSubscriber`]s and are called back with them.
 
 use crate::api::{ApiChannel, Preboot, PrebootApiController, RuntimeApiController};
 use crate::signals::{read_signal, signal_fd};
 use crate::terminal;
 use crate::vmm::{Vmm, VmmError};
 use crate::vstate::exit::VmExit;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use wisp_devices::virtio::VirtioEventHandler;
+use wisp_devices::events::{EventOps, EventSubscriber};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -134,8 +135,7 @@ impl EventLoop {
             .map_err(io_err("epoll"))?;
         self.add(vmm.serial_drained.as_raw_fd(), TOKEN_SERIAL_DRAINED)
             .map_err(io_err("epoll"))?;
-        let devices = DeviceEvents::new(vmm.devices.handlers.clone());
-        devices.watch(&self.epoll, true).map_err(io_err("epoll"))?;
+        let devices = DeviceEvents::new(&self.epoll, vmm.devices.subscribers());
         let console = if vmm.console_input {
             ConsoleInput::open(self)
         } else {
@@ -201,8 +201,10 @@ impl EventLoop {
                             console.resume(&self.epoll);
                         }
                     }
-                    (token, State::Running(r)) => r.devices.process(&self.epoll, token),
-                    (_, State::Preboot(_)) => {}
+                    (token, State::Running(r)) if token & TOKEN_DEVICE != 0 => {
+                        r.devices.process(&self.epoll, token)
+                    }
+                    _ => {}
                 }
             }
         }
@@ -321,129 +323,95 @@ enum Input {
     Ended,
 }
 
-/// The virtio devices' events: queue notifications, "device fds changed" and the devices'
-/// own fds (re-registered when a device activates or resets).
+/// Tokens of device fds: the fd with this bit set.
+const TOKEN_DEVICE: u64 = 1 << 32;
+
+/// The devices on the loop: each adds and removes its own fds ([`EventSubscriber`]); the
+/// loop only remembers which device added which fd, to call it back.
 struct DeviceEvents {
-    handlers: Vec<VirtioEventHandler>,
-    /// The device fds watched now, per device.
-    fds: Vec<Vec<RawFd>>,
+    subscribers: Vec<Box<dyn EventSubscriber>>,
+    owner: HashMap<RawFd, usize>,
     paused: bool,
 }
 
-/// What a device's epoll token stands for: (device index, queue or fd index), encoded as
-/// kind << 32 | device << 16 | index, so tokens never need a table that a guest could grow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Source {
-    Queue(usize, usize),
-    FdsChanged(usize),
-    DeviceFd(usize, usize),
+/// The loop's [`EventOps`] for one subscriber.
+struct Ops<'a> {
+    epoll: &'a Epoll,
+    owner: &'a mut HashMap<RawFd, usize>,
+    subscriber: usize,
 }
 
-impl Source {
-    fn token(self) -> u64 {
-        let (kind, dev, idx) = match self {
-            Source::Queue(d, q) => (1u64, d, q),
-            Source::FdsChanged(d) => (2, d, 0),
-            Source::DeviceFd(d, j) => (3, d, j),
-        };
-        (kind << 32) | ((dev as u64 & 0xffff) << 16) | (idx as u64 & 0xffff)
+impl EventOps for Ops<'_> {
+    fn add(&mut self, fd: RawFd, edge_triggered: bool) -> io::Result<()> {
+        let mut set = EventSet::IN;
+        if edge_triggered {
+            set |= EventSet::EDGE_TRIGGERED;
+        }
+        let token = TOKEN_DEVICE | u64::from(fd as u32);
+        self.epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(set, token))?;
+        self.owner.insert(fd, self.subscriber);
+        Ok(())
     }
 
-    fn from_token(token: u64) -> Option<Source> {
-        let dev = ((token >> 16) & 0xffff) as usize;
-        let idx = (token & 0xffff) as usize;
-        match token >> 32 {
-            1 => Some(Source::Queue(dev, idx)),
-            2 => Some(Source::FdsChanged(dev)),
-            3 => Some(Source::DeviceFd(dev, idx)),
-            _ => None,
+    fn remove(&mut self, fd: RawFd) {
+        if self.owner.remove(&fd).is_some() {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
     }
 }
 
 impl DeviceEvents {
-    fn new(handlers: Vec<VirtioEventHandler>) -> Self {
-        let fds = vec![Vec::new(); handlers.len()];
-        Self {
-            handlers,
-            fds,
+    /// Every subscriber adds its fds.
+    fn new(epoll: &Epoll, subscribers: Vec<Box<dyn EventSubscriber>>) -> Self {
+        let mut this = Self {
+            subscribers,
+            owner: HashMap::new(),
             paused: false,
+        };
+        this.init_all(epoll);
+        this
+    }
+
+    fn init_all(&mut self, epoll: &Epoll) {
+        for (i, s) in self.subscribers.iter_mut().enumerate() {
+            s.init(&mut Ops {
+                epoll,
+                owner: &mut self.owner,
+                subscriber: i,
+            });
         }
     }
 
-    /// Adds (or removes) the queue eventfds and "device fds changed" eventfds to the loop.
-    fn watch(&self, epoll: &Epoll, on: bool) -> io::Result<()> {
-        for (dev, h) in self.handlers.iter().enumerate() {
-            let fds = h
-                .queue_evts()
-                .iter()
-                .enumerate()
-                .map(|(q, evt)| (evt.as_raw_fd(), Source::Queue(dev, q).token()))
-                .chain(std::iter::once((
-                    h.fds_changed_evt().as_raw_fd(),
-                    Source::FdsChanged(dev).token(),
-                )));
-            for (fd, token) in fds {
-                if on {
-                    epoll.ctl(
-                        ControlOperation::Add,
-                        fd,
-                        EpollEvent::new(EventSet::IN, token),
-                    )?;
-                } else {
-                    epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Stops or resumes device work (no fd of a device is watched while paused).
+    /// Stops or resumes device work: no fd of a device is watched while paused.
     fn set_paused(&mut self, epoll: &Epoll, paused: bool) {
         if paused == self.paused {
             return;
         }
         self.paused = paused;
-        if let Err(e) = self.watch(epoll, !paused) {
-            log::error!("virtio device events: {e}");
-        }
         if paused {
-            for fd in self.fds.iter_mut().flat_map(|v| v.drain(..)) {
+            for (fd, _) in self.owner.drain() {
                 let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
             }
         } else {
-            for h in &self.handlers {
-                // Re-sync the device fds, and look at every queue once: notifications that
-                // came while paused are still counted in the eventfds, tap data is not.
-                let _ = h.fds_changed_evt().write(1);
-                for evt in h.queue_evts() {
-                    let _ = evt.write(1);
-                }
-            }
+            self.init_all(epoll);
         }
     }
 
     fn process(&mut self, epoll: &Epoll, token: u64) {
-        match Source::from_token(token) {
-            Some(Source::Queue(dev, q)) => self.handlers[dev].process_queue(q),
-            Some(Source::DeviceFd(dev, j)) => self.handlers[dev].process_device_fd(j),
-            Some(Source::FdsChanged(dev)) => {
-                let h = &self.handlers[dev];
-                let _ = h.fds_changed_evt().read();
-                for fd in self.fds[dev].drain(..) {
-                    let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
-                }
-                for (j, fd) in h.device_fds().into_iter().enumerate() {
-                    let token = Source::DeviceFd(dev, j).token();
-                    let ev = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, token);
-                    if let Err(e) = epoll.ctl(ControlOperation::Add, fd, ev) {
-                        log::error!("cannot watch device fd {fd}: {e}");
-                        continue;
-                    }
-                    self.fds[dev].push(fd);
-                }
-            }
-            None => {}
-        }
+        let fd = (token & u64::from(u32::MAX)) as u32 as RawFd;
+        let Some(&i) = self.owner.get(&fd) else {
+            return;
+        };
+        self.subscribers[i].process(
+            fd,
+            &mut Ops {
+                epoll,
+                owner: &mut self.owner,
+                subscriber: i,
+            },
+        );
     }
 }

@@ -6,6 +6,7 @@ pub mod ratelimit;
 
 pub mod bus;
 pub mod disk;
+pub mod events;
 pub mod interrupt;
 pub mod legacy;
 pub mod tap;

@@ -1,6 +1,6 @@
 //! The virtio-mmio transport, version 2 (virtio 1.2 §4.2.2).
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{features, status, Activation, SharedState, VirtioDevice, VirtioInterrupt};
 use crate::bus::BusDevice;
+use crate::events::{EventOps, EventSubscriber};
 use crate::interrupt::InterruptLine;
 
 /// Size of a virtio-mmio register window.
@@ -63,8 +64,8 @@ pub enum MmioError {
         index: usize,
         source: std::io::Error,
     },
-    #[error("cannot create the fds-changed eventfd: {0}")]
-    FdsChangedEventFd(std::io::Error),
+    #[error("cannot create the activation eventfd: {0}")]
+    ActivateEventFd(#[source] std::io::Error),
     #[error("device declares {count} queues; virtio-mmio supports at most {max}")]
     TooManyQueues { count: usize, max: usize },
     #[error("device declares queue {index} with max size {size}, not a power of two in 1..=32768")]
@@ -92,12 +93,18 @@ struct DeviceSlot<D: ?Sized> {
 
 type Slot = Mutex<DeviceSlot<dyn VirtioDevice>>;
 
-/// The event loop's handle on a device: process queue notifications and device fds.
+/// The event loop's handle on a device: an [`EventSubscriber`] that watches the queue
+/// notifications, and the device's own fds (e.g. a tap) from activation until reset.
 #[derive(Clone)]
 pub struct VirtioEventHandler {
     slot: Arc<Slot>,
     queue_evts: Arc<Vec<EventFd>>,
-    fds_changed: Arc<EventFd>,
+    /// Written by the transport (on a vCPU thread) when the driver activated or reset the
+    /// device: the set of device fds to watch changed.
+    activate_evt: Arc<EventFd>,
+    /// The device fds this handler has added to the loop, with their index in
+    /// `VirtioDevice::device_fds`.
+    watched: Vec<(RawFd, usize)>,
 }
 
 fn lock_slot<D: ?Sized>(slot: &Mutex<DeviceSlot<D>>) -> MutexGuard<'_, DeviceSlot<D>> {
@@ -135,12 +142,6 @@ impl VirtioEventHandler {
         }
     }
 
-    /// Signalled (EPOLLIN, read it to clear) whenever the set of `device_fds` may have changed:
-    /// on activation and on reset.
-    pub fn fds_changed_evt(&self) -> &EventFd {
-        &self.fds_changed
-    }
-
     /// The device's extra fds to watch now (EPOLLIN | EPOLLET); empty while inactive.
     pub fn device_fds(&self) -> Vec<RawFd> {
         let slot = lock_slot(&self.slot);
@@ -156,6 +157,53 @@ impl VirtioEventHandler {
         let mut slot = lock_slot(&self.slot);
         if slot.active {
             slot.device.process_device_fd(index);
+        }
+    }
+}
+
+impl VirtioEventHandler {
+    /// Watches the device's fds as they are now (none while inactive), instead of those
+    /// watched before.
+    fn sync_device_fds(&mut self, ops: &mut dyn EventOps) {
+        for (fd, _) in self.watched.drain(..) {
+            ops.remove(fd);
+        }
+        for (index, fd) in self.device_fds().into_iter().enumerate() {
+            match ops.add(fd, true) {
+                Ok(()) => self.watched.push((fd, index)),
+                Err(e) => log::error!("virtio: cannot watch device fd {fd}: {e}"),
+            }
+        }
+    }
+}
+
+impl EventSubscriber for VirtioEventHandler {
+    fn init(&mut self, ops: &mut dyn EventOps) {
+        for evt in self.queue_evts.iter().chain([&*self.activate_evt]) {
+            if let Err(e) = ops.add(evt.as_raw_fd(), false) {
+                log::error!("virtio: cannot watch a queue eventfd: {e}");
+            }
+        }
+        // After a pause the fds were removed by the loop, not by us.
+        self.watched.clear();
+        self.sync_device_fds(ops);
+        if lock_slot(&self.slot).active {
+            // Look at every queue once: buffers may have been added while the loop did not
+            // watch (after a pause), and a tap's data is only seen with the rx queue.
+            for evt in self.queue_evts.iter() {
+                let _ = evt.write(1);
+            }
+        }
+    }
+
+    fn process(&mut self, fd: RawFd, ops: &mut dyn EventOps) {
+        if fd == self.activate_evt.as_raw_fd() {
+            let _ = self.activate_evt.read();
+            self.sync_device_fds(ops);
+        } else if let Some(q) = self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
+            self.process_queue(q);
+        } else if let Some(&(_, index)) = self.watched.iter().find(|(w, _)| *w == fd) {
+            self.process_device_fd(index);
         }
     }
 }
@@ -255,7 +303,7 @@ impl MmioTransport {
                     .map_err(|source| MmioError::QueueEventFd { index, source })?,
             );
         }
-        let fds_changed = EventFd::new(EFD_NONBLOCK).map_err(MmioError::FdsChangedEventFd)?;
+        let activate_evt = EventFd::new(EFD_NONBLOCK).map_err(MmioError::ActivateEventFd)?;
         let device_type = device.device_type();
         let device_features = device.features();
         let typed = Arc::new(Mutex::new(DeviceSlot {
@@ -279,7 +327,8 @@ impl MmioTransport {
             handler: VirtioEventHandler {
                 slot,
                 queue_evts: Arc::new(queue_evts),
-                fds_changed: Arc::new(fds_changed),
+                activate_evt: Arc::new(activate_evt),
+                watched: Vec::new(),
             },
             device_type,
             device_features,
@@ -337,7 +386,7 @@ impl MmioTransport {
             if slot.active {
                 slot.device.reset();
                 slot.active = false;
-                let _ = self.handler.fds_changed.write(1);
+                let _ = self.handler.activate_evt.write(1);
             }
         }
         for evt in self.handler.queue_evts.iter() {
@@ -458,7 +507,7 @@ impl MmioTransport {
             Ok(()) => {
                 slot.active = true;
                 drop(slot);
-                let _ = self.handler.fds_changed.write(1);
+                let _ = self.handler.activate_evt.write(1);
             }
             Err(e) => {
                 drop(slot);
@@ -813,21 +862,51 @@ mod tests {
         (Driver::new(Box::new(dev)), log, fd)
     }
 
+    /// The loop's side for a subscriber: which fds it watches, and how.
+    #[derive(Default)]
+    struct Watched(std::collections::BTreeMap<RawFd, bool>);
+
+    impl EventOps for Watched {
+        fn add(&mut self, fd: RawFd, edge_triggered: bool) -> std::io::Result<()> {
+            assert!(
+                self.0.insert(fd, edge_triggered).is_none(),
+                "fd {fd} added twice"
+            );
+            Ok(())
+        }
+        fn remove(&mut self, fd: RawFd) {
+            assert!(
+                self.0.remove(&fd).is_some(),
+                "fd {fd} removed but not watched"
+            );
+        }
+    }
+
     #[test]
-    fn device_fds_appear_on_activation_and_go_on_reset() {
+    fn device_fds_are_watched_from_activation_until_reset() {
         let (mut d, log, fd) = two_queue_driver();
         assert_eq!(d.transport.queue_evts().len(), 2);
-        let h = d.transport.event_handler();
-        assert!(h.device_fds().is_empty());
-        assert!(h.fds_changed_evt().read().is_err());
+        let queues: Vec<RawFd> = d
+            .transport
+            .queue_evts()
+            .iter()
+            .map(|e| e.as_raw_fd())
+            .collect();
+        let mut h = d.transport.event_handler();
+        let mut ops = Watched::default();
+        h.init(&mut ops);
+        // The queues and the activation eventfd, level-triggered; no device fd yet.
+        assert_eq!(ops.0.len(), 3);
+        assert!(ops.0.values().all(|edge| !edge));
+        let activate = *ops.0.keys().find(|f| !queues.contains(f)).unwrap();
         d.start_queues(features::VERSION_1, 2);
-        assert_eq!(h.fds_changed_evt().read().unwrap(), 1);
-        assert_eq!(h.device_fds(), vec![fd]);
+        h.process(activate, &mut ops);
+        assert_eq!(ops.0.get(&fd), Some(&true), "the device fd, edge-triggered");
         assert_eq!(log.lock().unwrap()[0], "activate 0x100000000 [true, true]");
 
-        h.queue_evts()[1].write(1).unwrap();
-        h.process_queue(1);
-        h.process_device_fd(0);
+        d.transport.queue_evts()[1].write(1).unwrap();
+        h.process(queues[1], &mut ops);
+        h.process(fd, &mut ops);
         assert_eq!(&log.lock().unwrap()[1..], ["queue 1", "fd 0"]);
         // The device's config-change signal: generation bumped, bit 2, interrupt.
         assert_eq!(d.read32(regs::CONFIG_GENERATION), 1);
@@ -835,14 +914,44 @@ mod tests {
         assert_eq!(d.take_interrupts(), 1);
 
         d.write32(regs::STATUS, 0);
-        assert_eq!(h.fds_changed_evt().read().unwrap(), 1);
-        assert!(h.device_fds().is_empty());
+        h.process(activate, &mut ops);
+        assert!(
+            !ops.0.contains_key(&fd),
+            "the device fd is no longer watched"
+        );
+        assert_eq!(ops.0.len(), 3);
         assert_eq!(log.lock().unwrap().last().unwrap(), "reset");
         // Inactive: no more calls into the device.
         h.process_device_fd(0);
-        h.queue_evts()[0].write(1).unwrap();
-        h.process_queue(0);
+        d.transport.queue_evts()[0].write(1).unwrap();
+        h.process(queues[0], &mut ops);
         assert_eq!(log.lock().unwrap().last().unwrap(), "reset");
+    }
+
+    #[test]
+    fn a_resumed_device_watches_its_fds_again_and_looks_at_every_queue() {
+        let (mut d, log, fd) = two_queue_driver();
+        let mut h = d.transport.event_handler();
+        let mut ops = Watched::default();
+        h.init(&mut ops);
+        d.start_queues(features::VERSION_1, 2);
+        let queues: Vec<RawFd> = d
+            .transport
+            .queue_evts()
+            .iter()
+            .map(|e| e.as_raw_fd())
+            .collect();
+        let activate = *ops.0.keys().find(|f| !queues.contains(f)).unwrap();
+        h.process(activate, &mut ops);
+        // A pause: the loop removed every fd of the device.
+        let mut ops = Watched::default();
+        h.init(&mut ops);
+        assert_eq!(ops.0.get(&fd), Some(&true));
+        assert_eq!(ops.0.len(), 4);
+        for (q, evt) in d.transport.queue_evts().iter().enumerate() {
+            assert_eq!(evt.read().unwrap(), 1, "queue {q} is looked at once");
+        }
+        assert_eq!(log.lock().unwrap().len(), 1);
     }
 
     #[test]

@@ -10,18 +10,16 @@
 //! for (i, evt) in transport.queue_evts().iter().enumerate() {
 //!     // KVM_IOEVENTFD: addr = window_base + NOTIFY_REG_OFFSET (0x50), len 4, datamatch = i
 //! }
-//! let handler = transport.event_handler();                     // Clone + Send, for the event loop
+//! let handler = transport.event_handler();                     // the device's EventSubscriber
 //! mmio_bus.insert(Arc::new(Mutex::new(transport)), window_base, MMIO_WINDOW_SIZE)?;
 //!
-//! // Event loop (main thread), epoll, level-triggered unless said otherwise:
-//! //   handler.queue_evts()[i] readable  -> handler.process_queue(i)   (it reads the eventfd)
-//! //   handler.fds_changed_evt() readable -> read it, then re-sync the device's extra fds:
-//! //       handler.device_fds() is the current list: empty until the driver sets
-//! //       DRIVER_OK, empty again after a reset. Watch each with EPOLLIN | EPOLLET.
-//! //   handler.device_fds()[j] readable   -> handler.process_device_fd(j)
-//! //   a config change the VMM makes (e.g. virtio-blk media change), between requests:
-//! //       handle.change_config(|block: &mut Block| block.change_medium(disk))
-//! //       -> ConfigGeneration bumped, configuration change interrupt once DRIVER_OK
+//! // Event loop (main thread): handler.init(ops) adds the queue eventfds and its activation
+//! // eventfd; from DRIVER_OK until reset it also adds the device's own fds (device_fds(),
+//! // edge-triggered) and removes them again, by itself. handler.process(fd, ops) runs the
+//! // queue or the device fd. The loop knows none of these fds (crate::events).
+//! // A config change the VMM makes (e.g. virtio-blk media change), between requests:
+//! //     handle.change_config(|block: &mut Block| block.change_medium(disk))
+//! //     -> ConfigGeneration bumped, configuration change interrupt once DRIVER_OK
 //! ```
 //!
 //! The vCPU threads touch only the transport (register accesses, under its mutex on the

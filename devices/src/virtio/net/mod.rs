@@ -7,10 +7,10 @@
 //! let tap = Tap::open("tap0")?;                  // in wisp's network namespace; or Tap::from_fd(fd)
 //! let net = Net::new(tap, mac, mtu)?;            // mac None: stable, derived from the tap name
 //! let counters = net.counters();                 // Arc<NetCounters>: rx/tx frames, bytes, drops
-//! let transport = MmioTransport::new(Box::new(net), mem.clone(), irq)?;
+//! let (transport, handle) = MmioTransport::with_handle(net, mem.clone(), irq)?;
 //! // then as every virtio device (crate::virtio docs): two queue ioeventfds (datamatch 0
-//! // and 1), the handler on the event loop, and the tap from handler.device_fds() watched
-//! // EPOLLIN | EPOLLET from DRIVER_OK until reset (re-read it on fds_changed_evt).
+//! // and 1) and the handler on the event loop, which watches the tap (EPOLLIN | EPOLLET)
+//! // from DRIVER_OK until reset.
 //! ```
 //!
 //! The tap must be up (and addressed, bridged, ...) on the host side for traffic to flow;
