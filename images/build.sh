@@ -16,6 +16,7 @@ BUILD="$OUT/build"
 KSRC_TAR=/usr/src/linux-source-6.1.tar.xz
 JOBS=${JOBS:-$(nproc)}
 INIT_SCRIPT="$HERE/init/init"
+FPUCHECK_SRC="$HERE/init/fpucheck.c"
 ROOTFS_SIZE_MB=${ROOTFS_SIZE_MB:-48}
 
 log() { echo "build.sh: $*" >&2; }
@@ -141,6 +142,13 @@ busybox_applets() {
 
 ROOT_DIRS=(bin sbin usr usr/bin usr/sbin proc sys dev mnt tmp root etc run var)
 
+# fpucheck (images/init/fpucheck.c), a static test program: does the guest keep user
+# space's vector registers across context switches (scenario fpu)? In the rootfs only: the
+# kernel reads a disk on demand, while every byte of the initramfs costs unpacking time.
+build_fpucheck() {
+	cc -static -Os -s -Wall -o "$BUILD/fpucheck" "$FPUCHECK_SRC"
+}
+
 build_initramfs() {
 	ensure_tools
 	local list="$BUILD/initramfs.list.$$" d a
@@ -179,6 +187,8 @@ build_rootfs() {
 		ln -sf /bin/busybox "$stage/$a"
 	done < <(busybox_applets)
 	install -m 0755 "$INIT_SCRIPT" "$stage/init"
+	build_fpucheck
+	install -m 0755 "$BUILD/fpucheck" "$stage/bin/fpucheck"
 	ln -sf /init "$stage/sbin/init"
 	# No device nodes: the kernel opens the console before mounting root and
 	# CONFIG_DEVTMPFS_MOUNT mounts /dev on it.

@@ -350,6 +350,49 @@ static void cpl0_scenario_lsl(void)
 	printf("probe: lsl %s %lx %lx\n", ok ? "ok" : "wrong", v, w);
 }
 
+void sse_pattern(u8 *p, u32 seed)
+{
+	for (u32 i = 0; i < 256; i++)
+		p[i] = (u8)(seed * 131 + i * 7 + 1);
+}
+
+/* Which XMM registers differ between two 256-byte images: a bit per register. */
+u32 sse_diff(const u8 *a, const u8 *b)
+{
+	u32 bad = 0;
+	for (u32 i = 0; i < 256; i++)
+		if (a[i] != b[i])
+			bad |= 1u << (i / 16);
+	return bad;
+}
+
+static void cpl0_scenario_sse(void)
+{
+	/* SSE on: CR4.OSFXSR and OSXMMEXCPT, CR0.MP set and EM/TS clear (SDM
+	 * Vol. 3A, 13.1.3). What a Linux kernel booted with noxsave does on every
+	 * context switch: FXSAVE a task's registers and FXRSTOR them later
+	 * (SDM Vol. 1, 10.5), here at CPL0 where PVM interprets them. */
+	u64 cr0, cr4;
+	__asm__ volatile("mov %%cr0, %0; mov %%cr4, %1" : "=r"(cr0), "=r"(cr4));
+	cr0 = (cr0 | 1 << 1) & ~(u64)(1 << 2 | 1 << 3);
+	__asm__ volatile("mov %0, %%cr0; mov %1, %%cr4" ::"r"(cr0), "r"(cr4 | 1 << 9 | 1 << 10) : "memory");
+	static u8 area[512] __attribute__((aligned(16)));
+	static u8 a[256], b[256], got[256];
+	sse_pattern(a, 1);
+	sse_pattern(b, 2);
+	__asm__ volatile(XMM_LOAD_ASM ::"r"(a) : "memory");
+	__asm__ volatile("fxsave64 %0" : "=m"(area)::"memory");
+	u32 saved = sse_diff(area + 160, a);
+	__asm__ volatile(XMM_LOAD_ASM ::"r"(b) : "memory");
+	__asm__ volatile("fxrstor64 %0" ::"m"(area) : "memory");
+	__asm__ volatile(XMM_STORE_ASM ::"r"(got) : "memory");
+	u32 restored = sse_diff(got, a);
+	if (saved || restored)
+		printf("probe: sse-cpl0 wrong fxsave-regs 0x%x fxrstor-regs 0x%x\n", saved, restored);
+	else
+		printf("probe: sse-cpl0 ok\n");
+}
+
 static int cpl0_done;
 
 void kmain(u32 start_info_pa)
@@ -386,6 +429,9 @@ void kmain(u32 start_info_pa)
 		printf("probe: start %s\n", scenario);
 		cpl0_scenario_fwait();
 		cpl0_done = 1;
+	} else if (!strcmp(scenario, "sse")) {
+		printf("probe: start %s\n", scenario);
+		cpl0_scenario_sse();
 	} else if (!strcmp(scenario, "lsl")) {
 		printf("probe: start %s\n", scenario);
 		cpl0_scenario_lsl();

@@ -319,4 +319,9 @@ void scenario_console_flood(void) __attribute__((noreturn));
 void kmain(u32 start_info_paddr);
 void ap_kmain(u32 index);
 
+/* The 16 XMM registers from / to 256 bytes at %0 (movdqu: no alignment needed):
+ * __asm__ volatile(XMM_LOAD_ASM ::"r"(p) : "memory"). */
+#define XMM_LOAD_ASM "movdqu 0x00(%0), %%xmm0\nmovdqu 0x10(%0), %%xmm1\nmovdqu 0x20(%0), %%xmm2\nmovdqu 0x30(%0), %%xmm3\nmovdqu 0x40(%0), %%xmm4\nmovdqu 0x50(%0), %%xmm5\nmovdqu 0x60(%0), %%xmm6\nmovdqu 0x70(%0), %%xmm7\nmovdqu 0x80(%0), %%xmm8\nmovdqu 0x90(%0), %%xmm9\nmovdqu 0xa0(%0), %%xmm10\nmovdqu 0xb0(%0), %%xmm11\nmovdqu 0xc0(%0), %%xmm12\nmovdqu 0xd0(%0), %%xmm13\nmovdqu 0xe0(%0), %%xmm14\nmovdqu 0xf0(%0), %%xmm15"
+#define XMM_STORE_ASM "movdqu %%xmm0, 0x00(%0)\nmovdqu %%xmm1, 0x10(%0)\nmovdqu %%xmm2, 0x20(%0)\nmovdqu %%xmm3, 0x30(%0)\nmovdqu %%xmm4, 0x40(%0)\nmovdqu %%xmm5, 0x50(%0)\nmovdqu %%xmm6, 0x60(%0)\nmovdqu %%xmm7, 0x70(%0)\nmovdqu %%xmm8, 0x80(%0)\nmovdqu %%xmm9, 0x90(%0)\nmovdqu %%xmm10, 0xa0(%0)\nmovdqu %%xmm11, 0xb0(%0)\nmovdqu %%xmm12, 0xc0(%0)\nmovdqu %%xmm13, 0xd0(%0)\nmovdqu %%xmm14, 0xe0(%0)\nmovdqu %%xmm15, 0xf0(%0)"
+
 #endif
