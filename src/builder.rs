@@ -1,6 +1,6 @@
 //! The builder: a validated `VmConfig` becomes a VM ready to start.
 
-use crate::arch::x86_64::{acpi, boot, cpuid, layout::*, pvm, regs};
+use crate::arch::x86_64::{acpi, boot, cpuid, layout::*, mptable, pvm, regs};
 use crate::cgroup::VmCgroup;
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::device_manager::DeviceManager;
@@ -168,6 +168,7 @@ fn load_kernel(
     } else {
         &virtio.windows[..]
     };
+    mptable::write(&vm.mem, config.cpus)?;
     let rsdp = acpi::write(
         &vm.mem,
         &acpi::Platform {

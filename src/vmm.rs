@@ -22,6 +22,8 @@ pub enum VmmError {
     Boot(#[from] boot::BootError),
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    #[error(transparent)]
+    Mptable(#[from] crate::arch::x86_64::mptable::MptableError),
     #[error("vcpu{vcpu}: {source}")]
     VcpuSetup { vcpu: u8, source: regs::RegsError },
     #[error("{op} failed: {source}")]

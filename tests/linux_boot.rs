@@ -64,6 +64,14 @@ fn boot_linux(
     Wisp::spawn(&args).wait(BOOT)
 }
 
+/// Linux found wisp's MP table where it looks second (the EBDA) and did not scan the BIOS area.
+fn assert_mp_table_found(console: &str) {
+    assert!(
+        console.contains("found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]"),
+        "no MP table found:\n{console}"
+    );
+}
+
 fn path_arg(p: &std::path::Path) -> String {
     p.to_str().expect("UTF-8 path").to_string()
 }
@@ -73,7 +81,7 @@ fn test_kernel_elf_boots_to_init_sees_cpus_and_memory_and_powers_off() {
     if !kvm_available("test_kernel_elf_boots_to_init_sees_cpus_and_memory_and_powers_off") {
         return;
     }
-    let f = boot_linux("vmlinux", "2", "128M", "info,poweroff", None);
+    let f = boot_linux("vmlinux", "2", "128M", "info,nmi,poweroff", None);
     assert!(
         f.stdout.contains("WISP-INIT: ready"),
         "no init:\n{}\n{}",
@@ -81,6 +89,19 @@ fn test_kernel_elf_boots_to_init_sees_cpus_and_memory_and_powers_off() {
         f.stderr
     );
     assert_acpi_tables_accepted(&f.stdout);
+    assert_mp_table_found(&f.stdout);
+    // sysrq l: each CPU's backtrace through an NMI (the paranoid entry, with `lsl` under
+    // FSGSBASE, which wisp completes on PVM), then the task dumps of sysrq t and w.
+    assert!(
+        f.stdout.contains("WISP-INIT: scenario nmi ok"),
+        "{}\n{}",
+        f.stdout,
+        f.stderr
+    );
+    assert_eq!(
+        lines_with(&f.stdout, "WISP-INIT: nmi_backtraces="),
+        vec!["2"]
+    );
     assert_eq!(lines_with(&f.stdout, "WISP-INIT: nproc="), vec!["2"]);
     // MemTotal is RAM less what the kernel keeps for itself: most of the 128 MiB.
     let kb = memtotal_kb(&f.stdout);
@@ -103,7 +124,7 @@ fn test_kernel_bzimage_boots_from_a_disk_partition_and_reboot_exits_zero() {
     let rootfs = image("rootfs.ext4");
     let disk = dir.join("root.raw");
     mbr_disk(&rootfs, &disk, 0x1234_5678);
-    let f = boot_linux("bzImage", "1", "192M", "info,rootfs,reboot", Some(&disk));
+    let f = boot_linux("bzImage", "1", "192M", "info,rootfs,fpu,reboot", Some(&disk));
     assert!(
         f.stdout.contains("WISP-INIT: ready"),
         "no init:\n{}\n{}",
@@ -118,6 +139,12 @@ fn test_kernel_bzimage_boots_from_a_disk_partition_and_reboot_exits_zero() {
     );
     assert_eq!(lines_with(&f.stdout, "WISP-INIT: root_dev="), vec!["vda1"]);
     assert_eq!(lines_with(&f.stdout, "WISP-INIT: root_mode="), vec!["rw"]);
+    // User space's XMM registers survive context switches (images/init/fpucheck.c).
+    assert!(
+        f.stdout.contains("WISP-INIT: scenario fpu ok"),
+        "{}",
+        f.stdout
+    );
     let part = dir.join("root.ext4");
     assert_guest_root_file(&disk, &rootfs, &part);
     assert_acpi_tables_accepted(&f.stdout);
