@@ -124,7 +124,13 @@ fn test_kernel_bzimage_boots_from_a_disk_partition_and_reboot_exits_zero() {
     let rootfs = image("rootfs.ext4");
     let disk = dir.join("root.raw");
     mbr_disk(&rootfs, &disk, 0x1234_5678);
-    let f = boot_linux("bzImage", "1", "192M", "info,rootfs,fpu,reboot", Some(&disk));
+    let f = boot_linux(
+        "bzImage",
+        "1",
+        "192M",
+        "info,rootfs,fpu,reboot",
+        Some(&disk),
+    );
     assert!(
         f.stdout.contains("WISP-INIT: ready"),
         "no init:\n{}\n{}",
