@@ -271,7 +271,8 @@ fn hostile_chains_and_registers_leave_the_device_working() {
     assert_clean(&f, "blk-hostile");
     let cases = lines_with(&f.stdout, "probe: blk hostile ");
     // Each chain comes back with an error status, or unanswered (status byte untouched,
-    // used length 0); a head outside the queue cannot be returned at all.
+    // used length 0); a head outside the queue cannot be returned at all: the device
+    // stops and sets DEVICE_NEEDS_RESET (0x40) until the driver resets it.
     for want in [
         "data-outside-memory status 1 len 1",
         "header-outside-memory status 1 len 1",
@@ -289,7 +290,7 @@ fn hostile_chains_and_registers_leave_the_device_working() {
         "straddles-capacity status 1 len 1",
         "huge-sector status 1 len 1",
         "unknown-type status 2 len 1",
-        "head-outside-queue status none len none",
+        "head-outside-queue dropped status-reg 0x4f",
         "driver-ok-before-features-ok status-reg 0x3",
         "unoffered-features status-reg 0x3",
         "queue-num-3 ready 0 status-reg 0x4b",

@@ -3,7 +3,7 @@
 use std::ops::Deref;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 
 /// How the walk of a descriptor chain ended.
@@ -33,16 +33,34 @@ where
     }
 }
 
-/// Takes the next available chain. An error means the avail ring is unusable (its index
-/// moved by more than the queue size, or it is outside guest memory): the device needs a
-/// reset.
-pub fn pop_chain<M>(
-    queue: &mut Queue,
-    mem: M,
-) -> Result<Option<DescriptorChain<M>>, virtio_queue::Error>
+/// Why no chain could be taken: either way the ring cannot be used any more and the device
+/// needs a reset (virtio 1.2 §2.1.2).
+#[derive(Debug, thiserror::Error)]
+pub enum PopError {
+    /// The avail ring's index moved by more than the queue size, or the ring is outside
+    /// guest memory.
+    #[error("avail ring unusable: {0}")]
+    Ring(#[source] virtio_queue::Error),
+    /// An avail ring entry names a descriptor outside the table: such a chain can never be
+    /// returned (the used ring takes only indexes inside it), so the driver is broken.
+    #[error("avail ring entry names descriptor {head}, outside the queue of {size}")]
+    HeadOutOfRange { head: u16, size: u16 },
+}
+
+/// Takes the next available chain, after checking its head index (virtio-queue would log
+/// an error line for each bad one handed back to it, at the guest's pace).
+pub fn pop_chain<M>(queue: &mut Queue, mem: M) -> Result<Option<DescriptorChain<M>>, PopError>
 where
     M: Clone + Deref,
     M::Target: GuestMemory,
 {
-    Ok(queue.iter(mem)?.next())
+    let size = queue.size();
+    let chain = queue.iter(mem).map_err(PopError::Ring)?.next();
+    match chain {
+        Some(c) if c.head_index() >= size => Err(PopError::HeadOutOfRange {
+            head: c.head_index(),
+            size,
+        }),
+        c => Ok(c),
+    }
 }

@@ -369,6 +369,20 @@ impl Driver {
         self.handler.process_queue(queue as usize);
     }
 
+    /// Plays the event loop for queue `queue`: while the device has asked to be called
+    /// again (it re-armed the queue's eventfd to finish its work on a later turn), calls it.
+    /// Returns the turns run; stops after `max`.
+    pub fn run_turns(&mut self, queue: u32, max: usize) -> usize {
+        let evt = &self.handler.queue_evts()[queue as usize];
+        let mut turns = 0;
+        while turns < max && evt.read().is_ok() {
+            evt.write(1).unwrap();
+            self.handler.process_queue(queue as usize);
+            turns += 1;
+        }
+        turns
+    }
+
     /// The used ring's idx of queue `q`.
     pub fn used_idx_of(&self, q: u32) -> u16 {
         self.mem.read_obj(GuestAddress(used_ring(q) + 2)).unwrap()

@@ -39,11 +39,19 @@ struct Active {
     queue: Queue,
     interrupt: VirtioInterrupt,
     queue_evts: Arc<Vec<EventFd>>,
+    /// A ring became unusable (DEVICE_NEEDS_RESET): nothing more is done until reset.
+    failed: bool,
 }
 
-/// Requests handled in one `process_queue` call before yielding to the event loop, so that
-/// a driver that keeps the queue full cannot starve the VMM's other work.
+/// Chains taken in one `process_queue` call (one event-loop turn) before yielding to the
+/// event loop, so that a driver that keeps the queue full cannot starve the VMM's other
+/// work. Malformed chains count too.
 const BUDGET: u32 = 4 * QUEUE_SIZE as u32;
+
+/// Data bytes moved in one turn. A larger request is split and goes on over the next turns
+/// (no other request starts meanwhile), so that one request of gigabytes (or 16 x 4 GiB of
+/// WRITE_ZEROES on a file system that must write the zeros) cannot hold the event loop.
+pub const BYTES_PER_TURN: u64 = 16 << 20;
 
 /// A virtio-blk device with one request queue.
 pub struct Block {
@@ -154,6 +162,14 @@ impl Block {
             .map_err(|e| BlockError::FlushOldMedium {
                 reason: e.to_string(),
             })?;
+        // A request split over turns does not go on with another medium.
+        if let Some(active) = self.active.as_mut() {
+            if let Some((head, used_len)) = self.handler.fail_in_flight(&active.mem) {
+                if active.queue.add_used(&active.mem, head, used_len).is_ok() {
+                    active.interrupt.signal_used_queue(0);
+                }
+            }
+        }
         warn_partial_sector(disk.get_ref().len());
         std::mem::swap(&mut self.handler.disk, &mut disk);
         drop(disk);
@@ -220,12 +236,14 @@ impl VirtioDevice for Block {
             queue,
             interrupt,
             queue_evts,
+            failed: false,
         });
         Ok(())
     }
 
     fn reset(&mut self) {
         self.active = None;
+        self.handler.abandon();
         self.handler.acked_features = 0;
     }
 
@@ -233,6 +251,9 @@ impl VirtioDevice for Block {
         let Some(active) = self.active.as_mut() else {
             return;
         };
+        if active.failed {
+            return;
+        }
         if index != 0 {
             rate_limited_warn!("virtio-blk: notification for queue {} ignored", index);
             return;
@@ -242,54 +263,69 @@ impl VirtioDevice for Block {
             queue,
             interrupt,
             queue_evts,
+            failed,
         } = active;
-        let mut completed = 0u32;
+        let needs_reset = |failed: &mut bool, why: &dyn std::fmt::Display| {
+            rate_limited_warn!("virtio-blk: {}; the device needs a reset", why);
+            *failed = true;
+            interrupt.set_needs_reset();
+        };
+        let reschedule = || {
+            if let Err(e) = queue_evts[0].write(1) {
+                rate_limited_warn!("virtio-blk: cannot reschedule the queue: {}", e);
+            }
+        };
+        let mut chains = 0u32;
+        let mut bytes = BYTES_PER_TURN;
+        let mut completed = false;
+        // A request split over turns goes first: requests complete one after the other.
+        if self.handler.in_flight() {
+            let Some((head, used_len)) = self.handler.resume(mem, &mut bytes) else {
+                reschedule();
+                return;
+            };
+            if let Err(e) = queue.add_used(&*mem, head, used_len) {
+                return needs_reset(failed, &format_args!("used ring unusable: {e}"));
+            }
+            completed = true;
+        }
         // virtio 1.2 §2.7.10: with notifications disabled while we work, then re-enabled and
         // the ring checked once more so that no request slips between the two.
         'work: loop {
             if let Err(e) = queue.disable_notification(&*mem) {
-                rate_limited_warn!("virtio-blk: used ring unusable: {}", e);
-                interrupt.set_needs_reset();
-                return;
+                return needs_reset(failed, &format_args!("used ring unusable: {e}"));
             }
             loop {
-                if completed >= BUDGET {
+                if chains >= BUDGET || bytes == 0 {
                     // Come back through the event loop; notifications stay disabled.
-                    if let Err(e) = queue_evts[0].write(1) {
-                        rate_limited_warn!("virtio-blk: cannot reschedule the queue: {}", e);
-                    } else {
-                        break 'work;
-                    }
+                    reschedule();
+                    break 'work;
                 }
                 let chain = match pop_chain(queue, &*mem) {
                     Ok(Some(chain)) => chain,
                     Ok(None) => break,
-                    Err(e) => {
-                        rate_limited_warn!("virtio-blk: avail ring unusable: {}", e);
-                        interrupt.set_needs_reset();
-                        return;
-                    }
+                    Err(e) => return needs_reset(failed, &e),
                 };
+                // Every chain counts, malformed ones too.
+                chains += 1;
                 let head = chain.head_index();
-                let used_len = self.handler.handle_chain(mem, chain);
+                let Some(used_len) = self.handler.handle_chain(mem, chain, &mut bytes) else {
+                    // Larger than what is left of this turn: it goes on next turn.
+                    reschedule();
+                    break 'work;
+                };
                 if let Err(e) = queue.add_used(&*mem, head, used_len) {
-                    // A head index beyond the queue cannot be returned; drop it.
-                    rate_limited_warn!("virtio-blk: cannot return chain {}: {}", head, e);
-                    continue;
+                    return needs_reset(failed, &format_args!("used ring unusable: {e}"));
                 }
-                completed += 1;
+                completed = true;
             }
             match queue.enable_notification(&*mem) {
                 Ok(true) => continue,
                 Ok(false) => break,
-                Err(e) => {
-                    rate_limited_warn!("virtio-blk: used ring unusable: {}", e);
-                    interrupt.set_needs_reset();
-                    return;
-                }
+                Err(e) => return needs_reset(failed, &format_args!("used ring unusable: {e}")),
             }
         }
-        if completed > 0 {
+        if completed {
             match queue.needs_notification(&*mem) {
                 Ok(false) => {}
                 Ok(true) => interrupt.signal_used_queue(0),

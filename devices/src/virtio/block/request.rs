@@ -5,6 +5,8 @@
 //! discard segments) and the device-writable part (IN data or the id string, then the status
 //! byte, which is the last byte of the last descriptor).
 
+use std::io;
+
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice,
@@ -40,6 +42,47 @@ enum Failure {
 }
 
 type Outcome = Result<u32, (Failure, u32)>;
+
+/// Pieces of a split request end on multiples of this many disk bytes (the largest qcow2
+/// cluster), so that a split never cuts a cluster in two.
+const PIECE_ALIGN: u64 = 2 << 20;
+
+/// A request's data transfer, done in pieces within each turn's byte budget.
+#[derive(Clone, Copy)]
+enum Work {
+    /// IN: `len` bytes from `offset` into the device-writable segments.
+    Read { offset: u64, len: u64 },
+    /// OUT: `len` bytes at `offset` from the device-readable segments after the header.
+    Write { offset: u64, len: u64 },
+    /// DISCARD (`zero` false) or WRITE_ZEROES of the handler's first `count` `ranges`.
+    Ranges {
+        zero: bool,
+        count: usize,
+        /// The range being worked on.
+        index: usize,
+    },
+}
+
+/// What parsing a request came to.
+enum Parsed {
+    /// Done already (FLUSH, GET_ID): the data bytes written to the driver's buffers.
+    Done(u32),
+    Work(Work),
+}
+
+/// A request whose transfer goes on over several turns. Its segments stay in the
+/// handler's `readable` / `writable` until it is done.
+struct InFlight {
+    head: u16,
+    status_addr: GuestAddress,
+    work: Work,
+    /// Bytes of the transfer done (of the current range for `Ranges`).
+    done: u64,
+}
+
+/// The bytes a FLUSH counts for against a turn's budget: an fdatasync can take as long as
+/// writing that much.
+const FLUSH_COST: u64 = 1 << 20;
 
 fn ioerr(msg: impl Into<String>) -> (Failure, u32) {
     (Failure::IoErr(msg.into()), 0)
@@ -81,6 +124,9 @@ pub(super) struct RequestHandler {
     descs: Vec<Descriptor>,
     readable: Vec<Segment>,
     writable: Vec<Segment>,
+    /// DISCARD / WRITE_ZEROES segments: (offset, len, unmap).
+    ranges: [(u64, u64, bool); MAX_DISCARD_SEG as usize],
+    in_flight: Option<InFlight>,
 }
 
 impl RequestHandler {
@@ -95,23 +141,67 @@ impl RequestHandler {
             descs: Vec::new(),
             readable: Vec::new(),
             writable: Vec::new(),
+            ranges: [(0, 0, false); MAX_DISCARD_SEG as usize],
+            in_flight: None,
         }
     }
 
-    /// Handles one chain; returns the used length (bytes written to the driver's buffers,
-    /// status byte included), or 0 when the chain has no usable status byte and nothing
-    /// was written.
+    /// Handles one chain, moving at most `budget` bytes of data (taken off it). Returns the
+    /// used length (bytes written to the driver's buffers, status byte included; 0 when the
+    /// chain has no usable status byte and nothing was written), or None when the request
+    /// is larger than the budget left: it goes on with [`RequestHandler::resume`], and no
+    /// other chain may be taken meanwhile.
     pub(super) fn handle_chain(
         &mut self,
         mem: &GuestMemoryMmap,
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-    ) -> u32 {
+        budget: &mut u64,
+    ) -> Option<u32> {
         let head = chain.head_index();
         let mut descs = std::mem::take(&mut self.descs);
         let end = collect_chain(chain, &mut descs);
-        let used = self.handle_descs(mem, head, &descs, end);
+        let used = self.handle_descs(mem, head, &descs, end, budget);
         self.descs = descs;
         used
+    }
+
+    /// Whether a request is split over turns.
+    pub(super) fn in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Goes on with the request in flight within `budget` bytes; once it is done, its head
+    /// index and used length.
+    pub(super) fn resume(&mut self, mem: &GuestMemoryMmap, budget: &mut u64) -> Option<(u16, u32)> {
+        let mut f = self.in_flight.take()?;
+        match self.run(mem, &mut f.work, &mut f.done, budget) {
+            Some(outcome) => Some((f.head, self.complete(mem, f.head, f.status_addr, outcome))),
+            None => {
+                self.in_flight = Some(f);
+                None
+            }
+        }
+    }
+
+    /// Ends the request in flight with IOERR (its medium is going away); its head index and
+    /// used length.
+    pub(super) fn fail_in_flight(&mut self, mem: &GuestMemoryMmap) -> Option<(u16, u32)> {
+        let f = self.in_flight.take()?;
+        let written = match f.work {
+            // Any part of the buffers may have been written.
+            Work::Read { len, .. } => len as u32,
+            _ => 0,
+        };
+        let outcome = Err((
+            Failure::IoErr("the medium changed while the request was in progress".into()),
+            written,
+        ));
+        Some((f.head, self.complete(mem, f.head, f.status_addr, outcome)))
+    }
+
+    /// Forgets the request in flight (the driver reset the device).
+    pub(super) fn abandon(&mut self) {
+        self.in_flight = None;
     }
 
     fn handle_descs(
@@ -120,13 +210,14 @@ impl RequestHandler {
         head: u16,
         descs: &[Descriptor],
         end: ChainEnd,
-    ) -> u32 {
+        budget: &mut u64,
+    ) -> Option<u32> {
         if end == ChainEnd::Broken {
             rate_limited_warn!(
                 "virtio-blk: chain at descriptor {} loops, is longer than the queue or points outside guest memory; returned unanswered",
                 head
             );
-            return 0;
+            return Some(0);
         }
         // virtio 1.2 §5.2.6: the status byte is the last byte of the last descriptor, which
         // must be device-writable.
@@ -142,9 +233,39 @@ impl RequestHandler {
                 "virtio-blk: chain at descriptor {} has no device-writable status byte in guest memory; returned unanswered",
                 head
             );
-            return 0;
+            return Some(0);
         };
-        let (status, written) = match self.execute(mem, descs) {
+        let outcome = match self.execute(mem, descs, budget) {
+            Ok(Parsed::Done(n)) => Ok(n),
+            Err(e) => Err(e),
+            Ok(Parsed::Work(mut work)) => {
+                let mut done = 0;
+                match self.run(mem, &mut work, &mut done, budget) {
+                    Some(outcome) => outcome,
+                    None => {
+                        self.in_flight = Some(InFlight {
+                            head,
+                            status_addr,
+                            work,
+                            done,
+                        });
+                        return None;
+                    }
+                }
+            }
+        };
+        Some(self.complete(mem, head, status_addr, outcome))
+    }
+
+    /// Writes the status byte for `outcome`; returns the used length.
+    fn complete(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        status_addr: GuestAddress,
+        outcome: Outcome,
+    ) -> u32 {
+        let (status, written) = match outcome {
             Ok(written) => (status::OK, written),
             Err((failure, written)) => {
                 let status = match failure {
@@ -167,9 +288,96 @@ impl RequestHandler {
         written.saturating_add(1)
     }
 
-    /// Validates the layout of the chain and runs the request. Ok(n) / Err((_, n)): n bytes
-    /// of data were written to the driver's buffers.
-    fn execute(&mut self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Outcome {
+    /// Moves `work` on from `*done` within `budget` bytes. Some(outcome) once it is done
+    /// (or failed), None when the budget ran out first.
+    fn run(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        work: &mut Work,
+        done: &mut u64,
+        budget: &mut u64,
+    ) -> Option<Outcome> {
+        loop {
+            let (pos, left) = match *work {
+                Work::Read { offset, len } | Work::Write { offset, len } => {
+                    (offset + *done, len - *done)
+                }
+                Work::Ranges { count, index, .. } => {
+                    if index == count {
+                        (0, 0)
+                    } else {
+                        let (offset, len, _) = self.ranges[index];
+                        (offset + *done, len - *done)
+                    }
+                }
+            };
+            if left == 0 {
+                match work {
+                    // An empty segment: on to the next one.
+                    Work::Ranges { count, index, .. } if *index < *count => {
+                        *index += 1;
+                        *done = 0;
+                        continue;
+                    }
+                    _ => return Some(self.finish(work)),
+                }
+            }
+            let n = piece(pos, left, *budget)?;
+            *budget -= n;
+            let r = match *work {
+                Work::Read { len, .. } => {
+                    let r = guest_slices(mem, &self.writable, *done, n)
+                        .map_err(|_| io::Error::other("cannot map guest memory"))
+                        .and_then(|slices| self.disk.get().read_vectored(pos, &slices));
+                    // On failure any part may have been written: report it all.
+                    r.map_err(|e| (Failure::IoErr(format!("read at {pos}: {e}")), len as u32))
+                }
+                Work::Write { .. } => guest_slices(mem, &self.readable, HEADER_LEN + *done, n)
+                    .map_err(|_| io::Error::other("cannot map guest memory"))
+                    .and_then(|slices| self.disk.get().write_vectored(pos, &slices))
+                    .map_err(|e| ioerr(format!("write at {pos}: {e}"))),
+                Work::Ranges { zero, index, .. } => {
+                    let r = if zero {
+                        self.disk.get().write_zeroes(pos, n, self.ranges[index].2)
+                    } else {
+                        self.disk.get().discard(pos, n)
+                    };
+                    r.map_err(|e| ioerr(format!("discard/write-zeroes at {pos}+{n}: {e}")))
+                }
+            };
+            if let Err(e) = r {
+                return Some(Err(e));
+            }
+            *done += n;
+            if let Work::Ranges { ref mut index, .. } = work {
+                if *done == self.ranges[*index].1 {
+                    *index += 1;
+                    *done = 0;
+                }
+            }
+        }
+    }
+
+    /// The end of a transfer that went through.
+    fn finish(&mut self, work: &Work) -> Outcome {
+        match *work {
+            Work::Read { len, .. } => Ok(len as u32),
+            Work::Write { .. } | Work::Ranges { .. } => {
+                self.write_through()?;
+                Ok(0)
+            }
+        }
+    }
+
+    /// Validates the layout of the chain and parses the request; FLUSH and GET_ID are run
+    /// here (a flush takes `FLUSH_COST` off `budget`). Err((_, n)): n bytes of data were
+    /// written to the driver's buffers.
+    fn execute(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        descs: &[Descriptor],
+        budget: &mut u64,
+    ) -> Result<Parsed, (Failure, u32)> {
         if descs.len() as u64 > u64::from(SEG_MAX) + 2 {
             return Err(ioerr(format!(
                 "chain of {} descriptors exceeds seg_max {} + 2",
@@ -228,7 +436,10 @@ impl RequestHandler {
                     return Err(ioerr("IN request with device-readable data"));
                 }
                 let offset = self.check_range(sector, writable_len)?;
-                self.read_to_guest(mem, offset, writable_len)
+                Ok(Parsed::Work(Work::Read {
+                    offset,
+                    len: writable_len,
+                }))
             }
             rtype::OUT => {
                 if writable_len != 0 {
@@ -238,9 +449,10 @@ impl RequestHandler {
                     return Err(ioerr("write to a read-only disk"));
                 }
                 let offset = self.check_range(sector, out_len)?;
-                self.write_from_guest(mem, offset, out_len)?;
-                self.write_through()?;
-                Ok(0)
+                Ok(Parsed::Work(Work::Write {
+                    offset,
+                    len: out_len,
+                }))
             }
             rtype::FLUSH => {
                 if out_len != 0 || writable_len != 0 {
@@ -248,11 +460,12 @@ impl RequestHandler {
                 }
                 // The status is written by our caller only after this returns: a flush is on
                 // stable storage before the driver can see it complete.
+                *budget = budget.saturating_sub(FLUSH_COST);
                 self.disk
                     .get()
                     .flush()
                     .map_err(|e| ioerr(format!("flush: {e}")))?;
-                Ok(0)
+                Ok(Parsed::Done(0))
             }
             rtype::GET_ID => {
                 if out_len != 0 {
@@ -261,7 +474,7 @@ impl RequestHandler {
                 let n = writable_len.min(SERIAL_LEN as u64) as usize;
                 scatter(mem, &self.writable, 0, &self.serial[..n])
                     .map_err(|_| ioerr("cannot write the id"))?;
-                Ok(n as u32)
+                Ok(Parsed::Done(n as u32))
             }
             rtype::DISCARD | rtype::WRITE_ZEROES => {
                 let (feature, max_sectors, max_seg) = if req_type == rtype::DISCARD {
@@ -284,9 +497,8 @@ impl RequestHandler {
                 if self.read_only {
                     return Err(ioerr("discard or write-zeroes on a read-only disk"));
                 }
-                self.discard_or_zero(mem, req_type, out_len, max_sectors, max_seg)?;
-                self.write_through()?;
-                Ok(0)
+                let work = self.discard_or_zero(mem, req_type, out_len, max_sectors, max_seg)?;
+                Ok(Parsed::Work(work))
             }
             other => Err((Failure::Unsupp(other), 0)),
         }
@@ -321,32 +533,7 @@ impl RequestHandler {
         Ok(())
     }
 
-    fn read_to_guest(&mut self, mem: &GuestMemoryMmap, offset: u64, len: u64) -> Outcome {
-        let slices = guest_slices(mem, &self.writable, 0, len)
-            .map_err(|_| ioerr("cannot map guest memory"))?;
-        // Straight into guest memory (preadv for raw files and qcow2 data clusters). On
-        // failure any part may have been written: report it all.
-        self.disk
-            .get()
-            .read_vectored(offset, &slices)
-            .map_err(|e| (Failure::IoErr(format!("read at {offset}: {e}")), len as u32))?;
-        Ok(len as u32)
-    }
-
-    fn write_from_guest(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        offset: u64,
-        len: u64,
-    ) -> Result<(), (Failure, u32)> {
-        let slices = guest_slices(mem, &self.readable, HEADER_LEN, len)
-            .map_err(|_| ioerr("cannot map guest memory"))?;
-        self.disk
-            .get()
-            .write_vectored(offset, &slices)
-            .map_err(|e| ioerr(format!("write at {offset}: {e}")))
-    }
-
+    /// Reads and checks the segments of a DISCARD or WRITE_ZEROES request.
     fn discard_or_zero(
         &mut self,
         mem: &GuestMemoryMmap,
@@ -354,7 +541,7 @@ impl RequestHandler {
         segs_len: u64,
         max_sectors: u32,
         max_seg: u32,
-    ) -> Result<(), (Failure, u32)> {
+    ) -> Result<Work, (Failure, u32)> {
         let count = segs_len / DISCARD_SEGMENT_LEN;
         if segs_len == 0
             || !segs_len.is_multiple_of(DISCARD_SEGMENT_LEN)
@@ -364,8 +551,7 @@ impl RequestHandler {
                 "{segs_len} bytes of discard segments (max {max_seg} of 16 bytes)"
             )));
         }
-        let mut ranges = [(0u64, 0u64, false); MAX_DISCARD_SEG as usize];
-        for (i, range) in ranges.iter_mut().enumerate().take(count as usize) {
+        for i in 0..count as usize {
             let mut raw = [0u8; DISCARD_SEGMENT_LEN as usize];
             gather(
                 mem,
@@ -388,18 +574,25 @@ impl RequestHandler {
             }
             let len = u64::from(num_sectors) * SECTOR_SIZE;
             let offset = self.check_range(sector, len)?;
-            *range = (offset, len, flags & WRITE_ZEROES_FLAG_UNMAP != 0);
+            self.ranges[i] = (offset, len, flags & WRITE_ZEROES_FLAG_UNMAP != 0);
         }
-        for &(offset, len, unmap) in &ranges[..count as usize] {
-            let r = if req_type == rtype::DISCARD {
-                self.disk.get().discard(offset, len)
-            } else {
-                self.disk.get().write_zeroes(offset, len, unmap)
-            };
-            r.map_err(|e| ioerr(format!("discard/write-zeroes at {offset}+{len}: {e}")))?;
-        }
-        Ok(())
+        Ok(Work::Ranges {
+            zero: req_type == rtype::WRITE_ZEROES,
+            count: count as usize,
+            index: 0,
+        })
     }
+}
+
+/// How many of the `left` bytes from disk offset `pos` to move now, with `budget` bytes
+/// left in this turn: all of them if they fit, else up to the last `PIECE_ALIGN` boundary
+/// the budget reaches; None if it reaches none (a fresh turn's budget always does).
+fn piece(pos: u64, left: u64, budget: u64) -> Option<u64> {
+    if left <= budget {
+        return Some(left);
+    }
+    let end = pos.checked_add(budget)? / PIECE_ALIGN * PIECE_ALIGN;
+    (end > pos).then(|| end - pos)
 }
 
 /// The guest memory of the stream `skip..skip + len` formed by `segs`, as slices.

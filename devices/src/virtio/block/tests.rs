@@ -925,16 +925,39 @@ fn next_index_outside_the_queue_is_returned_unanswered() {
 }
 
 #[test]
-fn head_index_outside_the_queue_is_dropped() {
+fn head_index_outside_the_queue_needs_a_reset() {
     let dir = TempDir::new();
     let p = disk(&dir);
     let mut d = block_driver(&p, false, None);
     d.publish(500);
     let snap_published = d.snapshot();
     d.kick(0);
-    // Nothing can be returned for it: the used ring stays as it was.
+    // Nothing can be returned for it: the used ring stays as it was, and the device says
+    // it needs a reset (virtio 1.2 §2.1.2) instead of taking the guest's next entries.
     assert_eq!(d.used_idx(), 0);
     assert_only_changed(&snap_published, &d.snapshot(), &[used_ring_range(&d)]);
+    assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
+    let req = build(&mut d, rt::IN, 0, None, 512);
+    let bufs = [
+        Buf {
+            addr: req.header,
+            len: 16,
+            writable: false,
+        },
+        req.data.unwrap(),
+        Buf {
+            addr: req.status,
+            len: 1,
+            writable: true,
+        },
+    ];
+    let head = d.add_chain(&bufs);
+    d.publish(head);
+    d.kick(0);
+    assert_eq!(d.used_idx(), 0, "a failed device took another request");
+    // A reset brings it back.
+    d.write32(regs::STATUS, 0);
+    d.start();
     assert_still_works(&mut d, &p);
 }
 
@@ -1709,4 +1732,268 @@ fn media_change_before_driver_ok_bumps_the_generation_without_an_interrupt() {
         (s, back),
         (st::OK, pattern(2 * DISK_LEN, 5)[..512].to_vec())
     );
+}
+
+/// A disk of `len` bytes that keeps no data and records every call that moves or zeroes
+/// bytes, with the event-loop turn it came in (`turn` is set by the test).
+struct RecordingDisk {
+    len: u64,
+    calls: Arc<Mutex<Vec<(&'static str, u64, u64, usize)>>>,
+    turn: Arc<Mutex<usize>>,
+}
+
+impl RecordingDisk {
+    fn record(&self, what: &'static str, offset: u64, len: u64) {
+        let turn = *self.turn.lock().unwrap();
+        self.calls.lock().unwrap().push((what, offset, len, turn));
+    }
+}
+
+impl DiskBackend for RecordingDisk {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.record("read", offset, buf.len() as u64);
+        buf.fill(0);
+        Ok(())
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.record("write", offset, buf.len() as u64);
+        Ok(())
+    }
+    fn read_vectored(
+        &mut self,
+        offset: u64,
+        bufs: &[vm_memory::VolatileSlice<'_>],
+    ) -> io::Result<()> {
+        self.record("read", offset, bufs.iter().map(|b| b.len() as u64).sum());
+        Ok(())
+    }
+    fn write_vectored(
+        &mut self,
+        offset: u64,
+        bufs: &[vm_memory::VolatileSlice<'_>],
+    ) -> io::Result<()> {
+        self.record("write", offset, bufs.iter().map(|b| b.len() as u64).sum());
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.record("discard", offset, len);
+        Ok(())
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
+        self.record("zero", offset, len);
+        Ok(())
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+}
+
+type Calls = Arc<Mutex<Vec<(&'static str, u64, u64, usize)>>>;
+
+fn recording_driver(len: u64) -> (Driver, Calls, Arc<Mutex<usize>>) {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let turn = Arc::new(Mutex::new(0));
+    let disk = RecordingDisk {
+        len,
+        calls: calls.clone(),
+        turn: turn.clone(),
+    };
+    let mut d = Driver::new(Box::new(Block::new(Box::new(disk), None, false).unwrap()));
+    d.start();
+    (d, calls, turn)
+}
+
+/// Runs event-loop turns until the device stops asking for more; returns their number.
+fn run_to_completion(d: &mut Driver, turn: &Arc<Mutex<usize>>) -> usize {
+    let mut turns = 0;
+    loop {
+        *turn.lock().unwrap() += 1;
+        if d.run_turns(0, 1) == 0 {
+            return turns;
+        }
+        turns += 1;
+    }
+}
+
+/// Bytes each turn moved, from the recorded calls.
+fn bytes_per_turn(calls: &Calls) -> std::collections::BTreeMap<usize, u64> {
+    let mut per = std::collections::BTreeMap::new();
+    for &(_, _, len, turn) in calls.lock().unwrap().iter() {
+        *per.entry(turn).or_insert(0) += len;
+    }
+    per
+}
+
+#[test]
+fn write_zeroes_of_64_gib_is_split_over_event_loop_turns() {
+    const GIB4: u64 = 4 << 30;
+    let (mut d, calls, turn) = recording_driver(GIB4);
+    // 16 segments of the most sectors allowed each, as a hostile driver sends them.
+    let n = super::MAX_WRITE_ZEROES_SECTORS;
+    let h = header(&mut d, rt::WRITE_ZEROES, 0);
+    let segs = d.alloc(16 * 16);
+    for i in 0..16u64 {
+        let mut b = [0u8; 16];
+        b[8..12].copy_from_slice(&n.to_le_bytes());
+        d.mem.write_slice(&b, GuestAddress(segs + 16 * i)).unwrap();
+    }
+    let s = status_buf(&mut d);
+    let head = d.add_chain(&[
+        Buf {
+            addr: h,
+            len: 16,
+            writable: false,
+        },
+        Buf {
+            addr: segs,
+            len: 16 * 16,
+            writable: false,
+        },
+        Buf {
+            addr: s,
+            len: 1,
+            writable: true,
+        },
+    ]);
+    d.publish(head);
+    d.kick(0);
+    // The first turn did a bounded part and asked to be called again.
+    assert_eq!(d.used_idx(), 0, "64 GiB of zeroing done in one turn");
+    let first: u64 = bytes_per_turn(&calls).values().sum();
+    assert!(
+        first > 0 && first <= super::device::BYTES_PER_TURN,
+        "{first}"
+    );
+    let turns = run_to_completion(&mut d, &turn);
+    assert_eq!(d.used_idx(), 1);
+    assert_eq!(d.used_elem(0), (u32::from(head), 1));
+    assert_eq!(d.mem.read_obj::<u8>(GuestAddress(s)).unwrap(), st::OK);
+    let range = u64::from(n) * 512;
+    assert!(
+        turns as u64 >= 16 * range / super::device::BYTES_PER_TURN,
+        "{turns}"
+    );
+    for (t, bytes) in bytes_per_turn(&calls) {
+        assert!(
+            bytes <= super::device::BYTES_PER_TURN,
+            "turn {t}: {bytes} bytes"
+        );
+    }
+    // Every byte of every segment was zeroed once, in order, in 2 MiB-aligned pieces.
+    let calls = calls.lock().unwrap();
+    let mut expect = 0u64;
+    let mut total = 0u64;
+    for &(what, offset, len, _) in calls.iter() {
+        assert_eq!(what, "zero");
+        assert_eq!(offset, expect);
+        assert!(offset + len == range || (offset + len) % (2 << 20) == 0);
+        total += len;
+        expect = if offset + len == range {
+            0
+        } else {
+            offset + len
+        };
+    }
+    assert_eq!(total, 16 * range);
+}
+
+#[test]
+fn a_read_larger_than_a_turn_goes_on_over_turns_before_the_next_request() {
+    let (mut d, calls, turn) = recording_driver(1 << 30);
+    // 64 MiB into 32 descriptors (an indirect table) that all point at one 2 MiB buffer.
+    let n = 34u16;
+    let table = d.alloc(16 * u64::from(n));
+    let h = header(&mut d, rt::IN, 8);
+    let buf = d.alloc(2 << 20);
+    let s = status_buf(&mut d);
+    d.write_desc(table, 0, h, 16, VIRTQ_DESC_F_NEXT, 1);
+    for i in 1..n - 1 {
+        let flags = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE;
+        d.write_desc(table, i, buf, 2 << 20, flags, i + 1);
+    }
+    d.write_desc(table, n - 1, s, 1, VIRTQ_DESC_F_WRITE, 0);
+    let big = d.reserve_descs(1);
+    let indirect = 16 * u32::from(n);
+    d.write_desc(DESC_TABLE, big, table, indirect, VIRTQ_DESC_F_INDIRECT, 0);
+    d.publish(big);
+    // A small request behind it waits for it.
+    let small = build(&mut d, rt::OUT, 0, Some(&[1u8; 512]), 0);
+    let small_head = d.add_chain(&[
+        Buf {
+            addr: small.header,
+            len: 16,
+            writable: false,
+        },
+        small.data.unwrap(),
+        Buf {
+            addr: small.status,
+            len: 1,
+            writable: true,
+        },
+    ]);
+    d.publish(small_head);
+    d.kick(0);
+    assert_eq!(d.used_idx(), 0);
+    run_to_completion(&mut d, &turn);
+    assert_eq!(d.used_idx(), 2);
+    assert_eq!(d.used_elem(0), (u32::from(big), (64 << 20) + 1));
+    assert_eq!(d.used_elem(1), (u32::from(small_head), 1));
+    let per = bytes_per_turn(&calls);
+    assert!(per.len() >= 4, "{per:?}");
+    assert!(
+        per.values().all(|&b| b <= super::device::BYTES_PER_TURN),
+        "{per:?}"
+    );
+    let calls = calls.lock().unwrap();
+    let reads: u64 = calls.iter().filter(|c| c.0 == "read").map(|c| c.2).sum();
+    assert_eq!(reads, 64 << 20);
+    assert_eq!(calls.last().unwrap().0, "write");
+}
+
+#[test]
+fn a_media_change_ends_a_split_request_with_an_io_error() {
+    let (mut d, _calls, _turn) = recording_driver(4 << 30);
+    let (st_, _) = {
+        let h = header(&mut d, rt::WRITE_ZEROES, 0);
+        let seg = d.alloc(16);
+        let mut b = [0u8; 16];
+        b[8..12].copy_from_slice(&super::MAX_WRITE_ZEROES_SECTORS.to_le_bytes());
+        d.mem.write_slice(&b, GuestAddress(seg)).unwrap();
+        let s = status_buf(&mut d);
+        let head = d.add_chain(&[
+            Buf {
+                addr: h,
+                len: 16,
+                writable: false,
+            },
+            Buf {
+                addr: seg,
+                len: 16,
+                writable: false,
+            },
+            Buf {
+                addr: s,
+                len: 1,
+                writable: true,
+            },
+        ]);
+        d.publish(head);
+        d.kick(0);
+        assert_eq!(d.used_idx(), 0);
+        let dir = TempDir::new();
+        let other = second_disk(&dir, 1 << 20, 5);
+        change_medium(&d, super::Disk::Raw(open_raw(&other, false))).unwrap();
+        (d.mem.read_obj::<u8>(GuestAddress(s)).unwrap(), head)
+    };
+    assert_eq!(d.used_idx(), 1);
+    assert_eq!(st_, st::IOERR);
+    // Nothing of it goes on with the new medium.
+    assert_eq!(d.run_turns(0, 10), 1);
+    assert_eq!(d.used_idx(), 1);
 }

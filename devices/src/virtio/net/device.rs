@@ -360,7 +360,7 @@ impl Net {
                     Ok(Some(c)) => c,
                     Ok(None) => break,
                     Err(e) => {
-                        rate_limited_warn!("virtio-net: tx avail ring unusable: {}", e);
+                        rate_limited_warn!("virtio-net: tx {}; the device needs a reset", e);
                         active.failed = true;
                         active.interrupt.set_needs_reset();
                         return;
@@ -388,8 +388,10 @@ impl Net {
                 }
                 sent += 1;
                 if let Err(e) = active.tx.add_used(&active.mem, head, 0) {
-                    rate_limited_warn!("virtio-net: cannot return tx chain {}: {}", head, e);
-                    continue;
+                    rate_limited_warn!("virtio-net: tx used ring unusable: {}", e);
+                    active.failed = true;
+                    active.interrupt.set_needs_reset();
+                    return;
                 }
                 used = true;
             }
@@ -439,8 +441,13 @@ impl Net {
                 // Read only with a buffer to put the frame in.
                 if rx.chains.is_empty() {
                     match take_rx_chain(active, rx, &self.counters, &mut self.descs, &mut used) {
-                        Ok(true) => continue,
-                        Ok(false) => {}
+                        Ok(Taken::Chain) => continue,
+                        Ok(Taken::Bad) => {
+                            // Returned unused: it counts against the budget all the same.
+                            frames += 1;
+                            continue;
+                        }
+                        Ok(Taken::Empty) => {}
                         Err(()) => return,
                     }
                     match wait_for_buffers(active, rx) {
@@ -504,8 +511,12 @@ impl Net {
                     continue;
                 }
                 match take_rx_chain(active, rx, &self.counters, &mut self.descs, &mut used) {
-                    Ok(true) => continue,
-                    Ok(false) => {}
+                    Ok(Taken::Chain) => continue,
+                    Ok(Taken::Bad) => {
+                        frames += 1;
+                        continue;
+                    }
+                    Ok(Taken::Empty) => {}
                     Err(()) => return,
                 }
                 if rx.chains.len() >= usize::from(queue_size) {
@@ -551,21 +562,29 @@ impl Net {
     }
 }
 
-/// Takes the next receive chain from the avail ring into `rx.chains`. Ok(false): the ring
-/// is empty. A malformed chain is returned to the driver with length 0 (and Ok(true), so the
-/// caller looks again). Err: the ring is unusable (the device now needs a reset).
+/// What [`take_rx_chain`] found on the avail ring.
+enum Taken {
+    Empty,
+    /// A usable chain, now in `rx.chains`.
+    Chain,
+    /// A malformed chain, returned to the driver with length 0.
+    Bad,
+}
+
+/// Takes the next receive chain from the avail ring into `rx.chains`. Err: the ring is
+/// unusable (the device now needs a reset).
 fn take_rx_chain(
     active: &mut Active,
     rx: &mut Rx,
     counters: &NetCounters,
     descs: &mut Vec<Descriptor>,
     used: &mut bool,
-) -> Result<bool, ()> {
+) -> Result<Taken, ()> {
     let chain = match pop_chain(&mut active.rx, &active.mem) {
         Ok(Some(c)) => c,
-        Ok(None) => return Ok(false),
+        Ok(None) => return Ok(Taken::Empty),
         Err(e) => {
-            rate_limited_warn!("virtio-net: rx avail ring unusable: {}", e);
+            rate_limited_warn!("virtio-net: rx {}; the device needs a reset", e);
             active.failed = true;
             active.interrupt.set_needs_reset();
             return Err(());
@@ -606,13 +625,15 @@ fn take_rx_chain(
     if let Some(why) = bad {
         bump(&counters.rx_bad_chains, 1);
         rate_limited_warn!("virtio-net: rx chain {} returned unused: {}", head, why);
-        rx.spare.push(segs);
+        recycle(&mut rx.spare, segs);
         if let Err(e) = active.rx.add_used(&active.mem, head, 0) {
-            rate_limited_warn!("virtio-net: cannot return rx chain {}: {}", head, e);
-        } else {
-            *used = true;
+            rate_limited_warn!("virtio-net: rx used ring unusable: {}", e);
+            active.failed = true;
+            active.interrupt.set_needs_reset();
+            return Err(());
         }
-        return Ok(true);
+        *used = true;
+        return Ok(Taken::Bad);
     }
     // At most 4 GiB per chain (collect_chain stops beyond); a used length is 32 bits.
     let capacity = u32::try_from(capacity).unwrap_or(u32::MAX);
@@ -622,7 +643,17 @@ fn take_rx_chain(
         segs,
         capacity,
     });
-    Ok(true)
+    Ok(Taken::Chain)
+}
+
+/// Segments kept per spare vector: a chain of thousands of descriptors (an indirect table)
+/// must not leave its vector's memory behind for good.
+const SPARE_SEGS: usize = 64;
+
+fn recycle(spare: &mut Vec<Vec<(GuestAddress, u32)>>, mut segs: Vec<(GuestAddress, u32)>) {
+    segs.clear();
+    segs.shrink_to(SPARE_SEGS);
+    spare.push(segs);
 }
 
 /// No more buffers: asks the driver to notify the rx queue. Ok(true) if buffers arrived
@@ -677,7 +708,7 @@ fn deliver(active: &mut Active, rx: &mut Rx, mrg: bool, counters: &NetCounters) 
             off += n;
             written += n as u32;
         }
-        rx.spare.push(chain.segs);
+        recycle(&mut rx.spare, chain.segs);
         if let Err(e) = active.rx.add_used(&active.mem, chain.head, written) {
             rate_limited_warn!("virtio-net: rx used ring unusable: {}", e);
             active.failed = true;

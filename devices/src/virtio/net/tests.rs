@@ -1718,3 +1718,27 @@ fn frame_larger_than_the_rx_buffer_is_dropped_and_the_next_one_delivered() {
     assert_eq!(u16::from_le_bytes([h[10], h[11]]), 1);
     assert_eq!(e.counters().rx_dropped, 1);
 }
+
+#[test]
+fn tx_head_index_outside_the_queue_needs_a_reset() {
+    let mut e = env(0);
+    let q = TX_QUEUE as u32;
+    e.d.publish_to(q, 500);
+    e.d.kick(q);
+    assert_eq!(e.d.used_idx_of(q), 0);
+    assert_ne!(e.d.status() & status::DEVICE_NEEDS_RESET, 0);
+    // The device takes nothing more from the guest until it is reset.
+    let mut bytes = vec![0u8; HDR_LEN];
+    bytes.extend_from_slice(&test_frame(HOST_MAC, GUEST_MAC, 100, 1));
+    e.d.mem
+        .write_slice(&bytes, GuestAddress(e.tx_area))
+        .unwrap();
+    e.add_tx(&[Buf {
+        addr: e.tx_area,
+        len: bytes.len() as u32,
+        writable: false,
+    }]);
+    e.d.kick(q);
+    assert_eq!(e.d.used_idx_of(q), 0);
+    assert_eq!(e.counters().tx_frames, 0);
+}
