@@ -58,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
         Block::new(Box::new(raw), None, read_only)
     }
     .expect("block device");
-    let mut d = virtio::driver(Box::new(dev));
+    let mut d = virtio::driver(dev);
     virtio::start(&mut d, &mut input, 1);
 
     let start_used = d.used_idx();

@@ -56,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
         Block::new(Box::new(raw), None, false)
     }
     .expect("block device");
-    let mut d = virtio::driver(Box::new(dev));
+    let mut d = virtio::driver(dev);
 
     while !input.is_empty() {
         let op = input.u8();

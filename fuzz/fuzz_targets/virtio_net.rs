@@ -133,7 +133,7 @@ fuzz_target!(|data: &[u8]| {
     if mode & 2 != 0 {
         net = net.without_offloads();
     }
-    let mut d = virtio::driver(Box::new(net));
+    let mut d = virtio::driver(net);
     virtio::start(&mut d, &mut input, 2);
 
     let queues = [RX_QUEUE as u32, TX_QUEUE as u32];

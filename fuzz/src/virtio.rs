@@ -15,10 +15,10 @@ use crate::Input;
 pub const MEM_SIZE: u64 = 1 << 20;
 
 /// A driver over `device` with `MEM_SIZE` bytes of zeroed guest memory.
-pub fn driver(device: Box<dyn VirtioDevice>) -> Driver {
+pub fn driver<D: VirtioDevice>(device: D) -> Driver {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
         .expect("guest memory");
-    Driver::with_memory(device, mem)
+    Driver::with_memory(Box::new(device), mem)
 }
 
 /// Negotiates features chosen by the input (mostly a subset of the offered ones with
