@@ -214,7 +214,9 @@ impl PendingConfig {
             }
             ApiRequest::PatchDrive(u) => {
                 u.validate()?;
-                check_readable("path_on_host", &u.path_on_host)?;
+                if let Some(p) = &u.path_on_host {
+                    check_readable("path_on_host", p)?;
+                }
                 let slot = self
                     .drives
                     .iter_mut()
@@ -225,7 +227,9 @@ impl PendingConfig {
                             u.drive_id, u.drive_id
                         ))
                     })?;
-                slot.path_on_host = u.path_on_host.clone();
+                if let Some(p) = &u.path_on_host {
+                    slot.path_on_host = p.clone();
+                }
             }
             ApiRequest::PutNetworkInterface(n) => {
                 n.validate()?;

@@ -344,7 +344,7 @@ pub struct Drive {
     /// Only `"Sync"` is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<String>,
-    /// Not supported: refused when given (not null).
+    /// Refused unless it limits nothing (wisp has no rate limiters yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<serde_json::Value>,
     /// vhost-user: not supported, refused when given.
@@ -414,11 +414,7 @@ impl Drive {
                 )))
             }
         }
-        if self.rate_limiter.is_some() {
-            return Err(ApiFault::bad_request(
-                "rate_limiter: rate limiters are not supported by wisp; leave it out",
-            ));
-        }
+        check_no_limit("rate_limiter", self.rate_limiter.as_ref())?;
         if self.socket.is_some() {
             return Err(ApiFault::bad_request(
                 "socket: vhost-user drives are not supported by wisp; give path_on_host",
@@ -441,8 +437,11 @@ impl Drive {
 #[serde(deny_unknown_fields)]
 pub struct DriveUpdate {
     pub drive_id: String,
-    pub path_on_host: PathBuf,
-    /// Not supported: refused when given (not null).
+    /// The new medium; left out, the drive keeps its file (Firecracker's PATCH may only
+    /// change the rate limiter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<PathBuf>,
+    /// Refused unless it limits nothing (wisp has no rate limiters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<serde_json::Value>,
 }
@@ -450,13 +449,10 @@ pub struct DriveUpdate {
 impl DriveUpdate {
     pub fn validate(&self) -> Result<(), ApiFault> {
         check_id("drive_id", &self.drive_id)?;
-        non_empty_path("path_on_host", &self.path_on_host)?;
-        if self.rate_limiter.is_some() {
-            return Err(ApiFault::bad_request(
-                "rate_limiter: rate limiters are not supported by wisp; leave it out",
-            ));
+        if let Some(p) = &self.path_on_host {
+            non_empty_path("path_on_host", p)?;
         }
-        Ok(())
+        check_no_limit("rate_limiter", self.rate_limiter.as_ref())
     }
 }
 
@@ -471,10 +467,10 @@ pub struct NetworkInterface {
     /// The MTU told to the guest (VIRTIO_NET_F_MTU) and set on the tap, 68 to 65535.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
-    /// Not supported: refused when given (not null).
+    /// Refused unless it limits nothing (wisp has no rate limiters yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rx_rate_limiter: Option<serde_json::Value>,
-    /// Not supported: refused when given (not null).
+    /// Refused unless it limits nothing (wisp has no rate limiters yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<serde_json::Value>,
     /// wisp: checksum and segmentation offloads offered to the guest (default true).
@@ -503,17 +499,8 @@ impl NetworkInterface {
                 )));
             }
         }
-        if self.rx_rate_limiter.is_some() || self.tx_rate_limiter.is_some() {
-            let f = if self.rx_rate_limiter.is_some() {
-                "rx_rate_limiter"
-            } else {
-                "tx_rate_limiter"
-            };
-            return Err(ApiFault::bad_request(format!(
-                "{f}: rate limiters are not supported by wisp; leave it out"
-            )));
-        }
-        Ok(())
+        check_no_limit("rx_rate_limiter", self.rx_rate_limiter.as_ref())?;
+        check_no_limit("tx_rate_limiter", self.tx_rate_limiter.as_ref())
     }
 }
 
@@ -541,16 +528,17 @@ impl NetworkInterfaceUpdate {
     }
 }
 
-/// Accepts a rate limiter that limits nothing (`{}`, or its buckets null: what an agent sends
-/// to remove a limit, and wisp has none); refuses one with a bucket, which wisp cannot honour.
+/// Accepts a rate limiter that limits nothing (null, `{}`, or buckets that are null or have a
+/// zero size or refill time, which Firecracker takes as "no limit"); refuses one that limits,
+/// which wisp cannot honour yet.
 fn check_no_limit(field: &str, limiter: Option<&serde_json::Value>) -> Result<(), ApiFault> {
-    let Some(v) = limiter else {
-        return Ok(());
+    let unlimited = match limiter {
+        None | Some(serde_json::Value::Null) => true,
+        Some(v) => v.as_object().is_some_and(|o| {
+            o.iter()
+                .all(|(k, b)| matches!(k.as_str(), "bandwidth" | "ops") && bucket_is_unlimited(b))
+        }),
     };
-    let unlimited = v.as_object().is_some_and(|o| {
-        o.iter()
-            .all(|(k, v)| matches!(k.as_str(), "bandwidth" | "ops") && v.is_null())
-    });
     if unlimited {
         return Ok(());
     }
@@ -558,6 +546,12 @@ fn check_no_limit(field: &str, limiter: Option<&serde_json::Value>) -> Result<()
         "{field}: rate limiters are not supported by wisp {VMM_VERSION} yet; send null or \
          {{}} (no limit), or leave it out"
     )))
+}
+
+/// A token bucket that limits nothing: null, or a zero size or refill time.
+fn bucket_is_unlimited(bucket: &serde_json::Value) -> bool {
+    let zero = |k: &str| bucket.get(k).and_then(serde_json::Value::as_u64) == Some(0);
+    bucket.is_null() || (bucket.is_object() && (zero("size") || zero("refill_time")))
 }
 
 /// `PUT /serial`: where the guest's serial output goes (Firecracker 1.10+).
@@ -568,7 +562,7 @@ pub struct SerialConfig {
     /// stays on wisp's stdout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_out_path: Option<PathBuf>,
-    /// Not supported: refused unless it limits nothing.
+    /// Not supported: refused unless it limits nothing (null, or a zero size or refill time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<serde_json::Value>,
 }
@@ -579,11 +573,7 @@ impl SerialConfig {
             non_empty_path("serial_out_path", p)?;
         }
         // Firecracker's serial limiter is a bare token bucket.
-        let bucket_is_empty = self
-            .rate_limiter
-            .as_ref()
-            .is_none_or(|v| v.is_null() || v.as_object().is_some_and(|o| o.is_empty()));
-        if !bucket_is_empty {
+        if !self.rate_limiter.as_ref().is_none_or(bucket_is_unlimited) {
             return Err(ApiFault::bad_request(format!(
                 "rate_limiter: rate limiting the serial output is not supported by wisp \
                  {VMM_VERSION} yet; leave it out"
@@ -935,9 +925,12 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("/balloon/hinting/stop", "balloon devices"),
     ("/cpu-config", "custom CPU templates (cpu-config)"),
     ("/entropy", "entropy (virtio-rng) devices"),
-    ("/hotplug/memory", "memory hotplug"),
-    ("/mmds", "MMDS (the microVM metadata service)"),
-    ("/mmds/config", "MMDS (the microVM metadata service)"),
+    ("/hotplug/memory", "memory hotplug (virtio-mem) devices"),
+    ("/mmds", "the metadata service (MMDS) and its requests"),
+    (
+        "/mmds/config",
+        "the metadata service (MMDS) and its requests",
+    ),
     ("/pmem/{id}", "virtio-pmem devices"),
     ("/snapshot/create", "snapshots"),
     ("/snapshot/load", "snapshots"),

@@ -31,7 +31,10 @@ impl RuntimeApiController {
     fn change_drive_medium(&mut self, vmm: &mut Vmm, update: &DriveUpdate) -> Result<(), ApiFault> {
         let id = &update.drive_id;
         let drive = self.config.drive_mut(id)?.clone();
-        let path = &update.path_on_host;
+        let Some(path) = &update.path_on_host else {
+            // Only a limiter that limits nothing: the drive stays as it is.
+            return Ok(());
+        };
         if let Some(other) = self
             .config
             .drives

@@ -100,6 +100,8 @@ fn patch_network_interface_takes_limiters_that_limit_nothing() {
     for body in [
         r#"{"iface_id": "eth0", "rx_rate_limiter": null}"#,
         r#"{"iface_id": "eth0", "rx_rate_limiter": {}, "tx_rate_limiter": {"bandwidth": null, "ops": null}}"#,
+        // Firecracker takes a zero size or refill time as no limit.
+        r#"{"iface_id": "eth0", "rx_rate_limiter": {"bandwidth": {"size": 0, "refill_time": 100}, "ops": {"size": 10, "refill_time": 0}}}"#,
     ] {
         assert!(matches!(
             req("PATCH", "/network-interfaces/eth0", body).unwrap(),
@@ -551,8 +553,22 @@ fn drives() {
         r,
         ApiRequest::PatchDrive(DriveUpdate {
             drive_id: "a".into(),
-            path_on_host: "/new".into(),
+            path_on_host: Some("/new".into()),
             rate_limiter: None
+        })
+    );
+    // Firecracker's PATCH may name only the drive (and a limiter): nothing to change.
+    assert_eq!(
+        req(
+            "PATCH",
+            "/drives/a",
+            r#"{"drive_id": "a", "rate_limiter": {}}"#
+        )
+        .unwrap(),
+        ApiRequest::PatchDrive(DriveUpdate {
+            drive_id: "a".into(),
+            path_on_host: None,
+            rate_limiter: Some(json!({}))
         })
     );
     assert_fault(
