@@ -58,6 +58,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     Ok(Vmm {
         _vm: vm,
         vcpus,
+        vcpu_threads: Vec::new(),
         exit,
         serial: legacy.serial,
         serial_drained: legacy.serial_drained,

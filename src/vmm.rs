@@ -4,12 +4,14 @@ use crate::api::InstanceState;
 use crate::arch::x86_64::{acpi, boot, regs};
 use crate::cgroup::VmCgroup;
 use crate::device_manager::{DeviceError, DeviceManager};
-use crate::vstate::control::VcpuControl;
+use crate::vstate::control::{PauseError, VcpuControl};
 use crate::vstate::exit::ExitSignal;
 use crate::vstate::vcpu::{ThreadStart, Vcpu};
 use crate::vstate::vm::{Vm, VmError};
 use std::io;
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 use wisp_devices::bus::BusError;
 use wisp_devices::legacy::{Serial, I8042};
@@ -63,12 +65,19 @@ const CONSOLE_FINISH_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 /// Runs on each vCPU thread with its index and thread id, before the thread enters the guest.
 pub(crate) type VcpuStartHook = Arc<dyn Fn(u8, libc::pid_t) -> Result<(), String> + Send + Sync>;
 
+/// How long a pause waits for every vCPU to leave the guest.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the end of the VM waits for the vCPU threads.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A VM built and ready to start: KVM state, devices and vCPUs (not yet running).
 pub struct Vmm {
     /// The VM fd and guest memory: never read here, owned so they outlive the vCPUs.
     pub(crate) _vm: Vm,
     /// Taken by [`Vmm::start_vcpus`].
     pub(crate) vcpus: Vec<Vcpu>,
+    /// The vCPU threads, joined when the VM ends.
+    pub(crate) vcpu_threads: Vec<JoinHandle<()>>,
     pub(crate) exit: ExitSignal,
     pub(crate) serial: Arc<Mutex<Serial>>,
     /// Readable when the guest drained the UART's input FIFO.
@@ -93,8 +102,10 @@ impl Vmm {
                 let b: ThreadStart = Box::new(move |id, tid| f(id, tid));
                 b
             });
-            vcpu.spawn(start)
+            let thread = vcpu
+                .spawn(start)
                 .map_err(io_err("spawning a vCPU thread"))?;
+            self.vcpu_threads.push(thread);
         }
         log::info!(
             "VM started: {} vCPU(s), {} MiB, {} virtio device(s)",
@@ -106,24 +117,49 @@ impl Vmm {
     }
 
     /// Parks every vCPU outside KVM_RUN, or lets them run again. The event loop stops and
-    /// resumes device work to match (see [`Vmm::is_paused`]).
-    pub fn set_paused(&mut self, paused: bool) {
+    /// resumes device work to match (see [`Vmm::is_paused`]). A pause fails, and the VM runs
+    /// on, if a vCPU has ended or does not stop within [`PAUSE_TIMEOUT`].
+    pub fn set_paused(&mut self, paused: bool) -> Result<(), PauseError> {
         if paused == self.control.is_paused() {
-            return;
+            return Ok(());
         }
         if paused {
-            self.control.pause(self.vcpu_count.into());
+            self.control.pause(self.vcpu_count.into(), PAUSE_TIMEOUT)?;
         } else {
             self.control.resume();
         }
+        Ok(())
     }
 
     pub fn is_paused(&self) -> bool {
         self.control.is_paused()
     }
 
-    /// The end of the VM, on every way out: leaves no cgroup behind.
+    /// The end of the VM, on every way out but SIGKILL: stops the vCPUs, writes back every
+    /// disk (data and image metadata; a guest need not have flushed before it powered off),
+    /// and leaves no cgroup behind. The devices' backends are closed when the `Vmm` is
+    /// dropped, which the stopped vCPU threads no longer prevent.
     pub fn shutdown(&mut self) {
+        if !self.control.stop(STOP_TIMEOUT) {
+            log::warn!(
+                "a vCPU thread did not stop within {} s; its devices are flushed but stay open",
+                STOP_TIMEOUT.as_secs()
+            );
+        }
+        for thread in std::mem::take(&mut self.vcpu_threads) {
+            // A thread still running is left behind (dropping its handle detaches it).
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
+        }
+        for block in self.devices.blocks() {
+            if let Err(e) = block.handle.with(|b| b.flush()) {
+                log::error!(
+                    "disk {}: writing back on the way out failed: {e}",
+                    block.config.path.display()
+                );
+            }
+        }
         // The guest's last words reach the console; a reader that does not take them in
         // time loses them (wisp does not wait on it).
         let output = self

@@ -8,6 +8,7 @@ use crate::api::{
 };
 use crate::device_manager::change_medium;
 use crate::vmm::Vmm;
+use crate::vstate::control::PauseError;
 
 /// What the API needs of a started VM beyond the [`Vmm`] itself.
 pub struct RuntimeApiController {
@@ -89,7 +90,12 @@ impl RuntimeApiController {
             ApiRequest::PatchVm(state) => {
                 let started = std::time::Instant::now();
                 let paused = state == VmState::Paused;
-                vmm.set_paused(paused);
+                vmm.set_paused(paused).map_err(|e| match e {
+                    PauseError::VcpuExited { .. } => {
+                        ApiFault::bad_request(format!("cannot pause: {e}"))
+                    }
+                    PauseError::Timeout { .. } => ApiFault::internal(format!("cannot pause: {e}")),
+                })?;
                 // Firecracker's pause/resume latencies (the whole request here is the VMM's).
                 let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 let what = if paused { "pause_vm" } else { "resume_vm" };

@@ -5,6 +5,7 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 /// The signal that kicks vCPU threads out of the guest.
 pub fn kick_signal() -> i32 {
@@ -53,16 +54,40 @@ pub struct VcpuControl {
     paused: Mutex<bool>,
     /// Mirrors `paused` for the vCPUs' lock-free check after each exit.
     pause_requested: AtomicBool,
+    /// The VM is ending: every vCPU leaves its loop at its next look.
+    stop_requested: AtomicBool,
     changed: Condvar,
     /// vCPUs currently parked (out of KVM_RUN and waiting).
     parked: AtomicUsize,
     parked_changed: Condvar,
     parked_lock: Mutex<()>,
-    threads: Mutex<Vec<libc::pthread_t>>,
+    threads: Mutex<Vec<VcpuThread>>,
     /// Bumped to ask every vCPU to log its registers (SIGUSR1).
     dump_generation: AtomicU64,
     /// Port I/O and MMIO exits handled by the vCPU threads, by [`ExitKind`], for metrics.
     exits: [AtomicU64; 4],
+}
+
+/// A vCPU thread as the kicker knows it.
+struct VcpuThread {
+    id: u8,
+    pthread: libc::pthread_t,
+    /// Cleared by the thread itself, under the `threads` lock, before it ends: a thread
+    /// marked running is alive, so signalling it is defined.
+    running: bool,
+}
+
+/// Why a pause did not take.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PauseError {
+    #[error("vcpu{vcpu} has stopped: the VM is ending")]
+    VcpuExited { vcpu: u8 },
+    #[error("only {parked} of {vcpus} vCPUs stopped within {secs} s; the VM keeps running")]
+    Timeout {
+        parked: usize,
+        vcpus: usize,
+        secs: u64,
+    },
 }
 
 /// The exits counted for metrics (Firecracker's `vcpu.exit_io_in`, ...).
@@ -79,6 +104,7 @@ impl Default for VcpuControl {
         Self {
             paused: Mutex::new(false),
             pause_requested: AtomicBool::new(false),
+            stop_requested: AtomicBool::new(false),
             changed: Condvar::new(),
             parked: AtomicUsize::new(0),
             parked_changed: Condvar::new(),
@@ -91,46 +117,125 @@ impl Default for VcpuControl {
 }
 
 impl VcpuControl {
-    pub fn add_thread(&self, t: libc::pthread_t) {
-        self.threads
+    /// On the vCPU thread, before its first KVM_RUN.
+    pub fn add_thread(&self, id: u8, pthread: libc::pthread_t) {
+        self.lock_threads().push(VcpuThread {
+            id,
+            pthread,
+            running: true,
+        });
+    }
+
+    /// On the vCPU thread, last: it runs no more guest code and is no longer signalled.
+    pub fn thread_exiting(&self, id: u8) {
+        register_kvm_run(std::ptr::null_mut());
+        for t in self.lock_threads().iter_mut().filter(|t| t.id == id) {
+            t.running = false;
+        }
+        let _g = self
+            .parked_lock
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(t);
+            .unwrap_or_else(PoisonError::into_inner);
+        self.parked_changed.notify_all();
+    }
+
+    fn lock_threads(&self) -> std::sync::MutexGuard<'_, Vec<VcpuThread>> {
+        self.threads.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn kick_all(&self) {
-        for &t in self
-            .threads
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-        {
-            // SAFETY: `t` is a live vCPU thread: they run until the process exits.
+        for t in self.lock_threads().iter().filter(|t| t.running) {
+            // SAFETY: a thread marked running is alive: it clears the mark under this lock
+            // before it ends (`thread_exiting`), and its pthread_t stays valid until then.
             unsafe {
-                libc::pthread_kill(t, kick_signal());
+                libc::pthread_kill(t.pthread, kick_signal());
             }
         }
     }
 
-    /// Stops every vCPU outside KVM_RUN; returns once all `n` are parked.
-    pub fn pause(&self, n: usize) {
+    /// The vCPUs whose thread has ended.
+    fn exited(&self) -> Option<u8> {
+        self.lock_threads()
+            .iter()
+            .find(|t| !t.running)
+            .map(|t| t.id)
+    }
+
+    fn running(&self) -> usize {
+        self.lock_threads().iter().filter(|t| t.running).count()
+    }
+
+    /// Stops all `n` vCPUs outside KVM_RUN. Fails at once if a vCPU has ended, and after
+    /// `deadline` if one does not stop (e.g. blocked outside the guest); the vCPUs then run
+    /// on.
+    pub fn pause(&self, n: usize, deadline: Duration) -> Result<(), PauseError> {
         *self.paused.lock().unwrap_or_else(PoisonError::into_inner) = true;
         self.pause_requested.store(true, Ordering::Release);
         self.kick_all();
+        let until = Instant::now() + deadline;
         let mut g = self
             .parked_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        while self.parked.load(Ordering::SeqCst) < n {
+        loop {
+            let parked = self.parked.load(Ordering::SeqCst);
+            if parked >= n {
+                return Ok(());
+            }
+            let error = match self.exited() {
+                Some(vcpu) => Some(PauseError::VcpuExited { vcpu }),
+                None if Instant::now() >= until => Some(PauseError::Timeout {
+                    parked,
+                    vcpus: n,
+                    secs: deadline.as_secs(),
+                }),
+                None => None,
+            };
+            if let Some(e) = error {
+                drop(g);
+                self.resume();
+                return Err(e);
+            }
             g = self
                 .parked_changed
-                .wait_timeout(g, std::time::Duration::from_millis(10))
+                .wait_timeout(g, Duration::from_millis(10))
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
             // A vCPU that was not in KVM_RUN when kicked sees the flag on its next exit;
             // kick again in case it entered KVM_RUN between the flag and the signal.
             self.kick_all();
         }
+    }
+
+    /// Asks every vCPU to leave its loop (parked ones too); true once every vCPU thread
+    /// that started has ended, false if some did not within `deadline`.
+    pub fn stop(&self, deadline: Duration) -> bool {
+        self.stop_requested.store(true, Ordering::SeqCst);
+        self.resume();
+        let until = Instant::now() + deadline;
+        let mut g = self
+            .parked_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        loop {
+            self.kick_all();
+            if self.running() == 0 {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            g = self
+                .parked_changed
+                .wait_timeout(g, Duration::from_millis(10))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// On the vCPU thread after each exit: whether the VM is ending.
+    pub fn stop_requested(&self) -> bool {
+        self.stop_requested.load(Ordering::Acquire)
     }
 
     /// Asks every vCPU to log where it is.
@@ -175,7 +280,7 @@ impl VcpuControl {
             return;
         }
         let mut paused = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
-        if !*paused {
+        if !*paused || self.stop_requested() {
             return;
         }
         self.parked.fetch_add(1, Ordering::SeqCst);
@@ -186,12 +291,113 @@ impl VcpuControl {
                 .unwrap_or_else(PoisonError::into_inner);
             self.parked_changed.notify_all();
         }
-        while *paused {
+        while *paused && !self.stop_requested() {
             paused = self
                 .changed
                 .wait(paused)
                 .unwrap_or_else(PoisonError::into_inner);
         }
         self.parked.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::sync::Arc;
+
+    /// A stand-in for a vCPU thread: it registers as one and parks when asked, until the VM
+    /// stops. The kick signal finds no kvm_run here and does nothing.
+    fn vcpu_thread(control: &Arc<VcpuControl>, id: u8) -> std::thread::JoinHandle<()> {
+        let control = control.clone();
+        std::thread::spawn(move || {
+            // SAFETY: pthread_self has no preconditions.
+            control.add_thread(id, unsafe { libc::pthread_self() });
+            while !control.stop_requested() {
+                control.park_if_paused();
+                std::thread::yield_now();
+            }
+            control.thread_exiting(id);
+        })
+    }
+
+    /// Waits until `n` threads have registered.
+    fn registered(control: &VcpuControl, n: usize) {
+        while control.lock_threads().len() < n {
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn pause_parks_every_vcpu_and_stop_ends_them() {
+        install_kick_handler().unwrap();
+        let control = Arc::new(VcpuControl::default());
+        let threads: Vec<_> = (0..2).map(|id| vcpu_thread(&control, id)).collect();
+        registered(&control, 2);
+        control.pause(2, Duration::from_secs(60)).unwrap();
+        assert!(control.is_paused());
+        // Parked vCPUs are woken to end.
+        assert!(control.stop(Duration::from_secs(60)));
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn pause_fails_at_once_when_a_vcpu_has_ended() {
+        install_kick_handler().unwrap();
+        let control = Arc::new(VcpuControl::default());
+        let live = vcpu_thread(&control, 1);
+        let ended = {
+            let control = control.clone();
+            std::thread::spawn(move || {
+                // SAFETY: pthread_self has no preconditions.
+                control.add_thread(0, unsafe { libc::pthread_self() });
+                control.thread_exiting(0);
+            })
+        };
+        ended.join().unwrap();
+        registered(&control, 2);
+        // An hour: only the ended vCPU can make this return.
+        assert_eq!(
+            control.pause(2, Duration::from_secs(3600)),
+            Err(PauseError::VcpuExited { vcpu: 0 })
+        );
+        assert!(!control.is_paused(), "the VM runs on");
+        assert!(control.stop(Duration::from_secs(60)));
+        live.join().unwrap();
+    }
+
+    #[test]
+    fn pause_gives_up_at_its_deadline_on_a_vcpu_that_never_parks() {
+        install_kick_handler().unwrap();
+        let control = Arc::new(VcpuControl::default());
+        let (release, blocked) = mpsc::channel::<()>();
+        let stuck = {
+            let control = control.clone();
+            std::thread::spawn(move || {
+                // SAFETY: pthread_self has no preconditions.
+                control.add_thread(0, unsafe { libc::pthread_self() });
+                // Blocked outside the guest (as in a write to a full pipe): kicks do not help.
+                let _ = blocked.recv();
+                control.thread_exiting(0);
+            })
+        };
+        registered(&control, 1);
+        let e = control.pause(1, Duration::from_millis(50)).unwrap_err();
+        assert_eq!(
+            e,
+            PauseError::Timeout {
+                parked: 0,
+                vcpus: 1,
+                secs: 0
+            }
+        );
+        assert!(!control.is_paused(), "the VM runs on");
+        release.send(()).unwrap();
+        stuck.join().unwrap();
+        // Once it ended, nothing signals it any more.
+        assert!(control.stop(Duration::from_secs(60)));
     }
 }

@@ -36,30 +36,41 @@ impl Vcpu {
             .spawn(move || {
                 control::register_kvm_run(self.fd.get_kvm_run());
                 // SAFETY: pthread_self has no preconditions.
-                self.control.add_thread(unsafe { libc::pthread_self() });
-                if let Some(f) = on_start {
-                    // SAFETY: gettid has no preconditions.
-                    let tid = unsafe { libc::gettid() };
-                    if let Err(e) = f(self.id, tid) {
-                        self.exit.report(VmExit::KvmCall {
-                            vcpu: self.id,
-                            op: "vCPU thread setup",
-                            error: e,
-                        });
-                        return;
-                    }
+                self.control
+                    .add_thread(self.id, unsafe { libc::pthread_self() });
+                if let Some(end) = self.start_and_run(on_start) {
+                    self.exit.report(end);
                 }
-                let end = self.run();
-                self.exit.report(end);
+                self.control.thread_exiting(self.id);
             })
     }
 
-    /// Runs the guest until it stops; returns why.
-    fn run(&mut self) -> VmExit {
+    /// Runs the start hook, then the guest; returns why the guest stopped (None when the VMM
+    /// stopped it).
+    fn start_and_run(&mut self, on_start: Option<ThreadStart>) -> Option<VmExit> {
+        if let Some(f) = on_start {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            if let Err(e) = f(self.id, tid) {
+                return Some(VmExit::KvmCall {
+                    vcpu: self.id,
+                    op: "vCPU thread setup",
+                    error: e,
+                });
+            }
+        }
+        self.run()
+    }
+
+    /// Runs the guest until it stops; returns why (None when the VMM stopped it).
+    fn run(&mut self) -> Option<VmExit> {
         let id = self.id;
         let mut dumped = self.control.dump_generation();
         loop {
             self.control.park_if_paused();
+            if self.control.stop_requested() {
+                return None;
+            }
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -72,11 +83,11 @@ impl Vcpu {
                     continue;
                 }
                 Err(e) => {
-                    return VmExit::KvmCall {
+                    return Some(VmExit::KvmCall {
                         vcpu: id,
                         op: "KVM_RUN",
                         error: e.to_string(),
-                    }
+                    })
                 }
             };
             let counted = match exit {
@@ -107,9 +118,9 @@ impl Vcpu {
                     self.mmio_bus.write(addr, data);
                 }
                 VcpuExit::Intr => {}
-                VcpuExit::Shutdown => return VmExit::TripleFault { vcpu: id },
+                VcpuExit::Shutdown => return Some(VmExit::TripleFault { vcpu: id }),
                 VcpuExit::SystemEvent(kind, _) => {
-                    return match kind {
+                    return Some(match kind {
                         KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
                         KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
                         KVM_SYSTEM_EVENT_CRASH => VmExit::GuestPanicked,
@@ -117,24 +128,24 @@ impl Vcpu {
                             vcpu: id,
                             exit: format!("system event {other}"),
                         },
-                    }
+                    })
                 }
                 VcpuExit::FailEntry(reason, cpu) => {
-                    return VmExit::KvmInternal {
+                    return Some(VmExit::KvmInternal {
                         vcpu: id,
                         detail: format!("VM entry failed (reason {reason:#x}, host cpu {cpu})"),
-                    }
+                    })
                 }
                 VcpuExit::InternalError => {
                     if let Some(end) = self.internal_error() {
-                        return end;
+                        return Some(end);
                     }
                 }
                 other => {
-                    return VmExit::UnexpectedExit {
+                    return Some(VmExit::UnexpectedExit {
                         vcpu: id,
                         exit: format!("{other:?}"),
-                    }
+                    })
                 }
             }
         }

@@ -305,6 +305,8 @@ u32 virtio_config32(const struct virtio_dev *d, u32 off);
 void scenario_blk(void) __attribute__((noreturn));
 void scenario_blk_hostile(void) __attribute__((noreturn));
 void scenario_blk_flush_then_hang(void) __attribute__((noreturn));
+void scenario_blk_write_then_end(void) __attribute__((noreturn));
+void wait_ctrl_alt_del(void);
 void scenario_blk_bench(void) __attribute__((noreturn));
 
 /* blk_media.c */

@@ -63,11 +63,11 @@ static void scenario_hello(void)
  * 0x14, Alt 0x11, Delete 0xe0 0x71), then power off, as a guest OS would shut down.
  * Polls the status port (bit 0: output buffer full) at CPL3.
  */
-static void scenario_ctrl_alt_del(void)
+/* Returns once the keyboard sent Ctrl+Alt+Del's scan codes (set 2, as wisp's i8042 does). */
+void wait_ctrl_alt_del(void)
 {
 	static const u8 want[] = {0x14, 0x11, 0xe0, 0x71};
 	unsigned int matched = 0;
-	printf("probe: waiting for ctrl-alt-del\n");
 	while (matched < sizeof(want)) {
 		if (!(inb(0x64) & 1)) {
 			__asm__ volatile("pause");
@@ -76,6 +76,12 @@ static void scenario_ctrl_alt_del(void)
 		u8 b = inb(0x60);
 		matched = (b == want[matched]) ? matched + 1 : (b == want[0]);
 	}
+}
+
+static void scenario_ctrl_alt_del(void)
+{
+	printf("probe: waiting for ctrl-alt-del\n");
+	wait_ctrl_alt_del();
 	printf("probe: ctrl-alt-del\n");
 	done();
 }
@@ -430,6 +436,8 @@ void user_main(u64 cpl0_done)
 		scenario_blk_hostile();
 	else if (!strcmp(scenario, "blk-flush-then-hang"))
 		scenario_blk_flush_then_hang();
+	else if (!strcmp(scenario, "blk-write-then-end"))
+		scenario_blk_write_then_end();
 	else if (!strcmp(scenario, "blk-media"))
 		scenario_blk_media();
 	else if (!strcmp(scenario, "blk-bench"))

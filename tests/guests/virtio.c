@@ -943,6 +943,41 @@ void scenario_blk_bench(void)
 	done();
 }
 
+/* ---- blk-write-then-end ---- */
+
+void scenario_blk_write_then_end(void)
+{
+	char end[16] = "poweroff";
+	cmdline_str("probe.end", end, sizeof(end));
+	blk_init(&blk);
+	u64 sector, kib;
+	u32 seed;
+	blk_params(&sector, &kib, &seed, 0, 1024);
+	if (blk.ro)
+		fail("blk-write-then-end needs a writable disk");
+	u8 *wbuf = dma_alloc(64 * 1024);
+	/* No FLUSH: what the guest wrote must survive however the VM ends. */
+	blk_write_pattern(&blk, sector, kib, seed, wbuf);
+	printf("probe: blk written\n");
+	if (!strcmp(end, "poweroff"))
+		acpi_poweroff();
+	if (!strcmp(end, "reset"))
+		acpi_reset();
+	if (!strcmp(end, "panic")) {
+		outb(0x505, 1); /* pvpanic: bit 0 = guest panicked */
+		for (;;)
+			cpu_relax();
+	}
+	if (!strcmp(end, "cad")) {
+		wait_ctrl_alt_del();
+		acpi_reset();
+	}
+	if (!strcmp(end, "hang"))
+		for (;;)
+			cpu_relax();
+	fail("probe.end=%s: want poweroff, reset, panic, cad or hang", end);
+}
+
 /* ---- blk-flush-then-hang ---- */
 
 void scenario_blk_flush_then_hang(void)

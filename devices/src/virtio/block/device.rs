@@ -143,6 +143,13 @@ impl Block {
         self.handler.read_only
     }
 
+    /// Writes everything the medium holds back (data and image metadata) to its file, as a
+    /// guest FLUSH does. The VMM calls it on its way out: a guest that did not flush before
+    /// it powered off keeps its writes.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.handler.disk.get().flush()
+    }
+
     /// Media change: `disk` replaces the current medium, whose writes are flushed before it
     /// is closed (and its lock released). Call it between requests (the event loop runs them
     /// synchronously), through [`DeviceHandle::change_config`] so that the driver is
