@@ -201,6 +201,30 @@ fn lsl_at_cpl0_loads_segment_limits_as_linux_paranoid_entry_needs() {
 }
 
 #[test]
+fn xmm_registers_survive_exits_interrupts_and_fxsave_at_cpl0() {
+    if !kvm_available("xmm_registers_survive_exits_interrupts_and_fxsave_at_cpl0") {
+        return;
+    }
+    // FXSAVE/FXRSTOR at CPL0 (interpreted on PVM), then XMM0-15 held at CPL3 across port
+    // exits to wisp and LAPIC timer interrupts for 3 s.
+    let f = run_probe("sse", 1, "64M", &[], T);
+    assert_clean_run(&f, "sse");
+    assert!(f.stdout.contains("probe: sse-cpl0 ok"), "{}", f.stdout);
+    let stats = lines_with(&f.stdout, "probe: sse rounds ");
+    assert_eq!(stats.len(), 1, "{}", f.stdout);
+    let fields: Vec<&str> = stats[0].split_whitespace().collect();
+    // "<rounds> exits <n> ticks <n> lost-rounds <n> lost-regs <hex>"
+    assert!(fields[0].parse::<u32>().unwrap() > 0, "{}", stats[0]);
+    assert!(
+        fields[4].parse::<u32>().unwrap() > 0,
+        "no timer interrupt: {}",
+        stats[0]
+    );
+    assert_eq!((fields[6], fields[8]), ("0", "0"), "{}", stats[0]);
+    assert!(f.stdout.contains("probe: sse ok"), "{}", f.stdout);
+}
+
+#[test]
 fn vcpu_threads_are_named_and_sigterm_stops_cleanly() {
     if !kvm_available("vcpu_threads_are_named_and_sigterm_stops_cleanly") {
         return;
