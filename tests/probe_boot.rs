@@ -220,7 +220,7 @@ fn xmm_registers_survive_exits_interrupts_and_fxsave_at_cpl0() {
         "no timer interrupt: {}",
         stats[0]
     );
-    assert_eq!((fields[6], fields[8]), ("0", "0"), "{}", stats[0]);
+    assert_eq!((fields[6], fields[8]), ("0", "0x0"), "{}", stats[0]);
     assert!(f.stdout.contains("probe: sse ok"), "{}", f.stdout);
 }
 
