@@ -958,3 +958,48 @@ fn measure_start_and_get_latency() {
         gets[gets.len() * 99 / 100]
     );
 }
+
+#[test]
+fn a_busy_event_loop_gets_503_by_the_deadline_and_never_runs_the_abandoned_request() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("busy");
+    let sock = dir.path("api.sock");
+    // No main loop reads the channel: the event loop is busy elsewhere.
+    let limits = ApiLimits {
+        dispatch_timeout: Duration::from_millis(300),
+        ..ApiLimits::default()
+    };
+    let channel = api::start_with_limits(&sock, limits).expect("API server starts");
+    let mut c = Client::connect(&sock);
+    let r = c.patch("/vm", r#"{"state": "Paused"}"#);
+    assert_eq!(r.status, 503);
+    assert!(
+        r.fault().contains("busy") && r.fault().contains("not carried out"),
+        "{}",
+        r.fault()
+    );
+    // The connection still serves, and the loop, free again, never sees the request its
+    // client gave up on.
+    let r = c.get("/version");
+    assert_eq!(r.status, 200);
+    assert!(
+        channel.try_recv().is_none(),
+        "an abandoned request was handed out"
+    );
+
+    // A request the loop took is answered when it is done, even past the deadline.
+    let sock2 = sock.clone();
+    let client = thread::spawn(move || Client::connect(&sock2).get("/").status);
+    let (req, responder) = loop {
+        if let Some(taken) = channel.try_recv() {
+            break taken;
+        }
+        thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(req, ApiRequest::GetInstanceInfo);
+    thread::sleep(Duration::from_millis(600));
+    responder.respond(Ok(Some(
+        serde_json::to_value(InstanceInfo::new("busy-vm", InstanceState::Running)).unwrap(),
+    )));
+    assert_eq!(client.join().unwrap(), 200);
+}

@@ -22,8 +22,9 @@
 //! VM state; 404 for an unknown path and 405 (with `Allow`) for a known path with another
 //! method (Firecracker answers 400 to both; any 4xx is an error to its SDKs); 408 for a request
 //! not complete in time; 411 for chunked bodies; 413 for a body over 64 KiB; 431 for headers
-//! over 8 KiB; 500 when the VMM dropped a request unanswered; 503 when it is gone or the
-//! connection limit is reached. Every error body is `{"fault_message": "..."}`.
+//! over 8 KiB; 500 when the VMM dropped a request unanswered; 503 when it is gone, the
+//! connection limit is reached, or its event loop did not take the request within
+//! [`ApiLimits::dispatch_timeout`] (the request is then never carried out). Every error body is `{"fault_message": "..."}`.
 //!
 //! `GET /version` is answered by the API thread (it needs no VM state); `GET /` goes to the
 //! main thread, which knows the VM's id and state (build the answer with [`InstanceInfo`]).
@@ -38,7 +39,7 @@ mod server;
 
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -140,12 +141,31 @@ pub type ApiResponse = Result<Option<serde_json::Value>, ApiFault>;
 #[derive(Debug)]
 pub struct Responder {
     tx: mpsc::SyncSender<ApiResponse>,
+    claim: Arc<Claim>,
 }
 
 impl Responder {
     pub fn respond(self, response: ApiResponse) {
         // The client may be gone; nothing to do then.
         let _ = self.tx.send(response);
+    }
+}
+
+/// Who has a queued request: nobody yet, the main thread (it is carried out), or its
+/// connection, which gave up waiting (it is not carried out). Whoever moves it from
+/// `WAITING` first wins.
+#[derive(Debug, Default)]
+struct Claim(AtomicU8);
+
+const WAITING: u8 = 0;
+const TAKEN: u8 = 1;
+const ABANDONED: u8 = 2;
+
+impl Claim {
+    fn set(&self, to: u8) -> bool {
+        self.0
+            .compare_exchange(WAITING, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 }
 
@@ -162,6 +182,10 @@ pub struct ApiLimits {
     pub idle_timeout: Duration,
     /// Open connections served at once; more get 503 and are closed.
     pub max_connections: usize,
+    /// How long a request may wait for the main thread to take it: past that, while the
+    /// event loop is busy, the client gets 503 and the request is dropped unexecuted. A
+    /// request the main thread took is answered when it is done.
+    pub dispatch_timeout: Duration,
 }
 
 /// Largest request body by default (Firecracker's `--http-api-max-payload-size`).
@@ -182,6 +206,7 @@ impl Default for ApiLimits {
             max_body_bytes: MAX_PAYLOAD_SIZE.load(Ordering::Relaxed),
             request_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            dispatch_timeout: Duration::from_secs(5),
             max_connections: 128,
         }
     }
@@ -222,13 +247,22 @@ impl ApiChannel {
     pub fn try_recv(&self) -> Option<(ApiRequest, Responder)> {
         // Clear the eventfd first: a request queued after this read writes it again.
         let _ = self.evt.read();
-        self.rx.as_ref()?.try_recv().ok()
+        let rx = self.rx.as_ref()?;
+        // Requests whose client stopped waiting (answered 503) are not carried out.
+        std::iter::from_fn(|| rx.try_recv().ok()).find(|(_, r)| r.claim.set(TAKEN))
     }
 
     /// Waits up to `timeout` for a request (for loops without epoll).
     pub fn recv_timeout(&self, timeout: Duration) -> Option<(ApiRequest, Responder)> {
         let r = match &self.rx {
-            Some(rx) => rx.recv_timeout(timeout).ok(),
+            Some(rx) => {
+                let deadline = std::time::Instant::now() + timeout;
+                std::iter::from_fn(|| {
+                    rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                        .ok()
+                })
+                .find(|(_, r)| r.claim.set(TAKEN))
+            }
             None => {
                 std::thread::sleep(timeout);
                 None

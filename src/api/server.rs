@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
 use super::http::{Conn, ReadError, Response};
 use super::requests::{allowed_methods, route, Routed};
-use super::{ApiError, ApiFault, ApiLimits, ApiRequest, ApiResponse, Responder};
+use super::{ApiError, ApiFault, ApiLimits, ApiRequest, ApiResponse, Claim, Responder, ABANDONED};
 
 /// Connection threads parse at most 64 KiB of JSON nested at most `MAX_JSON_DEPTH` deep.
 /// Only the pages touched are resident.
@@ -264,7 +265,9 @@ fn serve_connection(stream: UnixStream, limits: &ApiLimits, queue: &Queue, evt: 
         let keep_alive = req.keep_alive;
         let response = match route(&req.method, &req.target, &req.body) {
             Ok(Routed::Local(v)) => Response::json(200, &v, keep_alive),
-            Ok(Routed::Request(r)) => to_response(dispatch(r, queue, evt), keep_alive),
+            Ok(Routed::Request(r)) => {
+                to_response(dispatch(r, queue, evt, limits.dispatch_timeout), keep_alive)
+            }
             Err(fault) => {
                 let mut resp = Response::fault(&fault, keep_alive);
                 if fault.status == 405 {
@@ -285,18 +288,38 @@ fn serve_connection(stream: UnixStream, limits: &ApiLimits, queue: &Queue, evt: 
     }
 }
 
-/// Hands a request to the main thread and waits for its answer.
-fn dispatch(req: ApiRequest, queue: &Queue, evt: &EventFd) -> ApiResponse {
+/// Hands a request to the main thread and waits for its answer: at most `deadline` for the
+/// main thread to take it (then 503, and it is never carried out), then as long as it takes.
+fn dispatch(req: ApiRequest, queue: &Queue, evt: &EventFd, deadline: Duration) -> ApiResponse {
     let (tx, rx) = mpsc::sync_channel(1);
-    if queue.send((req, Responder { tx })).is_err() {
+    let claim = Arc::new(Claim::default());
+    let responder = Responder {
+        tx,
+        claim: claim.clone(),
+    };
+    if queue.send((req, responder)).is_err() {
         return Err(ApiFault::new(503, "the VMM is shutting down"));
     }
     let _ = evt.write(1);
-    rx.recv().unwrap_or_else(|_| {
+    let dropped = |_| {
         Err(ApiFault::internal(
             "the VMM dropped the request without answering",
         ))
-    })
+    };
+    match rx.recv_timeout(deadline) {
+        Ok(answer) => answer,
+        Err(mpsc::RecvTimeoutError::Timeout) if claim.set(ABANDONED) => Err(ApiFault::new(
+            503,
+            format!(
+                "the VMM's event loop did not take the request within {} s (it is busy); \
+                 the request was not carried out: retry later",
+                deadline.as_secs_f64()
+            ),
+        )),
+        // Taken by the main thread: it is being carried out, and its answer comes.
+        Err(mpsc::RecvTimeoutError::Timeout) => rx.recv().unwrap_or_else(dropped),
+        Err(mpsc::RecvTimeoutError::Disconnected) => dropped(mpsc::RecvError),
+    }
 }
 
 fn to_response(r: ApiResponse, keep_alive: bool) -> Response {
