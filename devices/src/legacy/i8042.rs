@@ -223,4 +223,15 @@ mod tests {
         dev.send_ctrl_alt_del();
         assert_eq!(drain(&mut dev), CTRL_ALT_DEL[..CTRL_ALT_DEL_LEN]);
     }
+
+    /// Found by fuzzing (fuzz/ legacy_ports, before the output buffer had a bound): nine
+    /// Ctrl-Alt-Del requests in a row, never read, queued 99 bytes.
+    #[test]
+    fn repeated_ctrl_alt_del_never_read_queues_one_sequence() {
+        let mut dev = I8042::new(Arc::new(|_| {}), None);
+        for _ in 0..9 {
+            dev.send_ctrl_alt_del();
+        }
+        assert_eq!(drain(&mut dev), CTRL_ALT_DEL[..CTRL_ALT_DEL_LEN]);
+    }
 }
