@@ -584,6 +584,9 @@ pub struct Qcow2 {
     /// for files that are not regular files.
     prealloc_end: u64,
     prealloc: bool,
+    /// The most file bytes the whole image can need (every cluster allocated, with its
+    /// metadata): never reserve past it.
+    prealloc_cap: u64,
     /// Every cluster index at or past this one is unused by anything we know of.
     end_cluster: u64,
     /// No cluster below this index has refcount 0 (allocation scan start).
@@ -811,6 +814,7 @@ impl Qcow2 {
             file_size,
             prealloc_end: file_size,
             prealloc: regular_file && !read_only,
+            prealloc_cap: 0,
             end_cluster: file_size.div_ceil(cluster_size),
             free_hint: 0,
             meta_clusters: Vec::new(),
@@ -828,6 +832,7 @@ impl Qcow2 {
         };
         if !read_only {
             q.index_metadata()?;
+            q.prealloc_cap = q.full_image_bytes();
         }
         Ok(q)
     }
@@ -941,7 +946,10 @@ impl Qcow2 {
             // Far past the end (a damaged image's wild offset): never reserve the gap.
             return;
         }
-        let new_end = (end / PREALLOC_CHUNK + 1) * PREALLOC_CHUNK;
+        let new_end = ((end / PREALLOC_CHUNK + 1) * PREALLOC_CHUNK).min(self.prealloc_cap.max(end));
+        if new_end <= start {
+            return;
+        }
         let (Ok(off), Ok(len)) = (
             libc::off_t::try_from(start),
             libc::off_t::try_from(new_end - start),
@@ -966,6 +974,19 @@ impl Qcow2 {
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {}
             Err(_) => self.prealloc = false,
         }
+    }
+
+    /// Bytes of file a fully allocated image needs: header, L1, refcount table (twice: it
+    /// may move as it grows), L2 tables, data clusters and their refcount blocks.
+    fn full_image_bytes(&self) -> u64 {
+        let cs = self.cluster_size;
+        let data = self.size.div_ceil(cs);
+        let l2 = data.div_ceil(cs / 8);
+        let l1 = (self.l1.len() as u64 * 8).div_ceil(cs);
+        let rt = (self.rt.len() as u64 * 8).div_ceil(cs);
+        let clusters = 1 + l1 + 2 * rt + l2 + data;
+        let blocks = clusters.div_ceil(1 << self.rcb_bits) + 1;
+        (clusters + blocks).saturating_mul(cs)
     }
 
     /// Gives back space reserved past the end of the file (truncating to the same size
@@ -1567,6 +1588,14 @@ impl Qcow2 {
     /// may report success.
     fn flush_metadata(&mut self) -> io::Result<()> {
         self.write_back()?;
+        // What the next allocating writes would have used is reserved again then; a VMM
+        // killed later leaves no reservation behind (best effort: it changes no byte).
+        if let Err(e) = self.release_preallocation() {
+            log::debug!(
+                "qcow2 {}: giving back reserved space: {e}",
+                self.path.display()
+            );
+        }
         match &self.broken {
             None => Ok(()),
             Some(why) => Err(io::Error::other(format!(
@@ -2054,7 +2083,7 @@ impl Drop for Qcow2 {
                     "qcow2 {}: flushing metadata on close: {e}",
                     self.path.display()
                 );
-                return;
+                break;
             }
         }
         if let Some(why) = &self.broken {
