@@ -112,6 +112,135 @@ pub(crate) fn inject(faults: &Option<Faults>, op: FileOp) -> io::Result<()> {
     }
 }
 
+/// A workload of requests and a model of what the disk may hold after them, shared by the
+/// backends' fault-injection tests.
+#[cfg(test)]
+pub(crate) mod workload {
+    use super::{Faults, FileOp};
+
+    /// One request of the fault-injection workload.
+    #[derive(Clone, Copy, Debug)]
+    pub enum FaultReq {
+        Write(u64, usize, u8),
+        Zero(u64, u64),
+        Discard(u64, u64),
+        Flush,
+    }
+
+    /// What the disk may hold: `cur` per byte, or one of `alt` where a failed request or a
+    /// discard left a choice.
+    #[derive(Clone)]
+    pub struct FaultModel {
+        cur: Vec<u8>,
+        alt: std::collections::HashMap<usize, Vec<u8>>,
+    }
+
+    impl FaultModel {
+        pub fn new(data: Vec<u8>) -> FaultModel {
+            FaultModel {
+                cur: data,
+                alt: Default::default(),
+            }
+        }
+
+        fn set(&mut self, from: u64, len: u64, v: u8, maybe: bool) {
+            for i in from as usize..(from + len) as usize {
+                if maybe {
+                    let old = self.cur[i];
+                    self.alt.entry(i).or_default().push(old);
+                } else {
+                    self.alt.remove(&i);
+                }
+                self.cur[i] = v;
+            }
+        }
+
+        /// Applies `req`; `done` says whether it succeeded. `cluster`: discard of a qcow2
+        /// (whole clusters read zero afterwards); `None`: raw, where discard is a hint.
+        pub fn apply(&mut self, req: FaultReq, done: bool, cluster: Option<u64>) {
+            match req {
+                FaultReq::Write(off, len, v) => self.set(off, len as u64, v, !done),
+                FaultReq::Zero(off, len) => self.set(off, len, 0, !done),
+                FaultReq::Discard(off, len) => match cluster {
+                    Some(cs) => {
+                        let start = off.next_multiple_of(cs);
+                        let end = (off + len) / cs * cs;
+                        if end > start {
+                            self.set(start, end - start, 0, !done);
+                        }
+                    }
+                    None => self.set(off, len, 0, true),
+                },
+                FaultReq::Flush => {}
+            }
+        }
+
+        pub fn check(&self, actual: &[u8], what: &str) {
+            assert_eq!(actual.len(), self.cur.len(), "{what}: disk size");
+            for (i, (&a, &c)) in actual.iter().zip(&self.cur).enumerate() {
+                if a != c && !self.alt.get(&i).is_some_and(|v| v.contains(&a)) {
+                    panic!(
+                        "{what}: byte {i} is {a:#x}, expected {c:#x} (or {:x?})",
+                        self.alt.get(&i)
+                    );
+                }
+            }
+        }
+    }
+
+    /// Runs `reqs` on a backend whose write-side call `n` fails (one shot) and checks what the
+    /// guest would see: every request before the fault succeeds; the request during which it
+    /// fired fails (unless the call was a best-effort reservation or hole punch); requests
+    /// after it succeed, except flushes once the backend is broken (a failed sync, or a failed
+    /// flush): those all fail. Returns whether a fault fired.
+    pub fn run_fault_workload(
+        disk: &mut dyn crate::disk::DiskBackend,
+        reqs: &[FaultReq],
+        faults: &Faults,
+        model: &mut FaultModel,
+        cluster: Option<u64>,
+        what: &str,
+    ) -> bool {
+        let mut fired = false;
+        let mut broken = false;
+        for (i, &req) in reqs.iter().enumerate() {
+            let before = faults.failed().len();
+            let r = match req {
+                FaultReq::Write(off, len, v) => disk.write_at(off, &vec![v; len]),
+                FaultReq::Zero(off, len) => disk.write_zeroes(off, len, true),
+                FaultReq::Discard(off, len) => disk.discard(off, len),
+                FaultReq::Flush => disk.flush(),
+            };
+            let failed_now = faults.failed()[before..].to_vec();
+            if !failed_now.is_empty() {
+                assert!(!fired, "{what}: a second fault fired");
+                fired = true;
+                let kind = failed_now[0];
+                if r.is_ok() {
+                    assert_eq!(
+                        kind,
+                        FileOp::Fallocate,
+                        "{what}: request {i} {req:?} hid a failed {kind:?}"
+                    );
+                } else if kind == FileOp::Sync || matches!(req, FaultReq::Flush) {
+                    broken = true;
+                }
+            } else if broken && matches!(req, FaultReq::Flush) {
+                assert!(
+                    r.is_err(),
+                    "{what}: request {i} (flush) succeeded after a failed flush or sync"
+                );
+                continue;
+            } else {
+                r.as_ref()
+                    .unwrap_or_else(|e| panic!("{what}: request {i} {req:?} failed: {e}"));
+            }
+            model.apply(req, r.is_ok(), cluster);
+        }
+        fired
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -425,6 +425,54 @@ mod tests {
         assert_eq!(&std::fs::read(&p).unwrap()[..6], b"abcdef");
     }
 
+    /// Issue 11 item 6 for raw disks: every write-side file call of a workload fails
+    /// once (EIO or ENOSPC); exactly the request it hit fails, flushes stay failed after a
+    /// failed one, and every acknowledged write is in the file.
+    #[test]
+    fn every_failed_write_call_fails_its_request_and_keeps_acknowledged_data() {
+        use crate::disk::fault::workload::{run_fault_workload, FaultModel, FaultReq::*};
+        use crate::disk::fault::Faults;
+        let dir = TempDir::new();
+        let size = 1usize << 20;
+        let reqs = [
+            Write(0, 70000, 0x11),
+            Write(300_000, 512, 0x12),
+            Flush,
+            Zero(4096, 8192),
+            Discard(65536, 131_072),
+            Write(100_000, 100_000, 0x13),
+            Flush,
+            Write(500_000, 4096, 0x14),
+            Zero(600_000, 70000),
+            Flush,
+        ];
+        let p = dir.path().join("a.img");
+        let run = |faults: Faults, what: &str| {
+            let _ = std::fs::remove_file(&p);
+            let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            std::fs::write(&p, &data).unwrap();
+            let mut model = FaultModel::new(data);
+            let mut f = open_retry(&p, false);
+            f.set_faults(Some(faults.clone()));
+            let fired = run_fault_workload(&mut f, &reqs, &faults, &mut model, None, what);
+            drop(f);
+            model.check(&std::fs::read(&p).unwrap(), what);
+            fired
+        };
+        let counter = Faults::count_only();
+        run(counter.clone(), "no fault");
+        let calls = counter.calls();
+        assert!(calls >= 10, "{calls} calls");
+        for n in 0..calls {
+            let errno = if n % 2 == 0 { libc::EIO } else { libc::ENOSPC };
+            let what = format!("call {n} of {calls} failing with errno {errno}");
+            assert!(
+                run(Faults::fail_nth(n, errno), &what),
+                "{what}: did not fire"
+            );
+        }
+    }
+
     /// Another test thread starting a child process holds a copy of every open file of this
     /// process until the child execs, and with it the lock of an image a test has just
     /// closed: opens the test expects to succeed wait that out (bounded).
