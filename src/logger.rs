@@ -256,22 +256,59 @@ fn open_destination(path: &Path) -> Result<File, LoggerError> {
 
 /// Opens a log or metrics destination. A named pipe is opened read-write and non-blocking, as
 /// Firecracker does: the open does not wait for a reader, and a full pipe never blocks a
-/// writer. Anything else is opened for appending and created if missing.
+/// writer. A regular file (or a character device such as /dev/null) is appended to, and
+/// created if missing. The path itself must not be a symbolic link (O_NOFOLLOW): wisp
+/// writes with its own privileges, and a link planted where the log goes would aim them at
+/// another file. Block devices are refused. The opened file's type decides, so a file swapped
+/// for a pipe in between cannot block the open.
 pub(crate) fn open_file_or_pipe(path: &Path) -> std::io::Result<File> {
-    let fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
-    if fifo {
-        OpenOptions::new()
+    use std::io::{Error, ErrorKind};
+    use std::os::fd::AsRawFd;
+    // O_PATH opens nothing for I/O: a device is never opened, only looked at.
+    let handle = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(h) => h,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            // O_EXCL: nothing, not even a dangling link, may be there by now.
+            return OpenOptions::new()
+                .append(true)
+                .create_new(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)
+                .map_err(|e| match e.kind() {
+                    ErrorKind::AlreadyExists => {
+                        Error::new(ErrorKind::InvalidInput, "appeared while being created")
+                    }
+                    _ => e,
+                });
+        }
+        Err(e) => return Err(e),
+    };
+    let ft = handle.metadata()?.file_type();
+    let mut reopen = OpenOptions::new();
+    if ft.is_symlink() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "is a symbolic link; name the file itself (wisp does not follow links for files it writes)",
+        ));
+    } else if ft.is_fifo() {
+        reopen
             .read(true)
             .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(path)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC);
+    } else if ft.is_file() || ft.is_char_device() {
+        reopen.append(true).custom_flags(libc::O_CLOEXEC);
     } else {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "is not a regular file, a named pipe or a character device",
+        ));
     }
+    // The same inode again, through the handle: no second lookup of the path.
+    reopen.open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
 }
 
 #[cfg(test)]
@@ -413,6 +450,43 @@ mod tests {
                 .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock)
         });
         assert!(full, "a full pipe must refuse, not block");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_symbolic_link_or_a_block_device_is_never_written() {
+        let dir = temp_dir("links");
+        let target = dir.join("precious");
+        std::fs::write(&target, b"keep me\n").unwrap();
+        let link = dir.join("wisp.log");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let dangling = dir.join("dangling.log");
+        std::os::unix::fs::symlink(dir.join("nowhere"), &dangling).unwrap();
+        for path in [&link, &dangling] {
+            let e = open_destination(path).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("log_path: {}: ", path.display())),
+                "{e}"
+            );
+            assert!(e.contains("is a symbolic link"), "{e}");
+        }
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me\n");
+        assert!(!dir.join("nowhere").exists());
+        // A regular file is appended to; /dev/null is fine too.
+        open_destination(&target)
+            .unwrap()
+            .write_all(b"more\n")
+            .unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me\nmore\n");
+        open_destination(Path::new("/dev/null")).unwrap();
+        let block = std::fs::read_dir("/dev")
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_type().is_ok_and(|t| t.is_block_device()));
+        if let Some(dev) = block {
+            let e = open_destination(&dev.path()).unwrap_err().to_string();
+            assert!(e.contains("is not a regular file"), "{e}");
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,7 +1,7 @@
 //! The configuration collected before boot (API calls or a Firecracker config file), and its
 //! conversion into wisp's [`VmConfig`].
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -159,9 +159,9 @@ impl PendingConfig {
         match req {
             ApiRequest::PutBootSource(b) => {
                 b.validate()?;
-                check_readable("kernel_image_path", &b.kernel_image_path)?;
+                check_readable("kernel_image_path", &b.kernel_image_path, false)?;
                 if let Some(i) = &b.initrd_path {
-                    check_readable("initrd_path", i)?;
+                    check_readable("initrd_path", i, false)?;
                 }
                 self.boot_source = Some(b.clone());
             }
@@ -178,7 +178,7 @@ impl PendingConfig {
             }
             ApiRequest::PutDrive(d) => {
                 d.validate()?;
-                check_readable("path_on_host", &d.path_on_host)?;
+                check_readable("path_on_host", &d.path_on_host, true)?;
                 if d.is_root_device {
                     if let Some(other) = self
                         .drives
@@ -215,7 +215,7 @@ impl PendingConfig {
             ApiRequest::PatchDrive(u) => {
                 u.validate()?;
                 if let Some(p) = &u.path_on_host {
-                    check_readable("path_on_host", p)?;
+                    check_readable("path_on_host", p, true)?;
                 }
                 let slot = self
                     .drives
@@ -416,19 +416,12 @@ fn too_many_devices() -> ApiFault {
     ))
 }
 
-fn check_readable(field: &str, path: &PathBuf) -> Result<(), ApiFault> {
-    let bad =
-        |reason: String| ApiFault::bad_request(format!("{field}: {}: {reason}", path.display()));
-    let meta = std::fs::metadata(path).map_err(|e| bad(io_reason(&e)))?;
-    if meta.is_dir() {
-        return Err(bad("is a directory".into()));
-    }
-    // Opening a named pipe would wait for a writer, and hold up every other request.
-    use std::os::unix::fs::FileTypeExt;
-    if meta.file_type().is_fifo() || meta.file_type().is_socket() {
-        return Err(bad("is a named pipe or a socket, not a file".into()));
-    }
-    std::fs::File::open(path).map_err(|e| bad(io_reason(&e)))?;
+/// Opens the file once to check it (never blocking on a named pipe, which would hold up
+/// every other request): a regular file, or for a drive also a block device.
+fn check_readable(field: &str, path: &Path, block_devices: bool) -> Result<(), ApiFault> {
+    crate::config::open_host_file(path, block_devices).map_err(|reason| {
+        ApiFault::bad_request(format!("{field}: {}: {reason}", path.display()))
+    })?;
     Ok(())
 }
 

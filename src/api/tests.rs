@@ -842,6 +842,30 @@ fn pending_config_builds_a_vm_config() {
         400,
         "kernel_image_path: /nonexistent/vmlinux: No such file or directory",
     );
+    // A kernel or initrd is a regular file: not a block device (read whole into the guest),
+    // not a named pipe (the open would wait for a writer), whatever the path looked like.
+    use std::os::unix::fs::FileTypeExt;
+    let block = std::fs::read_dir("/dev")
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_type().is_ok_and(|t| t.is_block_device()));
+    if let Some(dev) = block {
+        for field in ["kernel_image_path", "initrd_path"] {
+            let body = match field {
+                "initrd_path" => format!(
+                    r#"{{"kernel_image_path": "/etc/passwd", "initrd_path": "{}"}}"#,
+                    dev.path().display()
+                ),
+                _ => format!(r#"{{"kernel_image_path": "{}"}}"#, dev.path().display()),
+            };
+            let e = apply(&mut p, "PUT", "/boot-source", body).unwrap_err();
+            assert_fault(
+                &e,
+                400,
+                &format!("{field}: {}: is a block device", dev.path().display()),
+            );
+        }
+    }
     let e = apply(
         &mut p,
         "PUT",

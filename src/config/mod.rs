@@ -259,17 +259,25 @@ pub fn parse_cpus(s: &str) -> Result<u8, ConfigError> {
 }
 
 fn check_readable_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
-    let bad = |reason: String| ConfigError::BadFile {
+    open_host_file(path, false).map_err(|reason| ConfigError::BadFile {
         what,
         path: path.to_path_buf(),
         reason,
-    };
-    let meta = std::fs::metadata(path).map_err(|e| bad(io_reason(&e)))?;
-    if meta.is_dir() {
-        return Err(bad("is a directory".into()));
-    }
-    std::fs::File::open(path).map_err(|e| bad(io_reason(&e)))?;
+    })?;
     Ok(())
+}
+
+/// Opens a file the operator named for wisp to read (a kernel, an initrd, or with
+/// `block_devices` a disk): symbolic links are followed (`vmlinux -> vmlinux-6.1` is common),
+/// a named pipe never blocks the open, and the type of the opened file decides. The error
+/// is the reason, ready to follow the path.
+pub fn open_host_file(path: &Path, block_devices: bool) -> Result<std::fs::File, String> {
+    wisp_devices::disk::open::open_image_file(path, false, block_devices)
+        .map(|(file, _)| file)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EISDIR) => "is a directory".to_string(),
+            _ => io_reason(&e),
+        })
 }
 
 /// The io::Error text without Rust's " (os error N)" suffix.

@@ -55,20 +55,10 @@ pub fn open_image_file(path: &Path, write: bool, block_devices: bool) -> io::Res
 /// O_NONBLOCK it was opened with.
 fn checked_image_file(file: File, block_devices: bool) -> io::Result<(File, u64)> {
     let ft = file.metadata()?.file_type();
-    let refusal = if ft.is_file() || (ft.is_block_device() && block_devices) {
-        None
-    } else if ft.is_dir() {
+    if ft.is_dir() {
         return Err(io::Error::from_raw_os_error(libc::EISDIR));
-    } else if ft.is_block_device() {
-        Some("is a block device, not a regular file (block devices are not allowed here)")
-    } else if ft.is_fifo() {
-        Some("is a named pipe, not a regular file or block device")
-    } else if ft.is_socket() {
-        Some("is a socket, not a regular file or block device")
-    } else {
-        Some("is a character device, not a regular file or block device")
-    };
-    if let Some(r) = refusal {
+    }
+    if let Some(r) = refusal(ft, block_devices) {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, r));
     }
     // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no memory is passed.
@@ -79,9 +69,37 @@ fn checked_image_file(file: File, block_devices: bool) -> io::Result<(File, u64)
     if !ok {
         return Err(io::Error::last_os_error());
     }
-    // Seeking to the end gives the size of block devices too.
+    // Seeking to the end gives the size of block devices too; callers that read the file
+    // sequentially (a kernel, an initrd) start at its beginning.
     let len = (&file).seek(SeekFrom::End(0))?;
+    (&file).seek(SeekFrom::Start(0))?;
     Ok((file, len))
+}
+
+/// Why a file of type `ft` is not what a disk (or a file wisp reads, such as a kernel) may
+/// be: `None` for a regular file, and for a block device if `block_devices`.
+pub fn refusal(ft: std::fs::FileType, block_devices: bool) -> Option<&'static str> {
+    Some(if ft.is_file() || (ft.is_block_device() && block_devices) {
+        return None;
+    } else if ft.is_dir() {
+        "is a directory"
+    } else if ft.is_block_device() {
+        "is a block device, not a regular file (block devices are not allowed here)"
+    } else if block_devices {
+        if ft.is_fifo() {
+            "is a named pipe, not a regular file or block device"
+        } else if ft.is_socket() {
+            "is a socket, not a regular file or block device"
+        } else {
+            "is a character device, not a regular file or block device"
+        }
+    } else if ft.is_fifo() {
+        "is a named pipe, not a regular file"
+    } else if ft.is_socket() {
+        "is a socket, not a regular file"
+    } else {
+        "is a character device, not a regular file"
+    })
 }
 
 /// Why a backing file was not opened.

@@ -64,7 +64,7 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// Whether `kernel` is a Linux kernel: every bzImage is, and an ELF is when it carries
 /// Linux's ELF notes ("Linux" owner, or the Xen guest-OS note saying "linux").
 pub fn is_linux(kernel: &Path) -> bool {
-    let Ok(mut f) = File::open(kernel) else {
+    let Ok(mut f) = crate::config::open_host_file(kernel, false) else {
         return false;
     };
     match sniff(&mut f) {
@@ -142,7 +142,7 @@ pub fn load(
         path: kernel.to_path_buf(),
         reason,
     };
-    let mut file = File::open(kernel).map_err(|e| kerr(crate::config::io_reason(&e)))?;
+    let mut file = crate::config::open_host_file(kernel, false).map_err(kerr)?;
     let format = sniff(&mut file)
         .map_err(|e| kerr(crate::config::io_reason(&e)))?
         .ok_or_else(|| kerr("not a kernel: neither an ELF image nor a bzImage".into()))?;
@@ -243,7 +243,7 @@ fn load_initrd(
         path: path.to_path_buf(),
         reason,
     };
-    let mut file = File::open(path).map_err(|e| ierr(crate::config::io_reason(&e)))?;
+    let mut file = crate::config::open_host_file(path, false).map_err(ierr)?;
     let size = file
         .metadata()
         .map_err(|e| ierr(crate::config::io_reason(&e)))?
