@@ -760,6 +760,7 @@ fn socket_mode_is_0600_whatever_the_umask() {
     // SAFETY: umask only changes this process's file creation mask (restored below).
     let old = unsafe { libc::umask(0) };
     let ch = api::start(&path);
+    // SAFETY: as above; the old mask back.
     unsafe { libc::umask(old) };
     let _ch = ch.unwrap();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;

@@ -99,6 +99,7 @@ fn no_permission_on_dev_kvm_is_explained() {
         return;
     }
     // /dev/kvm is root-only here; run wisp as nobody.
+    // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     if uid != 0 {
         eprintln!("skipped no_permission_on_dev_kvm_is_explained: needs root to drop privileges");

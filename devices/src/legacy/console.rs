@@ -211,9 +211,9 @@ mod tests {
         }
         assert!(out.shared.lock().buf.len() <= 4096);
         let dropped = out.finish(Duration::from_millis(100));
-        // SAFETY: FIONREAD stores the bytes waiting in the pipe into an int.
         let mut queued: libc::c_int = 0;
         assert_eq!(
+            // SAFETY: FIONREAD stores the bytes waiting in the pipe into an int.
             unsafe { libc::ioctl(rd.as_raw_fd(), libc::FIONREAD, &mut queued) },
             0
         );

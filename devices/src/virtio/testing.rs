@@ -139,6 +139,9 @@ impl Driver {
     }
 
     /// Like `new`, with memory from [`guest_memory`] that the test also gave a backend.
+    // Boxed for the callers' `Driver::new(Box::new(device))`, kept from when devices were
+    // passed as `Box<dyn VirtioDevice>`.
+    #[allow(clippy::boxed_local)]
     pub fn with_memory<D: VirtioDevice>(device: Box<D>, mem: GuestMemoryMmap) -> Driver {
         let irq_evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         let line = Arc::new(IrqFd(irq_evt.try_clone().expect("clone eventfd")));

@@ -1738,7 +1738,7 @@ fn media_change_before_driver_ok_bumps_the_generation_without_an_interrupt() {
 /// bytes, with the event-loop turn it came in (`turn` is set by the test).
 struct RecordingDisk {
     len: u64,
-    calls: Arc<Mutex<Vec<(&'static str, u64, u64, usize)>>>,
+    calls: Calls,
     turn: Arc<Mutex<usize>>,
 }
 
