@@ -2,7 +2,7 @@
 //! their ioeventfds and irqfds, and says how the guest finds them (ACPI or command line).
 
 use crate::arch::x86_64::acpi::MmioDevice;
-use crate::arch::x86_64::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::arch::x86_64::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_START};
 use crate::config::{DiskConfig, DiskFormat, NetConfig};
 use crate::vstate::vm::Vm;
 use kvm_ioctls::IoEventAddress;
@@ -19,7 +19,8 @@ use wisp_devices::tap::Tap;
 use wisp_devices::virtio::block::{Block, Disk};
 use wisp_devices::virtio::net::{Net, NetCounters};
 use wisp_devices::virtio::{
-    DeviceHandle, MmioTransport, VirtioDevice, VirtioEventHandler, NOTIFY_REG_OFFSET,
+    DeviceHandle, MmioTransport, VirtioDevice, VirtioEventHandler, MMIO_WINDOW_SIZE,
+    NOTIFY_REG_OFFSET,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +35,7 @@ pub enum DeviceError {
     #[error("network interface {tap}: {reason}")]
     Net { tap: String, reason: String },
     #[error("eventfd: {0}")]
-    EventFd(io::Error),
+    EventFd(#[source] io::Error),
     #[error("virtio-mmio transport: {0}")]
     Transport(#[from] wisp_devices::virtio::MmioError),
     #[error("placing a device on the bus: {0}")]
@@ -123,7 +124,7 @@ impl DeviceManager {
         device: D,
     ) -> Result<DeviceHandle<D>, DeviceError> {
         let index = self.windows.len();
-        let base = VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE;
+        let base = VIRTIO_MMIO_START + index as u64 * MMIO_WINDOW_SIZE;
         let gsi = VIRTIO_GSI_START + index as u32;
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.fd
@@ -149,10 +150,10 @@ impl DeviceManager {
                 })?;
         }
         self.handlers.push(transport.event_handler());
-        mmio_bus.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+        mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
         self.windows.push(MmioDevice {
             base,
-            size: VIRTIO_MMIO_SIZE,
+            size: MMIO_WINDOW_SIZE,
             gsi,
         });
         Ok(handle)

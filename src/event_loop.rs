@@ -164,7 +164,7 @@ impl EventLoop {
         let mut events = vec![EpollEvent::default(); 16];
         loop {
             if let State::Running(r) = state {
-                if let Some(exit) = r.vmm.exit.take() {
+                if let Some(exit) = r.vmm.exit.reported() {
                     return Ok(exit);
                 }
             }

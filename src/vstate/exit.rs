@@ -91,7 +91,8 @@ impl ExitSignal {
         }
     }
 
-    pub fn take(&self) -> Option<VmExit> {
+    /// The exit reported first, if any (it stays reported).
+    pub fn reported(&self) -> Option<VmExit> {
         self.inner
             .0
             .lock()

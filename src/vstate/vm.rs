@@ -7,8 +7,11 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user open /dev/kvm?)")]
-    OpenKvm(String),
+    #[error(
+        "cannot open /dev/kvm: {} (is KVM available, and may this user open /dev/kvm?)",
+        crate::config::io_reason(.0)
+    )]
+    OpenKvm(#[source] std::io::Error),
     #[error("KVM API version {0} is not supported (12 is needed)")]
     ApiVersion(i32),
     #[error("this KVM lacks {0:?}, which wisp needs")]
@@ -34,7 +37,7 @@ pub struct Vm {
 
 impl Vm {
     pub fn new(mem_size: u64) -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(|e| VmError::OpenKvm(crate::config::io_reason(&e.into())))?;
+        let kvm = Kvm::new().map_err(|e| VmError::OpenKvm(e.into()))?;
         let version = kvm.get_api_version();
         if version != 12 {
             return Err(VmError::ApiVersion(version));

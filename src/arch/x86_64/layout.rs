@@ -28,9 +28,9 @@ pub const HIMEM_START: u64 = 0x10_0000;
 /// The MMIO hole below 4 GiB: device windows, the IOAPIC and the LAPICs live here.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
-/// virtio-mmio device windows, one 4 KiB page each, from here up.
+/// virtio-mmio device windows, one 4 KiB page each
+/// (`wisp_devices::virtio::MMIO_WINDOW_SIZE`), from here up.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
-pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
 /// KVM needs three pages for the TSS and one for the identity map on Intel; out of the way.
