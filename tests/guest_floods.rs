@@ -145,3 +145,18 @@ fn a_console_nobody_reads_does_not_stop_the_guest() {
     std::fs::File::from(rd).read_exact(&mut first).unwrap();
     assert_eq!(&first, b"probe: start console-flood\n");
 }
+
+#[test]
+fn a_guest_repeating_what_wisp_warns_about_does_not_flood_the_log() {
+    if !kvm_available("a_guest_repeating_what_wisp_warns_about_does_not_flood_the_log") {
+        return;
+    }
+    let f = Wisp::spawn(&probe_args("probe.scenario=log-flood probe.writes=5000")).wait(T);
+    assert!(f.stdout.contains("probe: done log-flood"), "{}", f.stdout);
+    assert_eq!(f.code(), Some(0), "{}", f.stderr);
+    // 10,000 warnings, rate limited to 10 per call site per 10 s.
+    let lines = f.stderr.lines().count();
+    assert!((2..=100).contains(&lines), "{lines} lines:\n{}", f.stderr);
+    assert!(f.stderr.contains("acpi: unsupported sleep request 0x2c"));
+    assert!(f.stderr.contains("a crash kernel is loaded"));
+}

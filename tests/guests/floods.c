@@ -39,3 +39,27 @@ void scenario_console_flood(void)
 		printf("probe: flood %lu 0123456789abcdefghijklmnopqrstuvwxyzABCDEF\n", i % 1000000);
 	done();
 }
+
+/*
+ * log-flood: probe.writes=N (default 20000) writes each of two kinds a VMM
+ * may warn about: an S3 sleep request (SLP_TYP 3 | SLP_EN) to the FADT's
+ * sleep control register, which wisp does not support, and "crash kernel
+ * loaded" (bit 1) to pvpanic (port 0x505). The guest goes on; a VMM that logs
+ * each one writes 2N lines.
+ */
+void scenario_log_flood(void)
+{
+	u64 n = cmdline_u64("probe.writes", 20000);
+	u64 f = acpi.fadt;
+	/* FADT SLEEP_CONTROL_REG: a Generic Address Structure at offset 244,
+	 * its 64-bit address at +4 (ACPI 6.5, 5.2.9). */
+	u64 addr = f ? *(const u64 *)(f + 244 + 4) : 0;
+	if (!addr || addr > 0xffff)
+		fail("log-flood: no sleep control register in the FADT");
+	for (u64 i = 0; i < n; i++) {
+		outb((u16)addr, 3 << 2 | 1 << 5);
+		outb(0x505, 2);
+	}
+	printf("probe: log flood writes %lu\n", n);
+	done();
+}

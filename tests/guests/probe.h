@@ -318,6 +318,7 @@ void scenario_net(void) __attribute__((noreturn));
 /* floods.c */
 void scenario_i8042_flood(void) __attribute__((noreturn));
 void scenario_console_flood(void) __attribute__((noreturn));
+void scenario_log_flood(void) __attribute__((noreturn));
 void kmain(u32 start_info_paddr);
 void ap_kmain(u32 index);
 

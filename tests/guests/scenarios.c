@@ -450,6 +450,8 @@ void user_main(u64 cpl0_done)
 		scenario_i8042_flood();
 	else if (!strcmp(scenario, "console-flood"))
 		scenario_console_flood();
+	else if (!strcmp(scenario, "log-flood"))
+		scenario_log_flood();
 	else if (!strcmp(scenario, "reset-acpi"))
 		acpi_reset();
 	else if (!strcmp(scenario, "reset-i8042")) {
