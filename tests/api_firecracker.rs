@@ -247,3 +247,109 @@ fn started_as_the_jailer_does_the_log_and_metrics_read_as_firecrackers() {
         + objs[1]["vcpu"]["exit_io_in"].as_u64().unwrap();
     assert!(exits > 0, "the guest's port I/O: {}", objs[1]["vcpu"]);
 }
+
+/// Every flag of `firecracker --help` that wisp cannot honour is answered by name: refused
+/// with one line saying which flag and why (status 1, never the argument parser's usage
+/// error), or accepted with a one-line warning.
+#[test]
+fn firecracker_flags_wisp_cannot_honour_are_answered_by_name() {
+    let run = |args: &[&str]| Wisp::spawn(args).wait(Duration::from_secs(30));
+    for (args, expected) in [
+        (
+            &["--snapshot-version"][..],
+            "--snapshot-version: wisp has no snapshots",
+        ),
+        (
+            &["--describe-snapshot", "/tmp/vmstate"],
+            "--describe-snapshot: wisp has no snapshots",
+        ),
+        (
+            &["--metadata", "/tmp/md.json"],
+            "--metadata: wisp has no MMDS",
+        ),
+        (&["--enable-pci"], "--enable-pci: wisp has no PCI"),
+        (&["--no-api"], "--no-api: without the API"),
+        (&["--level", "Loud"], "--level: unknown level \"Loud\""),
+        (
+            &["--start-time-us", "-5"],
+            "--start-time-us: \"-5\" is not a whole number",
+        ),
+        (&["--id", "a/b"], "--id: \"a/b\" is not a valid id"),
+        (
+            &["--log-path", "/tmp/x.log", "run", "--kernel", "/k"],
+            "--log-path is a flag of the Firecracker-compatible mode",
+        ),
+    ] {
+        let f = run(args);
+        assert_eq!(f.code(), Some(1), "{args:?}: {}", f.stderr);
+        assert_eq!(f.stderr.lines().count(), 1, "{args:?}: {}", f.stderr);
+        assert!(
+            f.stderr.starts_with(&format!("wisp: error: {expected}")),
+            "{args:?}: {}",
+            f.stderr
+        );
+    }
+    // Accepted without effect: one warning line each, then wisp goes on (here to the config
+    // file, which does not exist).
+    let f = run(&[
+        "--boot-timer",
+        "--no-seccomp",
+        "--mmds-size-limit",
+        "4096",
+        "--no-api",
+        "--config-file",
+        "/nonexistent/vm.json",
+    ]);
+    let lines: Vec<&str> = f.stderr.lines().collect();
+    assert_eq!(lines.len(), 4, "{}", f.stderr);
+    for (line, flag) in lines
+        .iter()
+        .zip(["--mmds-size-limit", "--boot-timer", "--no-seccomp"])
+    {
+        assert!(
+            line.starts_with(&format!("wisp: warning: {flag}: accepted without effect")),
+            "{line}"
+        );
+    }
+    assert!(
+        lines[3].starts_with("wisp: error: config file /nonexistent/vm.json"),
+        "{}",
+        lines[3]
+    );
+    let f = run(&["--version"]);
+    assert_eq!(f.code(), Some(0));
+    assert_eq!(
+        f.stdout.trim(),
+        format!(
+            "wisp v{} (Firecracker v{} API)",
+            wisp::api::VMM_VERSION,
+            wisp::api::FIRECRACKER_API_VERSION
+        )
+    );
+}
+
+/// `--http-api-max-payload-size` is the API's body limit.
+#[test]
+fn the_payload_size_flag_limits_api_bodies() {
+    let dir = TestDir::new("api-fc-payload");
+    let sock = dir.join("fc.sock");
+    let w = Wisp::spawn(&[
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--http-api-max-payload-size",
+        "100",
+    ]);
+    wait_api_socket(&sock);
+    let small = r#"{"kernel_image_path": "/k"}"#;
+    let large = format!(
+        r#"{{"kernel_image_path": "/k", "boot_args": "{}"}}"#,
+        "x".repeat(100)
+    );
+    let (st, body) = api_call(&sock, "PUT", "/boot-source", Some(&large));
+    assert_eq!(st, 413, "{body}");
+    assert!(body.contains("the limit is 100"), "{body}");
+    let (st, body) = api_call(&sock, "PUT", "/boot-source", Some(small));
+    assert_ne!(st, 413, "{body}");
+    w.signal(libc::SIGTERM);
+    assert_eq!(w.wait(T).code(), Some(128 + libc::SIGTERM));
+}

@@ -88,6 +88,8 @@ pub struct Wisp {
     child: Child,
     out: Arc<(Mutex<String>, Condvar)>,
     err: Arc<(Mutex<String>, Condvar)>,
+    /// The threads reading stdout and stderr: done once the pipes are closed.
+    readers: Vec<std::thread::JoinHandle<()>>,
     status: Option<ExitStatus>,
 }
 
@@ -103,10 +105,12 @@ impl Finished {
     }
 }
 
-fn collect(mut r: impl Read + Send + 'static) -> Arc<(Mutex<String>, Condvar)> {
+fn collect(
+    mut r: impl Read + Send + 'static,
+) -> (Arc<(Mutex<String>, Condvar)>, std::thread::JoinHandle<()>) {
     let buf = Arc::new((Mutex::new(String::new()), Condvar::new()));
     let b = buf.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         let mut chunk = [0u8; 4096];
         loop {
             match r.read(&mut chunk) {
@@ -121,7 +125,7 @@ fn collect(mut r: impl Read + Send + 'static) -> Arc<(Mutex<String>, Condvar)> {
         }
         b.1.notify_all();
     });
-    buf
+    (buf, reader)
 }
 
 impl Wisp {
@@ -137,12 +141,13 @@ impl Wisp {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn wisp");
-        let out = collect(child.stdout.take().unwrap());
-        let err = collect(child.stderr.take().unwrap());
+        let (out, out_reader) = collect(child.stdout.take().unwrap());
+        let (err, err_reader) = collect(child.stderr.take().unwrap());
         Wisp {
             child,
             out,
             err,
+            readers: vec![out_reader, err_reader],
             status: None,
         }
     }
@@ -216,8 +221,13 @@ impl Wisp {
             std::thread::sleep(Duration::from_millis(20));
         };
         self.status = Some(status);
-        // The pipes close when the process is gone; let the readers finish.
-        std::thread::sleep(Duration::from_millis(50));
+        // The pipes close when the process is gone: let the readers take the last output (a
+        // fixed pause lost a loaded machine's last stderr line). Bounded, in case something
+        // wisp started still holds a pipe.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         Finished {
             status,
             stdout: self.stdout(),
