@@ -162,3 +162,37 @@ fn an_image_naming_a_host_file_is_refused_unless_backing_files_are_on() {
     assert_one_line_error(&f, "needs backing_files=on or backing_dir=DIR");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn image_info_describes_an_image_wisp_refuses_instead_of_failing() {
+    let dir = std::env::temp_dir().join(format!("wisp-cli-info-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("ext.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", "extended_l2=on"])
+        .arg(&img)
+        .arg("1M")
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: qemu-img not found (apt-get install qemu-utils)");
+        return;
+    }
+    let out = Command::new(wisp_bin())
+        .args(["image", "info"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    for line in [
+        "compat: 1.1",
+        "cluster size: 65536",
+        "refcount bits: 16",
+        "internal snapshots: 0",
+        "wisp opens it: refused: images with extended L2 entries",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing in:\n{stdout}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

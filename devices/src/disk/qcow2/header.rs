@@ -19,6 +19,9 @@ pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 pub const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
 pub const EXT_CRYPTO: u32 = 0x0537_be77;
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
 pub const INCOMPAT_CORRUPT: u64 = 1 << 1;

@@ -24,6 +24,7 @@
 mod buffers;
 mod cache;
 mod header;
+mod info;
 mod refcount;
 #[cfg(test)]
 mod tests;
@@ -41,6 +42,7 @@ use buffers::{Guest, ReadDest, WriteSrc};
 use cache::TableCache;
 pub use header::MAGIC;
 use header::{Header, INCOMPAT_DIRTY};
+pub use info::{info, ImageInfo, OpenVerdict, Qcow2Facts};
 
 use vm_memory::VolatileSlice;
 
@@ -147,7 +149,7 @@ pub enum Error {
         #[source]
         source: BackingOpenError,
     },
-    #[error("images with {count} internal snapshots can only be opened read-only")]
+    #[error("the image has internal snapshots ({count}); wisp opens it read-only only (it does not keep their refcounts)")]
     Snapshots { count: u32 },
     #[error(transparent)]
     Lock(#[from] super::raw::RawError),
@@ -207,44 +209,6 @@ pub fn probe_format(file: &File) -> io::Result<Format> {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(Format::Raw),
         Err(e) => Err(e),
     }
-}
-
-/// What `wisp image info` shows.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageInfo {
-    pub format: Format,
-    pub virtual_size: u64,
-    /// Bytes the file occupies on the host (st_blocks * 512).
-    pub allocated_bytes: u64,
-    /// The backing files, nearest first, with the path as resolved and the format used.
-    pub backing_chain: Vec<(PathBuf, Format)>,
-}
-
-/// Describes an image file (raw or qcow2, probed).
-pub fn info(path: &Path) -> Result<ImageInfo, Error> {
-    let (file, len) = open_image_file(path, false, true).map_err(|source| Error::Open {
-        path: path.to_owned(),
-        source,
-    })?;
-    let io_err = |source| Error::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let meta = file.metadata().map_err(io_err)?;
-    let format = probe_format(&file).map_err(io_err)?;
-    let (virtual_size, backing_chain) = match format {
-        Format::Raw => (len, Vec::new()),
-        Format::Qcow2 => {
-            let q = Qcow2::open(path, true)?;
-            (q.size, q.chain.clone())
-        }
-    };
-    Ok(ImageInfo {
-        format,
-        virtual_size,
-        allocated_bytes: meta.blocks() * 512,
-        backing_chain,
-    })
 }
 
 /// Creates a qcow2 v3 image (refcount_order 4). `size` defaults to the backing file's
@@ -779,6 +743,13 @@ impl Qcow2 {
         };
 
         if !read_only && h.autoclear != 0 {
+            if h.autoclear & header::AUTOCLEAR_BITMAPS != 0 {
+                log::warn!(
+                    "{}: its persistent dirty bitmaps are dropped: wisp does not keep them up to \
+                     date, so it marks them stale",
+                    path.display()
+                );
+            }
             // We maintain none of the autoclear features (e.g. bitmaps): clearing the bits
             // tells other tools their data is stale (qcow2.txt, autoclear_features).
             file.write_all_at(&0u64.to_be_bytes(), header::OFF_AUTOCLEAR)
