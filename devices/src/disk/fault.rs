@@ -191,8 +191,9 @@ pub(crate) mod workload {
     /// Runs `reqs` on a backend whose write-side call `n` fails (one shot) and checks what the
     /// guest would see: every request before the fault succeeds; the request during which it
     /// fired fails (unless the call was a best-effort reservation or hole punch); requests
-    /// after it succeed, except flushes once the backend is broken (a failed sync, or a failed
-    /// flush): those all fail. Returns whether a fault fired.
+    /// after it succeed, except flushes once the backend is broken: those all fail. A failed
+    /// sync or a failed flush always breaks it (a failed metadata write inside another
+    /// request may). Returns whether a fault fired.
     pub fn run_fault_workload(
         disk: &mut dyn crate::disk::DiskBackend,
         reqs: &[FaultReq],
@@ -202,7 +203,8 @@ pub(crate) mod workload {
         what: &str,
     ) -> bool {
         let mut fired = false;
-        let mut broken = false;
+        let mut must_break = false;
+        let mut later_flushes: Option<bool> = None;
         for (i, &req) in reqs.iter().enumerate() {
             let before = faults.failed().len();
             let r = match req {
@@ -223,14 +225,21 @@ pub(crate) mod workload {
                         "{what}: request {i} {req:?} hid a failed {kind:?}"
                     );
                 } else if kind == FileOp::Sync || matches!(req, FaultReq::Flush) {
-                    broken = true;
+                    must_break = true;
                 }
-            } else if broken && matches!(req, FaultReq::Flush) {
+            } else if fired && matches!(req, FaultReq::Flush) {
+                if must_break {
+                    assert!(
+                        r.is_err(),
+                        "{what}: request {i} (flush) succeeded after a failed flush or sync"
+                    );
+                }
+                let ok = r.is_ok();
                 assert!(
-                    r.is_err(),
-                    "{what}: request {i} (flush) succeeded after a failed flush or sync"
+                    later_flushes.is_none_or(|prev| prev == ok),
+                    "{what}: request {i} (flush): a flush failed and a later one succeeded"
                 );
-                continue;
+                later_flushes = Some(ok);
             } else {
                 r.as_ref()
                     .unwrap_or_else(|e| panic!("{what}: request {i} {req:?} failed: {e}"));

@@ -80,6 +80,10 @@ impl<T> TableCache<T> {
         );
     }
 
+    pub fn remove(&mut self, offset: u64) {
+        self.map.remove(&offset);
+    }
+
     /// Marks an entry written back (no use: the LRU order stays).
     pub fn mark_clean(&mut self, offset: u64) {
         if let Some(e) = self.map.get_mut(&offset) {

@@ -535,6 +535,8 @@ pub struct Qcow2 {
     rt_offset: u64,
     rt: Vec<u64>,
     rt_dirty: BTreeSet<usize>,
+    /// The header's refcount table fields were written but their sync failed.
+    rt_header_dirty: bool,
     /// Entries of the refcount table as it is on disk (the in-memory one is longer while
     /// the table is being grown).
     rt_disk_entries: usize,
@@ -779,6 +781,7 @@ impl Qcow2 {
             rt_disk_entries: rt.len(),
             rt,
             rt_dirty: BTreeSet::new(),
+            rt_header_dirty: false,
             rc_cache: TableCache::new(rc_cap),
             backing,
             chain,
@@ -1335,6 +1338,8 @@ impl Qcow2 {
         let total = table_clusters + blocks.len() as u64;
         let new_rt_offset = start << cb;
         let old_rt = (self.rt_offset, self.rt.len() as u64 * 8);
+        let old_rt_len = self.rt.len();
+        let old_end = self.end_cluster;
         if table_clusters > 0 {
             // The new table's entries point at blocks that must be on disk first.
             self.write_rc_blocks_synced()?;
@@ -1350,32 +1355,77 @@ impl Qcow2 {
             self.note_metadata(off >> cb);
         }
         self.end_cluster = self.end_cluster.max(start + total);
-        // Past the old end of the image: free whatever a block may claim.
-        for x in start..start + total {
-            self.set_refcount(x, 1)?;
-        }
-        if table_clusters > 0 {
-            // blocks -> new table -> header -> old table freed.
-            self.write_rc_blocks_synced()?;
-            let raw: Vec<u8> = self.rt.iter().flat_map(|e| e.to_be_bytes()).collect();
-            self.pwrite_meta(&raw, new_rt_offset)?;
-            self.sync()?;
-            let mut hdr = [0u8; 12];
-            hdr[..8].copy_from_slice(&new_rt_offset.to_be_bytes());
-            hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-            self.pwrite_meta(&hdr, header::OFF_REFCOUNT_TABLE)?;
-            self.sync()?;
-            self.rt_offset = new_rt_offset;
-            self.rt_disk_entries = self.rt.len();
-            self.rt_dirty.clear();
-            let first = old_rt.0 >> cb;
-            let count = old_rt.1.div_ceil(self.cluster_size);
-            for c in first..first + count {
-                self.update_refcount(c, -1)?;
+        if table_clusters == 0 {
+            // Past the old end of the image: free whatever a block may claim.
+            for x in start..start + total {
+                self.set_refcount(x, 1)?;
             }
-            self.free_hint = self.free_hint.min(first);
+            return Ok(self.rt[k as usize]);
         }
+        // blocks -> new table -> header -> old table freed. Until the header names the new
+        // table, a failure puts everything back as it was (the old table on disk stays
+        // the truth) and a later allocation tries again.
+        let new_table = |q: &mut Qcow2| -> io::Result<()> {
+            for x in start..start + total {
+                q.set_refcount(x, 1)?;
+            }
+            q.write_rc_blocks_synced()?;
+            let raw: Vec<u8> = q.rt.iter().flat_map(|e| e.to_be_bytes()).collect();
+            q.pwrite_meta(&raw, new_rt_offset)?;
+            q.sync()?;
+            q.pwrite_meta(
+                &q.rt_header(new_rt_offset, table_clusters),
+                header::OFF_REFCOUNT_TABLE,
+            )
+        };
+        if let Err(e) = new_table(self) {
+            for (i, &r) in blocks.iter().enumerate() {
+                let off = (blocks_start + i as u64) << cb;
+                self.rc_cache.remove(off);
+                if let Ok(j) = self.meta_clusters.binary_search(&(off >> cb)) {
+                    self.meta_clusters.remove(j);
+                }
+                self.rt[r as usize] = 0;
+                self.rt_dirty.remove(&(r as usize));
+            }
+            self.rt.truncate(old_rt_len);
+            // Clusters the old blocks cover were set to 1: past the old end, free again.
+            for x in start..start + total {
+                if self
+                    .rc_block_offset(x >> self.rcb_bits)
+                    .ok()
+                    .flatten()
+                    .is_some()
+                {
+                    let _ = self.set_refcount(x, 0);
+                }
+            }
+            self.end_cluster = old_end;
+            return Err(e);
+        }
+        // The header names the new table (at least in the page cache): switch to it. If
+        // the sync fails, the next write-back writes the header again.
+        self.rt_offset = new_rt_offset;
+        self.rt_disk_entries = self.rt.len();
+        self.rt_dirty.clear();
+        self.rt_header_dirty = true;
+        self.sync()?;
+        self.rt_header_dirty = false;
+        let first = old_rt.0 >> cb;
+        let count = old_rt.1.div_ceil(self.cluster_size);
+        for c in first..first + count {
+            self.update_refcount(c, -1)?;
+        }
+        self.free_hint = self.free_hint.min(first);
         Ok(self.rt[k as usize])
+    }
+
+    /// The header's refcount table fields (offset, clusters).
+    fn rt_header(&self, offset: u64, clusters: u64) -> [u8; 12] {
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&offset.to_be_bytes());
+        hdr[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
+        hdr
     }
 
     /// Allocates one cluster (refcount 0 -> 1) and returns its host offset. Scans at most
@@ -1503,6 +1553,17 @@ impl Qcow2 {
         for off in self.rc_cache.dirty_offsets() {
             self.write_rc_block(off)?;
             w.rc.push(off);
+        }
+        if self.rt_header_dirty {
+            // The new table and its blocks were synced before the header was written.
+            self.sync_written(&mut w)?;
+            let clusters = (self.rt.len() as u64 * 8).div_ceil(self.cluster_size);
+            self.pwrite_meta(
+                &self.rt_header(self.rt_offset, clusters),
+                header::OFF_REFCOUNT_TABLE,
+            )?;
+            self.sync()?;
+            self.rt_header_dirty = false;
         }
         if !self.rt_dirty.is_empty() {
             self.sync_written(&mut w)?;

@@ -1891,3 +1891,98 @@ fn every_failed_write_call_leaves_a_clean_image_and_the_acknowledged_data() {
     assert!(fired + 3 >= calls, "{fired} of {calls} faults fired");
     assert!(calls > 20, "only {calls} calls");
 }
+
+/// Issue 11 item 6 with 512-byte clusters, where the workload grows the refcount table
+/// (new blocks, a new table, the header switched to it): a sample of its write-side calls
+/// fails once each; nothing is corrupt afterwards and every acknowledged write reads back.
+#[test]
+fn failed_write_calls_while_the_refcount_table_grows_corrupt_nothing() {
+    use crate::disk::fault::workload::{run_fault_workload, FaultModel, FaultReq};
+    use crate::disk::fault::Faults;
+    if !have_qemu() {
+        return;
+    }
+    let dir = TempDir::new("faultgrow");
+    let template = dir.path("template.qcow2");
+    let size = 16u64 << 20;
+    create(&template, Some(size), Some(512), None).expect("create");
+    let prefill = (7 << 20) + (800 << 10);
+    {
+        let mut q = open_retry(&template, false).expect("open");
+        q.write_at(0, &vec![0x3cu8; prefill]).expect("prefill");
+    }
+    let mut start = vec![0u8; size as usize];
+    start[..prefill].fill(0x3c);
+    let mut reqs = Vec::new();
+    for i in 0..30 {
+        reqs.push(match crash_op(42, i, size) {
+            CrashOp::Write(off, d) => FaultReq::Write(off, d.len(), d[0]),
+            CrashOp::Zero(off, len) => FaultReq::Zero(off, len),
+            CrashOp::Discard(off, len) => FaultReq::Discard(off, len),
+        });
+        if (i + 1) % CRASH_BATCH == 0 {
+            reqs.push(FaultReq::Flush);
+        }
+    }
+    let img = dir.path("img.qcow2");
+    let run = |faults: Faults, what: &str| {
+        fs::copy(&template, &img).expect("copy");
+        let mut model = FaultModel::new(start.clone());
+        let mut q = open_retry(&img, false).expect("open");
+        q.set_faults(Some(faults.clone()));
+        let fired = run_fault_workload(&mut q, &reqs, &faults, &mut model, Some(512), what);
+        drop(q);
+        let out = Command::new("qemu-img")
+            .arg("check")
+            .arg(&img)
+            .output()
+            .expect("check");
+        let text = String::from_utf8_lossy(&out.stdout);
+        // A failed table growth may leak the clusters it had set aside; nothing worse.
+        assert!(
+            matches!(out.status.code(), Some(0) | Some(3)) && !text.contains("ERROR"),
+            "{what}: qemu-img check:\n{text}"
+        );
+        model.check(&to_raw(&img, &dir), what);
+        fired
+    };
+    let counter = Faults::count_only();
+    run(counter.clone(), "no fault");
+    let calls = counter.calls();
+    // The calls of the request that grows the table, found by watching the header.
+    let rt_clusters = |p: &Path| {
+        let h = fs::read(p).expect("image");
+        u32::from_be_bytes(h[56..60].try_into().expect("4"))
+    };
+    fs::copy(&template, &img).expect("copy");
+    let before = rt_clusters(&img);
+    let counter = Faults::count_only();
+    let mut growth = None;
+    {
+        let mut q = open_retry(&img, false).expect("open");
+        q.set_faults(Some(counter.clone()));
+        for &req in &reqs {
+            let first = counter.calls();
+            match req {
+                FaultReq::Write(off, len, v) => q.write_at(off, &vec![v; len]),
+                FaultReq::Zero(off, len) => q.write_zeroes(off, len, true),
+                FaultReq::Discard(off, len) => q.discard(off, len),
+                FaultReq::Flush => q.flush(),
+            }
+            .expect("request");
+            if growth.is_none() && rt_clusters(&img) != before {
+                growth = Some(first..counter.calls());
+            }
+        }
+    }
+    let growth = growth.expect("the workload did not grow the refcount table");
+    eprintln!("{calls} write-side calls in the workload, {growth:?} grow the table");
+    // Every call of the growth, and a prime stride over the rest.
+    for n in (0..calls).filter(|n| growth.contains(n) || n % 7 == 0) {
+        let errno = if n % 2 == 0 { libc::EIO } else { libc::ENOSPC };
+        run(
+            Faults::fail_nth(n, errno),
+            &format!("call {n} of {calls} failing with errno {errno}"),
+        );
+    }
+}
