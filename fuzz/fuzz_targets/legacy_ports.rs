@@ -9,14 +9,14 @@
 //! fuzzer runs with -rss_limit_mb as well).
 #![no_main]
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::EventFd;
 use wisp::arch::x86_64::layout::{
     ACPI_PM_PORT, COM1_PORT, COM1_PORT_LEN, I8042_PORT, I8042_PORT_LEN, PVPANIC_PORT,
 };
-use wisp_devices::bus::Bus;
+use wisp_devices::bus::{Bus, BusDevice};
 use wisp_devices::interrupt::IrqFd;
 use wisp_devices::legacy::{AcpiPm, PlatformEventSink, PvPanic, Serial, ACPI_PM_PORT_LEN, I8042};
 use wisp_fuzz::Input;
@@ -32,6 +32,43 @@ const RANGES: [(u64, u64); 4] = [
     (ACPI_PM_PORT, ACPI_PM_PORT_LEN),
 ];
 
+/// The UART, made once: each one starts a writer thread that lives until the VMM's way out,
+/// which would make each input cost a thread. Every input starts from its reset state.
+fn uart() -> Arc<Mutex<Serial>> {
+    static UART: OnceLock<Arc<Mutex<Serial>>> = OnceLock::new();
+    let uart = UART.get_or_init(|| {
+        let irq = Arc::new(IrqFd(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
+        let (serial, _drained) = Serial::new(irq, Box::new(std::io::sink())).expect("serial");
+        Arc::new(Mutex::new(serial))
+    });
+    {
+        let mut u = uart.lock().unwrap();
+        // 8250 registers at their power-on values: divisor 12, 8N1, no interrupts, OUT2,
+        // scratch 0; then the receive FIFO read empty.
+        for (reg, v) in [
+            (3, 0x80),
+            (0, 12),
+            (1, 0),
+            (3, 0x03),
+            (1, 0),
+            (4, 0x08),
+            (7, 0),
+        ] {
+            u.write(reg, &[v]);
+        }
+        let mut b = [0u8];
+        for _ in 0..1024 {
+            u.read(5, &mut b);
+            if b[0] & 1 == 0 {
+                break;
+            }
+            u.read(0, &mut b);
+        }
+        u.read(2, &mut b);
+    }
+    uart.clone()
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
     static EVENTS: AtomicU64 = AtomicU64::new(0);
@@ -39,8 +76,7 @@ fuzz_target!(|data: &[u8]| {
         EVENTS.fetch_add(1, Ordering::Relaxed);
     });
     let irq = || Arc::new(IrqFd(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
-    let (serial, _drained) = Serial::new(irq(), Box::new(std::io::sink())).expect("serial");
-    let serial = Arc::new(Mutex::new(serial));
+    let serial = uart();
     let i8042 = Arc::new(Mutex::new(I8042::new(sink.clone(), Some(irq()))));
     let mut bus = Bus::new();
     bus.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)
