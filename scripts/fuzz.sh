@@ -37,14 +37,6 @@ if [ -d "fuzz/seeds/$target" ]; then
     cp -n fuzz/seeds/"$target"/* "$corpus"/ 2>/dev/null || true
 fi
 nice -n 10 cargo +nightly fuzz build -O "$target"
-# qcow2_ops writes a small image per input: on tmpfs each one costs a 32 MiB reservation
-# (fallocate allocates memory there); on a disk file system fdatasync costs a disk flush,
-# which eatmydata (if installed) turns into a no-op (the checks read through the page cache).
-wrap=()
-if [ "$target" = qcow2_ops ] && [ -z "${WISP_FUZZ_DIR:-}" ] && command -v eatmydata >/dev/null; then
-    export WISP_FUZZ_DIR=${TMPDIR:-/tmp}
-    wrap=(eatmydata)
-fi
-exec nice -n 10 "${wrap[@]}" "fuzz/target/x86_64-unknown-linux-gnu/release/$target" "$corpus" \
+exec nice -n 10 "fuzz/target/x86_64-unknown-linux-gnu/release/$target" "$corpus" \
     -artifact_prefix="fuzz/artifacts/$target/" -max_total_time="$seconds" -timeout=10 \
     -print_final_stats=1 "${opts[@]}" "$@"
