@@ -279,7 +279,7 @@ fn console_output(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, VmmE
         ConsoleConfig::File(path) => Box::new(crate::logger::open_file_or_pipe(path).map_err(
             |e| VmmError::ConsoleFile {
                 path: path.clone(),
-                reason: crate::config::io_reason(&e),
+                source: e,
             },
         )?),
         ConsoleConfig::None => Box::new(io::sink()),

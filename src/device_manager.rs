@@ -23,17 +23,28 @@ use wisp_devices::virtio::{
     NOTIFY_REG_OFFSET,
 };
 
+/// What went wrong underneath a device error (a disk format's, a tap's or a device's error).
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("disk {path}: {reason}")]
-    Disk { path: PathBuf, reason: String },
+    #[error("disk {path}: {source}")]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: Cause,
+    },
     #[error("{op} failed: {source}")]
     Kvm {
         op: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error("network interface {tap}: {reason}")]
-    Net { tap: String, reason: String },
+    #[error("network interface {tap}: {source}")]
+    Net {
+        tap: String,
+        #[source]
+        source: Cause,
+    },
     #[error("eventfd: {0}")]
     EventFd(#[source] io::Error),
     #[error("virtio-mmio transport: {0}")]
@@ -178,15 +189,15 @@ impl DeviceManager {
 
 /// Opens (or creates) the tap and wraps it in a virtio-net device.
 pub fn open_net(net: &NetConfig) -> Result<Net, DeviceError> {
-    let err = |reason: String| DeviceError::Net {
+    let err = |source: Cause| DeviceError::Net {
         tap: net.tap.clone(),
-        reason,
+        source,
     };
-    let tap = Tap::open(&net.tap).map_err(|e| err(e.to_string()))?;
+    let tap = Tap::open(&net.tap).map_err(|e| err(e.into()))?;
     if let Some(mtu) = net.mtu {
-        tap.set_mtu(mtu).map_err(|e| err(e.to_string()))?;
+        tap.set_mtu(mtu).map_err(|e| err(e.into()))?;
     }
-    let dev = Net::new(tap, net.mac_bytes(), net.mtu).map_err(|e| err(e.to_string()))?;
+    let dev = Net::new(tap, net.mac_bytes(), net.mtu).map_err(|e| err(e.into()))?;
     Ok(if net.offload {
         dev
     } else {
@@ -201,13 +212,13 @@ pub fn open_disk(disk: &DiskConfig) -> Result<Block, DeviceError> {
         Disk::Raw(raw) => Block::new_raw(raw, disk.serial.clone(), disk.readonly),
         Disk::Generic(image) => Block::new(image, disk.serial.clone(), disk.readonly),
     };
-    block.map_err(|e| disk_error(disk, e.to_string()))
+    block.map_err(|e| disk_error(disk, e))
 }
 
-fn disk_error(disk: &DiskConfig, reason: String) -> DeviceError {
+fn disk_error(disk: &DiskConfig, source: impl Into<Cause>) -> DeviceError {
     DeviceError::Disk {
         path: disk.path.clone(),
-        reason,
+        source: source.into(),
     }
 }
 
@@ -215,10 +226,10 @@ fn disk_error(disk: &DiskConfig, reason: String) -> DeviceError {
 /// is qcow2, backing files only as the disk's options allow, read-only as the drive is,
 /// locked against other writers.
 fn open_medium(disk: &DiskConfig) -> Result<Disk, DeviceError> {
-    let err = |reason: String| disk_error(disk, reason);
+    let err = |source: Cause| disk_error(disk, source);
     match disk.format.unwrap_or(DiskFormat::Raw) {
         DiskFormat::Raw => {
-            let raw = RawFile::open(&disk.path, disk.readonly).map_err(|e| err(e.to_string()))?;
+            let raw = RawFile::open(&disk.path, disk.readonly).map_err(|e| err(e.into()))?;
             if disk.format.is_none() && raw.starts_with_qcow2_magic() {
                 log::warn!(
                     "disk {}: starts like a qcow2 image but is used raw; give format=qcow2 if it is one",
@@ -234,8 +245,8 @@ fn open_medium(disk: &DiskConfig) -> Result<Disk, DeviceError> {
                 block_devices: disk.backing_devices,
             };
             // Qcow2 takes the image lock (and shared locks on its backing files).
-            let image = Qcow2::open_with(&disk.path, disk.readonly, &backing)
-                .map_err(|e| err(e.to_string()))?;
+            let image =
+                Qcow2::open_with(&disk.path, disk.readonly, &backing).map_err(|e| err(e.into()))?;
             Ok(Disk::Generic(Box::new(image)))
         }
     }
@@ -250,7 +261,7 @@ pub fn change_medium(device: &mut BlockDevice, disk: &DiskConfig) -> Result<u64,
     let sectors = device.handle.change_config(|block| {
         block
             .change_medium(medium)
-            .map_err(|e| disk_error(disk, e.to_string()))?;
+            .map_err(|e| disk_error(disk, e))?;
         Ok::<_, DeviceError>(block.capacity_sectors())
     })?;
     device.config = disk.clone();

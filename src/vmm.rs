@@ -33,10 +33,11 @@ pub enum VmmError {
         op: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error("console file {path}: {reason}")]
+    #[error("console file {}: {}", path.display(), crate::config::io_reason(.source))]
     ConsoleFile {
         path: std::path::PathBuf,
-        reason: String,
+        #[source]
+        source: io::Error,
     },
     #[error("placing a device on the bus: {0}")]
     Bus(#[from] BusError),
