@@ -8,7 +8,18 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const T: Duration = Duration::from_secs(120);
+const T: Duration = Duration::from_secs(300);
+
+/// Most lines one rate-limited call site can log in a run of at most `T`: 10 per 10 s.
+const MAX_LINES_PER_SITE: usize = 10 * (T.as_secs() as usize / 10 + 1);
+
+/// One flood at a time: they are slow under load (each port write is a VM exit), and the
+/// bounds above hold for one run of at most `T`.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn probe_args(cmdline: &str) -> Vec<String> {
     [
@@ -54,6 +65,7 @@ fn i8042_flood_queues_no_more_than_a_small_buffer() {
     if !kvm_available("i8042_flood_queues_no_more_than_a_small_buffer") {
         return;
     }
+    let _one = one_at_a_time();
     let f = Wisp::spawn(&probe_args("probe.scenario=i8042-flood probe.writes=20000")).wait(T);
     assert!(f.stdout.contains("probe: done i8042-flood"), "{}", f.stdout);
     let queued: u64 = lines_with(&f.stdout, "probe: i8042 flood writes 20000 queued ")[0]
@@ -62,8 +74,12 @@ fn i8042_flood_queues_no_more_than_a_small_buffer() {
     // A real i8042 holds one byte; wisp a few more (Ctrl-Alt-Del waits whole).
     assert!(queued <= 16, "{queued} replies queued");
     assert_eq!(f.code(), Some(0), "{}", f.stderr);
-    // Rate limited: one warning per dropped reply would be 19,984 lines.
-    assert!(f.stderr.lines().count() <= 20, "{}", f.stderr);
+    // Rate limited (one call site): one warning per dropped reply would be 19,984 lines.
+    assert!(
+        f.stderr.lines().count() <= MAX_LINES_PER_SITE,
+        "{}",
+        f.stderr
+    );
 }
 
 #[test]
@@ -71,6 +87,7 @@ fn a_console_reader_that_goes_away_is_reported_once() {
     if !kvm_available("a_console_reader_that_goes_away_is_reported_once") {
         return;
     }
+    let _one = one_at_a_time();
     // `wisp run ... | head -5`: the reader closes its end while the guest still prints.
     let mut child = Command::new(wisp_bin())
         .args(probe_args("probe.scenario=console-flood probe.lines=300"))
@@ -114,6 +131,7 @@ fn a_console_nobody_reads_does_not_stop_the_guest() {
     if !kvm_available("a_console_nobody_reads_does_not_stop_the_guest") {
         return;
     }
+    let _one = one_at_a_time();
     // A pipe whose reader never reads: the guest's output fills it at once.
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two fresh fds into the array, owned right after.
@@ -123,15 +141,15 @@ fn a_console_nobody_reads_does_not_stop_the_guest() {
     // SAFETY: F_SETPIPE_SZ on our pipe; one page is the smallest size.
     unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
     let mut child = Command::new(wisp_bin())
-        .args(probe_args("probe.scenario=console-flood probe.lines=2000"))
+        .args(probe_args("probe.scenario=console-flood probe.lines=1300"))
         .stdin(Stdio::null())
         .stdout(Stdio::from(wr))
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = read_all_in_background(child.stderr.take().unwrap());
-    // 128 KB of output against a 4 KiB pipe: a vCPU that waits for the reader never gets
-    // to power off.
+    // 83 KB of output against a 4 KiB pipe and wisp's 64 KiB buffer: a vCPU that waits for
+    // the reader never gets to power off.
     let status = wait_or_kill(&mut child, T, "reader stuck");
     let stderr = stderr.join().unwrap();
     assert_eq!(status.code(), Some(0), "{stderr}");
@@ -151,12 +169,17 @@ fn a_guest_repeating_what_wisp_warns_about_does_not_flood_the_log() {
     if !kvm_available("a_guest_repeating_what_wisp_warns_about_does_not_flood_the_log") {
         return;
     }
+    let _one = one_at_a_time();
     let f = Wisp::spawn(&probe_args("probe.scenario=log-flood probe.writes=5000")).wait(T);
     assert!(f.stdout.contains("probe: done log-flood"), "{}", f.stdout);
     assert_eq!(f.code(), Some(0), "{}", f.stderr);
-    // 10,000 warnings, rate limited to 10 per call site per 10 s.
+    // 10,000 warnings from two call sites, rate limited to 10 per call site per 10 s.
     let lines = f.stderr.lines().count();
-    assert!((2..=100).contains(&lines), "{lines} lines:\n{}", f.stderr);
+    assert!(
+        (2..=2 * MAX_LINES_PER_SITE).contains(&lines),
+        "{lines} lines:\n{}",
+        f.stderr
+    );
     assert!(f.stderr.contains("acpi: unsupported sleep request 0x2c"));
     assert!(f.stderr.contains("a crash kernel is loaded"));
 }
