@@ -25,7 +25,7 @@ use wisp_devices::legacy::{
 /// memory, legacy devices, virtio devices, the kernel (whose command line and ACPI tables
 /// describe the devices), vCPUs and their cgroup.
 pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
-    let vm = Vm::new(config.memory.0)?;
+    let vm = Vm::new(config.memory.0, config.huge_pages)?;
     let pvm = pvm::is_pvm_host();
     if pvm {
         log::info!("PVM host: completing the instructions its emulator cannot run");

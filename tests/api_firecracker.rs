@@ -353,3 +353,138 @@ fn the_payload_size_flag_limits_api_bodies() {
     w.signal(libc::SIGTERM);
     assert_eq!(w.wait(T).code(), Some(128 + libc::SIGTERM));
 }
+
+fn meminfo(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("{key} not in /proc/meminfo"))
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .unwrap()
+}
+
+/// Puts the host's huge page pool back as it was.
+struct HugePagePool(u64);
+
+impl HugePagePool {
+    const PATH: &'static str = "/proc/sys/vm/nr_hugepages";
+
+    fn current() -> u64 {
+        std::fs::read_to_string(Self::PATH)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Grows the pool by `pages`; None when that is not possible here (not root, or the host
+    /// has no contiguous memory left for them).
+    fn grow(pages: u64) -> Option<HugePagePool> {
+        let before = Self::current();
+        let guard = HugePagePool(before);
+        std::fs::write(Self::PATH, (before + pages).to_string()).ok()?;
+        (meminfo("HugePages_Free:") >= pages).then_some(guard)
+    }
+}
+
+impl Drop for HugePagePool {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, self.0.to_string());
+    }
+}
+
+/// Boots the probe with `huge_pages` through the API; returns the running wisp and its socket.
+fn start_with_huge_pages(dir: &TestDir, name: &str) -> (Wisp, std::path::PathBuf, (u16, String)) {
+    let sock = dir.join(format!("{name}.sock"));
+    let w = Wisp::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    wait_api_socket(&sock);
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "probe.scenario=ctrl-alt-del"}}"#,
+        probes().probe.display()
+    );
+    assert_eq!(api_call(&sock, "PUT", "/boot-source", Some(&boot)).0, 204);
+    let (st, body) = api_call(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64, "huge_pages": "2M"}"#),
+    );
+    assert_eq!(st, 204, "{body}");
+    let start = api_call(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    (w, sock, start)
+}
+
+#[test]
+fn huge_pages_back_guest_memory_or_are_refused_naming_the_pool() {
+    if !kvm_available("huge_pages_back_guest_memory_or_are_refused_naming_the_pool") {
+        return;
+    }
+    let dir = TestDir::new("api-fc-hugepages");
+    let (st, body) = api_call_once(
+        &dir,
+        r#"{"vcpu_count": 1, "mem_size_mib": 65, "huge_pages": "2M"}"#,
+    );
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("multiple of 2"), "{body}");
+
+    // Without enough free huge pages, InstanceStart says so and which numbers.
+    if meminfo("HugePages_Free:") < 32 {
+        let (w, _, (st, body)) = start_with_huge_pages(&dir, "none");
+        assert_eq!(st, 400, "{body}");
+        assert!(
+            body.contains("2 MiB huge pages") && body.contains("32 pages needed"),
+            "{body}"
+        );
+        assert!(body.contains("/proc/sys/vm/nr_hugepages"), "{body}");
+        w.signal(libc::SIGTERM);
+        w.wait(T);
+    }
+
+    let Some(_pool) = HugePagePool::grow(32) else {
+        eprintln!("skipped the huge-page boot: cannot grow the host's huge page pool by 32");
+        return;
+    };
+    let (mut w, sock, (st, body)) = start_with_huge_pages(&dir, "boot");
+    assert_eq!(st, 204, "{body}");
+    w.wait_for("probe: waiting for ctrl-alt-del", T);
+    // The guest's 64 MiB are one mapping of 2 MiB pages in wisp.
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", w.pid())).unwrap();
+    let huge_mapping = smaps.split("\nSize:").skip(1).any(|m| {
+        m.trim_start().starts_with("65536 kB") && m.contains("KernelPageSize:     2048 kB")
+    });
+    assert!(huge_mapping, "no 64 MiB mapping of 2 MiB pages:\n{smaps}");
+    let (st, body) = api_call(&sock, "GET", "/machine-config", None);
+    assert_eq!(st, 200);
+    assert!(body.contains(r#""huge_pages":"2M""#), "{body}");
+    assert_eq!(
+        api_call(
+            &sock,
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "SendCtrlAltDel"}"#)
+        )
+        .0,
+        204
+    );
+    let f = w.wait(T);
+    assert_eq!(f.code(), Some(0), "{}", f.stderr);
+}
+
+/// One PUT /machine-config on a fresh wisp: (status, body).
+fn api_call_once(dir: &TestDir, machine_config: &str) -> (u16, String) {
+    let sock = dir.join("once.sock");
+    let w = Wisp::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    wait_api_socket(&sock);
+    let r = api_call(&sock, "PUT", "/machine-config", Some(machine_config));
+    w.signal(libc::SIGTERM);
+    w.wait(T);
+    r
+}

@@ -169,7 +169,7 @@ pub struct MachineConfig {
     /// Only `"None"` is accepted (wisp has no CPU templates).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
-    /// Only `"None"` is accepted (no huge pages yet).
+    /// `"None"` or `"2M"`: guest memory on the host's 2 MiB huge pages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huge_pages: Option<String>,
     /// wisp: confine the vCPU threads in a cgroup.
@@ -201,7 +201,7 @@ impl MachineConfig {
             self.cpu_template.as_deref(),
             "CPU templates",
         )?;
-        check_none_only("huge_pages", self.huge_pages.as_deref(), "huge pages")?;
+        check_huge_pages(self.huge_pages.as_deref(), self.mem_size_mib)?;
         if let Some(cg) = &self.cgroup {
             cg.validate_vcpu_count(self.vcpu_count)?;
         }
@@ -273,7 +273,7 @@ impl MachineConfigUpdate {
             self.cpu_template.as_deref(),
             "CPU templates",
         )?;
-        check_none_only("huge_pages", self.huge_pages.as_deref(), "huge pages")?;
+        check_huge_pages(self.huge_pages.as_deref(), self.mem_size_mib.unwrap_or(2))?;
         Ok(())
     }
 }
@@ -1234,6 +1234,28 @@ fn check_smt(smt: bool) -> Result<(), ApiFault> {
         ));
     }
     Ok(())
+}
+
+/// Firecracker's `huge_pages`: `"None"` or `"2M"` (2 MiB hugetlbfs pages, which need the
+/// memory size to be a multiple of 2 MiB).
+fn check_huge_pages(v: Option<&str>, mem_size_mib: u64) -> Result<(), ApiFault> {
+    match v {
+        None | Some("None") => Ok(()),
+        Some("2M") if mem_size_mib.is_multiple_of(2) => Ok(()),
+        Some("2M") => Err(ApiFault::bad_request(format!(
+            "huge_pages: \"2M\" needs mem_size_mib to be a multiple of 2, got {mem_size_mib}"
+        ))),
+        Some(other) => Err(ApiFault::bad_request(format!(
+            "huge_pages: {other:?} is not a huge page size wisp knows; send \"None\" or \"2M\""
+        ))),
+    }
+}
+
+impl MachineConfig {
+    /// Whether guest memory is to be on 2 MiB huge pages.
+    pub fn huge_pages_2m(&self) -> bool {
+        self.huge_pages.as_deref() == Some("2M")
+    }
 }
 
 fn check_none_only(field: &str, v: Option<&str>, what: &str) -> Result<(), ApiFault> {

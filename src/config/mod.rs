@@ -37,6 +37,8 @@ pub enum ConfigError {
     Memory(MemSize),
     #[error("memory must be a whole number of MiB, got {0} bytes")]
     MemoryAlignment(u64),
+    #[error("memory on 2 MiB huge pages must be a multiple of 2 MiB, got {} MiB", .0 >> 20)]
+    HugePageAlignment(u64),
     #[error("kernel command line is {len} bytes, the limit is {max}")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("{0}")]
@@ -145,7 +147,13 @@ pub struct VmConfig {
     /// The VM's name (cgroup names, logs); the process id when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Back guest memory with the host's 2 MiB huge pages (hugetlbfs pool, reserved at start).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub huge_pages: bool,
 }
+
+/// The huge page size guest memory can be backed with (x86_64's 2 MiB).
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
 /// virtio-mmio devices get GSIs 5..=23 of the IOAPIC.
 pub const MAX_VIRTIO_DEVICES: usize = 19;
@@ -174,6 +182,7 @@ impl VmConfig {
             virtio_mmio_cmdline: false,
             cgroup: None,
             id: None,
+            huge_pages: false,
         }
     }
 
@@ -203,6 +212,9 @@ impl VmConfig {
         }
         if !mem.is_multiple_of(1 << 20) {
             return Err(ConfigError::MemoryAlignment(mem));
+        }
+        if self.huge_pages && !mem.is_multiple_of(HUGE_PAGE_SIZE) {
+            return Err(ConfigError::HugePageAlignment(mem));
         }
         for disk in &self.disks {
             disk.validate()?;

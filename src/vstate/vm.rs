@@ -3,7 +3,10 @@
 use crate::arch::x86_64::layout::*;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -23,6 +26,11 @@ pub enum VmError {
     },
     #[error("cannot allocate {size} MiB of guest memory: {reason}")]
     Memory { size: u64, reason: String },
+    #[error(
+        "cannot back {size} MiB of guest memory with 2 MiB huge pages: {reason} (the host's \
+         pool is /proc/sys/vm/nr_hugepages; /proc/meminfo shows HugePages_Free)"
+    )]
+    HugePages { size: u64, reason: String },
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -36,7 +44,8 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn new(mem_size: u64) -> Result<Self, VmError> {
+    /// A VM with `mem_size` bytes of RAM, on the host's 2 MiB huge pages if `huge_pages`.
+    pub fn new(mem_size: u64, huge_pages: bool) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(|e| VmError::OpenKvm(e.into()))?;
         let version = kvm.get_api_version();
         if version != 12 {
@@ -72,10 +81,14 @@ impl Vm {
             .into_iter()
             .map(|(start, len)| (GuestAddress(start), len as usize))
             .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
-            size: mem_size >> 20,
-            reason: e.to_string(),
-        })?;
+        let mem = if huge_pages {
+            huge_page_memory(&ranges, mem_size)?
+        } else {
+            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
+                size: mem_size >> 20,
+                reason: e.to_string(),
+            })?
+        };
         for (slot, region) in mem.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -96,4 +109,49 @@ impl Vm {
         }
         Ok(Self { kvm, fd, mem })
     }
+}
+
+/// Guest memory from the host's hugetlbfs pool. The pages are reserved when mapped (no
+/// MAP_NORESERVE), so a pool that is too small fails here, with the numbers, rather than with
+/// a SIGBUS when the guest first touches a page.
+fn huge_page_memory(
+    ranges: &[(GuestAddress, usize)],
+    mem_size: u64,
+) -> Result<GuestMemoryMmap, VmError> {
+    let err = |reason: String| VmError::HugePages {
+        size: mem_size >> 20,
+        reason,
+    };
+    let mut regions = Vec::with_capacity(ranges.len());
+    for &(start, len) in ranges {
+        let region = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB,
+            )
+            .with_hugetlbfs(true)
+            .build()
+            .map_err(|e| {
+                let free = free_huge_pages().map_or("unknown".to_string(), |n| n.to_string());
+                err(format!(
+                    "{e}; {} pages needed, {free} free",
+                    mem_size / crate::config::HUGE_PAGE_SIZE
+                ))
+            })?;
+        let region = GuestRegionMmap::new(region, start)
+            .ok_or_else(|| err(format!("region at {:#x} overflows", start.0)))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))
+}
+
+/// HugePages_Free of /proc/meminfo.
+fn free_huge_pages() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))?
+        .trim()
+        .parse()
+        .ok()
 }
