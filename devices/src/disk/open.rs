@@ -351,6 +351,9 @@ mod tests {
             ..BackingPolicy::any_file()
         };
         Qcow2::open_with(&ov, true, &devices).unwrap();
+        // The user may name a block device for an overlay of their own.
+        let own = dir.path().join("own.qcow2");
+        qcow2::create(&own, None, None, Some((&dev.path(), Format::Raw))).unwrap();
     }
 
     #[test]

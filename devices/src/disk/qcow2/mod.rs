@@ -230,7 +230,7 @@ pub fn create(
             let full = resolve_backing(path, bpath);
             let len = match fmt {
                 Format::Raw => {
-                    open_image_file(&full, false, false)
+                    open_image_file(&full, false, true)
                         .map_err(|source| Error::Open {
                             path: full.clone(),
                             source,
