@@ -20,6 +20,13 @@
 //! refcount table entries -> L2 tables -> L1 entries. Refcount decrements are applied only
 //! after the L2 entries that stopped pointing at the clusters are durable, so a crash can
 //! leak clusters but never leave a reference to a cluster with refcount 0.
+//!
+//! Failures: an allocating write changes its L2 entry only after its data is written (a
+//! failed one leaves the old data and frees its new cluster); a table stays dirty until
+//! the sync after its write succeeded; after a failed metadata write or fdatasync every
+//! later flush fails until the image is reopened (close still writes back what it can).
+//! A writer refuses refcount blocks that are shared, outside the file or on other metadata,
+//! and guest writes never reach metadata (QEMU's overlap checks).
 
 mod buffers;
 mod cache;
