@@ -183,8 +183,7 @@ impl Wisp {
             if let Ok(Some(status)) = self.child.try_wait() {
                 self.status = Some(status);
                 drop(text);
-                // Give the reader thread a moment to drain the pipe.
-                std::thread::sleep(Duration::from_millis(50));
+                self.drain_readers();
                 let out = self.stdout();
                 if out.contains(needle) {
                     return;
@@ -196,6 +195,16 @@ impl Wisp {
             }
             let wait = (deadline - now).min(Duration::from_millis(100));
             text = cv.wait_timeout(text, wait).unwrap().0;
+        }
+    }
+
+    /// After wisp exited, the pipes close: lets the readers take the last output (a fixed pause
+    /// lost a loaded machine's last stderr line). Bounded, in case something wisp started
+    /// still holds a pipe.
+    fn drain_readers(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -221,13 +230,7 @@ impl Wisp {
             std::thread::sleep(Duration::from_millis(20));
         };
         self.status = Some(status);
-        // The pipes close when the process is gone: let the readers take the last output (a
-        // fixed pause lost a loaded machine's last stderr line). Bounded, in case something
-        // wisp started still holds a pipe.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.drain_readers();
         Finished {
             status,
             stdout: self.stdout(),

@@ -71,7 +71,10 @@ static void lock_serial(void)
 {
 	if (serial_unlocked)
 		return;
-	for (u32 i = 0; i < 2000000; i++) {
+	/* Bounded only against a holder that died: a holder whose vCPU thread the host
+	 * has not run for a while (8 vCPUs on 2 loaded cores) must not be overtaken,
+	 * which interleaved two CPUs' lines (2 million spins were once too few). */
+	for (u64 i = 0; i < (1ull << 32); i++) {
 		if (!__atomic_exchange_n(&serial_lock, 1, __ATOMIC_ACQUIRE))
 			return;
 		cpu_relax();
