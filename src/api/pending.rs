@@ -361,7 +361,7 @@ impl PendingConfig {
             .map(|n| crate::config::NetConfig {
                 id: Some(n.iface_id.clone()),
                 tap: n.host_dev_name.clone(),
-                mac: n.guest_mac.as_ref().map(|m| m.to_string()),
+                mac: n.guest_mac,
                 // NetworkInterface::validate kept it in u16 range.
                 mtu: n.mtu.and_then(|m| u16::try_from(m).ok()),
                 offload: n.offload.unwrap_or(true),

@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::ApiFault;
 use crate::cgroup::{Affinity, CgroupSpec, CpuList, CpuMax};
+pub use crate::config::MacAddr;
 use crate::config::{DiskFormat, MAX_MEMORY, MAX_VCPUS, MIN_MEMORY};
 
 /// Drive and interface ids: Firecracker's rule (alphanumeric and `_`, at most 64 characters).
@@ -580,59 +581,6 @@ impl SerialConfig {
             )));
         }
         Ok(())
-    }
-}
-
-/// An Ethernet address, `"06:00:ac:10:00:02"` in JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl FromStr for MacAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<MacAddr, String> {
-        let bad = || format!("{s:?} is not a MAC address such as 06:00:ac:10:00:02");
-        let mut mac = [0u8; 6];
-        let mut parts = s.split(':');
-        for b in mac.iter_mut() {
-            let p = parts.next().ok_or_else(bad)?;
-            if p.len() != 2 {
-                return Err(bad());
-            }
-            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-        }
-        if parts.next().is_some() {
-            return Err(bad());
-        }
-        if mac[0] & 1 != 0 {
-            return Err(format!(
-                "{s:?} is a multicast address; a NIC needs a unicast one"
-            ));
-        }
-        Ok(MacAddr(mac))
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-impl Serialize for MacAddr {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for MacAddr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<MacAddr, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
     }
 }
 

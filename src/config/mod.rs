@@ -6,7 +6,7 @@ mod net;
 pub mod size;
 
 pub use disk::{DiskConfig, DiskFormat};
-pub use net::{parse_mac, NetConfig, MIN_MTU};
+pub use net::{MacAddr, NetConfig, MIN_MTU};
 
 pub use size::MemSize;
 

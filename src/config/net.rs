@@ -1,7 +1,9 @@
 //! Network interfaces: `--net tap=NAME[,mac=52:54:00:12:34:56][,mtu=N][,offload=off]`.
 
 use super::ConfigError;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::str::FromStr;
 
 /// The smallest MTU an IPv4 host must take (RFC 791).
 pub const MIN_MTU: u16 = 68;
@@ -20,7 +22,7 @@ pub struct NetConfig {
     /// The guest's MAC address; a stable locally administered one derived from the tap
     /// name when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mac: Option<String>,
+    pub mac: Option<MacAddr>,
     /// The MTU told to the guest (VIRTIO_NET_F_MTU) and set on the tap; the tap's own when
     /// not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -58,7 +60,13 @@ impl NetConfig {
                 .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
             match key {
                 "tap" => net.tap = value.to_string(),
-                "mac" => net.mac = Some(value.to_string()),
+                "mac" => {
+                    net.mac = Some(value.parse().map_err(|e| {
+                        bad(format!(
+                            "mac={value}: {e}; use six hex bytes of a unicast address, 52:54:00:12:34:56"
+                        ))
+                    })?)
+                }
                 "mtu" => {
                     net.mtu = Some(
                         value
@@ -102,33 +110,66 @@ impl NetConfig {
                 return Err(bad(format!("mtu={mtu}: at least {MIN_MTU}")));
             }
         }
-        if let Some(mac) = &self.mac {
-            parse_mac(mac)
-                .ok_or_else(|| bad(format!("mac={mac}: use six hex bytes, 52:54:00:12:34:56")))?;
-        }
         Ok(())
     }
 
     pub fn mac_bytes(&self) -> Option<[u8; 6]> {
-        self.mac.as_deref().and_then(parse_mac)
+        self.mac.map(|m| m.0)
     }
 }
 
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut out {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
+/// A NIC's Ethernet address (unicast), `"06:00:ac:10:00:02"` in JSON and on the command line:
+/// the one type for MACs from the CLI, config files and the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<MacAddr, String> {
+        let bad = || format!("{s:?} is not a MAC address such as 06:00:ac:10:00:02");
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in mac.iter_mut() {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
         }
-        *b = u8::from_str_radix(p, 16).ok()?;
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        if mac[0] & 1 != 0 {
+            return Err(format!(
+                "{s:?} is a multicast address; a NIC needs a unicast one"
+            ));
+        }
+        Ok(MacAddr(mac))
     }
-    if parts.next().is_some() || out[0] & 1 == 1 {
-        // A multicast address cannot be a NIC's own.
-        return None;
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
-    Some(out)
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<MacAddr, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 #[cfg(test)]
