@@ -115,16 +115,18 @@ impl ConsoleOutput {
 impl Write for ConsoleOutput {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut s = self.shared.lock();
-        let room = if s.failed || s.finishing {
+        let room = if s.failed {
             0
         } else {
             self.capacity.saturating_sub(s.buf.len()).min(data.len())
         };
         s.buf.extend(&data[..room]);
         let lost = (data.len() - room) as u64;
-        if lost > 0 {
+        // Once the VMM is on its way out, what vCPUs still write is past the VM's end: not
+        // counted (it would make every stop of a chatty guest look like a loss).
+        if lost > 0 && !s.finishing {
             s.dropped = s.dropped.saturating_add(lost);
-            if !s.failed && !s.finishing && !s.overflowing {
+            if !s.failed && !s.overflowing {
                 rate_limited_warn!(
                     "console: output buffer full (its reader is not keeping up); the guest's \
                      output is dropped until it does"
@@ -231,6 +233,16 @@ mod tests {
         }
         assert_eq!(out.finish(Duration::from_secs(10)), 100_000);
         assert!(out.shared.lock().failed);
+    }
+
+    #[test]
+    fn output_after_the_finish_is_not_counted_as_a_loss() {
+        let (_rd, wr) = pipe();
+        let mut out = ConsoleOutput::with_capacity(Box::new(wr), 16).unwrap();
+        assert_eq!(out.finish(Duration::from_secs(10)), 0);
+        // vCPUs still running while the VMM exits.
+        out.write_all(&[b'z'; 100]).unwrap();
+        assert_eq!(out.dropped(), 0);
     }
 
     #[test]
