@@ -141,7 +141,11 @@ impl EventLoop {
         } else {
             None
         };
-        vmm.start_vcpus()?;
+        if let Err(e) = vmm.start_vcpus() {
+            // vCPUs that did start are stopped, and the disks written back, as on any end.
+            vmm.shutdown();
+            return Err(e.into());
+        }
         let vm_config = api.as_ref().map(|a| a.config().to_json());
         let nets: Vec<_> = vmm
             .devices
