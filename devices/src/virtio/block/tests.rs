@@ -1997,3 +1997,40 @@ fn a_media_change_ends_a_split_request_with_an_io_error() {
     assert_eq!(d.run_turns(0, 10), 1);
     assert_eq!(d.used_idx(), 1);
 }
+
+/// Issue 11 item 6 as the guest sees it: an injected I/O error fails exactly the request it
+/// hit (IOERR) and the requests around it succeed; after a failed flush every flush fails.
+#[test]
+fn an_injected_io_error_fails_exactly_its_request() {
+    use crate::disk::fault::{Faults, FileOp};
+    use crate::disk::qcow2::{create, Qcow2};
+    let dir = TempDir::new();
+    let p = dir.path().join("f.qcow2");
+    create(&p, Some(DISK_LEN as u64), None, None).unwrap();
+    let mut q = Qcow2::open(&p, false).unwrap();
+    // The second pwrite: the data of the second (allocating) guest write.
+    q.set_faults(Some(
+        Faults::fail_nth(1, libc::ENOSPC).only(&[FileOp::Write]),
+    ));
+    let mut d = Driver::new(Box::new(Block::new(Box::new(q), None, false).unwrap()));
+    d.start();
+    assert_eq!(write(&mut d, 0, &pattern(4096, 1)), (st::OK, 1));
+    assert_eq!(write(&mut d, 128, &pattern(4096, 2)), (st::IOERR, 1));
+    assert_eq!(write(&mut d, 256, &pattern(4096, 3)), (st::OK, 1));
+    let r = build(&mut d, rt::FLUSH, 0, None, 0);
+    assert_eq!(submit(&mut d, &r), (st::OK, 1));
+    assert_eq!(read(&mut d, 0, 4096).2, pattern(4096, 1));
+    assert_eq!(read(&mut d, 128, 4096).2, vec![0u8; 4096], "old data");
+    assert_eq!(read(&mut d, 256, 4096).2, pattern(4096, 3));
+
+    let p = disk(&dir);
+    let mut raw = open_raw(&p, false);
+    raw.set_faults(Some(Faults::fail_nth(0, libc::EIO).only(&[FileOp::Sync])));
+    let mut d = Driver::new(Box::new(Block::new_raw(raw, None, false).unwrap()));
+    d.start();
+    for i in 0..2 {
+        assert_eq!(write(&mut d, i, &pattern(512, 4)), (st::OK, 1));
+        let r = build(&mut d, rt::FLUSH, 0, None, 0);
+        assert_eq!(submit(&mut d, &r), (st::IOERR, 1), "flush {i}");
+    }
+}
