@@ -348,6 +348,19 @@ static void cpl0_scenario_lsl(void)
 	ok = ok && !lsl(0xfff8, &y) && y == 0x2222;
 	gdt[8] = 0;
 	printf("probe: lsl %s %lx %lx\n", ok ? "ok" : "wrong", v, w);
+
+	/* VERW/VERR (SDM Vol. 2A), as Linux's idle path runs VERW on __KERNEL_DS from memory
+	 * against MDS / MMIO stale data: kernel data is writable and readable, kernel code is
+	 * readable only, the null selector is neither. */
+	static const u16 kernel_ds = 0x10;
+	u8 w_ds, r_ds, w_cs, r_cs, w_null;
+	__asm__ volatile("verw %1; setz %0" : "=q"(w_ds) : "m"(kernel_ds) : "cc", "memory");
+	__asm__ volatile("verr %1; setz %0" : "=q"(r_ds) : "r"((u16)0x10) : "cc");
+	__asm__ volatile("verw %1; setz %0" : "=q"(w_cs) : "r"((u16)0x08) : "cc");
+	__asm__ volatile("verr %1; setz %0" : "=q"(r_cs) : "r"((u16)0x08) : "cc");
+	__asm__ volatile("verw %1; setz %0" : "=q"(w_null) : "r"((u16)0) : "cc");
+	ok = w_ds && r_ds && !w_cs && r_cs && !w_null;
+	printf("probe: verw %s\n", ok ? "ok" : "wrong");
 }
 
 void sse_pattern(u8 *p, u32 seed)

@@ -4,7 +4,7 @@
 //! cannot be avoided by hiding features. wisp completes the ones ordinary kernels run
 //! (`int3` in the alternatives self-test, `fwait` in FPU teardown, `popcnt` in bitmap code,
 //! `clac`/`stac` around user accesses, `lsl` in the paranoid entry of NMI/#DB/#MC with
-//! FSGSBASE) as the CPU would, asks Linux guests not to use XSAVE
+//! FSGSBASE, `verw` before `hlt` against MDS / MMIO stale data) as the CPU would, asks Linux guests not to use XSAVE
 //! (`noxsave`, see `linux_cmdline_additions`), and reports any other instruction clearly.
 //! On hardware KVM none of this is ever reached.
 
@@ -44,6 +44,9 @@ pub enum Completed {
     CmpxchgDouble,
     /// `lsl`: a segment limit loaded from the GDT/LDT (or ZF cleared).
     Lsl,
+    /// `verr` / `verw`: ZF says whether a segment is readable / writable (Linux runs `verw`
+    /// before `hlt` to clear CPU buffers against MDS and MMIO stale data).
+    Verify,
 }
 
 /// Kernel command-line words a Linux guest needs on a PVM host: its emulator cannot run
@@ -81,6 +84,8 @@ enum Insn {
         width: u8,
         len: u8,
     },
+    /// VERR r/m16 (0F 00 /4) or VERW r/m16 (0F 00 /5).
+    Verify { write: bool, src: Operand, len: u8 },
 }
 
 /// Where an instruction's r/m operand is.
@@ -164,6 +169,17 @@ fn decode_modrm_mem(
     Some((op, used))
 }
 
+/// Decodes a ModRM r/m operand at `bytes[0]`: a register or memory; returns it and the bytes
+/// it used.
+fn rm_operand(bytes: &[u8], rex_b: u8, rex_x: u8, seg: Option<u8>) -> Option<(Operand, usize)> {
+    let modrm = *bytes.first()?;
+    if modrm >> 6 == 3 {
+        return Some((Operand::Reg((modrm & 7) | (rex_b << 3)), 1));
+    }
+    let (m, used) = decode_modrm_mem(bytes, rex_b, rex_x, seg)?;
+    Some((Operand::Mem(m), used))
+}
+
 /// Decodes the few instructions wisp completes (Intel SDM vol. 2: prefixes, REX, ModRM).
 fn decode(bytes: &[u8]) -> Option<Insn> {
     let mut i = 0;
@@ -198,14 +214,17 @@ fn decode(bytes: &[u8]) -> Option<Insn> {
                 len: (i + 2 + used) as u8,
             })
         }
+        [0x0f, 0x00, modrm, ..] if !rep && matches!((modrm >> 3) & 7, 4 | 5) => {
+            let (src, used) = rm_operand(&bytes[i + 2..], b, x, seg)?;
+            Some(Insn::Verify {
+                write: (modrm >> 3) & 7 == 5,
+                src,
+                len: (i + 2 + used) as u8,
+            })
+        }
         [0x0f, 0x03, modrm, ..] if !rep => {
             let dst = ((modrm >> 3) & 7) | (r << 3);
-            let (src, used) = if modrm >> 6 == 3 {
-                (Operand::Reg((modrm & 7) | (b << 3)), 1)
-            } else {
-                let (m, used) = decode_modrm_mem(&bytes[i + 2..], b, x, seg)?;
-                (Operand::Mem(m), used)
-            };
+            let (src, used) = rm_operand(&bytes[i + 2..], b, x, seg)?;
             Some(Insn::Lsl {
                 dst,
                 src,
@@ -247,9 +266,10 @@ pub fn fuzz_decode(bytes: &[u8], regs: &mut kvm_bindings::kvm_regs) -> Option<Co
     let len = match insn {
         Insn::Int3 | Insn::Fwait => 1,
         Insn::Clac | Insn::Stac => 3,
-        Insn::Popcnt { len, .. } | Insn::CmpxchgDouble { len, .. } | Insn::Lsl { len, .. } => {
-            usize::from(len)
-        }
+        Insn::Popcnt { len, .. }
+        | Insn::CmpxchgDouble { len, .. }
+        | Insn::Lsl { len, .. }
+        | Insn::Verify { len, .. } => usize::from(len),
     };
     assert!(
         len <= bytes.len(),
@@ -287,6 +307,7 @@ fn execute(insn: Insn, regs: &mut kvm_bindings::kvm_regs) -> Completed {
         // Need guest memory: complete_emulation_failure sends them to cmpxchg_double / lsl.
         Insn::CmpxchgDouble { .. } => Completed::CmpxchgDouble,
         Insn::Lsl { .. } => Completed::Lsl,
+        Insn::Verify { .. } => Completed::Verify,
         Insn::Int3 => {
             regs.rip = regs.rip.wrapping_add(1);
             Completed::Int3
@@ -393,28 +414,20 @@ pub fn complete_emulation_failure(
             width,
             len,
         } => {
-            let sregs = vcpu
-                .get_sregs()
-                .map_err(|e| fail(rip, bytes.clone(), &format!("KVM_GET_SREGS failed: {e}")))?;
-            let selector = match src {
-                Operand::Reg(n) => *gpr(&mut regs, n) as u16,
-                Operand::Mem(op) => {
-                    let ea = effective_address(&mut regs, &sregs, op, len);
-                    let mut sel = [0u8; 2];
-                    if read_virt(vcpu, mem, ea, &mut sel) != sel.len() {
-                        return Err(fail(
-                            rip,
-                            bytes,
-                            &format!("lsl operand at {ea:#x} unreadable"),
-                        ));
-                    }
-                    u16::from_le_bytes(sel)
-                }
-            };
-            let limit = segment_limit(&sregs, selector, |va, buf| {
-                read_virt(vcpu, mem, va, buf) == buf.len()
-            });
+            let (sregs, selector) = read_selector(vcpu, mem, &mut regs, src, len)
+                .map_err(|reason| fail(rip, bytes.clone(), &reason))?;
+            let limit = segment_descriptor(&sregs, selector, guest_reader(vcpu, mem))
+                .and_then(|d| d.limit());
             lsl(&mut regs, dst, width, len, limit)
+        }
+        Insn::Verify { write, src, len } => {
+            let (sregs, selector) = read_selector(vcpu, mem, &mut regs, src, len)
+                .map_err(|reason| fail(rip, bytes.clone(), &reason))?;
+            let ok = segment_descriptor(&sregs, selector, guest_reader(vcpu, mem))
+                .is_some_and(|d| d.verifies(write));
+            set_zf(&mut regs, ok);
+            regs.rip = regs.rip.wrapping_add(u64::from(len));
+            Completed::Verify
         }
         other => execute(other, &mut regs),
     };
@@ -550,14 +563,113 @@ fn effective_address(
     }
 }
 
-/// The limit LSL loads for `selector` (SDM vol. 2A, LSL, IA-32e mode), or `None` when LSL
-/// clears ZF: a null selector, one past its table's limit, a descriptor type LSL does not
-/// accept, or a privilege check that fails. `read` reads guest-linear memory.
-fn segment_limit(
+/// Reads the selector operand of LSL/VERR/VERW; returns it with the segment registers.
+fn read_selector(
+    vcpu: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    regs: &mut kvm_bindings::kvm_regs,
+    src: Operand,
+    len: u8,
+) -> Result<(kvm_bindings::kvm_sregs, u16), String> {
+    let sregs = vcpu
+        .get_sregs()
+        .map_err(|e| format!("KVM_GET_SREGS failed: {e}"))?;
+    let selector = match src {
+        Operand::Reg(n) => *gpr(regs, n) as u16,
+        Operand::Mem(op) => {
+            let ea = effective_address(regs, &sregs, op, len);
+            let mut sel = [0u8; 2];
+            if read_virt(vcpu, mem, ea, &mut sel) != sel.len() {
+                return Err(format!("selector operand at {ea:#x} unreadable"));
+            }
+            u16::from_le_bytes(sel)
+        }
+    };
+    Ok((sregs, selector))
+}
+
+/// Reads guest-linear memory, all of `buf` or nothing.
+fn guest_reader<'a>(
+    vcpu: &'a VcpuFd,
+    mem: &'a GuestMemoryMmap,
+) -> impl Fn(u64, &mut [u8]) -> bool + 'a {
+    move |va, buf| read_virt(vcpu, mem, va, buf) == buf.len()
+}
+
+/// A segment descriptor as LSL, VERR and VERW see it, once they have checked that the
+/// selector names one they may look at.
+#[derive(Debug, Clone, Copy)]
+struct Descriptor {
+    raw: u64,
+    /// CPL and the selector's RPL, for the privilege check.
+    cpl: u16,
+    rpl: u16,
+}
+
+impl Descriptor {
+    fn system(&self) -> bool {
+        self.raw & (1 << 44) == 0
+    }
+
+    fn typ(&self) -> u8 {
+        ((self.raw >> 40) & 0xf) as u8
+    }
+
+    fn code(&self) -> bool {
+        !self.system() && self.typ() & 0b1000 != 0
+    }
+
+    fn conforming_code(&self) -> bool {
+        self.code() && self.typ() & 0b0100 != 0
+    }
+
+    /// DPL >= CPL and DPL >= RPL (SDM vol. 2A, LSL/VERR).
+    fn privileged_enough(&self) -> bool {
+        let dpl = ((self.raw >> 45) & 3) as u16;
+        dpl >= self.cpl && dpl >= self.rpl
+    }
+
+    /// The limit LSL loads, or `None` when LSL clears ZF: in IA-32e mode only code/data,
+    /// LDT and 64-bit TSS descriptors have one, and all but conforming code segments need
+    /// the privilege check.
+    fn limit(&self) -> Option<u32> {
+        if self.system() && !matches!(self.typ(), 0x2 | 0x9 | 0xb) {
+            return None;
+        }
+        if !self.conforming_code() && !self.privileged_enough() {
+            return None;
+        }
+        let raw_limit = ((self.raw & 0xffff) | ((self.raw >> 32) & 0xf_0000)) as u32;
+        Some(if self.raw & (1 << 55) != 0 {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        })
+    }
+
+    /// VERW: a writable data segment; VERR: a data segment or a readable code segment.
+    /// Privilege checked except for conforming code segments (SDM vol. 2A, VERR/VERW).
+    fn verifies(&self, write: bool) -> bool {
+        if self.system() {
+            return false;
+        }
+        let usable = if write {
+            !self.code() && self.typ() & 0b0010 != 0
+        } else {
+            !self.code() || self.typ() & 0b0010 != 0
+        };
+        usable && (self.conforming_code() || self.privileged_enough())
+    }
+}
+
+/// The descriptor `selector` names in the GDT or LDT, or `None` for a null selector or one
+/// past its table's limit (LSL, VERR and VERW then clear ZF). `read` reads guest-linear
+/// memory.
+fn segment_descriptor(
     sregs: &kvm_bindings::kvm_sregs,
     selector: u16,
     read: impl Fn(u64, &mut [u8]) -> bool,
-) -> Option<u32> {
+) -> Option<Descriptor> {
     let index_offset = u64::from(selector & !7);
     let (base, table_limit) = if selector & 4 != 0 {
         if sregs.ldt.unusable != 0 {
@@ -577,26 +689,19 @@ fn segment_limit(
     if !read(base.wrapping_add(index_offset), &mut raw) {
         return None;
     }
-    let d = u64::from_le_bytes(raw);
-    let typ = ((d >> 40) & 0xf) as u8;
-    let system = d & (1 << 44) == 0;
-    let dpl = ((d >> 45) & 3) as u16;
-    let conforming_code = !system && typ & 0b1100 == 0b1100;
-    if system && !matches!(typ, 0x2 | 0x9 | 0xb) {
-        // In IA-32e mode only LDT and 64-bit TSS descriptors have a limit LSL reports.
-        return None;
-    }
-    let cpl = sregs.cs.selector & 3;
-    let rpl = selector & 3;
-    if !conforming_code && (dpl < cpl || dpl < rpl) {
-        return None;
-    }
-    let raw_limit = ((d & 0xffff) | ((d >> 32) & 0xf_0000)) as u32;
-    Some(if d & (1 << 55) != 0 {
-        (raw_limit << 12) | 0xfff
-    } else {
-        raw_limit
+    Some(Descriptor {
+        raw: u64::from_le_bytes(raw),
+        cpl: sregs.cs.selector & 3,
+        rpl: selector & 3,
     })
+}
+
+fn set_zf(regs: &mut kvm_bindings::kvm_regs, on: bool) {
+    if on {
+        regs.rflags |= RFLAGS_ZF;
+    } else {
+        regs.rflags &= !RFLAGS_ZF;
+    }
 }
 
 /// LSL's effect: the limit into `dst` (32-bit results zero-extend, 16-bit ones keep the upper
@@ -633,6 +738,7 @@ fn name(c: Completed) -> &'static str {
         Completed::Stac => "stac",
         Completed::CmpxchgDouble => "lock cmpxchg8b/16b",
         Completed::Lsl => "lsl",
+        Completed::Verify => "verr/verw",
     }
 }
 
@@ -879,7 +985,15 @@ mod tests {
     fn limit_of(entries: &[u64], selector: u16, cpl: u16) -> Option<u32> {
         let (mut sregs, table) = gdt_sregs(entries);
         sregs.cs.selector = (sregs.cs.selector & !3) | cpl;
-        segment_limit(&sregs, selector, |va, buf| {
+        descriptor_of(&sregs, &table, selector).and_then(|d| d.limit())
+    }
+
+    fn descriptor_of(
+        sregs: &kvm_bindings::kvm_sregs,
+        table: &[u8],
+        selector: u16,
+    ) -> Option<Descriptor> {
+        segment_descriptor(sregs, selector, |va, buf| {
             let off = (va - 0x1000) as usize;
             match table.get(off..off + buf.len()) {
                 Some(b) => {
@@ -889,6 +1003,56 @@ mod tests {
                 None => false,
             }
         })
+    }
+
+    #[test]
+    fn verr_and_verw_accept_what_the_cpu_accepts() {
+        let gdt = [
+            0,
+            0x00af9b000000ffff, // 0x08 kernel code, readable
+            0x00cf93000000ffff, // 0x10 kernel data, writable (Linux's __KERNEL_DS for verw)
+            0x00cff1000000ffff, // 0x18 data, DPL 3, read-only
+            0x00af99000000ffff, // 0x20 code, execute-only
+            0x00009f000000ffff, // 0x28 conforming readable code, DPL 0
+            0x0000890000000067, // 0x30 TSS
+        ];
+        let (sregs, table) = gdt_sregs(&gdt);
+        let v = |sel: u16, write: bool| {
+            descriptor_of(&sregs, &table, sel).is_some_and(|d| d.verifies(write))
+        };
+        assert!(v(0x10, true) && v(0x10, false));
+        assert!(!v(0x08, true) && v(0x08, false));
+        assert!(!v(0x1b, true) && v(0x1b, false));
+        assert!(!v(0x20, false) && !v(0x20, true));
+        // Conforming code skips the privilege check; DPL 0 data seen with RPL 3 does not.
+        assert!(v(0x2b, false));
+        assert!(!v(0x13, true));
+        assert!(!v(0x30, false) && !v(0x00, false) && !v(0x38, false));
+        // verw (%rip): Linux's mds_clear_cpu_buffers.
+        assert_eq!(
+            decode(&[0x0f, 0x00, 0x2d, 0x19, 0xbe, 0x5f, 0x00, 0xfb, 0xf4]),
+            Some(Insn::Verify {
+                write: true,
+                src: Operand::Mem(MemOperand {
+                    seg: None,
+                    base: None,
+                    index: None,
+                    disp: 0x5fbe19,
+                    rip_relative: true
+                }),
+                len: 7
+            })
+        );
+        assert_eq!(
+            decode(&[0x0f, 0x00, 0xe0]),
+            Some(Insn::Verify {
+                write: false,
+                src: Operand::Reg(0),
+                len: 3
+            })
+        );
+        // sldt/str/lldt/ltr (0F 00 /0-/3) are not completed.
+        assert_eq!(decode(&[0x0f, 0x00, 0xd8]), None);
     }
 
     #[test]
