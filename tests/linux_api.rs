@@ -80,7 +80,7 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     }
 
     let boot_args = format!(
-        "console=ttyS0 panic=-1 ip=:::::eth0:dhcp \
+        "{LINUX_CMDLINE} ip=:::::eth0:dhcp \
          wisp.kmsg=1 wisp.scenario=info,rootfs,net,cad wisp.peer=10.0.0.1 wisp.nc_kib={kib}"
     );
     api_ok(

@@ -43,7 +43,7 @@ fn boot_linux(
     let _slot = linux_boot_slot();
     let kernel = image(kernel);
     let mut args: Vec<String> = vec!["run".into(), "--kernel".into(), path_arg(&kernel)];
-    let mut cmdline = format!("console=ttyS0 panic=-1 wisp.scenario={scenario}");
+    let mut cmdline = format!("{LINUX_CMDLINE} wisp.scenario={scenario}");
     match root_disk {
         Some(disk) => {
             args.extend([

@@ -169,7 +169,7 @@ fn linux_uses_disks_and_network_through_wisp_devices() {
     let _slot = linux_boot_slot();
     let offsets: Vec<String> = OFFSETS.iter().map(|o| o.to_string()).collect();
     let cmdline = format!(
-        "console=ttyS0 panic=-1 ip=:::::eth0:dhcp \
+        "{LINUX_CMDLINE} ip=:::::eth0:dhcp \
          netconsole=6665@10.0.1.2/eth1,6666@10.0.1.1/{TAP1_MAC} \
          wisp.kmsg=1 wisp.scenario=info,disk,net,poweroff wisp.ext4=vda1,vdd,vde wisp.raw=vdb \
          wisp.offsets={} wisp.ro=vdc wisp.peer=10.0.0.1 wisp.nc_kib={kib}",

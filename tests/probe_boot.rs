@@ -199,7 +199,11 @@ fn lsl_verr_and_verw_at_cpl0_complete_as_linux_needs_them() {
     assert!(f.stdout.contains("probe: verw ok"), "{}", f.stdout);
     if pvm_host() {
         assert!(f.stderr.contains("pvm: completed lsl"), "{}", f.stderr);
-        assert!(f.stderr.contains("pvm: completed verr/verw"), "{}", f.stderr);
+        assert!(
+            f.stderr.contains("pvm: completed verr/verw"),
+            "{}",
+            f.stderr
+        );
     }
 }
 

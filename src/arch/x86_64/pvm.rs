@@ -85,7 +85,11 @@ enum Insn {
         len: u8,
     },
     /// VERR r/m16 (0F 00 /4) or VERW r/m16 (0F 00 /5).
-    Verify { write: bool, src: Operand, len: u8 },
+    Verify {
+        write: bool,
+        src: Operand,
+        len: u8,
+    },
 }
 
 /// Where an instruction's r/m operand is.
