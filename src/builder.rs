@@ -211,7 +211,7 @@ fn create_vcpus(
             .create_vcpu(id.into())
             .map_err(kvm("KVM_CREATE_VCPU"))?;
         let mut cpuid = supported.clone();
-        cpuid::normalize(&mut cpuid, id, config.cpus);
+        cpuid::normalize(&mut cpuid, id, config.cpus, config.smt);
         if pvm {
             cpuid::hide_kvm_features(&mut cpuid, cpuid::PVM_BROKEN_KVM_FEATURES);
         }

@@ -488,3 +488,26 @@ fn api_call_once(dir: &TestDir, machine_config: &str) -> (u16, String) {
     w.wait(T);
     r
 }
+
+/// `smt: true` (two threads per core in the guest's topology) boots an SMP guest whose vCPUs
+/// all come up.
+#[test]
+fn smt_guest_boots_with_every_vcpu() {
+    if !kvm_available("smt_guest_boots_with_every_vcpu") {
+        return;
+    }
+    let dir = TestDir::new("api-fc-smt");
+    let file = dir.join("vm.json");
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "probe.scenario=smp"}},
+                "machine-config": {{"vcpu_count": 2, "mem_size_mib": 64, "smt": true}}}}"#,
+            probes().probe.display()
+        ),
+    )
+    .unwrap();
+    let f = Wisp::spawn(&["--config-file", file.to_str().unwrap(), "--no-api"]).wait(T);
+    assert_eq!(f.code(), Some(0), "{}", f.stderr);
+    assert!(f.stdout.contains("probe: cpus 2"), "{}", f.stdout);
+}

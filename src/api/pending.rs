@@ -369,6 +369,7 @@ impl PendingConfig {
             .collect();
         config.cgroup = self.cgroup();
         config.huge_pages = m.huge_pages_2m();
+        config.smt = m.smt;
         if let Some(path) = self.serial.as_ref().and_then(|s| s.serial_out_path.clone()) {
             config.console = crate::config::ConsoleConfig::File(path);
         }

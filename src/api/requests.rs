@@ -161,7 +161,7 @@ pub struct MachineConfig {
     pub vcpu_count: u64,
     /// At least 64, at most 1 TiB in MiB.
     pub mem_size_mib: u64,
-    /// wisp has no SMT topology: only `false` is accepted.
+    /// Two threads per core in the guest's CPUID topology (vcpu_count 1 or even).
     #[serde(default)]
     pub smt: bool,
     /// Accepted and recorded; wisp has no snapshots, so it has no effect.
@@ -196,7 +196,7 @@ impl MachineConfig {
     pub fn validate(&self) -> Result<(), ApiFault> {
         check_vcpu_count(self.vcpu_count)?;
         check_mem_size(self.mem_size_mib)?;
-        check_smt(self.smt)?;
+        check_smt(self.smt, self.vcpu_count)?;
         check_none_only(
             "cpu_template",
             self.cpu_template.as_deref(),
@@ -266,8 +266,8 @@ impl MachineConfigUpdate {
         if let Some(v) = self.mem_size_mib {
             check_mem_size(v)?;
         }
-        if let Some(v) = self.smt {
-            check_smt(v)?;
+        if let (Some(smt), Some(n)) = (self.smt, self.vcpu_count) {
+            check_smt(smt, n)?;
         }
         check_none_only(
             "cpu_template",
@@ -1175,11 +1175,13 @@ fn check_mem_size(mib: u64) -> Result<(), ApiFault> {
     Ok(())
 }
 
-fn check_smt(smt: bool) -> Result<(), ApiFault> {
-    if smt {
-        return Err(ApiFault::bad_request(
-            "smt: wisp does not support SMT (simultaneous multithreading); send false or leave it out",
-        ));
+/// Firecracker's rule: with SMT (two threads per core) the vCPU count is 1 or even.
+fn check_smt(smt: bool, vcpu_count: u64) -> Result<(), ApiFault> {
+    if smt && vcpu_count > 1 && !vcpu_count.is_multiple_of(2) {
+        return Err(ApiFault::bad_request(format!(
+            "smt: true puts two threads on each core, so vcpu_count must be 1 or even, got \
+             {vcpu_count}"
+        )));
     }
     Ok(())
 }

@@ -331,10 +331,31 @@ fn machine_config_ranges_and_types() {
         "missing field `mem_size_mib`",
     );
     assert_fault(
-        &put(r#"{"vcpu_count": 2, "mem_size_mib": 256, "smt": true}"#),
+        &put(r#"{"vcpu_count": 3, "mem_size_mib": 256, "smt": true}"#),
         400,
-        "smt: wisp does not support SMT",
+        "smt: true puts two threads on each core, so vcpu_count must be 1 or even, got 3",
     );
+    // Two threads per core reach the VM's configuration (cpuid.rs lays out the topology).
+    let mut p = PendingConfig::new();
+    p.apply(
+        &req(
+            "PUT",
+            "/boot-source",
+            &format!(r#"{{"kernel_image_path": "{}"}}"#, existing_file()),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    p.apply(
+        &req(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 4, "mem_size_mib": 256, "smt": true}"#,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(p.to_vm_config().unwrap().smt);
     assert_fault(
         &put(r#"{"vcpu_count": 2, "mem_size_mib": 256, "cpu_template": "T2"}"#),
         400,

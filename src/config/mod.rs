@@ -39,6 +39,8 @@ pub enum ConfigError {
     MemoryAlignment(u64),
     #[error("memory on 2 MiB huge pages must be a multiple of 2 MiB, got {} MiB", .0 >> 20)]
     HugePageAlignment(u64),
+    #[error("with SMT (two threads per core) cpus must be 1 or even, got {0}")]
+    SmtOddCpus(u8),
     #[error("kernel command line is {len} bytes, the limit is {max}")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("{0}")]
@@ -150,6 +152,9 @@ pub struct VmConfig {
     /// Back guest memory with the host's 2 MiB huge pages (hugetlbfs pool, reserved at start).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub huge_pages: bool,
+    /// Two threads per core in the guest's CPU topology (`cpus` 1 or even).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub smt: bool,
 }
 
 /// The huge page size guest memory can be backed with (x86_64's 2 MiB).
@@ -183,6 +188,7 @@ impl VmConfig {
             cgroup: None,
             id: None,
             huge_pages: false,
+            smt: false,
         }
     }
 
@@ -212,6 +218,9 @@ impl VmConfig {
         }
         if !mem.is_multiple_of(1 << 20) {
             return Err(ConfigError::MemoryAlignment(mem));
+        }
+        if self.smt && self.cpus > 1 && !self.cpus.is_multiple_of(2) {
+            return Err(ConfigError::SmtOddCpus(self.cpus));
         }
         if self.huge_pages && !mem.is_multiple_of(HUGE_PAGE_SIZE) {
             return Err(ConfigError::HugePageAlignment(mem));

@@ -35,11 +35,16 @@ pub fn hide_kvm_features(cpuid: &mut CpuId, features: u32) {
     }
 }
 
-/// Rewrites `cpuid` (from KVM_GET_SUPPORTED_CPUID) for vCPU `vcpu_id` of `vcpu_count`.
-pub fn normalize(cpuid: &mut CpuId, vcpu_id: u8, vcpu_count: u8) {
+/// Rewrites `cpuid` (from KVM_GET_SUPPORTED_CPUID) for vCPU `vcpu_id` of `vcpu_count`, one
+/// package; with `smt`, two threads per core (APIC id bit 0 is the thread, as Firecracker
+/// lays it out; the caller keeps `vcpu_count` 1 or even).
+pub fn normalize(cpuid: &mut CpuId, vcpu_id: u8, vcpu_count: u8, smt: bool) {
     let n = u32::from(vcpu_count);
     let apic_id = u32::from(vcpu_id);
-    // Bits of the x2APIC id that count cores in the package (one thread per core).
+    let threads_per_core: u32 = if smt && n > 1 { 2 } else { 1 };
+    let thread_bits = threads_per_core - 1;
+    let cores = (n / threads_per_core).max(1);
+    // Bits of the x2APIC id below the package id (threads and cores).
     let core_bits = 32 - (n.max(1) - 1).leading_zeros();
     for e in cpuid.as_mut_slice() {
         match e.function {
@@ -61,10 +66,9 @@ pub fn normalize(cpuid: &mut CpuId, vcpu_id: u8, vcpu_count: u8) {
                 // unless it is the last level (EAX[25:14]: threads sharing it - 1).
                 let level = (e.eax >> 5) & 0x7;
                 e.eax &= 0x3fff;
-                e.eax |= (n.saturating_sub(1) & 0x3f) << 26;
-                if level >= 3 {
-                    e.eax |= (n.saturating_sub(1) & 0xfff) << 14;
-                }
+                e.eax |= (cores.saturating_sub(1) & 0x3f) << 26;
+                let sharing = if level >= 3 { n } else { threads_per_core };
+                e.eax |= (sharing.saturating_sub(1) & 0xfff) << 14;
             }
             0x6 => {
                 // No power management to the guest (no HWP, no turbo).
@@ -82,8 +86,8 @@ pub fn normalize(cpuid: &mut CpuId, vcpu_id: u8, vcpu_count: u8) {
                 e.edx = apic_id;
                 match e.index {
                     0 => {
-                        e.eax = 0;
-                        e.ebx = 1;
+                        e.eax = thread_bits;
+                        e.ebx = threads_per_core;
                         e.ecx = (LEVEL_TYPE_SMT << 8) | e.index;
                     }
                     1 => {
@@ -138,7 +142,7 @@ mod tests {
     #[test]
     fn apic_id_and_topology_per_vcpu() {
         let mut c = sample();
-        normalize(&mut c, 5, 8);
+        normalize(&mut c, 5, 8, false);
         let l1 = find(&c, 1, 0).unwrap();
         assert_eq!(l1.ebx >> 24, 5);
         assert_eq!((l1.ebx >> 16) & 0xff, 8);
@@ -153,9 +157,65 @@ mod tests {
     }
 
     #[test]
+    fn smt_puts_two_threads_on_each_core() {
+        let mut c = CpuId::from_entries(&[
+            kvm_cpuid_entry2 {
+                function: 0x1,
+                ..Default::default()
+            },
+            // An L1 cache (level 1) and the L3 (level 3) of leaf 4.
+            kvm_cpuid_entry2 {
+                function: 0x4,
+                index: 0,
+                eax: 1 << 5,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x4,
+                index: 3,
+                eax: 3 << 5,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 0,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                ..Default::default()
+            },
+        ])
+        .unwrap();
+        normalize(&mut c, 3, 4, true);
+        let smt = find(&c, 0xb, 0).unwrap();
+        // Shift 1 to the core id, 2 threads at this level, x2APIC id 3 (core 1, thread 1).
+        assert_eq!(
+            (smt.eax, smt.ebx, smt.edx, smt.ecx >> 8),
+            (1, 2, 3, LEVEL_TYPE_SMT)
+        );
+        let core = find(&c, 0xb, 1).unwrap();
+        assert_eq!((core.eax, core.ebx, core.ecx >> 8), (2, 4, LEVEL_TYPE_CORE));
+        let l1 = find(&c, 0x4, 0).unwrap();
+        // 2 cores per package, the L1 shared by a core's 2 threads.
+        assert_eq!((l1.eax >> 26, (l1.eax >> 14) & 0xfff), (1, 1));
+        let l3 = find(&c, 0x4, 3).unwrap();
+        assert_eq!((l3.eax >> 26, (l3.eax >> 14) & 0xfff), (1, 3));
+        assert_ne!(find(&c, 1, 0).unwrap().edx & LEAF1_EDX_HTT, 0);
+
+        // Without SMT: one thread per core.
+        normalize(&mut c, 3, 4, false);
+        let smt = find(&c, 0xb, 0).unwrap();
+        assert_eq!((smt.eax, smt.ebx), (0, 1));
+        let l1 = find(&c, 0x4, 0).unwrap();
+        assert_eq!((l1.eax >> 26, (l1.eax >> 14) & 0xfff), (3, 0));
+    }
+
+    #[test]
     fn single_vcpu_has_no_htt() {
         let mut c = sample();
-        normalize(&mut c, 0, 1);
+        normalize(&mut c, 0, 1, false);
         assert_eq!(find(&c, 1, 0).unwrap().edx & LEAF1_EDX_HTT, 0);
         assert_eq!(find(&c, 0xb, 1).unwrap().eax, 0);
     }
