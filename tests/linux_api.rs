@@ -67,11 +67,27 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
 
     let _slot = linux_boot_slot();
     let sock = dir.join("api.sock");
+    let (log, metrics) = (dir.join("fc.log"), dir.join("fc.metrics"));
+    // Started as Firecracker's jailer and client libraries start Firecracker.
     let mut w = Wisp::spawn_cmd(ns.command(wisp_bin()).args([
-        "--api-sock",
-        sock.to_str().unwrap(),
         "--id",
         "linux-api",
+        "--start-time-us",
+        "0",
+        "--start-time-cpu-us",
+        "0",
+        "--parent-cpu-time-us",
+        "0",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--log-path",
+        log.to_str().unwrap(),
+        "--level",
+        "Info",
+        "--show-level",
+        "--show-log-origin",
+        "--metrics-path",
+        metrics.to_str().unwrap(),
     ]));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::os::unix::net::UnixStream::connect(&sock).is_err() {
@@ -171,6 +187,31 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
         "{out}"
     );
     assert_scenarios_ok(out, &["info", "rootfs", "net"]);
+
+    // Firecracker's log and metrics: the VM's start logged with id, thread, level and origin;
+    // the metrics lines (periodic and on exit) count the guest's network traffic.
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" [linux-api:main:INFO:") && l.contains("] VM started: ")),
+        "{log}"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "no metrics line");
+    let total = |field: &str| -> u64 {
+        lines
+            .iter()
+            .map(|m| m["net_eth0"][field].as_u64().unwrap_or(0))
+            .sum()
+    };
+    assert!(
+        total("rx_packets_count") > 0 && total("tx_packets_count") > 0,
+        "{lines:?}"
+    );
 
     // The root filesystem is partition 1 of the drive (PARTUUID), read-write, no initramfs;
     // the guest's file is in it.
