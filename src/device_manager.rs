@@ -16,7 +16,7 @@ use wisp_devices::disk::raw::RawFile;
 use wisp_devices::events::EventSubscriber;
 use wisp_devices::interrupt::IrqFd;
 use wisp_devices::tap::Tap;
-use wisp_devices::virtio::block::{Block, Disk};
+use wisp_devices::virtio::block::{Block, BlockCounters, Disk};
 use wisp_devices::virtio::net::{Net, NetCounters};
 use wisp_devices::virtio::{
     DeviceHandle, MmioTransport, VirtioDevice, VirtioEventHandler, MMIO_WINDOW_SIZE,
@@ -57,6 +57,8 @@ pub enum DeviceError {
 pub struct BlockDevice {
     /// The disk as configured, with the path of its current medium.
     pub config: DiskConfig,
+    /// Read by metrics without the device's lock.
+    pub counters: Arc<BlockCounters>,
     pub handle: DeviceHandle<Block>,
 }
 
@@ -86,9 +88,12 @@ impl DeviceManager {
         mmio_bus: &mut Bus,
         disk: &DiskConfig,
     ) -> Result<(), DeviceError> {
-        let handle = self.attach(vm, mmio_bus, open_disk(disk)?)?;
+        let dev = open_disk(disk)?;
+        let counters = dev.counters();
+        let handle = self.attach(vm, mmio_bus, dev)?;
         self.blocks.push(BlockDevice {
             config: disk.clone(),
+            counters,
             handle,
         });
         Ok(())
@@ -296,12 +301,14 @@ mod tests {
     fn transport(config: &DiskConfig) -> (MmioTransport, BlockDevice) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let line = Arc::new(IrqFd(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        let (t, handle) =
-            MmioTransport::with_handle(open_disk(config).unwrap(), mem, line).unwrap();
+        let dev = open_disk(config).unwrap();
+        let counters = dev.counters();
+        let (t, handle) = MmioTransport::with_handle(dev, mem, line).unwrap();
         (
             t,
             BlockDevice {
                 config: config.clone(),
+                counters,
                 handle,
             },
         )

@@ -153,7 +153,13 @@ impl EventLoop {
             .iter()
             .map(|n| (n.config.tap.clone(), n.counters.clone()))
             .collect();
-        let mut sources = crate::metrics::VmSources::new(vm_config.as_ref(), &nets);
+        let blocks: Vec<_> = vmm
+            .devices
+            .blocks()
+            .iter()
+            .map(|b| (b.config.id.clone(), b.counters.clone()))
+            .collect();
+        let mut sources = crate::metrics::VmSources::new(vm_config.as_ref(), &blocks, &nets);
         sources.vcpus = Some(vmm.control.clone());
         crate::metrics::register_vm(sources);
         Ok(Box::new(Running {

@@ -6,7 +6,9 @@
 //! `api_server`, `block`, `net`, `vcpu`, `vmm`, `uart`, `latencies_us`, `signals`, ..., and
 //! `block_<drive_id>` / `net_<iface_id>` per device). As in Firecracker, a counter shows what
 //! happened since the previous line and a gauge its current value. What wisp does not count
-//! (or has no device for) is 0, so a parser written for Firecracker finds every key.
+//! (or has no device for) is 0, so a parser written for Firecracker finds every key; a
+//! block device fills its request counts, bytes, flushes, malformed requests, failed
+//! requests and queue events (not its latencies, rate limiter or update fields).
 
 use crate::vstate::control::{ExitKind, VcpuControl};
 use serde_json::{json, Map, Value};
@@ -17,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+use wisp_devices::virtio::block::BlockCounters;
 use wisp_devices::virtio::net::NetCounters;
 
 /// Firecracker's period for writing metrics while the VM runs.
@@ -345,8 +348,8 @@ fn is_gauge(group: &str, field: &str) -> bool {
 /// What the running VM exposes to the metrics.
 #[derive(Default)]
 pub struct VmSources {
-    /// Block devices by drive id (wisp keeps no block counters yet: their fields are 0).
-    pub drives: Vec<String>,
+    /// Block devices by drive id.
+    pub drives: Vec<(String, Arc<BlockCounters>)>,
     /// Network devices by interface id.
     pub nets: Vec<(String, Arc<NetCounters>)>,
     /// The vCPUs' exit counters.
@@ -356,7 +359,12 @@ pub struct VmSources {
 impl VmSources {
     /// The devices of a VM: ids from Firecracker's `GET /vm/config` shape when the VM was
     /// configured through the API (taps are matched to `host_dev_name`), else the tap names.
-    pub fn new(vm_config: Option<&Value>, nets: &[(String, Arc<NetCounters>)]) -> Self {
+    /// Disks are listed only when configured through the API, matched by drive id.
+    pub fn new(
+        vm_config: Option<&Value>,
+        blocks: &[(Option<String>, Arc<BlockCounters>)],
+        nets: &[(String, Arc<NetCounters>)],
+    ) -> Self {
         let list = |key: &str| {
             vm_config
                 .and_then(|c| c.get(key))
@@ -367,7 +375,10 @@ impl VmSources {
         let drives = list("drives")
             .iter()
             .filter_map(|d| d.get("drive_id").and_then(Value::as_str))
-            .map(str::to_string)
+            .filter_map(|id| {
+                let (_, counters) = blocks.iter().find(|(b, _)| b.as_deref() == Some(id))?;
+                Some((id.to_string(), counters.clone()))
+            })
             .collect();
         let ifaces = list("network-interfaces");
         let nets = nets
@@ -504,8 +515,12 @@ impl State {
                     totals.insert(format!("vcpu.{field}"), exits[kind as usize]);
                 }
             }
-            for id in &vm.drives {
-                devices.push((format!("block_{id}"), BLOCK_FIELDS));
+            for (id, counters) in &vm.drives {
+                let group = format!("block_{id}");
+                for (field, v) in block_fields(counters) {
+                    totals.insert(format!("{group}.{field}"), v);
+                }
+                devices.push((group, BLOCK_FIELDS));
             }
             for (id, counters) in &vm.nets {
                 let group = format!("net_{id}");
@@ -575,6 +590,21 @@ impl State {
         let now = totals.get(&key).copied().unwrap_or(0);
         now.saturating_sub(self.written.get(&key).copied().unwrap_or(0))
     }
+}
+
+/// wisp's block counters under Firecracker's names.
+fn block_fields(c: &BlockCounters) -> [(&'static str, u64); 8] {
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    [
+        ("read_count", l(&c.read_count)),
+        ("read_bytes", l(&c.read_bytes)),
+        ("write_count", l(&c.write_count)),
+        ("write_bytes", l(&c.write_bytes)),
+        ("flush_count", l(&c.flush_count)),
+        ("invalid_reqs_count", l(&c.invalid_reqs_count)),
+        ("execute_fails", l(&c.execute_fails)),
+        ("queue_event_count", l(&c.queue_event_count)),
+    ]
 }
 
 /// wisp's network counters under Firecracker's names.
@@ -674,10 +704,19 @@ mod tests {
         let counters = Arc::new(NetCounters::default());
         counters.rx_bytes.store(1500, Ordering::Relaxed);
         counters.rx_frames.store(1, Ordering::Relaxed);
+        let disk = Arc::new(BlockCounters::default());
+        disk.read_count.store(3, Ordering::Relaxed);
+        disk.read_bytes.store(12288, Ordering::Relaxed);
+        disk.write_count.store(1, Ordering::Relaxed);
+        disk.write_bytes.store(512, Ordering::Relaxed);
+        disk.flush_count.store(1, Ordering::Relaxed);
+        disk.invalid_reqs_count.store(2, Ordering::Relaxed);
+        disk.execute_fails.store(1, Ordering::Relaxed);
+        disk.queue_event_count.store(5, Ordering::Relaxed);
         let vcpus = Arc::new(VcpuControl::default());
         vcpus.count_exit(ExitKind::IoOut);
         s.vm = Some(VmSources {
-            drives: vec!["rootfs".into()],
+            drives: vec![("rootfs".into(), disk.clone())],
             nets: vec![("eth0".into(), counters.clone())],
             vcpus: Some(vcpus.clone()),
         });
@@ -716,6 +755,20 @@ mod tests {
         assert_eq!(line["net"]["rx_bytes_count"], 1500, "the aggregate");
         assert_eq!(line["net_eth0"]["tx_spoofed_mac_count"], 0);
         assert_eq!(line["block_rootfs"]["read_agg"]["max_us"], 0);
+        for (field, v) in [
+            ("read_count", 3),
+            ("read_bytes", 12288),
+            ("write_count", 1),
+            ("write_bytes", 512),
+            ("flush_count", 1),
+            ("invalid_reqs_count", 2),
+            ("execute_fails", 1),
+            ("queue_event_count", 5),
+            ("update_count", 0),
+        ] {
+            assert_eq!(line["block_rootfs"][field], v, "block_rootfs.{field}");
+            assert_eq!(line["block"][field], v, "block.{field}, the aggregate");
+        }
         assert_eq!(line["put_api_requests"]["actions_count"], 2);
         assert_eq!(line["api_server"]["process_startup_time_us"], 1234);
         assert_eq!(line["vcpu"]["exit_io_out"], 1);
@@ -723,7 +776,13 @@ mod tests {
 
         // Counters show the change since the last line, gauges their value.
         counters.rx_bytes.store(1600, Ordering::Relaxed);
+        disk.read_count.store(4, Ordering::Relaxed);
+        disk.read_bytes.store(16384, Ordering::Relaxed);
         let line = s.next_line();
+        assert_eq!(line["block_rootfs"]["read_count"], 1);
+        assert_eq!(line["block_rootfs"]["read_bytes"], 4096);
+        assert_eq!(line["block_rootfs"]["write_count"], 0);
+        assert_eq!(line["block"]["read_bytes"], 4096);
         assert_eq!(line["net_eth0"]["rx_bytes_count"], 100);
         assert_eq!(line["net_eth0"]["rx_packets_count"], 0);
         assert_eq!(line["put_api_requests"]["actions_count"], 0);
@@ -759,11 +818,21 @@ mod tests {
             "drives": [{"drive_id": "rootfs"}, {"drive_id": "data"}],
             "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap7"}],
         });
+        let (root, data) = (
+            Arc::new(BlockCounters::default()),
+            Arc::new(BlockCounters::default()),
+        );
         let s = VmSources::new(
             Some(&config),
+            &[
+                (Some("data".into()), data.clone()),
+                (Some("rootfs".into()), root.clone()),
+            ],
             &[("tap7".into(), counters.clone()), ("tap8".into(), counters)],
         );
-        assert_eq!(s.drives, ["rootfs", "data"]);
+        let drives: Vec<&str> = s.drives.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(drives, ["rootfs", "data"]);
+        assert!(Arc::ptr_eq(&s.drives[0].1, &root) && Arc::ptr_eq(&s.drives[1].1, &data));
         let ids: Vec<&str> = s.nets.iter().map(|(id, _)| id.as_str()).collect();
         assert_eq!(ids, ["eth0", "tap8"]);
     }

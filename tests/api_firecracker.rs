@@ -511,3 +511,69 @@ fn smt_guest_boots_with_every_vcpu() {
     assert_eq!(f.code(), Some(0), "{}", f.stderr);
     assert!(f.stdout.contains("probe: cpus 2"), "{}", f.stdout);
 }
+
+#[test]
+fn block_metrics_count_what_the_guest_did_on_its_disk() {
+    if !kvm_available("block_metrics_count_what_the_guest_did_on_its_disk") {
+        return;
+    }
+    let dir = TestDir::new("api-fc-blkmetrics");
+    let (sock, metrics) = (dir.join("fc.sock"), dir.join("fc.metrics"));
+    let disk = dir.join("data.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let w = Wisp::spawn(&[
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--metrics-path",
+        metrics.to_str().unwrap(),
+    ]);
+    wait_api_socket(&sock);
+    let call = |method: &str, path: &str, body: &str| api_call(&sock, method, path, Some(body));
+    // The probe writes 64 KiB at sector 8, flushes, and reads them back.
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "probe.scenario=blk probe.seed=5"}}"#,
+        probes().probe.display()
+    );
+    let drive = format!(
+        r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+        disk.display()
+    );
+    for (path, body) in [
+        ("/boot-source", boot.as_str()),
+        (
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 64, "smt": false}"#,
+        ),
+        ("/drives/data", drive.as_str()),
+        ("/actions", r#"{"action_type": "InstanceStart"}"#),
+    ] {
+        let (st, resp) = call("PUT", path, body);
+        assert_eq!(st, 204, "PUT {path}: {resp}");
+    }
+    let f = w.wait(T);
+    assert_eq!(f.code(), Some(0), "{}", f.stderr);
+    assert!(f.stdout.contains("probe: blk readback ok"), "{}", f.stdout);
+
+    // Counters are changes since the line before: their sum over the lines is the total.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let objs: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let total = |group: &str, field: &str| -> u64 {
+        objs.iter()
+            .filter_map(|m| m.get(group))
+            .map(|g| g[field].as_u64().unwrap())
+            .sum()
+    };
+    for group in ["block_data", "block"] {
+        assert_eq!(total(group, "write_bytes"), 65536, "{group}: {text}");
+        assert_eq!(total(group, "read_bytes"), 65536, "{group}: {text}");
+        assert!(total(group, "write_count") >= 1, "{group}: {text}");
+        assert!(total(group, "read_count") >= 1, "{group}: {text}");
+        assert_eq!(total(group, "flush_count"), 1, "{group}: {text}");
+        assert_eq!(total(group, "invalid_reqs_count"), 0, "{group}: {text}");
+        assert_eq!(total(group, "execute_fails"), 0, "{group}: {text}");
+        assert!(total(group, "queue_event_count") >= 3, "{group}: {text}");
+    }
+}

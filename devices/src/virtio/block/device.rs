@@ -1,5 +1,6 @@
 //! The virtio-blk device: features, config space, activation and the queue loop.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 
@@ -29,6 +30,26 @@ pub enum BlockError {
     MediumReadOnly,
     #[error("flushing the old medium failed ({reason}); it stays in place")]
     FlushOldMedium { reason: String },
+}
+
+/// Request counters, shared with whoever exposes them (Firecracker's `block_<id>` metrics).
+/// Bumped with relaxed adds on the event loop; read without the device's lock.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    /// IN / OUT requests that completed with OK, and their data bytes.
+    pub read_count: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_count: AtomicU64,
+    pub write_bytes: AtomicU64,
+    /// FLUSH requests that reached the disk.
+    pub flush_count: AtomicU64,
+    /// Requests the driver malformed (bad layout, range or direction, unsupported type, no
+    /// status byte, broken chain).
+    pub invalid_reqs_count: AtomicU64,
+    /// Well-formed requests the disk failed (IOERR).
+    pub execute_fails: AtomicU64,
+    /// Queue notifications handled (including the device's own reschedules).
+    pub queue_event_count: AtomicU64,
 }
 
 /// struct virtio_blk_config up to write_zeroes_may_unmap and its padding (virtio 1.2 §5.2.4).
@@ -141,6 +162,11 @@ impl Block {
 
     pub fn read_only(&self) -> bool {
         self.handler.read_only
+    }
+
+    /// The device's request counters; they survive media changes and resets.
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.handler.counters.clone()
     }
 
     /// Writes everything the medium holds back (data and image metadata) to its file, as a
@@ -265,6 +291,10 @@ impl VirtioDevice for Block {
             rate_limited_warn!("virtio-blk: notification for queue {} ignored", index);
             return;
         }
+        self.handler
+            .counters
+            .queue_event_count
+            .fetch_add(1, Ordering::Relaxed);
         let Active {
             mem,
             queue,

@@ -5,7 +5,7 @@ mod request;
 #[cfg(test)]
 mod tests;
 
-pub use device::{Block, BlockError};
+pub use device::{Block, BlockCounters, BlockError};
 pub use request::{Disk, SECTOR_SIZE, SERIAL_LEN};
 
 /// Feature bits (virtio 1.2 §5.2.3).

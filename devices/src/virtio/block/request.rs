@@ -6,12 +6,15 @@
 //! byte, which is the last byte of the last descriptor).
 
 use std::io;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions, VolatileSlice,
 };
 
+use super::device::BlockCounters;
 use super::{
     features, request_status as status, request_type as rtype, MAX_DISCARD_SECTORS,
     MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, SEG_MAX,
@@ -37,7 +40,10 @@ struct Segment {
 /// Why a request failed; logged (rate-limited) and turned into a status byte.
 #[derive(Debug)]
 enum Failure {
+    /// The disk failed (or went away) while running a well-formed request.
     IoErr(String),
+    /// The driver broke the request's rules (layout, range, lengths); IOERR too.
+    Malformed(String),
     Unsupp(u32),
 }
 
@@ -88,6 +94,10 @@ fn ioerr(msg: impl Into<String>) -> (Failure, u32) {
     (Failure::IoErr(msg.into()), 0)
 }
 
+fn malformed(msg: impl Into<String>) -> (Failure, u32) {
+    (Failure::Malformed(msg.into()), 0)
+}
+
 /// The disk behind the device (its medium). Data moves through the backend's
 /// `read_vectored` / `write_vectored` on guest memory: raw files and qcow2 data clusters
 /// go straight between the file and guest memory (preadv/pwritev).
@@ -127,6 +137,7 @@ pub(super) struct RequestHandler {
     /// DISCARD / WRITE_ZEROES segments: (offset, len, unmap).
     ranges: [(u64, u64, bool); MAX_DISCARD_SEG as usize],
     in_flight: Option<InFlight>,
+    pub(super) counters: Arc<BlockCounters>,
 }
 
 impl RequestHandler {
@@ -143,6 +154,7 @@ impl RequestHandler {
             writable: Vec::new(),
             ranges: [(0, 0, false); MAX_DISCARD_SEG as usize],
             in_flight: None,
+            counters: Arc::default(),
         }
     }
 
@@ -217,6 +229,7 @@ impl RequestHandler {
                 "virtio-blk: chain at descriptor {} loops, is longer than the queue or points outside guest memory; returned unanswered",
                 head
             );
+            self.counters.invalid_reqs_count.fetch_add(1, Relaxed);
             return Some(0);
         }
         // virtio 1.2 §5.2.6: the status byte is the last byte of the last descriptor, which
@@ -233,6 +246,7 @@ impl RequestHandler {
                 "virtio-blk: chain at descriptor {} has no device-writable status byte in guest memory; returned unanswered",
                 head
             );
+            self.counters.invalid_reqs_count.fetch_add(1, Relaxed);
             return Some(0);
         };
         let outcome = match self.execute(mem, descs, budget) {
@@ -271,10 +285,17 @@ impl RequestHandler {
                 let status = match failure {
                     Failure::IoErr(msg) => {
                         rate_limited_warn!("virtio-blk: request {} failed: {}", head, msg);
+                        self.counters.execute_fails.fetch_add(1, Relaxed);
+                        status::IOERR
+                    }
+                    Failure::Malformed(msg) => {
+                        rate_limited_warn!("virtio-blk: request {} is malformed: {}", head, msg);
+                        self.counters.invalid_reqs_count.fetch_add(1, Relaxed);
                         status::IOERR
                     }
                     Failure::Unsupp(t) => {
                         rate_limited_warn!("virtio-blk: request type {} not supported", t);
+                        self.counters.invalid_reqs_count.fetch_add(1, Relaxed);
                         status::UNSUPP
                     }
                 };
@@ -361,8 +382,20 @@ impl RequestHandler {
     /// The end of a transfer that went through.
     fn finish(&mut self, work: &Work) -> Outcome {
         match *work {
-            Work::Read { len, .. } => Ok(len as u32),
-            Work::Write { .. } | Work::Ranges { .. } => {
+            Work::Read { len, .. } => {
+                let c = &self.counters;
+                c.read_count.fetch_add(1, Relaxed);
+                c.read_bytes.fetch_add(len, Relaxed);
+                Ok(len as u32)
+            }
+            Work::Write { len, .. } => {
+                self.write_through()?;
+                let c = &self.counters;
+                c.write_count.fetch_add(1, Relaxed);
+                c.write_bytes.fetch_add(len, Relaxed);
+                Ok(0)
+            }
+            Work::Ranges { .. } => {
                 self.write_through()?;
                 Ok(0)
             }
@@ -379,7 +412,7 @@ impl RequestHandler {
         budget: &mut u64,
     ) -> Result<Parsed, (Failure, u32)> {
         if descs.len() as u64 > u64::from(SEG_MAX) + 2 {
-            return Err(ioerr(format!(
+            return Err(malformed(format!(
                 "chain of {} descriptors exceeds seg_max {} + 2",
                 descs.len(),
                 SEG_MAX
@@ -390,7 +423,7 @@ impl RequestHandler {
         for d in descs {
             let len = u64::from(d.len());
             if !mem.check_range(d.addr(), len as usize, Permissions::ReadWrite) {
-                return Err(ioerr(format!(
+                return Err(malformed(format!(
                     "buffer {:#x}+{:#x} is outside guest memory",
                     d.addr().0,
                     len
@@ -404,7 +437,7 @@ impl RequestHandler {
                 self.writable.push(seg);
             } else if !self.writable.is_empty() {
                 // virtio 1.2 §2.7.4.2: device-readable descriptors come first.
-                return Err(ioerr(
+                return Err(malformed(
                     "device-readable descriptor after a device-writable one",
                 ));
             } else {
@@ -420,12 +453,12 @@ impl RequestHandler {
 
         let mut header = [0u8; HEADER_LEN as usize];
         if readable_len < HEADER_LEN {
-            return Err(ioerr(format!(
+            return Err(malformed(format!(
                 "device-readable part is {readable_len} bytes, shorter than the 16-byte header"
             )));
         }
         gather(mem, &self.readable, 0, &mut header)
-            .map_err(|_| ioerr("cannot read the request header"))?;
+            .map_err(|_| malformed("cannot read the request header"))?;
         let req_type = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
         let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
         let out_len = readable_len - HEADER_LEN;
@@ -433,7 +466,7 @@ impl RequestHandler {
         match req_type {
             rtype::IN => {
                 if out_len != 0 {
-                    return Err(ioerr("IN request with device-readable data"));
+                    return Err(malformed("IN request with device-readable data"));
                 }
                 let offset = self.check_range(sector, writable_len)?;
                 Ok(Parsed::Work(Work::Read {
@@ -443,10 +476,10 @@ impl RequestHandler {
             }
             rtype::OUT => {
                 if writable_len != 0 {
-                    return Err(ioerr("OUT request with device-writable data"));
+                    return Err(malformed("OUT request with device-writable data"));
                 }
                 if self.read_only {
-                    return Err(ioerr("write to a read-only disk"));
+                    return Err(malformed("write to a read-only disk"));
                 }
                 let offset = self.check_range(sector, out_len)?;
                 Ok(Parsed::Work(Work::Write {
@@ -456,7 +489,7 @@ impl RequestHandler {
             }
             rtype::FLUSH => {
                 if out_len != 0 || writable_len != 0 {
-                    return Err(ioerr("FLUSH request with data"));
+                    return Err(malformed("FLUSH request with data"));
                 }
                 // The status is written by our caller only after this returns: a flush is on
                 // stable storage before the driver can see it complete.
@@ -465,15 +498,16 @@ impl RequestHandler {
                     .get()
                     .flush()
                     .map_err(|e| ioerr(format!("flush: {e}")))?;
+                self.counters.flush_count.fetch_add(1, Relaxed);
                 Ok(Parsed::Done(0))
             }
             rtype::GET_ID => {
                 if out_len != 0 {
-                    return Err(ioerr("GET_ID request with device-readable data"));
+                    return Err(malformed("GET_ID request with device-readable data"));
                 }
                 let n = writable_len.min(SERIAL_LEN as u64) as usize;
                 scatter(mem, &self.writable, 0, &self.serial[..n])
-                    .map_err(|_| ioerr("cannot write the id"))?;
+                    .map_err(|_| malformed("cannot write the id"))?;
                 Ok(Parsed::Done(n as u32))
             }
             rtype::DISCARD | rtype::WRITE_ZEROES => {
@@ -490,12 +524,12 @@ impl RequestHandler {
                     return Err((Failure::Unsupp(req_type), 0));
                 }
                 if writable_len != 0 {
-                    return Err(ioerr(
+                    return Err(malformed(
                         "DISCARD/WRITE_ZEROES request with device-writable data",
                     ));
                 }
                 if self.read_only {
-                    return Err(ioerr("discard or write-zeroes on a read-only disk"));
+                    return Err(malformed("discard or write-zeroes on a read-only disk"));
                 }
                 let work = self.discard_or_zero(mem, req_type, out_len, max_sectors, max_seg)?;
                 Ok(Parsed::Work(work))
@@ -508,13 +542,15 @@ impl RequestHandler {
     /// sectors inside the disk.
     fn check_range(&self, sector: u64, len: u64) -> Result<u64, (Failure, u32)> {
         if !len.is_multiple_of(SECTOR_SIZE) {
-            return Err(ioerr(format!("data length {len} is not a multiple of 512")));
+            return Err(malformed(format!(
+                "data length {len} is not a multiple of 512"
+            )));
         }
         sector
             .checked_mul(SECTOR_SIZE)
             .filter(|off| off.checked_add(len).is_some_and(|end| end <= self.capacity))
             .ok_or_else(|| {
-                ioerr(format!(
+                malformed(format!(
                     "sector {sector} + {len} bytes is beyond the disk ({} bytes)",
                     self.capacity
                 ))
@@ -547,7 +583,7 @@ impl RequestHandler {
             || !segs_len.is_multiple_of(DISCARD_SEGMENT_LEN)
             || count > u64::from(max_seg)
         {
-            return Err(ioerr(format!(
+            return Err(malformed(format!(
                 "{segs_len} bytes of discard segments (max {max_seg} of 16 bytes)"
             )));
         }
@@ -559,7 +595,7 @@ impl RequestHandler {
                 HEADER_LEN + i as u64 * DISCARD_SEGMENT_LEN,
                 &mut raw,
             )
-            .map_err(|_| ioerr("cannot read discard segment"))?;
+            .map_err(|_| malformed("cannot read discard segment"))?;
             let sector = u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes"));
             let num_sectors = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
             let flags = u32::from_le_bytes(raw[12..16].try_into().expect("4 bytes"));
@@ -568,7 +604,7 @@ impl RequestHandler {
                 return Err((Failure::Unsupp(req_type), 0));
             }
             if num_sectors > max_sectors {
-                return Err(ioerr(format!(
+                return Err(malformed(format!(
                     "{num_sectors} sectors exceed the limit of {max_sectors}"
                 )));
             }

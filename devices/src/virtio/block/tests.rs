@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{features as blk, request_status as st, request_type as rt, Block, BlockError};
+use super::{
+    features as blk, request_status as st, request_type as rt, Block, BlockCounters, BlockError,
+};
 use crate::disk::raw::RawFile;
 use crate::disk::DiskBackend;
 use crate::virtio::testing::{
@@ -2033,4 +2035,84 @@ fn an_injected_io_error_fails_exactly_its_request() {
         let r = build(&mut d, rt::FLUSH, 0, None, 0);
         assert_eq!(submit(&mut d, &r), (st::IOERR, 1), "flush {i}");
     }
+}
+
+#[test]
+fn counters_count_completed_requests_flushes_and_malformed_ones() {
+    let dir = TempDir::new();
+    let p = disk(&dir);
+    let raw = open_raw(&p, false);
+    let dev = Block::new_raw(raw, None, false).unwrap();
+    let counters: Arc<BlockCounters> = dev.counters();
+    let mut d = Driver::new(Box::new(dev));
+    d.start();
+
+    assert_eq!(write(&mut d, 0, &pattern(1024, 1)), (st::OK, 1));
+    assert_eq!(write(&mut d, 8, &pattern(512, 2)), (st::OK, 1));
+    assert_eq!(read(&mut d, 0, 1536).0, st::OK);
+    let r = build(&mut d, rt::FLUSH, 0, None, 0);
+    assert_eq!(submit(&mut d, &r), (st::OK, 1));
+    // Malformed: IN with device-readable data, and a read beyond the disk.
+    let r = build(&mut d, rt::IN, 0, Some(&pattern(512, 3)), 0);
+    assert_eq!(submit(&mut d, &r).0, st::IOERR);
+    let r = build(&mut d, rt::IN, (DISK_LEN / 512) as u64, None, 512);
+    assert_eq!(submit(&mut d, &r).0, st::IOERR);
+
+    let l = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        (l(&counters.write_count), l(&counters.write_bytes)),
+        (2, 1536)
+    );
+    assert_eq!(
+        (l(&counters.read_count), l(&counters.read_bytes)),
+        (1, 1536)
+    );
+    assert_eq!(l(&counters.flush_count), 1);
+    assert_eq!(l(&counters.invalid_reqs_count), 2);
+    assert_eq!(l(&counters.execute_fails), 0);
+    // One notification per request submitted.
+    assert_eq!(l(&counters.queue_event_count), 6);
+}
+
+/// A disk whose writes fail, as a full or failing host disk would.
+struct FailingWrites;
+
+impl DiskBackend for FailingWrites {
+    fn len(&self) -> u64 {
+        DISK_LEN as u64
+    }
+    fn read_at(&mut self, _offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+    fn write_at(&mut self, _offset: u64, _buf: &[u8]) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::ENOSPC))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    fn discard(&mut self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&mut self, _offset: u64, _len: u64, _may_unmap: bool) -> io::Result<()> {
+        Ok(())
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn a_write_the_disk_fails_counts_as_an_execute_fail_not_a_write() {
+    let dev = Block::new(Box::new(FailingWrites), None, false).unwrap();
+    let counters = dev.counters();
+    let mut d = Driver::new(Box::new(dev));
+    d.start();
+    assert_eq!(write(&mut d, 0, &pattern(512, 1)).0, st::IOERR);
+    assert_eq!(read(&mut d, 0, 512).0, st::OK);
+    let l = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(l(&counters.execute_fails), 1);
+    assert_eq!((l(&counters.write_count), l(&counters.write_bytes)), (0, 0));
+    assert_eq!((l(&counters.read_count), l(&counters.read_bytes)), (1, 512));
+    assert_eq!(l(&counters.invalid_reqs_count), 0);
 }
