@@ -4,7 +4,6 @@
 
 mod common;
 use common::*;
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,25 +15,9 @@ fn sock_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("wisp-api-{}-{name}.sock", std::process::id()))
 }
 
-/// One request with a small HTTP/1.1 client; returns (status, body).
+/// One request with the shared HTTP/1.1 client; returns (status, body).
 fn call(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut s = UnixStream::connect(sock).expect("connect to the API socket");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    api_call(sock, method, path, body)
 }
 
 fn curl(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
