@@ -54,6 +54,7 @@
 //!   `used_elem_of`).
 
 pub mod block;
+mod event_handler;
 pub mod mmio;
 pub mod net;
 pub mod queue;
@@ -70,9 +71,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupt::InterruptLine;
 
-pub use mmio::{
-    DeviceHandle, MmioError, MmioTransport, VirtioEventHandler, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
-};
+pub use event_handler::{DeviceHandle, VirtioEventHandler};
+pub use mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
 
 /// Device status bits (virtio 1.2 §2.1).
 pub mod status {
