@@ -246,6 +246,9 @@ fn create_cgroup(config: &VmConfig) -> Result<Option<Arc<VmCgroup>>, VmmError> {
     let Some(spec) = &config.cgroup else {
         return Ok(None);
     };
+    if crate::jail::inside() {
+        return Err(VmmError::CgroupInJail);
+    }
     let name = config
         .id
         .clone()

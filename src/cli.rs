@@ -107,6 +107,10 @@ pub struct FirecrackerArgs {
     /// Print wisp's version and the Firecracker API version it speaks.
     #[arg(long)]
     pub version: bool,
+    /// Set by `wisp jail` on the wisp it starts: no /sys/fs/cgroup inside, so the per-vCPU
+    /// cgroup is refused with a message saying why.
+    #[arg(long, hide = true)]
+    pub jailed: bool,
 }
 
 /// What `wisp` without a subcommand was asked to do.
@@ -132,6 +136,8 @@ pub struct FirecrackerLaunch {
     pub parent_cpu_time_us: Option<u64>,
     /// One line each, for flags accepted without effect.
     pub warnings: Vec<String>,
+    /// Started by `wisp jail`.
+    pub jailed: bool,
 }
 
 impl FirecrackerArgs {
@@ -164,6 +170,7 @@ impl FirecrackerArgs {
             ("--snapshot-version", self.snapshot_version),
             ("--enable-pci", self.enable_pci),
             ("--version", self.version),
+            ("--jailed", self.jailed),
         ]
         .into_iter()
         .find(|(_, given)| *given)
@@ -306,6 +313,7 @@ impl FirecrackerArgs {
             start_time_cpu_us: time("--start-time-cpu-us", &self.start_time_cpu_us)?,
             parent_cpu_time_us: time("--parent-cpu-time-us", &self.parent_cpu_time_us)?,
             warnings,
+            jailed: self.jailed,
         })))
     }
 }
@@ -328,6 +336,9 @@ pub enum Command {
     /// Create and inspect disk images (qcow2, raw).
     #[command(subcommand)]
     Image(crate::image::ImageCommand),
+    /// Start a VMM confined as Firecracker's jailer does (also: wisp started as `jailer`):
+    /// a chroot, namespaces and cgroups, an unprivileged user. See the README's "Jailed".
+    Jail(Box<crate::jail::JailArgs>),
 }
 
 #[derive(Args, Debug, Default)]

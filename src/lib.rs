@@ -9,6 +9,7 @@ pub mod config;
 pub mod device_manager;
 pub mod event_loop;
 pub mod image;
+pub mod jail;
 pub mod logger;
 pub mod metrics;
 pub mod signals;

@@ -6,6 +6,12 @@ use wisp::event_loop::{EventLoop, Phase, RunError};
 use wisp::vstate::exit::VmExit;
 
 fn main() {
+    // A node agent written for Firecracker starts `jailer`: wisp under that name is its jail.
+    let invoked_as = std::env::args_os().next().unwrap_or_default();
+    if Path::new(&invoked_as).file_name() == Some(std::ffi::OsStr::new("jailer")) {
+        let cli = wisp::jail::JailerCli::parse();
+        std::process::exit(jail(&cli.args));
+    }
     // One malloc arena: vCPU threads allocate next to nothing, and a per-thread arena costs
     // start-up time and resident memory for every vCPU.
     // SAFETY: mallopt only tunes the allocator; called before any thread exists.
@@ -20,6 +26,10 @@ fn main() {
         std::process::exit(1);
     }
     let cli = Cli::parse();
+    if let Some(Command::Jail(args)) = &cli.command {
+        // Before wisp's own set-up: the jailer execs the VMM, which does its own.
+        std::process::exit(jail(args));
+    }
     wisp::logger::init(cli.log_level.as_deref());
     let code = match cli.command {
         Some(command) => {
@@ -41,11 +51,32 @@ fn main() {
                     Ok(()) => 0,
                     Err(e) => fail(&e),
                 },
+                Command::Jail(_) => unreachable!("handled before set-up"),
             }
         }
         None => firecracker(&cli.firecracker),
     };
     std::process::exit(code);
+}
+
+/// `wisp jail` / `jailer`: build the jail and exec the VMM in it (returns only on failure),
+/// or remove what an earlier run made.
+fn jail(args: &wisp::jail::JailArgs) -> i32 {
+    if args.cleanup {
+        return match args.validate_cleanup().and_then(|c| c.run()) {
+            Ok(removed) => {
+                for p in removed {
+                    println!("removed {}", p.display());
+                }
+                0
+            }
+            Err(e) => fail(&e),
+        };
+    }
+    match args.validate().and_then(|j| wisp::jail::run(&j)) {
+        Ok(never) => match never {},
+        Err(e) => fail(&e),
+    }
 }
 
 /// `wisp` with Firecracker's command line: serve the API, or boot from a config file.
@@ -62,6 +93,9 @@ fn firecracker(args: &FirecrackerArgs) -> i32 {
         Ok(FirecrackerMode::Launch(l)) => l,
         Err(e) => return fail(&e),
     };
+    if launch.jailed {
+        wisp::jail::mark_inside();
+    }
     wisp::logger::use_firecracker_format(&launch.id);
     if let Err(e) = wisp::logger::configure(&launch.log) {
         return fail(&e);

@@ -45,6 +45,8 @@ pub enum VmmError {
     Device(#[from] DeviceError),
     #[error("{0}")]
     Cgroup(#[from] crate::cgroup::Error),
+    #[error("{}", crate::jail::VCPU_CGROUP_REFUSED)]
+    CgroupInJail,
     #[error("{what}: {source}")]
     Io {
         what: &'static str,

@@ -429,6 +429,12 @@ fn check_readable(field: &str, path: &Path, block_devices: bool) -> Result<(), A
 
 fn check_cgroup(m: &MachineConfig) -> Result<(), ApiFault> {
     if let Some(c) = &m.cgroup {
+        if crate::jail::inside() {
+            return Err(ApiFault::bad_request(format!(
+                "cgroup: {}",
+                crate::jail::VCPU_CGROUP_REFUSED
+            )));
+        }
         c.to_spec()
             .validate()
             .map_err(|e| ApiFault::bad_request(format!("cgroup: {e}")))?;
