@@ -18,8 +18,10 @@
 //! guest sends are counted in `tx_errors`.
 
 mod device;
+mod rx;
 #[cfg(test)]
 mod tests;
+mod tx;
 
 pub use device::{Net, NetCounters, NetCountersSnapshot, NetError};
 
