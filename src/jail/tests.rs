@@ -3,12 +3,9 @@
 use super::*;
 use clap::Parser;
 
-/// A scratch directory of this test's own.
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("wisp-jail-unit-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A scratch directory of this test's own, removed on drop (also when the test fails).
+fn scratch(tag: &str) -> vmm_sys_util::tempdir::TempDir {
+    vmm_sys_util::tempdir::TempDir::new_with_prefix(format!("/tmp/wisp-jail-unit-{tag}-")).unwrap()
 }
 
 /// The jailer's command line: defaults for the required flags unless `extra` gives them.
@@ -45,9 +42,10 @@ fn refused(base: &Path, extra: &[&str]) -> String {
 
 #[test]
 fn good_input_names_the_chroot_and_cgroup() {
-    let base = scratch("good");
+    let tmp = scratch("good");
+    let base = tmp.as_path();
     let a = args(
-        &base,
+        base,
         &[
             "--cgroup",
             "cpuset.cpus=0",
@@ -75,7 +73,7 @@ fn good_input_names_the_chroot_and_cgroup() {
         .to_str()
         .unwrap()
         .to_string();
-    let canon = std::fs::canonicalize(&base).unwrap();
+    let canon = std::fs::canonicalize(base).unwrap();
     assert_eq!(j.paths.id_dir, canon.join(&name).join("vm-1"));
     assert_eq!(j.paths.root, canon.join(&name).join("vm-1/root"));
     assert_eq!(j.paths.cgroup, PathBuf::from("agents/vms/vm-1"));
@@ -90,16 +88,16 @@ fn good_input_names_the_chroot_and_cgroup() {
     assert_eq!(j.link_in[0].jail, PathBuf::from("disks/x"));
     assert_eq!(j.exec_args, ["--api-sock", "/run/api.sock"]);
     // Without --parent-cgroup the exec file's name is the parent, as Firecracker's.
-    let j = args(&base, &[]).unwrap().validate().unwrap();
+    let j = args(base, &[]).unwrap().validate().unwrap();
     assert_eq!(j.paths.cgroup, PathBuf::from(&name).join("vm-1"));
     // Nothing was made by validating.
-    assert_eq!(std::fs::read_dir(&base).unwrap().count(), 0);
-    std::fs::remove_dir_all(base).unwrap();
+    assert_eq!(std::fs::read_dir(base).unwrap().count(), 0);
 }
 
 #[test]
 fn bad_input_is_refused_with_one_line() {
-    let base = scratch("bad");
+    let tmp = scratch("bad");
+    let base = tmp.as_path();
     for (extra, expected) in [
         (&["--id", "a/b"][..], "--id: \"a/b\" is not a valid id"),
         (&["--id", ".."], "--id: \"..\" is not a valid id"),
@@ -160,23 +158,23 @@ fn bad_input_is_refused_with_one_line() {
             "--chroot-base-dir: /nonexistent-base: No such file",
         ),
     ] {
-        let e = refused(&base, extra);
+        let e = refused(base, extra);
         assert!(e.contains(expected), "{extra:?}: {e}");
     }
     // A chroot base that is a symbolic link.
     let link = base.join("link");
-    std::os::unix::fs::symlink(&base, &link).unwrap();
-    let e = refused(&base, &["--chroot-base-dir", link.to_str().unwrap()]);
+    std::os::unix::fs::symlink(base, &link).unwrap();
+    let e = refused(base, &["--chroot-base-dir", link.to_str().unwrap()]);
     assert!(e.contains("is a symbolic link"), "{e}");
     // Root only when asked for.
-    let j = args(&base, &["--uid", "0", "--gid", "0", "--allow-root"]).unwrap();
+    let j = args(base, &["--uid", "0", "--gid", "0", "--allow-root"]).unwrap();
     assert_eq!(j.validate().unwrap().uid, 0);
-    std::fs::remove_dir_all(base).unwrap();
 }
 
 #[test]
 fn cleanup_needs_only_the_names() {
-    let base = scratch("cleanup");
+    let tmp = scratch("cleanup");
+    let base = tmp.as_path();
     let c = JailerCli::try_parse_from([
         "jailer",
         "--cleanup",
@@ -192,14 +190,13 @@ fn cleanup_needs_only_the_names() {
     .validate_cleanup()
     .unwrap();
     assert_eq!(c.paths.cgroup, PathBuf::from("wisp/vm-2"));
-    let canon = std::fs::canonicalize(&base).unwrap();
+    let canon = std::fs::canonicalize(base).unwrap();
     assert_eq!(c.paths.id_dir, canon.join("wisp/vm-2"));
     std::fs::create_dir_all(c.paths.root.join("dev")).unwrap();
     assert_eq!(c.run().unwrap(), std::slice::from_ref(&c.paths.id_dir));
     assert!(!c.paths.id_dir.exists());
     // Nothing left: nothing to do, no error.
     assert!(c.run().unwrap().is_empty());
-    std::fs::remove_dir_all(base).unwrap();
 }
 
 #[test]

@@ -303,6 +303,7 @@ int vq_has_used(struct vq *q);
 void vq_pop_used(struct vq *q, u32 *id, u32 *len);
 u32 virtio_config32(const struct virtio_dev *d, u32 off);
 void scenario_blk(void) __attribute__((noreturn));
+void scenario_blk_net(void) __attribute__((noreturn));
 void scenario_blk_hostile(void) __attribute__((noreturn));
 void scenario_blk_flush_then_hang(void) __attribute__((noreturn));
 void scenario_blk_write_then_end(void) __attribute__((noreturn));

@@ -523,7 +523,8 @@ static void blk_params(u64 *sector, u64 *kib, u32 *seed, u64 def_sector, u64 def
 		     blk.capacity);
 }
 
-void scenario_blk(void)
+/* The blk scenario's round trip: write (or try to), flush, read back, report. */
+static void blk_round_trip(void)
 {
 	blk_init(&blk);
 	u64 sector, kib;
@@ -566,7 +567,19 @@ void scenario_blk(void)
 	}
 	/* A read-only disk holds what the host put there: say whether that is the pattern. */
 	printf("probe: blk readback %s\n", same ? "ok" : "differs");
+}
+
+void scenario_blk(void)
+{
+	blk_round_trip();
 	done();
+}
+
+/* The disk's round trip, then the net scenario on the same VM (a jailed VM's devices). */
+void scenario_blk_net(void)
+{
+	blk_round_trip();
+	scenario_net();
 }
 
 /* ---- blk-hostile ---- */
