@@ -9,5 +9,6 @@ pub mod disk;
 pub mod events;
 pub mod interrupt;
 pub mod legacy;
+pub mod rate_limiter;
 pub mod tap;
 pub mod virtio;

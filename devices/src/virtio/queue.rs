@@ -64,3 +64,9 @@ where
         c => Ok(c),
     }
 }
+
+/// Gives the chain last taken with [`pop_chain`] back to the avail ring: the next pop takes
+/// it again (a request the device must not start yet, e.g. held back by a rate limiter).
+pub fn undo_pop(queue: &mut Queue) {
+    queue.go_to_previous_position();
+}

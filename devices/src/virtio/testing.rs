@@ -423,3 +423,68 @@ impl Driver {
         self.read_bytes(0, MEM_SIZE)
     }
 }
+
+/// A real epoll loop for one device's event handler, as the VMM's event loop runs it: the
+/// handler adds and removes its own fds, and is called with each one that becomes ready.
+pub struct EpollLoop {
+    epoll: vmm_sys_util::epoll::Epoll,
+    /// Wake-ups so far (each epoll_wait that returned events).
+    pub wakeups: u64,
+}
+
+impl crate::events::EventOps for vmm_sys_util::epoll::Epoll {
+    fn add(&mut self, fd: std::os::fd::RawFd, edge_triggered: bool) -> std::io::Result<()> {
+        use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
+        let mut set = EventSet::IN;
+        if edge_triggered {
+            set |= EventSet::EDGE_TRIGGERED;
+        }
+        self.ctl(ControlOperation::Add, fd, EpollEvent::new(set, fd as u64))
+    }
+
+    fn remove(&mut self, fd: std::os::fd::RawFd) {
+        use vmm_sys_util::epoll::{ControlOperation, EpollEvent};
+        let _ = self.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+}
+
+impl EpollLoop {
+    /// The loop with `handler`'s fds added.
+    pub fn new(handler: &mut VirtioEventHandler) -> EpollLoop {
+        use crate::events::EventSubscriber;
+        let mut epoll = vmm_sys_util::epoll::Epoll::new().expect("epoll");
+        handler.init(&mut epoll);
+        EpollLoop { epoll, wakeups: 0 }
+    }
+
+    /// Serves `handler` until `done()` holds (checked after each wake-up); false if
+    /// `timeout` passed first.
+    pub fn run_until(
+        &mut self,
+        handler: &mut VirtioEventHandler,
+        timeout: std::time::Duration,
+        mut done: impl FnMut() -> bool,
+    ) -> bool {
+        use crate::events::EventSubscriber;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut events = vec![vmm_sys_util::epoll::EpollEvent::default(); 16];
+        while !done() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let n = match self.epoll.wait(left.as_millis() as i32 + 1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => panic!("epoll_wait: {e}"),
+            };
+            if n > 0 {
+                self.wakeups += 1;
+            }
+            for ev in &events[..n] {
+                handler.process(ev.data() as std::os::fd::RawFd, &mut self.epoll);
+            }
+        }
+        true
+    }
+}

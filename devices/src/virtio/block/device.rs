@@ -1,5 +1,6 @@
 //! The virtio-blk device: features, config space, activation and the queue loop.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
@@ -14,7 +15,8 @@ use super::{
 };
 use crate::disk::raw::RawFile;
 use crate::disk::DiskBackend;
-use crate::virtio::queue::pop_chain;
+use crate::rate_limiter::{BucketUpdate, RateLimiter};
+use crate::virtio::queue::{pop_chain, undo_pop};
 use crate::virtio::{
     device_type, features, ActivateError, Activation, VirtioDevice, VirtioInterrupt,
 };
@@ -50,6 +52,10 @@ pub struct BlockCounters {
     pub execute_fails: AtomicU64,
     /// Queue notifications handled (including the device's own reschedules).
     pub queue_event_count: AtomicU64,
+    /// Times the rate limiter held a request back (it stayed in the ring).
+    pub rate_limiter_throttled_events: AtomicU64,
+    /// Times the rate limiter's timer woke the queue up.
+    pub rate_limiter_event_count: AtomicU64,
 }
 
 /// struct virtio_blk_config up to write_zeroes_may_unmap and its padding (virtio 1.2 §5.2.4).
@@ -80,6 +86,8 @@ pub struct Block {
     features: u64,
     config: [u8; CONFIG_LEN],
     active: Option<Active>,
+    /// Requests wait in the ring while it refuses them; its timer is the device's fd.
+    limiter: Option<RateLimiter>,
 }
 
 impl Block {
@@ -152,7 +160,32 @@ impl Block {
             features,
             config,
             active: None,
+            limiter: None,
         })
+    }
+
+    /// Limits the requests' rate (one op per request, its data bytes against bandwidth).
+    /// Give every device that may be limited at run time a limiter now, even one that limits
+    /// nothing: its timer is an fd the event loop must watch from activation.
+    pub fn with_rate_limiter(mut self, limiter: RateLimiter) -> Block {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Changes the rate limits at run time, effective from the next request; requests held
+    /// back so far are looked at again at once. False (and nothing changes) for a device
+    /// made without a limiter.
+    pub fn update_rate_limiter(&mut self, bandwidth: BucketUpdate, ops: BucketUpdate) -> bool {
+        let Some(limiter) = self.limiter.as_mut() else {
+            return false;
+        };
+        limiter.update(bandwidth, ops);
+        if let Some(active) = &self.active {
+            if let Err(e) = active.queue_evts[0].write(1) {
+                rate_limited_warn!("virtio-blk: cannot reschedule the queue: {}", e);
+            }
+        }
+        true
     }
 
     /// Capacity in 512-byte sectors, as the guest sees it.
@@ -280,6 +313,24 @@ impl VirtioDevice for Block {
         self.handler.acked_features = 0;
     }
 
+    fn device_fds(&self) -> Vec<RawFd> {
+        self.limiter.iter().map(|l| l.as_raw_fd()).collect()
+    }
+
+    /// The rate limiter's timer: tokens are back.
+    fn process_device_fd(&mut self, index: usize) {
+        let Some(limiter) = self.limiter.as_mut().filter(|_| index == 0) else {
+            return;
+        };
+        if limiter.timer_fired() {
+            self.handler
+                .counters
+                .rate_limiter_event_count
+                .fetch_add(1, Ordering::Relaxed);
+            self.process_queue(0);
+        }
+    }
+
     fn process_queue(&mut self, index: usize) {
         let Some(active) = self.active.as_mut() else {
             return;
@@ -345,8 +396,22 @@ impl VirtioDevice for Block {
                 };
                 // Every chain counts, malformed ones too.
                 chains += 1;
-                let head = chain.head_index();
-                let Some(used_len) = self.handler.handle_chain(mem, chain, &mut bytes) else {
+                let collected = self.handler.collect(chain);
+                if let Some(limiter) = self.limiter.as_mut() {
+                    if !limiter.try_consume(1, self.handler.data_len()) {
+                        // The request stays in the ring, and notifications stay off, until
+                        // the limiter's timer brings us back.
+                        undo_pop(queue);
+                        self.handler
+                            .counters
+                            .rate_limiter_throttled_events
+                            .fetch_add(1, Ordering::Relaxed);
+                        break 'work;
+                    }
+                }
+                let head = collected.head;
+                let Some(used_len) = self.handler.handle_collected(mem, collected, &mut bytes)
+                else {
                     // Larger than what is left of this turn: it goes on next turn.
                     reschedule();
                     break 'work;

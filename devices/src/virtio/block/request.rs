@@ -122,6 +122,12 @@ impl Disk {
     }
 }
 
+/// A chain whose descriptors the handler holds, not yet handled.
+pub(super) struct Collected {
+    pub(super) head: u16,
+    end: ChainEnd,
+}
+
 /// Executes requests against the backend. One per device; its buffers are reused.
 pub(super) struct RequestHandler {
     pub(super) disk: Disk,
@@ -158,21 +164,50 @@ impl RequestHandler {
         }
     }
 
-    /// Handles one chain, moving at most `budget` bytes of data (taken off it). Returns the
+    /// Takes the descriptors of `chain`, to be handled by
+    /// [`RequestHandler::handle_collected`] (or given back to the ring when the rate limiter
+    /// refuses its [`RequestHandler::data_len`]).
+    pub(super) fn collect(
+        &mut self,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    ) -> Collected {
+        let head = chain.head_index();
+        Collected {
+            head,
+            end: collect_chain(chain, &mut self.descs),
+        }
+    }
+
+    /// The data bytes of the collected chain, as its descriptors say (everything but the
+    /// 16-byte header and the status byte; not validated): what the bandwidth limit counts.
+    pub(super) fn data_len(&self) -> u64 {
+        let (mut readable, mut writable) = (0u64, 0u64);
+        for d in &self.descs {
+            let n = if d.is_write_only() {
+                &mut writable
+            } else {
+                &mut readable
+            };
+            *n = n.saturating_add(u64::from(d.len()));
+        }
+        readable
+            .saturating_sub(HEADER_LEN)
+            .saturating_add(writable.saturating_sub(1))
+    }
+
+    /// Handles the chain [`RequestHandler::collect`] took, moving at most `budget` bytes of data (taken off it). Returns the
     /// used length (bytes written to the driver's buffers, status byte included; 0 when the
     /// chain has no usable status byte and nothing was written), or None when the request
     /// is larger than the budget left: it goes on with [`RequestHandler::resume`], and no
     /// other chain may be taken meanwhile.
-    pub(super) fn handle_chain(
+    pub(super) fn handle_collected(
         &mut self,
         mem: &GuestMemoryMmap,
-        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        collected: Collected,
         budget: &mut u64,
     ) -> Option<u32> {
-        let head = chain.head_index();
-        let mut descs = std::mem::take(&mut self.descs);
-        let end = collect_chain(chain, &mut descs);
-        let used = self.handle_descs(mem, head, &descs, end, budget);
+        let descs = std::mem::take(&mut self.descs);
+        let used = self.handle_descs(mem, collected.head, &descs, collected.end, budget);
         self.descs = descs;
         used
     }

@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::rx::Rx;
 use super::{features as net, HDR_LEN, QUEUE_SIZE, RX_QUEUE, STATUS_LINK_UP, TX_QUEUE};
+use crate::rate_limiter::{BucketUpdate, RateLimiter};
 use crate::tap::{offload, Tap, TapError};
 use crate::virtio::{
     device_type, features, ActivateError, Activation, VirtioDevice, VirtioInterrupt,
@@ -57,6 +58,14 @@ pub struct NetCounters {
     pub tx_malformed: AtomicU64,
     /// Well-formed frames the tap refused (e.g. link down, a header the kernel rejects).
     pub tx_errors: AtomicU64,
+    /// Times the rx rate limiter stopped reads from the tap (its frames waited there).
+    pub rx_rate_limiter_throttled: AtomicU64,
+    /// Times the rx rate limiter's timer resumed reads.
+    pub rx_rate_limiter_events: AtomicU64,
+    /// Times the tx rate limiter held a frame back in the ring.
+    pub tx_rate_limiter_throttled: AtomicU64,
+    /// Times the tx rate limiter's timer resumed transmission.
+    pub tx_rate_limiter_events: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -70,6 +79,10 @@ pub struct NetCountersSnapshot {
     pub tx_bytes: u64,
     pub tx_malformed: u64,
     pub tx_errors: u64,
+    pub rx_rate_limiter_throttled: u64,
+    pub rx_rate_limiter_events: u64,
+    pub tx_rate_limiter_throttled: u64,
+    pub tx_rate_limiter_events: u64,
 }
 
 impl NetCounters {
@@ -84,6 +97,10 @@ impl NetCounters {
             tx_bytes: l(&self.tx_bytes),
             tx_malformed: l(&self.tx_malformed),
             tx_errors: l(&self.tx_errors),
+            rx_rate_limiter_throttled: l(&self.rx_rate_limiter_throttled),
+            rx_rate_limiter_events: l(&self.rx_rate_limiter_events),
+            tx_rate_limiter_throttled: l(&self.tx_rate_limiter_throttled),
+            tx_rate_limiter_events: l(&self.tx_rate_limiter_events),
         }
     }
 }
@@ -141,6 +158,18 @@ pub struct Net {
     pub(super) active: Option<Active>,
     pub(super) rx: Rx,
     pub(super) descs: Vec<Descriptor>,
+    /// Limit frames from the tap (while refused, the tap is not read) and to it (while
+    /// refused, frames wait in the ring). Their timers are device fds after the tap.
+    pub(super) rx_limiter: Option<RateLimiter>,
+    pub(super) tx_limiter: Option<RateLimiter>,
+}
+
+/// What `device_fds()[index]` is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DeviceFd {
+    Tap,
+    RxTimer,
+    TxTimer,
 }
 
 impl Net {
@@ -183,7 +212,60 @@ impl Net {
             active: None,
             rx: Rx::new(),
             descs: Vec::new(),
+            rx_limiter: None,
+            tx_limiter: None,
         })
+    }
+
+    /// Limits the frames received (`rx`) and sent (`tx`): one op per frame, its bytes
+    /// (without the virtio-net header) against bandwidth. Give a device that may be limited
+    /// at run time its limiters now, even ones that limit nothing: their timers are fds the
+    /// event loop watches from activation.
+    pub fn with_rate_limiters(mut self, rx: RateLimiter, tx: RateLimiter) -> Net {
+        self.rx_limiter = Some(rx);
+        self.tx_limiter = Some(tx);
+        self
+    }
+
+    /// Changes the receive limits at run time; frames held back are looked at again at
+    /// once. False (and nothing changes) for a device made without limiters.
+    pub fn update_rx_rate_limiter(&mut self, bandwidth: BucketUpdate, ops: BucketUpdate) -> bool {
+        self.update_limiter(RX_QUEUE, bandwidth, ops)
+    }
+
+    /// As [`Net::update_rx_rate_limiter`], for transmit.
+    pub fn update_tx_rate_limiter(&mut self, bandwidth: BucketUpdate, ops: BucketUpdate) -> bool {
+        self.update_limiter(TX_QUEUE, bandwidth, ops)
+    }
+
+    fn update_limiter(&mut self, queue: usize, bandwidth: BucketUpdate, ops: BucketUpdate) -> bool {
+        let limiter = if queue == RX_QUEUE {
+            &mut self.rx_limiter
+        } else {
+            &mut self.tx_limiter
+        };
+        let Some(limiter) = limiter.as_mut() else {
+            return false;
+        };
+        limiter.update(bandwidth, ops);
+        if let Some(active) = &self.active {
+            if let Err(e) = active.queue_evts[queue].write(1) {
+                rate_limited_warn!("virtio-net: cannot reschedule queue {}: {}", queue, e);
+            }
+        }
+        true
+    }
+
+    /// The device's fds, in `device_fds` order.
+    fn fd_kinds(&self) -> impl Iterator<Item = (DeviceFd, RawFd)> + '_ {
+        let timer = |kind, l: &Option<RateLimiter>| l.as_ref().map(|l| (kind, l.as_raw_fd()));
+        [
+            Some((DeviceFd::Tap, self.tap.as_raw_fd())),
+            timer(DeviceFd::RxTimer, &self.rx_limiter),
+            timer(DeviceFd::TxTimer, &self.tx_limiter),
+        ]
+        .into_iter()
+        .flatten()
     }
 
     /// Offers no checksum or segmentation offload: the guest then sends and receives only
@@ -361,13 +443,30 @@ impl VirtioDevice for Net {
     }
 
     fn device_fds(&self) -> Vec<RawFd> {
-        vec![self.tap.as_raw_fd()]
+        self.fd_kinds().map(|(_, fd)| fd).collect()
     }
 
     fn process_device_fd(&mut self, index: usize) {
-        if index == 0 {
-            self.rx.tap_readable = true;
-            self.process_rx();
+        let kind = self.fd_kinds().nth(index).map(|(kind, _)| kind);
+        match kind {
+            Some(DeviceFd::Tap) => {
+                self.rx.tap_readable = true;
+                self.process_rx();
+            }
+            // A timer that fired: its tokens are back.
+            Some(DeviceFd::RxTimer)
+                if self.rx_limiter.as_mut().is_some_and(|l| l.timer_fired()) =>
+            {
+                bump(&self.counters.rx_rate_limiter_events, 1);
+                self.process_rx();
+            }
+            Some(DeviceFd::TxTimer)
+                if self.tx_limiter.as_mut().is_some_and(|l| l.timer_fired()) =>
+            {
+                bump(&self.counters.tx_rate_limiter_events, 1);
+                self.process_tx();
+            }
+            _ => {}
         }
     }
 }

@@ -114,6 +114,15 @@ impl Net {
                         Err(()) => return,
                     }
                 }
+                if let Some(limiter) = self.rx_limiter.as_mut() {
+                    // A frame's size is known once read: admit on the tokens there are, charge
+                    // its bytes after (a debt that the next frames wait out).
+                    if !limiter.admit(1, 0) {
+                        // The frames stay in the tap until the limiter's timer.
+                        bump(&self.counters.rx_rate_limiter_throttled, 1);
+                        break;
+                    }
+                }
                 match self.tap.read(&mut rx.frame) {
                     Ok(n) if n > rx.frame.len() || n < HDR_LEN + MIN_FRAME_LEN => {
                         // Dropped frames count against the budget too.
@@ -126,7 +135,12 @@ impl Net {
                         );
                         continue;
                     }
-                    Ok(n) => rx.pending = n,
+                    Ok(n) => {
+                        rx.pending = n;
+                        if let Some(limiter) = self.rx_limiter.as_mut() {
+                            limiter.charge(1, (n - HDR_LEN) as u64);
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         rx.tap_readable = false;
                         break;

@@ -13,7 +13,7 @@ use super::{
     features as net, gso, hdr_flags, Net, HDR_LEN, MAX_FRAME_LEN, MIN_FRAME_LEN, TX_QUEUE,
 };
 use crate::tap::Tap;
-use crate::virtio::queue::{collect_chain, pop_chain, ChainEnd};
+use crate::virtio::queue::{collect_chain, pop_chain, undo_pop, ChainEnd};
 
 /// Most descriptors one transmitted frame may have (writev takes at most UIO_MAXIOV
 /// iovecs, one of which is the header).
@@ -61,6 +61,15 @@ impl Net {
                 };
                 let head = chain.head_index();
                 let end = collect_chain(chain, &mut self.descs);
+                if let Some(limiter) = self.tx_limiter.as_mut() {
+                    if !limiter.try_consume(1, frame_len(&self.descs)) {
+                        // The frame stays in the ring, and notifications stay off, until the
+                        // limiter's timer brings us back.
+                        undo_pop(&mut active.tx);
+                        bump(&self.counters.tx_rate_limiter_throttled, 1);
+                        break 'work;
+                    }
+                }
                 match transmit(&self.tap, &active.mem, active.acked, &self.descs, end) {
                     Ok(frame_len) => {
                         bump(&self.counters.tx_frames, 1);
@@ -103,6 +112,15 @@ impl Net {
             notify_used(&mut active.tx, &active.mem, &active.interrupt, TX_QUEUE);
         }
     }
+}
+
+/// The frame bytes of a transmit chain as its descriptors say (without the virtio-net
+/// header; not validated): what the tx bandwidth limit counts.
+fn frame_len(descs: &[Descriptor]) -> u64 {
+    descs
+        .iter()
+        .fold(0u64, |n, d| n.saturating_add(u64::from(d.len())))
+        .saturating_sub(HDR_LEN as u64)
 }
 
 /// Checks one transmit chain and writes its frame to the tap; returns the frame length
