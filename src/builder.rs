@@ -131,7 +131,8 @@ fn attach_legacy_devices(
     })
 }
 
-/// Disks first (vda, vdb, ...), then network interfaces, each in the order configured.
+/// Disks first (vda, vdb, ...), then network interfaces, each in the order configured, then
+/// the entropy device: adding or removing it moves no other device's window.
 fn attach_virtio_devices(
     vm: &Vm,
     config: &VmConfig,
@@ -143,6 +144,9 @@ fn attach_virtio_devices(
     }
     for net in &config.nets {
         devices.attach_net(vm, mmio_bus, net)?;
+    }
+    if config.entropy {
+        devices.attach_entropy(vm, mmio_bus)?;
     }
     Ok(devices)
 }

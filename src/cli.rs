@@ -384,6 +384,10 @@ pub struct RunArgs {
     /// instead of in ACPI, for kernels built without ACPI.
     #[arg(long)]
     pub virtio_mmio_cmdline: bool,
+    /// A virtio-rng entropy device fed from the host's getrandom, so the guest never waits
+    /// for entropy: on or off [default: on].
+    #[arg(long, value_name = "on|off")]
+    pub entropy: Option<String>,
     /// The VM's name, used for its cgroups [default: the process id].
     #[arg(long, value_name = "ID")]
     pub id: Option<String>,
@@ -490,6 +494,18 @@ impl RunArgs {
         }
         if self.virtio_mmio_cmdline {
             config.virtio_mmio_cmdline = true;
+        }
+        if let Some(v) = &self.entropy {
+            config.entropy = match v.as_str() {
+                "on" => true,
+                "off" => false,
+                _ => {
+                    return Err(CliError::Flag {
+                        flag: "--entropy",
+                        reason: format!("{v:?}: use on or off"),
+                    })
+                }
+            };
         }
         if let Some(id) = &self.id {
             config.id = Some(id.clone());
@@ -665,6 +681,39 @@ mod tests {
         assert_eq!(c.memory, MemSize(1 << 30));
         assert_eq!(c.console, ConsoleConfig::None);
         assert_eq!(c.cmdline, config::DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn entropy_is_on_unless_turned_off() {
+        let k = kernel();
+        assert!(parse(&["--kernel", &k]).unwrap().entropy);
+        assert!(parse(&["--kernel", &k, "--entropy", "on"]).unwrap().entropy);
+        assert!(
+            !parse(&["--kernel", &k, "--entropy", "off"])
+                .unwrap()
+                .entropy
+        );
+        assert_eq!(
+            parse(&["--kernel", &k, "--entropy", "maybe"]).unwrap_err(),
+            "--entropy: \"maybe\": use on or off"
+        );
+        // It is one of the 19 virtio devices the platform has room for.
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let disks: Vec<String> = (0..19)
+            .map(|i| {
+                let p = dir.as_path().join(format!("d{i}"));
+                std::fs::write(&p, [0u8; 512]).unwrap();
+                format!("path={}", p.display())
+            })
+            .collect();
+        let mut args = vec!["--kernel", &k];
+        for d in &disks {
+            args.extend(["--disk", d]);
+        }
+        let e = parse(&args).unwrap_err();
+        assert!(e.contains("20 were asked for"), "{e}");
+        args.extend(["--entropy", "off"]);
+        assert_eq!(parse(&args).unwrap().disks.len(), 19);
     }
 
     #[test]

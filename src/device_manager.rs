@@ -18,6 +18,7 @@ use wisp_devices::interrupt::IrqFd;
 use wisp_devices::tap::Tap;
 use wisp_devices::virtio::block::{Block, BlockCounters, Disk};
 use wisp_devices::virtio::net::{Net, NetCounters};
+use wisp_devices::virtio::rng::{Rng, RngCounters};
 use wisp_devices::virtio::{
     DeviceHandle, MmioTransport, VirtioDevice, VirtioEventHandler, MMIO_WINDOW_SIZE,
     NOTIFY_REG_OFFSET,
@@ -70,6 +71,13 @@ pub struct NetDevice {
     pub handle: DeviceHandle<Net>,
 }
 
+/// The VM's virtio-rng device.
+pub struct EntropyDevice {
+    /// Read by metrics without the device's lock.
+    pub counters: Arc<RngCounters>,
+    pub handle: DeviceHandle<Rng>,
+}
+
 /// The virtio devices of a VM, once on the bus: the event loop's handlers, where the guest
 /// finds each device, and typed handles for the VMM's own requests (media change, metrics).
 #[derive(Default)]
@@ -78,6 +86,7 @@ pub struct DeviceManager {
     pub windows: Vec<MmioDevice>,
     blocks: Vec<BlockDevice>,
     nets: Vec<NetDevice>,
+    entropy: Option<EntropyDevice>,
 }
 
 impl DeviceManager {
@@ -115,6 +124,19 @@ impl DeviceManager {
             handle,
         });
         Ok(())
+    }
+
+    /// Attaches the virtio-rng device (one per VM).
+    pub fn attach_entropy(&mut self, vm: &Vm, mmio_bus: &mut Bus) -> Result<(), DeviceError> {
+        let dev = Rng::new();
+        let counters = dev.counters();
+        let handle = self.attach(vm, mmio_bus, dev)?;
+        self.entropy = Some(EntropyDevice { counters, handle });
+        Ok(())
+    }
+
+    pub fn entropy(&self) -> Option<&EntropyDevice> {
+        self.entropy.as_ref()
     }
 
     pub fn blocks(&self) -> &[BlockDevice] {

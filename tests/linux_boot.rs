@@ -81,7 +81,7 @@ fn test_kernel_elf_boots_to_init_sees_cpus_and_memory_and_powers_off() {
     if !kvm_available("test_kernel_elf_boots_to_init_sees_cpus_and_memory_and_powers_off") {
         return;
     }
-    let f = boot_linux("vmlinux", "2", "128M", "info,nmi,poweroff", None);
+    let f = boot_linux("vmlinux", "2", "128M", "info,nmi,entropy,poweroff", None);
     assert!(
         f.stdout.contains("WISP-INIT: ready"),
         "no init:\n{}\n{}",
@@ -110,6 +110,20 @@ fn test_kernel_elf_boots_to_init_sees_cpus_and_memory_and_powers_off() {
         "MemTotal {kb} kB for 128 MiB"
     );
     assert!(f.stdout.contains("WISP-INIT: scenario info ok"));
+    // `wisp run` gives the guest its entropy device: the kernel's hw_random core uses it
+    // and /dev/hwrng reads from it.
+    assert_eq!(
+        lines_with(&f.stdout, "WISP-INIT: rng_current="),
+        vec!["virtio_rng.0"],
+        "{}",
+        f.stdout
+    );
+    assert_eq!(lines_with(&f.stdout, "WISP-INIT: hwrng_bytes="), vec!["64"]);
+    assert!(
+        f.stdout.contains("WISP-INIT: scenario entropy ok"),
+        "{}",
+        f.stdout
+    );
     assert_eq!(f.code(), Some(0), "stderr: {}", f.stderr);
 }
 

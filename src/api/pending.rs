@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::requests::{
-    ApiRequest, BootSource, Drive, LoggerConfig, MachineConfig, MetricsConfig, NetworkInterface,
-    SerialConfig,
+    ApiRequest, BootSource, Drive, EntropyDevice, LoggerConfig, MachineConfig, MetricsConfig,
+    NetworkInterface, SerialConfig,
 };
 use super::ApiFault;
 use crate::cgroup::CgroupSpec;
@@ -50,7 +50,7 @@ pub struct FirecrackerConfig {
     )]
     pub mmds_config: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub entropy: Option<Value>,
+    pub entropy: Option<EntropyDevice>,
     #[serde(
         rename = "cpu-config",
         default,
@@ -100,6 +100,8 @@ pub struct PendingConfig {
     pub metrics: Option<MetricsConfig>,
     /// `PUT /serial`.
     pub serial: Option<SerialConfig>,
+    /// `PUT /entropy`: the VM gets a virtio-rng device.
+    pub entropy: Option<EntropyDevice>,
 }
 
 impl PendingConfig {
@@ -113,7 +115,6 @@ impl PendingConfig {
             ("balloon", &file.balloon),
             ("vsock", &file.vsock),
             ("mmds-config", &file.mmds_config),
-            ("entropy", &file.entropy),
             ("cpu-config", &file.cpu_config),
             ("memory-hotplug", &file.memory_hotplug),
         ] {
@@ -148,6 +149,9 @@ impl PendingConfig {
         }
         if let Some(m) = &file.metrics {
             p.apply(&ApiRequest::PutMetrics(m.clone()))?;
+        }
+        if let Some(e) = &file.entropy {
+            p.apply(&ApiRequest::PutEntropy(e.clone()))?;
         }
         Ok(p)
     }
@@ -288,6 +292,15 @@ impl PendingConfig {
                 c.validate()?;
                 self.serial = Some(c.clone());
             }
+            ApiRequest::PutEntropy(e) => {
+                e.validate()?;
+                if self.entropy.is_none()
+                    && self.device_count() >= crate::config::MAX_VIRTIO_DEVICES
+                {
+                    return Err(too_many_devices());
+                }
+                self.entropy = Some(e.clone());
+            }
             other => {
                 return Err(ApiFault::bad_request(format!(
                     "{} is not a configuration request",
@@ -299,7 +312,7 @@ impl PendingConfig {
     }
 
     fn device_count(&self) -> usize {
-        self.drives.len() + self.network_interfaces.len()
+        self.drives.len() + self.network_interfaces.len() + usize::from(self.entropy.is_some())
     }
 
     /// The vCPU cgroup settings, if any.
@@ -368,6 +381,8 @@ impl PendingConfig {
             })
             .collect();
         config.cgroup = self.cgroup();
+        // Only when asked for, as Firecracker (`wisp run` has it on by default).
+        config.entropy = self.entropy.is_some();
         config.huge_pages = m.huge_pages_2m();
         config.smt = m.smt;
         if let Some(path) = self.serial.as_ref().and_then(|s| s.serial_out_path.clone()) {
@@ -403,7 +418,7 @@ impl PendingConfig {
             "balloon": null,
             "vsock": null,
             "mmds-config": null,
-            "entropy": null,
+            "entropy": self.entropy,
             "cpu-config": null,
             "memory-hotplug": null,
             "pmem": [],
@@ -413,7 +428,7 @@ impl PendingConfig {
 
 fn too_many_devices() -> ApiFault {
     ApiFault::bad_request(format!(
-        "at most {} drives and network interfaces together fit the platform",
+        "at most {} virtio devices (drives, network interfaces and the entropy device together) fit the platform",
         crate::config::MAX_VIRTIO_DEVICES
     ))
 }

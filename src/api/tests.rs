@@ -72,7 +72,6 @@ fn firecracker_endpoints_wisp_lacks_answer_400_naming_wisp_and_its_version() {
         ("PUT", "/mmds/config", "MMDS"),
         ("PUT", "/snapshot/create", "snapshots"),
         ("PUT", "/snapshot/load", "snapshots"),
-        ("PUT", "/entropy", "entropy"),
         ("PUT", "/cpu-config", "CPU templates"),
         ("PUT", "/pmem/pmem0", "virtio-pmem"),
         ("PATCH", "/hotplug/memory", "memory hotplug"),
@@ -193,6 +192,52 @@ fn put_serial_names_the_output_file() {
         p.to_vm_config().unwrap().console,
         crate::config::ConsoleConfig::File("/tmp/serial.log".into())
     );
+}
+
+#[test]
+fn put_entropy_gives_the_vm_an_rng_device_and_refuses_a_limiting_rate_limiter() {
+    for body in [
+        "{}",
+        r#"{"rate_limiter": null}"#,
+        r#"{"rate_limiter": {"bandwidth": {"size": 0, "refill_time": 100}}}"#,
+    ] {
+        let r = req("PUT", "/entropy", body).unwrap();
+        assert!(matches!(r, ApiRequest::PutEntropy(_)), "{body}");
+        assert_eq!(r.allowed(), Allowed::PreBoot);
+        assert_eq!(r.describe(), "PUT /entropy");
+    }
+    assert_fault(
+        &fault(
+            "PUT",
+            "/entropy",
+            r#"{"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#,
+        ),
+        400,
+        "rate_limiter: rate limiters are not supported",
+    );
+    assert_fault(
+        &fault("PUT", "/entropy", r#"{"bytes": 1}"#),
+        400,
+        "unknown field `bytes`",
+    );
+    let boot = req(
+        "PUT",
+        "/boot-source",
+        &format!(r#"{{"kernel_image_path": "{}"}}"#, existing_file()),
+    )
+    .unwrap();
+    let mut p = PendingConfig::new();
+    p.apply(&boot).unwrap();
+    // Through the API, as in Firecracker, the device is there only when asked for.
+    assert!(!p.to_vm_config().unwrap().entropy);
+    assert_eq!(p.to_json()["entropy"], Value::Null);
+    p.apply(&req("PUT", "/entropy", "{}").unwrap()).unwrap();
+    assert!(p.to_vm_config().unwrap().entropy);
+    assert_eq!(p.to_json()["entropy"], serde_json::json!({}));
+    // A second PUT replaces the first: still one device.
+    p.apply(&req("PUT", "/entropy", r#"{"rate_limiter": null}"#).unwrap())
+        .unwrap();
+    assert!(p.to_vm_config().unwrap().entropy);
 }
 
 #[test]
@@ -1038,6 +1083,21 @@ fn firecracker_config_file() {
         400,
         "vsock: not supported",
     );
+    let with_entropy = FirecrackerConfig::from_json(&format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{f}"}}, "entropy": {{}}}}"#
+    ))
+    .unwrap();
+    let p = PendingConfig::from_firecracker_config(&with_entropy).unwrap();
+    assert!(p.to_vm_config().unwrap().entropy);
+    let limited = FirecrackerConfig::from_json(&format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{f}"}}, "entropy": {{"rate_limiter": {{"ops": {{"size": 10, "refill_time": 1000}}}}}}}}"#
+    ))
+    .unwrap();
+    assert_fault(
+        &PendingConfig::from_firecracker_config(&limited).unwrap_err(),
+        400,
+        "rate_limiter: rate limiters are not supported",
+    );
     let with_pmem = FirecrackerConfig::from_json(&format!(
         r#"{{"boot-source": {{"kernel_image_path": "{f}"}}, "pmem": [{{"id": "p", "path_on_host": "/p"}}]}}"#
     ))
@@ -1103,6 +1163,7 @@ fn variant_name(r: &ApiRequest) -> &'static str {
         PutNetworkInterface(_) => "PutNetworkInterface",
         PatchNetworkInterface(_) => "PatchNetworkInterface",
         PutSerial(_) => "PutSerial",
+        PutEntropy(_) => "PutEntropy",
         Action(_) => "Action",
         PatchVm(_) => "PatchVm",
         PutLogger(_) => "PutLogger",

@@ -53,7 +53,10 @@ pub enum ConfigError {
     NetSpec { spec: String, reason: String },
     #[error("--disk {spec}: {reason}")]
     DiskSpec { spec: String, reason: String },
-    #[error("at most {max} virtio devices fit the platform, {count} were asked for")]
+    #[error(
+        "at most {max} virtio devices fit the platform, {count} were asked for (the entropy \
+         device is one unless turned off)"
+    )]
     TooManyDevices { count: usize, max: usize },
     #[error("console must be stdio, file:PATH or none, got {0:?}")]
     Console(String),
@@ -155,6 +158,10 @@ pub struct VmConfig {
     /// Two threads per core in the guest's CPU topology (`cpus` 1 or even).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub smt: bool,
+    /// A virtio-rng device fed from the host's getrandom(2), after the disks and interfaces,
+    /// so that the guest never waits for entropy. On unless turned off.
+    #[serde(default = "default_entropy")]
+    pub entropy: bool,
 }
 
 /// The huge page size guest memory can be backed with (x86_64's 2 MiB).
@@ -171,6 +178,9 @@ fn default_cpus() -> u8 {
 }
 fn default_memory() -> MemSize {
     MemSize(DEFAULT_MEMORY)
+}
+fn default_entropy() -> bool {
+    true
 }
 
 impl VmConfig {
@@ -189,6 +199,7 @@ impl VmConfig {
             id: None,
             huge_pages: false,
             smt: false,
+            entropy: default_entropy(),
         }
     }
 
@@ -238,7 +249,7 @@ impl VmConfig {
                 });
             }
         }
-        let devices = self.disks.len() + self.nets.len();
+        let devices = self.disks.len() + self.nets.len() + usize::from(self.entropy);
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices {
                 count: devices,

@@ -446,6 +446,8 @@ void user_main(u64 cpl0_done)
 		scenario_net();
 	else if (!strcmp(scenario, "blk-net"))
 		scenario_blk_net();
+	else if (!strcmp(scenario, "rng"))
+		scenario_rng();
 	else if (!strcmp(scenario, "ctrl-alt-del"))
 		scenario_ctrl_alt_del();
 	else if (!strcmp(scenario, "i8042-flood"))

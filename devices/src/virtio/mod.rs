@@ -58,6 +58,7 @@ mod event_handler;
 pub mod mmio;
 pub mod net;
 pub mod queue;
+pub mod rng;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod testing;
 
@@ -95,6 +96,7 @@ pub mod features {
 pub mod device_type {
     pub const NET: u32 = 1;
     pub const BLOCK: u32 = 2;
+    pub const RNG: u32 = 4;
 }
 
 /// InterruptStatus bits (virtio 1.2 §4.2.2).

@@ -9,6 +9,7 @@ mod actions;
 mod boot;
 mod cgroup;
 mod drives;
+mod entropy;
 mod info;
 mod logging;
 mod machine;
@@ -21,6 +22,7 @@ pub use actions::{ActionType, InstanceAction, VmState, VmStateChange};
 pub use boot::BootSource;
 pub use cgroup::{CgroupConfig, CgroupUpdate};
 pub use drives::{CacheType, Drive, DriveUpdate};
+pub use entropy::EntropyDevice;
 pub use info::{InstanceInfo, InstanceState, VersionInfo, FIRECRACKER_API_VERSION, VMM_VERSION};
 pub use logging::{LogLevel, LoggerConfig, MetricsConfig};
 pub use machine::{MachineConfig, MachineConfigUpdate};
@@ -58,6 +60,8 @@ pub enum ApiRequest {
     PatchNetworkInterface(NetworkInterfaceUpdate),
     /// `PUT /serial`
     PutSerial(SerialConfig),
+    /// `PUT /entropy`
+    PutEntropy(EntropyDevice),
     /// `PUT /actions`
     Action(ActionType),
     /// `PATCH /vm`
@@ -96,7 +100,8 @@ impl ApiRequest {
             | PutNetworkInterface(_)
             | PutLogger(_)
             | PutMetrics(_)
-            | PutSerial(_) => Allowed::PreBoot,
+            | PutSerial(_)
+            | PutEntropy(_) => Allowed::PreBoot,
             Action(ActionType::InstanceStart) => Allowed::PreBoot,
             Action(ActionType::SendCtrlAltDel) => Allowed::PostBoot,
             Action(ActionType::FlushMetrics) => Allowed::Always,
@@ -121,6 +126,7 @@ impl ApiRequest {
             PutNetworkInterface(n) => format!("PUT /network-interfaces/{}", n.iface_id),
             PatchNetworkInterface(n) => format!("PATCH /network-interfaces/{}", n.iface_id),
             PutSerial(_) => "PUT /serial".into(),
+            PutEntropy(_) => "PUT /entropy".into(),
             Action(a) => format!("PUT /actions {a:?}"),
             PatchVm(s) => format!("PATCH /vm {s:?}"),
             PutLogger(_) => "PUT /logger".into(),

@@ -46,6 +46,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/network-interfaces/{iface_id}"),
     ("PATCH", "/network-interfaces/{iface_id}"),
     ("PUT", "/serial"),
+    ("PUT", "/entropy"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
     ("PUT", "/logger"),
@@ -63,7 +64,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("/balloon/hinting/status", "balloon devices"),
     ("/balloon/hinting/stop", "balloon devices"),
     ("/cpu-config", "custom CPU templates (cpu-config)"),
-    ("/entropy", "entropy (virtio-rng) devices"),
     ("/hotplug/memory", "memory hotplug (virtio-mem) devices"),
     ("/mmds", "the metadata service (MMDS) and its requests"),
     (
@@ -198,6 +198,11 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Routed, ApiFault> 
             check_path_id("iface_id", param, &n.iface_id)?;
             n.validate()?;
             ApiRequest::PatchNetworkInterface(n)
+        }
+        ("PUT", "/entropy") => {
+            let e: EntropyDevice = parse_body(body)?;
+            e.validate()?;
+            ApiRequest::PutEntropy(e)
         }
         ("PUT", "/serial") => {
             let c: SerialConfig = parse_body(body)?;
