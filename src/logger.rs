@@ -308,7 +308,25 @@ pub(crate) fn open_file_or_pipe(path: &Path) -> std::io::Result<File> {
         ));
     }
     // The same inode again, through the handle: no second lookup of the path.
-    reopen.open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+    match reopen.open(format!("/proc/self/fd/{}", handle.as_raw_fd())) {
+        Err(e) if e.kind() == ErrorKind::NotFound && !Path::new("/proc/self").exists() => {
+            // No /proc (inside `wisp jail`'s chroot): the path once more, still without
+            // following a link, and it must be the inode looked at.
+            use std::os::unix::fs::MetadataExt;
+            let file = reopen
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+                .open(path)?;
+            let (was, is) = (handle.metadata()?, file.metadata()?);
+            if (was.dev(), was.ino()) != (is.dev(), is.ino()) {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "was replaced while being opened",
+                ));
+            }
+            Ok(file)
+        }
+        r => r,
+    }
 }
 
 #[cfg(test)]

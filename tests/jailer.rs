@@ -167,6 +167,10 @@ fn jailed_probe_guest_runs_confined_and_is_cleaned_up() {
     std::fs::File::create(&disk)
         .and_then(|f| f.set_len(64 << 20))
         .unwrap();
+    // The log file the agent made, given to the VMM (the jail has no /proc for wisp's
+    // usual re-open of an existing log file).
+    let log = dir.join("wisp.log");
+    std::fs::write(&log, b"").unwrap();
     // Started as Firecracker's jailer, through a symlink of that name.
     let jailer = dir.join("jailer");
     std::os::unix::fs::symlink(wisp_bin(), &jailer).unwrap();
@@ -190,7 +194,10 @@ fn jailed_probe_guest_runs_confined_and_is_cleaned_up() {
         .arg(format!("{}:/probe.elf", kernel.display()))
         .arg("--link-in")
         .arg(format!("{}:/disks/vm.raw", disk.display()))
-        .args(["--", "--api-sock", "/run/api.sock"]);
+        .arg("--link-in")
+        .arg(format!("{}:/logs/wisp.log", log.display()))
+        .args(["--", "--api-sock", "/run/api.sock"])
+        .args(["--log-path", "/logs/wisp.log", "--level", "Info"]);
     {
         use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
@@ -351,6 +358,11 @@ fn jailed_probe_guest_runs_confined_and_is_cleaned_up() {
             f.stdout
         );
     }
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains(&format!("[{}:main] Running wisp v", guard.id)),
+        "{log}"
+    );
     // The guest's writes are in the host's file (the chroot's link to it).
     let data = std::fs::read(&disk).unwrap();
     assert_eq!(data[4096..4096 + 65536], pattern(4096, 65536, 5)[..]);
