@@ -1,4 +1,4 @@
-//! The PVM instruction decoder and completer (src/arch/x86_64/pvm.rs): the instruction bytes
+//! The PVM instruction decoder and completer (src/arch/x86_64/pvm/): the instruction bytes
 //! at a guest's RIP are the guest's to choose. The input is up to 15 instruction bytes
 //! followed by the register state they run on.
 //!

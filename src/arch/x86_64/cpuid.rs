@@ -4,7 +4,7 @@
 //! PVM hosts (ENVIRONMENT.md) ignore the CPUID a VMM sets: the guest sees the host's values
 //! (measured: leaf 1 ECX reads back the host's, XSAVE and POPCNT included, whatever
 //! KVM_SET_CPUID2 said). So features PVM cannot emulate cannot be hidden here; see
-//! `pvm.rs` for how wisp copes instead.
+//! `pvm/` for how wisp copes instead.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
