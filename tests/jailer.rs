@@ -41,80 +41,7 @@ fn can_run(test: &str) -> bool {
     true
 }
 
-/// What one jailed VM leaves on the host, removed on drop (also when the test failed): the
-/// VM is killed, `wisp jail --cleanup` runs, then the test's parent cgroups go.
-struct JailGuard {
-    id: String,
-    base: PathBuf,
-    parent_cgroup: String,
-    wisp: Option<Wisp>,
-}
-
 const CONTROLLERS: [&str; 2] = ["cpuset", "memory"];
-
-impl JailGuard {
-    fn new(tag: &str, base: &Path) -> JailGuard {
-        JailGuard {
-            id: format!("{tag}-{}", std::process::id()),
-            base: base.to_path_buf(),
-            parent_cgroup: format!("wisp-jail-test-{tag}-{}", std::process::id()),
-            wisp: None,
-        }
-    }
-
-    fn root(&self) -> PathBuf {
-        self.base.join("wisp").join(&self.id).join("root")
-    }
-
-    fn cgroup_dirs(&self) -> Vec<PathBuf> {
-        CONTROLLERS
-            .iter()
-            .map(|c| {
-                Path::new("/sys/fs/cgroup")
-                    .join(c)
-                    .join(&self.parent_cgroup)
-            })
-            .collect()
-    }
-
-    /// `wisp jail --cleanup` for this VM.
-    fn cleanup(&self) -> std::process::Output {
-        Command::new(wisp_bin())
-            .args([
-                "jail",
-                "--cleanup",
-                "--id",
-                &self.id,
-                "--exec-file",
-                wisp_bin(),
-            ])
-            .arg("--chroot-base-dir")
-            .arg(&self.base)
-            .args(["--parent-cgroup", &self.parent_cgroup])
-            .output()
-            .expect("run wisp jail --cleanup")
-    }
-}
-
-impl Drop for JailGuard {
-    fn drop(&mut self) {
-        drop(self.wisp.take());
-        let _ = self.cleanup();
-        for dir in self.cgroup_dirs() {
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
-}
-
-/// Fields of /proc/PID/status (or of a thread's status).
-fn status_field(status: &str, key: &str) -> String {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .unwrap_or_else(|| panic!("no {key} in\n{status}"))
-        .trim()
-        .to_string()
-}
 
 fn inode(path: &Path) -> (u64, u64) {
     let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -178,7 +105,7 @@ fn jailed_probe_guest_runs_confined_and_is_cleaned_up() {
     // the VMM.
     let leaked = std::fs::File::create(dir.join("leaked")).unwrap();
 
-    let mut guard = JailGuard::new("probe", &base);
+    let mut guard = TestJail::new("probe", &base, &CONTROLLERS);
     let mut cmd = Command::new(&jailer);
     cmd.args(["--id", &guard.id, "--exec-file", wisp_bin()])
         .args(["--uid", &uid, "--gid", &uid])
@@ -221,21 +148,7 @@ fn jailed_probe_guest_runs_confined_and_is_cleaned_up() {
 
     // The process: its root is the chroot, it is uid/gid 10123 with no capability left and
     // no_new_privs, in the jail's cgroups and the test's network namespace.
-    assert_eq!(inode(&proc_dir.join("root")), inode(&root));
-    let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
-    assert_eq!(
-        status_field(&status, "Uid"),
-        format!("{uid}\t{uid}\t{uid}\t{uid}")
-    );
-    assert_eq!(
-        status_field(&status, "Gid"),
-        format!("{uid}\t{uid}\t{uid}\t{uid}")
-    );
-    assert_eq!(status_field(&status, "Groups"), "");
-    for cap in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
-        assert_eq!(status_field(&status, cap), "0000000000000000", "{cap}");
-    }
-    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+    assert_jailed(pid, &root, UID);
     let cgroups = std::fs::read_to_string(proc_dir.join("cgroup")).unwrap();
     for c in CONTROLLERS {
         let line = format!(":{c}:/{}/{}", guard.parent_cgroup, guard.id);
@@ -376,16 +289,7 @@ fn jailed_probe_guest_runs_confined_and_is_cleaned_up() {
     assert!(rx >= 100 + 3, "tap received {rx} frames");
 
     // Everything the jailer made goes with the cleanup.
-    let out = guard.cleanup();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!base.join("wisp").join(&guard.id).exists());
-    for d in guard.cgroup_dirs() {
-        assert!(!d.join(&guard.id).exists(), "{}", d.display());
-    }
+    guard.assert_cleaned_up();
     assert_eq!(std::fs::read_dir(base.join("wisp")).unwrap().count(), 0);
 }
 
@@ -398,7 +302,7 @@ fn new_pid_ns_and_daemonize_leave_the_vmm_as_pid_1_of_its_own_session() {
     let base = dir.join("jails");
     std::fs::create_dir(&base).unwrap();
     let uid = UID.to_string();
-    let guard = JailGuard::new("pidns", &base);
+    let guard = TestJail::new("pidns", &base, &CONTROLLERS);
     // The jailer forks: the VMM is not its caller's child, so it is found by its pid file.
     let jailer = Command::new(wisp_bin())
         .args(["jail", "--id", &guard.id, "--exec-file", wisp_bin()])
@@ -469,14 +373,7 @@ fn new_pid_ns_and_daemonize_leave_the_vmm_as_pid_1_of_its_own_session() {
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(kill);
-    let out = guard.cleanup();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!root.exists());
-    assert!(!guard.cgroup_dirs()[0].join(&guard.id).exists());
+    guard.assert_cleaned_up();
 }
 
 /// `wisp jail` with the required flags (unless `extra` gives them) and `extra`.

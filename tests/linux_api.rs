@@ -254,3 +254,124 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     let _ = dnsmasq.wait();
     drop(ns);
 }
+
+/// The test kernel through `wisp jail`, as a node agent written for Firecracker starts it:
+/// uid 10123 in a network namespace (a tap owned by that uid) and a memory cgroup, the
+/// kernel and the MBR root disk linked into the chroot, configured through the socket inside
+/// it. From the host while the guest runs: the confinement; then the guest's root-disk write,
+/// DHCP, ping and TCP both ways, a clean power off, and nothing left after the cleanup.
+#[test]
+fn linux_jailed_through_the_api_boots_confined() {
+    const UID: u32 = 10123;
+    const JAIL_TAP: &str = "wjltap0";
+    if !kvm_available("linux_jailed_through_the_api_boots_confined") {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped linux_jailed_through_the_api_boots_confined: the jailer needs root");
+        return;
+    }
+    let kib = if pvm_host() { 256 } else { 64 * 1024 };
+    let dir = TestDir::new("linux-jail");
+    let base = dir.join("jails");
+    std::fs::create_dir(&base).unwrap();
+    let rootfs = image("rootfs.ext4");
+    let disk = dir.join("root-disk.raw");
+    mbr_disk(&rootfs, &disk, DISK_SIGNATURE);
+    // The agent's own copy of the kernel: --link-in gives the linked file to the VM's user.
+    let kernel = dir.join("vmlinux");
+    std::fs::copy(image("vmlinux"), &kernel).unwrap();
+
+    let ns = TestNetns::new("t3jail");
+    let uid = UID.to_string();
+    ns.ip(&[
+        "tuntap", "add", "dev", JAIL_TAP, "mode", "tap", "user", &uid, "group", &uid,
+    ]);
+    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", JAIL_TAP]);
+    ns.ip(&["link", "set", JAIL_TAP, "up"]);
+    let mut dnsmasq = ns.dnsmasq(JAIL_TAP, "10.0.0.2", &dir);
+    let peer = ns.tcp_peer("10.0.0.1", kib, &dir);
+
+    let _slot = linux_boot_slot();
+    let mut jail = TestJail::new("linux", &base, &["memory"]);
+    jail.wisp = Some(Wisp::spawn_cmd(
+        Command::new(wisp_bin())
+            .args(["jail", "--id", &jail.id, "--exec-file", wisp_bin()])
+            .args(["--uid", &uid, "--gid", &uid])
+            .arg("--chroot-base-dir")
+            .arg(&base)
+            .arg("--netns")
+            .arg(format!("/run/netns/{}", ns.name))
+            .args(["--cgroup", "memory.limit_in_bytes=1073741824"])
+            .args(["--parent-cgroup", &jail.parent_cgroup])
+            .arg("--link-in")
+            .arg(format!("{}:/vmlinux", kernel.display()))
+            .arg("--link-in")
+            .arg(format!("{}:/disks/root.raw", disk.display()))
+            .args(["--", "--api-sock", "/run/api.sock"]),
+    ));
+    let root = jail.root();
+    let sock = root.join("run/api.sock");
+    wait_api_socket(&sock);
+
+    let boot_args = format!(
+        "{LINUX_CMDLINE} ip=:::::eth0:dhcp \
+         wisp.kmsg=1 wisp.scenario=info,rootfs,net wisp.peer=10.0.0.1 wisp.nc_kib={kib}"
+    );
+    api_ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        &format!(r#"{{"kernel_image_path": "/vmlinux", "boot_args": "{boot_args}"}}"#),
+    );
+    api_ok(
+        &sock,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 256}"#,
+    );
+    api_ok(
+        &sock,
+        "PUT",
+        "/drives/rootfs",
+        &format!(
+            r#"{{"drive_id": "rootfs", "path_on_host": "/disks/root.raw", "is_root_device": true,
+                 "is_read_only": false, "partuuid": "{DISK_SIGNATURE:08x}-01"}}"#
+        ),
+    );
+    api_ok(
+        &sock,
+        "PUT",
+        "/network-interfaces/eth0",
+        &format!(
+            r#"{{"iface_id": "eth0", "host_dev_name": "{JAIL_TAP}", "guest_mac": "{GUEST_MAC}"}}"#
+        ),
+    );
+    api_ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    let pid = jail.wisp.as_ref().unwrap().pid();
+    // Confined while the guest runs, with every thread started.
+    assert_jailed(pid, &root, UID);
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let line = format!(":memory:/{}/{}", jail.parent_cgroup, jail.id);
+    assert!(cgroups.lines().any(|l| l.ends_with(&line)), "{cgroups}");
+
+    let f = jail.wisp.take().unwrap().wait(Duration::from_secs(1500));
+    let out = &f.stdout;
+    assert_eq!(f.code(), Some(0), "console:\n{out}\nstderr:\n{}", f.stderr);
+    assert_scenarios_ok(out, &["info", "rootfs", "net"]);
+    assert_said(out, "root_dev", "vda1");
+    assert_guest_root_file(&disk, &rootfs, &dir.join("root-part.ext4"));
+    assert_dhcp_and_ping(out, GUEST_MAC);
+    peer.assert_intact(out);
+    jail.assert_cleaned_up();
+
+    let _ = dnsmasq.kill();
+    let _ = dnsmasq.wait();
+    drop(ns);
+}

@@ -740,3 +740,116 @@ pub fn wait_api_socket(sock: &Path) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// What one VM started through `wisp jail` leaves on the host, removed on drop (also when
+/// the test failed): the VM is killed, `wisp jail --cleanup` runs, then the test's parent
+/// cgroups (in `controllers`) go.
+pub struct TestJail {
+    pub id: String,
+    pub base: PathBuf,
+    pub parent_cgroup: String,
+    pub controllers: Vec<&'static str>,
+    pub wisp: Option<Wisp>,
+}
+
+impl TestJail {
+    pub fn new(tag: &str, base: &Path, controllers: &[&'static str]) -> TestJail {
+        TestJail {
+            id: format!("{tag}-{}", std::process::id()),
+            base: base.to_path_buf(),
+            parent_cgroup: format!("wisp-jail-test-{tag}-{}", std::process::id()),
+            controllers: controllers.to_vec(),
+            wisp: None,
+        }
+    }
+
+    /// The chroot: the VMM's `/`.
+    pub fn root(&self) -> PathBuf {
+        self.base.join("wisp").join(&self.id).join("root")
+    }
+
+    /// The test's parent cgroup in each hierarchy.
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        self.controllers
+            .iter()
+            .map(|c| {
+                Path::new("/sys/fs/cgroup")
+                    .join(c)
+                    .join(&self.parent_cgroup)
+            })
+            .collect()
+    }
+
+    /// `wisp jail --cleanup` for this VM.
+    pub fn cleanup(&self) -> std::process::Output {
+        Command::new(wisp_bin())
+            .args([
+                "jail",
+                "--cleanup",
+                "--id",
+                &self.id,
+                "--exec-file",
+                wisp_bin(),
+            ])
+            .arg("--chroot-base-dir")
+            .arg(&self.base)
+            .args(["--parent-cgroup", &self.parent_cgroup])
+            .output()
+            .expect("run wisp jail --cleanup")
+    }
+
+    /// Runs the cleanup and checks that nothing the jailer made is left.
+    pub fn assert_cleaned_up(&self) {
+        let out = self.cleanup();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!self.base.join("wisp").join(&self.id).exists());
+        for d in self.cgroup_dirs() {
+            assert!(!d.join(&self.id).exists(), "{} left", d.display());
+        }
+    }
+}
+
+impl Drop for TestJail {
+    fn drop(&mut self) {
+        drop(self.wisp.take());
+        let _ = self.cleanup();
+        for dir in self.cgroup_dirs() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// A field of /proc/PID/status (or of a thread's status).
+pub fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in\n{status}"))
+        .trim()
+        .to_string()
+}
+
+/// The confinement `wisp jail` promises, seen from the host: `pid`'s root is `root`, it runs
+/// as `uid`:`uid` with no supplementary groups, no capability and no_new_privs.
+pub fn assert_jailed(pid: u32, root: &Path, uid: u32) {
+    use std::os::unix::fs::MetadataExt;
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let inode = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        (m.dev(), m.ino())
+    };
+    assert_eq!(inode(&proc_dir.join("root")), inode(root));
+    let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
+    let ids = format!("{uid}\t{uid}\t{uid}\t{uid}");
+    assert_eq!(status_field(&status, "Uid"), ids);
+    assert_eq!(status_field(&status, "Gid"), ids);
+    assert_eq!(status_field(&status, "Groups"), "");
+    for cap in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        assert_eq!(status_field(&status, cap), "0000000000000000", "{cap}");
+    }
+    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+}
