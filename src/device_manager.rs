@@ -3,7 +3,7 @@
 
 use crate::arch::x86_64::acpi::MmioDevice;
 use crate::arch::x86_64::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_START};
-use crate::config::{DiskConfig, DiskFormat, NetConfig};
+use crate::config::{DiskConfig, DiskFormat, NetConfig, RateLimiterConfig};
 use crate::vstate::vm::Vm;
 use kvm_ioctls::IoEventAddress;
 use std::io;
@@ -15,6 +15,7 @@ use wisp_devices::disk::qcow2::{BackingPolicy, Qcow2};
 use wisp_devices::disk::raw::RawFile;
 use wisp_devices::events::EventSubscriber;
 use wisp_devices::interrupt::IrqFd;
+use wisp_devices::rate_limiter::RateLimiter;
 use wisp_devices::tap::Tap;
 use wisp_devices::virtio::block::{Block, BlockCounters, Disk};
 use wisp_devices::virtio::net::{Net, NetCounters};
@@ -48,6 +49,8 @@ pub enum DeviceError {
     },
     #[error("eventfd: {0}")]
     EventFd(#[source] io::Error),
+    #[error("rate limiter timer (timerfd_create): {0}")]
+    RateLimiter(#[source] io::Error),
     #[error("virtio-mmio transport: {0}")]
     Transport(#[from] wisp_devices::virtio::MmioError),
     #[error("placing a device on the bus: {0}")]
@@ -154,6 +157,13 @@ impl DeviceManager {
             .find(|b| b.config.id.as_deref() == Some(id))
     }
 
+    /// The interface whose id is `id`.
+    pub fn net_mut(&mut self, id: &str) -> Option<&mut NetDevice> {
+        self.nets
+            .iter_mut()
+            .find(|n| n.config.id.as_deref() == Some(id))
+    }
+
     /// Puts `device` at the next virtio-mmio window with the next GSI.
     fn attach<D: VirtioDevice>(
         &mut self,
@@ -224,7 +234,16 @@ pub fn open_net(net: &NetConfig) -> Result<Net, DeviceError> {
     if let Some(mtu) = net.mtu {
         tap.set_mtu(mtu).map_err(|e| err(e.into()))?;
     }
-    let dev = Net::new(tap, net.mac_bytes(), net.mtu).map_err(|e| err(e.into()))?;
+    let limiter = |l: &Option<RateLimiterConfig>| {
+        let l = l.unwrap_or_default();
+        RateLimiter::new(l.bandwidth_params(), l.ops_params()).map_err(DeviceError::RateLimiter)
+    };
+    let dev = Net::new(tap, net.mac_bytes(), net.mtu)
+        .map_err(|e| err(e.into()))?
+        .with_rate_limiters(
+            limiter(&net.rx_rate_limiter)?,
+            limiter(&net.tx_rate_limiter)?,
+        );
     Ok(if net.offload {
         dev
     } else {
@@ -233,13 +252,19 @@ pub fn open_net(net: &NetConfig) -> Result<Net, DeviceError> {
 }
 
 /// Opens a disk image as its format says (probing when none was given) and wraps it in a
-/// virtio-blk device.
+/// virtio-blk device, with its rate limiter (one that limits nothing when none is asked:
+/// `PATCH /drives` may add limits).
 pub fn open_disk(disk: &DiskConfig) -> Result<Block, DeviceError> {
+    let limits = disk.rate_limiter.unwrap_or_default();
+    let limiter = RateLimiter::new(limits.bandwidth_params(), limits.ops_params())
+        .map_err(DeviceError::RateLimiter)?;
     let block = match open_medium(disk)? {
         Disk::Raw(raw) => Block::new_raw(raw, disk.serial.clone(), disk.readonly),
         Disk::Generic(image) => Block::new(image, disk.serial.clone(), disk.readonly),
     };
-    block.map_err(|e| disk_error(disk, e))
+    Ok(block
+        .map_err(|e| disk_error(disk, e))?
+        .with_rate_limiter(limiter))
 }
 
 fn disk_error(disk: &DiskConfig, source: impl Into<Cause>) -> DeviceError {

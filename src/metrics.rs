@@ -8,7 +8,8 @@
 //! happened since the previous line and a gauge its current value. What wisp does not count
 //! (or has no device for) is 0, so a parser written for Firecracker finds every key; a
 //! block device fills its request counts, bytes, flushes, malformed requests, failed
-//! requests and queue events (not its latencies, rate limiter or update fields).
+//! requests, queue events and rate limiter counts (not its latencies or update fields), a
+//! network device its traffic and rate limiter counts.
 
 use crate::vstate::control::{ExitKind, VcpuControl};
 use serde_json::{json, Map, Value};
@@ -593,7 +594,7 @@ impl State {
 }
 
 /// wisp's block counters under Firecracker's names.
-fn block_fields(c: &BlockCounters) -> [(&'static str, u64); 8] {
+fn block_fields(c: &BlockCounters) -> [(&'static str, u64); 10] {
     let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     [
         ("read_count", l(&c.read_count)),
@@ -604,11 +605,16 @@ fn block_fields(c: &BlockCounters) -> [(&'static str, u64); 8] {
         ("invalid_reqs_count", l(&c.invalid_reqs_count)),
         ("execute_fails", l(&c.execute_fails)),
         ("queue_event_count", l(&c.queue_event_count)),
+        (
+            "rate_limiter_throttled_events",
+            l(&c.rate_limiter_throttled_events),
+        ),
+        ("rate_limiter_event_count", l(&c.rate_limiter_event_count)),
     ]
 }
 
 /// wisp's network counters under Firecracker's names.
-fn net_fields(c: &NetCounters) -> [(&'static str, u64); 7] {
+fn net_fields(c: &NetCounters) -> [(&'static str, u64); 11] {
     let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let (tx_malformed, tx_errors) = (l(&c.tx_malformed), l(&c.tx_errors));
     [
@@ -623,6 +629,10 @@ fn net_fields(c: &NetCounters) -> [(&'static str, u64); 7] {
         ("tx_packets_count", l(&c.tx_frames)),
         ("tx_malformed_frames", tx_malformed),
         ("tap_write_fails", tx_errors),
+        ("rx_rate_limiter_throttled", l(&c.rx_rate_limiter_throttled)),
+        ("rx_event_rate_limiter_count", l(&c.rx_rate_limiter_events)),
+        ("tx_rate_limiter_throttled", l(&c.tx_rate_limiter_throttled)),
+        ("tx_rate_limiter_event_count", l(&c.tx_rate_limiter_events)),
     ]
 }
 

@@ -222,8 +222,28 @@ impl Vmm {
                         "rx_dropped": n.rx_dropped, "rx_bad_chains": n.rx_bad_chains,
                         "tx_frames": n.tx_frames, "tx_bytes": n.tx_bytes,
                         "tx_malformed": n.tx_malformed, "tx_errors": n.tx_errors,
+                        "rx_rate_limiter_throttled": n.rx_rate_limiter_throttled,
+                        "tx_rate_limiter_throttled": n.tx_rate_limiter_throttled,
                     });
                     (net.config.tap.clone(), v)
+                })
+                .collect::<serde_json::Map<_, _>>(),
+            // By drive id (the image's path for a disk given without one).
+            "block": self
+                .devices
+                .blocks()
+                .iter()
+                .map(|b| {
+                    let l = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                    let c = &b.counters;
+                    let v = serde_json::json!({
+                        "read_count": l(&c.read_count), "read_bytes": l(&c.read_bytes),
+                        "write_count": l(&c.write_count), "write_bytes": l(&c.write_bytes),
+                        "flush_count": l(&c.flush_count),
+                        "rate_limiter_throttled_events": l(&c.rate_limiter_throttled_events),
+                    });
+                    let key = b.config.id.clone();
+                    (key.unwrap_or_else(|| b.config.path.display().to_string()), v)
                 })
                 .collect::<serde_json::Map<_, _>>(),
         })

@@ -378,6 +378,8 @@ impl PendingConfig {
                 // NetworkInterface::validate kept it in u16 range.
                 mtu: n.mtu.and_then(|m| u16::try_from(m).ok()),
                 offload: n.offload.unwrap_or(true),
+                rx_rate_limiter: n.rx_rate_limiter,
+                tx_rate_limiter: n.tx_rate_limiter,
             })
             .collect();
         config.cgroup = self.cgroup();

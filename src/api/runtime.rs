@@ -3,9 +3,10 @@
 //! InstanceStart are refused here.
 
 use crate::api::{
-    ActionType, ApiFault, ApiRequest, ApiResponse, DriveUpdate, InstanceInfo, PendingConfig,
-    VmState,
+    ActionType, ApiFault, ApiRequest, ApiResponse, DriveUpdate, InstanceInfo,
+    NetworkInterfaceUpdate, PendingConfig, VmState,
 };
+use crate::config::RateLimiterConfig;
 use crate::device_manager::change_medium;
 use crate::vmm::Vmm;
 use crate::vstate::control::PauseError;
@@ -33,7 +34,6 @@ impl RuntimeApiController {
         let id = &update.drive_id;
         let drive = self.config.drive_mut(id)?.clone();
         let Some(path) = &update.path_on_host else {
-            // Only a limiter that limits nothing: the drive stays as it is.
             return Ok(());
         };
         if let Some(other) = self
@@ -71,6 +71,89 @@ impl RuntimeApiController {
             "drive {id}: new medium {} ({sectors} sectors)",
             path.display()
         );
+        Ok(())
+    }
+
+    /// `PATCH /drives/{id}` with `rate_limiter`: the buckets given replace the drive's, from
+    /// its next request on; requests held back by the old limits are looked at again.
+    fn change_drive_limits(
+        &mut self,
+        vmm: &mut Vmm,
+        id: &str,
+        update: &RateLimiterConfig,
+    ) -> Result<(), ApiFault> {
+        let drive = self.config.drive_mut(id)?;
+        let (limits, [bandwidth, ops]) = drive.rate_limiter.unwrap_or_default().patched(update);
+        let block = vmm
+            .devices
+            .block_mut(id)
+            .ok_or_else(|| ApiFault::internal(format!("drive {id:?} has no device")))?;
+        if !block.handle.with(|b| b.update_rate_limiter(bandwidth, ops)) {
+            return Err(ApiFault::internal(format!(
+                "drive {id:?} was built without a rate limiter"
+            )));
+        }
+        let limits = Some(limits).filter(|l| l.bandwidth.is_some() || l.ops.is_some());
+        block.config.rate_limiter = limits;
+        drive.rate_limiter = limits;
+        log::info!("drive {id}: rate limits now {limits:?}");
+        Ok(())
+    }
+
+    /// `PATCH /network-interfaces/{id}`: new rx and tx limits, as for drives.
+    fn change_net_limits(
+        &mut self,
+        vmm: &mut Vmm,
+        update: &NetworkInterfaceUpdate,
+    ) -> Result<(), ApiFault> {
+        let id = &update.iface_id;
+        let iface = self
+            .config
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == *id)
+            .ok_or_else(|| {
+                ApiFault::bad_request(format!("iface_id: the VM has no network interface {id:?}"))
+            })?;
+        let net = vmm
+            .devices
+            .net_mut(id)
+            .ok_or_else(|| ApiFault::internal(format!("interface {id:?} has no device")))?;
+        for (rx, update) in [
+            (true, &update.rx_rate_limiter),
+            (false, &update.tx_rate_limiter),
+        ] {
+            let Some(update) = update else {
+                continue;
+            };
+            let current = if rx {
+                &mut iface.rx_rate_limiter
+            } else {
+                &mut iface.tx_rate_limiter
+            };
+            let (limits, [bandwidth, ops]) = current.unwrap_or_default().patched(update);
+            let changed = net.handle.with(|n| {
+                if rx {
+                    n.update_rx_rate_limiter(bandwidth, ops)
+                } else {
+                    n.update_tx_rate_limiter(bandwidth, ops)
+                }
+            });
+            if !changed {
+                return Err(ApiFault::internal(format!(
+                    "interface {id:?} was built without rate limiters"
+                )));
+            }
+            let limits = Some(limits).filter(|l| l.bandwidth.is_some() || l.ops.is_some());
+            *current = limits;
+            if rx {
+                net.config.rx_rate_limiter = limits;
+            } else {
+                net.config.tx_rate_limiter = limits;
+            }
+            let dir = if rx { "rx" } else { "tx" };
+            log::info!("interface {id}: {dir} rate limits now {limits:?}");
+        }
         Ok(())
     }
 
@@ -134,23 +217,17 @@ impl RuntimeApiController {
                 Ok(None)
             }
             ApiRequest::PatchDrive(update) => {
+                // An unknown drive is refused before anything changes; the medium goes
+                // first, as only it can fail.
+                self.config.drive_mut(&update.drive_id)?;
                 self.change_drive_medium(vmm, &update)?;
+                if let Some(limits) = &update.rate_limiter {
+                    self.change_drive_limits(vmm, &update.drive_id, limits)?;
+                }
                 Ok(None)
             }
-            // Only limiters that limit nothing pass the router: nothing changes, but the
-            // interface must exist.
             ApiRequest::PatchNetworkInterface(update) => {
-                let known = self
-                    .config
-                    .network_interfaces
-                    .iter()
-                    .any(|n| n.iface_id == update.iface_id);
-                if !known {
-                    return Err(ApiFault::bad_request(format!(
-                        "iface_id: the VM has no network interface {:?}",
-                        update.iface_id
-                    )));
-                }
+                self.change_net_limits(vmm, &update)?;
                 Ok(None)
             }
             other => Err(ApiFault::wrong_state(&other, true)),

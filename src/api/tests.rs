@@ -87,7 +87,7 @@ fn firecracker_endpoints_wisp_lacks_answer_400_naming_wisp_and_its_version() {
 }
 
 #[test]
-fn patch_network_interface_takes_limiters_that_limit_nothing() {
+fn patch_network_interface_takes_rate_limiters() {
     let r = req(
         "PATCH",
         "/network-interfaces/eth0",
@@ -99,19 +99,21 @@ fn patch_network_interface_takes_limiters_that_limit_nothing() {
     for body in [
         r#"{"iface_id": "eth0", "rx_rate_limiter": null}"#,
         r#"{"iface_id": "eth0", "rx_rate_limiter": {}, "tx_rate_limiter": {"bandwidth": null, "ops": null}}"#,
-        // Firecracker takes a zero size or refill time as no limit.
-        r#"{"iface_id": "eth0", "rx_rate_limiter": {"bandwidth": {"size": 0, "refill_time": 100}, "ops": {"size": 10, "refill_time": 0}}}"#,
+        // Size 0 is no limit (whatever the refill time).
+        r#"{"iface_id": "eth0", "rx_rate_limiter": {"bandwidth": {"size": 0, "refill_time": 0}}}"#,
+        r#"{"iface_id": "eth0", "tx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}, "ops": {"size": 10, "one_time_burst": 5, "refill_time": 1000}}}"#,
     ] {
         assert!(matches!(
             req("PATCH", "/network-interfaces/eth0", body).unwrap(),
             ApiRequest::PatchNetworkInterface(_)
         ));
     }
-    let limited = r#"{"iface_id": "eth0", "tx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#;
+    // Firecracker silently takes a zero refill time as no limit; wisp says it cannot be.
+    let zero = r#"{"iface_id": "eth0", "rx_rate_limiter": {"bandwidth": {"size": 0, "refill_time": 100}, "ops": {"size": 10, "refill_time": 0}}}"#;
     assert_fault(
-        &fault("PATCH", "/network-interfaces/eth0", limited),
+        &fault("PATCH", "/network-interfaces/eth0", zero),
         400,
-        "tx_rate_limiter: rate limiters are not supported by wisp",
+        "rx_rate_limiter.ops.refill_time is 0 with size 10: give the milliseconds to refill the bucket, or size 0 for no limit",
     );
     assert_fault(
         &fault(
@@ -588,11 +590,60 @@ fn drives() {
     assert_fault(
         &put(
             "a",
-            r#"{"drive_id": "a", "path_on_host": "/img", "is_root_device": false, "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}"#,
+            r#"{"drive_id": "a", "path_on_host": "/img", "is_root_device": false, "rate_limiter": {"bandwidth": {"size": 1, "refill_time": 0}}}"#,
         ),
         400,
-        "rate_limiter: rate limiters are not supported",
+        "rate_limiter.bandwidth.refill_time is 0 with size 1",
     );
+    // Negative, beyond 64 bits, fractional, missing or unknown: refused by name.
+    for (limiter, needle) in [
+        (
+            r#"{"ops": {"size": -1, "refill_time": 1}}"#,
+            "rate_limiter.ops.size: invalid value: integer `-1`",
+        ),
+        (
+            r#"{"ops": {"size": 18446744073709551616, "refill_time": 1}}"#,
+            "rate_limiter.ops.size",
+        ),
+        (
+            r#"{"ops": {"size": 1.5, "refill_time": 1}}"#,
+            "rate_limiter.ops.size: invalid type: floating point",
+        ),
+        (
+            r#"{"bandwidth": {"size": 100}}"#,
+            "missing field `refill_time`",
+        ),
+        (
+            r#"{"bandwidth": {"size": 1, "refill_time": 1, "burst": 1}}"#,
+            "unknown field `burst`",
+        ),
+        (
+            r#"{"iops": {"size": 1, "refill_time": 1}}"#,
+            "unknown field `iops`",
+        ),
+        (
+            r#"{"ops": {"size": 1, "refill_time": 18446744073709551615}}"#,
+            "rate_limiter.ops.refill_time 18446744073709551615 ms is more than the largest",
+        ),
+    ] {
+        let body = format!(
+            r#"{{"drive_id": "a", "path_on_host": "/img", "is_root_device": false, "rate_limiter": {limiter}}}"#
+        );
+        assert_fault(&put("a", &body), 400, needle);
+    }
+    let r = req(
+        "PUT",
+        "/drives/a",
+        r#"{"drive_id": "a", "path_on_host": "/img", "is_root_device": false, "rate_limiter": {"bandwidth": {"size": 1048576, "refill_time": 1000}, "ops": {"size": 100, "one_time_burst": 10, "refill_time": 1000}}}"#,
+    )
+    .unwrap();
+    let ApiRequest::PutDrive(d) = r else {
+        panic!("{r:?}")
+    };
+    let l = d.rate_limiter.unwrap();
+    assert_eq!(l.bandwidth.unwrap().size, 1 << 20);
+    assert_eq!(l.ops.unwrap().one_time_burst, Some(10));
+    assert_eq!(d.disk_config().rate_limiter, Some(l));
     assert_fault(
         &put(
             "a",
@@ -649,7 +700,7 @@ fn drives() {
         ApiRequest::PatchDrive(DriveUpdate {
             drive_id: "a".into(),
             path_on_host: None,
-            rate_limiter: Some(json!({}))
+            rate_limiter: Some(Default::default())
         })
     );
     assert_fault(
@@ -1403,7 +1454,7 @@ fn deep_nesting_is_refused_before_parsing() {
     assert_fault(
         &fault("PUT", "/drives/a", &ok),
         400,
-        "rate_limiter: rate limiters are not supported",
+        "rate_limiter[0][0]: invalid type: sequence",
     );
 }
 

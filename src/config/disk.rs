@@ -1,6 +1,7 @@
 //! Disks: `--disk path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2][,backing_files=on]
-//! [,backing_dir=DIR][,backing_devices=on]`.
+//! [,backing_dir=DIR][,backing_devices=on][,bps=RATE][,iops=N][,bps_burst=N][,iops_burst=N]`.
 
+use super::rate_limiter::{check_cli_limiter, parse_cli_key, RateLimiterConfig};
 use super::{io_reason, ConfigError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -41,6 +42,9 @@ pub struct DiskConfig {
     /// Block devices may be backing files (needs `backing_files` or `backing_dir`).
     #[serde(default, skip_serializing_if = "is_false")]
     pub backing_devices: bool,
+    /// Limits on the requests' bytes and count (Firecracker's `rate_limiter`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -62,6 +66,9 @@ impl DiskConfig {
             let (key, value) = part
                 .split_once('=')
                 .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+            if parse_cli_key(&mut disk.rate_limiter, "", "iops", key, value).map_err(bad)? {
+                continue;
+            }
             match key {
                 "path" => disk.path = PathBuf::from(value),
                 "readonly" | "ro" => disk.readonly = on_off("readonly", value)?,
@@ -79,7 +86,7 @@ impl DiskConfig {
                 _ => {
                     return Err(bad(format!(
                         "unknown key {key:?} (path, readonly, serial, format, backing_files, \
-                         backing_dir, backing_devices)"
+                         backing_dir, backing_devices, bps, iops, bps_burst, iops_burst)"
                     )))
                 }
             }
@@ -87,6 +94,7 @@ impl DiskConfig {
         if disk.path.as_os_str().is_empty() {
             return Err(bad("path=FILE is required".into()));
         }
+        check_cli_limiter(&disk.rate_limiter, "", "iops").map_err(bad)?;
         Ok(disk)
     }
 
@@ -101,6 +109,7 @@ impl DiskConfig {
             return Err(bad("is a directory".into()));
         }
         self.validate_backing()?;
+        self.validate_rate_limiter()?;
         if let Some(serial) = &self.serial {
             if serial.len() > MAX_SERIAL_LEN {
                 return Err(ConfigError::DiskSpec {
@@ -110,6 +119,18 @@ impl DiskConfig {
             }
         }
         Ok(())
+    }
+
+    pub fn validate_rate_limiter(&self) -> Result<(), ConfigError> {
+        match &self.rate_limiter {
+            Some(l) => l
+                .validate("rate_limiter")
+                .map_err(|e| ConfigError::DiskSpec {
+                    spec: format!("path={}", self.path.display()),
+                    reason: e.to_string(),
+                }),
+            None => Ok(()),
+        }
     }
 
     /// The backing-file options make sense together (`backing_dir` is a directory).
@@ -187,6 +208,21 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_on_the_command_line() {
+        let d = DiskConfig::parse("path=/d.img,bps=1M,iops=100").unwrap();
+        let l = d.rate_limiter.unwrap();
+        assert_eq!(
+            (l.bandwidth.unwrap().size, l.ops.unwrap().size),
+            (1 << 20, 100)
+        );
+        assert_eq!(l.ops.unwrap().refill_time, 1000);
+        assert!(DiskConfig::parse("path=/d.img")
+            .unwrap()
+            .rate_limiter
+            .is_none());
+    }
+
+    #[test]
     fn rejects_bad_specs_with_the_reason() {
         for (spec, want) in [
             ("/d.img", "is not key=value"),
@@ -194,6 +230,9 @@ mod tests {
             ("path=/d,format=vmdk", "format=vmdk: use raw or qcow2"),
             ("path=/d,readonly=maybe", "readonly=maybe: use on or off"),
             ("path=/d,cache=none", "unknown key \"cache\""),
+            ("path=/d,bps=-5", "bps=-5: not a number"),
+            ("path=/d,iops=lots", "iops=lots: not a number"),
+            ("path=/d,iops_burst=9", "iops_burst needs a rate (iops=...)"),
         ] {
             let e = DiskConfig::parse(spec).unwrap_err().to_string();
             assert!(e.contains(want), "{spec}: {e}");

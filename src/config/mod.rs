@@ -3,10 +3,12 @@
 
 mod disk;
 mod net;
+pub mod rate_limiter;
 pub mod size;
 
 pub use disk::{DiskConfig, DiskFormat};
 pub use net::{MacAddr, NetConfig, MIN_MTU};
+pub use rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 
 pub use size::MemSize;
 

@@ -1,5 +1,7 @@
-//! Network interfaces: `--net tap=NAME[,mac=52:54:00:12:34:56][,mtu=N][,offload=off]`.
+//! Network interfaces: `--net tap=NAME[,mac=52:54:00:12:34:56][,mtu=N][,offload=off]
+//! [,rx_bps=RATE][,rx_pps=N][,tx_bps=RATE][,tx_pps=N][,rx_bps_burst=N]...`.
 
+use super::rate_limiter::{check_cli_limiter, parse_cli_key, RateLimiterConfig};
 use super::ConfigError;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
@@ -31,6 +33,12 @@ pub struct NetConfig {
     /// on unless turned off.
     #[serde(default = "offload_default", skip_serializing_if = "is_true")]
     pub offload: bool,
+    /// Limits on the frames the guest receives and sends (Firecracker's
+    /// `rx_rate_limiter`, `tx_rate_limiter`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 fn offload_default() -> bool {
@@ -53,11 +61,18 @@ impl NetConfig {
             mac: None,
             mtu: None,
             offload: true,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         };
         for part in s.split(',') {
             let (key, value) = part
                 .split_once('=')
                 .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+            if parse_cli_key(&mut net.rx_rate_limiter, "rx_", "pps", key, value).map_err(bad)?
+                || parse_cli_key(&mut net.tx_rate_limiter, "tx_", "pps", key, value).map_err(bad)?
+            {
+                continue;
+            }
             match key {
                 "tap" => net.tap = value.to_string(),
                 "mac" => {
@@ -81,9 +96,16 @@ impl NetConfig {
                         _ => return Err(bad(format!("offload={value}: use on or off"))),
                     }
                 }
-                _ => return Err(bad(format!("unknown key {key:?} (tap, mac, mtu, offload)"))),
+                _ => {
+                    return Err(bad(format!(
+                        "unknown key {key:?} (tap, mac, mtu, offload, rx_bps, rx_pps, tx_bps, \
+                         tx_pps, and each with _burst)"
+                    )))
+                }
             }
         }
+        check_cli_limiter(&net.rx_rate_limiter, "rx_", "pps").map_err(bad)?;
+        check_cli_limiter(&net.tx_rate_limiter, "tx_", "pps").map_err(bad)?;
         net.validate().map_err(|e| match e {
             ConfigError::NetSpec { reason, .. } => bad(reason),
             e => e,
@@ -108,6 +130,14 @@ impl NetConfig {
         if let Some(mtu) = self.mtu {
             if mtu < MIN_MTU {
                 return Err(bad(format!("mtu={mtu}: at least {MIN_MTU}")));
+            }
+        }
+        for (field, l) in [
+            ("rx_rate_limiter", &self.rx_rate_limiter),
+            ("tx_rate_limiter", &self.tx_rate_limiter),
+        ] {
+            if let Some(l) = l {
+                l.validate(field).map_err(|e| bad(e.to_string()))?;
             }
         }
         Ok(())
@@ -185,6 +215,15 @@ mod tests {
         assert!(NetConfig::parse("tap=t").unwrap().offload);
         assert!(!NetConfig::parse("tap=t,offload=off").unwrap().offload);
         assert_eq!(NetConfig::parse("tap=t,mtu=9000").unwrap().mtu, Some(9000));
+        let n = NetConfig::parse("tap=t,tx_bps=100K,rx_pps=10,rx_pps_burst=5").unwrap();
+        assert_eq!(
+            n.tx_rate_limiter.unwrap().bandwidth.unwrap().size,
+            100 << 10
+        );
+        assert_eq!(
+            n.rx_rate_limiter.unwrap().ops.unwrap().one_time_burst,
+            Some(5)
+        );
     }
 
     #[test]
@@ -199,6 +238,8 @@ mod tests {
             ("tap=t,offload=no", "use on or off"),
             ("tap=t,mtu=67", "at least 68"),
             ("tap=t,mtu=big", "not a number"),
+            ("tap=t,tx_bps=1.5M", "tx_bps=1.5M: not a number"),
+            ("tap=t,bps=1", "unknown key \"bps\""),
         ] {
             let e = NetConfig::parse(spec).unwrap_err().to_string();
             assert!(e.contains(want), "{spec}: {e}");

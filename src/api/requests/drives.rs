@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::rate_limiter::check_no_limit;
+use super::rate_limiter::check_limiter;
 use super::{check_id, non_empty_path, ApiFault};
-use crate::config::DiskFormat;
+use crate::config::{DiskFormat, RateLimiterConfig};
 
 /// virtio 1.2 §5.2.6: GET_ID answers with at most 20 bytes.
 pub const MAX_SERIAL_LEN: usize = 20;
@@ -30,9 +30,9 @@ pub struct Drive {
     /// Only `"Sync"` is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<String>,
-    /// Refused unless it limits nothing (wisp has no rate limiters yet).
+    /// Limits on the requests' bytes and count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<serde_json::Value>,
+    pub rate_limiter: Option<RateLimiterConfig>,
     /// vhost-user: not supported, refused when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
@@ -71,6 +71,7 @@ impl Drive {
             backing_files: self.backing_files.unwrap_or(false),
             backing_dir: self.backing_dir.clone(),
             backing_devices: self.backing_devices.unwrap_or(false),
+            rate_limiter: self.rate_limiter,
         }
     }
 
@@ -100,7 +101,7 @@ impl Drive {
                 )))
             }
         }
-        check_no_limit("rate_limiter", self.rate_limiter.as_ref())?;
+        check_limiter("rate_limiter", self.rate_limiter.as_ref())?;
         if self.socket.is_some() {
             return Err(ApiFault::bad_request(
                 "socket: vhost-user drives are not supported by wisp; give path_on_host",
@@ -118,7 +119,8 @@ impl Drive {
     }
 }
 
-/// `PATCH /drives/{drive_id}` (after boot): a new backing file for the drive.
+/// `PATCH /drives/{drive_id}` (after boot): a new backing file for the drive, new rate
+/// limits, or both.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveUpdate {
@@ -127,9 +129,9 @@ pub struct DriveUpdate {
     /// change the rate limiter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_on_host: Option<PathBuf>,
-    /// Refused unless it limits nothing (wisp has no rate limiters).
+    /// The buckets given replace the drive's (size 0: no limit); those left out stay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<serde_json::Value>,
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl DriveUpdate {
@@ -138,6 +140,6 @@ impl DriveUpdate {
         if let Some(p) = &self.path_on_host {
             non_empty_path("path_on_host", p)?;
         }
-        check_no_limit("rate_limiter", self.rate_limiter.as_ref())
+        check_limiter("rate_limiter", self.rate_limiter.as_ref())
     }
 }

@@ -2,9 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::rate_limiter::check_no_limit;
+use super::rate_limiter::check_limiter;
 use super::{check_id, ApiFault};
 pub use crate::config::MacAddr;
+use crate::config::RateLimiterConfig;
 
 /// A Linux interface name holds at most IFNAMSIZ - 1 bytes.
 pub const MAX_IFNAME_LEN: usize = 15;
@@ -20,12 +21,12 @@ pub struct NetworkInterface {
     /// The MTU told to the guest (VIRTIO_NET_F_MTU) and set on the tap, 68 to 65535.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
-    /// Refused unless it limits nothing (wisp has no rate limiters yet).
+    /// Limits on the frames the guest receives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rx_rate_limiter: Option<serde_json::Value>,
-    /// Refused unless it limits nothing (wisp has no rate limiters yet).
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on the frames the guest sends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tx_rate_limiter: Option<serde_json::Value>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
     /// wisp: checksum and segmentation offloads offered to the guest (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offload: Option<bool>,
@@ -52,20 +53,21 @@ impl NetworkInterface {
                 )));
             }
         }
-        check_no_limit("rx_rate_limiter", self.rx_rate_limiter.as_ref())?;
-        check_no_limit("tx_rate_limiter", self.tx_rate_limiter.as_ref())
+        check_limiter("rx_rate_limiter", self.rx_rate_limiter.as_ref())?;
+        check_limiter("tx_rate_limiter", self.tx_rate_limiter.as_ref())
     }
 }
 
-/// `PATCH /network-interfaces/{iface_id}` (after boot): Firecracker's new rate limiters.
+/// `PATCH /network-interfaces/{iface_id}` (after boot): Firecracker's new rate limiters; the
+/// buckets given replace the interface's (size 0: no limit), those left out stay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkInterfaceUpdate {
     pub iface_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rx_rate_limiter: Option<serde_json::Value>,
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tx_rate_limiter: Option<serde_json::Value>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl NetworkInterfaceUpdate {
@@ -75,7 +77,7 @@ impl NetworkInterfaceUpdate {
             ("rx_rate_limiter", &self.rx_rate_limiter),
             ("tx_rate_limiter", &self.tx_rate_limiter),
         ] {
-            check_no_limit(field, limiter.as_ref())?;
+            check_limiter(field, limiter.as_ref())?;
         }
         Ok(())
     }

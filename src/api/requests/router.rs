@@ -77,6 +77,8 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
 ];
 
 /// What the router made of a request.
+// Made once per API call and moved to the main thread: not worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Routed {
     /// For the main thread.
