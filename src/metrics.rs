@@ -434,6 +434,7 @@ pub fn configure(path: &Path) -> Result<(), MetricsError> {
         reason: crate::config::io_reason(&e),
     })?;
     state().dest = Some(file);
+    start_periodic();
     Ok(())
 }
 
@@ -454,13 +455,19 @@ pub fn set(group: &str, field: &str, value: u64) {
     state().gauges.insert(format!("{group}.{field}"), value);
 }
 
-/// The VM's devices; from now on a line is also written every [`WRITE_PERIOD`] (as
-/// Firecracker does once the VM runs).
+/// The VM's devices; from now on, if metrics have a destination, a line is also written every
+/// [`WRITE_PERIOD`] (as Firecracker does once the VM runs).
 pub fn register_vm(sources: VmSources) {
+    state().vm = Some(sources);
+    start_periodic();
+}
+
+/// Starts the thread that writes a line every [`WRITE_PERIOD`], once there is a VM and a
+/// destination (a VM without metrics gets no thread: nothing to start, nothing to stop).
+fn start_periodic() {
     {
         let mut s = state();
-        s.vm = Some(sources);
-        if std::mem::replace(&mut s.periodic, true) {
+        if s.vm.is_none() || s.dest.is_none() || std::mem::replace(&mut s.periodic, true) {
             return;
         }
     }
