@@ -4,6 +4,7 @@ use crate::arch::x86_64::{acpi, boot, cpuid, layout::*, mptable, pvm, regs};
 use crate::cgroup::VmCgroup;
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::device_manager::DeviceManager;
+use crate::startup_trace;
 use crate::vmm::*;
 use crate::vstate::control::{self, VcpuControl};
 use crate::vstate::exit::{ExitSignal, VmExit};
@@ -34,6 +35,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     let legacy = attach_legacy_devices(&vm, config, &exit)?;
     let mut mmio_bus = Bus::new();
     let devices = attach_virtio_devices(&vm, config, &mut mmio_bus)?;
+    startup_trace::mark("devices: legacy and virtio devices attached");
     let entry = load_kernel(&vm, config, &devices, pvm)?;
     let control = Arc::new(VcpuControl::default());
     let vcpus = create_vcpus(
@@ -48,7 +50,11 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         &exit,
         &control,
     )?;
+    startup_trace::mark("vcpus: created, CPUID, MSRs and registers set");
     let cgroup = create_cgroup(config)?;
+    if cgroup.is_some() {
+        startup_trace::mark("cgroup: created");
+    }
     let vcpu_start = cgroup.clone().map(|cg| -> VcpuStartHook {
         Arc::new(move |id, tid| {
             cg.add_vcpu_thread(id.into(), tid)
@@ -181,6 +187,7 @@ fn load_kernel(
             virtio_mmio: acpi_virtio,
         },
     )?;
+    startup_trace::mark("tables: MP table and ACPI written");
     let kernel = boot::load(
         &vm.mem,
         config.memory.0,
@@ -189,6 +196,7 @@ fn load_kernel(
         &cmdline,
         rsdp,
     )?;
+    startup_trace::mark("kernel: loaded, command line and boot info written");
     Ok(kernel.entry)
 }
 

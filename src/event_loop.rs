@@ -114,6 +114,7 @@ impl EventLoop {
             Phase::Start(vmm, api) => State::Running(self.start(*vmm, api)?),
         };
         let result = self.serve(&mut state);
+        crate::startup_trace::mark("exit: the loop saw the VM's end");
         terminal::restore();
         // The socket file goes with the VM; clients still connected get 503.
         if let Some(api) = self.api.as_mut() {
@@ -122,6 +123,8 @@ impl EventLoop {
         if let State::Running(r) = &mut state {
             r.vmm.shutdown();
         }
+        drop(state);
+        crate::startup_trace::mark("exit: devices closed, guest memory unmapped");
         result
     }
 
@@ -146,6 +149,7 @@ impl EventLoop {
             vmm.shutdown();
             return Err(e.into());
         }
+        crate::startup_trace::mark("threads: vCPU threads started");
         let vm_config = api.as_ref().map(|a| a.config().to_json());
         let nets: Vec<_> = vmm
             .devices
@@ -162,6 +166,7 @@ impl EventLoop {
         let mut sources = crate::metrics::VmSources::new(vm_config.as_ref(), &blocks, &nets);
         sources.vcpus = Some(vmm.control.clone());
         crate::metrics::register_vm(sources);
+        crate::startup_trace::mark("loop: serving");
         Ok(Box::new(Running {
             vmm,
             api,

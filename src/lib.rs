@@ -13,6 +13,7 @@ pub mod jail;
 pub mod logger;
 pub mod metrics;
 pub mod signals;
+pub mod startup_trace;
 pub mod terminal;
 pub mod vmm;
 pub mod vstate;

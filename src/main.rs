@@ -6,6 +6,7 @@ use wisp::event_loop::{EventLoop, Phase, RunError};
 use wisp::vstate::exit::VmExit;
 
 fn main() {
+    wisp::startup_trace::init();
     // A node agent written for Firecracker starts `jailer`: wisp under that name is its jail.
     let invoked_as = std::env::args_os().next().unwrap_or_default();
     if Path::new(&invoked_as).file_name() == Some(std::ffi::OsStr::new("jailer")) {
@@ -43,6 +44,7 @@ fn main() {
             match command {
                 Command::Run(args) => match args.to_config() {
                     Ok(config) => {
+                        wisp::startup_trace::mark("args: command line parsed");
                         ended(run_vm(|| wisp::builder::build(&config).map_err(Into::into)))
                     }
                     Err(e) => fail(&e),
@@ -56,6 +58,7 @@ fn main() {
         }
         None => firecracker(&cli.firecracker),
     };
+    wisp::startup_trace::mark("exit: process exiting");
     std::process::exit(code);
 }
 
@@ -96,6 +99,7 @@ fn firecracker(args: &FirecrackerArgs) -> i32 {
     if launch.jailed {
         wisp::jail::mark_inside();
     }
+    wisp::startup_trace::mark("args: command line parsed");
     wisp::logger::use_firecracker_format(&launch.id);
     if let Err(e) = wisp::logger::configure(&launch.log) {
         return fail(&e);
@@ -113,6 +117,7 @@ fn firecracker(args: &FirecrackerArgs) -> i32 {
             return fail(&e);
         }
     }
+    wisp::startup_trace::mark("logger and metrics configured");
     report_startup_time(&launch);
     if let Some(n) = launch.max_payload_size {
         api::set_max_payload_size(n);

@@ -155,6 +155,7 @@ impl Vmm {
                 let _ = thread.join();
             }
         }
+        crate::startup_trace::mark("exit: vCPUs stopped");
         for block in self.devices.blocks() {
             if let Err(e) = block.handle.with(|b| b.flush()) {
                 log::error!(
@@ -163,6 +164,7 @@ impl Vmm {
                 );
             }
         }
+        crate::startup_trace::mark("exit: disks written back");
         // The guest's last words reach the console; a reader that does not take them in
         // time loses them (wisp does not wait on it).
         let output = self
@@ -174,6 +176,7 @@ impl Vmm {
         if dropped > 0 {
             log::warn!("console: {dropped} bytes of the guest's console output were dropped");
         }
+        crate::startup_trace::mark("exit: console output written");
         // The vCPU start hooks hold the last other references to the cgroup.
         self.vcpu_start = None;
         if let Some(cg) = self.cgroup.take() {

@@ -3,6 +3,7 @@
 
 import argparse
 import os
+import re
 import select
 import signal
 import statistics
@@ -105,6 +106,56 @@ def run_once(cmd, marker=None, timeout=60.0, mem_bytes=None, sample_on_marker=Fa
             "overhead": overhead, "ok": first is not None}
 
 
+TRACE_RE = re.compile(r"^wisp: startup:\s+(\d+) us \(\+\s*(\d+) us\) (.*)$")
+
+
+def run_traced(cmd, timeout=30.0):
+    """One run with WISP_TRACE_STARTUP: [(phase, us since execve, us in phase)], and the
+    time (us since the spawn's execve, as this process saw it) of the first serial output."""
+    start = time.monotonic()
+    p = subprocess.Popen([SPAWN] + cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=dict(os.environ, WISP_TRACE_STARTUP="1"))
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+    phases = []
+    for line in err.decode(errors="replace").splitlines():
+        m = TRACE_RE.match(line)
+        if m:
+            phases.append((m.group(3), int(m.group(1)), int(m.group(2))))
+    return phases, out, time.monotonic() - start
+
+
+def breakdown(runs, kernel, mem):
+    """Median time of each start-up and exit phase over `runs` runs."""
+    per_phase = {}
+    order = []
+    totals = []
+    for _ in range(runs):
+        phases, out, wall = run_traced(wisp_cmd(kernel, mem))
+        if not phases:
+            print("warning: a traced run printed no trace", file=sys.stderr)
+            continue
+        totals.append(wall * 1e6)
+        for name, at, took in phases:
+            key = re.sub(r" \(.*\)$", "", name)
+            if key not in per_phase:
+                per_phase[key] = ([], [])
+                order.append(key)
+            per_phase[key][0].append(at)
+            per_phase[key][1].append(took)
+    print(f"\n== start-up and exit breakdown (WISP_TRACE_STARTUP), {runs} runs, medians in us")
+    print(f"{'phase':<58} {'phase us':>9} {'since exec':>11}")
+    for key in order:
+        at, took = per_phase[key]
+        print(f"{key:<58} {statistics.median(took):>9.0f} {statistics.median(at):>11.0f}")
+    if totals:
+        print(f"{'spawn -> process exit (wall, this driver)':<58} {'':>9} "
+              f"{statistics.median(totals):>11.0f}")
+
+
 def vmm_child(launcher_pid):
     with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
         return int(f.read().split()[0])
@@ -133,7 +184,12 @@ def main():
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--linux-runs", type=int, default=3)
     ap.add_argument("--no-linux", action="store_true")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only the per-phase start-up and exit times of wisp (WISP_TRACE_STARTUP)")
     a = ap.parse_args()
+    if a.breakdown:
+        breakdown(a.runs, HELLO, "128M")
+        return
 
     with open("/proc/cpuinfo") as f:
         model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")

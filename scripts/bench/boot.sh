@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Boot benchmark: wisp against QEMU (microvm, KVM) on the same guests, alternating runs.
 #
-#   scripts/bench/boot.sh [--runs N] [--linux-runs N] [--no-linux]
+#   scripts/bench/boot.sh [--runs N] [--linux-runs N] [--no-linux] [--breakdown]
 #
 # Prints, for each VMM, median and range of: time from process start to the guest's first
 # serial output, time to process exit, peak RSS, and memory overhead (RSS minus the guest

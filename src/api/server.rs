@@ -41,6 +41,7 @@ impl ServerHandle {
         evt: Arc<EventFd>,
     ) -> Result<Self, ApiError> {
         let listener = bind(path)?;
+        crate::startup_trace::mark("api: socket listening");
         let meta = std::fs::symlink_metadata(path).map_err(|source| ApiError::Socket {
             op: "stat",
             path: path.to_path_buf(),

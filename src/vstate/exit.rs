@@ -86,6 +86,7 @@ impl ExitSignal {
     pub fn report(&self, exit: VmExit) {
         let mut slot = self.inner.0.lock().unwrap_or_else(PoisonError::into_inner);
         if slot.is_none() {
+            crate::startup_trace::mark(&format!("exit: reported ({exit})"));
             *slot = Some(exit);
             let _ = self.inner.1.write(1);
         }

@@ -66,6 +66,9 @@ impl Vcpu {
     fn run(&mut self) -> Option<VmExit> {
         let id = self.id;
         let mut dumped = self.control.dump_generation();
+        if crate::startup_trace::enabled() {
+            crate::startup_trace::mark(&format!("vcpu{id}: first KVM_RUN"));
+        }
         loop {
             self.control.park_if_paused();
             if self.control.stop_requested() {

@@ -69,14 +69,10 @@ impl Vm {
             // Only Intel's real-mode emulation needs it; some backends refuse it.
             log::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
         }
-        fd.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
+        crate::startup_trace::mark("kvm: /dev/kvm opened, VM created");
+        // Memory before the irqchip, as Cloud Hypervisor does: once KVM has an in-kernel
+        // irqchip, registering a 128 MiB slot took 8-10 ms here (two of the host's 4 ms
+        // ticks), against 0.1 ms before it.
         let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_size)
             .into_iter()
             .map(|(start, len)| (GuestAddress(start), len as usize))
@@ -107,6 +103,15 @@ impl Vm {
             unsafe { fd.set_user_memory_region(region_desc) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
+        crate::startup_trace::mark("memory: guest RAM mapped and registered");
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        crate::startup_trace::mark("irqchip: in-kernel PIC, IOAPIC and PIT");
         Ok(Self { kvm, fd, mem })
     }
 }
