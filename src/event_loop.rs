@@ -122,6 +122,7 @@ impl EventLoop {
         }
         if let State::Running(r) = &mut state {
             r.vmm.shutdown();
+            r.vmm.hand_off_teardown();
         }
         drop(state);
         crate::startup_trace::mark("exit: devices closed, guest memory unmapped");

@@ -9,6 +9,7 @@ use crate::vstate::exit::ExitSignal;
 use crate::vstate::vcpu::{ThreadStart, Vcpu};
 use crate::vstate::vm::{Vm, VmError};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -191,6 +192,17 @@ impl Vmm {
                 }
             }
         }
+    }
+
+    /// Last, after [`Vmm::shutdown`]: KVM's teardown of the VM goes to a child process
+    /// (`vstate::teardown`), so that wisp's exit does not wait for it.
+    pub fn hand_off_teardown(&self) {
+        let handed = crate::vstate::teardown::hand_off(self._vm.fd.as_raw_fd(), &self._vm.mem);
+        crate::startup_trace::mark(if handed {
+            "exit: KVM's teardown handed to a child"
+        } else {
+            "exit: KVM's teardown stays here"
+        });
     }
 
     pub fn state(&self) -> InstanceState {

@@ -2,5 +2,6 @@
 
 pub mod control;
 pub mod exit;
+pub mod teardown;
 pub mod vcpu;
 pub mod vm;
