@@ -149,6 +149,14 @@ fn jailed_probe_guest_runs_confined_and_is_cleaned_up() {
     // The process: its root is the chroot, it is uid/gid 10123 with no capability left and
     // no_new_privs, in the jail's cgroups and the test's network namespace.
     assert_jailed(pid, &root, UID);
+    // The cleanup refuses to pull the jail from under a running VMM.
+    let early = guard.cleanup();
+    let err = String::from_utf8_lossy(&early.stderr);
+    assert!(
+        !early.status.success() && err.contains(&format!("process {pid} still runs in")),
+        "{err}"
+    );
+    assert!(sock.exists());
     let cgroups = std::fs::read_to_string(proc_dir.join("cgroup")).unwrap();
     for c in CONTROLLERS {
         let line = format!(":{c}:/{}/{}", guard.parent_cgroup, guard.id);
@@ -435,6 +443,10 @@ fn bad_jailer_input_is_refused_in_one_line_and_nothing_is_made() {
         ),
         (&["--cgroup", "..cpu.max=1"], "may not contain '/' or '..'"),
         (&["--parent-cgroup", "../x"], "--parent-cgroup"),
+        (
+            &["--cgroup", "nosuch.file=1"],
+            "--cgroup: controller `nosuch` is not available in cgroup v1",
+        ),
         (
             &["--chroot-base-dir", link.to_str().unwrap()],
             "is a symbolic link",

@@ -69,6 +69,22 @@ fn hierarchy(
     }
 }
 
+/// Checks, before anything is made, that a hierarchy of `version` serves every setting's
+/// controller.
+pub fn check_available(
+    version: CgroupVersion,
+    settings: &[CgroupSetting],
+) -> Result<(), JailError> {
+    if settings.is_empty() {
+        return Ok(());
+    }
+    let table = mounts()?;
+    for s in settings {
+        hierarchy(&table, version, &s.controller)?;
+    }
+    Ok(())
+}
+
 /// Makes `rel` under `root` level by level. In a v1 cpuset hierarchy a new group starts
 /// with no CPUs or memory nodes, and no task may join it: each level gets its parent's.
 /// In v2, each level above enables the controller for its children.

@@ -167,6 +167,8 @@ pub enum JailError {
     Cgroups(String),
     #[error("{}: {reason}", path.display())]
     Unsafe { path: PathBuf, reason: &'static str },
+    #[error("process {pid} still runs in {}: stop it before the cleanup", root.display())]
+    StillRunning { pid: u32, root: PathBuf },
     #[error("cannot exec {}: {source}", path.display())]
     Exec {
         path: PathBuf,
@@ -440,6 +442,12 @@ impl JailArgs {
                 source,
             })?;
         }
+        let cgroups: Vec<CgroupSetting> = self
+            .cgroups
+            .iter()
+            .map(|c| parse_cgroup(c))
+            .collect::<Result<_, _>>()?;
+        cgroup::check_available(cgroup_version, &cgroups)?;
         Ok(Jail {
             id,
             exec_file,
@@ -448,11 +456,7 @@ impl JailArgs {
             paths,
             netns: self.netns.clone(),
             cgroup_version,
-            cgroups: self
-                .cgroups
-                .iter()
-                .map(|c| parse_cgroup(c))
-                .collect::<Result<_, _>>()?,
+            cgroups,
             new_pid_ns: self.new_pid_ns,
             daemonize: self.daemonize,
             resource_limits: self
@@ -489,6 +493,12 @@ impl Cleanup {
     /// Removes the VM's cgroup directories (which fails while a process is still in them),
     /// then its chroot directory. Returns what was removed.
     pub fn run(&self) -> Result<Vec<PathBuf>, JailError> {
+        if let Some(pid) = process_inside(&self.paths.root) {
+            return Err(JailError::StillRunning {
+                pid,
+                root: self.paths.root.clone(),
+            });
+        }
         let mut removed = cgroup::remove(self.cgroup_version, &self.paths.cgroup)?;
         match std::fs::symlink_metadata(&self.paths.id_dir) {
             Ok(_) => {
@@ -512,6 +522,17 @@ impl Cleanup {
         }
         Ok(removed)
     }
+}
+
+/// A process whose root directory is `root` (the VMM, or anything it left running).
+fn process_inside(root: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let jail = std::fs::metadata(root).ok()?;
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let m = std::fs::metadata(e.path().join("root")).ok()?;
+        ((m.dev(), m.ino()) == (jail.dev(), jail.ino())).then_some(pid)
+    })
 }
 
 static INSIDE: AtomicBool = AtomicBool::new(false);
