@@ -493,11 +493,16 @@ impl Cleanup {
     /// Removes the VM's cgroup directories (which fails while a process is still in them),
     /// then its chroot directory. Returns what was removed.
     pub fn run(&self) -> Result<Vec<PathBuf>, JailError> {
-        if let Some(pid) = process_inside(&self.paths.root) {
-            return Err(JailError::StillRunning {
-                pid,
-                root: self.paths.root.clone(),
-            });
+        // wisp's exit leaves a child closing the VM for a few (loaded: ~100) milliseconds.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while let Some(pid) = process_inside(&self.paths.root) {
+            if std::time::Instant::now() >= deadline {
+                return Err(JailError::StillRunning {
+                    pid,
+                    root: self.paths.root.clone(),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let mut removed = cgroup::remove(self.cgroup_version, &self.paths.cgroup)?;
         match std::fs::symlink_metadata(&self.paths.id_dir) {
