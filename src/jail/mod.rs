@@ -120,6 +120,8 @@ pub enum JailError {
     },
     #[error("--exec-file: {} is not a regular file", .0.display())]
     ExecNotAFile(PathBuf),
+    #[error("--exec-file: the file name of {} must be UTF-8 text (it names the chroot's directory)", .0.display())]
+    ExecName(PathBuf),
     #[error("--{flag}: {value:?} is not a number")]
     BadNumber { flag: &'static str, value: String },
     #[error("--{0} 0 is root: the VMM would keep every capability; give --allow-root to mean it")]
@@ -321,7 +323,7 @@ fn exec_name(path: &Path) -> Result<String, JailError> {
         .and_then(|n| n.to_str())
         .filter(|n| plain_relative(n))
         .map(str::to_string)
-        .ok_or_else(|| JailError::ExecNotAFile(path.to_path_buf()))
+        .ok_or_else(|| JailError::ExecName(path.to_path_buf()))
 }
 
 fn parse_cgroup(value: &str) -> Result<CgroupSetting, JailError> {
