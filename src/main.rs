@@ -65,6 +65,13 @@ fn main() {
 /// `wisp jail` / `jailer`: build the jail and exec the VMM in it (returns only on failure),
 /// or remove what an earlier run made.
 fn jail(args: &wisp::jail::JailArgs) -> i32 {
+    if args.version {
+        println!(
+            "wisp jailer v{} (Firecracker's jailer contract)",
+            api::VMM_VERSION
+        );
+        return 0;
+    }
     if args.cleanup {
         return match args.validate_cleanup().and_then(|c| c.run()) {
             Ok(removed) => {

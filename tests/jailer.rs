@@ -471,9 +471,15 @@ fn bad_jailer_input_is_refused_in_one_line_and_nothing_is_made() {
         String::from_utf8_lossy(&out.stderr).trim(),
         "wisp: error: --id is required"
     );
-    // The same checks through the `jailer` name.
+    // The same checks through the `jailer` name, which also answers --version as
+    // Firecracker's does.
     let jailer = dir.join("jailer");
     std::os::unix::fs::symlink(wisp_bin(), &jailer).unwrap();
+    let out = Command::new(&jailer).arg("--version").output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("wisp jailer v"),
+        "{out:?}"
+    );
     let out = Command::new(&jailer)
         .args([
             "--id",

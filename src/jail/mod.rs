@@ -83,6 +83,9 @@ pub struct JailArgs {
     /// included: use it for the VM's own files (its disks), not for files shared between VMs.
     #[arg(long = "link-in", value_name = "HOST[:JAIL]")]
     pub link_in: Vec<String>,
+    /// Print the version and exit.
+    #[arg(long)]
+    pub version: bool,
     /// Remove what the jailer made for --id (the `<id>` chroot directory and cgroup
     /// directories) instead of starting anything; the VM must have exited.
     #[arg(long)]
