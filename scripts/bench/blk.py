@@ -3,6 +3,7 @@
 on QEMU (microvm, virtio-blk-device), alternating, on the same files."""
 
 import argparse
+import json
 import os
 import select
 import signal
@@ -59,6 +60,62 @@ def vmms(args):
         v["wisp-qcow2"] = ("wisp, qcow2 image of the same data (fully allocated, 64 KiB clusters), "
                            "buffered I/O", wisp(QCOW2, "qcow2"))
     return v
+
+
+# Rate limiter rows: (label, op, bs, qd, limiter, limit, unit). The limiter is Firecracker's
+# JSON; buckets hold a hundredth of a second (refill_time 10 ms) so that the full bucket a
+# run starts with adds almost nothing. "unreached": limits far above what the device does,
+# so every request goes through the buckets and none waits (the cost of the check).
+UNREACHED = {"bandwidth": {"size": 1 << 50, "refill_time": 10},
+             "ops": {"size": 1 << 40, "refill_time": 10}}
+LIMIT_ROWS = [
+    ("4k randread qd1", "randread", 4096, 1, UNREACHED, None, "IOPS"),
+    ("4k randread qd32", "randread", 4096, 32, UNREACHED, None, "IOPS"),
+    ("4k randread qd1", "randread", 4096, 1,
+     {"ops": {"size": 10, "refill_time": 10}}, 1000, "IOPS"),
+    ("4k randread qd32", "randread", 4096, 32,
+     {"ops": {"size": 10, "refill_time": 10}}, 1000, "IOPS"),
+    ("1M read qd1", "read", 1 << 20, 1,
+     {"bandwidth": {"size": 83886, "refill_time": 10}}, 8, "MiB/s"),
+]
+
+
+def wisp_limited(limiter, tag):
+    """wisp on the raw file with `limiter` on the disk (wisp's JSON config)."""
+    def argv(cl):
+        path = os.path.join(DIR, f"blk-limits-{tag}.json")
+        with open(path, "w") as f:
+            json.dump({"kernel": PROBE, "memory": "128M", "console": "stdio", "cmdline": cl,
+                       "disks": [{"path": RAW, "format": "raw", "rate_limiter": limiter}]}, f)
+        return [WISP, "run", "--config", path]
+    return argv
+
+
+def limits(a):
+    """The rate limiter rows: the cost of a limiter not reached, and accuracy at the limit."""
+    plain = vmms(a)["wisp"][1]
+    res = {i: ([], []) for i in range(len(LIMIT_ROWS))}
+    for r in range(a.runs):
+        for i, (_, op, bs, qd, limiter, _, _) in enumerate(LIMIT_ROWS):
+            cl = (f"probe.scenario=blk-bench probe.op={op} probe.bs={bs} probe.qd={qd} "
+                  f"probe.ms={a.limit_ms} probe.span_mib={a.size_mib}")
+            res[i][0].append(run_once(plain(cl), timeout=a.limit_ms / 1000 + 60))
+            res[i][1].append(run_once(wisp_limited(limiter, i)(cl), timeout=a.limit_ms / 1000 + 60))
+        print(f"  limits round {r + 1}/{a.runs} done", file=sys.stderr)
+    print(f"\n== rate limiters (wisp only, {a.limit_ms} ms per run, {a.runs} runs, alternating "
+          "with no limiter), median [min-max]")
+    print(f"{'workload':<18} {'limit':<16} {'unit':<6} {'no limiter':<24} {'limiter':<24} "
+          f"{'limiter/none':<12} {'% of limit':<10}")
+    for i, (label, _, _, _, _, limit, unit) in enumerate(LIMIT_ROWS):
+        none_s, none_m = fmt([value(r, unit) for r in res[i][0] if r])
+        lim_s, lim_m = fmt([value(r, unit) for r in res[i][1] if r])
+        what = "not reached" if limit is None else f"{limit} {unit}"
+        acc = f"{lim_m / limit * 100:.1f}%" if limit and lim_m else "-"
+        print(f"{label:<18} {what:<16} {unit:<6} {none_s:<24} {lim_s:<24} "
+              f"{ratio(lim_m, none_m):<12} {acc:<10}")
+    print("  % of limit: the guest's own rate (its TSC) over the run, which starts with a full "
+          "bucket (a hundredth of a second's worth)")
+    return sum(1 for i in res for side in res[i] for r in side if r is None)
 
 
 def cpu_ticks(pid):
@@ -192,6 +249,11 @@ def main():
     ap.add_argument("--no-qcow2", action="store_true", help="skip wisp on qcow2")
     ap.add_argument("--qcow2-only", action="store_true",
                     help="only wisp on raw vs wisp on qcow2 (no QEMU runs)")
+    ap.add_argument("--no-limits", action="store_true", help="skip the rate limiter rows")
+    ap.add_argument("--limits-only", action="store_true",
+                    help="only the rate limiter rows (wisp with and without limiters)")
+    ap.add_argument("--limit-ms", type=int, default=5000,
+                    help="probe.ms for the rate limiter rows")
     a = ap.parse_args()
 
     with open("/proc/cpuinfo") as f:
@@ -212,6 +274,8 @@ def main():
           "/proc/PID/stat, from device set-up to the result line, / requests completed")
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if a.limits_only:
+        sys.exit(1 if limits(a) else 0)
     res = {n: {w[0]: [] for w in WORKLOADS} for n in v}
     for i in range(a.runs):
         for label, op, bs, qd, _ in WORKLOADS:
@@ -235,6 +299,8 @@ def main():
         table("wisp on qcow2 vs raw: host CPU per request (us)", res, q, [("wisp-qcow2", "wisp")],
               lambda r, unit: ("us", r["cpu_us_per_req"] if r else None))
     failed = sum(1 for n in res for l in res[n] for r in res[n][l] if r is None)
+    if not a.no_limits:
+        failed += limits(a)
     if failed:
         print(f"\n{failed} runs failed (see warnings)")
         sys.exit(1)

@@ -11,8 +11,10 @@ cd "$(dirname "$0")/../.."
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 
 if ! command -v qemu-system-x86_64 >/dev/null; then
-	echo "boot.sh: installing qemu-system-x86 (the peer)" >&2
-	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-system-x86 >/dev/null
+	# Debian 12's qemu-system-x86 (7.2) removes a newer qemu-utils (qemu-img, qemu-io),
+	# which tests use as judges: put 7.2's back with it.
+	echo "boot.sh: installing qemu-system-x86 and qemu-utils 7.2 (the peer)" >&2
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-system-x86 qemu-utils >/dev/null
 fi
 cargo build --release --bins -q
 mkdir -p target/bench

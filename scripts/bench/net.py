@@ -13,6 +13,7 @@ One guest boot per VMM and payload size, the probe's `net` scenario:
 """
 
 import argparse
+import json
 import os
 import re
 import select
@@ -39,6 +40,30 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 def wisp_cmd(tap, cmdline):
     return [WISP, "run", "--kernel", PROBE, "--memory", "128M", "--console", "stdio",
             "--net", f"tap={tap},mac={MAC}", "--cmdline", cmdline]
+
+
+def wisp_unreached_cmd(tap, cmdline):
+    """wisp with rate limiters on both directions far above what the device does: every frame
+    goes through the buckets, none waits (the cost of the check)."""
+    lim = "1024G"
+    return [WISP, "run", "--kernel", PROBE, "--memory", "128M", "--console", "stdio",
+            "--net", f"tap={tap},mac={MAC},rx_bps={lim},rx_pps={lim},tx_bps={lim},tx_pps={lim}",
+            "--cmdline", cmdline]
+
+
+# The transmit limit of the at-the-limit rows, frames per second, with a bucket of a hundredth
+# of a second (so the full bucket a boot starts with adds almost nothing).
+TX_PPS_LIMIT = 2000
+
+
+def wisp_limit_cmd(tap, cmdline):
+    """wisp with the guest's transmit limited to TX_PPS_LIMIT frames/s (wisp's JSON config)."""
+    path = f"/tmp/wisp-bench-net-limit-{os.getpid()}.json"
+    with open(path, "w") as f:
+        json.dump({"kernel": PROBE, "memory": "128M", "console": "stdio", "cmdline": cmdline,
+                   "nets": [{"tap": tap, "mac": MAC, "tx_rate_limiter": {
+                       "ops": {"size": TX_PPS_LIMIT // 100, "refill_time": 10}}}]}, f)
+    return [WISP, "run", "--config", path]
 
 
 def qemu_cmd(tap, cmdline):
@@ -203,11 +228,12 @@ class Guest:
         return err
 
 
-def run_once(mk, tap, recv, length, a):
+def run_once(mk, tap, recv, length, a, burst=None):
     """One boot; returns a dict of measurements or None."""
-    cmdline = (f"probe.scenario=net probe.serve_ms=60000 probe.pings=21 probe.burst={a.burst} "
+    burst = burst or a.burst
+    cmdline = (f"probe.scenario=net probe.serve_ms=60000 probe.pings=21 probe.burst={burst} "
                f"probe.udp_len={length}")
-    recv.reset(length, a.burst)
+    recv.reset(length, burst)
     g = Guest(mk(tap, cmdline))
     r = {}
     try:
@@ -244,7 +270,7 @@ def run_once(mk, tap, recv, length, a):
         r["h2g_rx"] = int(kv["udp-rx"])
         r["h2g_pps"] = r["h2g_rx"] / (t1 - t0)
         r["h2g_cpu_us"] = (c1 - c0) / TICK * 1e6 / max(r["h2g_rx"], 1)
-        r["g2h_cpu_us"] = (g.marks["b1"] - g.marks["b0"]) / TICK * 1e6 / a.burst
+        r["g2h_cpu_us"] = (g.marks["b1"] - g.marks["b0"]) / TICK * 1e6 / burst
     except RuntimeError as e:
         print(f"warning: {e}", file=sys.stderr)
         r = None
@@ -274,12 +300,43 @@ def fmt(values):
     return f"{med:9.3f} [{min(values):.3f}-{max(values):.3f}]", med
 
 
+def limit_rows(res, sizes, a):
+    """wisp with limiters against wisp without: the cost of limits not reached, and the
+    guest's transmit rate at a limit (on the host receiver's kernel timestamps)."""
+    print(f"\n== rate limiters (wisp only), median [min-max]; wisp-unreached: rx/tx limits of "
+          f"1024G bytes and frames per second on the command line; wisp-limit: tx at "
+          f"{TX_PPS_LIMIT} frames/s (bucket of 10 ms), {a.limit_burst}-datagram bursts")
+    print(f"{'metric':<28} {'payload':<8} {'wisp':<30} {'wisp-unreached':<30} unreached/wisp")
+    for size in sizes:
+        for key, label, unit in [("h2g_pps", "host->guest pps", "pps"),
+                                 ("g2h_host_pps", "guest->host pps (host rx)", "pps"),
+                                 ("g2h_cpu_us", "guest->host CPU/pkt", "us")]:
+            w, wm = fmt([r[key] for r in res["wisp"][size] if r and r[key] is not None])
+            u, um = fmt([r[key] for r in res["wisp-unreached"][size]
+                         if r and r[key] is not None])
+            rt = f"{um / wm:.2f}" if um is not None and wm else "n/a"
+            print(f"{label:<28} {size:<8} {w + ' ' + unit:<30} {u + ' ' + unit:<30} {rt}")
+    print(f"{'metric':<28} {'payload':<8} {'wisp-limit':<30} {'% of the limit':<30}")
+    for size in sizes:
+        v, vm = fmt([r["g2h_host_pps"] for r in res["wisp-limit"][size]
+                     if r and r["g2h_host_pps"] is not None])
+        pct = f"{vm / TX_PPS_LIMIT * 100:.1f}%" if vm else "n/a"
+        lost = sum(a.limit_burst - r["g2h_recv"] for r in res["wisp-limit"][size] if r)
+        print(f"{'guest->host pps (host rx)':<28} {size:<8} {v + ' pps':<30} {pct:<30} "
+              f"({lost} datagrams not received)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tap", required=True)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--flood-s", type=float, default=1.5, help="host->guest flood length")
     ap.add_argument("--burst", type=int, default=50000, help="guest->host datagrams per boot")
+    ap.add_argument("--no-limits", action="store_true", help="skip the rate limiter rows")
+    ap.add_argument("--limits-only", action="store_true",
+                    help="only the rate limiter rows (wisp with and without limiters, no QEMU)")
+    ap.add_argument("--limit-burst", type=int, default=10000,
+                    help=f"guest->host datagrams per boot at the {TX_PPS_LIMIT} frames/s limit")
     a = ap.parse_args()
 
     with open("/proc/cpuinfo") as f:
@@ -302,18 +359,26 @@ def main():
           "/proc/PID/stat over the flood (h2g) or the burst (g2h), / packets")
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    vmms = {"wisp": wisp_cmd, "qemu": qemu_cmd}
+    vmms = {"wisp": wisp_cmd} if a.limits_only else {"wisp": wisp_cmd, "qemu": qemu_cmd}
+    limited = {} if a.no_limits else {"wisp-unreached": wisp_unreached_cmd,
+                                      "wisp-limit": wisp_limit_cmd}
     sizes = [64, 1472]
-    res = {n: {s: [] for s in sizes} for n in vmms}
+    res = {n: {s: [] for s in sizes} for n in list(vmms) + list(limited)}
     recv = Receiver()
     try:
         for i in range(a.runs):
             for size in sizes:
-                for name, mk in vmms.items():
-                    res[name][size].append(run_once(mk, a.tap, recv, size, a))
+                for name, mk in list(vmms.items()) + list(limited.items()):
+                    burst = a.limit_burst if name == "wisp-limit" else None
+                    res[name][size].append(run_once(mk, a.tap, recv, size, a, burst))
             print(f"  round {i + 1}/{a.runs} done", file=sys.stderr)
     finally:
         recv.close()
+    failed = sum(1 for n in res for s in sizes for r in res[n][s] if r is None)
+    if limited:
+        limit_rows(res, sizes, a)
+    if a.limits_only:
+        sys.exit(1 if failed else 0)
 
     rows = [
         ("h2g_pps", "host->guest pps", "pps", True),
@@ -346,7 +411,6 @@ def main():
                   f"tap dropped {sum(r['h2g_dropped'] for r in ok)}; "
                   f"g2h {sum(r['g2h_recv'] for r in ok)} of {a.burst * len(ok)} received, "
                   f"{sum(r['g2h_bad'] for r in ok)} unexpected")
-    failed = sum(1 for n in res for s in sizes for r in res[n][s] if r is None)
     if failed:
         print(f"\n{failed} boots failed (see warnings)")
         sys.exit(1)
