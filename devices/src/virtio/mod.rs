@@ -61,6 +61,7 @@ pub mod queue;
 pub mod rng;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod testing;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -97,6 +98,7 @@ pub mod device_type {
     pub const NET: u32 = 1;
     pub const BLOCK: u32 = 2;
     pub const RNG: u32 = 4;
+    pub const VSOCK: u32 = 19;
 }
 
 /// InterruptStatus bits (virtio 1.2 §4.2.2).
