@@ -333,10 +333,9 @@ pub(crate) fn open_file_or_pipe(path: &Path) -> std::io::Result<File> {
 mod tests {
     use super::*;
 
-    fn temp_dir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("wisp-logger-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    fn temp_dir(tag: &str) -> vmm_sys_util::tempdir::TempDir {
+        let prefix = std::env::temp_dir().join(format!("wisp-logger-{tag}-"));
+        vmm_sys_util::tempdir::TempDir::new_with_prefix(prefix).unwrap()
     }
 
     #[test]
@@ -430,8 +429,9 @@ mod tests {
 
     #[test]
     fn destination_errors_name_the_path_and_change_nothing() {
-        let dir = temp_dir("bad");
-        for bad in [dir.clone(), dir.join("missing/dir/wisp.log")] {
+        let tmp = temp_dir("bad");
+        let dir = tmp.as_path();
+        for bad in [dir.to_path_buf(), dir.join("missing/dir/wisp.log")] {
             let e = configure(&LogSettings {
                 path: Some(bad.clone()),
                 level: Some(LevelFilter::Trace),
@@ -449,12 +449,12 @@ mod tests {
                 "the level was changed"
             );
         }
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn a_named_pipe_without_a_reader_opens_and_never_blocks() {
-        let dir = temp_dir("fifo");
+        let tmp = temp_dir("fifo");
+        let dir = tmp.as_path();
         let path = dir.join("log.fifo");
         let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
         // SAFETY: mkfifo on a NUL-terminated path we own.
@@ -468,12 +468,12 @@ mod tests {
                 .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock)
         });
         assert!(full, "a full pipe must refuse, not block");
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn a_symbolic_link_or_a_block_device_is_never_written() {
-        let dir = temp_dir("links");
+        let tmp = temp_dir("links");
+        let dir = tmp.as_path();
         let target = dir.join("precious");
         std::fs::write(&target, b"keep me\n").unwrap();
         let link = dir.join("wisp.log");
@@ -505,6 +505,5 @@ mod tests {
             let e = open_destination(&dev.path()).unwrap_err().to_string();
             assert!(e.contains("is not a regular file"), "{e}");
         }
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

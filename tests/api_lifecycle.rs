@@ -4,7 +4,6 @@
 
 mod common;
 use common::*;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -13,11 +12,6 @@ const T: Duration = Duration::from_secs(60);
 
 fn sock_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("wisp-api-{}-{name}.sock", std::process::id()))
-}
-
-/// One request with the shared HTTP/1.1 client; returns (status, body).
-fn call(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    api_call(sock, method, path, body)
 }
 
 fn curl(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
@@ -41,18 +35,6 @@ fn curl(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let (body, code) = text.rsplit_once('\n').unwrap();
     (code.trim().parse().unwrap(), body.to_string())
-}
-
-fn wait_socket(sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(sock).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "API socket {} never accepted",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn progress_count(console: &str) -> usize {
@@ -83,7 +65,7 @@ fn configure_start_pause_resume_and_stop_through_the_api() {
     }
     let sock = sock_path("life");
     let mut w = Wisp::spawn(&["--api-sock", sock.to_str().unwrap(), "--id", "vm-life"]);
-    wait_socket(&sock);
+    wait_api_socket(&sock);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
@@ -101,7 +83,7 @@ fn configure_start_pause_resume_and_stop_through_the_api() {
     assert_eq!(st, 400, "{body}");
     assert!(body.contains("fault_message"));
     // A start without a boot source says what is missing.
-    let (st, body) = call(
+    let (st, body) = api_call(
         &sock,
         "PUT",
         "/actions",
@@ -134,13 +116,13 @@ fn configure_start_pause_resume_and_stop_through_the_api() {
     assert_eq!(st, 204, "{body}");
     w.wait_for("probe: progress 2", T);
     assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&call(&sock, "GET", "/", None).1).unwrap()
+        serde_json::from_str::<serde_json::Value>(&api_call(&sock, "GET", "/", None).1).unwrap()
             ["state"],
         "Running"
     );
 
     // Paused: no progress lines, no vCPU CPU time.
-    let (st, _) = call(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    let (st, _) = api_call(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
     assert_eq!(st, 204);
     std::thread::sleep(Duration::from_millis(300));
     let (lines, ticks) = (progress_count(&w.stdout()), vcpu_ticks(w.pid()));
@@ -155,27 +137,27 @@ fn configure_start_pause_resume_and_stop_through_the_api() {
         "paused vCPU threads used CPU"
     );
     assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&call(&sock, "GET", "/", None).1).unwrap()
+        serde_json::from_str::<serde_json::Value>(&api_call(&sock, "GET", "/", None).1).unwrap()
             ["state"],
         "Paused"
     );
 
-    let (st, _) = call(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    let (st, _) = api_call(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
     assert_eq!(st, 204);
     w.wait_for(&format!("probe: progress {}", lines + 2), T);
 
-    let (st, body) = call(&sock, "GET", "/vm/metrics", None);
+    let (st, body) = api_call(&sock, "GET", "/vm/metrics", None);
     assert_eq!(st, 200);
     let m: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(m["vcpu_exits"].as_u64().unwrap() > 0, "{body}");
-    let (st, body) = call(
+    let (st, body) = api_call(
         &sock,
         "PUT",
         "/actions",
         Some(r#"{"action_type": "InstanceStart"}"#),
     );
     assert_eq!(st, 400, "a second start: {body}");
-    let (st, body) = call(
+    let (st, body) = api_call(
         &sock,
         "PUT",
         "/boot-source",
@@ -194,8 +176,7 @@ fn config_file_without_api_boots_and_exits_with_the_guest() {
     if !kvm_available("config_file_without_api_boots_and_exits_with_the_guest") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("wisp-api-cfg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TestDir::new("api-cfg");
     let file = dir.join("vm.json");
     std::fs::write(
         &file,
@@ -221,7 +202,6 @@ fn config_file_without_api_boots_and_exits_with_the_guest() {
     let f = Wisp::spawn(&["--config-file", file.to_str().unwrap(), "--no-api"]).wait(T);
     assert_eq!(f.code(), Some(1));
     assert!(f.stderr.contains("vcpu_count"), "{}", f.stderr);
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -235,17 +215,17 @@ fn cgroup_cap_is_raised_through_the_api_without_a_restart() {
     let sock = sock_path("cap");
     let probe = probes().probe.to_str().unwrap().to_string();
     let mut w = Wisp::spawn(&["--api-sock", sock.to_str().unwrap(), "--id", "capapi"]);
-    wait_socket(&sock);
+    wait_api_socket(&sock);
     let body = format!(r#"{{"kernel_image_path": "{probe}", "boot_args": "probe.scenario=spin"}}"#);
-    assert_eq!(call(&sock, "PUT", "/boot-source", Some(&body)).0, 204);
+    assert_eq!(api_call(&sock, "PUT", "/boot-source", Some(&body)).0, 204);
     let mc = format!(
         r#"{{"vcpu_count": 2, "mem_size_mib": 64, "cgroup": {{"parent": "{}", "cpu_max": "20000/100000"}}}}"#,
         parent.name
     );
-    let (st, body) = call(&sock, "PUT", "/machine-config", Some(&mc));
+    let (st, body) = api_call(&sock, "PUT", "/machine-config", Some(&mc));
     assert_eq!(st, 204, "{body}");
     assert_eq!(
-        call(
+        api_call(
             &sock,
             "PUT",
             "/actions",
@@ -274,7 +254,7 @@ fn cgroup_cap_is_raised_through_the_api_without_a_restart() {
         "capped at 20%: used {:.1}%",
         low * 100.0
     );
-    let (st, body) = call(
+    let (st, body) = api_call(
         &sock,
         "PATCH",
         "/vm/cgroup",
@@ -288,7 +268,7 @@ fn cgroup_cap_is_raised_through_the_api_without_a_restart() {
         high * 100.0,
         low * 100.0
     );
-    let (st, _) = call(
+    let (st, _) = api_call(
         &sock,
         "PATCH",
         "/vm/cgroup",
@@ -307,14 +287,14 @@ fn send_ctrl_alt_del_reaches_the_guest_which_powers_off() {
     }
     let sock = sock_path("cad");
     let mut w = Wisp::spawn(&["--api-sock", sock.to_str().unwrap()]);
-    wait_socket(&sock);
+    wait_api_socket(&sock);
     let body = format!(
         r#"{{"kernel_image_path": "{}", "boot_args": "probe.scenario=ctrl-alt-del"}}"#,
         probes().probe.display()
     );
-    assert_eq!(call(&sock, "PUT", "/boot-source", Some(&body)).0, 204);
+    assert_eq!(api_call(&sock, "PUT", "/boot-source", Some(&body)).0, 204);
     assert_eq!(
-        call(
+        api_call(
             &sock,
             "PUT",
             "/actions",
@@ -346,29 +326,22 @@ fn labelled_disk(dir: &Path, name: &str, len: usize, label: &[u8]) -> PathBuf {
     p
 }
 
-fn test_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("wisp-api-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// wisp on an API socket, started with the blk-media probe scenario on drive `data`.
 fn start_media_guest(sock: &Path, disk: &Path, wait_ms: u32) -> Wisp {
     let mut w = Wisp::spawn(&["--api-sock", sock.to_str().unwrap()]);
-    wait_socket(sock);
+    wait_api_socket(sock);
     let body = format!(
         r#"{{"kernel_image_path": "{}", "boot_args": "probe.scenario=blk-media probe.wait_ms={wait_ms}"}}"#,
         probes().probe.display()
     );
-    assert_eq!(call(sock, "PUT", "/boot-source", Some(&body)).0, 204);
+    assert_eq!(api_call(sock, "PUT", "/boot-source", Some(&body)).0, 204);
     let body = format!(
         r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false}}"#,
         disk.display()
     );
-    let (st, body) = call(sock, "PUT", "/drives/data", Some(&body));
+    let (st, body) = api_call(sock, "PUT", "/drives/data", Some(&body));
     assert_eq!(st, 204, "{body}");
-    let (st, body) = call(
+    let (st, body) = api_call(
         sock,
         "PUT",
         "/actions",
@@ -384,7 +357,7 @@ fn patch_drive(sock: &Path, path: &Path) -> (u16, String) {
         r#"{{"drive_id": "data", "path_on_host": "{}"}}"#,
         path.display()
     );
-    call(sock, "PATCH", "/drives/data", Some(&body))
+    api_call(sock, "PATCH", "/drives/data", Some(&body))
 }
 
 fn assert_no_probe_failure(f: &Finished) {
@@ -402,7 +375,7 @@ fn patch_drive_gives_the_running_guest_a_new_medium() {
     if !kvm_available("patch_drive_gives_the_running_guest_a_new_medium") {
         return;
     }
-    let dir = test_dir("media");
+    let dir = TestDir::new("api-media");
     let one = labelled_disk(&dir, "one.img", 1 << 20, b"wisp-media-one!!");
     let two = labelled_disk(&dir, "two.img", 3 << 20, b"wisp-media-two!!");
     let sock = sock_path("media");
@@ -415,7 +388,7 @@ fn patch_drive_gives_the_running_guest_a_new_medium() {
     );
 
     // Refused before anything is opened: an unknown drive, a rate limiter that cannot be.
-    let (st, body) = call(
+    let (st, body) = api_call(
         &sock,
         "PATCH",
         "/drives/nope",
@@ -426,7 +399,7 @@ fn patch_drive_gives_the_running_guest_a_new_medium() {
     );
     assert_eq!(st, 400, "{body}");
     assert!(body.contains(r#"no drive \"nope\""#), "{body}");
-    let (st, body) = call(
+    let (st, body) = api_call(
         &sock,
         "PATCH",
         "/drives/data",
@@ -443,7 +416,7 @@ fn patch_drive_gives_the_running_guest_a_new_medium() {
 
     let (st, body) = patch_drive(&sock, &two);
     assert_eq!(st, 204, "{body}");
-    let (st, body) = call(&sock, "GET", "/vm/config", None);
+    let (st, body) = api_call(&sock, "GET", "/vm/config", None);
     assert_eq!(st, 200);
     let config: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(config["drives"][0]["path_on_host"], two.to_str().unwrap());
@@ -457,7 +430,6 @@ fn patch_drive_gives_the_running_guest_a_new_medium() {
         f.stdout
     );
     assert!(f.stdout.contains("probe: done blk-media"), "{}", f.stdout);
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -465,7 +437,7 @@ fn patch_drive_to_a_bad_file_is_refused_and_the_guest_keeps_its_medium() {
     if !kvm_available("patch_drive_to_a_bad_file_is_refused_and_the_guest_keeps_its_medium") {
         return;
     }
-    let dir = test_dir("badmedia");
+    let dir = TestDir::new("api-badmedia");
     let one = labelled_disk(&dir, "one.img", 1 << 20, b"wisp-media-one!!");
     // A named pipe would block whoever opened it until a writer came.
     let fifo = dir.join("pipe");
@@ -476,9 +448,10 @@ fn patch_drive_to_a_bad_file_is_refused_and_the_guest_keeps_its_medium() {
     let w = start_media_guest(&sock, &one, 8_000);
 
     let missing = dir.join("missing.img");
+    let dir_path = dir.to_path_buf();
     for (path, why) in [
         (&missing, "No such file"),
-        (&dir, "directory"),
+        (&dir_path, "directory"),
         (&fifo, "named pipe"),
         // Its own file, read-write: it cannot be locked twice.
         (&one, "already drive"),
@@ -497,7 +470,7 @@ fn patch_drive_to_a_bad_file_is_refused_and_the_guest_keeps_its_medium() {
         !w.stdout().contains("probe: media unchanged"),
         "the guest stopped waiting before the requests were answered"
     );
-    let (_, body) = call(&sock, "GET", "/vm/config", None);
+    let (_, body) = api_call(&sock, "GET", "/vm/config", None);
     let config: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(config["drives"][0]["path_on_host"], one.to_str().unwrap());
 
@@ -509,7 +482,6 @@ fn patch_drive_to_a_bad_file_is_refused_and_the_guest_keeps_its_medium() {
         "{}",
         f.stdout
     );
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -517,14 +489,14 @@ fn put_logger_sends_wisp_log_lines_to_the_file_at_its_level() {
     if !kvm_available("put_logger_sends_wisp_log_lines_to_the_file_at_its_level") {
         return;
     }
-    let dir = test_dir("logger");
+    let dir = TestDir::new("api-logger");
     let log = dir.join("wisp.log");
     let sock = sock_path("logger");
     let mut w = Wisp::spawn(&["--api-sock", sock.to_str().unwrap()]);
-    wait_socket(&sock);
+    wait_api_socket(&sock);
 
     let bad = dir.join("no/such/dir/wisp.log");
-    let (st, body) = call(
+    let (st, body) = api_call(
         &sock,
         "PUT",
         "/logger",
@@ -535,7 +507,7 @@ fn put_logger_sends_wisp_log_lines_to_the_file_at_its_level() {
         body.contains("log_path") && body.contains(&*bad.to_string_lossy()),
         "{body}"
     );
-    let (st, body) = call(
+    let (st, body) = api_call(
         &sock,
         "PUT",
         "/logger",
@@ -549,9 +521,9 @@ fn put_logger_sends_wisp_log_lines_to_the_file_at_its_level() {
         r#"{{"kernel_image_path": "{}", "boot_args": "probe.scenario=ctrl-alt-del"}}"#,
         probes().probe.display()
     );
-    assert_eq!(call(&sock, "PUT", "/boot-source", Some(&body)).0, 204);
+    assert_eq!(api_call(&sock, "PUT", "/boot-source", Some(&body)).0, 204);
     assert_eq!(
-        call(
+        api_call(
             &sock,
             "PUT",
             "/actions",
@@ -562,9 +534,9 @@ fn put_logger_sends_wisp_log_lines_to_the_file_at_its_level() {
     );
     w.wait_for("probe: waiting for ctrl-alt-del", T);
     // Firecracker configures the logger before boot only.
-    let (st, body) = call(&sock, "PUT", "/logger", Some(r#"{"level": "Error"}"#));
+    let (st, body) = api_call(&sock, "PUT", "/logger", Some(r#"{"level": "Error"}"#));
     assert_eq!(st, 400, "{body}");
-    let (st, _) = call(
+    let (st, _) = api_call(
         &sock,
         "PUT",
         "/actions",
@@ -590,5 +562,4 @@ fn put_logger_sends_wisp_log_lines_to_the_file_at_its_level() {
         "the log still went to stderr: {}",
         f.stderr
     );
-    std::fs::remove_dir_all(dir).unwrap();
 }

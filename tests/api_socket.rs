@@ -1,7 +1,7 @@
 //! The API server over a real Unix socket, with a stand-in main thread (no VM): it waits on
 //! the channel's eventfd like the VMM's epoll loop and answers from a `PendingConfig`.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{Client, Response, TestDir};
 use serde_json::{json, Value};
 use wisp::api::{
     self, ActionType, ApiChannel, ApiError, ApiFault, ApiLimits, ApiRequest, InstanceInfo,
@@ -21,35 +23,11 @@ use wisp::api::{
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "wisp-api-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The API server plus a stand-in main thread.
 struct Server {
     /// Server tests run one at a time: some measure this process's RSS.
     _serial: std::sync::MutexGuard<'static, ()>,
-    _dir: TempDir,
+    _dir: TestDir,
     sock: PathBuf,
     stop: Arc<AtomicBool>,
     main: Option<JoinHandle<ApiChannel>>,
@@ -62,8 +40,8 @@ impl Server {
 
     fn with_limits(limits: ApiLimits) -> Self {
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let dir = TempDir::new("srv");
-        let sock = dir.path("api.sock");
+        let dir = TestDir::new("api-srv");
+        let sock = dir.join("api.sock");
         let channel = api::start_with_limits(&sock, limits).expect("API server starts");
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -149,137 +127,6 @@ fn answer(
         }
         r if r.allowed() == api::Allowed::Always => Ok(None),
         r => Err(ApiFault::wrong_state(r, *started)),
-    }
-}
-
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Response {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body {:?}: {e}", String::from_utf8_lossy(&self.body)))
-    }
-    fn fault(&self) -> String {
-        self.json()["fault_message"]
-            .as_str()
-            .expect("a fault_message string")
-            .to_string()
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// A small HTTP/1.1 client over a UnixStream.
-struct Client {
-    stream: UnixStream,
-    buf: Vec<u8>,
-}
-
-impl Client {
-    fn connect(path: &Path) -> Self {
-        let stream = UnixStream::connect(path).expect("connect to the API socket");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        Client {
-            stream,
-            buf: Vec::new(),
-        }
-    }
-
-    fn send_raw(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).unwrap();
-    }
-
-    fn request(&mut self, method: &str, path: &str, body: Option<&str>) -> Response {
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
-        if let Some(b) = body {
-            req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
-                b.len()
-            ));
-        } else {
-            req.push_str("\r\n");
-        }
-        self.send_raw(req.as_bytes());
-        self.read_response().expect("a response")
-    }
-
-    fn get(&mut self, path: &str) -> Response {
-        self.request("GET", path, None)
-    }
-
-    fn put(&mut self, path: &str, body: &str) -> Response {
-        self.request("PUT", path, Some(body))
-    }
-
-    fn patch(&mut self, path: &str, body: &str) -> Response {
-        self.request("PATCH", path, Some(body))
-    }
-
-    /// One response, or None if the server closed first.
-    fn read_response(&mut self) -> Option<Response> {
-        let head_end = loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i;
-            }
-            if !self.fill() {
-                return None;
-            }
-        };
-        let head = String::from_utf8(self.buf[..head_end].to_vec()).unwrap();
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap();
-        let status: u16 = status_line.split(' ').nth(1).unwrap().parse().unwrap();
-        let headers: Vec<(String, String)> = lines
-            .map(|l| {
-                let (n, v) = l.split_once(':').unwrap();
-                (n.to_string(), v.trim().to_string())
-            })
-            .collect();
-        let len: usize = headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .map(|(_, v)| v.parse().unwrap())
-            .unwrap_or(0);
-        let total = head_end + 4 + len;
-        while self.buf.len() < total {
-            assert!(self.fill(), "connection closed inside a response body");
-        }
-        let body = self.buf[head_end + 4..total].to_vec();
-        self.buf.drain(..total);
-        Some(Response {
-            status,
-            headers,
-            body,
-        })
-    }
-
-    fn fill(&mut self) -> bool {
-        let mut chunk = [0u8; 4096];
-        match self.stream.read(&mut chunk) {
-            Ok(0) => false,
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => false,
-            Err(e) => panic!("read from the API socket: {e}"),
-        }
-    }
-
-    /// True if the server closed the connection (EOF or reset) within the read timeout.
-    fn is_closed(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(self.stream.read(&mut b), Ok(0) | Err(_))
     }
 }
 
@@ -705,8 +552,8 @@ fn expect_100_continue() {
 
 #[test]
 fn socket_mode_stale_live_and_removal() {
-    let dir = TempDir::new("sock");
-    let path = dir.path("api.sock");
+    let dir = TestDir::new("api-sock");
+    let path = dir.join("api.sock");
 
     // A stale socket (its listener is gone) is replaced.
     drop(UnixListener::bind(&path).unwrap());
@@ -755,8 +602,8 @@ fn socket_mode_stale_live_and_removal() {
 
 #[test]
 fn socket_mode_is_0600_whatever_the_umask() {
-    let dir = TempDir::new("umask");
-    let path = dir.path("api.sock");
+    let dir = TestDir::new("api-umask");
+    let path = dir.join("api.sock");
     // SAFETY: umask only changes this process's file creation mask (restored below).
     let old = unsafe { libc::umask(0) };
     let ch = api::start(&path);
@@ -769,8 +616,8 @@ fn socket_mode_is_0600_whatever_the_umask() {
 
 #[test]
 fn channel_eventfd_signals_each_request() {
-    let dir = TempDir::new("evt");
-    let path = dir.path("api.sock");
+    let dir = TestDir::new("api-evt");
+    let path = dir.join("api.sock");
     let ch = api::start(&path).unwrap();
     assert!(ch.try_recv().is_none());
     let client = thread::spawn(move || {
@@ -930,8 +777,8 @@ fn api_threads_block_async_signals() {
 #[test]
 #[ignore]
 fn measure_start_and_get_latency() {
-    let dir = TempDir::new("bench");
-    let path = dir.path("api.sock");
+    let dir = TestDir::new("api-bench");
+    let path = dir.join("api.sock");
     let mut starts = Vec::new();
     for _ in 0..50 {
         let t = Instant::now();
@@ -963,8 +810,8 @@ fn measure_start_and_get_latency() {
 #[test]
 fn a_busy_event_loop_gets_503_by_the_deadline_and_never_runs_the_abandoned_request() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new("busy");
-    let sock = dir.path("api.sock");
+    let dir = TestDir::new("api-busy");
+    let sock = dir.join("api.sock");
     // No main loop reads the channel: the event loop is busy elsewhere.
     let limits = ApiLimits {
         dispatch_timeout: Duration::from_millis(300),

@@ -81,8 +81,7 @@ fn no_kernel_at_all_says_how_to_give_one() {
 
 #[test]
 fn bad_config_file_names_the_field() {
-    let dir = std::env::temp_dir().join(format!("wisp-cli-errors-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TestDir::new("cli-errors");
     let file = dir.join("vm.json");
     std::fs::write(&file, r#"{"kernel": "/etc/passwd", "vcpus": 2}"#).unwrap();
     let f = run_wisp(&["run", "--config", file.to_str().unwrap()]);
@@ -90,7 +89,6 @@ fn bad_config_file_names_the_field() {
     std::fs::write(&file, r#"{"kernel": "/etc/passwd", "cpus": "many"}"#).unwrap();
     let f = run_wisp(&["run", "--config", file.to_str().unwrap()]);
     assert_one_line_error(&f, "invalid type");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -128,9 +126,7 @@ fn no_permission_on_dev_kvm_is_explained() {
 
 #[test]
 fn an_image_naming_a_host_file_is_refused_unless_backing_files_are_on() {
-    let dir = std::env::temp_dir().join(format!("wisp-cli-backing-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TestDir::new("cli-backing");
     let ov = dir.join("ov.qcow2");
     let out = Command::new(wisp_bin())
         .args([
@@ -160,14 +156,11 @@ fn an_image_naming_a_host_file_is_refused_unless_backing_files_are_on() {
     let disk = format!("path={},backing_devices=on", ov.display());
     let f = run_wisp(&["run", "--kernel", "/etc/passwd", "--disk", &disk]);
     assert_one_line_error(&f, "needs backing_files=on or backing_dir=DIR");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn image_info_describes_an_image_wisp_refuses_instead_of_failing() {
-    let dir = std::env::temp_dir().join(format!("wisp-cli-info-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TestDir::new("cli-info");
     let img = dir.join("ext.qcow2");
     let made = Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-o", "extended_l2=on"])
@@ -194,5 +187,4 @@ fn image_info_describes_an_image_wisp_refuses_instead_of_failing() {
     ] {
         assert!(stdout.contains(line), "{line:?} missing in:\n{stdout}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }

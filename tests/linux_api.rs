@@ -89,11 +89,7 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
         "--metrics-path",
         metrics.to_str().unwrap(),
     ]));
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(std::time::Instant::now() < deadline, "API socket never up");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_api_socket(&sock);
 
     let boot_args = format!(
         "{LINUX_CMDLINE} ip=:::::eth0:dhcp \

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -19,96 +19,42 @@ const T: Duration = Duration::from_secs(90);
 const TAP: &str = "wt2tap0";
 const GUEST_MAC: &str = "52:54:00:12:34:56";
 
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd} {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// The test's namespace with the tap (host end 10.0.0.1/24, up).
+fn netns() -> TestNetns {
+    let ns = TestNetns::new("t2net");
+    ns.add_tap(TAP, "10.0.0.1/24");
+    ns
 }
 
-/// A network namespace with a tap (host end 10.0.0.1/24, up, IPv6 off so the stack sends
-/// nothing unasked), deleted with the tap on drop.
-struct Netns {
-    name: String,
+/// The tap's MAC address, as the guest should learn it by ARP.
+fn tap_mac(ns: &TestNetns) -> String {
+    let out = ns.ip(&["-br", "link", "show", TAP]);
+    out.split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("no MAC in {out:?}"))
+        .to_string()
 }
 
-impl Netns {
-    fn new() -> Netns {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "wisp-t2net-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        run("ip", &["netns", "add", &name]);
-        let ns = Netns { name };
-        for key in [
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ] {
-            run("ip", &["netns", "exec", &ns.name, "sysctl", "-qw", key]);
-        }
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
-        ns.ip(&["addr", "add", "10.0.0.1/24", "dev", TAP]);
-        ns.ip(&["link", "set", TAP, "up"]);
-        ns
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut a = vec!["-n", &self.name];
-        a.extend_from_slice(args);
-        run("ip", &a)
-    }
-
-    /// The tap's MAC address, as the guest should learn it by ARP.
-    fn tap_mac(&self) -> String {
-        let out = self.ip(&["-br", "link", "show", TAP]);
-        out.split_whitespace()
-            .nth(2)
-            .unwrap_or_else(|| panic!("no MAC in {out:?}"))
-            .to_string()
-    }
-
-    /// `ip netns exec NAME wisp run ...`: wisp opens the tap inside the namespace. `ip netns
-    /// exec` execs wisp, so the child's pid is wisp's.
-    fn spawn_wisp(&self, cmdline: &str) -> Wisp {
-        let probe = probes().probe.to_str().unwrap().to_string();
-        let net = format!("tap={TAP},mac={GUEST_MAC}");
-        Wisp::spawn_cmd(Command::new("ip").args([
-            "netns",
-            "exec",
-            &self.name,
-            wisp_bin(),
-            "run",
-            "--kernel",
-            &probe,
-            "--memory",
-            "128M",
-            "--cmdline",
-            cmdline,
-            "--net",
-            &net,
-        ]))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["-n", &self.name, "link", "del", TAP])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
+/// `ip netns exec NAME wisp run ...`: wisp opens the tap inside the namespace. `ip netns
+/// exec` execs wisp, so the child's pid is wisp's.
+fn spawn_wisp(ns: &TestNetns, cmdline: &str) -> Wisp {
+    let probe = probes().probe.to_str().unwrap().to_string();
+    let net = format!("tap={TAP},mac={GUEST_MAC}");
+    Wisp::spawn_cmd(Command::new("ip").args([
+        "netns",
+        "exec",
+        &ns.name,
+        wisp_bin(),
+        "run",
+        "--kernel",
+        &probe,
+        "--memory",
+        "128M",
+        "--cmdline",
+        cmdline,
+        "--net",
+        &net,
+    ]))
 }
 
 struct Received {
@@ -119,7 +65,7 @@ struct Received {
 
 /// A UDP listener on 10.0.0.1:9000 inside the namespace, on its own thread (setns changes
 /// only that thread), until `stop` is set. Checks each payload against the probe's pattern.
-fn listen(ns: &Netns, stop: Arc<AtomicBool>) -> JoinHandle<Received> {
+fn listen(ns: &TestNetns, stop: Arc<AtomicBool>) -> JoinHandle<Received> {
     let path = format!("/run/netns/{}", ns.name);
     let (ready_tx, ready_rx) = mpsc::channel();
     let handle = std::thread::spawn(move || {
@@ -217,12 +163,14 @@ fn guest_answers_ping_and_sends_a_udp_burst() {
     if !can_run("guest_answers_ping_and_sends_a_udp_burst") {
         return;
     }
-    let ns = Netns::new();
-    let tap_mac = ns.tap_mac();
+    let ns = netns();
+    let tap_mac = tap_mac(&ns);
     let stop = Arc::new(AtomicBool::new(false));
     let listener = listen(&ns, stop.clone());
-    let mut w =
-        ns.spawn_wisp("probe.scenario=net probe.pings=5 probe.serve_ms=60000 probe.burst=1000");
+    let mut w = spawn_wisp(
+        &ns,
+        "probe.scenario=net probe.pings=5 probe.serve_ms=60000 probe.burst=1000",
+    );
     w.wait_for("probe: net ready\n", T);
     let ping = Command::new("ip")
         .args([
@@ -267,11 +215,14 @@ fn full_size_frames_arrive_intact() {
     if !can_run("full_size_frames_arrive_intact") {
         return;
     }
-    let ns = Netns::new();
+    let ns = netns();
     let stop = Arc::new(AtomicBool::new(false));
     let listener = listen(&ns, stop.clone());
     // 1472-byte payloads: 1514-byte Ethernet frames, the largest without offloads.
-    let w = ns.spawn_wisp("probe.scenario=net probe.serve_ms=0 probe.burst=300 probe.udp_len=1472");
+    let w = spawn_wisp(
+        &ns,
+        "probe.scenario=net probe.serve_ms=0 probe.burst=300 probe.udp_len=1472",
+    );
     let f = w.wait(T);
     let got = collect(&stop, listener);
     assert_clean(&f);

@@ -11,4 +11,6 @@ pub mod interrupt;
 pub mod legacy;
 pub mod rate_limiter;
 pub mod tap;
+#[cfg(test)]
+mod test_utils;
 pub mod virtio;

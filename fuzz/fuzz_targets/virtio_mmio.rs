@@ -101,21 +101,9 @@ fuzz_target!(|data: &[u8]| {
     d.mem.write_obj(0xeeu8, GuestAddress(status)).unwrap();
     let before = d.used_idx();
     let head = d.add_chain(&[
-        Buf {
-            addr: header,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            addr: buf,
-            len: 512,
-            writable: true,
-        },
-        Buf {
-            addr: status,
-            len: 1,
-            writable: true,
-        },
+        Buf::readable(header, 16),
+        Buf::writable(buf, 512),
+        Buf::writable(status, 1),
     ]);
     d.publish(head);
     d.kick(0);

@@ -2,6 +2,11 @@
 //! spawn wisp, watch its console, and skip (or fail, with WISP_REQUIRE_KVM=1) without KVM.
 #![allow(dead_code)]
 
+mod api;
+// Each test binary uses a part of these.
+#[allow(unused_imports)]
+pub use api::{api_call, wait_api_socket, Client, Response};
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -446,7 +451,10 @@ pub struct TestNetns {
 
 impl TestNetns {
     pub fn new(tag: &str) -> TestNetns {
-        let name = format!("wisp-{tag}-{}", std::process::id());
+        // Tests of one binary run in parallel: each namespace gets a name of its own.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("wisp-{tag}-{}-{n}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         run_ok("ip", &["netns", "add", &name]);
         let ns = TestNetns { name };
@@ -676,84 +684,31 @@ pub fn sha256_hex(path: &Path) -> String {
     out.split_whitespace().next().unwrap().to_string()
 }
 
-/// A scratch directory of the test's own, removed on drop (also when the test fails).
-pub struct TestDir(PathBuf);
+/// A scratch directory of the test's own (mkdtemp under the temp dir), removed with its
+/// contents on drop, also when the test fails.
+pub struct TestDir(vmm_sys_util::tempdir::TempDir);
 
 impl TestDir {
     pub fn new(tag: &str) -> TestDir {
-        let p = std::env::temp_dir().join(format!("wisp-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create the test directory");
-        TestDir(p)
+        let prefix = std::env::temp_dir().join(format!("wisp-{tag}-"));
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix(prefix)
+            .expect("create the test directory");
+        // mkdtemp makes it 0700; the jailer's tests need the jailed user to reach in.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.as_path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the test directory");
+        TestDir(dir)
     }
 
     pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
-        self.0.join(name)
+        self.0.as_path().join(name)
     }
 }
 
 impl std::ops::Deref for TestDir {
     type Target = Path;
     fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// One request on the API socket with a small HTTP/1.1 client (a connection of its own);
-/// returns (status, body).
-pub fn api_call(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    use std::io::Write;
-    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect to the API socket");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let body = body.unwrap_or("");
-    let sent = write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    // A server that refuses a body by its Content-Length (413) answers and closes before
-    // reading it: the write then fails, and the answer is still there to read.
-    if let Err(e) = sent {
-        assert!(
-            matches!(
-                e.kind(),
-                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-            ),
-            "writing the request: {e}"
-        );
-    }
-    let mut resp = Vec::new();
-    if let Err(e) = s.read_to_end(&mut resp) {
-        assert!(
-            !resp.is_empty() && e.kind() == std::io::ErrorKind::ConnectionReset,
-            "reading the answer: {e}"
-        );
-    }
-    let resp = String::from_utf8_lossy(&resp).into_owned();
-    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// Waits until the API socket accepts connections.
-pub fn wait_api_socket(sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::os::unix::net::UnixStream::connect(sock).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "API socket {} never accepted",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
+        self.0.as_path()
     }
 }
 

@@ -108,7 +108,7 @@ fn held_by_another(file: &File, byte: i64) -> io::Result<bool> {
 mod tests {
     use super::*;
     use crate::disk::qcow2::{self, Format, Qcow2};
-    use crate::virtio::testing::TempDir;
+    use crate::test_utils::TempDir;
     use std::io::{BufRead, BufReader, Write};
     use std::path::PathBuf;
     use std::process::{Child, Command, Stdio};

@@ -242,7 +242,7 @@ mod tests {
     use super::*;
     use crate::disk::qcow2::{self, Format, Qcow2};
     use crate::disk::DiskBackend;
-    use crate::virtio::testing::TempDir;
+    use crate::test_utils::TempDir;
 
     /// An overlay whose header names `name` as its raw backing file, as a hostile image
     /// would (written over a harmless one, since `create` checks the file it names).

@@ -269,7 +269,7 @@ impl DiskBackend for RawFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::testing::TempDir;
+    use crate::test_utils::TempDir;
     use std::os::unix::fs::MetadataExt;
 
     fn image(dir: &TempDir, name: &str, len: usize) -> PathBuf {

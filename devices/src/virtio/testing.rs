@@ -2,8 +2,6 @@
 //! real `MmioTransport`, builds split-ring descriptor chains in a real `GuestMemoryMmap`,
 //! kicks the queue and reads the used ring and InterruptStatus.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -12,38 +10,6 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{status, DeviceHandle, MmioTransport, VirtioDevice, VirtioEventHandler};
 use crate::bus::BusDevice;
 use crate::interrupt::IrqFd;
-
-/// A directory under the system temp dir, removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new() -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "wisp-devices-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Default for TempDir {
-    fn default() -> Self {
-        TempDir::new()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 pub const MEM_SIZE: usize = 4 << 20;
 pub const CANARY: u8 = 0xa5;
@@ -100,6 +66,26 @@ pub struct Buf {
     pub addr: u64,
     pub len: u32,
     pub writable: bool,
+}
+
+impl Buf {
+    /// A buffer the device reads (driver -> device).
+    pub fn readable(addr: u64, len: u32) -> Buf {
+        Buf {
+            addr,
+            len,
+            writable: false,
+        }
+    }
+
+    /// A buffer the device writes (device -> driver).
+    pub fn writable(addr: u64, len: u32) -> Buf {
+        Buf {
+            addr,
+            len,
+            writable: true,
+        }
+    }
 }
 
 /// MEM_SIZE bytes of guest memory at 0, filled with [`CANARY`].

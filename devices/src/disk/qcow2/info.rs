@@ -224,7 +224,7 @@ pub fn info(path: &Path) -> Result<ImageInfo, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::testing::TempDir;
+    use crate::test_utils::TempDir;
     use std::process::Command;
 
     fn qemu_img(args: &[&str]) -> bool {

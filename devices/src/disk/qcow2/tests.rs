@@ -3,19 +3,7 @@
 use super::*;
 use std::process::Command;
 
-pub(super) struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(name: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("wisp-qcow2-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-    pub fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
+use crate::test_utils::{run_ok, Rng, TempDir};
 
 /// Opens an image the test expects to open. Another test thread starting a child process
 /// holds a copy of every open file of this process until the child execs, and with it the
@@ -35,12 +23,6 @@ fn open_retry(path: impl AsRef<Path>, read_only: bool) -> Result<Qcow2, Error> {
     }
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 fn have_qemu() -> bool {
     let ok = Command::new("qemu-img")
         .arg("--version")
@@ -53,23 +35,8 @@ fn have_qemu() -> bool {
     ok
 }
 
-/// Runs a command, panicking with its output if it fails; returns stdout.
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn qemu_img(args: &[&str]) -> String {
-    run("qemu-img", args)
+    run_ok("qemu-img", args)
 }
 
 fn qemu_io(img: &Path, fmt: &str, cmds: &[&str]) {
@@ -80,7 +47,7 @@ fn qemu_io(img: &Path, fmt: &str, cmds: &[&str]) {
     }
     let p = img.to_str().expect("utf8 path");
     args.push(p);
-    let out = run("qemu-io", &args);
+    let out = run_ok("qemu-io", &args);
     assert!(
         !out.contains("error") && !out.contains("failed"),
         "qemu-io: {out}"
@@ -104,7 +71,7 @@ fn check_clean(img: &Path) {
 }
 
 fn to_raw(img: &Path, dir: &TempDir) -> Vec<u8> {
-    let out = dir.path("expected.raw");
+    let out = dir.join("expected.raw");
     let _ = fs::remove_file(&out);
     qemu_img(&[
         "convert",
@@ -114,20 +81,6 @@ fn to_raw(img: &Path, dir: &TempDir) -> Vec<u8> {
         out.to_str().expect("utf8"),
     ]);
     fs::read(&out).expect("read converted raw")
-}
-
-pub(super) struct Rng(u64);
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// Reads the whole disk through wisp in odd-sized pieces and compares with `expected`.
@@ -173,7 +126,7 @@ fn reads_images_written_by_qemu() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("read");
+    let dir = TempDir::new();
     for (compat, cs) in [
         ("0.10", 65536u64),
         ("0.10", 4096),
@@ -183,7 +136,7 @@ fn reads_images_written_by_qemu() {
         ("1.1", 2 << 20),
     ] {
         let size = if cs == 2 << 20 { 24u64 << 20 } else { 8 << 20 };
-        let img = dir.path(&format!("img-{compat}-{cs}.qcow2"));
+        let img = dir.join(format!("img-{compat}-{cs}.qcow2"));
         qemu_img(&[
             "create",
             "-q",
@@ -208,7 +161,7 @@ fn reads_compressed_images() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("compressed");
+    let dir = TempDir::new();
     let size = 4usize << 20;
     let mut rng = Rng(7);
     let mut data = vec![0u8; size];
@@ -220,10 +173,10 @@ fn reads_compressed_images() {
             _ => chunk.iter_mut().for_each(|b| *b = rng.next() as u8),
         }
     }
-    let raw = dir.path("src.raw");
+    let raw = dir.join("src.raw");
     fs::write(&raw, &data).expect("write raw");
     for cs in ["4k", "64k", "512", "2M"] {
-        let img = dir.path(&format!("c-{cs}.qcow2"));
+        let img = dir.join(format!("c-{cs}.qcow2"));
         qemu_img(&[
             "convert",
             "-c",
@@ -238,7 +191,7 @@ fn reads_compressed_images() {
         assert_reads(&mut q, &data, 3);
     }
     for cs in ["4k", "64k", "2M"] {
-        let img = dir.path(&format!("z-{cs}.qcow2"));
+        let img = dir.join(format!("z-{cs}.qcow2"));
         qemu_img(&[
             "convert",
             "-c",
@@ -259,9 +212,9 @@ fn reads_compressed_images() {
 fn make_chain(dir: &TempDir) -> (PathBuf, Vec<u8>) {
     let mut rng = Rng(99);
     let base: Vec<u8> = (0..(5 << 20) + 1234).map(|_| rng.next() as u8).collect();
-    fs::write(dir.path("base.raw"), &base).expect("base");
+    fs::write(dir.join("base.raw"), &base).expect("base");
     let size = (8u64 << 20).to_string();
-    let d = |f: &str| dir.path(f).to_str().expect("utf8").to_string();
+    let d = |f: &str| dir.join(f).to_str().expect("utf8").to_string();
     qemu_img(&[
         "create",
         "-q",
@@ -277,7 +230,7 @@ fn make_chain(dir: &TempDir) -> (PathBuf, Vec<u8>) {
         &size,
     ]);
     qemu_io(
-        &dir.path("mid.qcow2"),
+        &dir.join("mid.qcow2"),
         "qcow2",
         &[
             "write -P 0x5a 8192 100000",
@@ -300,7 +253,7 @@ fn make_chain(dir: &TempDir) -> (PathBuf, Vec<u8>) {
         &size,
     ]);
     qemu_io(
-        &dir.path("top.qcow2"),
+        &dir.join("top.qcow2"),
         "qcow2",
         &["write -P 0x66 60000 70000"],
     );
@@ -319,11 +272,11 @@ fn make_chain(dir: &TempDir) -> (PathBuf, Vec<u8>) {
         &size,
     ]);
     qemu_io(
-        &dir.path("leaf.qcow2"),
+        &dir.join("leaf.qcow2"),
         "qcow2",
         &["write -P 0x99 5242000 3000"],
     );
-    let leaf = dir.path("leaf.qcow2");
+    let leaf = dir.join("leaf.qcow2");
     let expected = to_raw(&leaf, dir);
     (leaf, expected)
 }
@@ -333,7 +286,7 @@ fn reads_backing_chain_with_relative_paths() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("chain");
+    let dir = TempDir::new();
     let (leaf, expected) = make_chain(&dir);
     let mut q = open_retry(&leaf, true).expect("open chain");
     assert_eq!(q.backing_chain().len(), 3);
@@ -392,7 +345,7 @@ fn apply(ops: &[Op], q: &mut Qcow2, model: &mut [u8]) {
 }
 
 fn compare_with_model(img: &Path, model: &[u8], dir: &TempDir) {
-    let raw = dir.path("model.raw");
+    let raw = dir.join("model.raw");
     fs::write(&raw, model).expect("model");
     let out = Command::new("qemu-img")
         .args(["compare", "-f", "qcow2", "-F", "raw"])
@@ -413,10 +366,10 @@ fn random_writes_match_a_raw_file_and_pass_check() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("writes");
+    let dir = TempDir::new();
     let mut rng = Rng(0x1234_5678);
     let base: Vec<u8> = (0..(6 << 20)).map(|_| rng.next() as u8).collect();
-    fs::write(dir.path("base.raw"), &base).expect("base");
+    fs::write(dir.join("base.raw"), &base).expect("base");
     // 512 B clusters make L2 tables cover 32 KiB and refcount blocks 128 KiB, so the
     // refcount table (64 entries per cluster) grows too.
     for (compat, cs) in [
@@ -426,7 +379,7 @@ fn random_writes_match_a_raw_file_and_pass_check() {
         ("1.1", 2 << 20),
     ] {
         let size = 16u64 << 20;
-        let img = dir.path(&format!("w-{cs}.qcow2"));
+        let img = dir.join(format!("w-{cs}.qcow2"));
         qemu_img(&[
             "create",
             "-q",
@@ -463,7 +416,7 @@ fn random_writes_match_a_raw_file_and_pass_check() {
         assert_reads(&mut q, &model, cs + 2);
     }
     assert_eq!(
-        fs::read(dir.path("base.raw")).expect("base"),
+        fs::read(dir.join("base.raw")).expect("base"),
         base,
         "backing file changed"
     );
@@ -474,10 +427,10 @@ fn writes_with_other_refcount_widths() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("rcwidth");
+    let dir = TempDir::new();
     let mut rng = Rng(77);
     for bits in [1u32, 8, 32, 64] {
-        let img = dir.path(&format!("rc{bits}.qcow2"));
+        let img = dir.join(format!("rc{bits}.qcow2"));
         let size = 4u64 << 20;
         qemu_img(&[
             "create",
@@ -505,13 +458,13 @@ fn writes_over_compressed_clusters() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("wcomp");
+    let dir = TempDir::new();
     let mut data = vec![0u8; 2 << 20];
     for (i, b) in data.iter_mut().enumerate() {
         *b = (i / 3000) as u8;
     }
-    fs::write(dir.path("src.raw"), &data).expect("src");
-    let img = dir.path("c.qcow2");
+    fs::write(dir.join("src.raw"), &data).expect("src");
+    let img = dir.join("c.qcow2");
     qemu_img(&[
         "convert",
         "-c",
@@ -519,7 +472,7 @@ fn writes_over_compressed_clusters() {
         "qcow2",
         "-o",
         "cluster_size=4096",
-        dir.path("src.raw").to_str().expect("utf8"),
+        dir.join("src.raw").to_str().expect("utf8"),
         img.to_str().expect("utf8"),
     ]);
     let mut rng = Rng(5);
@@ -543,11 +496,11 @@ fn create_and_info_agree_with_qemu_img() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("create");
-    fs::write(dir.path("base.raw"), vec![1u8; 3 << 20]).expect("base");
+    let dir = TempDir::new();
+    fs::write(dir.join("base.raw"), vec![1u8; 3 << 20]).expect("base");
     // Plain image, several cluster sizes.
     for cs in [512u64, 4096, 65536, 2 << 20] {
-        let img = dir.path(&format!("n-{cs}.qcow2"));
+        let img = dir.join(format!("n-{cs}.qcow2"));
         create(&img, Some(10 << 30), Some(cs), None).expect("create");
         check_clean(&img);
         let j: serde_json::Value = serde_json::from_str(&qemu_img(&[
@@ -570,10 +523,10 @@ fn create_and_info_agree_with_qemu_img() {
         check_clean(&img);
     }
     // Overlay over raw (relative path, size from the backing file), then over qcow2.
-    let ov = dir.path("ov.qcow2");
+    let ov = dir.join("ov.qcow2");
     create(&ov, None, None, Some((Path::new("base.raw"), Format::Raw))).expect("overlay");
     check_clean(&ov);
-    let ov2 = dir.path("ov2.qcow2");
+    let ov2 = dir.join("ov2.qcow2");
     create(
         &ov2,
         None,
@@ -600,11 +553,11 @@ fn create_and_info_agree_with_qemu_img() {
     assert_eq!(
         i.backing_chain,
         vec![
-            (dir.path("ov.qcow2"), Format::Qcow2),
-            (dir.path("base.raw"), Format::Raw)
+            (dir.join("ov.qcow2"), Format::Qcow2),
+            (dir.join("base.raw"), Format::Raw)
         ]
     );
-    let raw_info = info(&dir.path("base.raw")).expect("raw info");
+    let raw_info = info(&dir.join("base.raw")).expect("raw info");
     assert_eq!(raw_info.format, Format::Raw);
     assert_eq!(raw_info.virtual_size, 3 << 20);
     // Existing files are not clobbered.
@@ -617,8 +570,8 @@ fn discard_frees_space() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("discard");
-    let img = dir.path("d.qcow2");
+    let dir = TempDir::new();
+    let img = dir.join("d.qcow2");
     create(&img, Some(64 << 20), None, None).expect("create");
     let blocks = |p: &Path| fs::metadata(p).expect("meta").blocks() * 512;
     {
@@ -668,9 +621,9 @@ fn refused(img: &Path) -> String {
 
 #[test]
 fn refuses_bad_images_with_reasons() {
-    let dir = TempDir::new("refuse");
+    let dir = TempDir::new();
     let fresh = |name: &str| {
-        let p = dir.path(name);
+        let p = dir.join(name);
         create(&p, Some(16 << 20), Some(65536), None).expect("create");
         p
     };
@@ -804,8 +757,8 @@ fn refuses_bad_images_with_reasons() {
     assert!(err.to_string().contains("outside the file"), "{err}");
 
     // Backing chains that loop or are too deep.
-    let a = dir.path("a.qcow2");
-    let b = dir.path("b.qcow2");
+    let a = dir.join("a.qcow2");
+    let b = dir.join("b.qcow2");
     create(&a, Some(1 << 20), None, None).expect("a");
     create(&b, None, None, Some((Path::new("a.qcow2"), Format::Qcow2))).expect("b");
     // Point a at b: a <-> b.
@@ -817,10 +770,10 @@ fn refuses_bad_images_with_reasons() {
     let msg = refused(&b);
     assert!(msg.contains("loops"), "{msg}");
 
-    let mut prev = dir.path("d0.raw");
+    let mut prev = dir.join("d0.raw");
     fs::write(&prev, [0u8; 512]).expect("d0");
     for i in 1..=MAX_BACKING_DEPTH + 4 {
-        let p = dir.path(&format!("d{i}.qcow2"));
+        let p = dir.join(format!("d{i}.qcow2"));
         let fmt = if i == 1 { Format::Raw } else { Format::Qcow2 };
         let rel = PathBuf::from(prev.file_name().expect("name"));
         let r = create(&p, Some(512), None, Some((&rel, fmt)));
@@ -838,13 +791,13 @@ fn refuses_bad_images_with_reasons() {
 
 #[test]
 fn a_fifo_as_backing_file_is_refused_without_hanging() {
-    let dir = TempDir::new("fifo");
-    let fifo = dir.path("fifo");
+    let dir = TempDir::new();
+    let fifo = dir.join("fifo");
     let c = std::ffi::CString::new(fifo.to_str().expect("utf8")).expect("cstring");
     // SAFETY: mkfifo with a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let ov = dir.path("ov.qcow2");
-    let fake = dir.path("fake.raw");
+    let ov = dir.join("ov.qcow2");
+    let fake = dir.join("fake.raw");
     fs::write(&fake, [0u8; 512]).expect("fake");
     create(
         &ov,
@@ -864,12 +817,12 @@ fn a_fifo_as_backing_file_is_refused_without_hanging() {
 
 #[test]
 fn raw_backing_format_is_never_probed() {
-    let dir = TempDir::new("noprobe");
+    let dir = TempDir::new();
     // A "raw" backing file whose contents look like a qcow2 image.
-    let inner = dir.path("inner.qcow2");
+    let inner = dir.join("inner.qcow2");
     create(&inner, Some(1 << 20), None, None).expect("inner");
-    fs::rename(&inner, dir.path("evil.raw")).expect("rename");
-    let ov = dir.path("ov.qcow2");
+    fs::rename(&inner, dir.join("evil.raw")).expect("rename");
+    let ov = dir.join("ov.qcow2");
     create(
         &ov,
         Some(1 << 20),
@@ -878,7 +831,7 @@ fn raw_backing_format_is_never_probed() {
     )
     .expect("ov");
     let mut q = open_retry(&ov, true).expect("open");
-    assert_eq!(q.backing_chain(), &[(dir.path("evil.raw"), Format::Raw)]);
+    assert_eq!(q.backing_chain(), &[(dir.join("evil.raw"), Format::Raw)]);
     let mut buf = [0u8; 4];
     q.read_at(0, &mut buf).expect("read");
     assert_eq!(
@@ -990,14 +943,14 @@ fn crash_consistency_under_sigkill() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("crash");
+    let dir = TempDir::new();
     let mut rng = Rng(0xc0ff_ee00 ^ u64::from(std::process::id()));
     let base: Vec<u8> = (0..(3 << 20)).map(|_| rng.next() as u8).collect();
-    fs::write(dir.path("base.raw"), &base).expect("base");
+    fs::write(dir.join("base.raw"), &base).expect("base");
     let exe = std::env::current_exe().expect("test binary");
     for (cs, rounds) in [(512u64, 14), (65536, 10)] {
         let size = if cs == 512 { 16u64 << 20 } else { 8 << 20 };
-        let img = dir.path(&format!("crash-{cs}.qcow2"));
+        let img = dir.join(format!("crash-{cs}.qcow2"));
         qemu_img(&[
             "create",
             "-q",
@@ -1016,7 +969,7 @@ fn crash_consistency_under_sigkill() {
         model.resize(size as usize, 0);
         for round in 0..rounds {
             let seed = rng.next();
-            let log = dir.path("log");
+            let log = dir.join("log");
             let _ = fs::remove_file(&log);
             let mut child = Command::new(&exe)
                 .args([
@@ -1100,7 +1053,7 @@ fn crash_consistency_under_sigkill() {
         }
     }
     assert_eq!(
-        fs::read(dir.path("base.raw")).expect("base"),
+        fs::read(dir.join("base.raw")).expect("base"),
         base,
         "backing file changed"
     );
@@ -1108,8 +1061,8 @@ fn crash_consistency_under_sigkill() {
 
 #[test]
 fn a_second_writer_is_locked_out() {
-    let dir = TempDir::new("lock");
-    let img = dir.path("l.qcow2");
+    let dir = TempDir::new();
+    let img = dir.join("l.qcow2");
     create(&img, Some(1 << 20), None, None).expect("create");
     let _w = open_retry(&img, false).expect("first writer");
     let msg = match Qcow2::open(&img, false) {
@@ -1128,9 +1081,9 @@ fn a_second_writer_is_locked_out() {
 /// operation over the whole disk. Errors are fine; a panic or a hang is not.
 #[test]
 fn damaged_metadata_gives_errors_not_panics() {
-    let dir = TempDir::new("hostile");
+    let dir = TempDir::new();
     let mut rng = Rng(0xbad_1dea);
-    let seed_img = dir.path("seed.qcow2");
+    let seed_img = dir.join("seed.qcow2");
     create(&seed_img, Some(4 << 20), Some(4096), None).expect("create");
     {
         let mut q = open_retry(&seed_img, false).expect("open");
@@ -1159,7 +1112,7 @@ fn damaged_metadata_gives_errors_not_panics() {
         if rng.below(10) == 0 {
             bytes.truncate(rng.below(bytes.len() as u64) as usize);
         }
-        let img = dir.path(&format!("h{round}.qcow2"));
+        let img = dir.join(format!("h{round}.qcow2"));
         fs::write(&img, &bytes).expect("write damaged");
         if let Ok(mut q) = Qcow2::open(&img, false) {
             let len = q.len().min(4 << 20);
@@ -1221,8 +1174,8 @@ fn every_crash_point_leaves_a_consistent_image() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("crashpoints");
-    let template = dir.path("template.qcow2");
+    let dir = TempDir::new();
+    let template = dir.join("template.qcow2");
     let size = 16u64 << 20;
     // 512 B clusters, almost 8 MiB of host clusters in use: the workload's allocations
     // grow the refcount table (first table: 64 blocks of 256 clusters).
@@ -1236,7 +1189,7 @@ fn every_crash_point_leaves_a_consistent_image() {
     model[..(7 << 20) + (900 << 10)].fill(0x3c);
     let seed = 42;
     let ops = 30;
-    let img = dir.path("img.qcow2");
+    let img = dir.join("img.qcow2");
     fs::copy(&template, &img).expect("copy");
     let (total, _) = run_crash_workload(&img, seed, ops, None);
     let h = fs::read(&img).expect("image");
@@ -1283,11 +1236,11 @@ fn discard_and_write_zeroes_on_v2_and_v3_overlays() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("v2discard");
+    let dir = TempDir::new();
     let base: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 253) as u8 + 1).collect();
-    fs::write(dir.path("base.raw"), &base).expect("base");
+    fs::write(dir.join("base.raw"), &base).expect("base");
     for compat in ["0.10", "1.1"] {
-        let img = dir.path(&format!("o-{compat}.qcow2"));
+        let img = dir.join(format!("o-{compat}.qcow2"));
         qemu_img(&[
             "create",
             "-q",
@@ -1321,15 +1274,15 @@ fn discard_and_write_zeroes_on_v2_and_v3_overlays() {
         check_clean(&img);
         compare_with_model(&img, &model, &dir);
     }
-    assert_eq!(fs::read(dir.path("base.raw")).expect("base"), base);
+    assert_eq!(fs::read(dir.join("base.raw")).expect("base"), base);
 }
 
 /// Found by fuzzing: freeing a compressed cluster whose host offset is near 2^53 used to
 /// size a refcount table for it and loop over billions of ranges.
 #[test]
 fn freeing_a_wild_compressed_cluster_fails_fast() {
-    let dir = TempDir::new("wild");
-    let img = dir.path("w.qcow2");
+    let dir = TempDir::new();
+    let img = dir.join("w.qcow2");
     create(&img, Some(1 << 20), None, None).expect("create");
     {
         let mut q = open_retry(&img, false).expect("open");
@@ -1358,8 +1311,8 @@ fn reserved_space_past_the_end_is_given_back_on_close() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("prealloc");
-    let img = dir.path("p.qcow2");
+    let dir = TempDir::new();
+    let img = dir.join("p.qcow2");
     create(&img, Some(256 << 20), None, None).expect("create");
     let blocks = |p: &Path| fs::metadata(p).expect("meta").blocks() * 512;
     let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 253) as u8).collect();
@@ -1406,8 +1359,8 @@ fn reserved_space_past_the_end_is_given_back_on_close() {
 /// reservation stays within what the whole image can use.
 #[test]
 fn reserves_no_more_than_the_image_can_use() {
-    let dir = TempDir::new("prealloc-small");
-    let img = dir.path("s.qcow2");
+    let dir = TempDir::new();
+    let img = dir.join("s.qcow2");
     create(&img, Some(3 << 19), None, None).expect("create");
     let mut q = open_retry(&img, false).expect("open");
     q.write_at(0, &vec![5u8; 3 << 19]).expect("write");
@@ -1458,13 +1411,13 @@ fn guest_memory_reads_and_writes_match_a_raw_file() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("vectored");
+    let dir = TempDir::new();
     let mut rng = Rng(0x5eed_1e55);
     let base: Vec<u8> = (0..(3 << 20)).map(|_| rng.next() as u8).collect();
-    fs::write(dir.path("base.raw"), &base).expect("base");
+    fs::write(dir.join("base.raw"), &base).expect("base");
     let size = 8u64 << 20;
     let cs = 4096u64;
-    let img = dir.path("v.qcow2");
+    let img = dir.join("v.qcow2");
     qemu_img(&[
         "create",
         "-q",
@@ -1538,7 +1491,7 @@ fn guest_memory_reads_and_writes_match_a_raw_file() {
     }
     check_clean(&img);
     compare_with_model(&img, &model, &dir);
-    assert_eq!(fs::read(dir.path("base.raw")).expect("base"), base);
+    assert_eq!(fs::read(dir.join("base.raw")).expect("base"), base);
 }
 
 // ---- injected I/O faults ----
@@ -1552,9 +1505,9 @@ fn a_failed_metadata_write_fails_every_later_flush_and_loses_nothing() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("metafail");
+    let dir = TempDir::new();
     for (kind, errno) in [(FileOp::Write, libc::EIO), (FileOp::Sync, libc::EIO)] {
-        let img = dir.path("m.qcow2");
+        let img = dir.join("m.qcow2");
         let _ = fs::remove_file(&img);
         create(&img, Some(4 << 20), None, None).expect("create");
         let mut q = open_retry(&img, false).expect("open");
@@ -1597,10 +1550,10 @@ fn a_failed_allocating_write_keeps_the_old_data_and_a_clean_image() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("allocfail");
+    let dir = TempDir::new();
     let base: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8 + 1).collect();
-    fs::write(dir.path("base.raw"), &base).expect("base");
-    let img = dir.path("o.qcow2");
+    fs::write(dir.join("base.raw"), &base).expect("base");
+    let img = dir.join("o.qcow2");
     qemu_img(&[
         "create",
         "-q",
@@ -1662,8 +1615,8 @@ fn be64(bytes: &[u8], at: u64) -> u64 {
 /// header, L1 and refcount table were checked, not L2 tables and refcount blocks.
 #[test]
 fn guest_writes_never_land_on_l2_tables_or_refcount_blocks() {
-    let dir = TempDir::new("overlap");
-    let img = dir.path("v.qcow2");
+    let dir = TempDir::new();
+    let img = dir.join("v.qcow2");
     create(&img, Some(4 << 20), None, None).expect("create");
     {
         let mut q = open_retry(&img, false).expect("open");
@@ -1718,7 +1671,7 @@ fn guest_writes_never_land_on_l2_tables_or_refcount_blocks() {
 /// the file) made every allocation scan up to 2^35 clusters. A writer refuses it.
 #[test]
 fn refuses_refcount_blocks_that_are_shared_outside_the_file_or_on_tables() {
-    let dir = TempDir::new("rclayout");
+    let dir = TempDir::new();
     let cases: [(&str, u64, &str); 3] = [
         ("shared", 2 << 16, "also the block of another"),
         ("outside", 1 << 40, "outside the file"),
@@ -1729,7 +1682,7 @@ fn refuses_refcount_blocks_that_are_shared_outside_the_file_or_on_tables() {
         ),
     ];
     for (name, block, why) in cases {
-        let img = dir.path(&format!("{name}.qcow2"));
+        let img = dir.join(format!("{name}.qcow2"));
         create(&img, Some(16 << 20), Some(65536), None).expect("create");
         // create(): refcount table at cluster 1, its one block at cluster 2.
         patch(&img, (1 << 16) + 8, &block.to_be_bytes());
@@ -1742,7 +1695,7 @@ fn refuses_refcount_blocks_that_are_shared_outside_the_file_or_on_tables() {
         open_retry(&img, true).expect("read-only open");
     }
     // An L2 table on a refcount block.
-    let img = dir.path("l2.qcow2");
+    let img = dir.join("l2.qcow2");
     create(&img, Some(16 << 20), Some(65536), None).expect("create");
     let l1 = be64(&fs::read(&img).expect("read"), 40);
     patch(&img, l1, &((2u64 << 16) | OFLAG_COPIED).to_be_bytes());
@@ -1758,8 +1711,8 @@ fn refuses_refcount_blocks_that_are_shared_outside_the_file_or_on_tables() {
 /// the image does not jump past them.
 #[test]
 fn allocation_takes_the_end_of_the_image_when_refcounts_claim_everything() {
-    let dir = TempDir::new("rcfull");
-    let img = dir.path("f.qcow2");
+    let dir = TempDir::new();
+    let img = dir.join("f.qcow2");
     create(&img, Some(16 << 20), Some(65536), None).expect("create");
     // The one refcount block (cluster 2) says all its 32768 clusters have refcount 1.
     let ones: Vec<u8> = (0..32768).flat_map(|_| 1u16.to_be_bytes()).collect();
@@ -1796,12 +1749,12 @@ fn every_failed_write_call_leaves_a_clean_image_and_the_acknowledged_data() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("faultsweep");
+    let dir = TempDir::new();
     let cs = 65536u64;
     let size = 2u64 << 20;
     let base: Vec<u8> = (0..size as u32).map(|i| (i % 247) as u8 + 1).collect();
-    fs::write(dir.path("base.raw"), &base).expect("base");
-    let template = dir.path("template.qcow2");
+    fs::write(dir.join("base.raw"), &base).expect("base");
+    let template = dir.join("template.qcow2");
     qemu_img(&[
         "create",
         "-q",
@@ -1848,7 +1801,7 @@ fn every_failed_write_call_leaves_a_clean_image_and_the_acknowledged_data() {
         Write(20 * cs, 4096, 0x18),
         Flush,
     ];
-    let img = dir.path("img.qcow2");
+    let img = dir.join("img.qcow2");
     let run = |faults: Faults, what: &str| {
         fs::copy(&template, &img).expect("copy");
         let mut model = start.clone();
@@ -1902,8 +1855,8 @@ fn failed_write_calls_while_the_refcount_table_grows_corrupt_nothing() {
     if !have_qemu() {
         return;
     }
-    let dir = TempDir::new("faultgrow");
-    let template = dir.path("template.qcow2");
+    let dir = TempDir::new();
+    let template = dir.join("template.qcow2");
     let size = 16u64 << 20;
     create(&template, Some(size), Some(512), None).expect("create");
     let prefill = (7 << 20) + (800 << 10);
@@ -1924,7 +1877,7 @@ fn failed_write_calls_while_the_refcount_table_grows_corrupt_nothing() {
             reqs.push(FaultReq::Flush);
         }
     }
-    let img = dir.path("img.qcow2");
+    let img = dir.join("img.qcow2");
     let run = |faults: Faults, what: &str| {
         fs::copy(&template, &img).expect("copy");
         let mut model = FaultModel::new(start.clone());

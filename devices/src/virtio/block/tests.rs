@@ -17,8 +17,9 @@ use super::{
 use crate::disk::raw::RawFile;
 use crate::disk::DiskBackend;
 use crate::rate_limiter::{BucketParams, BucketUpdate, RateLimiter};
+use crate::test_utils::{Rng, TempDir};
 use crate::virtio::testing::{
-    guest_memory, regs, Buf, Driver, EpollLoop, TempDir, CANARY, DESC_TABLE, MEM_SIZE, USED_RING,
+    guest_memory, regs, Buf, Driver, EpollLoop, CANARY, DESC_TABLE, MEM_SIZE, USED_RING,
     VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
 };
 use crate::virtio::{features, status};
@@ -99,17 +100,9 @@ fn build(d: &mut Driver, req_type: u32, sector: u64, out: Option<&[u8]>, in_len:
     let data = if let Some(bytes) = out {
         let a = d.alloc(bytes.len() as u64);
         d.mem.write_slice(bytes, GuestAddress(a)).unwrap();
-        Some(Buf {
-            addr: a,
-            len: bytes.len() as u32,
-            writable: false,
-        })
+        Some(Buf::readable(a, bytes.len() as u32))
     } else if in_len > 0 {
-        Some(Buf {
-            addr: d.alloc(u64::from(in_len)),
-            len: in_len,
-            writable: true,
-        })
+        Some(Buf::writable(d.alloc(u64::from(in_len)), in_len))
     } else {
         None
     };
@@ -123,17 +116,9 @@ fn build(d: &mut Driver, req_type: u32, sector: u64, out: Option<&[u8]>, in_len:
 
 /// Submits `req` as header/data/status descriptors, kicks, returns (status byte, used len).
 fn submit(d: &mut Driver, req: &Req) -> (u8, u32) {
-    let mut bufs = vec![Buf {
-        addr: req.header,
-        len: 16,
-        writable: false,
-    }];
+    let mut bufs = vec![Buf::readable(req.header, 16)];
     bufs.extend(req.data);
-    bufs.push(Buf {
-        addr: req.status,
-        len: 1,
-        writable: true,
-    });
+    bufs.push(Buf::writable(req.status, 1));
     submit_bufs(d, &bufs, req.status)
 }
 
@@ -279,36 +264,12 @@ fn split_descriptors_form_one_stream(zero_copy: bool) {
     d.mem.write_slice(&data, GuestAddress(a)).unwrap();
     let s = status_buf(&mut d);
     let bufs = [
-        Buf {
-            addr: h,
-            len: 10,
-            writable: false,
-        },
-        Buf {
-            addr: h + 10,
-            len: 6,
-            writable: false,
-        },
-        Buf {
-            addr: a,
-            len: 700,
-            writable: false,
-        },
-        Buf {
-            addr: a + 700,
-            len: 300,
-            writable: false,
-        },
-        Buf {
-            addr: a + 1000,
-            len: 536,
-            writable: false,
-        },
-        Buf {
-            addr: s,
-            len: 1,
-            writable: true,
-        },
+        Buf::readable(h, 10),
+        Buf::readable(h + 10, 6),
+        Buf::readable(a, 700),
+        Buf::readable(a + 700, 300),
+        Buf::readable(a + 1000, 536),
+        Buf::writable(s, 1),
     ];
     assert_eq!(submit_bufs(&mut d, &bufs, s), (st::OK, 1));
     assert_eq!(&std::fs::read(&p).unwrap()[9 * 512..12 * 512], &data[..]);
@@ -317,21 +278,9 @@ fn split_descriptors_form_one_stream(zero_copy: bool) {
     let h = header(&mut d, rt::IN, 9);
     let a = d.alloc(3 * 512 + 1);
     let bufs = [
-        Buf {
-            addr: h,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            addr: a,
-            len: 1000,
-            writable: true,
-        },
-        Buf {
-            addr: a + 1000,
-            len: 537,
-            writable: true,
-        },
+        Buf::readable(h, 16),
+        Buf::writable(a, 1000),
+        Buf::writable(a + 1000, 537),
     ];
     let (st_byte, len) = submit_bufs(&mut d, &bufs, a + 1536);
     assert_eq!((st_byte, len), (st::OK, 1537));
@@ -512,21 +461,9 @@ fn discard_segment(d: &mut Driver, req_type: u32, sector: u64, n: u32, flags: u3
     submit_bufs(
         d,
         &[
-            Buf {
-                addr: h,
-                len: 16,
-                writable: false,
-            },
-            Buf {
-                addr: seg,
-                len: 16,
-                writable: false,
-            },
-            Buf {
-                addr: s,
-                len: 1,
-                writable: true,
-            },
+            Buf::readable(h, 16),
+            Buf::readable(seg, 16),
+            Buf::writable(s, 1),
         ],
         s,
     )
@@ -644,21 +581,9 @@ fn rejects_descriptor_beyond_guest_memory() {
     let h = header(&mut d, rt::IN, 0);
     let s = status_buf(&mut d);
     let bufs = [
-        Buf {
-            addr: h,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            addr: MEM_SIZE as u64 - 256,
-            len: 512,
-            writable: true,
-        },
-        Buf {
-            addr: s,
-            len: 1,
-            writable: true,
-        },
+        Buf::readable(h, 16),
+        Buf::writable(MEM_SIZE as u64 - 256, 512),
+        Buf::writable(s, 1),
     ];
     let head = d.add_chain(&bufs);
     let (status, len, snap) = complete_snapshot(&mut d, head, s);
@@ -670,21 +595,9 @@ fn rejects_descriptor_beyond_guest_memory() {
     let h = header(&mut d, rt::OUT, 0);
     let s = status_buf(&mut d);
     let bufs = [
-        Buf {
-            addr: h,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            addr: u64::MAX - 100,
-            len: 512,
-            writable: false,
-        },
-        Buf {
-            addr: s,
-            len: 1,
-            writable: true,
-        },
+        Buf::readable(h, 16),
+        Buf::readable(u64::MAX - 100, 512),
+        Buf::writable(s, 1),
     ];
     assert_eq!(submit_bufs(&mut d, &bufs, s), (st::IOERR, 1));
     assert_eq!(std::fs::read(&p).unwrap(), pattern(DISK_LEN, 7));
@@ -740,26 +653,10 @@ fn rejects_data_in_the_wrong_direction() {
     let rd = d.alloc(512);
     let s = status_buf(&mut d);
     let bufs = [
-        Buf {
-            addr: h,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            addr: w,
-            len: 512,
-            writable: true,
-        },
-        Buf {
-            addr: rd,
-            len: 512,
-            writable: false,
-        },
-        Buf {
-            addr: s,
-            len: 1,
-            writable: true,
-        },
+        Buf::readable(h, 16),
+        Buf::writable(w, 512),
+        Buf::readable(rd, 512),
+        Buf::writable(s, 1),
     ];
     assert_eq!(submit_bufs(&mut d, &bufs, s).0, st::IOERR);
     assert_eq!(std::fs::read(&p).unwrap(), pattern(DISK_LEN, 7));
@@ -773,31 +670,12 @@ fn rejects_a_short_header() {
     let mut d = block_driver(&p, false, None);
     let h = header(&mut d, rt::IN, 0);
     let s = status_buf(&mut d);
-    let bufs = [
-        Buf {
-            addr: h,
-            len: 8,
-            writable: false,
-        },
-        Buf {
-            addr: s,
-            len: 1,
-            writable: true,
-        },
-    ];
+    let bufs = [Buf::readable(h, 8), Buf::writable(s, 1)];
     assert_eq!(submit_bufs(&mut d, &bufs, s), (st::IOERR, 1));
     // Only a status byte.
     let s = status_buf(&mut d);
     assert_eq!(
-        submit_bufs(
-            &mut d,
-            &[Buf {
-                addr: s,
-                len: 1,
-                writable: true
-            }],
-            s
-        ),
+        submit_bufs(&mut d, &[Buf::writable(s, 1)], s),
         (st::IOERR, 1)
     );
     assert_still_works(&mut d, &p);
@@ -825,21 +703,9 @@ fn chain_without_usable_status_byte_is_returned_with_len_0_and_no_write() {
     let buf = d.alloc(512);
     let s = status_buf(&mut d);
     let bufs = [
-        Buf {
-            addr: h,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            addr: buf,
-            len: 512,
-            writable: true,
-        },
-        Buf {
-            addr: s,
-            len: 1,
-            writable: false,
-        },
+        Buf::readable(h, 16),
+        Buf::writable(buf, 512),
+        Buf::readable(s, 1),
     ];
     let head = d.add_chain(&bufs);
     let (status, len, snap) = complete_snapshot(&mut d, head, s);
@@ -847,39 +713,16 @@ fn chain_without_usable_status_byte_is_returned_with_len_0_and_no_write() {
     assert_only_changed(&snap, &d.snapshot(), &[used_ring_range(&d)]);
     // Zero-length status descriptor.
     let bufs = [
-        Buf {
-            addr: h,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            addr: buf,
-            len: 512,
-            writable: true,
-        },
-        Buf {
-            addr: s,
-            len: 0,
-            writable: true,
-        },
+        Buf::readable(h, 16),
+        Buf::writable(buf, 512),
+        Buf::writable(s, 0),
     ];
     let head = d.add_chain(&bufs);
     let (status, len, snap) = complete_snapshot(&mut d, head, s);
     assert_eq!((status, len), (STATUS_UNTOUCHED, 0));
     assert_only_changed(&snap, &d.snapshot(), &[used_ring_range(&d)]);
     // Status byte outside guest memory.
-    let bufs = [
-        Buf {
-            addr: h,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            addr: MEM_SIZE as u64,
-            len: 1,
-            writable: true,
-        },
-    ];
+    let bufs = [Buf::readable(h, 16), Buf::writable(MEM_SIZE as u64, 1)];
     let head = d.add_chain(&bufs);
     d.publish(head);
     d.kick(0);
@@ -943,17 +786,9 @@ fn head_index_outside_the_queue_needs_a_reset() {
     assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
     let req = build(&mut d, rt::IN, 0, None, 512);
     let bufs = [
-        Buf {
-            addr: req.header,
-            len: 16,
-            writable: false,
-        },
+        Buf::readable(req.header, 16),
         req.data.unwrap(),
-        Buf {
-            addr: req.status,
-            len: 1,
-            writable: true,
-        },
+        Buf::writable(req.status, 1),
     ];
     let head = d.add_chain(&bufs);
     d.publish(head);
@@ -1083,17 +918,9 @@ fn nothing_outside_the_request_buffers_is_touched() {
     assert!(snap[MEM_SIZE - 4096..].iter().all(|&b| b == CANARY));
     let mut heads = Vec::new();
     for r in [&r_in, &r_out, &r_id, &r_flush] {
-        let mut bufs = vec![Buf {
-            addr: r.header,
-            len: 16,
-            writable: false,
-        }];
+        let mut bufs = vec![Buf::readable(r.header, 16)];
         bufs.extend(r.data);
-        bufs.push(Buf {
-            addr: r.status,
-            len: 1,
-            writable: true,
-        });
+        bufs.push(Buf::writable(r.status, 1));
         let head = d.add_chain(&bufs);
         d.publish(head);
         heads.push(head);
@@ -1164,17 +991,9 @@ fn ioeventfd_notification_is_processed_by_the_event_handler() {
     let p = disk(&dir);
     let mut d = block_driver(&p, false, None);
     let r = build(&mut d, rt::OUT, 6, Some(&pattern(512, 4)), 0);
-    let mut bufs = vec![Buf {
-        addr: r.header,
-        len: 16,
-        writable: false,
-    }];
+    let mut bufs = vec![Buf::readable(r.header, 16)];
     bufs.extend(r.data);
-    bufs.push(Buf {
-        addr: r.status,
-        len: 1,
-        writable: true,
-    });
+    bufs.push(Buf::writable(r.status, 1));
     let head = d.add_chain(&bufs);
     d.publish(head);
     // What KVM does on the guest's QueueNotify write when the ioeventfd is registered.
@@ -1207,17 +1026,9 @@ fn reset_stops_the_device_and_it_can_be_started_again() {
     assert!(d.handler.device_fds().is_empty());
     // A request published after the reset is not processed.
     let r = build(&mut d, rt::OUT, 1, Some(&pattern(512, 2)), 0);
-    let mut bufs = vec![Buf {
-        addr: r.header,
-        len: 16,
-        writable: false,
-    }];
+    let mut bufs = vec![Buf::readable(r.header, 16)];
     bufs.extend(r.data);
-    bufs.push(Buf {
-        addr: r.status,
-        len: 1,
-        writable: true,
-    });
+    bufs.push(Buf::writable(r.status, 1));
     let head = d.add_chain(&bufs);
     d.publish(head);
     d.handler.queue_evts()[0].write(1).unwrap();
@@ -1346,17 +1157,9 @@ fn notify_before_driver_ok_is_ignored() {
     d.negotiate(f);
     d.setup_queue(0);
     let r = build(&mut d, rt::OUT, 0, Some(&pattern(512, 1)), 0);
-    let mut bufs = vec![Buf {
-        addr: r.header,
-        len: 16,
-        writable: false,
-    }];
+    let mut bufs = vec![Buf::readable(r.header, 16)];
     bufs.extend(r.data);
-    bufs.push(Buf {
-        addr: r.status,
-        len: 1,
-        writable: true,
-    });
+    bufs.push(Buf::writable(r.status, 1));
     let head = d.add_chain(&bufs);
     d.publish(head);
     d.write32(regs::QUEUE_NOTIFY, 0);
@@ -1429,21 +1232,6 @@ fn broken_avail_index_sets_device_needs_reset() {
     assert_ne!(d.status() & status::DEVICE_NEEDS_RESET, 0);
     assert_ne!(d.read32(regs::INTERRUPT_STATUS) & 2, 0);
     assert_eq!(d.take_interrupts(), 1);
-}
-
-/// xorshift64*: a deterministic stream for the hostile-guest tests.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 #[test]
@@ -1849,21 +1637,9 @@ fn write_zeroes_of_64_gib_is_split_over_event_loop_turns() {
     }
     let s = status_buf(&mut d);
     let head = d.add_chain(&[
-        Buf {
-            addr: h,
-            len: 16,
-            writable: false,
-        },
-        Buf {
-            addr: segs,
-            len: 16 * 16,
-            writable: false,
-        },
-        Buf {
-            addr: s,
-            len: 1,
-            writable: true,
-        },
+        Buf::readable(h, 16),
+        Buf::readable(segs, 16 * 16),
+        Buf::writable(s, 1),
     ]);
     d.publish(head);
     d.kick(0);
@@ -1929,17 +1705,9 @@ fn a_read_larger_than_a_turn_goes_on_over_turns_before_the_next_request() {
     // A small request behind it waits for it.
     let small = build(&mut d, rt::OUT, 0, Some(&[1u8; 512]), 0);
     let small_head = d.add_chain(&[
-        Buf {
-            addr: small.header,
-            len: 16,
-            writable: false,
-        },
+        Buf::readable(small.header, 16),
         small.data.unwrap(),
-        Buf {
-            addr: small.status,
-            len: 1,
-            writable: true,
-        },
+        Buf::writable(small.status, 1),
     ]);
     d.publish(small_head);
     d.kick(0);
@@ -1971,21 +1739,9 @@ fn a_media_change_ends_a_split_request_with_an_io_error() {
         d.mem.write_slice(&b, GuestAddress(seg)).unwrap();
         let s = status_buf(&mut d);
         let head = d.add_chain(&[
-            Buf {
-                addr: h,
-                len: 16,
-                writable: false,
-            },
-            Buf {
-                addr: seg,
-                len: 16,
-                writable: false,
-            },
-            Buf {
-                addr: s,
-                len: 1,
-                writable: true,
-            },
+            Buf::readable(h, 16),
+            Buf::readable(seg, 16),
+            Buf::writable(s, 1),
         ]);
         d.publish(head);
         d.kick(0);
@@ -2121,17 +1877,9 @@ fn a_write_the_disk_fails_counts_as_an_execute_fail_not_a_write() {
 
 /// The descriptors of `req` (header, data, status).
 fn bufs_of(req: &Req) -> Vec<Buf> {
-    let mut bufs = vec![Buf {
-        addr: req.header,
-        len: 16,
-        writable: false,
-    }];
+    let mut bufs = vec![Buf::readable(req.header, 16)];
     bufs.extend(req.data);
-    bufs.push(Buf {
-        addr: req.status,
-        len: 1,
-        writable: true,
-    });
+    bufs.push(Buf::writable(req.status, 1));
     bufs
 }
 

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +18,7 @@ use super::{
 use crate::bus::BusDevice;
 use crate::rate_limiter::{BucketParams, BucketUpdate, RateLimiter};
 use crate::tap::{Tap, TapError};
+use crate::test_utils::{Rng, TestNetns};
 use crate::virtio::testing::{regs, used_ring, Buf, Driver};
 use crate::virtio::{features, status};
 
@@ -29,96 +29,21 @@ const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const ETH_TEST: u16 = 0x88b5;
 
 // ---------------------------------------------------------------------------------------
-// Network namespace guard
+// Network namespace
 
-/// A network namespace for one test, deleted on drop (the taps in it go with their fds).
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Netns {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "wisp-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        run("ip", &["netns", "add", &name]);
-        let ns = Netns { name };
-        // No IPv6: the namespace's stack must not send router solicitations or MLD reports
-        // onto the tap behind the tests' backs.
-        for key in [
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ] {
-            run("ip", &["netns", "exec", &ns.name, "sysctl", "-qw", key]);
-        }
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// `ip -n NAME args..`, which must succeed.
-    fn ip(&self, args: &[&str]) {
-        let mut a = vec!["-n", &self.name];
-        a.extend_from_slice(args);
-        run("ip", &a);
-    }
-
-    fn sysctl(&self, key_value: &str) {
-        run(
-            "ip",
-            &["netns", "exec", &self.name, "sysctl", "-qw", key_value],
-        );
-    }
-
-    /// Runs `f` on a thread that joined the namespace (fds it opens stay in it).
-    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let ns = std::fs::File::open(&path).expect("open netns");
-                // SAFETY: setns on an fd we own; it changes only this thread's namespace.
-                let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .expect("thread in netns")
-        })
-    }
-
-    /// (tx_packets, tx_dropped) of an interface as the kernel counts them: for a tap, the
-    /// frames its reader took and the frames dropped because its queue was full.
-    fn tx_stats(&self, dev: &str) -> (u64, u64) {
-        let out = Command::new("ip")
-            .args(["-n", &self.name, "-s", "-j", "link", "show", dev])
-            .output()
-            .expect("ip");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
-        let tx = &v[0]["stats64"]["tx"];
-        (
-            tx["packets"].as_u64().expect("packets"),
-            tx["dropped"].as_u64().expect("dropped"),
-        )
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// (tx_packets, tx_dropped) of an interface as the kernel counts them: for a tap, the
+/// frames its reader took and the frames dropped because its queue was full.
+fn tx_stats(ns: &TestNetns, dev: &str) -> (u64, u64) {
+    let out = Command::new("ip")
+        .args(["-n", &ns.name, "-s", "-j", "link", "show", dev])
+        .output()
+        .expect("ip");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+    let tx = &v[0]["stats64"]["tx"];
+    (
+        tx["packets"].as_u64().expect("packets"),
+        tx["dropped"].as_u64().expect("dropped"),
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -366,7 +291,7 @@ struct Env {
     used_q: std::collections::VecDeque<(u64, u32)>,
     tx_area: u64,
     counters: Arc<NetCounters>,
-    ns: Netns,
+    ns: TestNetns,
 }
 
 const ALL_OFFLOADS: u64 = netf::CSUM
@@ -394,7 +319,7 @@ fn env_limited(
     queue_size: u16,
     limiters: Option<(RateLimiter, RateLimiter)>,
 ) -> Env {
-    let ns = Netns::new();
+    let ns = TestNetns::new();
     let tap = ns.enter(|| Tap::open(TAP).expect("open tap"));
     ns.ip(&["link", "set", TAP, "address", "02:00:00:00:00:01", "up"]);
     let host = ns.enter(|| PacketSocket::bind(TAP, false));
@@ -485,14 +410,9 @@ impl Env {
 
     /// Posts a device-writable rx buffer of `len` bytes at `addr` (one descriptor).
     fn post_rx_at(&mut self, addr: u64, len: u32) {
-        let head = self.d.add_chain_to(
-            RX_QUEUE as u32,
-            &[Buf {
-                addr,
-                len,
-                writable: true,
-            }],
-        );
+        let head = self
+            .d
+            .add_chain_to(RX_QUEUE as u32, &[Buf::writable(addr, len)]);
         self.rx_bufs.insert(head, (addr, len));
         self.d.publish_to(RX_QUEUE as u32, head);
     }
@@ -566,10 +486,11 @@ impl Env {
         let step = bytes.len().div_ceil(pieces);
         let bufs: Vec<Buf> = (0..bytes.len())
             .step_by(step)
-            .map(|off| Buf {
-                addr: self.tx_area + off as u64,
-                len: step.min(bytes.len() - off) as u32,
-                writable: false,
+            .map(|off| {
+                Buf::readable(
+                    self.tx_area + off as u64,
+                    step.min(bytes.len() - off) as u32,
+                )
             })
             .collect();
         self.kick_tx(&bufs);
@@ -607,7 +528,7 @@ const T: Duration = Duration::from_secs(20);
 
 #[test]
 fn config_space_has_mac_link_up_and_mtu() {
-    let ns = Netns::new();
+    let ns = TestNetns::new();
     let tap = ns.enter(|| Tap::open(TAP).unwrap());
     let net = Net::new(tap, Some(GUEST_MAC), Some(9000)).unwrap();
     let mut d = Driver::new(Box::new(net));
@@ -645,7 +566,7 @@ fn config_space_has_mac_link_up_and_mtu() {
 
 #[test]
 fn tap_mtu_is_set_on_the_host_end() {
-    let ns = Netns::new();
+    let ns = TestNetns::new();
     let tap = ns.enter(|| Tap::open("wtap0").unwrap());
     ns.enter(|| tap.set_mtu(9000)).unwrap();
     let out = std::process::Command::new("ip")
@@ -661,7 +582,7 @@ fn tap_mtu_is_set_on_the_host_end() {
 
 #[test]
 fn offloads_can_be_left_unoffered() {
-    let ns = Netns::new();
+    let ns = TestNetns::new();
     let tap = ns.enter(|| Tap::open("wtap0").unwrap());
     let mut d = Driver::new(Box::new(
         Net::new(tap, Some(GUEST_MAC), None)
@@ -692,7 +613,7 @@ fn offloads_can_be_left_unoffered() {
 
 #[test]
 fn generated_mac_is_stable_local_unicast_and_per_name() {
-    let ns = Netns::new();
+    let ns = TestNetns::new();
     let (a, b, c) = ns.enter(|| {
         let a = Net::new(Tap::open("wnet-a").unwrap(), None, None)
             .unwrap()
@@ -724,7 +645,7 @@ fn generated_mac_is_stable_local_unicast_and_per_name() {
 
 #[test]
 fn tap_open_errors_name_the_tap_and_the_cause() {
-    let ns = Netns::new();
+    let ns = TestNetns::new();
     ns.enter(|| {
         let long = "a-name-longer-than-15";
         match Tap::open(long) {
@@ -758,7 +679,7 @@ fn tap_open_errors_name_the_tap_and_the_cause() {
 
 #[test]
 fn tap_from_fd_takes_a_preopened_tap() {
-    let ns = Netns::new();
+    let ns = TestNetns::new();
     let tap = ns.enter(|| {
         let t = Tap::open("wfd0").unwrap();
         // SAFETY: dup of an fd we own.
@@ -844,36 +765,24 @@ fn malformed_tx_chains_are_dropped_and_counted_and_the_next_frame_goes_out() {
         .unwrap();
     let a = e.tx_area;
     let n = bytes.len() as u32;
-    let ro = |addr, len| Buf {
-        addr,
-        len,
-        writable: false,
-    };
     let mem_end = crate::virtio::testing::MEM_SIZE as u64;
     let big = e.d.alloc(70000);
     let bad_chains: Vec<(&str, Vec<Buf>)> = vec![
         (
             "writable descriptor",
-            vec![
-                ro(a, 12),
-                Buf {
-                    addr: a + 12,
-                    len: n - 12,
-                    writable: true,
-                },
-            ],
+            vec![Buf::readable(a, 12), Buf::writable(a + 12, n - 12)],
         ),
-        ("header too short", vec![ro(a, 11)]),
-        ("oversized frame", vec![ro(big, 65550 + 12 + 1)]),
+        ("header too short", vec![Buf::readable(a, 11)]),
+        ("oversized frame", vec![Buf::readable(big, 65550 + 12 + 1)]),
         (
             "outside guest memory",
-            vec![ro(a, 12), ro(mem_end - 100, 200)],
+            vec![Buf::readable(a, 12), Buf::readable(mem_end - 100, 200)],
         ),
         (
             "beyond the address space",
-            vec![ro(a, 12), ro(u64::MAX - 10, 100)],
+            vec![Buf::readable(a, 12), Buf::readable(u64::MAX - 10, 100)],
         ),
-        ("runt frame", vec![ro(a, 12 + 13)]),
+        ("runt frame", vec![Buf::readable(a, 12 + 13)]),
     ];
     for (i, (what, bufs)) in bad_chains.iter().enumerate() {
         e.kick_tx(bufs);
@@ -918,7 +827,7 @@ fn malformed_tx_chains_are_dropped_and_counted_and_the_next_frame_goes_out() {
     assert_eq!(e.counters().tx_malformed, bad_chains.len() as u64 + 1);
     // Nothing came out of the tap, and the next good frame does.
     assert!(e.host.recv(Duration::from_millis(100)).is_none());
-    e.kick_tx(&[ro(a, 12), ro(a + 12, n - 12)]);
+    e.kick_tx(&[Buf::readable(a, 12), Buf::readable(a + 12, n - 12)]);
     assert_eq!(e.host_recv().as_deref(), Some(&good[..]));
     assert_eq!(e.counters().tx_frames, 1);
     assert_eq!(e.d.status() & status::DEVICE_NEEDS_RESET, 0);
@@ -929,25 +838,12 @@ fn malformed_rx_chains_are_returned_unused_and_rx_goes_on() {
     let mut e = env(netf::MRG_RXBUF);
     let a = e.d.alloc(2048);
     // A device-readable buffer and a buffer outside guest memory, then a good one.
-    let h = e.d.add_chain_to(
-        RX_QUEUE as u32,
-        &[Buf {
-            addr: a,
-            len: 2048,
-            writable: false,
-        }],
-    );
+    let h = e.d.add_chain_to(RX_QUEUE as u32, &[Buf::readable(a, 2048)]);
     e.rx_bufs.insert(h, (a, 2048));
     e.d.publish_to(RX_QUEUE as u32, h);
     let mem_end = crate::virtio::testing::MEM_SIZE as u64;
-    let h = e.d.add_chain_to(
-        RX_QUEUE as u32,
-        &[Buf {
-            addr: mem_end - 10,
-            len: 2048,
-            writable: true,
-        }],
-    );
+    let h =
+        e.d.add_chain_to(RX_QUEUE as u32, &[Buf::writable(mem_end - 10, 2048)]);
     e.rx_bufs.insert(h, (mem_end - 10, 2048));
     e.d.publish_to(RX_QUEUE as u32, h);
     let good = e.d.alloc(2048);
@@ -1075,7 +971,7 @@ fn flood_in_this_process() {
     assert_eq!(c.tx_frames, sent, "tx kept working during the flood");
     assert_eq!(c.rx_frames, 0);
     // wisp took nothing from the tap; the kernel's queue holds what fits and drops the rest.
-    let (taken, dropped) = e.ns.tx_stats(TAP);
+    let (taken, dropped) = tx_stats(&e.ns, TAP);
     assert_eq!(taken, 0, "frames read from the tap without rx buffers");
     assert!(
         refused > 0,
@@ -1299,7 +1195,7 @@ fn without_guest_offloads_the_guest_receives_checksummed_segments() {
 
 #[test]
 fn inconsistent_offload_features_are_refused_at_activation() {
-    let ns = Netns::new();
+    let ns = TestNetns::new();
     let tap = ns.enter(|| Tap::open(TAP).unwrap());
     let mut d = Driver::new(Box::new(Net::new(tap, None, None).unwrap()));
     // GUEST_TSO4 without GUEST_CSUM (virtio 1.2 §5.1.3.1).
@@ -1440,21 +1336,6 @@ fn rx_cost() {
             "copy {len:>6} bytes into guest memory: {:.2} us",
             t.elapsed().as_secs_f64() * 1e6 / 10_000.0
         );
-    }
-}
-
-/// xorshift64*: a deterministic stream for the hostile-guest tests.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 
@@ -1639,7 +1520,7 @@ fn random_hostile_rx_chains_only_receive_into_their_own_buffers() {
 
 #[test]
 fn tap_open_attaches_to_a_persistent_tap_and_leaves_it_in_place() {
-    let ns = Netns::new();
+    let ns = TestNetns::new();
     ns.ip(&["tuntap", "add", "dev", "wpre0", "mode", "tap"]);
     ns.ip(&["tuntap", "add", "dev", "wmq0", "mode", "tap", "multi_queue"]);
     ns.enter(|| {
@@ -1685,11 +1566,7 @@ fn tx_cost() {
         e.d.mem
             .write_slice(&bytes, GuestAddress(e.tx_area))
             .unwrap();
-        let buf = Buf {
-            addr: e.tx_area,
-            len: bytes.len() as u32,
-            writable: false,
-        };
+        let buf = Buf::readable(e.tx_area, bytes.len() as u32);
         let mut busy = Duration::ZERO;
         let mut sent = 0;
         while sent < frames {
@@ -1749,11 +1626,7 @@ fn tx_head_index_outside_the_queue_needs_a_reset() {
     e.d.mem
         .write_slice(&bytes, GuestAddress(e.tx_area))
         .unwrap();
-    e.add_tx(&[Buf {
-        addr: e.tx_area,
-        len: bytes.len() as u32,
-        writable: false,
-    }]);
+    e.add_tx(&[Buf::readable(e.tx_area, bytes.len() as u32)]);
     e.d.kick(q);
     assert_eq!(e.d.used_idx_of(q), 0);
     assert_eq!(e.counters().tx_frames, 0);
@@ -1781,11 +1654,7 @@ fn throttled_tx_frames_wait_in_the_ring_and_leave_when_the_timer_fires() {
         bytes.extend_from_slice(f);
         let addr = e.tx_area + i as u64 * 256;
         e.d.mem.write_slice(&bytes, GuestAddress(addr)).unwrap();
-        e.add_tx(&[Buf {
-            addr,
-            len: bytes.len() as u32,
-            writable: false,
-        }]);
+        e.add_tx(&[Buf::readable(addr, bytes.len() as u32)]);
     }
     e.d.kick(TX_QUEUE as u32);
     // The bucket's two went out; three wait in the ring, not dropped.
@@ -1821,7 +1690,7 @@ fn throttled_rx_leaves_frames_in_the_tap_until_the_limit_is_lifted() {
     // kernel counts what wisp read as the tap's tx, and would count drops).
     std::thread::sleep(Duration::from_millis(200));
     e.settle();
-    assert_eq!(e.ns.tx_stats(TAP), (1, 0));
+    assert_eq!(tx_stats(&e.ns, TAP), (1, 0));
     let c = e.counters();
     assert_eq!((c.rx_frames, c.rx_dropped), (1, 0));
     assert!(c.rx_rate_limiter_throttled >= 1);
@@ -1839,5 +1708,5 @@ fn throttled_rx_leaves_frames_in_the_tap_until_the_limit_is_lifted() {
         let (_, got) = e.recv_frame(T).expect("a frame held in the tap");
         assert_eq!(&got, f);
     }
-    assert_eq!(e.ns.tx_stats(TAP), (3, 0));
+    assert_eq!(tx_stats(&e.ns, TAP), (3, 0));
 }

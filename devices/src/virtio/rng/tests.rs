@@ -13,14 +13,6 @@ fn rng_driver(queue_size: u16) -> Driver {
     d
 }
 
-fn writable(addr: u64, len: u32) -> Buf {
-    Buf {
-        addr,
-        len,
-        writable: true,
-    }
-}
-
 fn counters(d: &Driver) -> std::sync::Arc<super::RngCounters> {
     d.device::<Rng>().with(|r| r.counters())
 }
@@ -62,7 +54,7 @@ fn every_request_of_a_full_queue_gets_random_bytes() {
     let mut d = rng_driver(256);
     let mut chains = Vec::new();
     for _ in 0..256 {
-        let bufs = vec![writable(d.alloc(512), 512)];
+        let bufs = vec![Buf::writable(d.alloc(512), 512)];
         let head = d.add_chain(&bufs);
         d.publish(head);
         chains.push((head, bufs));
@@ -102,17 +94,10 @@ fn a_driver_readable_descriptor_is_refused_and_nothing_is_written() {
     let mut d = rng_driver(16);
     let a = d.alloc(64);
     let b = d.alloc(64);
-    let head = d.add_chain(&[
-        writable(a, 64),
-        Buf {
-            addr: b,
-            len: 64,
-            writable: false,
-        },
-    ]);
+    let head = d.add_chain(&[Buf::writable(a, 64), Buf::readable(b, 64)]);
     d.publish(head);
     let c = d.alloc(64);
-    let ok = d.add_chain(&[writable(c, 64)]);
+    let ok = d.add_chain(&[Buf::writable(c, 64)]);
     d.publish(ok);
     d.kick(0);
     assert_eq!(d.used_idx(), 2);
@@ -133,11 +118,11 @@ fn a_request_larger_than_the_cap_gets_the_cap_and_the_rest_stays_untouched() {
     let mut d = rng_driver(16);
     // One 1 MiB buffer: only its first 64 KiB are written.
     let big = d.alloc(1 << 20);
-    let head = d.add_chain(&[writable(big, 1 << 20)]);
+    let head = d.add_chain(&[Buf::writable(big, 1 << 20)]);
     d.publish(head);
     // Three 40 KiB buffers: 40 KiB, 24 KiB, nothing.
     let parts: Vec<u64> = (0..3).map(|_| d.alloc(40 << 10)).collect();
-    let bufs: Vec<Buf> = parts.iter().map(|&a| writable(a, 40 << 10)).collect();
+    let bufs: Vec<Buf> = parts.iter().map(|&a| Buf::writable(a, 40 << 10)).collect();
     let spread = d.add_chain(&bufs);
     d.publish(spread);
     d.kick(0);
@@ -166,7 +151,7 @@ fn one_turn_serves_at_most_its_byte_budget_then_comes_back() {
     // 40 requests of the cap each, all into the same buffer: 2.5 MiB asked for at once.
     let buf = d.alloc(MAX_BYTES_PER_CHAIN as u64);
     for _ in 0..40 {
-        let head = d.add_chain(&[writable(buf, MAX_BYTES_PER_CHAIN as u32)]);
+        let head = d.add_chain(&[Buf::writable(buf, MAX_BYTES_PER_CHAIN as u32)]);
         d.publish(head);
     }
     d.kick(0);
@@ -186,10 +171,10 @@ fn one_turn_serves_at_most_its_byte_budget_then_comes_back() {
 fn malformed_chains_get_no_bytes_and_the_device_goes_on() {
     let mut d = rng_driver(16);
     // A buffer running past the end of guest memory.
-    let outside = d.add_chain(&[writable(MEM_SIZE as u64 - 16, 64)]);
+    let outside = d.add_chain(&[Buf::writable(MEM_SIZE as u64 - 16, 64)]);
     d.publish(outside);
     // A buffer at an address that wraps around.
-    let wraps = d.add_chain(&[writable(u64::MAX - 8, 64)]);
+    let wraps = d.add_chain(&[Buf::writable(u64::MAX - 8, 64)]);
     d.publish(wraps);
     // A chain that loops on itself: descriptor 5 -> 5.
     let looped = d.reserve_descs(1);
@@ -204,7 +189,7 @@ fn malformed_chains_get_no_bytes_and_the_device_goes_on() {
     );
     d.publish(looped);
     let b = d.alloc(64);
-    let ok = d.add_chain(&[writable(b, 64)]);
+    let ok = d.add_chain(&[Buf::writable(b, 64)]);
     d.publish(ok);
     let tail = d.read_bytes(MEM_SIZE as u64 - 16, 16);
     d.kick(0);
@@ -223,7 +208,7 @@ fn malformed_chains_get_no_bytes_and_the_device_goes_on() {
 fn requests_after_a_reset_are_served_again() {
     let mut d = rng_driver(16);
     let a = d.alloc(256);
-    let head = d.add_chain(&[writable(a, 256)]);
+    let head = d.add_chain(&[Buf::writable(a, 256)]);
     d.publish(head);
     d.kick(0);
     assert_eq!(d.used_elem(0), (u32::from(head), 256));
@@ -231,7 +216,7 @@ fn requests_after_a_reset_are_served_again() {
     assert_eq!(d.status(), 0);
     d.start();
     let b = d.alloc(256);
-    let head = d.add_chain(&[writable(b, 256)]);
+    let head = d.add_chain(&[Buf::writable(b, 256)]);
     d.publish(head);
     d.kick(0);
     assert_eq!(d.used_elem(0), (u32::from(head), 256));
