@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use super::muxer::{check_uds_path, MuxerError};
 use super::packet::{op, shutdown, Header, HDR_LEN, HOST_CID, TYPE_STREAM};
 use super::{Vsock, BUF_ALLOC, MAX_CONNECTIONS, RX_QUEUE, TX_QUEUE};
-use crate::virtio::testing::{regs, Buf, Driver, TempDir};
+use crate::test_utils::TempDir;
+use crate::virtio::testing::{regs, Buf, Driver};
 use crate::virtio::{device_type, features};
 
 const CID: u64 = 3;
@@ -19,7 +20,7 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// A guest driver for the device: rx buffers kept posted, packets sent one at a time.
 struct Guest {
     d: Driver,
-    dir: TempDir,
+    _dir: TempDir,
     uds: PathBuf,
     /// Descriptor head -> buffer address of each posted rx buffer.
     rx_posted: HashMap<u16, u64>,
@@ -47,7 +48,7 @@ impl Guest {
         let rx_free = (0..n).map(|_| d.alloc(u64::from(RX_BUF))).collect();
         let mut g = Guest {
             d,
-            dir,
+            _dir: dir,
             uds,
             rx_posted: HashMap::new(),
             rx_free,
@@ -62,14 +63,9 @@ impl Guest {
     /// Posts every free rx buffer and notifies the rx queue.
     fn post_rx(&mut self) {
         while let Some(addr) = self.rx_free.pop() {
-            let head = self.d.add_chain_to(
-                RX_QUEUE as u32,
-                &[Buf {
-                    addr,
-                    len: RX_BUF,
-                    writable: true,
-                }],
-            );
+            let head = self
+                .d
+                .add_chain_to(RX_QUEUE as u32, &[Buf::writable(addr, RX_BUF)]);
             self.d.publish_to(RX_QUEUE as u32, head);
             self.rx_posted.insert(head, addr);
         }
@@ -89,17 +85,9 @@ impl Guest {
             .mem
             .write_slice(payload, GuestAddress(self.tx_data))
             .unwrap();
-        let mut bufs = vec![Buf {
-            addr: self.tx_hdr,
-            len: HDR_LEN as u32,
-            writable: false,
-        }];
+        let mut bufs = vec![Buf::readable(self.tx_hdr, HDR_LEN as u32)];
         if !payload.is_empty() {
-            bufs.push(Buf {
-                addr: self.tx_data,
-                len: payload.len() as u32,
-                writable: false,
-            });
+            bufs.push(Buf::readable(self.tx_data, payload.len() as u32));
         }
         let head = self.d.add_chain_to(TX_QUEUE as u32, &bufs);
         self.d.publish_to(TX_QUEUE as u32, head);
@@ -574,16 +562,8 @@ fn malformed_tx_chains_are_returned_and_the_device_goes_on() {
     // A device-writable descriptor in a tx chain; a header cut short; an RW whose len
     // is more than the chain holds.
     let cases: [&[Buf]; 2] = [
-        &[Buf {
-            addr: hdr,
-            len: HDR_LEN as u32,
-            writable: true,
-        }],
-        &[Buf {
-            addr: hdr,
-            len: 20,
-            writable: false,
-        }],
+        &[Buf::writable(hdr, HDR_LEN as u32)],
+        &[Buf::readable(hdr, 20)],
     ];
     for bufs in cases {
         let head = g.d.add_chain_to(TX_QUEUE as u32, bufs);
@@ -600,16 +580,8 @@ fn malformed_tx_chains_are_returned_and_the_device_goes_on() {
     let head = g.d.add_chain_to(
         TX_QUEUE as u32,
         &[
-            Buf {
-                addr: hdr,
-                len: HDR_LEN as u32,
-                writable: false,
-            },
-            Buf {
-                addr: g.tx_data,
-                len: 100,
-                writable: false,
-            },
+            Buf::readable(hdr, HDR_LEN as u32),
+            Buf::readable(g.tx_data, 100),
         ],
     );
     g.d.publish_to(TX_QUEUE as u32, head);
