@@ -138,7 +138,8 @@ fn attach_legacy_devices(
 }
 
 /// Disks first (vda, vdb, ...), then network interfaces, each in the order configured, then
-/// the entropy device: adding or removing it moves no other device's window.
+/// the vsock device, then the entropy device: adding or removing either moves no disk's or
+/// interface's window.
 fn attach_virtio_devices(
     vm: &Vm,
     config: &VmConfig,
@@ -150,6 +151,9 @@ fn attach_virtio_devices(
     }
     for net in &config.nets {
         devices.attach_net(vm, mmio_bus, net)?;
+    }
+    if let Some(vsock) = &config.vsock {
+        devices.attach_vsock(vm, mmio_bus, vsock)?;
     }
     if config.entropy {
         devices.attach_entropy(vm, mmio_bus)?;

@@ -41,8 +41,8 @@ pub struct FirecrackerArgs {
     #[arg(long, value_name = "ID")]
     pub id: Option<String>,
     /// Boot from a Firecracker-style config file (boot-source, machine-config, drives,
-    /// network-interfaces, logger, metrics, plus wisp's fields); the API keeps serving unless
-    /// --no-api.
+    /// network-interfaces, vsock, entropy, logger, metrics, plus wisp's fields); the API
+    /// keeps serving unless --no-api.
     #[arg(long, value_name = "FILE")]
     pub config_file: Option<PathBuf>,
     /// With --config-file: serve no API.
@@ -384,6 +384,11 @@ pub struct RunArgs {
     /// instead of in ACPI, for kernels built without ACPI.
     #[arg(long)]
     pub virtio_mmio_cmdline: bool,
+    /// A virtio-vsock device: cid=N,uds=PATH (Firecracker's host side: host processes
+    /// connect to PATH and write `CONNECT <port>\n`; guest connections to port P go to
+    /// PATH_P). Given here, it replaces the config file's.
+    #[arg(long, value_name = "SPEC")]
+    pub vsock: Option<String>,
     /// A virtio-rng entropy device fed from the host's getrandom, so the guest never waits
     /// for entropy: on or off [default: on].
     #[arg(long, value_name = "on|off")]
@@ -494,6 +499,9 @@ impl RunArgs {
         }
         if self.virtio_mmio_cmdline {
             config.virtio_mmio_cmdline = true;
+        }
+        if let Some(v) = &self.vsock {
+            config.vsock = Some(crate::config::VsockConfig::parse(v)?);
         }
         if let Some(v) = &self.entropy {
             config.entropy = match v.as_str() {
@@ -681,6 +689,29 @@ mod tests {
         assert_eq!(c.memory, MemSize(1 << 30));
         assert_eq!(c.console, ConsoleConfig::None);
         assert_eq!(c.cmdline, config::DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn vsock_flag_becomes_the_vsock_device_and_bad_values_are_named() {
+        let k = kernel();
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let uds = dir.as_path().join("v.sock");
+        let spec = format!("cid=7,uds={}", uds.display());
+        let c = parse(&["--kernel", &k, "--vsock", &spec]).unwrap();
+        let v = c.vsock.unwrap();
+        assert_eq!((v.guest_cid, v.uds_path), (7, uds));
+        let e = parse(&["--kernel", &k, "--vsock", "cid=1,uds=/tmp/x.sock"]).unwrap_err();
+        assert_eq!(e, "vsock: guest_cid 1 is reserved; use 3 or more");
+        let file = dir.as_path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let e = parse(&[
+            "--kernel",
+            &k,
+            "--vsock",
+            &format!("cid=3,uds={}", file.display()),
+        ])
+        .unwrap_err();
+        assert!(e.contains("exists and is not a Unix socket"), "{e}");
     }
 
     #[test]

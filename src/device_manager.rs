@@ -3,7 +3,7 @@
 
 use crate::arch::x86_64::acpi::MmioDevice;
 use crate::arch::x86_64::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_START};
-use crate::config::{DiskConfig, DiskFormat, NetConfig, RateLimiterConfig};
+use crate::config::{DiskConfig, DiskFormat, NetConfig, RateLimiterConfig, VsockConfig};
 use crate::vstate::vm::Vm;
 use kvm_ioctls::IoEventAddress;
 use std::io;
@@ -20,6 +20,7 @@ use wisp_devices::tap::Tap;
 use wisp_devices::virtio::block::{Block, BlockCounters, Disk};
 use wisp_devices::virtio::net::{Net, NetCounters};
 use wisp_devices::virtio::rng::{Rng, RngCounters};
+use wisp_devices::virtio::vsock::{Vsock, VsockCounters};
 use wisp_devices::virtio::{
     DeviceHandle, MmioTransport, VirtioDevice, VirtioEventHandler, MMIO_WINDOW_SIZE,
     NOTIFY_REG_OFFSET,
@@ -47,6 +48,8 @@ pub enum DeviceError {
         #[source]
         source: Cause,
     },
+    #[error("vsock: {0}")]
+    Vsock(#[source] wisp_devices::virtio::vsock::MuxerError),
     #[error("eventfd: {0}")]
     EventFd(#[source] io::Error),
     #[error("rate limiter timer (timerfd_create): {0}")]
@@ -74,6 +77,13 @@ pub struct NetDevice {
     pub handle: DeviceHandle<Net>,
 }
 
+/// The VM's virtio-vsock device.
+pub struct VsockDevice {
+    /// Read by metrics without the device's lock.
+    pub counters: Arc<VsockCounters>,
+    pub handle: DeviceHandle<Vsock>,
+}
+
 /// The VM's virtio-rng device.
 pub struct EntropyDevice {
     /// Read by metrics without the device's lock.
@@ -90,6 +100,7 @@ pub struct DeviceManager {
     blocks: Vec<BlockDevice>,
     nets: Vec<NetDevice>,
     entropy: Option<EntropyDevice>,
+    vsock: Option<VsockDevice>,
 }
 
 impl DeviceManager {
@@ -127,6 +138,25 @@ impl DeviceManager {
             handle,
         });
         Ok(())
+    }
+
+    /// Listens on the vsock's `uds_path` and attaches the virtio-vsock device (one per VM).
+    pub fn attach_vsock(
+        &mut self,
+        vm: &Vm,
+        mmio_bus: &mut Bus,
+        vsock: &VsockConfig,
+    ) -> Result<(), DeviceError> {
+        let dev =
+            Vsock::new(u64::from(vsock.guest_cid), &vsock.uds_path).map_err(DeviceError::Vsock)?;
+        let counters = dev.counters();
+        let handle = self.attach(vm, mmio_bus, dev)?;
+        self.vsock = Some(VsockDevice { counters, handle });
+        Ok(())
+    }
+
+    pub fn vsock(&self) -> Option<&VsockDevice> {
+        self.vsock.as_ref()
     }
 
     /// Attaches the virtio-rng device (one per VM).

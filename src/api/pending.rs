@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::requests::{
     ApiRequest, BootSource, Drive, EntropyDevice, LoggerConfig, MachineConfig, MetricsConfig,
-    NetworkInterface, SerialConfig,
+    NetworkInterface, SerialConfig, VsockDevice,
 };
 use super::ApiFault;
 use crate::cgroup::CgroupSpec;
@@ -42,7 +42,7 @@ pub struct FirecrackerConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vsock: Option<Value>,
+    pub vsock: Option<VsockDevice>,
     #[serde(
         rename = "mmds-config",
         default,
@@ -102,6 +102,8 @@ pub struct PendingConfig {
     pub serial: Option<SerialConfig>,
     /// `PUT /entropy`: the VM gets a virtio-rng device.
     pub entropy: Option<EntropyDevice>,
+    /// `PUT /vsock`.
+    pub vsock: Option<VsockDevice>,
 }
 
 impl PendingConfig {
@@ -113,7 +115,6 @@ impl PendingConfig {
     pub fn from_firecracker_config(file: &FirecrackerConfig) -> Result<Self, ApiFault> {
         for (name, v) in [
             ("balloon", &file.balloon),
-            ("vsock", &file.vsock),
             ("mmds-config", &file.mmds_config),
             ("cpu-config", &file.cpu_config),
             ("memory-hotplug", &file.memory_hotplug),
@@ -149,6 +150,9 @@ impl PendingConfig {
         }
         if let Some(m) = &file.metrics {
             p.apply(&ApiRequest::PutMetrics(m.clone()))?;
+        }
+        if let Some(v) = &file.vsock {
+            p.apply(&ApiRequest::PutVsock(v.clone()))?;
         }
         if let Some(e) = &file.entropy {
             p.apply(&ApiRequest::PutEntropy(e.clone()))?;
@@ -292,6 +296,14 @@ impl PendingConfig {
                 c.validate()?;
                 self.serial = Some(c.clone());
             }
+            ApiRequest::PutVsock(v) => {
+                v.validate()?;
+                if self.vsock.is_none() && self.device_count() >= crate::config::MAX_VIRTIO_DEVICES
+                {
+                    return Err(too_many_devices());
+                }
+                self.vsock = Some(v.clone());
+            }
             ApiRequest::PutEntropy(e) => {
                 e.validate()?;
                 if self.entropy.is_none()
@@ -312,7 +324,10 @@ impl PendingConfig {
     }
 
     fn device_count(&self) -> usize {
-        self.drives.len() + self.network_interfaces.len() + usize::from(self.entropy.is_some())
+        self.drives.len()
+            + self.network_interfaces.len()
+            + usize::from(self.entropy.is_some())
+            + usize::from(self.vsock.is_some())
     }
 
     /// The vCPU cgroup settings, if any.
@@ -385,6 +400,7 @@ impl PendingConfig {
         config.cgroup = self.cgroup();
         // Only when asked for, as Firecracker (`wisp run` has it on by default).
         config.entropy = self.entropy.is_some();
+        config.vsock = self.vsock.as_ref().map(VsockDevice::to_config);
         config.huge_pages = m.huge_pages_2m();
         config.smt = m.smt;
         if let Some(path) = self.serial.as_ref().and_then(|s| s.serial_out_path.clone()) {
@@ -418,7 +434,7 @@ impl PendingConfig {
             "logger": self.logger,
             "metrics": self.metrics,
             "balloon": null,
-            "vsock": null,
+            "vsock": self.vsock,
             "mmds-config": null,
             "entropy": self.entropy,
             "cpu-config": null,
@@ -430,7 +446,7 @@ impl PendingConfig {
 
 fn too_many_devices() -> ApiFault {
     ApiFault::bad_request(format!(
-        "at most {} virtio devices (drives, network interfaces and the entropy device together) fit the platform",
+        "at most {} virtio devices (drives, network interfaces, the vsock and the entropy device together) fit the platform",
         crate::config::MAX_VIRTIO_DEVICES
     ))
 }

@@ -66,7 +66,6 @@ fn firecracker_endpoints_wisp_lacks_answer_400_naming_wisp_and_its_version() {
         ("PUT", "/balloon", "balloon devices"),
         ("GET", "/balloon/statistics", "balloon devices"),
         ("PATCH", "/balloon/hinting/stop", "balloon devices"),
-        ("PUT", "/vsock", "vsock devices"),
         ("PUT", "/mmds", "MMDS"),
         ("GET", "/mmds", "MMDS"),
         ("PUT", "/mmds/config", "MMDS"),
@@ -240,6 +239,79 @@ fn put_entropy_gives_the_vm_an_rng_device_and_refuses_a_limiting_rate_limiter() 
     p.apply(&req("PUT", "/entropy", r#"{"rate_limiter": null}"#).unwrap())
         .unwrap();
     assert!(p.to_vm_config().unwrap().entropy);
+}
+
+#[test]
+fn put_vsock_checks_the_cid_and_the_socket_path() {
+    let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+    let uds = dir.as_path().join("v.sock");
+    let body = format!(r#"{{"guest_cid": 3, "uds_path": "{}"}}"#, uds.display());
+    let r = req("PUT", "/vsock", &body).unwrap();
+    assert_eq!(r.allowed(), Allowed::PreBoot);
+    assert_eq!(r.describe(), "PUT /vsock");
+    // Firecracker's deprecated vsock_id is accepted.
+    let with_id = format!(
+        r#"{{"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "{}"}}"#,
+        uds.display()
+    );
+    assert!(matches!(
+        req("PUT", "/vsock", &with_id).unwrap(),
+        ApiRequest::PutVsock(_)
+    ));
+    for (body, why) in [
+        (
+            r#"{"guest_cid": 0, "uds_path": "/tmp/v.sock"}"#.to_string(),
+            "vsock: guest_cid 0 is reserved; use 3 or more",
+        ),
+        (
+            r#"{"guest_cid": 2, "uds_path": "/tmp/v.sock"}"#.into(),
+            "vsock: guest_cid 2 is reserved",
+        ),
+        (
+            r#"{"guest_cid": 3, "uds_path": "/etc/passwd"}"#.into(),
+            "uds_path /etc/passwd: exists and is not a Unix socket",
+        ),
+        (
+            format!(
+                r#"{{"guest_cid": 3, "uds_path": "{}"}}"#,
+                dir.as_path().display()
+            ),
+            "exists and is not a Unix socket",
+        ),
+        (
+            r#"{"guest_cid": 3, "uds_path": ""}"#.into(),
+            "uds_path: empty path",
+        ),
+        (
+            format!(
+                r#"{{"guest_cid": 3, "uds_path": "/tmp/{}"}}"#,
+                "x".repeat(100)
+            ),
+            "at most 96",
+        ),
+        (r#"{"guest_cid": 3}"#.into(), "missing field `uds_path`"),
+        (
+            r#"{"guest_cid": -1, "uds_path": "/v"}"#.into(),
+            "guest_cid: invalid value",
+        ),
+    ] {
+        assert_fault(&fault("PUT", "/vsock", &body), 400, why);
+    }
+    let mut p = PendingConfig::new();
+    p.apply(
+        &req(
+            "PUT",
+            "/boot-source",
+            &format!(r#"{{"kernel_image_path": "{}"}}"#, existing_file()),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(p.to_json()["vsock"], Value::Null);
+    p.apply(&r).unwrap();
+    let c = p.to_vm_config().unwrap();
+    assert_eq!(c.vsock.unwrap().uds_path, uds);
+    assert_eq!(p.to_json()["vsock"]["guest_cid"], 3);
 }
 
 #[test]
@@ -1126,13 +1198,22 @@ fn firecracker_config_file() {
         "drives[0].bogus: unknown field `bogus`",
     );
     let with_vsock = FirecrackerConfig::from_json(&format!(
-        r#"{{"boot-source": {{"kernel_image_path": "{f}"}}, "vsock": {{"guest_cid": 3, "uds_path": "/v"}}}}"#
+        r#"{{"boot-source": {{"kernel_image_path": "{f}"}}, "vsock": {{"guest_cid": 3, "uds_path": "/tmp/wisp-no-such-dir/v.sock"}}}}"#
+    ))
+    .unwrap();
+    let c = PendingConfig::from_firecracker_config(&with_vsock)
+        .unwrap()
+        .to_vm_config()
+        .unwrap();
+    assert_eq!(c.vsock.unwrap().guest_cid, 3);
+    let bad_cid = FirecrackerConfig::from_json(&format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{f}"}}, "vsock": {{"guest_cid": 2, "uds_path": "/v"}}}}"#
     ))
     .unwrap();
     assert_fault(
-        &PendingConfig::from_firecracker_config(&with_vsock).unwrap_err(),
+        &PendingConfig::from_firecracker_config(&bad_cid).unwrap_err(),
         400,
-        "vsock: not supported",
+        "vsock: guest_cid 2 is reserved",
     );
     let with_entropy = FirecrackerConfig::from_json(&format!(
         r#"{{"boot-source": {{"kernel_image_path": "{f}"}}, "entropy": {{}}}}"#
@@ -1215,6 +1296,7 @@ fn variant_name(r: &ApiRequest) -> &'static str {
         PatchNetworkInterface(_) => "PatchNetworkInterface",
         PutSerial(_) => "PutSerial",
         PutEntropy(_) => "PutEntropy",
+        PutVsock(_) => "PutVsock",
         Action(_) => "Action",
         PatchVm(_) => "PatchVm",
         PutLogger(_) => "PutLogger",

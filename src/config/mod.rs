@@ -5,10 +5,12 @@ mod disk;
 mod net;
 pub mod rate_limiter;
 pub mod size;
+mod vsock;
 
 pub use disk::{DiskConfig, DiskFormat};
 pub use net::{MacAddr, NetConfig, MIN_MTU};
 pub use rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+pub use vsock::VsockConfig;
 
 pub use size::MemSize;
 
@@ -53,6 +55,10 @@ pub enum ConfigError {
     Id(String),
     #[error("--net {spec}: {reason}")]
     NetSpec { spec: String, reason: String },
+    #[error("--vsock {spec}: {reason}")]
+    VsockSpec { spec: String, reason: String },
+    #[error("vsock: {reason}")]
+    Vsock { reason: String },
     #[error("--disk {spec}: {reason}")]
     DiskSpec { spec: String, reason: String },
     #[error(
@@ -160,6 +166,9 @@ pub struct VmConfig {
     /// Two threads per core in the guest's CPU topology (`cpus` 1 or even).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub smt: bool,
+    /// A virtio-vsock device (after the interfaces, before the entropy device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
     /// A virtio-rng device fed from the host's getrandom(2), after the disks and interfaces,
     /// so that the guest never waits for entropy. On unless turned off.
     #[serde(default = "default_entropy")]
@@ -202,6 +211,7 @@ impl VmConfig {
             huge_pages: false,
             smt: false,
             entropy: default_entropy(),
+            vsock: None,
         }
     }
 
@@ -251,7 +261,13 @@ impl VmConfig {
                 });
             }
         }
-        let devices = self.disks.len() + self.nets.len() + usize::from(self.entropy);
+        if let Some(v) = &self.vsock {
+            v.validate()?;
+        }
+        let devices = self.disks.len()
+            + self.nets.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.entropy);
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices {
                 count: devices,

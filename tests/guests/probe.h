@@ -317,6 +317,9 @@ void scenario_blk_media(void) __attribute__((noreturn));
 /* net.c */
 void scenario_net(void) __attribute__((noreturn));
 
+/* vsock.c */
+void scenario_vsock(void) __attribute__((noreturn));
+
 /* rng.c */
 void scenario_rng(void) __attribute__((noreturn));
 

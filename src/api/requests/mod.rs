@@ -17,6 +17,7 @@ mod net;
 mod rate_limiter;
 mod router;
 mod serial;
+mod vsock;
 
 pub use actions::{ActionType, InstanceAction, VmState, VmStateChange};
 pub use boot::BootSource;
@@ -29,6 +30,7 @@ pub use machine::{MachineConfig, MachineConfigUpdate};
 pub use net::{MacAddr, NetworkInterface, NetworkInterfaceUpdate};
 pub use router::{allowed_methods, parse_body, route, Method, Routed, ROUTES, UNSUPPORTED};
 pub use serial::SerialConfig;
+pub use vsock::VsockDevice;
 
 use super::ApiFault;
 
@@ -62,6 +64,8 @@ pub enum ApiRequest {
     PutSerial(SerialConfig),
     /// `PUT /entropy`
     PutEntropy(EntropyDevice),
+    /// `PUT /vsock`
+    PutVsock(VsockDevice),
     /// `PUT /actions`
     Action(ActionType),
     /// `PATCH /vm`
@@ -101,7 +105,8 @@ impl ApiRequest {
             | PutLogger(_)
             | PutMetrics(_)
             | PutSerial(_)
-            | PutEntropy(_) => Allowed::PreBoot,
+            | PutEntropy(_)
+            | PutVsock(_) => Allowed::PreBoot,
             Action(ActionType::InstanceStart) => Allowed::PreBoot,
             Action(ActionType::SendCtrlAltDel) => Allowed::PostBoot,
             Action(ActionType::FlushMetrics) => Allowed::Always,
@@ -127,6 +132,7 @@ impl ApiRequest {
             PatchNetworkInterface(n) => format!("PATCH /network-interfaces/{}", n.iface_id),
             PutSerial(_) => "PUT /serial".into(),
             PutEntropy(_) => "PUT /entropy".into(),
+            PutVsock(_) => "PUT /vsock".into(),
             Action(a) => format!("PUT /actions {a:?}"),
             PatchVm(s) => format!("PATCH /vm {s:?}"),
             PutLogger(_) => "PUT /logger".into(),

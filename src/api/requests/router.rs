@@ -47,6 +47,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/network-interfaces/{iface_id}"),
     ("PUT", "/serial"),
     ("PUT", "/entropy"),
+    ("PUT", "/vsock"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
     ("PUT", "/logger"),
@@ -73,7 +74,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("/pmem/{id}", "virtio-pmem devices"),
     ("/snapshot/create", "snapshots"),
     ("/snapshot/load", "snapshots"),
-    ("/vsock", "vsock devices"),
 ];
 
 /// What the router made of a request.
@@ -200,6 +200,11 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Routed, ApiFault> 
             check_path_id("iface_id", param, &n.iface_id)?;
             n.validate()?;
             ApiRequest::PatchNetworkInterface(n)
+        }
+        ("PUT", "/vsock") => {
+            let v: VsockDevice = parse_body(body)?;
+            v.validate()?;
+            ApiRequest::PutVsock(v)
         }
         ("PUT", "/entropy") => {
             let e: EntropyDevice = parse_body(body)?;
