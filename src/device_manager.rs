@@ -288,10 +288,7 @@ pub fn open_disk(disk: &DiskConfig) -> Result<Block, DeviceError> {
     let limits = disk.rate_limiter.unwrap_or_default();
     let limiter = RateLimiter::new(limits.bandwidth_params(), limits.ops_params())
         .map_err(DeviceError::RateLimiter)?;
-    let block = match open_medium(disk)? {
-        Disk::Raw(raw) => Block::new_raw(raw, disk.serial.clone(), disk.readonly),
-        Disk::Generic(image) => Block::new(image, disk.serial.clone(), disk.readonly),
-    };
+    let block = Block::new(open_medium(disk)?, disk.serial.clone(), disk.readonly);
     Ok(block
         .map_err(|e| disk_error(disk, e))?
         .with_rate_limiter(limiter))
@@ -318,7 +315,7 @@ fn open_medium(disk: &DiskConfig) -> Result<Disk, DeviceError> {
                     disk.path.display()
                 );
             }
-            Ok(Disk::Raw(raw))
+            Ok(Box::new(raw))
         }
         DiskFormat::Qcow2 => {
             let backing = BackingPolicy {
@@ -329,7 +326,7 @@ fn open_medium(disk: &DiskConfig) -> Result<Disk, DeviceError> {
             // Qcow2 takes the image lock (and shared locks on its backing files).
             let image =
                 Qcow2::open_with(&disk.path, disk.readonly, &backing).map_err(|e| err(e.into()))?;
-            Ok(Disk::Generic(Box::new(image)))
+            Ok(Box::new(image))
         }
     }
 }

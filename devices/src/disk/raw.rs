@@ -69,6 +69,17 @@ impl RawFile {
         })
     }
 
+    /// A file the caller opened and locked (a qcow2 image's raw backing file).
+    pub(crate) fn from_locked_file(file: File, len: u64, read_only: bool) -> RawFile {
+        RawFile {
+            file,
+            len,
+            read_only,
+            sync_failed: false,
+            faults: None,
+        }
+    }
+
     /// Whether the disk begins with the qcow2 magic (a caller may warn that it is used raw).
     pub fn starts_with_qcow2_magic(&self) -> bool {
         matches!(

@@ -144,18 +144,14 @@ pub fn setup_lapic(vcpu: &VcpuFd) -> Result<(), RegsError> {
     const APIC_MODE_NMI: u32 = 0x4;
     let mut lapic = vcpu.get_lapic().map_err(kvm("GET_LAPIC"))?;
     for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
-        let bytes: &mut [u8] = unsafe_bytes(&mut lapic.regs[reg..reg + 4]);
-        let v = u32::from_le_bytes(bytes[..4].try_into().expect("4-byte LAPIC register"));
+        let r = &mut lapic.regs[reg..reg + 4];
+        let v = u32::from_le_bytes(std::array::from_fn(|i| r[i].to_ne_bytes()[0]));
         let v = (v & !0x700) | (mode << 8);
-        bytes[..4].copy_from_slice(&v.to_le_bytes());
+        for (dst, b) in r.iter_mut().zip(v.to_le_bytes()) {
+            *dst = libc::c_char::from_ne_bytes([b]);
+        }
     }
     vcpu.set_lapic(&lapic).map_err(kvm("SET_LAPIC"))
-}
-
-/// kvm_lapic_state.regs is `[c_char; 1024]`; view it as bytes.
-fn unsafe_bytes(regs: &mut [libc::c_char]) -> &mut [u8] {
-    // SAFETY: c_char and u8 have the same size and alignment; any bit pattern is valid.
-    unsafe { std::slice::from_raw_parts_mut(regs.as_mut_ptr().cast::<u8>(), regs.len()) }
 }
 
 /// Writes the boot GDT (and for the 64-bit entry, the identity page tables) into guest

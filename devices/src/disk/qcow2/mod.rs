@@ -56,6 +56,7 @@ use vm_memory::VolatileSlice;
 use super::fault::{inject, Faults, FileOp};
 use super::open::{open_backing_file, open_image_file, resolve_backing};
 pub use super::open::{BackingOpenError, BackingPolicy};
+use super::raw::RawFile;
 use super::DiskBackend;
 
 /// Longest backing chain opened (the overlay itself not counted).
@@ -445,13 +446,8 @@ fn inflate_zstd(input: &[u8], out: &mut [u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// A read-only raw file at the bottom of a backing chain.
-struct RawFile {
-    file: File,
-    len: u64,
-}
-
 enum BackingDisk {
+    /// A read-only raw file at the bottom of a backing chain.
     Raw(RawFile),
     Qcow2(Box<Qcow2>),
 }
@@ -459,7 +455,7 @@ enum BackingDisk {
 impl BackingDisk {
     fn len(&self) -> u64 {
         match self {
-            BackingDisk::Raw(r) => r.len,
+            BackingDisk::Raw(r) => r.len(),
             BackingDisk::Qcow2(q) => q.size,
         }
     }
@@ -474,7 +470,7 @@ impl BackingDisk {
             return Ok(());
         }
         match self {
-            BackingDisk::Raw(r) => pread_zero_fill(&r.file, inside, offset),
+            BackingDisk::Raw(r) => r.read_at(offset, inside),
             BackingDisk::Qcow2(q) => q.read_at(offset, inside),
         }
     }
@@ -730,10 +726,7 @@ impl Qcow2 {
                 Some(match format {
                     Format::Raw => {
                         super::raw::lock_file(&bfile, &bpath, false).map_err(|e| wrap(e.into()))?;
-                        BackingDisk::Raw(RawFile {
-                            file: bfile,
-                            len: blen,
-                        })
+                        BackingDisk::Raw(RawFile::from_locked_file(bfile, blen, true))
                     }
                     Format::Qcow2 => {
                         let q = Qcow2::open_chain(&bpath, bfile, blen, true, policy, seen)

@@ -14,7 +14,6 @@ use super::{
     MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SEG_MAX,
 };
 use crate::disk::raw::RawFile;
-use crate::disk::DiskBackend;
 use crate::rate_limiter::{BucketUpdate, RateLimiter};
 use crate::virtio::queue::{pop_chain, undo_pop};
 use crate::virtio::{
@@ -94,26 +93,21 @@ impl Block {
     /// `read_only` exposes the disk read-only (VIRTIO_BLK_F_RO); a read-only backend makes
     /// the device read-only whatever is asked. `serial` is GET_ID's answer (at most 20
     /// bytes).
-    pub fn new(
-        backend: Box<dyn DiskBackend>,
-        serial: Option<String>,
-        read_only: bool,
-    ) -> Result<Block, BlockError> {
-        Block::with_disk(Disk::Generic(backend), serial, read_only)
+    pub fn new(disk: Disk, serial: Option<String>, read_only: bool) -> Result<Block, BlockError> {
+        Block::with_disk(disk, serial, read_only)
     }
 
-    /// Like [`Block::new`] for a raw file, whose data moves between the file and guest
-    /// memory without a bounce buffer. Prefer it for raw images.
+    /// [`Block::new`] for a raw file.
     pub fn new_raw(
         raw: RawFile,
         serial: Option<String>,
         read_only: bool,
     ) -> Result<Block, BlockError> {
-        Block::with_disk(Disk::Raw(raw), serial, read_only)
+        Block::new(Box::new(raw), serial, read_only)
     }
 
     fn with_disk(disk: Disk, serial: Option<String>, read_only: bool) -> Result<Block, BlockError> {
-        let backend = disk.get_ref();
+        let backend = disk.as_ref();
         let mut id = [0u8; SERIAL_LEN];
         if let Some(serial) = serial {
             let bytes = serial.as_bytes();
@@ -206,7 +200,7 @@ impl Block {
     /// guest FLUSH does. The VMM calls it on its way out: a guest that did not flush before
     /// it powered off keeps its writes.
     pub fn flush(&mut self) -> std::io::Result<()> {
-        self.handler.disk.get().flush()
+        self.handler.disk.as_mut().flush()
     }
 
     /// Media change: `disk` replaces the current medium, whose writes are flushed before it
@@ -218,12 +212,12 @@ impl Block {
     ///
     /// [`DeviceHandle::change_config`]: crate::virtio::DeviceHandle::change_config
     pub fn change_medium(&mut self, mut disk: Disk) -> Result<(), BlockError> {
-        if disk.get_ref().read_only() && !self.handler.read_only {
+        if disk.as_ref().read_only() && !self.handler.read_only {
             return Err(BlockError::MediumReadOnly);
         }
         self.handler
             .disk
-            .get()
+            .as_mut()
             .flush()
             .map_err(|e| BlockError::FlushOldMedium {
                 reason: e.to_string(),
@@ -236,10 +230,10 @@ impl Block {
                 }
             }
         }
-        warn_partial_sector(disk.get_ref().len());
+        warn_partial_sector(disk.as_ref().len());
         std::mem::swap(&mut self.handler.disk, &mut disk);
         drop(disk);
-        self.handler.capacity = self.handler.disk.get_ref().len() / SECTOR_SIZE * SECTOR_SIZE;
+        self.handler.capacity = self.handler.disk.as_ref().len() / SECTOR_SIZE * SECTOR_SIZE;
         let sectors = self.handler.capacity / SECTOR_SIZE;
         self.config[CAPACITY..CAPACITY + 8].copy_from_slice(&sectors.to_le_bytes());
         Ok(())

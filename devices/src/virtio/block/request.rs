@@ -19,7 +19,6 @@ use super::{
     features, request_status as status, request_type as rtype, MAX_DISCARD_SECTORS,
     MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, SEG_MAX,
 };
-use crate::disk::raw::RawFile;
 use crate::disk::DiskBackend;
 use crate::virtio::queue::{collect_chain, ChainEnd};
 
@@ -98,29 +97,10 @@ fn malformed(msg: impl Into<String>) -> (Failure, u32) {
     (Failure::Malformed(msg.into()), 0)
 }
 
-/// The disk behind the device (its medium). Data moves through the backend's
-/// `read_vectored` / `write_vectored` on guest memory: raw files and qcow2 data clusters
-/// go straight between the file and guest memory (preadv/pwritev).
-pub enum Disk {
-    Generic(Box<dyn DiskBackend>),
-    Raw(RawFile),
-}
-
-impl Disk {
-    pub(super) fn get(&mut self) -> &mut dyn DiskBackend {
-        match self {
-            Disk::Generic(b) => b.as_mut(),
-            Disk::Raw(r) => r,
-        }
-    }
-
-    pub(super) fn get_ref(&self) -> &dyn DiskBackend {
-        match self {
-            Disk::Generic(b) => b.as_ref(),
-            Disk::Raw(r) => r,
-        }
-    }
-}
+/// The disk behind the device (its medium), whatever its format. Data moves through the
+/// backend's `read_vectored` / `write_vectored` on guest memory: raw files and qcow2 data
+/// clusters go straight between the file and guest memory (preadv/pwritev).
+pub type Disk = Box<dyn DiskBackend>;
 
 /// A chain whose descriptors the handler holds, not yet handled.
 pub(super) struct Collected {
@@ -148,7 +128,7 @@ pub(super) struct RequestHandler {
 
 impl RequestHandler {
     pub(super) fn new(disk: Disk, read_only: bool, serial: [u8; SERIAL_LEN]) -> Self {
-        let capacity = disk.get_ref().len() / SECTOR_SIZE * SECTOR_SIZE;
+        let capacity = disk.as_ref().len() / SECTOR_SIZE * SECTOR_SIZE;
         RequestHandler {
             disk,
             read_only,
@@ -384,19 +364,21 @@ impl RequestHandler {
                 Work::Read { len, .. } => {
                     let r = guest_slices(mem, &self.writable, *done, n)
                         .map_err(|_| io::Error::other("cannot map guest memory"))
-                        .and_then(|slices| self.disk.get().read_vectored(pos, &slices));
+                        .and_then(|slices| self.disk.as_mut().read_vectored(pos, &slices));
                     // On failure any part may have been written: report it all.
                     r.map_err(|e| (Failure::IoErr(format!("read at {pos}: {e}")), len as u32))
                 }
                 Work::Write { .. } => guest_slices(mem, &self.readable, HEADER_LEN + *done, n)
                     .map_err(|_| io::Error::other("cannot map guest memory"))
-                    .and_then(|slices| self.disk.get().write_vectored(pos, &slices))
+                    .and_then(|slices| self.disk.as_mut().write_vectored(pos, &slices))
                     .map_err(|e| ioerr(format!("write at {pos}: {e}"))),
                 Work::Ranges { zero, index, .. } => {
                     let r = if zero {
-                        self.disk.get().write_zeroes(pos, n, self.ranges[index].2)
+                        self.disk
+                            .as_mut()
+                            .write_zeroes(pos, n, self.ranges[index].2)
                     } else {
-                        self.disk.get().discard(pos, n)
+                        self.disk.as_mut().discard(pos, n)
                     };
                     r.map_err(|e| ioerr(format!("discard/write-zeroes at {pos}+{n}: {e}")))
                 }
@@ -530,7 +512,7 @@ impl RequestHandler {
                 // stable storage before the driver can see it complete.
                 *budget = budget.saturating_sub(FLUSH_COST);
                 self.disk
-                    .get()
+                    .as_mut()
                     .flush()
                     .map_err(|e| ioerr(format!("flush: {e}")))?;
                 self.counters.flush_count.fetch_add(1, Relaxed);
@@ -597,7 +579,7 @@ impl RequestHandler {
     fn write_through(&mut self) -> Result<(), (Failure, u32)> {
         if self.acked_features & features::FLUSH == 0 {
             self.disk
-                .get()
+                .as_mut()
                 .flush()
                 .map_err(|e| ioerr(format!("write-through flush: {e}")))?;
         }

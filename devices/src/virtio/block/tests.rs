@@ -1434,7 +1434,7 @@ fn media_change_updates_capacity_generation_interrupt_and_data() {
 
     let b_len = 3 * DISK_LEN;
     let b = second_disk(&dir, b_len, 42);
-    change_medium(&d, super::Disk::Raw(open_raw(&b, false))).unwrap();
+    change_medium(&d, Box::new(open_raw(&b, false))).unwrap();
 
     assert_eq!(capacity(&mut d), (b_len / 512) as u64);
     assert_eq!(d.read32(regs::CONFIG_GENERATION), gen.wrapping_add(1));
@@ -1473,7 +1473,7 @@ fn media_change_to_a_smaller_image_through_the_bounce_path() {
     let small = 64 * 1024;
     let b = second_disk(&dir, small, 3);
     let raw = open_raw(&b, false);
-    change_medium(&d, super::Disk::Generic(Box::new(raw))).unwrap();
+    change_medium(&d, Box::new(raw)).unwrap();
     assert_eq!(capacity(&mut d), (small / 512) as u64);
     let (s, _, back) = read(&mut d, 8, 512);
     assert_eq!(s, st::OK);
@@ -1491,7 +1491,7 @@ fn read_only_medium_does_not_replace_a_writable_one() {
     let gen = d.read32(regs::CONFIG_GENERATION);
     d.take_interrupts();
     let b = second_disk(&dir, 2 * DISK_LEN, 9);
-    let e = change_medium(&d, super::Disk::Raw(open_raw(&b, true))).unwrap_err();
+    let e = change_medium(&d, Box::new(open_raw(&b, true))).unwrap_err();
     assert_eq!(e, BlockError::MediumReadOnly);
     assert_eq!(capacity(&mut d), (DISK_LEN / 512) as u64);
     assert_eq!(d.read32(regs::CONFIG_GENERATION), gen);
@@ -1513,7 +1513,7 @@ fn media_change_before_driver_ok_bumps_the_generation_without_an_interrupt() {
     let mut d = Driver::new(Box::new(dev));
     let gen = d.read32(regs::CONFIG_GENERATION);
     let b = second_disk(&dir, 2 * DISK_LEN, 5);
-    change_medium(&d, super::Disk::Raw(open_raw(&b, false))).unwrap();
+    change_medium(&d, Box::new(open_raw(&b, false))).unwrap();
     assert_eq!(d.read32(regs::CONFIG_GENERATION), gen.wrapping_add(1));
     assert_eq!(d.take_interrupts(), 0);
     assert_eq!(d.read32(regs::INTERRUPT_STATUS), 0);
@@ -1748,7 +1748,7 @@ fn a_media_change_ends_a_split_request_with_an_io_error() {
         assert_eq!(d.used_idx(), 0);
         let dir = TempDir::new();
         let other = second_disk(&dir, 1 << 20, 5);
-        change_medium(&d, super::Disk::Raw(open_raw(&other, false))).unwrap();
+        change_medium(&d, Box::new(open_raw(&other, false))).unwrap();
         (d.mem.read_obj::<u8>(GuestAddress(s)).unwrap(), head)
     };
     assert_eq!(d.used_idx(), 1);
