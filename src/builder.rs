@@ -138,8 +138,8 @@ fn attach_legacy_devices(
 }
 
 /// Disks first (vda, vdb, ...), then network interfaces, each in the order configured, then
-/// the vsock device, then the entropy device: adding or removing either moves no disk's or
-/// interface's window.
+/// the vsock device, then the entropy device and the balloon: adding or removing them moves
+/// no disk's or interface's window.
 fn attach_virtio_devices(
     vm: &Vm,
     config: &VmConfig,
@@ -157,6 +157,9 @@ fn attach_virtio_devices(
     }
     if config.entropy {
         devices.attach_entropy(vm, mmio_bus)?;
+    }
+    if let Some(balloon) = &config.balloon {
+        devices.attach_balloon(vm, mmio_bus, balloon)?;
     }
     Ok(devices)
 }

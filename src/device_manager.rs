@@ -3,7 +3,10 @@
 
 use crate::arch::x86_64::acpi::MmioDevice;
 use crate::arch::x86_64::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_START};
-use crate::config::{DiskConfig, DiskFormat, NetConfig, RateLimiterConfig, VsockConfig};
+use crate::config::balloon::mib_to_pages;
+use crate::config::{
+    BalloonConfig, DiskConfig, DiskFormat, NetConfig, RateLimiterConfig, VsockConfig,
+};
 use crate::vstate::vm::Vm;
 use kvm_ioctls::IoEventAddress;
 use std::io;
@@ -17,6 +20,7 @@ use wisp_devices::events::EventSubscriber;
 use wisp_devices::interrupt::IrqFd;
 use wisp_devices::rate_limiter::RateLimiter;
 use wisp_devices::tap::Tap;
+use wisp_devices::virtio::balloon::{Balloon, BalloonCounters, BalloonStats};
 use wisp_devices::virtio::block::{Block, BlockCounters, Disk};
 use wisp_devices::virtio::net::{Net, NetCounters};
 use wisp_devices::virtio::rng::{Rng, RngCounters};
@@ -52,6 +56,8 @@ pub enum DeviceError {
     Vsock(#[source] wisp_devices::virtio::vsock::MuxerError),
     #[error("eventfd: {0}")]
     EventFd(#[source] io::Error),
+    #[error("balloon statistics timer (timerfd_create): {0}")]
+    Balloon(#[source] io::Error),
     #[error("rate limiter timer (timerfd_create): {0}")]
     RateLimiter(#[source] io::Error),
     #[error("virtio-mmio transport: {0}")]
@@ -91,6 +97,15 @@ pub struct EntropyDevice {
     pub handle: DeviceHandle<Rng>,
 }
 
+/// The VM's virtio-balloon device.
+pub struct BalloonDevice {
+    /// As configured, with the current target.
+    pub config: BalloonConfig,
+    pub stats: Arc<std::sync::Mutex<BalloonStats>>,
+    pub counters: Arc<BalloonCounters>,
+    pub handle: DeviceHandle<Balloon>,
+}
+
 /// The virtio devices of a VM, once on the bus: the event loop's handlers, where the guest
 /// finds each device, and typed handles for the VMM's own requests (media change, metrics).
 #[derive(Default)]
@@ -101,6 +116,7 @@ pub struct DeviceManager {
     nets: Vec<NetDevice>,
     entropy: Option<EntropyDevice>,
     vsock: Option<VsockDevice>,
+    balloon: Option<BalloonDevice>,
 }
 
 impl DeviceManager {
@@ -166,6 +182,34 @@ impl DeviceManager {
         let handle = self.attach(vm, mmio_bus, dev)?;
         self.entropy = Some(EntropyDevice { counters, handle });
         Ok(())
+    }
+
+    /// Attaches the virtio-balloon device (one per VM).
+    pub fn attach_balloon(
+        &mut self,
+        vm: &Vm,
+        mmio_bus: &mut Bus,
+        config: &BalloonConfig,
+    ) -> Result<(), DeviceError> {
+        let dev = Balloon::new(
+            mib_to_pages(config.amount_mib),
+            config.deflate_on_oom,
+            config.stats_polling_interval_s,
+        )
+        .map_err(DeviceError::Balloon)?;
+        let (stats, counters) = (dev.stats(), dev.counters());
+        let handle = self.attach(vm, mmio_bus, dev)?;
+        self.balloon = Some(BalloonDevice {
+            config: *config,
+            stats,
+            counters,
+            handle,
+        });
+        Ok(())
+    }
+
+    pub fn balloon_mut(&mut self) -> Option<&mut BalloonDevice> {
+        self.balloon.as_mut()
     }
 
     pub fn entropy(&self) -> Option<&EntropyDevice> {

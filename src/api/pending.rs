@@ -12,7 +12,7 @@ use super::requests::{
 };
 use super::ApiFault;
 use crate::cgroup::CgroupSpec;
-use crate::config::{io_reason, MemSize, VmConfig, DEFAULT_CMDLINE};
+use crate::config::{io_reason, BalloonConfig, MemSize, VmConfig, DEFAULT_CMDLINE};
 
 /// Firecracker's `--config-file` format: the bodies of the pre-boot PUT requests under one
 /// object. Sections wisp does not implement are accepted only when absent or `null`.
@@ -40,7 +40,7 @@ pub struct FirecrackerConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub balloon: Option<Value>,
+    pub balloon: Option<BalloonConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockDevice>,
     #[serde(
@@ -104,6 +104,8 @@ pub struct PendingConfig {
     pub entropy: Option<EntropyDevice>,
     /// `PUT /vsock`.
     pub vsock: Option<VsockDevice>,
+    /// `PUT /balloon`: the VM gets a virtio-balloon device.
+    pub balloon: Option<BalloonConfig>,
 }
 
 impl PendingConfig {
@@ -114,7 +116,6 @@ impl PendingConfig {
     /// Applies the sections of a config file, with the same checks as the API requests.
     pub fn from_firecracker_config(file: &FirecrackerConfig) -> Result<Self, ApiFault> {
         for (name, v) in [
-            ("balloon", &file.balloon),
             ("mmds-config", &file.mmds_config),
             ("cpu-config", &file.cpu_config),
             ("memory-hotplug", &file.memory_hotplug),
@@ -156,6 +157,9 @@ impl PendingConfig {
         }
         if let Some(e) = &file.entropy {
             p.apply(&ApiRequest::PutEntropy(e.clone()))?;
+        }
+        if let Some(b) = &file.balloon {
+            p.apply(&ApiRequest::PutBalloon(*b))?;
         }
         Ok(p)
     }
@@ -313,6 +317,19 @@ impl PendingConfig {
                 }
                 self.entropy = Some(e.clone());
             }
+            ApiRequest::PutBalloon(b) => {
+                b.validate().map_err(ApiFault::bad_request)?;
+                if self.balloon.is_none()
+                    && self.device_count() >= crate::config::MAX_VIRTIO_DEVICES
+                {
+                    return Err(too_many_devices());
+                }
+                // Against the memory configured so far; InstanceStart checks again.
+                let m = &self.machine_config;
+                b.validate_for(m.mem_size_mib, m.huge_pages_2m())
+                    .map_err(ApiFault::bad_request)?;
+                self.balloon = Some(*b);
+            }
             other => {
                 return Err(ApiFault::bad_request(format!(
                     "{} is not a configuration request",
@@ -328,6 +345,7 @@ impl PendingConfig {
             + self.network_interfaces.len()
             + usize::from(self.entropy.is_some())
             + usize::from(self.vsock.is_some())
+            + usize::from(self.balloon.is_some())
     }
 
     /// The vCPU cgroup settings, if any.
@@ -401,6 +419,7 @@ impl PendingConfig {
         // Only when asked for, as Firecracker (`wisp run` has it on by default).
         config.entropy = self.entropy.is_some();
         config.vsock = self.vsock.as_ref().map(VsockDevice::to_config);
+        config.balloon = self.balloon;
         config.huge_pages = m.huge_pages_2m();
         config.smt = m.smt;
         if let Some(path) = self.serial.as_ref().and_then(|s| s.serial_out_path.clone()) {
@@ -433,7 +452,7 @@ impl PendingConfig {
             "network-interfaces": self.network_interfaces,
             "logger": self.logger,
             "metrics": self.metrics,
-            "balloon": null,
+            "balloon": self.balloon,
             "vsock": self.vsock,
             "mmds-config": null,
             "entropy": self.entropy,
@@ -446,7 +465,7 @@ impl PendingConfig {
 
 fn too_many_devices() -> ApiFault {
     ApiFault::bad_request(format!(
-        "at most {} virtio devices (drives, network interfaces, the vsock and the entropy device together) fit the platform",
+        "at most {} virtio devices (drives, network interfaces, the vsock, the entropy device and the balloon together) fit the platform",
         crate::config::MAX_VIRTIO_DEVICES
     ))
 }

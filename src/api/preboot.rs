@@ -57,6 +57,10 @@ impl PrebootApiController {
                 Ok(serde_json::to_value(info).ok())
             }
             ApiRequest::GetVmConfig => Ok(Some(self.pending.to_json())),
+            ApiRequest::GetBalloon => match &self.pending.balloon {
+                Some(b) => Ok(serde_json::to_value(b).ok()),
+                None => Err(crate::api::runtime::no_balloon()),
+            },
             ApiRequest::GetMachineConfig => {
                 Ok(serde_json::to_value(&self.pending.machine_config).ok())
             }

@@ -6,10 +6,12 @@ use crate::api::{
     ActionType, ApiFault, ApiRequest, ApiResponse, DriveUpdate, InstanceInfo,
     NetworkInterfaceUpdate, PendingConfig, VmState,
 };
+use crate::config::balloon::mib_to_pages;
 use crate::config::RateLimiterConfig;
 use crate::device_manager::change_medium;
 use crate::vmm::Vmm;
 use crate::vstate::control::PauseError;
+use wisp_devices::virtio::balloon::STAT_NAMES;
 
 /// What the API needs of a started VM beyond the [`Vmm`] itself.
 pub struct RuntimeApiController {
@@ -157,6 +159,54 @@ impl RuntimeApiController {
         Ok(())
     }
 
+    /// `PATCH /balloon`: the new target is told to the guest (config change interrupt).
+    fn change_balloon_target(&mut self, vmm: &mut Vmm, amount_mib: u32) -> Result<(), ApiFault> {
+        let memory_mib = self.config.machine_config.mem_size_mib;
+        let b = vmm.devices.balloon_mut().ok_or_else(no_balloon)?;
+        if u64::from(amount_mib) > memory_mib {
+            return Err(ApiFault::bad_request(format!(
+                "amount_mib: {amount_mib} MiB is more than the guest's {memory_mib} MiB of memory"
+            )));
+        }
+        b.handle.change_config(|d| {
+            d.set_target(mib_to_pages(amount_mib));
+            Ok::<_, ApiFault>(())
+        })?;
+        b.config.amount_mib = amount_mib;
+        if let Some(c) = self.config.balloon.as_mut() {
+            c.amount_mib = amount_mib;
+        }
+        log::info!("balloon: target now {amount_mib} MiB");
+        Ok(())
+    }
+
+    /// `GET /balloon/statistics`: Firecracker's `BalloonStats`.
+    fn balloon_stats(&self, vmm: &mut Vmm) -> Result<serde_json::Value, ApiFault> {
+        let b = vmm.devices.balloon_mut().ok_or_else(no_balloon)?;
+        if b.config.stats_polling_interval_s == 0 {
+            return Err(ApiFault::bad_request(
+                "the balloon's statistics are off: give stats_polling_interval_s (seconds) in PUT /balloon before boot",
+            ));
+        }
+        let (target, actual) = b.handle.with(|d| (d.target_pages(), d.actual_pages()));
+        let mut out = serde_json::json!({
+            "target_pages": target,
+            "actual_pages": actual,
+            "target_mib": target / 256,
+            "actual_mib": actual / 256,
+        });
+        let stats = b
+            .stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (tag, name) in STAT_NAMES {
+            if let Some(v) = stats.values.get(&tag) {
+                out[name] = (*v).into();
+            }
+        }
+        Ok(out)
+    }
+
     /// Answers an API request once the VM has started.
     pub fn handle(&mut self, vmm: &mut Vmm, req: ApiRequest) -> ApiResponse {
         match req {
@@ -230,9 +280,35 @@ impl RuntimeApiController {
                 self.change_net_limits(vmm, &update)?;
                 Ok(None)
             }
+            ApiRequest::GetBalloon => {
+                let b = vmm.devices.balloon_mut().ok_or_else(no_balloon)?;
+                Ok(serde_json::to_value(b.config).ok())
+            }
+            ApiRequest::PatchBalloon(u) => {
+                self.change_balloon_target(vmm, u.amount_mib)?;
+                Ok(None)
+            }
+            ApiRequest::GetBalloonStats => Ok(Some(self.balloon_stats(vmm)?)),
+            ApiRequest::PatchBalloonStats(u) => {
+                let b = vmm.devices.balloon_mut().ok_or_else(no_balloon)?;
+                let seconds = u.stats_polling_interval_s;
+                b.handle
+                    .with(|d| d.set_stats_interval(seconds))
+                    .map_err(|e| ApiFault::bad_request(format!("stats_polling_interval_s: {e}")))?;
+                b.config.stats_polling_interval_s = seconds;
+                if let Some(c) = self.config.balloon.as_mut() {
+                    c.stats_polling_interval_s = seconds;
+                }
+                Ok(None)
+            }
             other => Err(ApiFault::wrong_state(&other, true)),
         }
     }
+}
+
+/// The answer to a balloon request for a VM without one.
+pub fn no_balloon() -> ApiFault {
+    ApiFault::bad_request("the VM has no balloon device (PUT /balloon before boot)")
 }
 
 /// Whether two paths name the same file (both exist and have the same device and inode).

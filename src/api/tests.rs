@@ -63,9 +63,7 @@ fn get_routes() {
 #[test]
 fn firecracker_endpoints_wisp_lacks_answer_400_naming_wisp_and_its_version() {
     for (method, path, what) in [
-        ("PUT", "/balloon", "balloon devices"),
-        ("GET", "/balloon/statistics", "balloon devices"),
-        ("PATCH", "/balloon/hinting/stop", "balloon devices"),
+        ("PATCH", "/balloon/hinting/stop", "free page hinting"),
         ("PUT", "/mmds", "MMDS"),
         ("GET", "/mmds", "MMDS"),
         ("PUT", "/mmds/config", "MMDS"),
@@ -1297,6 +1295,11 @@ fn variant_name(r: &ApiRequest) -> &'static str {
         PutSerial(_) => "PutSerial",
         PutEntropy(_) => "PutEntropy",
         PutVsock(_) => "PutVsock",
+        PutBalloon(_) => "PutBalloon",
+        PatchBalloon(_) => "PatchBalloon",
+        GetBalloon => "GetBalloon",
+        GetBalloonStats => "GetBalloonStats",
+        PatchBalloonStats(_) => "PatchBalloonStats",
         Action(_) => "Action",
         PatchVm(_) => "PatchVm",
         PutLogger(_) => "PutLogger",
@@ -1497,6 +1500,22 @@ fn openapi_response_examples_match_the_code() {
                     assert_eq!(f.drives.len(), 1);
                 }
                 "VmMetrics" => assert!(ex.is_object(), "{what}"),
+                "Balloon" => {
+                    let b: crate::config::BalloonConfig =
+                        serde_json::from_value(ex.clone()).expect(&what);
+                    assert_eq!(&serde_json::to_value(b).unwrap(), ex, "{what}");
+                }
+                "BalloonStats" => {
+                    // The names the runtime controller gives the statistics.
+                    let names: Vec<&str> = wisp_devices::virtio::balloon::STAT_NAMES
+                        .iter()
+                        .map(|(_, n)| *n)
+                        .chain(["target_pages", "actual_pages", "target_mib", "actual_mib"])
+                        .collect();
+                    for k in keys(ex) {
+                        assert!(names.contains(&k.as_str()), "{what}: {k}");
+                    }
+                }
                 other => panic!("{what}: schema {other:?} not checked by this test"),
             }
         }
@@ -1650,4 +1669,95 @@ fn put_logger_with_a_path_that_cannot_be_opened_is_refused_and_not_recorded() {
         &format!("log_path: {dir}: "),
     );
     assert_eq!(p.logger, None);
+}
+
+#[test]
+fn put_balloon_is_checked_against_the_guests_memory() {
+    let r = req(
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 2}"#,
+    )
+    .unwrap();
+    assert_eq!(r.allowed(), Allowed::PreBoot);
+    for (body, needle) in [
+        (r#"{"amount_mib": 64}"#, "missing field `deflate_on_oom`"),
+        (
+            r#"{"amount_mib": -1, "deflate_on_oom": false}"#,
+            "amount_mib: invalid value",
+        ),
+        (
+            r#"{"amount_mib": 1, "deflate_on_oom": false, "free_page_reporting": true}"#,
+            "balloon.free_page_reporting: not supported",
+        ),
+        (
+            r#"{"amount_mib": 1, "deflate_on_oom": false, "stats_polling_interval_s": 70000}"#,
+            "stats_polling_interval_s",
+        ),
+    ] {
+        assert_fault(&fault("PUT", "/balloon", body), 400, needle);
+    }
+    let boot = req(
+        "PUT",
+        "/boot-source",
+        &format!(r#"{{"kernel_image_path": "{}"}}"#, existing_file()),
+    )
+    .unwrap();
+    let mut p = PendingConfig::new();
+    p.apply(&boot).unwrap();
+    p.apply(
+        &req(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let too_big = req(
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 129, "deflate_on_oom": false}"#,
+    )
+    .unwrap();
+    assert_fault(
+        &p.apply(&too_big).unwrap_err(),
+        400,
+        "balloon.amount_mib: 129 MiB is more than the guest's 128 MiB of memory",
+    );
+    p.apply(&r).unwrap();
+    let vm = p.to_vm_config().unwrap();
+    assert_eq!(vm.balloon.unwrap().amount_mib, 64);
+    assert_eq!(p.to_json()["balloon"]["stats_polling_interval_s"], 2);
+    // Memory shrunk below the balloon afterwards: refused at InstanceStart.
+    let big = req(
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 100, "deflate_on_oom": false}"#,
+    )
+    .unwrap();
+    p.apply(&big).unwrap();
+    p.apply(&req("PATCH", "/machine-config", r#"{"mem_size_mib": 64}"#).unwrap())
+        .unwrap();
+    let e = p.to_vm_config().unwrap_err();
+    assert_fault(&e, 400, "100 MiB is more than the guest's 64 MiB");
+    assert!(
+        req("PATCH", "/balloon", r#"{"amount_mib": 1}"#)
+            .unwrap()
+            .allowed()
+            == Allowed::PostBoot
+    );
+    assert_eq!(
+        req("GET", "/balloon/statistics", "").unwrap().allowed(),
+        Allowed::PostBoot
+    );
+    assert_fault(
+        &fault(
+            "PATCH",
+            "/balloon/statistics",
+            r#"{"stats_polling_interval_s": -1}"#,
+        ),
+        400,
+        "stats_polling_interval_s",
+    );
 }

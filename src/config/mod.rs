@@ -1,12 +1,14 @@
 //! What the user asked for: one `VmConfig`, from CLI flags, a JSON file or (later) the API,
 //! validated once, here. The builder never sees flags or JSON.
 
+pub mod balloon;
 mod disk;
 mod net;
 pub mod rate_limiter;
 pub mod size;
 mod vsock;
 
+pub use balloon::BalloonConfig;
 pub use disk::{DiskConfig, DiskFormat};
 pub use net::{MacAddr, NetConfig, MIN_MTU};
 pub use rate_limiter::{RateLimiterConfig, TokenBucketConfig};
@@ -66,6 +68,8 @@ pub enum ConfigError {
          device is one unless turned off)"
     )]
     TooManyDevices { count: usize, max: usize },
+    #[error("{0}")]
+    Balloon(String),
     #[error("console must be stdio, file:PATH or none, got {0:?}")]
     Console(String),
     #[error("config file {path}: {source}")]
@@ -173,6 +177,9 @@ pub struct VmConfig {
     /// so that the guest never waits for entropy. On unless turned off.
     #[serde(default = "default_entropy")]
     pub entropy: bool,
+    /// A virtio-balloon device (after the entropy device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
 }
 
 /// The huge page size guest memory can be backed with (x86_64's 2 MiB).
@@ -212,6 +219,7 @@ impl VmConfig {
             smt: false,
             entropy: default_entropy(),
             vsock: None,
+            balloon: None,
         }
     }
 
@@ -248,6 +256,10 @@ impl VmConfig {
         if self.huge_pages && !mem.is_multiple_of(HUGE_PAGE_SIZE) {
             return Err(ConfigError::HugePageAlignment(mem));
         }
+        if let Some(b) = &self.balloon {
+            b.validate_for(mem >> 20, self.huge_pages)
+                .map_err(ConfigError::Balloon)?;
+        }
         for disk in &self.disks {
             disk.validate()?;
         }
@@ -267,7 +279,8 @@ impl VmConfig {
         let devices = self.disks.len()
             + self.nets.len()
             + usize::from(self.vsock.is_some())
-            + usize::from(self.entropy);
+            + usize::from(self.entropy)
+            + usize::from(self.balloon.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices {
                 count: devices,

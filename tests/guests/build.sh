@@ -17,7 +17,7 @@ LDFLAGS="-nostdlib -static -no-pie -Wl,--build-id=none -Wl,-z,noexecstack -Wl,--
 
 # Compile in parallel; wait on each job so a failure fails the build.
 pids=
-for f in lib acpi main scenarios virtio net blk_media floods rng vsock; do
+for f in lib acpi main scenarios virtio net blk_media floods rng vsock balloon; do
 	$CC $CFLAGS -c "$src/$f.c" -o "$tmp/$f.o" & pids="$pids $!"
 done
 $CC $CFLAGS -c "$src/boot.S" -o "$tmp/boot.o" & pids="$pids $!"
@@ -25,6 +25,6 @@ $CC -c "$src/hello.S" -o "$tmp/hello.o" & pids="$pids $!"
 for p in $pids; do wait "$p"; done
 $CC $CFLAGS $LDFLAGS -T "$src/probe.ld" -o "$tmp/probe.elf" \
 	"$tmp/boot.o" "$tmp/lib.o" "$tmp/acpi.o" "$tmp/main.o" "$tmp/scenarios.o" \
-	"$tmp/virtio.o" "$tmp/net.o" "$tmp/blk_media.o" "$tmp/floods.o" "$tmp/rng.o" "$tmp/vsock.o"
+	"$tmp/virtio.o" "$tmp/net.o" "$tmp/blk_media.o" "$tmp/floods.o" "$tmp/rng.o" "$tmp/vsock.o" "$tmp/balloon.o"
 $CC $LDFLAGS -Wl,-n -s -T "$src/hello.ld" -o "$tmp/hello.elf" "$tmp/hello.o"
 mv "$tmp/probe.elf" "$tmp/hello.elf" "$out/"

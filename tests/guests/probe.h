@@ -206,6 +206,7 @@ void done(void) __attribute__((noreturn));
 /* virtio.c: a minimal virtio-mmio driver (virtio 1.2 §4.2.2) with split virtqueues (§2.7). */
 #define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
+#define VIRTIO_ID_BALLOON 5
 #define VIRTIO_ID_RNG 4
 #define VIRTIO_MAGIC 0x74726976 /* "virt" */
 
@@ -322,6 +323,8 @@ void scenario_vsock(void) __attribute__((noreturn));
 
 /* rng.c */
 void scenario_rng(void) __attribute__((noreturn));
+/* balloon.c */
+void scenario_balloon(void) __attribute__((noreturn));
 
 /* floods.c */
 void scenario_i8042_flood(void) __attribute__((noreturn));

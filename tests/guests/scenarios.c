@@ -450,6 +450,8 @@ void user_main(u64 cpl0_done)
 		scenario_rng();
 	else if (!strcmp(scenario, "vsock"))
 		scenario_vsock();
+	else if (!strcmp(scenario, "balloon"))
+		scenario_balloon();
 	else if (!strcmp(scenario, "ctrl-alt-del"))
 		scenario_ctrl_alt_del();
 	else if (!strcmp(scenario, "i8042-flood"))

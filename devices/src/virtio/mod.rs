@@ -53,6 +53,7 @@
 //!   (`start_queues(features, 2)`, `add_chain_to(q, ..)`, `publish_to`, `kick`,
 //!   `used_elem_of`).
 
+pub mod balloon;
 pub mod block;
 mod event_handler;
 pub mod mmio;
@@ -99,6 +100,7 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
     pub const RNG: u32 = 4;
     pub const VSOCK: u32 = 19;
+    pub const BALLOON: u32 = 5;
 }
 
 /// InterruptStatus bits (virtio 1.2 §4.2.2).

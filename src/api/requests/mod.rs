@@ -6,6 +6,7 @@
 //! Firecracker fields wisp does not implement (a clear 400 rather than silently ignoring them).
 
 mod actions;
+mod balloon;
 mod boot;
 mod cgroup;
 mod drives;
@@ -20,6 +21,7 @@ mod serial;
 mod vsock;
 
 pub use actions::{ActionType, InstanceAction, VmState, VmStateChange};
+pub use balloon::{BalloonConfig, BalloonStatsUpdate, BalloonUpdate};
 pub use boot::BootSource;
 pub use cgroup::{CgroupConfig, CgroupUpdate};
 pub use drives::{CacheType, Drive, DriveUpdate};
@@ -66,6 +68,16 @@ pub enum ApiRequest {
     PutEntropy(EntropyDevice),
     /// `PUT /vsock`
     PutVsock(VsockDevice),
+    /// `PUT /balloon`
+    PutBalloon(BalloonConfig),
+    /// `PATCH /balloon` (after boot)
+    PatchBalloon(BalloonUpdate),
+    /// `GET /balloon`
+    GetBalloon,
+    /// `GET /balloon/statistics` (after boot)
+    GetBalloonStats,
+    /// `PATCH /balloon/statistics` (after boot)
+    PatchBalloonStats(BalloonStatsUpdate),
     /// `PUT /actions`
     Action(ActionType),
     /// `PATCH /vm`
@@ -96,7 +108,9 @@ impl ApiRequest {
     pub fn allowed(&self) -> Allowed {
         use ApiRequest::*;
         match self {
-            GetInstanceInfo | GetMachineConfig | GetVmConfig | GetVmMetrics => Allowed::Always,
+            GetInstanceInfo | GetMachineConfig | GetVmConfig | GetVmMetrics | GetBalloon => {
+                Allowed::Always
+            }
             PutBootSource(_)
             | PutMachineConfig(_)
             | PatchMachineConfig(_)
@@ -106,13 +120,18 @@ impl ApiRequest {
             | PutMetrics(_)
             | PutSerial(_)
             | PutEntropy(_)
-            | PutVsock(_) => Allowed::PreBoot,
+            | PutVsock(_)
+            | PutBalloon(_) => Allowed::PreBoot,
             Action(ActionType::InstanceStart) => Allowed::PreBoot,
             Action(ActionType::SendCtrlAltDel) => Allowed::PostBoot,
             Action(ActionType::FlushMetrics) => Allowed::Always,
-            PatchDrive(_) | PatchNetworkInterface(_) | PatchVm(_) | PatchCgroup(_) => {
-                Allowed::PostBoot
-            }
+            PatchDrive(_)
+            | PatchNetworkInterface(_)
+            | PatchVm(_)
+            | PatchCgroup(_)
+            | PatchBalloon(_)
+            | GetBalloonStats
+            | PatchBalloonStats(_) => Allowed::PostBoot,
         }
     }
 
@@ -133,6 +152,11 @@ impl ApiRequest {
             PutSerial(_) => "PUT /serial".into(),
             PutEntropy(_) => "PUT /entropy".into(),
             PutVsock(_) => "PUT /vsock".into(),
+            PutBalloon(_) => "PUT /balloon".into(),
+            PatchBalloon(_) => "PATCH /balloon".into(),
+            GetBalloon => "GET /balloon".into(),
+            GetBalloonStats => "GET /balloon/statistics".into(),
+            PatchBalloonStats(_) => "PATCH /balloon/statistics".into(),
             Action(a) => format!("PUT /actions {a:?}"),
             PatchVm(s) => format!("PATCH /vm {s:?}"),
             PutLogger(_) => "PUT /logger".into(),

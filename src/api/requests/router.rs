@@ -48,6 +48,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/serial"),
     ("PUT", "/entropy"),
     ("PUT", "/vsock"),
+    ("GET", "/balloon"),
+    ("PUT", "/balloon"),
+    ("PATCH", "/balloon"),
+    ("GET", "/balloon/statistics"),
+    ("PATCH", "/balloon/statistics"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
     ("PUT", "/logger"),
@@ -59,11 +64,9 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// Firecracker's endpoints (v1.16) that wisp does not implement yet, with what they are
 /// about: any method on them answers 400 saying so, where an unknown path gets 404.
 pub const UNSUPPORTED: &[(&str, &str)] = &[
-    ("/balloon", "balloon devices"),
-    ("/balloon/statistics", "balloon devices"),
-    ("/balloon/hinting/start", "balloon devices"),
-    ("/balloon/hinting/status", "balloon devices"),
-    ("/balloon/hinting/stop", "balloon devices"),
+    ("/balloon/hinting/start", "free page hinting"),
+    ("/balloon/hinting/status", "free page hinting"),
+    ("/balloon/hinting/stop", "free page hinting"),
     ("/cpu-config", "custom CPU templates (cpu-config)"),
     ("/hotplug/memory", "memory hotplug (virtio-mem) devices"),
     ("/mmds", "the metadata service (MMDS) and its requests"),
@@ -211,6 +214,15 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Routed, ApiFault> 
             e.validate()?;
             ApiRequest::PutEntropy(e)
         }
+        ("GET", "/balloon") => ApiRequest::GetBalloon,
+        ("PUT", "/balloon") => {
+            let b: BalloonConfig = parse_body(body)?;
+            balloon::check_balloon(&b)?;
+            ApiRequest::PutBalloon(b)
+        }
+        ("PATCH", "/balloon") => ApiRequest::PatchBalloon(parse_body(body)?),
+        ("GET", "/balloon/statistics") => ApiRequest::GetBalloonStats,
+        ("PATCH", "/balloon/statistics") => ApiRequest::PatchBalloonStats(parse_body(body)?),
         ("PUT", "/serial") => {
             let c: SerialConfig = parse_body(body)?;
             c.validate()?;
