@@ -1,5 +1,5 @@
 #!/bin/sh
-# Build the wisp probe guests: OUTDIR/probe.elf and OUTDIR/hello.elf.
+# Build the wisp probe guests: OUTDIR/probe.elf, OUTDIR/hello.elf and OUTDIR/idle.elf.
 # Usage: tests/guests/build.sh OUTDIR
 set -eu
 [ $# -eq 1 ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
@@ -22,9 +22,11 @@ for f in lib acpi main scenarios virtio net blk_media floods rng vsock balloon; 
 done
 $CC $CFLAGS -c "$src/boot.S" -o "$tmp/boot.o" & pids="$pids $!"
 $CC -c "$src/hello.S" -o "$tmp/hello.o" & pids="$pids $!"
+$CC -DIDLE -c "$src/hello.S" -o "$tmp/idle.o" & pids="$pids $!"
 for p in $pids; do wait "$p"; done
 $CC $CFLAGS $LDFLAGS -T "$src/probe.ld" -o "$tmp/probe.elf" \
 	"$tmp/boot.o" "$tmp/lib.o" "$tmp/acpi.o" "$tmp/main.o" "$tmp/scenarios.o" \
 	"$tmp/virtio.o" "$tmp/net.o" "$tmp/blk_media.o" "$tmp/floods.o" "$tmp/rng.o" "$tmp/vsock.o" "$tmp/balloon.o"
 $CC $LDFLAGS -Wl,-n -s -T "$src/hello.ld" -o "$tmp/hello.elf" "$tmp/hello.o"
-mv "$tmp/probe.elf" "$tmp/hello.elf" "$out/"
+$CC $LDFLAGS -Wl,-n -s -T "$src/hello.ld" -o "$tmp/idle.elf" "$tmp/idle.o"
+mv "$tmp/probe.elf" "$tmp/hello.elf" "$tmp/idle.elf" "$out/"

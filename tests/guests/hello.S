@@ -29,6 +29,9 @@ hello_start:
 	out %al, %dx
 	cmp $'\n', %al
 	jne 1b
+#ifdef IDLE
+	jmp 7f				/* idle.elf: halt for good once the line is out */
+#endif
 
 	/* start_info.rsdp_paddr (offset 32) -> RSDP; ACPI 6.5, 5.2.5.3:
 	 * revision >= 2 has the XSDT (8-byte entries) at +24, else RSDT at +16. */
