@@ -10,7 +10,6 @@ use crate::vstate::control::{self, VcpuControl};
 use crate::vstate::exit::{ExitSignal, VmExit};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
@@ -218,10 +217,7 @@ fn create_vcpus(
     exit: &ExitSignal,
     control: &Arc<VcpuControl>,
 ) -> Result<Vec<Vcpu>, VmmError> {
-    let supported = vm
-        .kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let supported = &vm.supported_cpuid;
     control::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
     let mut vcpus = Vec::with_capacity(config.cpus.into());
     for id in 0..config.cpus {
