@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Boot benchmark driver; see boot.sh. Runs wisp and QEMU alternately on the same guest."""
+"""Boot benchmark driver; see boot.sh. Runs wisp and its peers alternately on the same guest."""
 
 import argparse
+import json
 import os
 import re
 import select
@@ -18,8 +19,15 @@ HELLO = os.path.join(ROOT, "target/probe-guests/hello.elf")
 PROBE = os.path.join(ROOT, "target/probe-guests/probe.elf")
 VMLINUX = os.path.join(ROOT, "images/out/vmlinux")
 INITRD = os.path.join(ROOT, "images/out/initramfs.cpio")
-QEMU = ["qemu-system-x86_64", "-enable-kvm", "-cpu", "host,-arch-capabilities",
-        "-M", "microvm", "-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio"]
+QEMU_BIN = os.environ.get("QEMU", "qemu-system-x86_64")
+QEMU = [QEMU_BIN] + (["-L", os.environ["QEMU_DATA"]] if os.environ.get("QEMU_DATA") else []) + [
+    "-enable-kvm", "-cpu", "host,-arch-capabilities",
+    "-M", "microvm", "-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio"]
+PEERS = "/work/peers"
+FIRECRACKER = os.environ.get(
+    "FIRECRACKER", f"{PEERS}/firecracker/build/cargo_target/release/firecracker")
+CLOUD_HYPERVISOR = os.environ.get(
+    "CLOUD_HYPERVISOR", f"{PEERS}/cloud-hypervisor/target/release/cloud-hypervisor")
 
 
 def wisp_cmd(kernel, mem, cmdline=None, initrd=None, cpus=1):
@@ -38,6 +46,30 @@ def qemu_cmd(kernel, mem, cmdline=None, initrd=None, cpus=1):
     if initrd:
         cmd += ["-initrd", initrd]
     return cmd
+
+
+def ch_cmd(kernel, mem, cmdline=None, initrd=None, cpus=1):
+    cmd = [CLOUD_HYPERVISOR, "--kernel", kernel, "--memory", f"size={mem}",
+           "--cpus", f"boot={cpus}", "--serial", "tty", "--console", "off"]
+    if cmdline is not None:
+        cmd += ["--cmdline", cmdline]
+    if initrd:
+        cmd += ["--initramfs", initrd]
+    return cmd
+
+
+def fc_cmd(kernel, mem, cmdline=None, initrd=None, cpus=1):
+    boot = {"kernel_image_path": kernel}
+    if cmdline is not None:
+        boot["boot_args"] = cmdline
+    if initrd:
+        boot["initrd_path"] = initrd
+    config = {"boot-source": boot,
+              "machine-config": {"vcpu_count": cpus, "mem_size_mib": int(mem.rstrip("M"))}}
+    path = f"/tmp/wisp-bench-fc-{os.getpid()}.json"
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return [FIRECRACKER, "--no-api", "--config-file", path]
 
 
 def guest_ram_kb(pid, mem_bytes):
@@ -156,6 +188,61 @@ def breakdown(runs, kernel, mem):
               f"{statistics.median(totals):>11.0f}")
 
 
+STAMP_RE = re.compile(rb"^\[\s*(\d+\.\d+)\] (.*)$", re.M)
+
+
+def linux_mptable(runs):
+    """The test kernel under wisp with and without its MP table (WISP_NO_MPTABLE), alternating:
+    time to init, and the guest's own timestamps around the scan Linux does without a table."""
+    cmdline = "console=ttyS0 panic=-1 random.trust_cpu=on printk.time=1"
+    marks = [("x86/PAT", b"x86/PAT"), ("MP table found", b"found SMP MP-table"),
+             ("RAMDISK", b"RAMDISK:"), ("Run /init", b"Run /init")]
+    res = {"with": [], "without": []}
+    for _ in range(runs):
+        for name in ("with", "without"):
+            env = dict(os.environ)
+            if name == "without":
+                env["WISP_NO_MPTABLE"] = "1"
+            start = time.monotonic()
+            p = subprocess.Popen([SPAWN] + wisp_cmd(VMLINUX, "128M", cmdline, INITRD),
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, env=env)
+            out = b""
+            ready = None
+            deadline = start + 900
+            fd = p.stdout.fileno()
+            while time.monotonic() < deadline:
+                r, _, _ = select.select([fd], [], [], 1.0)
+                if not r:
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                out += chunk
+                if b"WISP-INIT: ready" in out:
+                    ready = time.monotonic() - start
+                    break
+            p.kill()
+            p.wait()
+            stamps = {}
+            for m in STAMP_RE.finditer(out):
+                for label, needle in marks:
+                    if label not in stamps and needle in m.group(2):
+                        stamps[label] = float(m.group(1))
+            res[name].append((ready, stamps))
+            print(f"{name} MP table: init ready {ready if ready is None else round(ready, 1)} s, "
+                  f"guest stamps {stamps}", flush=True)
+    print(f"\n== test kernel with and without wisp's MP table (128M, 1 vCPU), {runs} runs each, medians")
+    for name in ("with", "without"):
+        readys = [r for r, _ in res[name] if r is not None]
+        scan = [s["RAMDISK"] - s["x86/PAT"] for _, s in res[name]
+                if "RAMDISK" in s and "x86/PAT" in s]
+        print(f"{name:>7} MP table: start -> WISP-INIT: ready "
+              f"{statistics.median(readys) if readys else float('nan'):.1f} s; guest x86/PAT -> RAMDISK "
+              f"{statistics.median(scan) if scan else float('nan'):.2f} s; "
+              f"'found SMP MP-table' in {sum('MP table found' in s for _, s in res[name])}/{runs}")
+
+
 def vmm_child(launcher_pid):
     with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
         return int(f.read().split()[0])
@@ -170,13 +257,20 @@ def fmt(values, unit, scale=1.0):
 
 
 def report(title, results, metrics):
+    """One column per VMM (wisp first), then wisp's ratio to each peer."""
+    names = list(results)
+    peers = names[1:]
     print(f"\n== {title}")
-    print(f"{'metric':<34} {'wisp':<30} {'qemu':<30} wisp/qemu")
+    print(f"{'metric':<34} " + " ".join(f"{n:<30}" for n in names) + " "
+          + " ".join(f"wisp/{p}" for p in peers))
     for key, label, unit, scale in metrics:
-        w, wm = fmt([r[key] for r in results["wisp"]], unit, scale)
-        q, qm = fmt([r[key] for r in results["qemu"]], unit, scale)
-        ratio = f"{wm / qm:.3f}" if wm is not None and qm else "n/a"
-        print(f"{label:<34} {w:<30} {q:<30} {ratio}")
+        cells, meds = [], []
+        for n in names:
+            text, med = fmt([r.get(key) for r in results[n]], unit, scale)
+            cells.append(f"{text:<30}")
+            meds.append(med)
+        ratios = [f"{meds[0] / m:.3f}" if meds[0] is not None and m else "n/a" for m in meds[1:]]
+        print(f"{label:<34} " + " ".join(cells) + " " + " ".join(f"{r:<{5 + len(p)}}" for r, p in zip(ratios, peers)))
 
 
 def main():
@@ -186,25 +280,44 @@ def main():
     ap.add_argument("--no-linux", action="store_true")
     ap.add_argument("--breakdown", action="store_true",
                     help="only the per-phase start-up and exit times of wisp (WISP_TRACE_STARTUP)")
+    ap.add_argument("--linux-mptable", action="store_true",
+                    help="only the test kernel with and without wisp's MP table "
+                         "(WISP_NO_MPTABLE), --linux-runs each (minutes per boot here)")
     a = ap.parse_args()
     if a.breakdown:
         breakdown(a.runs, HELLO, "128M")
+        return
+    if a.linux_mptable:
+        linux_mptable(a.linux_runs)
         return
 
     with open("/proc/cpuinfo") as f:
         model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
     print(f"machine: {model}, {os.cpu_count()} cpus, kvm_pvm={'yes' if os.path.exists('/sys/module/kvm_pvm') else 'no'}")
-    print(f"qemu: {subprocess.run(['qemu-system-x86_64', '--version'], capture_output=True, text=True).stdout.splitlines()[0]}")
+    print(f"qemu: {subprocess.run([QEMU_BIN, '--version'], capture_output=True, text=True).stdout.splitlines()[0]}")
+    with open("/proc/loadavg") as f:
+        print(f"load average at start: {' '.join(f.read().split()[:3])}")
+    vmms = [("wisp", wisp_cmd), ("qemu", qemu_cmd)]
+    for name, binary, mk in (("cloud-hypervisor", CLOUD_HYPERVISOR, ch_cmd),
+                             ("firecracker", FIRECRACKER, fc_cmd)):
+        if os.path.exists(binary):
+            version = subprocess.run([binary, "--version"], capture_output=True, text=True)
+            print(f"{name}: {version.stdout.splitlines()[0] if version.stdout else binary}")
+            vmms.append((name, mk))
 
     mem = "128M"
     mem_bytes = 128 << 20
-    res = {"wisp": [], "qemu": []}
+    res = {name: [] for name, _ in vmms}
     for _ in range(a.runs):
-        for name, mk in (("wisp", wisp_cmd), ("qemu", qemu_cmd)):
+        for name, mk in vmms:
             r = run_once(mk(HELLO, mem), timeout=30)
             if not r["ok"]:
                 print(f"warning: {name} run printed nothing", file=sys.stderr)
+            elif r["exit"] is not None:
+                r["tail"] = r["exit"] - r["first"]
             res[name].append(r)
+    with open("/proc/loadavg") as f:
+        print(f"load average at the end of the hello runs: {' '.join(f.read().split()[:3])}")
     ov = {"wisp": [], "qemu": []}
     for _ in range(max(3, a.runs // 4)):
         for name, mk in (("wisp", wisp_cmd), ("qemu", qemu_cmd)):
@@ -212,10 +325,11 @@ def main():
                          timeout=30, mem_bytes=mem_bytes, sample_on_marker=True)
             ov[name].append(r)
     for name in res:
-        for r, o in zip(res[name], ov[name] + [{"overhead": None}] * len(res[name])):
+        for r, o in zip(res[name], ov.get(name, []) + [{"overhead": None}] * len(res[name])):
             r["overhead"] = o["overhead"]
     report(f"hello probe guest (PVH ELF, 1 vCPU, {mem}), {a.runs} runs each, alternating", res, [
         ("first", "start -> first serial output", "ms", 1000),
+        ("tail", "guest's line -> process exit", "ms", 1000),
         ("exit", "start -> process exit", "ms", 1000),
         ("maxrss", "peak RSS", "MiB", 1 / 1024),
         ("overhead", "RSS - touched guest RAM", "MiB", 1 / 1024),
