@@ -51,13 +51,25 @@ def wait_accepting(sock):
             time.sleep(0.0002)
 
 
+def spawn(argv):
+    """posix_spawn, with stdout and stderr to /dev/null: subprocess.Popen's own work (about a
+    millisecond here) would count as wisp's start."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        return os.posix_spawn(argv[0], argv, os.environ,
+                              file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 1),
+                                            (os.POSIX_SPAWN_DUP2, devnull, 2)])
+    finally:
+        os.close(devnull)
+
+
 def one_run(argv, sock, kernel, r):
     """Start, wait for the socket, GET / five times, configure and start the hello guest."""
     t0 = time.monotonic()
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid = spawn(argv)
     wait_accepting(sock)
     r["ready"].append((time.monotonic() - t0) * 1000)
-    r["cpu"].append(cpu_ms(p.pid))
+    r["cpu"].append(cpu_ms(pid))
     for _ in range(5):
         t = time.monotonic()
         assert request(sock, "GET", "/") == 200
@@ -67,7 +79,8 @@ def one_run(argv, sock, kernel, r):
     assert request(sock, "PUT", "/machine-config", '{"vcpu_count": 1, "mem_size_mib": 64}') == 204
     assert request(sock, "PUT", "/actions", '{"action_type": "InstanceStart"}') == 204
     r["start"].append((time.monotonic() - t) * 1000)
-    assert p.wait(timeout=30) == 0
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def main():
