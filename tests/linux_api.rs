@@ -4,7 +4,7 @@
 //! and network scenarios as from the CLI; a second drive's medium changed with
 //! `PATCH /drives` while the guest runs (its kernel sees the new size); then shut down
 //! cleanly by `SendCtrlAltDel` (the i8042 key sequence, the kernel's keyboard driver, init's
-//! SIGINT handler, poweroff).
+//! SIGINT handler, poweroff). Also the kernel's virtio_balloon driver through `/balloon`.
 
 mod common;
 use common::*;
@@ -370,4 +370,124 @@ fn linux_jailed_through_the_api_boots_confined() {
     let _ = dnsmasq.kill();
     let _ = dnsmasq.wait();
     drop(ns);
+}
+
+/// wisp's resident memory, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+        << 10
+}
+
+/// `GET /balloon/statistics` until `done` holds (5 s apart, `timeout` in all).
+fn balloon_stats_until(
+    sock: &Path,
+    timeout: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let (status, body) = api(sock, "GET", "/balloon/statistics", "");
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if done(&v) {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "balloon statistics still {v} after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_secs(5));
+    }
+}
+
+/// The test kernel's own virtio_balloon driver: its memory statistics reach
+/// `GET /balloon/statistics`, a target set with `PATCH /balloon` is met (the driver reports
+/// `actual`) without wisp's resident memory growing (the pages it gives are dropped by the
+/// host), and a target of 0 gives them back.
+#[test]
+fn linux_balloon_meets_its_target_and_reports_statistics() {
+    if !kvm_available("linux_balloon_meets_its_target_and_reports_statistics") {
+        return;
+    }
+    let dir = TestDir::new("linux-balloon");
+    let _slot = linux_boot_slot();
+    let sock = dir.join("api.sock");
+    let mut w = Wisp::spawn(&["--api-sock", sock.to_str().unwrap(), "--id", "balloon"]);
+    wait_api_socket(&sock);
+    api_ok(
+        &sock,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{LINUX_CMDLINE} wisp.scenario=info,cad"}}"#,
+            image("vmlinux").display(),
+            image("initramfs.cpio").display()
+        ),
+    );
+    api_ok(
+        &sock,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 256}"#,
+    );
+    api_ok(
+        &sock,
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#,
+    );
+    api_ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    w.wait_for(
+        "WISP-INIT: waiting for ctrl-alt-del",
+        Duration::from_secs(1500),
+    );
+
+    // The driver's statistics: total memory as the guest counts it (less than 256 MiB:
+    // the kernel's own), free memory.
+    let s = balloon_stats_until(&sock, Duration::from_secs(300), |v| {
+        v["total_memory"].is_u64() && v["free_memory"].is_u64()
+    });
+    let total = s["total_memory"].as_u64().unwrap();
+    assert!((128 << 20..=256 << 20).contains(&total), "{s}");
+    assert!(s["free_memory"].as_u64().unwrap() > 0, "{s}");
+
+    let before = rss(w.pid());
+    api_ok(&sock, "PATCH", "/balloon", r#"{"amount_mib": 64}"#);
+    let s = balloon_stats_until(&sock, Duration::from_secs(600), |v| v["actual_mib"] == 64);
+    assert_eq!(s["target_mib"], 64, "{s}");
+    let after = rss(w.pid());
+    assert!(
+        after <= before + (8 << 20),
+        "RSS grew from {} to {} MiB while the guest gave 64 MiB back",
+        before >> 20,
+        after >> 20
+    );
+    api_ok(&sock, "PATCH", "/balloon", r#"{"amount_mib": 0}"#);
+    balloon_stats_until(&sock, Duration::from_secs(600), |v| v["actual_mib"] == 0);
+
+    api_ok(
+        &sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "SendCtrlAltDel"}"#,
+    );
+    let f = w.wait(Duration::from_secs(300));
+    assert_eq!(
+        f.code(),
+        Some(0),
+        "console:\n{}\nstderr:\n{}",
+        f.stdout,
+        f.stderr
+    );
+    assert_scenarios_ok(&f.stdout, &["info"]);
 }
