@@ -155,7 +155,7 @@ fn attach_virtio_devices(
         devices.attach_vsock(vm, mmio_bus, vsock)?;
     }
     if config.entropy {
-        devices.attach_entropy(vm, mmio_bus)?;
+        devices.attach_entropy(vm, mmio_bus, config.entropy_rate_limiter.as_ref())?;
     }
     if let Some(balloon) = &config.balloon {
         devices.attach_balloon(vm, mmio_bus, balloon)?;

@@ -176,8 +176,18 @@ impl DeviceManager {
     }
 
     /// Attaches the virtio-rng device (one per VM).
-    pub fn attach_entropy(&mut self, vm: &Vm, mmio_bus: &mut Bus) -> Result<(), DeviceError> {
-        let dev = Rng::new();
+    pub fn attach_entropy(
+        &mut self,
+        vm: &Vm,
+        mmio_bus: &mut Bus,
+        limits: Option<&RateLimiterConfig>,
+    ) -> Result<(), DeviceError> {
+        let mut dev = Rng::new();
+        if let Some(l) = limits.filter(|l| l.limits()) {
+            let limiter = RateLimiter::new(l.bandwidth_params(), l.ops_params())
+                .map_err(DeviceError::RateLimiter)?;
+            dev = dev.with_rate_limiter(limiter);
+        }
         let counters = dev.counters();
         let handle = self.attach(vm, mmio_bus, dev)?;
         self.entropy = Some(EntropyDevice { counters, handle });

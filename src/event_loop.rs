@@ -166,6 +166,8 @@ impl EventLoop {
             .collect();
         let mut sources = crate::metrics::VmSources::new(vm_config.as_ref(), &blocks, &nets);
         sources.vcpus = Some(vmm.control.clone());
+        sources.entropy = vmm.devices.entropy().map(|e| e.counters.clone());
+        sources.vsock = vmm.devices.vsock().map(|v| v.counters.clone());
         crate::metrics::register_vm(sources);
         crate::startup_trace::mark("loop: serving");
         Ok(Box::new(Running {

@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use wisp_devices::virtio::block::BlockCounters;
 use wisp_devices::virtio::net::NetCounters;
+use wisp_devices::virtio::rng::RngCounters;
+use wisp_devices::virtio::vsock::VsockCounters;
 
 /// Firecracker's period for writing metrics while the VM runs.
 pub const WRITE_PERIOD: Duration = Duration::from_secs(60);
@@ -355,6 +357,10 @@ pub struct VmSources {
     pub nets: Vec<(String, Arc<NetCounters>)>,
     /// The vCPUs' exit counters.
     pub vcpus: Option<Arc<VcpuControl>>,
+    /// The entropy device's and the vsock device's counters (Firecracker's `entropy` and
+    /// `vsock` groups).
+    pub entropy: Option<Arc<RngCounters>>,
+    pub vsock: Option<Arc<VsockCounters>>,
 }
 
 impl VmSources {
@@ -397,6 +403,8 @@ impl VmSources {
             drives,
             nets,
             vcpus: None,
+            entropy: None,
+            vsock: None,
         }
     }
 }
@@ -521,6 +529,36 @@ impl State {
                     (ExitKind::MmioWrite, "exit_mmio_write"),
                 ] {
                     totals.insert(format!("vcpu.{field}"), exits[kind as usize]);
+                }
+            }
+            let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            if let Some(c) = &vm.entropy {
+                for (field, v) in [
+                    ("entropy_event_count", l(&c.queue_events)),
+                    ("entropy_bytes", l(&c.bytes)),
+                    (
+                        "entropy_event_fails",
+                        l(&c.invalid_requests) + l(&c.host_rng_fails),
+                    ),
+                    ("host_rng_fails", l(&c.host_rng_fails)),
+                    (
+                        "entropy_rate_limiter_throttled",
+                        l(&c.rate_limiter_throttled),
+                    ),
+                    ("rate_limiter_event_count", l(&c.rate_limiter_events)),
+                ] {
+                    totals.insert(format!("entropy.{field}"), v);
+                }
+            }
+            if let Some(c) = &vm.vsock {
+                for (field, v) in [
+                    ("rx_packets_count", l(&c.rx_packets)),
+                    ("rx_bytes_count", l(&c.rx_bytes)),
+                    ("tx_packets_count", l(&c.tx_packets)),
+                    ("tx_bytes_count", l(&c.tx_bytes)),
+                    ("tx_queue_event_fails", l(&c.malformed)),
+                ] {
+                    totals.insert(format!("vsock.{field}"), v);
                 }
             }
             for (id, counters) in &vm.drives {
@@ -736,6 +774,8 @@ mod tests {
             drives: vec![("rootfs".into(), disk.clone())],
             nets: vec![("eth0".into(), counters.clone())],
             vcpus: Some(vcpus.clone()),
+            entropy: None,
+            vsock: None,
         });
         s.totals.insert("put_api_requests.actions_count".into(), 2);
         s.gauges

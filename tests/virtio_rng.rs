@@ -105,10 +105,41 @@ fn a_firecracker_config_file_with_an_entropy_section_gives_the_device() {
             ),
         )
         .unwrap();
-        Wisp::spawn(&["--config-file", file.to_str().unwrap(), "--no-api"]).wait(T)
+        let metrics = dir.join("metrics.json");
+        let _ = std::fs::remove_file(&metrics);
+        let f = Wisp::spawn(&[
+            "--config-file",
+            file.to_str().unwrap(),
+            "--no-api",
+            "--metrics-path",
+            metrics.to_str().unwrap(),
+        ])
+        .wait(T);
+        // Counters are changes since the line before: their sum is the total.
+        let text = std::fs::read_to_string(&metrics).unwrap_or_default();
+        let total = move |field: &str| -> u64 {
+            text.lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .filter_map(|m| m["entropy"][field].as_u64())
+                .sum()
+        };
+        (f, total)
     };
-    assert_rng_ok(&run(r#", "entropy": {"rate_limiter": null}"#));
-    let without = run("");
+    // The bytes the scenario's requests got: 2 x 4096, 2000, 65536, 0 (refused), 512.
+    const BYTES: u64 = 2 * 4096 + 2000 + 65536 + 512;
+    let (f, total) = run(r#", "entropy": {"rate_limiter": null}"#);
+    assert_rng_ok(&f);
+    assert_eq!(total("entropy_bytes"), BYTES);
+    assert_eq!(total("entropy_rate_limiter_throttled"), 0);
+    // A limit the guest's requests run into (16 KiB, then 160 KiB/s): they wait in the ring
+    // for the limiter's timer and all complete, the 64 KiB one after a full bucket.
+    let (f, total) =
+        run(r#", "entropy": {"rate_limiter": {"bandwidth": {"size": 16384, "refill_time": 100}}}"#);
+    assert_rng_ok(&f);
+    assert_eq!(total("entropy_bytes"), BYTES);
+    assert!(total("entropy_rate_limiter_throttled") >= 1);
+    assert!(total("rate_limiter_event_count") >= 1);
+    let (without, _) = run("");
     assert!(
         without
             .stdout

@@ -418,6 +418,7 @@ impl PendingConfig {
         config.cgroup = self.cgroup();
         // Only when asked for, as Firecracker (`wisp run` has it on by default).
         config.entropy = self.entropy.is_some();
+        config.entropy_rate_limiter = self.entropy.as_ref().and_then(|e| e.rate_limiter);
         config.vsock = self.vsock.as_ref().map(VsockDevice::to_config);
         config.balloon = self.balloon;
         config.huge_pages = m.huge_pages_2m();

@@ -194,7 +194,7 @@ fn put_serial_names_the_output_file() {
 }
 
 #[test]
-fn put_entropy_gives_the_vm_an_rng_device_and_refuses_a_limiting_rate_limiter() {
+fn put_entropy_gives_the_vm_an_rng_device_with_its_rate_limiter() {
     for body in [
         "{}",
         r#"{"rate_limiter": null}"#,
@@ -205,14 +205,25 @@ fn put_entropy_gives_the_vm_an_rng_device_and_refuses_a_limiting_rate_limiter() 
         assert_eq!(r.allowed(), Allowed::PreBoot);
         assert_eq!(r.describe(), "PUT /entropy");
     }
+    // A limit is the device's (checked as the drives' are).
+    match req(
+        "PUT",
+        "/entropy",
+        r#"{"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#,
+    )
+    .unwrap()
+    {
+        ApiRequest::PutEntropy(e) => assert!(e.rate_limiter.unwrap().limits()),
+        other => panic!("{other:?}"),
+    }
     assert_fault(
         &fault(
             "PUT",
             "/entropy",
-            r#"{"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#,
+            r#"{"rate_limiter": {"ops": {"size": 10, "refill_time": 0}}}"#,
         ),
         400,
-        "rate_limiter: rate limiters are not supported",
+        "rate_limiter.ops",
     );
     assert_fault(
         &fault("PUT", "/entropy", r#"{"bytes": 1}"#),
@@ -1223,11 +1234,11 @@ fn firecracker_config_file() {
         r#"{{"boot-source": {{"kernel_image_path": "{f}"}}, "entropy": {{"rate_limiter": {{"ops": {{"size": 10, "refill_time": 1000}}}}}}}}"#
     ))
     .unwrap();
-    assert_fault(
-        &PendingConfig::from_firecracker_config(&limited).unwrap_err(),
-        400,
-        "rate_limiter: rate limiters are not supported",
-    );
+    let c = PendingConfig::from_firecracker_config(&limited)
+        .unwrap()
+        .to_vm_config()
+        .unwrap();
+    assert!(c.entropy && c.entropy_rate_limiter.unwrap().limits());
     let with_pmem = FirecrackerConfig::from_json(&format!(
         r#"{{"boot-source": {{"kernel_image_path": "{f}"}}, "pmem": [{{"id": "p", "path_on_host": "/p"}}]}}"#
     ))

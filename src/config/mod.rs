@@ -177,6 +177,10 @@ pub struct VmConfig {
     /// so that the guest never waits for entropy. On unless turned off.
     #[serde(default = "default_entropy")]
     pub entropy: bool,
+    /// Limits on the entropy device's requests and bytes (Firecracker's entropy
+    /// `rate_limiter`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy_rate_limiter: Option<RateLimiterConfig>,
     /// A virtio-balloon device (after the entropy device).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonConfig>,
@@ -218,6 +222,7 @@ impl VmConfig {
             huge_pages: false,
             smt: false,
             entropy: default_entropy(),
+            entropy_rate_limiter: None,
             vsock: None,
             balloon: None,
         }

@@ -2,21 +2,22 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::rate_limiter::check_no_limit;
+use super::rate_limiter::check_limiter;
 use super::ApiFault;
+use crate::config::RateLimiterConfig;
 
 /// `PUT /entropy` (and the config file's `entropy` section).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EntropyDevice {
-    /// Refused unless it limits nothing (wisp has no rate limiters yet); the device bounds
-    /// each request (64 KiB) and each event-loop turn (1 MiB) itself.
+    /// Limits on the requests (ops) and their random bytes (bandwidth). Without one the
+    /// device still bounds each request (64 KiB) and each event-loop turn (1 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<serde_json::Value>,
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl EntropyDevice {
     pub fn validate(&self) -> Result<(), ApiFault> {
-        check_no_limit("rate_limiter", self.rate_limiter.as_ref())
+        check_limiter("rate_limiter", self.rate_limiter.as_ref())
     }
 }

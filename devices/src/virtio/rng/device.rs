@@ -1,5 +1,6 @@
 //! The virtio-rng device: activation and the request queue.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -9,7 +10,8 @@ use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{BYTES_PER_TURN, CHAINS_PER_TURN, MAX_BYTES_PER_CHAIN, QUEUE_SIZE};
-use crate::virtio::queue::{collect_chain, pop_chain, ChainEnd};
+use crate::rate_limiter::RateLimiter;
+use crate::virtio::queue::{collect_chain, pop_chain, undo_pop, ChainEnd};
 use crate::virtio::{
     device_type, features, ActivateError, Activation, VirtioDevice, VirtioInterrupt,
 };
@@ -28,6 +30,10 @@ pub struct RngCounters {
     pub host_rng_fails: AtomicU64,
     /// Queue notifications handled (including the device's own reschedules).
     pub queue_events: AtomicU64,
+    /// Times the rate limiter held a request back (it stayed in the ring).
+    pub rate_limiter_throttled: AtomicU64,
+    /// Times the rate limiter's timer woke the queue up.
+    pub rate_limiter_events: AtomicU64,
 }
 
 struct Active {
@@ -59,6 +65,7 @@ pub struct Rng {
     scratch: Vec<u8>,
     descs: Vec<Descriptor>,
     active: Option<Active>,
+    limiter: Option<RateLimiter>,
 }
 
 impl Default for Rng {
@@ -74,7 +81,15 @@ impl Rng {
             scratch: Vec::new(),
             descs: Vec::new(),
             active: None,
+            limiter: None,
         }
+    }
+
+    /// Requests (ops) and their bytes go through `limiter` (Firecracker's entropy
+    /// `rate_limiter`); a request held back stays in the ring until the limiter's timer.
+    pub fn with_rate_limiter(mut self, limiter: RateLimiter) -> Rng {
+        self.limiter = Some(limiter);
+        self
     }
 
     /// The device's counters; they survive resets.
@@ -102,6 +117,12 @@ fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
         done += n as usize;
     }
     Ok(())
+}
+
+/// The bytes a request of these descriptors would get (what the rate limiter charges).
+fn request_len(descs: &[Descriptor]) -> u64 {
+    let total: u64 = descs.iter().map(|d| u64::from(d.len())).sum();
+    total.min(MAX_BYTES_PER_CHAIN as u64)
 }
 
 /// Serves one request: checks every descriptor, then fills the buffers in order with up to
@@ -192,6 +213,23 @@ impl VirtioDevice for Rng {
         self.active = None;
     }
 
+    fn device_fds(&self) -> Vec<RawFd> {
+        self.limiter.iter().map(|l| l.as_raw_fd()).collect()
+    }
+
+    /// The rate limiter's timer: tokens are back.
+    fn process_device_fd(&mut self, index: usize) {
+        let Some(limiter) = self.limiter.as_mut().filter(|_| index == 0) else {
+            return;
+        };
+        if limiter.timer_fired() {
+            self.counters
+                .rate_limiter_events
+                .fetch_add(1, Ordering::Relaxed);
+            self.process_queue(0);
+        }
+    }
+
     fn process_queue(&mut self, index: usize) {
         let Some(active) = self.active.as_mut() else {
             return;
@@ -242,6 +280,17 @@ impl VirtioDevice for Rng {
                 chains += 1;
                 let head = chain.head_index();
                 let end = collect_chain(chain, &mut self.descs);
+                if let Some(limiter) = self.limiter.as_mut() {
+                    if !limiter.try_consume(1, request_len(&self.descs)) {
+                        // It stays in the ring, notifications stay off, until the
+                        // limiter's timer brings us back.
+                        undo_pop(queue);
+                        counters
+                            .rate_limiter_throttled
+                            .fetch_add(1, Ordering::Relaxed);
+                        break 'work;
+                    }
+                }
                 let used_len = match serve(mem, &self.descs, end, &mut self.scratch) {
                     Ok(n) => {
                         counters.requests.fetch_add(1, Ordering::Relaxed);
