@@ -4,7 +4,12 @@
 
 use super::layout::*;
 use super::regs::EntryMode;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::boot_params;
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use std::fs::File;
@@ -271,40 +276,47 @@ fn write_start_info(
     rsdp: u64,
 ) -> Result<(), BootError> {
     const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
-    const START_INFO_SIZE: u64 = 56;
-    let map = e820_map(mem_size);
-    let memmap_addr = PVH_INFO_START + START_INFO_SIZE;
-    let modlist_addr = memmap_addr + 24 * map.len() as u64;
-
-    let mut info = Vec::with_capacity(START_INFO_SIZE as usize);
-    info.extend_from_slice(&XEN_HVM_START_MAGIC.to_le_bytes());
-    info.extend_from_slice(&1u32.to_le_bytes()); // version
-    info.extend_from_slice(&0u32.to_le_bytes()); // flags
-    info.extend_from_slice(&u32::from(initrd.is_some()).to_le_bytes()); // nr_modules
-    info.extend_from_slice(&if initrd.is_some() { modlist_addr } else { 0 }.to_le_bytes());
-    info.extend_from_slice(&CMDLINE_START.to_le_bytes());
-    info.extend_from_slice(&rsdp.to_le_bytes());
-    info.extend_from_slice(&memmap_addr.to_le_bytes());
-    info.extend_from_slice(&(map.len() as u32).to_le_bytes());
-    info.extend_from_slice(&0u32.to_le_bytes());
-    debug_assert_eq!(info.len() as u64, START_INFO_SIZE);
-
-    for (start, size, kind) in &map {
-        info.extend_from_slice(&start.to_le_bytes());
-        info.extend_from_slice(&size.to_le_bytes());
-        info.extend_from_slice(&kind.to_le_bytes());
-        info.extend_from_slice(&0u32.to_le_bytes());
-    }
-    if let Some((addr, size)) = initrd {
-        // hvm_modlist_entry: paddr, size, cmdline_paddr, reserved.
-        for v in [addr, size, 0, 0] {
-            info.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-    mem.write_slice(&info, GuestAddress(PVH_INFO_START))
-        .map_err(|_| BootError::GuestMemory {
-            addr: PVH_INFO_START,
+    let map: Vec<hvm_memmap_table_entry> = e820_map(mem_size)
+        .into_iter()
+        .map(|(addr, size, kind)| hvm_memmap_table_entry {
+            addr,
+            size,
+            type_: kind,
+            reserved: 0,
         })
+        .collect();
+    let memmap_addr = PVH_INFO_START + std::mem::size_of::<hvm_start_info>() as u64;
+    let modlist_addr = memmap_addr + std::mem::size_of_val(map.as_slice()) as u64;
+    let modules: Vec<hvm_modlist_entry> = initrd
+        .map(|(paddr, size)| hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        })
+        .into_iter()
+        .collect();
+    let start_info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC,
+        version: 1,
+        nr_modules: u32::from(initrd.is_some()),
+        modlist_paddr: if initrd.is_some() { modlist_addr } else { 0 },
+        cmdline_paddr: CMDLINE_START,
+        rsdp_paddr: rsdp,
+        memmap_paddr: memmap_addr,
+        // A handful of e820 entries (layout::e820_map).
+        memmap_entries: u32::try_from(map.len()).expect("a few e820 entries"),
+        ..Default::default()
+    };
+    let mut params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));
+    params.set_sections(&map, GuestAddress(memmap_addr));
+    if !modules.is_empty() {
+        params.set_modules(&modules, GuestAddress(modlist_addr));
+    }
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem).map_err(|_| {
+        BootError::GuestMemory {
+            addr: PVH_INFO_START,
+        }
+    })
 }
 
 fn write_zero_page(
