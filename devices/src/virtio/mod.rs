@@ -79,33 +79,42 @@ pub use mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
 
 /// Device status bits (virtio 1.2 §2.1).
 pub mod status {
-    pub const ACKNOWLEDGE: u32 = 0x01;
-    pub const DRIVER: u32 = 0x02;
-    pub const DRIVER_OK: u32 = 0x04;
-    pub const FEATURES_OK: u32 = 0x08;
-    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
-    pub const FAILED: u32 = 0x80;
+    use virtio_bindings::virtio_config as c;
+    pub const ACKNOWLEDGE: u32 = c::VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    pub const DRIVER: u32 = c::VIRTIO_CONFIG_S_DRIVER;
+    pub const DRIVER_OK: u32 = c::VIRTIO_CONFIG_S_DRIVER_OK;
+    pub const FEATURES_OK: u32 = c::VIRTIO_CONFIG_S_FEATURES_OK;
+    pub const DEVICE_NEEDS_RESET: u32 = c::VIRTIO_CONFIG_S_NEEDS_RESET;
+    pub const FAILED: u32 = c::VIRTIO_CONFIG_S_FAILED;
 }
 
 /// Reserved feature bits (virtio 1.2 §6).
 pub mod features {
-    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
-    pub const RING_EVENT_IDX: u64 = 1 << 29;
-    pub const VERSION_1: u64 = 1 << 32;
+    use virtio_bindings::{virtio_config as c, virtio_ring as r};
+    pub const RING_INDIRECT_DESC: u64 = 1 << r::VIRTIO_RING_F_INDIRECT_DESC;
+    pub const RING_EVENT_IDX: u64 = 1 << r::VIRTIO_RING_F_EVENT_IDX;
+    pub const VERSION_1: u64 = 1 << c::VIRTIO_F_VERSION_1;
 }
 
 /// Device ids (virtio 1.2 §5).
 pub mod device_type {
-    pub const NET: u32 = 1;
-    pub const BLOCK: u32 = 2;
-    pub const RNG: u32 = 4;
-    pub const VSOCK: u32 = 19;
-    pub const BALLOON: u32 = 5;
+    use virtio_bindings::virtio_ids as ids;
+    pub const NET: u32 = ids::VIRTIO_ID_NET;
+    pub const BLOCK: u32 = ids::VIRTIO_ID_BLOCK;
+    pub const RNG: u32 = ids::VIRTIO_ID_RNG;
+    pub const VSOCK: u32 = ids::VIRTIO_ID_VSOCK;
+    pub const BALLOON: u32 = ids::VIRTIO_ID_BALLOON;
 }
 
 /// InterruptStatus bits (virtio 1.2 §4.2.2).
-pub const INT_USED_RING: u32 = 0x1;
-pub const INT_CONFIG_CHANGE: u32 = 0x2;
+pub const INT_USED_RING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+pub const INT_CONFIG_CHANGE: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+
+/// A bindings constant that fits a byte (header and status fields), checked at compile time.
+pub(crate) const fn byte(v: u32) -> u8 {
+    assert!(v <= 0xff);
+    v.to_le_bytes()[0]
+}
 
 /// What a device gets when the driver sets DRIVER_OK.
 pub struct Activation {

@@ -10,29 +10,33 @@ pub use request::{Disk, SECTOR_SIZE, SERIAL_LEN};
 
 /// Feature bits (virtio 1.2 §5.2.3).
 pub mod features {
-    pub const SEG_MAX: u64 = 1 << 2;
-    pub const RO: u64 = 1 << 5;
-    pub const BLK_SIZE: u64 = 1 << 6;
-    pub const FLUSH: u64 = 1 << 9;
-    pub const DISCARD: u64 = 1 << 13;
-    pub const WRITE_ZEROES: u64 = 1 << 14;
+    use virtio_bindings::virtio_blk as b;
+    pub const SEG_MAX: u64 = 1 << b::VIRTIO_BLK_F_SEG_MAX;
+    pub const RO: u64 = 1 << b::VIRTIO_BLK_F_RO;
+    pub const BLK_SIZE: u64 = 1 << b::VIRTIO_BLK_F_BLK_SIZE;
+    pub const FLUSH: u64 = 1 << b::VIRTIO_BLK_F_FLUSH;
+    pub const DISCARD: u64 = 1 << b::VIRTIO_BLK_F_DISCARD;
+    pub const WRITE_ZEROES: u64 = 1 << b::VIRTIO_BLK_F_WRITE_ZEROES;
 }
 
 /// Request types (virtio 1.2 §5.2.6).
 pub mod request_type {
-    pub const IN: u32 = 0;
-    pub const OUT: u32 = 1;
-    pub const FLUSH: u32 = 4;
-    pub const GET_ID: u32 = 8;
-    pub const DISCARD: u32 = 11;
-    pub const WRITE_ZEROES: u32 = 13;
+    use virtio_bindings::virtio_blk as b;
+    pub const IN: u32 = b::VIRTIO_BLK_T_IN;
+    pub const OUT: u32 = b::VIRTIO_BLK_T_OUT;
+    pub const FLUSH: u32 = b::VIRTIO_BLK_T_FLUSH;
+    pub const GET_ID: u32 = b::VIRTIO_BLK_T_GET_ID;
+    pub const DISCARD: u32 = b::VIRTIO_BLK_T_DISCARD;
+    pub const WRITE_ZEROES: u32 = b::VIRTIO_BLK_T_WRITE_ZEROES;
 }
 
 /// Status byte values (virtio 1.2 §5.2.6).
 pub mod request_status {
-    pub const OK: u8 = 0;
-    pub const IOERR: u8 = 1;
-    pub const UNSUPP: u8 = 2;
+    use crate::virtio::byte;
+    use virtio_bindings::virtio_blk as b;
+    pub const OK: u8 = byte(b::VIRTIO_BLK_S_OK);
+    pub const IOERR: u8 = byte(b::VIRTIO_BLK_S_IOERR);
+    pub const UNSUPP: u8 = byte(b::VIRTIO_BLK_S_UNSUPP);
 }
 
 /// Size of the one request queue.

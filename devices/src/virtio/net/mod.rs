@@ -27,43 +27,49 @@ pub use device::{Net, NetCounters, NetCountersSnapshot, NetError};
 
 /// Feature bits (virtio 1.2 §5.1.3).
 pub mod features {
-    pub const CSUM: u64 = 1 << 0;
-    pub const GUEST_CSUM: u64 = 1 << 1;
-    pub const MTU: u64 = 1 << 3;
-    pub const MAC: u64 = 1 << 5;
-    pub const GUEST_TSO4: u64 = 1 << 7;
-    pub const GUEST_TSO6: u64 = 1 << 8;
-    pub const GUEST_ECN: u64 = 1 << 9;
-    pub const HOST_TSO4: u64 = 1 << 11;
-    pub const HOST_TSO6: u64 = 1 << 12;
-    pub const HOST_ECN: u64 = 1 << 13;
-    pub const MRG_RXBUF: u64 = 1 << 15;
-    pub const STATUS: u64 = 1 << 16;
+    use virtio_bindings::virtio_net as n;
+    pub const CSUM: u64 = 1 << n::VIRTIO_NET_F_CSUM;
+    pub const GUEST_CSUM: u64 = 1 << n::VIRTIO_NET_F_GUEST_CSUM;
+    pub const MTU: u64 = 1 << n::VIRTIO_NET_F_MTU;
+    pub const MAC: u64 = 1 << n::VIRTIO_NET_F_MAC;
+    pub const GUEST_TSO4: u64 = 1 << n::VIRTIO_NET_F_GUEST_TSO4;
+    pub const GUEST_TSO6: u64 = 1 << n::VIRTIO_NET_F_GUEST_TSO6;
+    pub const GUEST_ECN: u64 = 1 << n::VIRTIO_NET_F_GUEST_ECN;
+    pub const HOST_TSO4: u64 = 1 << n::VIRTIO_NET_F_HOST_TSO4;
+    pub const HOST_TSO6: u64 = 1 << n::VIRTIO_NET_F_HOST_TSO6;
+    pub const HOST_ECN: u64 = 1 << n::VIRTIO_NET_F_HOST_ECN;
+    pub const MRG_RXBUF: u64 = 1 << n::VIRTIO_NET_F_MRG_RXBUF;
+    pub const STATUS: u64 = 1 << n::VIRTIO_NET_F_STATUS;
 }
 
 /// `struct virtio_net_hdr_v1` (virtio 1.2 §5.1.6): flags, gso_type, hdr_len, gso_size,
 /// csum_start, csum_offset, num_buffers. VERSION_1 devices always use all 12 bytes.
-pub const HDR_LEN: usize = 12;
+pub const HDR_LEN: usize = std::mem::size_of::<virtio_bindings::virtio_net::virtio_net_hdr_v1>();
 /// Offset of num_buffers in the header.
 pub const HDR_NUM_BUFFERS: usize = 10;
 
 /// virtio_net_hdr.flags
 pub mod hdr_flags {
-    pub const NEEDS_CSUM: u8 = 1;
-    pub const DATA_VALID: u8 = 2;
+    use crate::virtio::byte;
+    use virtio_bindings::virtio_net as n;
+    pub const NEEDS_CSUM: u8 = byte(n::VIRTIO_NET_HDR_F_NEEDS_CSUM);
+    pub const DATA_VALID: u8 = byte(n::VIRTIO_NET_HDR_F_DATA_VALID);
 }
 
 /// virtio_net_hdr.gso_type
 pub mod gso {
-    pub const NONE: u8 = 0;
-    pub const TCPV4: u8 = 1;
-    pub const UDP: u8 = 3;
-    pub const TCPV6: u8 = 4;
-    pub const ECN: u8 = 0x80;
+    use crate::virtio::byte;
+    use virtio_bindings::virtio_net as n;
+    pub const NONE: u8 = byte(n::VIRTIO_NET_HDR_GSO_NONE);
+    pub const TCPV4: u8 = byte(n::VIRTIO_NET_HDR_GSO_TCPV4);
+    pub const UDP: u8 = byte(n::VIRTIO_NET_HDR_GSO_UDP);
+    pub const TCPV6: u8 = byte(n::VIRTIO_NET_HDR_GSO_TCPV6);
+    pub const ECN: u8 = byte(n::VIRTIO_NET_HDR_GSO_ECN);
 }
 
 /// Config space status bit (virtio 1.2 §5.1.4).
-pub const STATUS_LINK_UP: u16 = 1;
+pub const STATUS_LINK_UP: u16 =
+    crate::virtio::byte(virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP) as u16;
 
 /// Largest frame the device moves, without the virtio-net header: a 64 KiB GSO packet
 /// with its Ethernet and VLAN headers (as Firecracker and QEMU).
