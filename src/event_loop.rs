@@ -168,6 +168,7 @@ impl EventLoop {
         sources.vcpus = Some(vmm.control.clone());
         sources.entropy = vmm.devices.entropy().map(|e| e.counters.clone());
         sources.vsock = vmm.devices.vsock().map(|v| v.counters.clone());
+        sources.balloon = vmm.devices.balloon_mut().map(|b| b.counters.clone());
         crate::metrics::register_vm(sources);
         crate::startup_trace::mark("loop: serving");
         Ok(Box::new(Running {

@@ -9,7 +9,8 @@
 //! (or has no device for) is 0, so a parser written for Firecracker finds every key; a
 //! block device fills its request counts, bytes, flushes, malformed requests, failed
 //! requests, queue events and rate limiter counts (not its latencies or update fields), a
-//! network device its traffic and rate limiter counts.
+//! network device its traffic and rate limiter counts, the balloon its inflate, deflate and
+//! statistics counts.
 
 use crate::vstate::control::{ExitKind, VcpuControl};
 use serde_json::{json, Map, Value};
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+use wisp_devices::virtio::balloon::BalloonCounters;
 use wisp_devices::virtio::block::BlockCounters;
 use wisp_devices::virtio::net::NetCounters;
 use wisp_devices::virtio::rng::RngCounters;
@@ -361,6 +363,8 @@ pub struct VmSources {
     /// `vsock` groups).
     pub entropy: Option<Arc<RngCounters>>,
     pub vsock: Option<Arc<VsockCounters>>,
+    /// The balloon's counters (Firecracker's `balloon` group).
+    pub balloon: Option<Arc<BalloonCounters>>,
 }
 
 impl VmSources {
@@ -405,6 +409,7 @@ impl VmSources {
             vcpus: None,
             entropy: None,
             vsock: None,
+            balloon: None,
         }
     }
 }
@@ -567,6 +572,17 @@ impl State {
                     totals.insert(format!("{group}.{field}"), v);
                 }
                 devices.push((group, BLOCK_FIELDS));
+            }
+            if let Some(b) = &vm.balloon {
+                let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+                for (field, v) in [
+                    ("inflate_count", l(&b.inflate_count)),
+                    ("deflate_count", l(&b.deflate_count)),
+                    ("stats_updates_count", l(&b.stats_updates_count)),
+                    ("stats_update_fails", l(&b.stats_update_fails)),
+                ] {
+                    totals.insert(format!("balloon.{field}"), v);
+                }
             }
             for (id, counters) in &vm.nets {
                 let group = format!("net_{id}");
@@ -770,12 +786,21 @@ mod tests {
         disk.queue_event_count.store(5, Ordering::Relaxed);
         let vcpus = Arc::new(VcpuControl::default());
         vcpus.count_exit(ExitKind::IoOut);
+        let balloon = Arc::new(BalloonCounters::default());
+        balloon.inflate_count.store(4, Ordering::Relaxed);
+        balloon.stats_updates_count.store(2, Ordering::Relaxed);
+        disk.rate_limiter_throttled_events
+            .store(6, Ordering::Relaxed);
+        counters
+            .tx_rate_limiter_throttled
+            .store(7, Ordering::Relaxed);
         s.vm = Some(VmSources {
             drives: vec![("rootfs".into(), disk.clone())],
             nets: vec![("eth0".into(), counters.clone())],
             vcpus: Some(vcpus.clone()),
             entropy: None,
             vsock: None,
+            balloon: Some(balloon),
         });
         s.totals.insert("put_api_requests.actions_count".into(), 2);
         s.gauges
@@ -811,6 +836,10 @@ mod tests {
         assert_eq!(line["net_eth0"]["rx_bytes_count"], 1500);
         assert_eq!(line["net"]["rx_bytes_count"], 1500, "the aggregate");
         assert_eq!(line["net_eth0"]["tx_spoofed_mac_count"], 0);
+        assert_eq!(line["net_eth0"]["tx_rate_limiter_throttled"], 7);
+        assert_eq!(line["block_rootfs"]["rate_limiter_throttled_events"], 6);
+        assert_eq!(line["balloon"]["inflate_count"], 4);
+        assert_eq!(line["balloon"]["stats_updates_count"], 2);
         assert_eq!(line["block_rootfs"]["read_agg"]["max_us"], 0);
         for (field, v) in [
             ("read_count", 3),
