@@ -1,7 +1,8 @@
 //! Tier 2: rate limits measured from outside wisp, with the probe guest's own drivers at CPL3
 //! (tests/guests): a disk's request rate and bandwidth through the API's metrics and the
 //! host's file, a limit changed through `PATCH /drives` mid-run, a NIC's transmit rate on
-//! its tap in a network namespace the test creates, and wisp's CPU time while throttled.
+//! its tap in a network namespace the test creates (and changed through
+//! `PATCH /network-interfaces`), and wisp's CPU time while throttled.
 //!
 //! How rates are judged: the limiter can only be slower than its limit, never faster. The
 //! upper bound is tight: it is taken over the widest interval the two samples can span (from
@@ -216,51 +217,101 @@ fn tap_rx(ns: &TestNetns, tap: &str) -> (u64, u64) {
 }
 
 #[test]
-fn a_nics_transmit_limit_holds_on_its_tap() {
-    if !kvm_available("a_nics_transmit_limit_holds_on_its_tap") {
+fn a_nics_transmit_limit_holds_on_its_tap_and_a_patch_changes_it() {
+    let name = "a_nics_transmit_limit_holds_on_its_tap_and_a_patch_changes_it";
+    if !kvm_available(name) {
         return;
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped a_nics_transmit_limit_holds_on_its_tap: taps need root");
+        eprintln!("skipped {name}: taps need root");
         return;
     }
     let ns = TestNetns::new("ratelimit-net");
     const TAP: &str = "wrl0";
     ns.add_tap(TAP, "10.0.0.1/24");
     let dir = TestDir::new("ratelimit-net");
-    // 100 KiB/s, a bucket of a tenth of a second.
+    // 100 KiB/s with a bucket of a tenth of a second, then 200 KiB/s.
     const BPS: f64 = 102_400.0;
     const BUCKET: u64 = 10_240;
-    // 600 datagrams of 1000 bytes: 1042-byte frames, about 6 s at the limit.
+    // 1200 datagrams of 1000 bytes: 1042-byte frames, about 9 s at these limits.
     const FRAME: u64 = 14 + 20 + 8 + 1000;
     let config = format!(
-        r#"{{"kernel": "{}", "memory": "128M", "console": "stdio",
-            "cmdline": "probe.scenario=net probe.serve_ms=0 probe.burst=600 probe.udp_len=1000",
-            "nets": [{{"tap": "{TAP}", "mac": "52:54:00:12:34:56",
+        r#"{{"boot-source": {{"kernel_image_path": "{}",
+                "boot_args": "probe.scenario=net probe.serve_ms=0 probe.burst=1200 probe.udp_len=1000"}},
+            "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}},
+            "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "{TAP}",
+                "guest_mac": "52:54:00:12:34:56",
                 "tx_rate_limiter": {{"bandwidth": {{"size": {BUCKET}, "refill_time": 100}}}}}}]}}"#,
         probes().probe.display()
     );
     let file = dir.join("vm.json");
     std::fs::write(&file, config).unwrap();
-    let w = Wisp::spawn_cmd(ns.command(wisp_bin()).args(["run", "--config"]).arg(&file));
+    let sock = dir.join("api.sock");
+    let w = Wisp::spawn_cmd(
+        ns.command(wisp_bin())
+            .arg("--api-sock")
+            .arg(&sock)
+            .arg("--config-file")
+            .arg(&file),
+    );
+    wait_api_socket(&sock);
     let bytes = || tap_rx(&ns, TAP).0;
     // Past the first bucket: the guest has a backlog from here on.
     wait_until("the burst", || bytes() >= 4 * BUCKET);
     let a = Sample::take(bytes);
     std::thread::sleep(Duration::from_secs(3));
     let b = Sample::take(bytes);
-    assert_rate("tap bytes", &a, &b, BPS, (BUCKET + FRAME) as f64);
+    let before = assert_rate("tap bytes", &a, &b, BPS, (BUCKET + FRAME) as f64);
+
+    // Doubled at run time (the bucket too).
+    let (st, body) = api_call(
+        &sock,
+        "PATCH",
+        "/network-interfaces/eth0",
+        Some(&format!(
+            r#"{{"iface_id": "eth0", "tx_rate_limiter": {{"bandwidth": {{"size": {}, "refill_time": 100}}}}}}"#,
+            2 * BUCKET
+        )),
+    );
+    assert_eq!(st, 204, "{body}");
+    let c = Sample::take(bytes);
+    std::thread::sleep(Duration::from_secs(3));
+    let d = Sample::take(bytes);
+    let after = assert_rate(
+        "tap bytes after PATCH",
+        &c,
+        &d,
+        2.0 * BPS,
+        (2 * BUCKET + FRAME) as f64,
+    );
+    assert!(
+        after > 1.2 * before,
+        "the PATCH did not raise the limit: {before:.0} then {after:.0} bytes/s"
+    );
+    let (_, body) = api_call(&sock, "GET", "/vm/config", None);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["network-interfaces"][0]["tx_rate_limiter"]["bandwidth"]["size"],
+        2 * BUCKET,
+        "{body}"
+    );
+    let (_, body) = api_call(&sock, "GET", "/vm/metrics", None);
+    let m: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        m["net"][TAP]["tx_rate_limiter_throttled"].as_u64() > Some(0),
+        "{body}"
+    );
 
     let f = w.wait(T);
     assert!(!f.stdout.contains("probe: FAIL"), "{}", f.stdout);
     assert!(
-        f.stdout.contains("probe: net burst sent 600\n"),
+        f.stdout.contains("probe: net burst sent 1200\n"),
         "{}",
         f.stdout
     );
     // Every frame reached the tap (throttled frames wait in the ring, never dropped): the
     // burst, and the ARP request before it.
     let (_, packets) = tap_rx(&ns, TAP);
-    assert!(packets >= 601, "{packets} frames on the tap");
+    assert!(packets >= 1201, "{packets} frames on the tap");
 }
