@@ -93,6 +93,11 @@ fn ioerr(msg: impl Into<String>) -> (Failure, u32) {
     (Failure::IoErr(msg.into()), 0)
 }
 
+/// The used length of a read: `execute` refuses reads whose length does not fit.
+fn used_len(len: u64) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
 fn malformed(msg: impl Into<String>) -> (Failure, u32) {
     (Failure::Malformed(msg.into()), 0)
 }
@@ -216,7 +221,7 @@ impl RequestHandler {
         let f = self.in_flight.take()?;
         let written = match f.work {
             // Any part of the buffers may have been written.
-            Work::Read { len, .. } => len as u32,
+            Work::Read { len, .. } => used_len(len),
             _ => 0,
         };
         let outcome = Err((
@@ -366,7 +371,7 @@ impl RequestHandler {
                         .map_err(|_| io::Error::other("cannot map guest memory"))
                         .and_then(|slices| self.disk.as_mut().read_vectored(pos, &slices));
                     // On failure any part may have been written: report it all.
-                    r.map_err(|e| (Failure::IoErr(format!("read at {pos}: {e}")), len as u32))
+                    r.map_err(|e| (Failure::IoErr(format!("read at {pos}: {e}")), used_len(len)))
                 }
                 Work::Write { .. } => guest_slices(mem, &self.readable, HEADER_LEN + *done, n)
                     .map_err(|_| io::Error::other("cannot map guest memory"))
@@ -403,7 +408,7 @@ impl RequestHandler {
                 let c = &self.counters;
                 c.read_count.fetch_add(1, Relaxed);
                 c.read_bytes.fetch_add(len, Relaxed);
-                Ok(len as u32)
+                Ok(used_len(len))
             }
             Work::Write { len, .. } => {
                 self.write_through()?;
@@ -485,6 +490,15 @@ impl RequestHandler {
                 if out_len != 0 {
                     return Err(malformed("IN request with device-readable data"));
                 }
+                // The used length is 32 bits (virtio 1.2 §2.7.8) and counts the status byte:
+                // a read it cannot report is refused (descriptors may repeat one buffer, so
+                // the sum is not bounded by guest memory).
+                if writable_len >= u64::from(u32::MAX) {
+                    return Err(malformed(format!(
+                        "IN request of {writable_len} bytes; at most {} fit a used length",
+                        u32::MAX - 1
+                    )));
+                }
                 let offset = self.check_range(sector, writable_len)?;
                 Ok(Parsed::Work(Work::Read {
                     offset,
@@ -522,10 +536,10 @@ impl RequestHandler {
                 if out_len != 0 {
                     return Err(malformed("GET_ID request with device-readable data"));
                 }
-                let n = writable_len.min(SERIAL_LEN as u64) as usize;
+                let n = SERIAL_LEN.min(usize::try_from(writable_len).unwrap_or(usize::MAX));
                 scatter(mem, &self.writable, 0, &self.serial[..n])
                     .map_err(|_| malformed("cannot write the id"))?;
-                Ok(Parsed::Done(n as u32))
+                Ok(Parsed::Done(used_len(n as u64)))
             }
             rtype::DISCARD | rtype::WRITE_ZEROES => {
                 let (feature, max_sectors, max_seg) = if req_type == rtype::DISCARD {

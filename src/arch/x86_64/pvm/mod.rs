@@ -327,8 +327,8 @@ fn cmpxchg_double(
             new[..8].copy_from_slice(&regs.rbx.to_le_bytes());
             new[8..].copy_from_slice(&regs.rcx.to_le_bytes());
         } else {
-            new[..4].copy_from_slice(&(regs.rbx as u32).to_le_bytes());
-            new[4..8].copy_from_slice(&(regs.rcx as u32).to_le_bytes());
+            new[..4].copy_from_slice(&regs.rbx.to_le_bytes()[..4]);
+            new[4..8].copy_from_slice(&regs.rcx.to_le_bytes()[..4]);
         }
         mem.write_slice(&new[..size as usize], gpa)
             .map_err(|_| format!("operand at {ea:#x} is outside guest memory"))?;
@@ -379,7 +379,11 @@ fn read_selector(
         .get_sregs()
         .map_err(|e| format!("KVM_GET_SREGS failed: {e}"))?;
     let selector = match src {
-        Operand::Reg(n) => *gpr(regs, n) as u16,
+        // A selector is the register's low 16 bits.
+        Operand::Reg(n) => {
+            let r = gpr(regs, n).to_le_bytes();
+            u16::from_le_bytes([r[0], r[1]])
+        }
         Operand::Mem(op) => {
             let ea = effective_address(regs, &sregs, op, len);
             let mut sel = [0u8; 2];
