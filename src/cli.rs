@@ -79,12 +79,17 @@ pub struct FirecrackerArgs {
     /// Refused: wisp has no MMDS to put the metadata in.
     #[arg(long, value_name = "PATH")]
     pub metadata: Option<PathBuf>,
-    /// Accepted; wisp installs no seccomp filters yet (a warning says so).
+    /// Refused: wisp builds its seccomp filters from its own per-thread tables; use
+    /// --seccomp-level.
     #[arg(long, value_name = "PATH")]
     pub seccomp_filter: Option<PathBuf>,
-    /// Accepted; wisp installs no seccomp filters yet.
+    /// Install no seccomp filters (the same as --seccomp-level 0).
     #[arg(long)]
     pub no_seccomp: bool,
+    /// Seccomp filters: 0 none, 1 system call numbers per thread, 2 numbers and arguments
+    /// [default: 2].
+    #[arg(long, value_name = "LEVEL", allow_negative_numbers = true)]
+    pub seccomp_level: Option<String>,
     /// When the process was started (CLOCK_MONOTONIC, µs), as the jailer passes it; gives
     /// the api_server.process_startup_time_us metric.
     #[arg(long, value_name = "US", allow_negative_numbers = true)]
@@ -134,6 +139,7 @@ pub struct FirecrackerLaunch {
     pub start_time_us: Option<u64>,
     pub start_time_cpu_us: Option<u64>,
     pub parent_cpu_time_us: Option<u64>,
+    pub seccomp_level: crate::seccomp::Level,
     /// One line each, for flags accepted without effect.
     pub warnings: Vec<String>,
     /// Started by `wisp jail`.
@@ -163,6 +169,7 @@ impl FirecrackerArgs {
             ("--metadata", self.metadata.is_some()),
             ("--seccomp-filter", self.seccomp_filter.is_some()),
             ("--no-seccomp", self.no_seccomp),
+            ("--seccomp-level", self.seccomp_level.is_some()),
             ("--start-time-us", self.start_time_us.is_some()),
             ("--start-time-cpu-us", self.start_time_cpu_us.is_some()),
             ("--parent-cpu-time-us", self.parent_cpu_time_us.is_some()),
@@ -218,6 +225,25 @@ impl FirecrackerArgs {
                 "--seccomp-filter and --no-seccomp exclude each other",
             );
         }
+        if self.seccomp_filter.is_some() {
+            return refuse(
+                "--seccomp-filter",
+                "wisp does not load compiled BPF files (Firecracker's are made for Firecracker's \
+                 threads); it builds a filter per thread from its own tables: use \
+                 --seccomp-level 0, 1 or 2",
+            );
+        }
+        if self.no_seccomp && self.seccomp_level.is_some() {
+            return refuse(
+                "--no-seccomp",
+                "--no-seccomp and --seccomp-level exclude each other",
+            );
+        }
+        let seccomp_level = if self.no_seccomp {
+            crate::seccomp::Level::Off
+        } else {
+            seccomp_level(self.seccomp_level.as_deref())?
+        };
         if self.no_api && self.config_file.is_none() {
             return refuse(
                 "--no-api",
@@ -278,16 +304,6 @@ impl FirecrackerArgs {
                 "--boot-timer: accepted without effect: wisp has no boot-timer device".into(),
             );
         }
-        if self.seccomp_filter.is_some() || self.no_seccomp {
-            let flag = if self.no_seccomp {
-                "--no-seccomp"
-            } else {
-                "--seccomp-filter"
-            };
-            warnings.push(format!(
-                "{flag}: accepted without effect: wisp installs no seccomp filters yet"
-            ));
-        }
         if self.no_api && self.api_sock.is_some() {
             warnings.push("--api-sock: not served, --no-api was given".into());
         }
@@ -312,6 +328,7 @@ impl FirecrackerArgs {
             start_time_us: time("--start-time-us", &self.start_time_us)?,
             start_time_cpu_us: time("--start-time-cpu-us", &self.start_time_cpu_us)?,
             parent_cpu_time_us: time("--parent-cpu-time-us", &self.parent_cpu_time_us)?,
+            seccomp_level,
             warnings,
             jailed: self.jailed,
         })))
@@ -322,6 +339,17 @@ fn bad_number(flag: &'static str, v: &str) -> CliError {
     CliError::Flag {
         flag,
         reason: format!("{v:?} is not a whole number"),
+    }
+}
+
+/// `--seccomp-level`, 2 when not given.
+fn seccomp_level(v: Option<&str>) -> Result<crate::seccomp::Level, CliError> {
+    match v {
+        None => Ok(crate::seccomp::Level::Arguments),
+        Some(v) => v.parse().map_err(|reason| CliError::Flag {
+            flag: "--seccomp-level",
+            reason,
+        }),
     }
 }
 
@@ -412,6 +440,10 @@ pub struct RunArgs {
     /// Pin vCPUs to host CPUs: VCPU:CPU pairs (e.g. 0:1,1:0).
     #[arg(long, value_name = "PAIRS")]
     pub vcpu_affinity: Option<String>,
+    /// Seccomp filters: 0 none, 1 system call numbers per thread, 2 numbers and arguments
+    /// [default: 2].
+    #[arg(long, value_name = "LEVEL", allow_negative_numbers = true)]
+    pub seccomp_level: Option<String>,
 }
 
 impl RunArgs {
@@ -459,6 +491,11 @@ pub enum CliError {
 }
 
 impl RunArgs {
+    /// `--seccomp-level`, checked.
+    pub fn seccomp_level(&self) -> Result<crate::seccomp::Level, CliError> {
+        seccomp_level(self.seccomp_level.as_deref())
+    }
+
     /// The `VmConfig` these flags (and the config file, if any) describe, validated.
     pub fn to_config(&self) -> Result<VmConfig, CliError> {
         let mut config = match &self.config {
@@ -600,6 +637,21 @@ mod tests {
     }
 
     #[test]
+    fn seccomp_flags_set_the_level() {
+        use crate::seccomp::Level;
+        assert_eq!(launch(&[]).seccomp_level, Level::Arguments);
+        assert_eq!(launch(&["--no-seccomp"]).seccomp_level, Level::Off);
+        assert!(launch(&["--no-seccomp"]).warnings.is_empty());
+        for (v, level) in [
+            ("0", Level::Off),
+            ("1", Level::Numbers),
+            ("2", Level::Arguments),
+        ] {
+            assert_eq!(launch(&["--seccomp-level", v]).seccomp_level, level);
+        }
+    }
+
+    #[test]
     fn firecracker_defaults_socket_and_id() {
         let l = launch(&[]);
         assert_eq!(
@@ -613,16 +665,11 @@ mod tests {
 
     #[test]
     fn flags_without_effect_warn_and_snapshot_flags_are_refused() {
-        let l = launch(&["--boot-timer", "--no-seccomp", "--mmds-size-limit", "4096"]);
-        assert_eq!(l.warnings.len(), 3, "{:?}", l.warnings);
+        let l = launch(&["--boot-timer", "--mmds-size-limit", "4096"]);
+        assert_eq!(l.warnings.len(), 2, "{:?}", l.warnings);
         assert!(l.warnings.iter().all(|w| !w.contains('\n')));
         assert!(l.warnings[0].starts_with("--mmds-size-limit: "));
-        let l = launch(&["--seccomp-filter", "/f.bpf"]);
-        assert!(
-            l.warnings[0].starts_with("--seccomp-filter: "),
-            "{:?}",
-            l.warnings
-        );
+        assert!(l.warnings[1].starts_with("--boot-timer: "));
         assert!(matches!(
             firecracker(&["--version"]),
             Ok(FirecrackerMode::PrintVersion)
@@ -642,6 +689,18 @@ mod tests {
             (
                 &["--no-seccomp", "--seccomp-filter", "/f"],
                 "--seccomp-filter: --seccomp-filter and --no-seccomp exclude each other",
+            ),
+            (
+                &["--seccomp-filter", "/f.bpf"],
+                "--seccomp-filter: wisp does not load compiled BPF files",
+            ),
+            (
+                &["--no-seccomp", "--seccomp-level", "1"],
+                "--no-seccomp: --no-seccomp and --seccomp-level exclude each other",
+            ),
+            (
+                &["--seccomp-level", "7"],
+                "--seccomp-level: invalid seccomp level '7'",
             ),
             (&["--id", "a_b"], "--id: \"a_b\" is not a valid id"),
             (&["--level", "loud"], "--level: unknown level \"loud\""),

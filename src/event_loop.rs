@@ -26,6 +26,8 @@ pub enum RunError {
     Config(crate::api::ApiFault),
     #[error(transparent)]
     Vmm(#[from] VmmError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -170,6 +172,13 @@ impl EventLoop {
         sources.vsock = vmm.devices.vsock().map(|v| v.counters.clone());
         sources.balloon = vmm.devices.balloon_mut().map(|b| b.counters.clone());
         crate::metrics::register_vm(sources);
+        // Every thread of the VM now exists: the main thread's filter goes on before any
+        // vCPU enters the guest.
+        if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Main) {
+            vmm.shutdown();
+            return Err(e.into());
+        }
+        vmm.release_vcpus();
         crate::startup_trace::mark("loop: serving");
         Ok(Box::new(Running {
             vmm,

@@ -12,6 +12,7 @@ pub mod image;
 pub mod jail;
 pub mod logger;
 pub mod metrics;
+pub mod seccomp;
 pub mod signals;
 pub mod startup_trace;
 pub mod terminal;

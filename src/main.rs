@@ -42,11 +42,17 @@ fn main() {
                 std::process::exit(1);
             }
             match command {
-                Command::Run(args) => match args.to_config() {
-                    Ok(config) => {
-                        wisp::startup_trace::mark("args: command line parsed");
-                        ended(run_vm(|| wisp::builder::build(&config).map_err(Into::into)))
-                    }
+                Command::Run(args) => match args
+                    .seccomp_level()
+                    .and_then(|l| args.to_config().map(|c| (l, c)))
+                {
+                    Ok((level, config)) => match wisp::seccomp::configure(level) {
+                        Ok(()) => {
+                            wisp::startup_trace::mark("args: command line parsed");
+                            ended(run_vm(|| wisp::builder::build(&config).map_err(Into::into)))
+                        }
+                        Err(e) => fail(&e),
+                    },
                     Err(e) => fail(&e),
                 },
                 Command::Image(cmd) => match wisp::image::run(&cmd) {
@@ -105,6 +111,10 @@ fn firecracker(args: &FirecrackerArgs) -> i32 {
     };
     if launch.jailed {
         wisp::jail::mark_inside();
+    }
+    // Before any thread starts: every thread installs its filter from these.
+    if let Err(e) = wisp::seccomp::configure(launch.seccomp_level) {
+        return fail(&e);
     }
     wisp::startup_trace::mark("args: command line parsed");
     wisp::logger::use_firecracker_format(&launch.id);

@@ -487,10 +487,13 @@ fn start_periodic() {
     // Not under the lock: the logger counts its failed writes here.
     let spawned = std::thread::Builder::new()
         .name("wisp-metrics".into())
-        .spawn(|| loop {
-            std::thread::sleep(WRITE_PERIOD);
-            if let Err(e) = write() {
-                log::warn!("{e}");
+        .spawn(|| {
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Metrics);
+            loop {
+                std::thread::sleep(WRITE_PERIOD);
+                if let Err(e) = write() {
+                    log::warn!("{e}");
+                }
             }
         });
     if let Err(e) = spawned {

@@ -99,8 +99,11 @@ pub struct Vmm {
 }
 
 impl Vmm {
-    /// Starts one thread per vCPU; each enters the guest at once.
+    /// Starts one thread per vCPU. Each sets itself up (cgroup, seccomp filter) and waits
+    /// for [`Vmm::release_vcpus`] before it enters the guest, so that the main thread's own
+    /// filter is in place first.
     pub fn start_vcpus(&mut self) -> Result<(), VmmError> {
+        self.control.hold();
         for vcpu in self.vcpus.drain(..) {
             let start: Option<ThreadStart> = self.vcpu_start.clone().map(|f| {
                 let b: ThreadStart = Box::new(move |id, tid| f(id, tid));
@@ -118,6 +121,11 @@ impl Vmm {
             self.devices.handlers.len()
         );
         Ok(())
+    }
+
+    /// Lets the vCPUs started by [`Vmm::start_vcpus`] enter the guest.
+    pub fn release_vcpus(&self) {
+        self.control.resume();
     }
 
     /// Parks every vCPU outside KVM_RUN, or lets them run again. The event loop stops and

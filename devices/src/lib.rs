@@ -14,3 +14,25 @@ pub mod tap;
 #[cfg(test)]
 mod test_utils;
 pub mod virtio;
+
+/// The threads this crate starts, for the VMM's per-thread set-up (its seccomp filters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceThread {
+    /// `wisp-console` ([`legacy::ConsoleOutput`]).
+    Console,
+}
+
+static THREAD_START: std::sync::OnceLock<fn(DeviceThread)> = std::sync::OnceLock::new();
+
+/// Sets what every thread this crate starts runs first (once per process; later calls are
+/// ignored). The VMM installs the thread's seccomp filter there.
+pub fn set_thread_start(hook: fn(DeviceThread)) {
+    let _ = THREAD_START.set(hook);
+}
+
+/// Called first thing on a thread this crate started.
+pub(crate) fn thread_started(thread: DeviceThread) {
+    if let Some(hook) = THREAD_START.get() {
+        hook(thread);
+    }
+}

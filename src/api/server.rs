@@ -202,6 +202,7 @@ fn accept_loop(
     // signalfd: never let the kernel pick an API thread for them. Connection threads
     // inherit this mask.
     crate::signals::block_async();
+    crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Api);
     let active = Arc::new(AtomicUsize::new(0));
     while wait_readable(&listener, &stop) {
         let stream = match listener.accept() {
@@ -225,6 +226,8 @@ fn accept_loop(
             .stack_size(CONN_STACK_SIZE)
             .spawn(move || {
                 let _guard = guard;
+                // On top of the acceptor's filter it inherits.
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::ApiConn);
                 serve_connection(stream, &limits, &queue, &evt);
             });
         if let Err(e) = spawned {

@@ -263,6 +263,13 @@ impl VcpuControl {
         self.exits.each_ref().map(|e| e.load(Ordering::Relaxed))
     }
 
+    /// Before the vCPU threads start: each parks before its first KVM_RUN until
+    /// [`VcpuControl::resume`] (or a stop).
+    pub fn hold(&self) {
+        *self.paused.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.pause_requested.store(true, Ordering::Release);
+    }
+
     pub fn resume(&self) {
         *self.paused.lock().unwrap_or_else(PoisonError::into_inner) = false;
         self.pause_requested.store(false, Ordering::Release);

@@ -59,6 +59,14 @@ impl Vcpu {
                 });
             }
         }
+        // After the start hook (its cgroup files are opened unfiltered), before the guest.
+        if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+            return Some(VmExit::KvmCall {
+                vcpu: self.id,
+                op: "vCPU thread setup",
+                error: e.to_string(),
+            });
+        }
         self.run()
     }
 

@@ -75,7 +75,10 @@ impl ConsoleOutput {
         let s = shared.clone();
         std::thread::Builder::new()
             .name("wisp-console".into())
-            .spawn(move || write_out(&s, out))?;
+            .spawn(move || {
+                crate::thread_started(crate::DeviceThread::Console);
+                write_out(&s, out)
+            })?;
         Ok(Self { shared, capacity })
     }
 
