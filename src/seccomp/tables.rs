@@ -133,6 +133,8 @@ fn main() -> Vec<(i64, Arg)> {
         // qcow2 growth, discard and write-zeroes.
         (SYS_ftruncate, Any),
         (SYS_fallocate, Any),
+        // The I/O rate limiters' timers (armed when a bucket runs dry, disarmed on PATCH).
+        (SYS_timerfd_settime, Any),
         // PATCH /drives opens the new medium (and its backing files beneath their directory);
         // cgroup usage for metrics. Never O_CREAT: the main thread makes no files.
         (SYS_openat, NoneOf(2, O_CREAT as u64)),
