@@ -59,6 +59,28 @@ fn probe_args() -> Vec<String> {
     .to_vec()
 }
 
+/// The same guest from a Firecracker config file, with metrics (so that the metrics thread
+/// runs): the arguments of `wisp --no-api --config-file F --metrics-path M`.
+fn probe_with_metrics(dir: &TestDir) -> Vec<String> {
+    let config = dir.join("vm.json");
+    let metrics = dir.join("metrics.json");
+    std::fs::write(&metrics, "").unwrap();
+    let body = format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{}",
+                              "boot_args": "probe.scenario=ctrl-alt-del"}},
+            "machine-config": {{"vcpu_count": 2, "mem_size_mib": 64}}}}"#,
+        probes().probe.display()
+    );
+    std::fs::write(&config, body).unwrap();
+    vec![
+        "--no-api".into(),
+        "--config-file".into(),
+        config.to_str().unwrap().into(),
+        "--metrics-path".into(),
+        metrics.to_str().unwrap().into(),
+    ]
+}
+
 fn assert_killed_by_seccomp(f: &Finished, kind: &str) {
     assert_eq!(
         f.status.signal(),
@@ -85,7 +107,8 @@ fn a_denied_call_on_each_vm_thread_kills_wisp_naming_thread_and_call() {
     if !kvm_available("a_denied_call_on_each_vm_thread_kills_wisp_naming_thread_and_call") {
         return;
     }
-    let args = probe_args();
+    let dir = TestDir::new("seccomp-selftest");
+    let args = probe_with_metrics(&dir);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     for kind in ["main", "vcpu", "console", "metrics"] {
         for level in ["1", "2"] {
@@ -97,7 +120,8 @@ fn a_denied_call_on_each_vm_thread_kills_wisp_naming_thread_and_call() {
     }
     // With no filters the hook's execve fails harmlessly and the guest runs: here it boots
     // and waits for ctrl-alt-del until stopped.
-    let mut a = args.clone();
+    let args = probe_args();
+    let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
     a.extend(["--seccomp-level", "0"]);
     let mut w = Wisp::spawn_cmd(&mut wisp_cmd(&a, &[("WISP_SECCOMP_SELFTEST", "vcpu")]));
     w.wait_for("probe: waiting for ctrl-alt-del", T);
@@ -156,8 +180,12 @@ fn thread_modes(pid: u32) -> Vec<(String, String, String)> {
     out
 }
 
-fn start_probe_over_api(w: &mut Wisp, sock: &Path) {
+fn start_probe_over_api(w: &mut Wisp, sock: &Path, dir: &TestDir) {
     wait_api_socket(sock);
+    let metrics = dir.join("metrics.json");
+    std::fs::write(&metrics, "").unwrap();
+    let body = format!(r#"{{"metrics_path": "{}"}}"#, metrics.display());
+    assert_eq!(api_call(sock, "PUT", "/metrics", Some(&body)).0, 204);
     let body = format!(
         r#"{{"kernel_image_path": "{}", "boot_args": "probe.scenario=ctrl-alt-del"}}"#,
         probes().probe.display()
@@ -192,7 +220,8 @@ fn every_thread_of_a_running_vm_is_filtered_unless_level_0() {
             ],
             &[],
         ));
-        start_probe_over_api(&mut w, &sock);
+        let dir = TestDir::new(&format!("seccomp-proc{level}"));
+        start_probe_over_api(&mut w, &sock, &dir);
         // An open connection with half a request keeps a connection thread waiting.
         let mut conn = UnixStream::connect(&sock).unwrap();
         conn.write_all(b"GET / HTTP/1.1\r\n").unwrap();

@@ -19,7 +19,6 @@ use seccompiler::{
 };
 use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::OnceLock;
 
 pub use tables::Arg;
@@ -134,14 +133,10 @@ struct Filters {
 }
 
 static FILTERS: OnceLock<Filters> = OnceLock::new();
-/// The process id, for the SIGSYS handler's re-raise (no getpid call there).
-static PID: AtomicI32 = AtomicI32::new(0);
 
 thread_local! {
     /// This thread's kind (0: none), for the SIGSYS handler.
     static KIND: Cell<u8> = const { Cell::new(0) };
-    /// This thread's id, for the SIGSYS handler's re-raise.
-    static TID: Cell<i32> = const { Cell::new(0) };
 }
 
 /// Builds every thread kind's filter and installs the SIGSYS handler. Called once by `main`,
@@ -171,8 +166,6 @@ pub fn configure(level: Level) -> Result<(), SeccompError> {
     wisp_devices::set_thread_start(|thread| match thread {
         wisp_devices::DeviceThread::Console => install_or_exit(ThreadKind::Console),
     });
-    // SAFETY: getpid has no preconditions.
-    PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
     let _ = FILTERS.set(Filters {
         level,
         programs,
@@ -196,8 +189,6 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
         return Ok(());
     };
     KIND.with(|k| k.set(kind as u8));
-    // SAFETY: gettid has no preconditions.
-    TID.with(|t| t.set(unsafe { libc::gettid() }));
     seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
         kind: kind.name(),
         source,
@@ -286,7 +277,7 @@ fn arg_rules(arg: &Arg) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
 
 fn install_sigsys_handler() -> std::io::Result<()> {
     // SAFETY: the handler only reads its siginfo and thread-locals set at install time, and
-    // makes the write, tgkill and exit_group calls every filter allows. SA_RESETHAND puts
+    // makes the write, getpid, gettid, tgkill and exit_group calls every filter allows. SA_RESETHAND puts
     // the default action back on entry and SA_NODEFER leaves SIGSYS unblocked, so the
     // re-raise kills the process at once.
     unsafe {
@@ -342,14 +333,13 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
         line.push(b"unknown (SIGSYS not from seccomp)");
     }
     line.push(b"; killed by SIGSYS\n");
-    let tid = TID.try_with(Cell::get).unwrap_or(0);
-    let pid = PID.load(Ordering::Relaxed);
-    // SAFETY: write and tgkill with valid arguments; exit_group does not return.
+    // SAFETY: write, getpid, gettid and tgkill with valid arguments (raw system calls: a
+    // forked child has ids of its own); exit_group does not return.
     unsafe {
         libc::write(2, line.buf.as_ptr().cast(), line.len);
-        if pid > 0 && tid > 0 {
-            libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGSYS);
-        }
+        let pid = libc::syscall(libc::SYS_getpid);
+        let tid = libc::syscall(libc::SYS_gettid);
+        libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGSYS);
         // Not reached when the re-raise killed the process.
         libc::syscall(libc::SYS_exit_group, 128 + libc::SIGSYS);
     }

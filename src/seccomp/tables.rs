@@ -44,6 +44,10 @@ ioctl_iow_nr!(
     kvm_bindings::kvm_vcpu_events
 );
 
+/// The flags of glibc's fork(): clone(CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | SIGCHLD).
+const FORK_FLAGS: u64 =
+    (libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID | libc::SIGCHLD) as u64;
+
 fn n(v: c_ulong) -> u64 {
     v
 }
@@ -82,8 +86,9 @@ fn common() -> Vec<(i64, Arg)> {
         (SYS_exit, Any),
         // The SIGSYS handler re-raises SIGSYS; abort() (a panic) raises SIGABRT.
         (SYS_tgkill, OneOf(2, vec![SIGSYS as u64, SIGABRT as u64])),
-        // glibc's abort() and raise() (a panic) look up the process id.
+        // The SIGSYS handler's and glibc's abort() (a panic) re-raise: their own ids.
         (SYS_getpid, Any),
+        (SYS_gettid, Any),
         // std's locks, condition variables and channels.
         (SYS_futex, Any),
         // The allocator (one arena: brk, mmap for large blocks), never executable.
@@ -158,14 +163,29 @@ fn main() -> Vec<(i64, Arg)> {
                 ],
             ),
         ),
-        // Restoring the terminal on the way out.
-        (SYS_ioctl, OneOf(1, vec![TCGETS, TCSETS])),
+        // Restoring the terminal on the way out; vsock's host sockets made non-blocking.
+        (SYS_ioctl, OneOf(1, vec![TCGETS, TCSETS, FIONBIO])),
+        // vsock's host side: connections from host processes on its listening socket, and
+        // connections to <uds_path>_<port> for the guest's. Unix sockets only.
+        (SYS_socket, OneOf(0, vec![AF_UNIX as u64])),
+        (SYS_connect, Any),
+        (SYS_accept4, Any),
+        (SYS_recvfrom, Any),
+        (SYS_sendto, Any),
+        (SYS_shutdown, Any),
+        // The end: KVM's teardown goes to a forked child (vstate/teardown.rs), which closes
+        // every other fd and signals through pipes. A plain fork only (glibc's flags): no
+        // thread, no shared memory, no new namespace.
+        (SYS_pipe2, Any),
+        (SYS_clone, OneOf(0, vec![FORK_FLAGS])),
+        (SYS_close_range, Any),
+        // glibc's fork registers the child's robust futex list.
+        (SYS_set_robust_list, Any),
         // Kicking vCPUs out of the guest (pause, stop) with SIGRTMIN.
         (
             SYS_tgkill,
             OneOf(2, vec![crate::vstate::control::kick_signal() as u64]),
         ),
-        (SYS_gettid, Any),
         // Waits with a timeout (pausing vCPUs, removing cgroups, the console's last words).
         (SYS_clock_nanosleep, Any),
         (SYS_nanosleep, Any),
@@ -203,8 +223,12 @@ fn vcpu() -> Vec<(i64, Arg)> {
         ),
         // Draining an eventfd when a device resets.
         (libc::SYS_read, Any),
-        // The kick handler's thread id check and the register dump's log line.
-        (libc::SYS_gettid, Any),
+        // vsock's activation and reset add and remove its listener in its own epoll and
+        // close the host connections.
+        (libc::SYS_epoll_ctl, Any),
+        (libc::SYS_shutdown, Any),
+        // virtio-balloon's activation arms its statistics timer.
+        (libc::SYS_timerfd_settime, Any),
     ]
 }
 
@@ -238,7 +262,6 @@ fn api() -> Vec<(i64, Arg)> {
         (SYS_clock_nanosleep, Any),
         (SYS_nanosleep, Any),
         (SYS_sched_getaffinity, Any),
-        (SYS_gettid, Any),
     ]
 }
 
@@ -255,13 +278,16 @@ fn api_conn() -> Vec<(i64, Arg)> {
         // Read and write deadlines, and the close after a refused request.
         (SYS_setsockopt, Any),
         (SYS_shutdown, Any),
-        (SYS_gettid, Any),
+        // PUT /drives checks that the file exists while its body is validated.
+        (SYS_statx, Any),
+        (SYS_newfstatat, Any),
     ]
 }
 
 /// `wisp-console`: writes the guest's console output (stdout or a file).
 fn console() -> Vec<(i64, Arg)> {
-    vec![(libc::SYS_writev, Any), (libc::SYS_gettid, Any)]
+    // write(2) and the locks of the common entries are all it needs.
+    Vec::new()
 }
 
 /// `wisp-metrics`: one metrics line every minute.
@@ -276,6 +302,5 @@ fn metrics() -> Vec<(i64, Arg)> {
         (SYS_newfstatat, Any),
         (SYS_statx, Any),
         (SYS_lseek, Any),
-        (SYS_gettid, Any),
     ]
 }
