@@ -265,7 +265,7 @@ fn read_packet(
 }
 
 /// The bytes an rx chain can take (every descriptor device-writable and in guest memory,
-/// room for a header), or None.
+/// room for a header and data), or None.
 fn rx_capacity(mem: &GuestMemoryMmap, descs: &[Descriptor], end: ChainEnd) -> Option<usize> {
     if end == ChainEnd::Broken {
         return None;
@@ -277,7 +277,9 @@ fn rx_capacity(mem: &GuestMemoryMmap, descs: &[Descriptor], end: ChainEnd) -> Op
         }
         total = total.checked_add(d.len() as usize)?;
     }
-    (total >= HDR_LEN).then_some(total)
+    // Room for a header and some data: a header-only buffer could carry control packets
+    // but would stall data behind it, so it is refused like a malformed one.
+    (total > HDR_LEN).then_some(total)
 }
 
 /// Writes `data` across the chain's buffers, in order (rx_capacity checked they fit).

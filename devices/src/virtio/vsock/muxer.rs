@@ -405,7 +405,12 @@ impl Muxer {
         if let Some(h) = self.stray_rst.pop_front() {
             return Some((h, 0));
         }
-        while let Some(id) = self.rx_queue.pop_front() {
+        // Each connection once: one that has work but cannot make progress with this buffer
+        // (e.g. one too small for data) goes back to the queue for a later buffer.
+        for _ in 0..self.rx_queue.len() {
+            let Some(id) = self.rx_queue.pop_front() else {
+                break;
+            };
             let guest_cid = self.guest_cid;
             let Some(conn) = self.conns.get_mut(&id) else {
                 continue;
@@ -788,7 +793,8 @@ fn next_packet(conn: &mut Conn, guest_cid: u64, payload: &mut [u8]) -> Option<(H
         conn.owed.response = false;
         return Some((conn.header(op::RESPONSE, guest_cid), 0));
     }
-    if conn.can_send_data() {
+    // A read of 0 bytes would look like the host's EOF: only with room for data.
+    if conn.can_send_data() && !payload.is_empty() {
         let n = payload.len().min(conn.peer_credit() as usize);
         match conn.stream.read(&mut payload[..n]) {
             Ok(0) => {

@@ -659,3 +659,34 @@ fn uds_path_must_be_free_or_a_stale_socket() {
     assert!(!live.exists());
     assert!(std::fs::metadata(&file).is_ok());
 }
+
+#[test]
+fn an_rx_buffer_without_room_for_data_is_returned_empty_and_nothing_is_lost() {
+    let mut g = Guest::with_rx_buffers(0);
+    let rxq = RX_QUEUE as u32;
+    // A buffer that holds a header and nothing more.
+    let small = g.d.alloc(HDR_LEN as u64);
+    let head =
+        g.d.add_chain_to(rxq, &[Buf::writable(small, HDR_LEN as u32)]);
+    g.d.publish_to(rxq, head);
+    g.d.kick(rxq);
+    let mut s = UnixStream::connect(&g.uds).unwrap();
+    s.write_all(b"CONNECT 52\n").unwrap();
+    g.pump();
+    assert_eq!(g.d.used_idx_of(rxq), 1);
+    assert_eq!(g.d.used_elem_of(rxq, 0), (u32::from(head), 0));
+    g.rx_seen = 1;
+    let malformed = g.d.device::<Vsock>().with(|v| {
+        v.counters()
+            .malformed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    });
+    assert_eq!(malformed, 1);
+    // The REQUEST waited for a usable buffer.
+    g.rx_free = (0..4).map(|_| g.d.alloc(u64::from(RX_BUF))).collect();
+    g.post_rx();
+    let p = g.pump_recv();
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!((p[0].0.op, p[0].0.dst_port), (op::REQUEST, 52));
+    assert_eq!(g.connections(), 1);
+}
