@@ -174,6 +174,10 @@ impl Vmm {
             }
         }
         crate::startup_trace::mark("exit: disks written back");
+        // Host processes on the vsock see the end now, and its socket file goes.
+        if let Some(v) = self.devices.vsock() {
+            v.handle.with(|v| v.close_host_side());
+        }
         // The guest's last words reach the console; a reader that does not take them in
         // time loses them (wisp does not wait on it).
         let output = self

@@ -85,6 +85,12 @@ impl Vsock {
         &self.muxer
     }
 
+    /// The VM ends: host connections are closed and the socket file removed now.
+    pub fn close_host_side(&mut self) {
+        self.active = None;
+        self.muxer.close();
+    }
+
     /// Guest packets to the host: each read from guest memory and handed to the muxer.
     fn process_tx(&mut self) -> Pass {
         let Some(active) = self.active.as_mut() else {

@@ -299,6 +299,9 @@ pub struct Muxer {
     rx_queue: VecDeque<u64>,
     stray_rst: VecDeque<Header>,
     listening: bool,
+    /// The socket file is gone (close): never unlink the path again, another process may
+    /// own it by now.
+    closed: bool,
     pub stats: MuxerStats,
 }
 
@@ -343,6 +346,7 @@ impl Muxer {
             rx_queue: VecDeque::new(),
             stray_rst: VecDeque::new(),
             listening: false,
+            closed: false,
             stats: MuxerStats::default(),
         })
     }
@@ -771,12 +775,29 @@ impl Muxer {
     }
 }
 
-impl Drop for Muxer {
-    fn drop(&mut self) {
-        // Our socket file goes with us (a host process would otherwise find a dead one).
+impl Muxer {
+    /// The VM ends: every connection is closed and the socket file removed, so host
+    /// processes see the end at once (the rest of the VM may be torn down later).
+    pub fn close(&mut self) {
+        self.reset();
+        self.remove_socket_file();
+    }
+
+    fn remove_socket_file(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
         if std::fs::symlink_metadata(&self.uds_path).is_ok_and(|m| m.file_type().is_socket()) {
             let _ = std::fs::remove_file(&self.uds_path);
         }
+    }
+}
+
+impl Drop for Muxer {
+    fn drop(&mut self) {
+        // Our socket file goes with us (a host process would otherwise find a dead one).
+        self.remove_socket_file();
     }
 }
 

@@ -654,9 +654,14 @@ fn uds_path_must_be_free_or_a_stale_socket() {
     drop(l);
     let v = Vsock::new(3, &live).unwrap();
     assert!(UnixStream::connect(&live).is_ok());
-    // Our socket file goes with the device.
-    drop(v);
+    // Our socket file goes with the device (or when the VM ends), and only once.
+    let mut v = v;
+    v.close_host_side();
     assert!(!live.exists());
+    let other = UnixListener::bind(&live).unwrap();
+    drop(v);
+    assert!(live.exists(), "a later owner's socket was removed");
+    drop(other);
     assert!(std::fs::metadata(&file).is_ok());
 }
 
