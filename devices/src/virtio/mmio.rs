@@ -74,6 +74,15 @@ pub enum MmioError {
     BadQueueMaxSize { index: usize, size: u16 },
 }
 
+/// The low and high 32-bit halves of a 64-bit value (register pairs such as QueueDescLow/High).
+fn halves(v: u64) -> (u32, u32) {
+    let b = v.to_le_bytes();
+    (
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+    )
+}
+
 /// Queue registers as the driver wrote them; validated when it writes QueueReady = 1.
 #[derive(Clone, Copy, Default)]
 struct QueueRegs {
@@ -320,12 +329,11 @@ impl MmioTransport {
             if regs.ready {
                 // The values were validated when QueueReady was written.
                 q.set_size(regs.size as u16);
-                q.set_desc_table_address(Some(regs.desc as u32), Some((regs.desc >> 32) as u32));
-                q.set_avail_ring_address(
-                    Some(regs.driver as u32),
-                    Some((regs.driver >> 32) as u32),
-                );
-                q.set_used_ring_address(Some(regs.device as u32), Some((regs.device >> 32) as u32));
+                let (desc, driver, device) =
+                    (halves(regs.desc), halves(regs.driver), halves(regs.device));
+                q.set_desc_table_address(Some(desc.0), Some(desc.1));
+                q.set_avail_ring_address(Some(driver.0), Some(driver.1));
+                q.set_used_ring_address(Some(device.0), Some(device.1));
                 q.set_event_idx(event_idx);
                 q.set_ready(true);
             }
@@ -495,8 +503,8 @@ impl MmioTransport {
             reg::DEVICE_ID => self.device_type,
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device_features as u32,
-                1 => (self.device_features >> 32) as u32,
+                0 => halves(self.device_features).0,
+                1 => halves(self.device_features).1,
                 _ => 0,
             },
             reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size)),

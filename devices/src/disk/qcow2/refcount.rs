@@ -36,6 +36,8 @@ pub fn max(order: u32) -> u64 {
 
 /// Stores `value` (which must be <= `max(order)`).
 pub fn set(block: &mut [u8], order: u32, index: usize, value: u64) {
+    debug_assert!(value <= max(order));
+    let be = value.to_be_bytes();
     match order {
         0..=2 => {
             let bits = 1usize << order;
@@ -43,12 +45,13 @@ pub fn set(block: &mut [u8], order: u32, index: usize, value: u64) {
             let shift = (index % per_byte) * bits;
             let mask = ((1u8 << bits) - 1) << shift;
             let b = &mut block[index / per_byte];
-            *b = (*b & !mask) | (((value as u8) << shift) & mask);
+            *b = (*b & !mask) | ((be[7] << shift) & mask);
         }
-        3 => block[index] = value as u8,
-        4 => block[index * 2..index * 2 + 2].copy_from_slice(&(value as u16).to_be_bytes()),
-        5 => block[index * 4..index * 4 + 4].copy_from_slice(&(value as u32).to_be_bytes()),
-        _ => block[index * 8..index * 8 + 8].copy_from_slice(&value.to_be_bytes()),
+        // The low bytes of `value`, big-endian: all of it, as it is <= max(order).
+        3 => block[index] = be[7],
+        4 => block[index * 2..index * 2 + 2].copy_from_slice(&be[6..]),
+        5 => block[index * 4..index * 4 + 4].copy_from_slice(&be[4..]),
+        _ => block[index * 8..index * 8 + 8].copy_from_slice(&be),
     }
 }
 
