@@ -173,6 +173,23 @@ fn unsupported(e: &io::Error) -> bool {
     )
 }
 
+/// Fills `buf` from `offset`; bytes past the end of the file read as zero.
+pub(crate) fn pread_zero_fill(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 impl DiskBackend for RawFile {
     fn len(&self) -> u64 {
         self.len
@@ -180,20 +197,8 @@ impl DiskBackend for RawFile {
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check(offset, buf.len() as u64)?;
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    // The file shrank under us: the rest reads as zeros.
-                    buf[done..].fill(0);
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        // A file that shrank under us reads as zeros past its end.
+        pread_zero_fill(&self.file, buf, offset)
     }
 
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {

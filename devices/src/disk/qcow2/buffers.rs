@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 
 use vm_memory::VolatileSlice;
 
-use super::pread_zero_fill;
+use crate::disk::raw::pread_zero_fill;
 use crate::disk::{copy_from_vectored, copy_to_vectored, file_vectored, zero_vectored};
 
 /// The destination of a read; positions are byte offsets into it.

@@ -56,7 +56,7 @@ use vm_memory::VolatileSlice;
 use super::fault::{inject, Faults, FileOp};
 use super::open::{open_backing_file, open_image_file, resolve_backing};
 pub use super::open::{BackingOpenError, BackingPolicy};
-use super::raw::RawFile;
+use super::raw::{pread_zero_fill, RawFile};
 use super::DiskBackend;
 
 /// Longest backing chain opened (the overlay itself not counted).
@@ -380,23 +380,6 @@ fn corrupt(path: &Path, msg: String) -> io::Error {
         io::ErrorKind::InvalidData,
         format!("corrupt qcow2 image {}: {msg}", path.display()),
     )
-}
-
-/// Fills `buf` from `offset`; bytes past the end of the file read as zero.
-fn pread_zero_fill(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                break;
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Raw deflate (no zlib header), as QEMU writes compressed clusters; the data must fill
