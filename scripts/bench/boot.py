@@ -13,7 +13,9 @@ import sys
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-WISP = os.path.join(ROOT, "target/release/wisp")
+WISP = os.environ.get("WISP", os.path.join(ROOT, "target/release/wisp"))
+# Another wisp build (e.g. main before a change) as a column of its own, in the same run.
+WISP_BEFORE = os.environ.get("WISP_BEFORE")
 SPAWN = os.path.join(ROOT, "target/bench/spawn")
 HELLO = os.path.join(ROOT, "target/probe-guests/hello.elf")
 PROBE = os.path.join(ROOT, "target/probe-guests/probe.elf")
@@ -48,6 +50,10 @@ def qemu_cmd(kernel, mem, cmdline=None, initrd=None, cpus=1):
     return cmd
 
 
+def wisp_before_cmd(kernel, mem, cmdline=None, initrd=None, cpus=1):
+    return [WISP_BEFORE] + wisp_cmd(kernel, mem, cmdline, initrd, cpus)[1:]
+
+
 def ch_cmd(kernel, mem, cmdline=None, initrd=None, cpus=1):
     cmd = [CLOUD_HYPERVISOR, "--kernel", kernel, "--memory", f"size={mem}",
            "--cpus", f"boot={cpus}", "--serial", "tty", "--console", "off"]
@@ -64,7 +70,7 @@ def fc_cmd(kernel, mem, cmdline=None, initrd=None, cpus=1):
         boot["boot_args"] = cmdline
     if initrd:
         boot["initrd_path"] = initrd
-    config = {"boot-source": boot,
+    config = {"boot-source": boot, "drives": [],
               "machine-config": {"vcpu_count": cpus, "mem_size_mib": int(mem.rstrip("M"))}}
     path = f"/tmp/wisp-bench-fc-{os.getpid()}.json"
     with open(path, "w") as f:
@@ -92,24 +98,31 @@ def guest_ram_kb(pid, mem_bytes):
     return total_rss, guest
 
 
-def run_once(cmd, marker=None, timeout=60.0, mem_bytes=None, sample_on_marker=False):
-    """Returns dict: first (s), marker (s), exit (s), maxrss (KiB), overhead (KiB)."""
+def run_once(cmd, marker=None, timeout=60.0, mem_bytes=None, sample_on_marker=False,
+             first_marker=None):
+    """Returns dict: first (s), marker (s), exit (s), maxrss (KiB), overhead (KiB). `first` is
+    the first output, or the first containing `first_marker` (Firecracker logs to stdout too).
+    The launcher is posix_spawn'd: subprocess.Popen's own work would count as start-up."""
     rss_r, rss_w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.set_inheritable(rss_w, True)
     start = time.monotonic()
-    p = subprocess.Popen([SPAWN] + cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, pass_fds=(rss_w,),
-                         env=dict(os.environ, SPAWN_RSS_FD=str(rss_w)))
+    pid = os.posix_spawn(SPAWN, [SPAWN] + cmd, dict(os.environ, SPAWN_RSS_FD=str(rss_w)),
+                         file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                                       (os.POSIX_SPAWN_DUP2, out_w, 1),
+                                       (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)])
     os.close(rss_w)
+    os.close(out_w)
     vmm_pid = None
     out = b""
     first = marker_t = None
     overhead = None
-    fd = p.stdout.fileno()
+    fd = out_r
     deadline = start + timeout
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            p.kill()
+            os.kill(pid, signal.SIGKILL)
             break
         r, _, _ = select.select([fd], [], [], min(left, 0.5))
         if not r:
@@ -118,19 +131,19 @@ def run_once(cmd, marker=None, timeout=60.0, mem_bytes=None, sample_on_marker=Fa
         if not chunk:
             break
         now = time.monotonic()
-        if first is None:
-            first = now - start
         out += chunk
+        if first is None and (first_marker is None or first_marker.encode() in out):
+            first = now - start
         if marker and marker_t is None and marker.encode() in out:
             marker_t = now - start
             if sample_on_marker:
-                vmm_pid = vmm_child(p.pid)
+                vmm_pid = vmm_child(pid)
                 total, guest = guest_ram_kb(vmm_pid, mem_bytes)
                 overhead = total - guest
                 os.kill(vmm_pid, signal.SIGKILL)
-    p.wait()
+    os.waitpid(pid, 0)
     end = time.monotonic() - start
-    p.stdout.close()
+    os.close(out_r)
     with os.fdopen(rss_r) as f:
         line = f.read().split()
     maxrss = int(line[0]) if line else None
@@ -297,7 +310,10 @@ def main():
     print(f"qemu: {subprocess.run([QEMU_BIN, '--version'], capture_output=True, text=True).stdout.splitlines()[0]}")
     with open("/proc/loadavg") as f:
         print(f"load average at start: {' '.join(f.read().split()[:3])}")
-    vmms = [("wisp", wisp_cmd), ("qemu", qemu_cmd)]
+    vmms = [("wisp", wisp_cmd)]
+    if WISP_BEFORE:
+        vmms.append(("wisp-before", wisp_before_cmd))
+    vmms.append(("qemu", qemu_cmd))
     for name, binary, mk in (("cloud-hypervisor", CLOUD_HYPERVISOR, ch_cmd),
                              ("firecracker", FIRECRACKER, fc_cmd)):
         if os.path.exists(binary):
@@ -310,7 +326,7 @@ def main():
     res = {name: [] for name, _ in vmms}
     for _ in range(a.runs):
         for name, mk in vmms:
-            r = run_once(mk(HELLO, mem), timeout=30)
+            r = run_once(mk(HELLO, mem), timeout=30, first_marker="probe: hello")
             if not r["ok"]:
                 print(f"warning: {name} run printed nothing", file=sys.stderr)
             elif r["exit"] is not None:

@@ -15,7 +15,7 @@ import tempfile
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-WISP = os.path.join(ROOT, "target/release/wisp")
+WISP = os.environ.get("WISP", os.path.join(ROOT, "target/release/wisp"))
 IDLE = os.path.join(ROOT, "target/probe-guests/idle.elf")
 PEERS = "/work/peers"
 QEMU = os.environ.get("QEMU", shutil.which("qemu-system-x86_64") or
@@ -72,6 +72,7 @@ class Vm:
         self.fd = None
         self.spawned = None
         self.first = None
+        self.out = b""
         self.error = None
 
 
@@ -127,17 +128,27 @@ async def configure(vm, mem_mib, deadline):
 
 
 def watch_output(loop, vm, done):
+    """Reads the VM's output for as long as it runs (a full pipe would stall the VMM); `done`
+    once, at the guest's first line or at EOF."""
+    counted = [False]
+
     def on_readable():
         try:
             data = os.read(vm.fd, 4096)
         except BlockingIOError:
             return
-        if vm.first is None and data:
-            vm.first = time.monotonic()
-        if vm.first is not None or not data:
+        if vm.first is None:
+            vm.out += data
+            # The guest's line, not a VMM's own log lines (Firecracker logs to stdout).
+            if b"probe: hello" in vm.out:
+                vm.first = time.monotonic()
+                vm.out = b""
+        if not data:
             loop.remove_reader(vm.fd)
-            if not data and vm.first is None:
-                vm.error = vm.error or "exited before any output"
+            if vm.first is None:
+                vm.error = vm.error or "exited before its guest's line"
+        if not counted[0] and (vm.first is not None or not data):
+            counted[0] = True
             done()
     loop.add_reader(vm.fd, on_readable)
 
