@@ -279,12 +279,16 @@ async def launch(vmm, mode, n, mem_mib, timeout):
     if launched:
         k = len(launched)
         per = {key: (after[key] - before[key]) / k for key in ["Used"] + MEMINFO_KEYS if key in after}
-        print("host memory per VM (/proc/meminfo after - before, / VMs): "
-              f"used {per['Used'] / 1024:.2f} MiB = anon {per['AnonPages'] / 1024:.2f} + "
-              f"kernel: page tables {per['PageTables'] / 1024:.2f}, "
-              f"secondary page tables {per.get('SecPageTables', 0) / 1024:.2f}, "
-              f"kernel stacks {per['KernelStack'] / 1024:.2f}, "
-              f"unreclaimable slab {per['SUnreclaim'] / 1024:.2f}, percpu {per['Percpu'] / 1024:.2f} MiB")
+        kernel = sum(per.get(key, 0) for key in ("PageTables", "SecPageTables", "KernelStack",
+                                                  "SUnreclaim", "Percpu"))
+        pss = statistics.mean(m[1] for m in mems) if mems else 0
+        print(f"host memory per VM: {(pss + kernel) / 1024:.2f} MiB = the VMM's PSS "
+              f"{pss / 1024:.2f} + the kernel's {kernel / 1024:.2f} (page tables "
+              f"{per['PageTables'] / 1024:.2f}, secondary page tables "
+              f"{per.get('SecPageTables', 0) / 1024:.2f}, kernel stacks {per['KernelStack'] / 1024:.2f}, "
+              f"unreclaimable slab {per['SUnreclaim'] / 1024:.2f}, percpu {per['Percpu'] / 1024:.2f}: "
+              f"/proc/meminfo after - before, / VMs); all used memory after - before, / VMs: "
+              f"{per['Used'] / 1024:.2f} MiB (anon {per['AnonPages'] / 1024:.2f}; noisy on a shared host)")
     alive_txt = f"{len(alive)}/{n} alive"
     if answering is not None:
         alive_txt += f", {answering}/{n} answered GET /"
