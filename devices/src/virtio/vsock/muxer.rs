@@ -24,10 +24,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::packet::{op, shutdown, Header, HOST_CID, TYPE_STREAM};
+use crate::rate_limiter::Timer;
 
 /// Receive buffer offered to the guest per connection: the most wisp ever holds for one.
 pub const BUF_ALLOC: u32 = 64 << 10;
@@ -42,8 +44,12 @@ const MAX_STRAY_RST: usize = 256;
 const CONNECT_LINE_MAX: usize = 32;
 /// Local ports of host-initiated connections, as Firecracker.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
-/// Epoll data of the listener; connections use their id.
+/// Epoll data of the listener and the timer; connections use their id.
 const LISTENER: u64 = u64::MAX;
+const TIMER: u64 = u64::MAX - 1;
+/// How long the guest has to answer a host connection's REQUEST (Firecracker's 2 s): a
+/// guest that never answers does not leave the host process waiting for `OK` for ever.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// `sun_path` holds 108 bytes with its NUL; `_4294967295` is appended for guest connects.
 const MAX_UDS_PATH: usize = 107 - 11;
 
@@ -63,6 +69,8 @@ pub enum MuxerError {
     },
     #[error("vsock epoll: {0}")]
     Epoll(#[source] io::Error),
+    #[error("vsock timer: {0}")]
+    Timer(#[source] io::Error),
 }
 
 /// Checks `path` as a place to listen, without touching it: not too long, and either absent
@@ -133,6 +141,8 @@ struct Conn {
     rst_after_flush: bool,
     /// In the rx queue.
     queued: bool,
+    /// LocalInit: when the guest's RESPONSE is due.
+    deadline: Option<Instant>,
     interest: Option<EventSet>,
 }
 
@@ -159,6 +169,7 @@ impl Conn {
             guest_shut_rcv: false,
             rst_after_flush: false,
             queued: false,
+            deadline: None,
             interest: None,
         }
     }
@@ -289,6 +300,8 @@ pub struct Muxer {
     uds_path: PathBuf,
     listener: UnixListener,
     epoll: Epoll,
+    /// Fires when the earliest REQUEST_TIMEOUT is up.
+    timer: Timer,
     conns: HashMap<u64, Conn>,
     /// (host port, guest port) -> connection id.
     by_ports: HashMap<(u32, u32), u64>,
@@ -333,11 +346,20 @@ impl Muxer {
                 source,
             })?;
         let epoll = Epoll::new().map_err(MuxerError::Epoll)?;
+        let timer = Timer::new().map_err(MuxerError::Timer)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                timer.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TIMER),
+            )
+            .map_err(MuxerError::Epoll)?;
         Ok(Muxer {
             guest_cid,
             uds_path: path,
             listener,
             epoll,
+            timer,
             conns: HashMap::new(),
             by_ports: HashMap::new(),
             local_ports: HashSet::new(),
@@ -428,6 +450,10 @@ impl Muxer {
                     self.remove(id);
                     return packet;
                 }
+                if h.op == op::REQUEST {
+                    conn.deadline = Some(Instant::now() + REQUEST_TIMEOUT);
+                    self.arm_timer();
+                }
             }
             self.update_interest(id);
             self.schedule(id);
@@ -477,6 +503,7 @@ impl Muxer {
             }
             op::RESPONSE if conn.state == State::LocalInit => {
                 conn.state = State::Established;
+                conn.deadline = None;
                 // The host process waits for this line before it writes: a socket that
                 // cannot take 20 bytes now is not one we can serve.
                 let line = format!("OK {}\n", conn.host_port);
@@ -550,6 +577,9 @@ impl Muxer {
         if id == LISTENER {
             return self.accept();
         }
+        if id == TIMER {
+            return self.expire_requests();
+        }
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
@@ -594,6 +624,39 @@ impl Muxer {
         conn.note_credit();
         self.update_interest(id);
         self.schedule(id);
+    }
+
+    /// Resets the host connections whose REQUEST the guest left unanswered too long.
+    fn expire_requests(&mut self) {
+        self.timer.clear();
+        let now = Instant::now();
+        let late: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late {
+            log::debug!("vsock: the guest did not answer a host connection in time");
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.deadline = None;
+            }
+            self.kill(id);
+        }
+        self.arm_timer();
+    }
+
+    /// Arms the timer for the earliest pending deadline.
+    fn arm_timer(&mut self) {
+        let Some(next) = self.conns.values().filter_map(|c| c.deadline).min() else {
+            return;
+        };
+        if let Err(e) = self
+            .timer
+            .arm(next.saturating_duration_since(Instant::now()))
+        {
+            rate_limited_warn!("vsock: cannot arm the request timer: {}", e);
+        }
     }
 
     fn accept(&mut self) {

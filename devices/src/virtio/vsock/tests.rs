@@ -695,3 +695,28 @@ fn an_rx_buffer_without_room_for_data_is_returned_empty_and_nothing_is_lost() {
     assert_eq!((p[0].0.op, p[0].0.dst_port), (op::REQUEST, 52));
     assert_eq!(g.connections(), 1);
 }
+
+#[test]
+fn a_host_connection_the_guest_never_answers_is_reset_after_the_timeout() {
+    let mut g = Guest::new();
+    let mut s = UnixStream::connect(&g.uds).unwrap();
+    s.write_all(b"CONNECT 52\n").unwrap();
+    let p = g.pump_recv();
+    assert_eq!(p[0].0.op, op::REQUEST);
+    let started = std::time::Instant::now();
+    // The guest says nothing. The muxer's timer wakes the loop once REQUEST_TIMEOUT is up.
+    let mut packets = Vec::new();
+    while g.connections() > 0 {
+        assert!(
+            started.elapsed() < super::muxer::REQUEST_TIMEOUT * 30,
+            "still waiting"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        packets.extend(g.pump_recv());
+    }
+    assert!(started.elapsed() >= super::muxer::REQUEST_TIMEOUT);
+    // The guest is told, and the host process sees the connection end without an OK.
+    assert_eq!(packets.len(), 1, "{packets:?}");
+    assert_eq!((packets[0].0.op, packets[0].0.dst_port), (op::RST, 52));
+    assert_closed(&mut s);
+}
