@@ -2,8 +2,8 @@
 //! symlink as uid 10123 in a network namespace the test creates (with a tap owned by that
 //! uid) and in cgroups of the test's own, with the kernel and a raw disk linked into the
 //! chroot, configured and started through the API socket inside the chroot. From the host:
-//! the process's root, ids, capabilities, no_new_privs, cgroups, network namespace and
-//! descriptors; the probe guest's disk round trip (in the host file) and network traffic
+//! the process's root, ids, capabilities, no_new_privs, every thread's seccomp filter,
+//! cgroups, network namespace and descriptors; the probe guest's disk round trip (in the host file) and network traffic
 //! (on the tap). Then `wisp jail --cleanup` removes everything the jailer made; the guards
 //! do the same when a test fails. Every refusal of bad input, with nothing made.
 
@@ -244,6 +244,9 @@ fn jailed_probe_guest_runs_confined_and_is_cleaned_up() {
     );
     let w = guard.wisp.as_mut().unwrap();
     w.wait_for("probe: net ready\n", T);
+    // Every thread (main, API, vCPU, console) under its seccomp filter.
+    let threads = assert_every_thread_filtered(pid);
+    assert!(threads >= 3, "{threads} threads");
     let ping = ns
         .command("ping")
         .args(["-c", "3", "-i", "0.2", "-W", "5", "10.0.0.2"])

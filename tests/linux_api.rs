@@ -351,8 +351,9 @@ fn linux_jailed_through_the_api_boots_confined() {
         r#"{"action_type": "InstanceStart"}"#,
     );
     let pid = jail.wisp.as_ref().unwrap().pid();
-    // Confined while the guest runs, with every thread started.
+    // Confined while the guest runs, with every thread started and filtered.
     assert_jailed(pid, &root, UID);
+    assert!(assert_every_thread_filtered(pid) >= 3);
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let line = format!(":memory:/{}/{}", jail.parent_cgroup, jail.id);
     assert!(cgroups.lines().any(|l| l.ends_with(&line)), "{cgroups}");

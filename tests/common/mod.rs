@@ -824,3 +824,26 @@ pub fn assert_jailed(pid: u32, root: &Path, uid: u32) {
     }
     assert_eq!(status_field(&status, "NoNewPrivs"), "1");
 }
+
+/// Every thread of `pid` runs under a seccomp filter (`Seccomp: 2`); returns how many were
+/// seen. A thread that ends while the list is read is skipped.
+pub fn assert_every_thread_filtered(pid: u32) -> usize {
+    let mut seen = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        assert_eq!(
+            status_field(&status, "Seccomp"),
+            "2",
+            "thread {:?} ({}) has no seccomp filter",
+            task.file_name(),
+            status_field(&status, "Name")
+        );
+        seen += 1;
+    }
+    seen
+}
