@@ -147,26 +147,39 @@ fn a_denied_call_on_each_api_thread_kills_wisp_naming_thread_and_call() {
         &["--api-sock", sock.to_str().unwrap()],
         &[("WISP_SECCOMP_SELFTEST", "api-conn")],
     ));
-    wait_api_socket(&sock);
-    let mut s = UnixStream::connect(&sock).unwrap();
-    let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    // The first connection that gets through starts the connection thread that dies.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        if let Ok(mut s) = UnixStream::connect(&sock) {
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the API socket never accepted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let f = w.wait(T);
     assert_killed_by_seccomp(&f, "api-conn");
     let _ = std::fs::remove_file(&sock);
 }
 
 /// (comm, Seccomp, NoNewPrivs) of each of wisp's own threads. Kernel workers KVM attaches to
-/// the VM's process (kvm-nx-lpage-recovery) are not wisp's and are left out.
+/// the VM's process (kvm-nx-lpage-recovery) are not wisp's and are left out, and so is a
+/// thread that ends while it is read (an earlier request's connection thread).
 fn thread_modes(pid: u32) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = task.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap();
+        let Ok(task) = task else { continue };
+        let dir = task.path();
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("status")),
+        ) else {
+            continue;
+        };
         let comm = comm.trim().to_string();
         if !comm.starts_with("wisp") {
             continue;
         }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap();
         let field = |name: &str| {
             status
                 .lines()
@@ -225,8 +238,10 @@ fn every_thread_of_a_running_vm_is_filtered_unless_level_0() {
         // An open connection with half a request keeps a connection thread waiting.
         let mut conn = UnixStream::connect(&sock).unwrap();
         conn.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+        let deadline = std::time::Instant::now() + T;
         let mut modes = thread_modes(w.pid());
         while !modes.iter().any(|(c, _, _)| c == "wisp-api-conn") {
+            assert!(std::time::Instant::now() < deadline, "no connection thread: {modes:?}");
             std::thread::sleep(Duration::from_millis(10));
             modes = thread_modes(w.pid());
         }

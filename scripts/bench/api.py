@@ -3,7 +3,8 @@
 of GET /, and of a full configure-and-start sequence (hello probe guest), medians of N runs.
 Firecracker's published figure for the first: under 8 CPU ms. As root, the same again through
 `wisp jail` (uid 10123, a chroot under /tmp, alternating with the plain runs): what the
-jailer adds before the socket accepts (target: under 10 ms)."""
+jailer adds before the socket accepts (target: under 10 ms). And the plain runs again with
+`--seccomp-level 0`, alternating: what the seccomp filters add (target: under 1 ms)."""
 
 import argparse
 import os
@@ -96,8 +97,14 @@ def main():
         shutil.copy(HELLO, os.path.join(base, "hello.elf"))
     plain = {"ready": [], "cpu": [], "get": [], "start": []}
     jail = {"ready": [], "cpu": [], "get": [], "start": []}
+    # The same with no seccomp filters (alternating): what the filters cost.
+    nofilter = {"ready": [], "cpu": [], "get": [], "start": []}
     for i in range(a.runs):
-        one_run([WISP, "--api-sock", sock], sock, HELLO, plain)
+        # Which goes first alternates: a run right after the jailer's clean-up is slower.
+        pair = [([WISP, "--api-sock", sock], plain),
+                ([WISP, "--api-sock", sock, "--seccomp-level", "0"], nofilter)]
+        for argv, r in pair if i % 2 == 0 else reversed(pair):
+            one_run(argv, sock, HELLO, r)
         if not jailed:
             continue
         vm = f"bench-{i}"
@@ -115,6 +122,9 @@ def main():
             ("CPU time until accepting (tick resolution)", plain["cpu"]),
             ("GET / latency", plain["get"]),
             ("configure + InstanceStart (3 requests)", plain["start"])]
+    rows += [("--seccomp-level 0: start -> socket accepting", nofilter["ready"]),
+             ("--seccomp-level 0: GET / latency", nofilter["get"]),
+             ("--seccomp-level 0: configure + InstanceStart", nofilter["start"])]
     if jailed:
         rows += [("jailed: start -> socket accepting", jail["ready"]),
                  ("jailed: CPU time until accepting", jail["cpu"]),
@@ -122,6 +132,10 @@ def main():
                  ("jailed: configure + InstanceStart", jail["start"])]
     for name, v in rows:
         print(f"{name:<44} median {statistics.median(v):7.2f} ms  [{min(v):.2f}-{max(v):.2f}]")
+    for what, key in (("start -> socket", "ready"), ("GET /", "get"),
+                      ("configure + start", "start")):
+        extra = statistics.median(plain[key]) - statistics.median(nofilter[key])
+        print(f"{'seccomp adds, ' + what + ' (diff. of medians)':<44}        {extra:7.2f} ms")
     if jailed:
         extra = statistics.median(jail["ready"]) - statistics.median(plain["ready"])
         print(f"{'the jailer adds (difference of medians)':<44}        {extra:7.2f} ms")

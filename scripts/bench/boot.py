@@ -286,6 +286,24 @@ def report(title, results, metrics):
         print(f"{label:<34} " + " ".join(cells) + " " + " ".join(f"{r:<{5 + len(p)}}" for r, p in zip(ratios, peers)))
 
 
+def seccomp_cost(runs, mem="128M"):
+    """wisp on the hello guest with its seccomp filters (the default, level 2) and without
+    (--seccomp-level 0), alternating: what the filters add to start -> first output and exit."""
+    res = {"2": [], "0": []}
+    for _ in range(runs):
+        for level in res:
+            r = run_once(wisp_cmd(HELLO, mem) + ["--seccomp-level", level], timeout=30)
+            if not r["ok"]:
+                print(f"warning: a --seccomp-level {level} run printed nothing", file=sys.stderr)
+            res[level].append(r)
+    print(f"\n== seccomp filters on (level 2) and off (level 0), hello guest, {runs} runs each, "
+          "alternating")
+    for key, label in (("first", "start -> first serial output"), ("exit", "start -> process exit")):
+        on, on_med = fmt([r[key] for r in res["2"]], "ms", 1000)
+        off, off_med = fmt([r[key] for r in res["0"]], "ms", 1000)
+        print(f"{label:<34} on {on:<28} off {off:<28} adds {on_med - off_med:6.2f} ms")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
@@ -296,7 +314,12 @@ def main():
     ap.add_argument("--linux-mptable", action="store_true",
                     help="only the test kernel with and without wisp's MP table "
                          "(WISP_NO_MPTABLE), --linux-runs each (minutes per boot here)")
+    ap.add_argument("--seccomp", action="store_true",
+                    help="only wisp with and without its seccomp filters (hello guest)")
     a = ap.parse_args()
+    if a.seccomp:
+        seccomp_cost(a.runs)
+        return
     if a.breakdown:
         breakdown(a.runs, HELLO, "128M")
         return
@@ -350,6 +373,7 @@ def main():
         ("maxrss", "peak RSS", "MiB", 1 / 1024),
         ("overhead", "RSS - touched guest RAM", "MiB", 1 / 1024),
     ])
+    seccomp_cost(a.runs, mem)
 
     if a.no_linux:
         return

@@ -3,6 +3,7 @@
 # built, on the same guests, alternating runs.
 #
 #   scripts/bench/boot.sh [--runs N] [--linux-runs N] [--no-linux] [--breakdown] [--linux-mptable]
+#                         [--seccomp]
 #
 # Prints, for each VMM, median and range of: time from process start to the guest's first
 # serial output, time to process exit, peak RSS, and memory overhead (RSS minus the guest
@@ -10,6 +11,8 @@
 # --breakdown: only wisp's start-up and exit phases (WISP_TRACE_STARTUP), median of --runs.
 # --linux-mptable: only the test kernel under wisp with and without its MP table
 # (WISP_NO_MPTABLE=1), --linux-runs each: time to init and the guest's timestamps.
+# --seccomp: only wisp with its seccomp filters and with --seccomp-level 0, alternating (also
+# a section of the default run): what the filters add to start -> first output and exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"

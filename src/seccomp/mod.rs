@@ -1,4 +1,4 @@
-//! Seccomp filters, one per thread kind (the tables in [`tables`]), built once at start-up
+//! Seccomp filters, one per thread kind (the tables in [`tables`]), built once per process
 //! with rust-vmm's seccompiler and installed by each thread on itself before it does what it
 //! exists for: a vCPU before its first KVM_RUN, an API thread before its first accept, the
 //! main thread (the event loop) once the VM is built and before any vCPU enters the guest.
@@ -127,8 +127,9 @@ pub const SELFTEST_VAR: &str = "WISP_SECCOMP_SELFTEST";
 
 struct Filters {
     level: Level,
-    /// By [`ThreadKind::index`]; empty at level 0.
-    programs: Vec<BpfProgram>,
+    /// By [`ThreadKind::index`], each built by the first thread of its kind (off the way to
+    /// the API socket and the first KVM_RUN for all but the main thread's).
+    programs: [OnceLock<BpfProgram>; ThreadKind::ALL.len()],
     selftest: Option<ThreadKind>,
 }
 
@@ -139,8 +140,9 @@ thread_local! {
     static KIND: Cell<u8> = const { Cell::new(0) };
 }
 
-/// Builds every thread kind's filter and installs the SIGSYS handler. Called once by `main`,
-/// before any thread that installs a filter starts.
+/// Sets the level and installs the SIGSYS handler. Called once by `main`, before any thread
+/// that installs a filter starts. Each kind's filter is built from its table once, by the
+/// first thread of that kind.
 pub fn configure(level: Level) -> Result<(), SeccompError> {
     let selftest = match std::env::var(SELFTEST_VAR) {
         Ok(v) => Some(ThreadKind::from_name(&v).ok_or(SeccompError::SelfTest {
@@ -149,11 +151,7 @@ pub fn configure(level: Level) -> Result<(), SeccompError> {
         })?),
         Err(_) => None,
     };
-    let mut programs = Vec::new();
     if level != Level::Off {
-        for kind in ThreadKind::ALL {
-            programs.push(compile(kind, level)?);
-        }
         install_sigsys_handler().map_err(SeccompError::Handler)?;
         // glibc reads /etc/localtime on the first localtime_r (the Firecracker-format log
         // lines): let that happen now, not in a filtered thread.
@@ -168,7 +166,7 @@ pub fn configure(level: Level) -> Result<(), SeccompError> {
     });
     let _ = FILTERS.set(Filters {
         level,
-        programs,
+        programs: Default::default(),
         selftest,
     });
     Ok(())
@@ -185,8 +183,16 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     let Some(filters) = FILTERS.get() else {
         return Ok(());
     };
-    let Some(program) = filters.programs.get(kind.index()) else {
+    if filters.level == Level::Off {
         return Ok(());
+    }
+    let slot = &filters.programs[kind.index()];
+    let program = match slot.get() {
+        Some(p) => p,
+        None => {
+            let p = compile(kind, filters.level)?;
+            slot.get_or_init(|| p)
+        }
     };
     KIND.with(|k| k.set(kind as u8));
     seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
