@@ -154,7 +154,10 @@ fn a_denied_call_on_each_api_thread_kills_wisp_naming_thread_and_call() {
             let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the API socket never accepted");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the API socket never accepted"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let f = w.wait(T);
@@ -241,7 +244,10 @@ fn every_thread_of_a_running_vm_is_filtered_unless_level_0() {
         let deadline = std::time::Instant::now() + T;
         let mut modes = thread_modes(w.pid());
         while !modes.iter().any(|(c, _, _)| c == "wisp-api-conn") {
-            assert!(std::time::Instant::now() < deadline, "no connection thread: {modes:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no connection thread: {modes:?}"
+            );
             std::thread::sleep(Duration::from_millis(10));
             modes = thread_modes(w.pid());
         }
