@@ -85,10 +85,11 @@ pub struct Balloon {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BalloonError {
     #[error(
-        "statistics were {}abled at boot; only their interval can change at run time",
-        if *.enabled { "en" } else { "dis" }
+        "statistics were on at boot; only their interval can change at run time (at least 1 s)"
     )]
-    StatisticsStateChange { enabled: bool },
+    StatisticsAlwaysOn,
+    #[error("statistics were off at boot (stats_polling_interval_s 0); they cannot be turned on at run time")]
+    StatisticsOff,
 }
 
 impl Balloon {
@@ -158,11 +159,12 @@ impl Balloon {
     /// A new statistics interval, the first request for figures at once (Firecracker's rule:
     /// statistics cannot be turned on or off at run time, only their interval changed).
     pub fn set_stats_interval(&mut self, seconds: u16) -> Result<(), BalloonError> {
-        let enabled = self.stats_interval.is_some();
-        if enabled != (seconds > 0) {
-            return Err(BalloonError::StatisticsStateChange { enabled });
+        match (self.stats_interval.is_some(), seconds > 0) {
+            (true, false) => return Err(BalloonError::StatisticsAlwaysOn),
+            (false, true) => return Err(BalloonError::StatisticsOff),
+            _ => {}
         }
-        if enabled {
+        if self.stats_interval.is_some() {
             self.stats_interval = Some(Duration::from_secs(u64::from(seconds)));
             if self.active.is_some() {
                 self.arm_stats_timer(Some(Duration::ZERO));
