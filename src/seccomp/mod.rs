@@ -224,9 +224,12 @@ pub fn install_or_exit(kind: ThreadKind) {
     }
 }
 
-/// The number of system calls `kind`'s table allows (for the README and the report).
+/// The number of system calls `kind`'s filter allows (whatever their arguments).
 pub fn allowed_count(kind: ThreadKind) -> usize {
-    tables::table(kind).len()
+    let mut nrs: Vec<i64> = tables::table(kind).into_iter().map(|(nr, _)| nr).collect();
+    nrs.sort_unstable();
+    nrs.dedup();
+    nrs.len()
 }
 
 fn compile(kind: ThreadKind, level: Level) -> Result<BpfProgram, SeccompError> {
@@ -234,18 +237,7 @@ fn compile(kind: ThreadKind, level: Level) -> Result<BpfProgram, SeccompError> {
         kind: kind.name(),
         source,
     };
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for (nr, arg) in tables::table(kind) {
-        let chain = rules.entry(nr).or_default();
-        if level == Level::Arguments {
-            chain.extend(arg_rules(&arg).map_err(build)?);
-        }
-    }
-    if level == Level::Numbers {
-        for chain in rules.values_mut() {
-            chain.clear();
-        }
-    }
+    let rules = merged(tables::table(kind), level).map_err(build)?;
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
@@ -254,6 +246,30 @@ fn compile(kind: ThreadKind, level: Level) -> Result<BpfProgram, SeccompError> {
     )
     .map_err(build)?;
     BpfProgram::try_from(filter).map_err(build)
+}
+
+/// One chain of rules per system call: the entries of a call are ways for it to pass, and an
+/// entry that allows any arguments (or level 1) makes the chain empty, which allows the call.
+fn merged(
+    table: Vec<(i64, Arg)>,
+    level: Level,
+) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+    let mut chains: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
+    for (nr, arg) in table {
+        let chain = chains.entry(nr).or_insert_with(|| Some(Vec::new()));
+        let rules = match (&arg, level) {
+            (Arg::Any, _) | (_, Level::Numbers | Level::Off) => None,
+            _ => Some(arg_rules(&arg)?),
+        };
+        match (chain.as_mut(), rules) {
+            (Some(c), Some(r)) => c.extend(r),
+            _ => *chain = None,
+        }
+    }
+    Ok(chains
+        .into_iter()
+        .map(|(nr, c)| (nr, c.unwrap_or_default()))
+        .collect())
 }
 
 /// The seccompiler rules for one table entry: an empty chain allows any arguments; each rule
@@ -415,6 +431,21 @@ mod tests {
                 assert!(!p.is_empty() && p.len() < 4096, "{kind:?}: {}", p.len());
             }
         }
+    }
+
+    #[test]
+    fn an_entry_allowing_any_arguments_wins_over_checked_ones() {
+        let table = vec![
+            (libc::SYS_ioctl, Arg::OneOf(1, vec![1, 2])),
+            (libc::SYS_ioctl, Arg::OneOf(1, vec![3])),
+            (libc::SYS_read, Arg::OneOf(0, vec![0])),
+            (libc::SYS_read, Arg::Any),
+        ];
+        let rules = merged(table.clone(), Level::Arguments).unwrap();
+        assert_eq!(rules[&libc::SYS_ioctl].len(), 3);
+        assert!(rules[&libc::SYS_read].is_empty());
+        let rules = merged(table, Level::Numbers).unwrap();
+        assert!(rules.values().all(Vec::is_empty));
     }
 
     #[test]
