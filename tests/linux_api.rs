@@ -42,6 +42,32 @@ fn api_ok(sock: &Path, method: &str, path: &str, body: &str) {
     );
 }
 
+/// The scratch drive's bandwidth limit: a bucket of 512 KiB refilled every 500 ms (1 MiB/s).
+const RL_BUCKET: u64 = 512 << 10;
+/// What the guest writes to it (the whole 4 MiB drive).
+const RL_KIB: u64 = 4096;
+
+/// The guest's write to the rate-limited drive took at least as long as the limit allows: the
+/// bucket's first 512 KiB pass at once, the rest at 1 MiB/s. Only the lower bound is checked
+/// (a loaded host can only make it slower); 5% is left for the guest clock's granularity.
+fn assert_rate_limited_write(out: &str) {
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("WISP-INIT: ratelimit_kib="))
+        .unwrap_or_else(|| panic!("no ratelimit line:\n{out}"));
+    let (t0, t1) = line
+        .split_once("seconds=")
+        .and_then(|(_, t)| t.split_once('-'))
+        .unwrap_or_else(|| panic!("bad ratelimit line {line}"));
+    let seconds = t1.trim().parse::<f64>().unwrap() - t0.parse::<f64>().unwrap();
+    let bytes_per_second = (RL_BUCKET * 2) as f64;
+    let least = ((RL_KIB << 10) - RL_BUCKET) as f64 / bytes_per_second;
+    assert!(
+        seconds >= least * 0.95,
+        "{RL_KIB} KiB through a 1 MiB/s limiter took {seconds:.2} s, under {least:.2} s"
+    );
+}
+
 #[test]
 fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     if !kvm_available("linux_booted_through_the_api_shuts_down_on_ctrl_alt_del") {
@@ -93,7 +119,8 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
 
     let boot_args = format!(
         "{LINUX_CMDLINE} ip=:::::eth0:dhcp \
-         wisp.kmsg=1 wisp.scenario=info,rootfs,net,cad wisp.peer=10.0.0.1 wisp.nc_kib={kib}"
+         wisp.kmsg=1 wisp.scenario=info,rootfs,ratelimit,net,cad wisp.peer=10.0.0.1 wisp.nc_kib={kib} \
+         wisp.rl_dev=vdb wisp.rl_kib={RL_KIB}"
     );
     api_ok(
         &sock,
@@ -126,7 +153,8 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
         "/drives/scratch",
         &format!(
             r#"{{"drive_id": "scratch", "path_on_host": "{}", "is_root_device": false,
-                 "is_read_only": false}}"#,
+                 "is_read_only": false,
+                 "rate_limiter": {{"bandwidth": {{"size": {RL_BUCKET}, "refill_time": 500}}}}}}"#,
             scratch.display()
         ),
     );
@@ -182,7 +210,8 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
         out.contains("WISP-INIT: ctrl-alt-del received, shutting down"),
         "{out}"
     );
-    assert_scenarios_ok(out, &["info", "rootfs", "net"]);
+    assert_scenarios_ok(out, &["info", "rootfs", "ratelimit", "net"]);
+    assert_rate_limited_write(out);
 
     // Firecracker's log and metrics: the VM's start logged with id, thread, level and origin;
     // the metrics lines (periodic and on exit) count the guest's network traffic.
