@@ -249,9 +249,21 @@ impl EventLoop {
                     Preboot::Answer(answer) => responder.respond(answer),
                     Preboot::Start(started) => {
                         let (vmm, api) = *started;
-                        responder.respond(Ok(None));
+                        // Answered once the VM runs, as Firecracker answers: by the time the
+                        // client hears 204, every thread exists and has its seccomp filter.
                         // Requests queued behind InstanceStart are served by the running VM.
-                        *state = State::Running(self.start(vmm, Some(Box::new(api)))?);
+                        match self.start(vmm, Some(Box::new(api))) {
+                            Ok(running) => {
+                                responder.respond(Ok(None));
+                                *state = State::Running(running);
+                            }
+                            Err(e) => {
+                                responder.respond(Err(crate::api::ApiFault::bad_request(format!(
+                                    "the VM could not start: {e}"
+                                ))));
+                                return Err(e);
+                            }
+                        }
                     }
                 },
                 State::Running(r) => {
