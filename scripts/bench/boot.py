@@ -235,6 +235,11 @@ def linux_mptable(runs):
                 if b"WISP-INIT: ready" in out:
                     ready = time.monotonic() - start
                     break
+            # The launcher forks the VMM: end the VMM itself, or it outlives the run.
+            try:
+                os.kill(vmm_child(p.pid), signal.SIGKILL)
+            except (OSError, IndexError, ValueError):
+                pass  # already gone
             p.kill()
             p.wait()
             stamps = {}
