@@ -2,6 +2,7 @@
 
 pub mod control;
 pub mod exit;
+pub mod state;
 pub mod teardown;
 pub mod vcpu;
 pub mod vm;
