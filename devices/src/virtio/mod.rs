@@ -36,9 +36,12 @@
 //! # Writing a device (e.g. virtio-net over a tap)
 //!
 //! - `queue_max_sizes()` declares the queues (net: `&[256, 256]`, rx = 0, tx = 1);
-//!   `features()` includes [`features::VERSION_1`]; `read_config` serves the config space.
-//! - `activate(Activation)` keeps `mem`, the ready `queues`, `interrupt` and `queue_evts`, and
-//!   applies `acked_features` (net: TUNSETOFFLOAD for the negotiated offloads).
+//!   `features()` includes [`features::VERSION_1`]; `read_config` serves the config space
+//!   (from its bytes: [`read_config_bytes`]).
+//! - `activate(Activation)` keeps `mem`, the queues it needs
+//!   ([`Activation::take_ready_queues`]: `let [rx, tx] = ...?`, an error if the driver did
+//!   not enable one), `interrupt` and `queue_evts`, and applies `acked_features` (net:
+//!   TUNSETOFFLOAD for the negotiated offloads).
 //! - `device_fds()` returns the fds to watch while active (net: the tap). They are watched
 //!   edge-triggered: drain until EAGAIN, or remember "readable but no rx buffers" and retry
 //!   when `process_queue(rx)` sees new buffers.
@@ -68,7 +71,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -130,6 +133,44 @@ pub struct Activation {
     /// empty (to bound the time spent in one call) writes 1 to that queue's eventfd so the
     /// event loop calls it again.
     pub queue_evts: Arc<Vec<EventFd>>,
+}
+
+impl Activation {
+    /// Errors unless the driver enabled each of the first `count` queues.
+    pub fn require_ready(&self, count: usize) -> Result<(), ActivateError> {
+        match (0..count).find(|&index| !self.queues.get(index).is_some_and(|q| q.ready())) {
+            Some(index) => Err(ActivateError::QueueNotReady { index }),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the first `N` queues, each of which the driver must have enabled; the other
+    /// fields stay for the device to keep.
+    pub fn take_ready_queues<const N: usize>(&mut self) -> Result<[Queue; N], ActivateError> {
+        let mut queues = std::mem::take(&mut self.queues);
+        queues.truncate(N);
+        let queues: [Queue; N] = queues
+            .try_into()
+            .map_err(|q: Vec<Queue>| ActivateError::QueueNotReady { index: q.len() })?;
+        match queues.iter().position(|q| !q.ready()) {
+            Some(index) => Err(ActivateError::QueueNotReady { index }),
+            None => Ok(queues),
+        }
+    }
+}
+
+/// Serves a config-space read from the device's config bytes: bytes past the end read as
+/// zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(rest) = usize::try_from(offset)
+        .ok()
+        .and_then(|start| config.get(start..))
+    else {
+        return;
+    };
+    let n = data.len().min(rest.len());
+    data[..n].copy_from_slice(&rest[..n]);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +297,57 @@ impl VirtioInterrupt {
     pub fn set_needs_reset(&self) {
         if !self.shared.needs_reset.swap(true, Ordering::SeqCst) {
             self.shared.raise(INT_CONFIG_CHANGE);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::balloon::{features as fb, Balloon};
+    use super::rng::Rng;
+    use super::testing::Driver;
+    use super::*;
+
+    /// Negotiates `accepted`, enables queues 0..`queues`, sets DRIVER_OK; the status after.
+    fn driver_ok_with(d: &mut Driver, accepted: u64, queues: u32) -> u32 {
+        d.negotiate(accepted);
+        for q in 0..queues {
+            d.setup_queue(q);
+        }
+        d.driver_ok()
+    }
+
+    #[test]
+    fn driver_ok_without_a_required_queue_needs_reset() {
+        let mut d = Driver::new(Box::new(Rng::new()));
+        assert_ne!(
+            driver_ok_with(&mut d, features::VERSION_1, 0) & status::DEVICE_NEEDS_RESET,
+            0
+        );
+        // The statistics queue is required only once the driver accepts STATS_VQ.
+        let with_stats = features::VERSION_1 | fb::STATS_VQ;
+        let mut d = Driver::new(Box::new(Balloon::new(0, true, 1).unwrap()));
+        assert_ne!(
+            driver_ok_with(&mut d, with_stats, 2) & status::DEVICE_NEEDS_RESET,
+            0
+        );
+        let mut d = Driver::new(Box::new(Balloon::new(0, true, 1).unwrap()));
+        assert_eq!(
+            driver_ok_with(&mut d, features::VERSION_1, 2) & status::DEVICE_NEEDS_RESET,
+            0
+        );
+    }
+
+    #[test]
+    fn config_reads_past_the_end_read_zero() {
+        let config = [1u8, 2, 3, 4];
+        let mut data = [0xffu8; 4];
+        read_config_bytes(&config, 2, &mut data);
+        assert_eq!(data, [3, 4, 0, 0]);
+        for offset in [4, 5, u64::MAX] {
+            let mut data = [0xffu8; 2];
+            read_config_bytes(&config, offset, &mut data);
+            assert_eq!(data, [0, 0], "offset {offset}");
         }
     }
 }

@@ -17,7 +17,8 @@ use super::{features as fb, DEFLATE_QUEUE, INFLATE_QUEUE, PAGE_SIZE, QUEUE_SIZE,
 use crate::rate_limiter::Timer;
 use crate::virtio::queue::{collect_chain, pop_chain, ChainEnd};
 use crate::virtio::{
-    device_type, features, ActivateError, Activation, VirtioDevice, VirtioInterrupt,
+    device_type, features, read_config_bytes, ActivateError, Activation, VirtioDevice,
+    VirtioInterrupt,
 };
 
 /// struct virtio_balloon_config: num_pages, actual, free_page_hint_cmd_id, poison_val.
@@ -490,14 +491,7 @@ impl VirtioDevice for Balloon {
         let mut config = [0u8; CONFIG_LEN];
         config[NUM_PAGES..NUM_PAGES + 4].copy_from_slice(&self.target_pages.to_le_bytes());
         config[ACTUAL..ACTUAL + 4].copy_from_slice(&self.actual_pages.to_le_bytes());
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if start < CONFIG_LEN {
-            let n = data.len().min(CONFIG_LEN - start);
-            data[..n].copy_from_slice(&config[start..start + n]);
-        }
+        read_config_bytes(&config, offset, data);
     }
 
     /// Only `actual` is the driver's to write.
@@ -513,18 +507,15 @@ impl VirtioDevice for Balloon {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let stats = activation.acked_features & fb::STATS_VQ != 0;
+        activation.require_ready(if stats { 3 } else { 2 })?;
         let Activation {
             mem,
             queues,
             interrupt,
-            acked_features,
             queue_evts,
+            ..
         } = activation;
-        let stats = acked_features & fb::STATS_VQ != 0;
-        let needed = if stats { 3 } else { 2 };
-        if let Some(index) = queues.iter().take(needed).position(|q| !q.ready()) {
-            return Err(ActivateError::QueueNotReady { index });
-        }
         self.active = Some(Active {
             mem,
             queues,

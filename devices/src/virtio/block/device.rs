@@ -17,7 +17,8 @@ use crate::disk::raw::RawFile;
 use crate::rate_limiter::{BucketUpdate, RateLimiter};
 use crate::virtio::queue::{pop_chain, undo_pop};
 use crate::virtio::{
-    device_type, features, ActivateError, Activation, VirtioDevice, VirtioInterrupt,
+    device_type, features, read_config_bytes, ActivateError, Activation, VirtioDevice,
+    VirtioInterrupt,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -267,35 +268,17 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if start < CONFIG_LEN {
-            let n = data.len().min(CONFIG_LEN - start);
-            data[..n].copy_from_slice(&self.config[start..start + n]);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let Activation {
-            mem,
-            queues,
-            interrupt,
-            acked_features,
-            queue_evts,
-        } = activation;
-        let queue = queues
-            .into_iter()
-            .next()
-            .filter(|q| q.ready())
-            .ok_or(ActivateError::QueueNotReady { index: 0 })?;
-        self.handler.acked_features = acked_features;
+    fn activate(&mut self, mut activation: Activation) -> Result<(), ActivateError> {
+        let [queue] = activation.take_ready_queues()?;
+        self.handler.acked_features = activation.acked_features;
         self.active = Some(Active {
-            mem,
+            mem: activation.mem,
             queue,
-            interrupt,
-            queue_evts,
+            interrupt: activation.interrupt,
+            queue_evts: activation.queue_evts,
             failed: false,
         });
         Ok(())

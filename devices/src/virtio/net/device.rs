@@ -21,7 +21,8 @@ use super::{features as net, HDR_LEN, QUEUE_SIZE, RX_QUEUE, STATUS_LINK_UP, TX_Q
 use crate::rate_limiter::{BucketUpdate, RateLimiter};
 use crate::tap::{offload, Tap, TapError};
 use crate::virtio::{
-    device_type, features, ActivateError, Activation, VirtioDevice, VirtioInterrupt,
+    device_type, features, read_config_bytes, ActivateError, Activation, VirtioDevice,
+    VirtioInterrupt,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -376,34 +377,14 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if start < CONFIG_LEN {
-            let n = data.len().min(CONFIG_LEN - start);
-            data[..n].copy_from_slice(&self.config[start..start + n]);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
 
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let Activation {
-            mem,
-            queues,
-            interrupt,
-            acked_features,
-            queue_evts,
-        } = activation;
+    fn activate(&mut self, mut activation: Activation) -> Result<(), ActivateError> {
+        let acked_features = activation.acked_features;
         check_feature_dependencies(acked_features).map_err(ActivateError::Other)?;
-        let mut queues = queues.into_iter();
-        let rx = queues
-            .next()
-            .filter(|q| q.ready())
-            .ok_or(ActivateError::QueueNotReady { index: RX_QUEUE })?;
-        let tx = queues
-            .next()
-            .filter(|q| q.ready())
-            .ok_or(ActivateError::QueueNotReady { index: TX_QUEUE })?;
+        const _: () = assert!(RX_QUEUE == 0 && TX_QUEUE == 1);
+        let [rx, tx] = activation.take_ready_queues()?;
         self.tap
             .set_vnet_hdr_size(HDR_LEN as i32)
             .map_err(|e| ActivateError::Other(e.to_string()))?;
@@ -411,11 +392,11 @@ impl VirtioDevice for Net {
             .set_offload(tap_offloads(acked_features))
             .map_err(|e| ActivateError::Other(e.to_string()))?;
         self.active = Some(Active {
-            mem,
+            mem: activation.mem,
             rx,
             tx,
-            interrupt,
-            queue_evts,
+            interrupt: activation.interrupt,
+            queue_evts: activation.queue_evts,
             acked: acked_features,
             failed: false,
         });

@@ -186,24 +186,13 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
 
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let Activation {
-            mem,
-            queues,
-            interrupt,
-            queue_evts,
-            ..
-        } = activation;
-        let queue = queues
-            .into_iter()
-            .next()
-            .filter(|q| q.ready())
-            .ok_or(ActivateError::QueueNotReady { index: 0 })?;
+    fn activate(&mut self, mut activation: Activation) -> Result<(), ActivateError> {
+        let [queue] = activation.take_ready_queues()?;
         self.active = Some(Active {
-            mem,
+            mem: activation.mem,
             queue,
-            interrupt,
-            queue_evts,
+            interrupt: activation.interrupt,
+            queue_evts: activation.queue_evts,
             failed: false,
         });
         Ok(())

@@ -15,7 +15,8 @@ use super::packet::{Header, HDR_LEN};
 use super::{EVT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::virtio::queue::{collect_chain, pop_chain, undo_pop, ChainEnd};
 use crate::virtio::{
-    device_type, features, ActivateError, Activation, VirtioDevice, VirtioInterrupt,
+    device_type, features, read_config_bytes, ActivateError, Activation, VirtioDevice,
+    VirtioInterrupt,
 };
 
 /// Chains taken from each queue in one event-loop turn before the device yields.
@@ -318,42 +319,19 @@ impl VirtioDevice for Vsock {
 
     /// virtio 1.2 §5.10.4: `le64 guest_cid`.
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = self.guest_cid.to_le_bytes();
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if start < config.len() {
-            let n = data.len().min(config.len() - start);
-            data[..n].copy_from_slice(&config[start..start + n]);
-        }
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let Activation {
-            mem,
-            queues,
-            interrupt,
-            queue_evts,
-            ..
-        } = activation;
-        let mut queues = queues.into_iter();
-        let mut take = |index| {
-            queues
-                .next()
-                .filter(|q| q.ready())
-                .ok_or(ActivateError::QueueNotReady { index })
-        };
-        let rx = take(RX_QUEUE)?;
-        let tx = take(TX_QUEUE)?;
+    fn activate(&mut self, mut activation: Activation) -> Result<(), ActivateError> {
+        const _: () = assert!(RX_QUEUE == 0 && TX_QUEUE == 1 && EVT_QUEUE == 2);
         // The event queue only carries TRANSPORT_RESET (after a snapshot restore): unused.
-        let _event = take(EVT_QUEUE)?;
+        let [rx, tx, _event] = activation.take_ready_queues()?;
         self.active = Some(Active {
-            mem,
+            mem: activation.mem,
             rx,
             tx,
-            interrupt,
-            queue_evts,
+            interrupt: activation.interrupt,
+            queue_evts: activation.queue_evts,
             failed: false,
         });
         self.muxer.activate();
