@@ -9,6 +9,7 @@ pub mod disk;
 pub mod events;
 pub mod interrupt;
 pub mod legacy;
+pub mod mmds;
 pub mod rate_limiter;
 pub mod tap;
 #[cfg(test)]

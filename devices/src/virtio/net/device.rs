@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::rx::Rx;
 use super::{features as net, HDR_LEN, QUEUE_SIZE, RX_QUEUE, STATUS_LINK_UP, TX_QUEUE};
+use crate::mmds::MmdsStack;
 use crate::rate_limiter::{BucketUpdate, RateLimiter};
 use crate::tap::{offload, Tap, TapError};
 use crate::virtio::{
@@ -163,6 +164,12 @@ pub struct Net {
     /// refused, frames wait in the ring). Their timers are device fds after the tap.
     pub(super) rx_limiter: Option<RateLimiter>,
     pub(super) tx_limiter: Option<RateLimiter>,
+    /// The metadata service's responder when this interface serves it: the transmit path
+    /// hands it the frames for its address, the receive path gives the guest its answers
+    /// (taking turns with the tap).
+    pub(super) mmds: Option<MmdsStack>,
+    /// A detoured frame, copied out of guest memory (grows to one frame at most).
+    pub(super) mmds_frame: Vec<u8>,
 }
 
 /// What `device_fds()[index]` is.
@@ -215,6 +222,8 @@ impl Net {
             descs: Vec::new(),
             rx_limiter: None,
             tx_limiter: None,
+            mmds: None,
+            mmds_frame: Vec::new(),
         })
     }
 
@@ -225,6 +234,14 @@ impl Net {
     pub fn with_rate_limiters(mut self, rx: RateLimiter, tx: RateLimiter) -> Net {
         self.rx_limiter = Some(rx);
         self.tx_limiter = Some(tx);
+        self
+    }
+
+    /// Serves the metadata service on this interface: ARP requests for the stack's address
+    /// and IPv4 frames to it are answered by `stack` instead of going to the tap. MMDS
+    /// frames are not counted against the rate limiters (as in Firecracker).
+    pub fn with_mmds(mut self, stack: MmdsStack) -> Net {
+        self.mmds = Some(stack);
         self
     }
 
@@ -409,6 +426,10 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.active = None;
         self.rx.reset(&self.counters);
+        // The guest that had connections is gone.
+        if let Some(stack) = self.mmds.as_mut() {
+            stack.reset();
+        }
         // Frames queued from now on must not carry offloads the next driver may refuse.
         if let Err(e) = self.tap.set_offload(0) {
             rate_limited_warn!("virtio-net: {}", e);

@@ -36,6 +36,8 @@ pub(super) struct Rx {
     spare: Vec<Vec<(GuestAddress, u32)>>,
     /// The driver is asked to notify the rx queue (we ran out of buffers).
     pub(super) notify: bool,
+    /// The MMDS's turn for the next frame, when both it and the tap have one.
+    mmds_turn: bool,
 }
 
 impl Rx {
@@ -48,6 +50,7 @@ impl Rx {
             capacity: 0,
             spare: Vec::new(),
             notify: true,
+            mmds_turn: true,
         }
     }
 
@@ -90,7 +93,8 @@ impl Net {
                 }
             }
             if rx.pending == 0 {
-                if !rx.tap_readable {
+                let mmds_ready = self.mmds.as_ref().is_some_and(|m| m.has_frame());
+                if !rx.tap_readable && !mmds_ready {
                     break;
                 }
                 // Read only with a buffer to put the frame in.
@@ -114,6 +118,19 @@ impl Net {
                         Err(()) => return,
                     }
                 }
+                if let Some(stack) = self.mmds.as_mut().filter(|_| mmds_ready) {
+                    if rx.mmds_turn || !rx.tap_readable {
+                        // Not rate limited: the MMDS answers only what the guest asked.
+                        rx.mmds_turn = false;
+                        rx.frame[..HDR_LEN].fill(0);
+                        match stack.write_frame(&mut rx.frame[HDR_LEN..]) {
+                            Some(n) => rx.pending = HDR_LEN + n,
+                            None => break,
+                        }
+                        continue;
+                    }
+                }
+                rx.mmds_turn = true;
                 if let Some(limiter) = self.rx_limiter.as_mut() {
                     // A frame's size is known once read: admit on the tokens there are, charge
                     // its bytes after (a debt that the next frames wait out).

@@ -16,6 +16,7 @@ use super::{
     TX_QUEUE,
 };
 use crate::bus::BusDevice;
+use crate::mmds::{Mmds, MmdsStack, MmdsVersion, DEFAULT_IPV4, MMDS_MAC};
 use crate::rate_limiter::{BucketParams, BucketUpdate, RateLimiter};
 use crate::tap::{Tap, TapError};
 use crate::test_utils::{Rng, TestNetns};
@@ -319,6 +320,15 @@ fn env_limited(
     queue_size: u16,
     limiters: Option<(RateLimiter, RateLimiter)>,
 ) -> Env {
+    env_full(accepted, queue_size, limiters, None)
+}
+
+fn env_full(
+    accepted: u64,
+    queue_size: u16,
+    limiters: Option<(RateLimiter, RateLimiter)>,
+    mmds: Option<MmdsStack>,
+) -> Env {
     let ns = TestNetns::new();
     let tap = ns.enter(|| Tap::open(TAP).expect("open tap"));
     ns.ip(&["link", "set", TAP, "address", "02:00:00:00:00:01", "up"]);
@@ -326,6 +336,9 @@ fn env_limited(
     let mut net = Net::new(tap, Some(GUEST_MAC), Some(1500)).unwrap();
     if let Some((rx, tx)) = limiters {
         net = net.with_rate_limiters(rx, tx);
+    }
+    if let Some(stack) = mmds {
+        net = net.with_mmds(stack);
     }
     let counters = net.counters();
     let mut d = Driver::new(Box::new(net));
@@ -1709,4 +1722,195 @@ fn throttled_rx_leaves_frames_in_the_tap_until_the_limit_is_lifted() {
         assert_eq!(&got, f);
     }
     assert_eq!(tx_stats(&e.ns, TAP), (3, 0));
+}
+
+// ---------------------------------------------------------------------------------------
+// The metadata service on the interface
+
+const MMDS_IP: [u8; 4] = [169, 254, 169, 254];
+
+fn env_mmds(accepted: u64) -> (Env, Arc<std::sync::Mutex<Mmds>>) {
+    let mut m = Mmds::new(51200);
+    m.put(serde_json::json!({"latest": {"meta-data": {"instance-id": "i-42"}}}))
+        .unwrap();
+    let m = Arc::new(std::sync::Mutex::new(m));
+    let stack = MmdsStack::new(m.clone(), DEFAULT_IPV4);
+    (env_full(accepted, 64, None, Some(stack)), m)
+}
+
+fn arp_request(target: [u8; 4]) -> Vec<u8> {
+    let mut a = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    a.extend_from_slice(&GUEST_MAC);
+    a.extend_from_slice(&GUEST_IP);
+    a.extend_from_slice(&[0; 6]);
+    a.extend_from_slice(&target);
+    eth([0xff; 6], GUEST_MAC, 0x0806, &a)
+}
+
+/// A TCP segment from the guest (port 40000) to `dst` port 80; with `partial` the checksum
+/// is left as NEEDS_CSUM leaves it (the pseudo-header sum).
+fn guest_tcp(
+    dst: [u8; 4],
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: &[u8],
+    partial: bool,
+) -> Vec<u8> {
+    let tcp_len = 20 + payload.len();
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&GUEST_IP);
+    ip[16..20].copy_from_slice(&dst);
+    let c = !csum_fold(csum_add(0, &ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&65535u16.to_be_bytes());
+    tcp.extend_from_slice(payload);
+    let pseudo = pseudo_sum(GUEST_IP, dst, tcp_len);
+    let c = if partial {
+        csum_fold(pseudo)
+    } else {
+        !csum_fold(csum_add(pseudo, &tcp))
+    };
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    ip.extend_from_slice(&tcp);
+    eth(MMDS_MAC, GUEST_MAC, 0x0800, &ip)
+}
+
+/// (flags, seq, ack, payload) of a segment the MMDS sent, its checksums checked.
+fn mmds_segment(f: &[u8]) -> (u8, u32, u32, Vec<u8>) {
+    assert_eq!(&f[0..6], &GUEST_MAC);
+    assert_eq!(&f[6..12], &MMDS_MAC);
+    let ip = &f[14..];
+    assert_eq!(csum_fold(csum_add(0, &ip[..20])), 0xffff, "IP checksum");
+    let tcp = &ip[20..];
+    let sum = csum_add(pseudo_sum(MMDS_IP, GUEST_IP, tcp.len()), tcp);
+    assert_eq!(csum_fold(sum), 0xffff, "TCP checksum");
+    let doff = usize::from(tcp[12] >> 4) * 4;
+    let be32 = |at: usize| u32::from_be_bytes(tcp[at..at + 4].try_into().unwrap());
+    (tcp[13], be32(4), be32(8), tcp[doff..].to_vec())
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN: u8 = 0x01;
+
+#[test]
+fn mmds_answers_arp_byte_exact_and_other_frames_still_reach_the_tap() {
+    let (mut e, m) = env_mmds(netf::MRG_RXBUF);
+    e.post_rx(8, 2048);
+    e.transmit([0; HDR_LEN], &arp_request(MMDS_IP), 1);
+    let (hdr, reply) = e.recv_frame(T).expect("an ARP reply");
+    assert_eq!(hdr, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+    let want: Vec<u8> = [
+        &GUEST_MAC[..],
+        &MMDS_MAC,
+        &[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 2],
+        &MMDS_MAC,
+        &MMDS_IP,
+        &GUEST_MAC,
+        &GUEST_IP,
+    ]
+    .concat();
+    assert_eq!(reply, want);
+    assert_eq!(e.counters().tx_frames, 0, "nothing went to the tap");
+    // ARP for another address, TCP to another host: to the tap, unchanged.
+    let other_arp = arp_request([10, 0, 0, 1]);
+    e.transmit([0; HDR_LEN], &other_arp, 1);
+    assert_eq!(e.host_recv().as_deref(), Some(&other_arp[..]));
+    let other_tcp = guest_tcp([10, 0, 0, 1], 1, 0, SYN, b"", false);
+    e.transmit([0; HDR_LEN], &other_tcp, 2);
+    assert_eq!(e.host_recv().as_deref(), Some(&other_tcp[..]));
+    assert_eq!(e.counters().tx_frames, 2);
+    let c = m.lock().unwrap().counters();
+    assert_eq!(c.rx_accepted.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+/// SYN, SYN-ACK, ACK, GET, the answer and FIN, the guest's FIN and the last ACK, all
+/// through the rings; returns the answer's bytes.
+fn mmds_get(e: &mut Env, request: &str, partial: bool) -> String {
+    let hdr = if partial {
+        vnet_hdr(hdr_flags::NEEDS_CSUM, gso::NONE, 0, 0, 34, 16)
+    } else {
+        [0; HDR_LEN]
+    };
+    let tx_before = e.counters().tx_frames;
+    e.transmit(hdr, &guest_tcp(MMDS_IP, 100, 0, SYN, b"", partial), 1);
+    let (_, f) = e.recv_frame(T).expect("SYN-ACK");
+    let (flags, iss, ack, _) = mmds_segment(&f);
+    assert_eq!((flags, ack), (SYN | ACK, 101));
+    let seg = guest_tcp(MMDS_IP, 101, iss + 1, ACK, request.as_bytes(), partial);
+    e.transmit(hdr, &seg, 3);
+    let mut answer = Vec::new();
+    let mut next = iss + 1;
+    loop {
+        let (_, f) = e.recv_frame(T).expect("the answer");
+        let (flags, seq, _, payload) = mmds_segment(&f);
+        assert_eq!(seq, next);
+        next += payload.len() as u32;
+        answer.extend(payload);
+        if flags & FIN != 0 {
+            next += 1;
+            break;
+        }
+    }
+    let end = 101 + request.len() as u32;
+    e.transmit(
+        hdr,
+        &guest_tcp(MMDS_IP, end, next, ACK | FIN, b"", partial),
+        1,
+    );
+    let (_, f) = e.recv_frame(T).expect("the last ACK");
+    assert_eq!(mmds_segment(&f).0, ACK);
+    assert_eq!(
+        e.counters().tx_frames,
+        tx_before,
+        "no MMDS frame reached the tap"
+    );
+    String::from_utf8(answer).unwrap()
+}
+
+#[test]
+fn mmds_get_through_the_rings_returns_the_data_with_and_without_checksum_offload() {
+    let (mut e, _) = env_mmds(netf::MRG_RXBUF | netf::CSUM);
+    e.post_rx(32, 2048);
+    let a = mmds_get(
+        &mut e,
+        "GET /latest/meta-data/instance-id HTTP/1.1\r\n\r\n",
+        false,
+    );
+    assert!(a.starts_with("HTTP/1.1 200 OK\r\n"), "{a}");
+    assert!(a.ends_with("\r\n\r\ni-42"), "{a}");
+    let a = mmds_get(
+        &mut e,
+        "GET /latest/ HTTP/1.1\r\nAccept: application/json\r\n\r\n",
+        true,
+    );
+    assert!(
+        a.ends_with(r#"{"meta-data":{"instance-id":"i-42"}}"#),
+        "{a}"
+    );
+}
+
+#[test]
+fn mmds_v2_refuses_a_get_without_token_through_the_rings() {
+    let (mut e, m) = env_mmds(netf::MRG_RXBUF);
+    m.lock().unwrap().set_version(MmdsVersion::V2);
+    e.post_rx(32, 2048);
+    let a = mmds_get(
+        &mut e,
+        "GET /latest/meta-data/instance-id HTTP/1.1\r\n\r\n",
+        false,
+    );
+    assert!(a.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{a}");
 }

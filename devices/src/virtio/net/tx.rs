@@ -3,6 +3,7 @@
 //! was checked) and the frame (straight from guest memory) go to the tap in one writev.
 
 use std::io;
+use std::time::Instant;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
@@ -12,6 +13,7 @@ use super::device::{bump, notify_used, BUDGET};
 use super::{
     features as net, gso, hdr_flags, Net, HDR_LEN, MAX_FRAME_LEN, MIN_FRAME_LEN, TX_QUEUE,
 };
+use crate::mmds::MmdsStack;
 use crate::tap::Tap;
 use crate::virtio::queue::{collect_chain, pop_chain, undo_pop, ChainEnd};
 
@@ -26,11 +28,21 @@ enum TxDrop {
 
 impl Net {
     pub(super) fn process_tx(&mut self) {
+        let detoured = self.transmit_queue();
+        // Answers the MMDS has for the guest go out now if it has buffers for them.
+        if detoured && self.mmds.as_ref().is_some_and(|m| m.has_frame()) {
+            self.process_rx();
+        }
+    }
+
+    /// Works the transmit queue; true if a frame went to the MMDS.
+    fn transmit_queue(&mut self) -> bool {
+        let mut detoured = false;
         let Some(active) = self.active.as_mut() else {
-            return;
+            return detoured;
         };
         if active.failed {
-            return;
+            return detoured;
         }
         let mut sent = 0u32;
         let mut used = false;
@@ -39,7 +51,7 @@ impl Net {
                 rate_limited_warn!("virtio-net: tx used ring unusable: {}", e);
                 active.failed = true;
                 active.interrupt.set_needs_reset();
-                return;
+                return detoured;
             }
             loop {
                 if sent >= BUDGET {
@@ -56,11 +68,26 @@ impl Net {
                         rate_limited_warn!("virtio-net: tx {}; the device needs a reset", e);
                         active.failed = true;
                         active.interrupt.set_needs_reset();
-                        return;
+                        return detoured;
                     }
                 };
                 let head = chain.head_index();
                 let end = collect_chain(chain, &mut self.descs);
+                let for_mmds = self.mmds.as_mut().is_some_and(|stack| {
+                    detour(stack, &active.mem, &self.descs, end, &mut self.mmds_frame)
+                });
+                if for_mmds {
+                    detoured = true;
+                    sent += 1;
+                    if let Err(e) = active.tx.add_used(&active.mem, head, 0) {
+                        rate_limited_warn!("virtio-net: tx used ring unusable: {}", e);
+                        active.failed = true;
+                        active.interrupt.set_needs_reset();
+                        return detoured;
+                    }
+                    used = true;
+                    continue;
+                }
                 if let Some(limiter) = self.tx_limiter.as_mut() {
                     if !limiter.try_consume(1, frame_len(&self.descs)) {
                         // The frame stays in the ring, and notifications stay off, until the
@@ -93,7 +120,7 @@ impl Net {
                     rate_limited_warn!("virtio-net: tx used ring unusable: {}", e);
                     active.failed = true;
                     active.interrupt.set_needs_reset();
-                    return;
+                    return detoured;
                 }
                 used = true;
             }
@@ -104,14 +131,69 @@ impl Net {
                     rate_limited_warn!("virtio-net: tx used ring unusable: {}", e);
                     active.failed = true;
                     active.interrupt.set_needs_reset();
-                    return;
+                    return detoured;
                 }
             }
         }
         if used {
             notify_used(&mut active.tx, &active.mem, &active.interrupt, TX_QUEUE);
         }
+        detoured
     }
+}
+
+/// Copies up to `out.len()` bytes of a transmit chain (header first) out of guest memory;
+/// None for a chain `transmit` will refuse anyway.
+fn read_chain(mem: &GuestMemoryMmap, descs: &[Descriptor], out: &mut [u8]) -> Option<usize> {
+    let mut got = 0usize;
+    for d in descs {
+        if got == out.len() {
+            break;
+        }
+        if d.is_write_only() {
+            return None;
+        }
+        let n = (d.len() as usize).min(out.len() - got);
+        mem.read_slice(&mut out[got..got + n], d.addr()).ok()?;
+        got += n;
+    }
+    Some(got)
+}
+
+/// Hands the frame to the MMDS if it is for it (ARP for its address, IPv4 to it); true if
+/// it took it. The decision is made on a copy of the headers and the MMDS parses its own
+/// copy of the frame, so later changes by the guest to its buffers change nothing here.
+fn detour(
+    stack: &mut MmdsStack,
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+    end: ChainEnd,
+    frame: &mut Vec<u8>,
+) -> bool {
+    if end == ChainEnd::Broken || descs.len() > MAX_TX_DESCS {
+        return false;
+    }
+    // The Ethernet header and the ARP target / IPv4 destination address.
+    let mut head = [0u8; HDR_LEN + 42];
+    match read_chain(mem, descs, &mut head) {
+        Some(n) if n > HDR_LEN && stack.is_mmds_frame(&head[HDR_LEN..n]) => {}
+        _ => return false,
+    }
+    let total = descs
+        .iter()
+        .fold(0usize, |n, d| n.saturating_add(d.len() as usize));
+    if total > HDR_LEN + MAX_FRAME_LEN {
+        rate_limited_warn!("mmds: {}-byte frame dropped (max {})", total, MAX_FRAME_LEN);
+        return true;
+    }
+    frame.resize(total, 0);
+    if read_chain(mem, descs, frame) != Some(total) {
+        return false;
+    }
+    let partial = frame[0] & hdr_flags::NEEDS_CSUM != 0;
+    stack.note_detoured();
+    stack.receive(&frame[HDR_LEN..], partial, Instant::now());
+    true
 }
 
 /// The frame bytes of a transmit chain as its descriptors say (without the virtio-net
