@@ -14,6 +14,7 @@ pub mod logger;
 pub mod metrics;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod startup_trace;
 pub mod terminal;
 pub mod vmm;
