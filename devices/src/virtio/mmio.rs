@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::event_handler::{lock_slot, DeviceSlot, Slot};
@@ -72,6 +72,39 @@ pub enum MmioError {
     TooManyQueues { count: usize, max: usize },
     #[error("device declares queue {index} with max size {size}, not a power of two in 1..=32768")]
     BadQueueMaxSize { index: usize, size: u16 },
+    #[error("snapshot: {0}")]
+    BadState(String),
+}
+
+/// One queue's registers in a snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueState {
+    pub size: u32,
+    pub ready: bool,
+    pub desc: u64,
+    pub driver: u64,
+    pub device: u64,
+}
+
+/// The transport's registers in a snapshot. The device's own progress (the queues' next
+/// indices) is read back from the rings in guest memory on restore: at a pause every chain a
+/// device took is answered (see [`MmioTransport::restore`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmioState {
+    pub device_type: u32,
+    pub device_features: u64,
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub driver_features_invalid: bool,
+    pub queue_sel: u32,
+    pub queues: Vec<QueueState>,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub needs_reset: bool,
 }
 
 /// The low and high 32-bit halves of a 64-bit value (register pairs such as QueueDescLow/High).
@@ -316,6 +349,13 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        self.activate_at(false);
+    }
+
+    /// Activates the device; `resume` for a restored driver whose queues are under way: each
+    /// queue goes on from its used ring's index (at a pause every chain taken was answered,
+    /// so the next one to take is the next one to answer).
+    fn activate_at(&mut self, resume: bool) {
         if self.shared.needs_reset.load(Ordering::SeqCst) {
             // An earlier error (e.g. a bad queue) already asked for a reset; tell the driver
             // now that DRIVER_OK is set.
@@ -336,6 +376,15 @@ impl MmioTransport {
                 q.set_used_ring_address(Some(device.0), Some(device.1));
                 q.set_event_idx(event_idx);
                 q.set_ready(true);
+                if resume {
+                    // The layout was validated: the used ring's idx is in guest memory.
+                    let idx: u16 = self
+                        .mem
+                        .read_obj(GuestAddress(regs.device.wrapping_add(2)))
+                        .unwrap_or(0);
+                    q.set_next_avail(idx);
+                    q.set_next_used(idx);
+                }
             }
             queues.push(q);
         }
@@ -361,6 +410,103 @@ impl MmioTransport {
                 self.needs_reset();
             }
         }
+    }
+
+    /// The registers, for a snapshot of a paused VM.
+    pub fn state(&self) -> MmioState {
+        MmioState {
+            device_type: self.device_type,
+            device_features: self.device_features,
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            driver_features_invalid: self.driver_features_invalid,
+            queue_sel: self.queue_sel,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueState {
+                    size: q.size,
+                    ready: q.ready,
+                    desc: q.desc,
+                    driver: q.driver,
+                    device: q.device,
+                })
+                .collect(),
+            interrupt_status: self.shared.interrupt_status.load(Ordering::SeqCst),
+            config_generation: self.shared.config_generation.load(Ordering::SeqCst),
+            needs_reset: self.shared.needs_reset.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Puts a fresh transport (its device built as the snapshotted one was) into the state a
+    /// snapshot recorded, and activates the device if the driver had. The state comes from a
+    /// file: it is checked as the driver's register writes would be, and refused whole.
+    pub fn restore(&mut self, state: &MmioState) -> Result<(), MmioError> {
+        let bad = |what: String| Err(MmioError::BadState(what));
+        if state.device_type != self.device_type {
+            return bad(format!(
+                "device type {} where this VM has device type {}",
+                state.device_type, self.device_type
+            ));
+        }
+        if state.device_features != self.device_features {
+            return bad(format!(
+                "device type {} offered features {:#x}, it now offers {:#x}",
+                self.device_type, state.device_features, self.device_features
+            ));
+        }
+        if state.queues.len() != self.queues.len() {
+            return bad(format!(
+                "device type {} has {} queues, the snapshot {}",
+                self.device_type,
+                self.queues.len(),
+                state.queues.len()
+            ));
+        }
+        if state.status & !(0xcf | status::DEVICE_NEEDS_RESET) != 0 {
+            return bad(format!("status {:#x}", state.status));
+        }
+        let mut queues = self.queues.clone();
+        for (i, (q, s)) in queues.iter_mut().zip(&state.queues).enumerate() {
+            *q = QueueRegs {
+                max_size: q.max_size,
+                size: s.size,
+                ready: s.ready,
+                desc: s.desc,
+                driver: s.driver,
+                device: s.device,
+            };
+            if q.ready && !self.queue_layout_valid(q) {
+                return bad(format!("queue {i}'s layout is not valid in guest memory"));
+            }
+        }
+        self.queues = queues;
+        self.status = state.status & !status::DEVICE_NEEDS_RESET;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.driver_features_invalid = state.driver_features_invalid;
+        self.queue_sel = state.queue_sel;
+        self.shared
+            .interrupt_status
+            .store(state.interrupt_status & 0x3, Ordering::SeqCst);
+        self.shared
+            .config_generation
+            .store(state.config_generation, Ordering::SeqCst);
+        self.shared
+            .needs_reset
+            .store(state.needs_reset, Ordering::SeqCst);
+        if self.status & status::DRIVER_OK != 0 && !state.needs_reset {
+            self.activate_at(true);
+            // Notifications the guest sent before the pause were for the old process's
+            // eventfds: look at every queue once.
+            for evt in self.handler.queue_evts.iter() {
+                let _ = evt.write(1);
+            }
+        }
+        Ok(())
     }
 
     /// Checks the selected queue's registers when the driver enables it.

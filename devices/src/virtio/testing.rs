@@ -146,6 +146,21 @@ impl Driver {
         }
     }
 
+    /// A new transport for `device` over this driver's memory, put into this transport's
+    /// state as a snapshot restore does, with the driver's own bookkeeping carried over (the
+    /// guest's memory and driver go on; the VMM side is new).
+    pub fn restored<D: VirtioDevice>(
+        &self,
+        device: Box<D>,
+    ) -> Result<Driver, crate::virtio::mmio::MmioError> {
+        let mut d = Driver::with_memory(device, self.mem.clone());
+        d.transport.restore(&self.transport.state())?;
+        d.queue_size = self.queue_size;
+        d.queues = self.queues;
+        d.next_data = self.next_data;
+        Ok(d)
+    }
+
     /// The VMM's typed handle on the device (`D` is the type the driver was made with).
     pub fn device<D: VirtioDevice>(&self) -> &DeviceHandle<D> {
         self.device

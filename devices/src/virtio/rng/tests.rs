@@ -284,3 +284,65 @@ fn a_throttled_request_is_served_when_the_limiters_timer_fires() {
     assert_eq!(c.requests.load(Ordering::Relaxed), 4);
     assert!(c.rate_limiter_events.load(Ordering::Relaxed) >= 1);
 }
+
+#[test]
+fn a_restored_transport_goes_on_from_the_rings_and_answers_only_new_requests() {
+    let mut d = rng_driver(16);
+    for _ in 0..3 {
+        let buf = d.alloc(16);
+        let head = d.add_chain(&[Buf::writable(buf, 16)]);
+        d.publish(head);
+    }
+    d.kick(0);
+    assert_eq!(d.used_idx(), 3);
+    let state = d.transport.state();
+    assert_eq!(state.queues[0].size, 16);
+    assert!(state.queues[0].ready);
+
+    // A new process: a new device and transport over the same guest memory.
+    let mut r = d.restored(Box::new(Rng::new())).unwrap();
+    assert_eq!(r.status(), d.status(), "the driver's status carries over");
+    assert_eq!(r.transport.state(), state);
+    // The restore looks at the queue once: nothing new there, nothing answered.
+    r.run_turns(0, 4);
+    assert_eq!(r.used_idx(), 3);
+    let buf = r.alloc(256);
+    let head = r.add_chain(&[Buf::writable(buf, 256)]);
+    r.publish(head);
+    r.kick(0);
+    assert_eq!(r.used_idx(), 4, "only the new request was answered");
+    assert_eq!(r.used_elem(3), (u32::from(head), 256));
+    assert_random(&r.read_bytes(buf, 256));
+}
+
+#[test]
+fn a_restore_refuses_a_state_of_another_device_or_rings_outside_memory() {
+    let d = rng_driver(16);
+    let good = d.transport.state();
+    let fresh = || Driver::new(Box::new(Rng::new()));
+
+    let mut other = good.clone();
+    other.device_type = 2;
+    let mut r = fresh();
+    assert!(r.transport.restore(&other).is_err());
+    assert_eq!(r.status(), 0, "nothing restored");
+
+    let mut other = good.clone();
+    other.device_features ^= 1 << 40;
+    assert!(fresh().transport.restore(&other).is_err());
+
+    let mut other = good.clone();
+    other.queues.push(other.queues[0]);
+    assert!(fresh().transport.restore(&other).is_err());
+
+    let mut other = good.clone();
+    other.queues[0].desc = u64::MAX - 8;
+    let mut r = fresh();
+    let e = r.transport.restore(&other).unwrap_err();
+    assert!(e.to_string().contains("queue 0"), "{e}");
+    assert_eq!(r.status(), 0, "nothing restored");
+
+    let mut other = good;
+    other.queues[0].size = 3;
+    assert!(fresh().transport.restore(&other).is_err());
+}
