@@ -15,14 +15,17 @@
 //! but unused (its one event, TRANSPORT_RESET, follows a snapshot restore). Each turn takes
 //! a bounded number of chains from each queue and events from the sockets, then yields.
 
+mod conn;
 mod device;
 pub mod muxer;
 pub mod packet;
 #[cfg(test)]
 mod tests;
+mod uds;
 
 pub use device::{Vsock, VsockCounters};
-pub use muxer::{check_uds_path, MuxerError, BUF_ALLOC, MAX_CONNECTIONS, MAX_PAYLOAD};
+pub use muxer::{MuxerError, BUF_ALLOC, MAX_CONNECTIONS, MAX_PAYLOAD};
+pub use uds::check_uds_path;
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;

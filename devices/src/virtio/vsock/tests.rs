@@ -6,8 +6,8 @@ use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
-use super::muxer::{check_uds_path, MuxerError};
 use super::packet::{op, shutdown, Header, HDR_LEN, HOST_CID, TYPE_STREAM};
+use super::{check_uds_path, MuxerError};
 use super::{Vsock, BUF_ALLOC, MAX_CONNECTIONS, RX_QUEUE, TX_QUEUE};
 use crate::test_utils::TempDir;
 use crate::virtio::testing::{regs, Buf, Driver};
