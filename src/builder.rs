@@ -2,7 +2,7 @@
 
 use crate::arch::x86_64::{acpi, boot, cpuid, layout::*, mptable, pvm, regs};
 use crate::cgroup::VmCgroup;
-use crate::config::{ConsoleConfig, VmConfig};
+use crate::config::{cmdline, ConsoleConfig, VmConfig};
 use crate::device_manager::DeviceManager;
 use crate::startup_trace;
 use crate::vmm::*;
@@ -170,21 +170,22 @@ fn load_kernel(
     virtio: &DeviceManager,
     pvm: bool,
 ) -> Result<regs::EntryMode, VmmError> {
-    let mut cmdline = config.cmdline.clone();
+    let mut added = Vec::new();
     if pvm && boot::is_linux(&config.kernel) {
-        if let Some(words) = pvm::linux_cmdline_additions(&cmdline) {
+        if let Some(words) = pvm::linux_cmdline_additions(&config.cmdline) {
             log::info!("PVM host: adding `{words}` to the Linux command line");
-            cmdline.push(' ');
-            cmdline.push_str(words);
+            added.push(words.to_string());
         }
     }
     // Each virtio device is described once: in the DSDT, or on the command line.
     let acpi_virtio = if config.virtio_mmio_cmdline {
-        cmdline.push_str(&virtio.cmdline());
+        added.extend(virtio.cmdline());
         &[][..]
     } else {
         &virtio.windows[..]
     };
+    let added: Vec<&str> = added.iter().map(String::as_str).collect();
+    let cmdline = cmdline::with_kernel_args(&config.cmdline, &added);
     // WISP_NO_MPTABLE=1: a debug switch for measuring what the table saves a Linux boot
     // (scripts/bench/boot.sh --linux-mptable); without it Linux scans for one.
     if std::env::var_os("WISP_NO_MPTABLE").is_none() {

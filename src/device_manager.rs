@@ -300,10 +300,10 @@ impl DeviceManager {
     }
 
     /// `virtio_mmio.device=` entries for kernels that find devices on the command line.
-    pub fn cmdline(&self) -> String {
+    pub fn cmdline(&self) -> Vec<String> {
         self.windows
             .iter()
-            .map(|w| format!(" virtio_mmio.device=4K@{:#x}:{}", w.base, w.gsi))
+            .map(|w| format!("virtio_mmio.device=4K@{:#x}:{}", w.base, w.gsi))
             .collect()
     }
 }

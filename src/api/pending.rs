@@ -12,6 +12,7 @@ use super::requests::{
 };
 use super::ApiFault;
 use crate::cgroup::CgroupSpec;
+use crate::config::cmdline::with_kernel_args;
 use crate::config::{io_reason, BalloonConfig, MemSize, VmConfig, DEFAULT_CMDLINE};
 
 /// Firecracker's `--config-file` format: the bodies of the pre-boot PUT requests under one
@@ -361,22 +362,22 @@ impl PendingConfig {
     }
 
     /// The kernel command line: `boot_args` (or wisp's default) plus, with a root device,
-    /// Firecracker's `root=/dev/vda` or `root=PARTUUID=...` and `ro`/`rw`.
+    /// Firecracker's `root=/dev/vda` or `root=PARTUUID=...` and `ro`/`rw` (before any `--`).
     pub fn cmdline(&self) -> String {
-        let mut cmdline = self
+        let cmdline = self
             .boot_source
             .as_ref()
-            .and_then(|b| b.boot_args.clone())
-            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
-        if let Some(root) = self.drives.iter().find(|d| d.is_root_device) {
-            let dev = match &root.partuuid {
-                Some(u) => format!("PARTUUID={u}"),
-                None => "/dev/vda".to_string(),
-            };
-            let mode = if root.is_read_only { "ro" } else { "rw" };
-            cmdline.push_str(&format!(" root={dev} {mode}"));
-        }
-        cmdline
+            .and_then(|b| b.boot_args.as_deref())
+            .unwrap_or(DEFAULT_CMDLINE);
+        let Some(root) = self.drives.iter().find(|d| d.is_root_device) else {
+            return cmdline.to_string();
+        };
+        let dev = match &root.partuuid {
+            Some(u) => format!("PARTUUID={u}"),
+            None => "/dev/vda".to_string(),
+        };
+        let mode = if root.is_read_only { "ro" } else { "rw" };
+        with_kernel_args(cmdline, &[&format!("root={dev} {mode}")])
     }
 
     /// The one `VmConfig` this configuration describes, validated (its `id` is left for the

@@ -1130,6 +1130,18 @@ fn pending_config_builds_a_vm_config() {
     )
     .unwrap();
     assert_eq!(p.to_vm_config().unwrap().cmdline, "quiet root=/dev/vda ro");
+    // root= goes to the kernel's arguments, not after the `--` where only init sees it.
+    apply(
+        &mut p,
+        "PUT",
+        "/boot-source",
+        format!(r#"{{"kernel_image_path": "{f}", "boot_args": "quiet -- single"}}"#),
+    )
+    .unwrap();
+    assert_eq!(
+        p.to_vm_config().unwrap().cmdline,
+        "quiet root=/dev/vda ro -- single"
+    );
 
     // wisp's cgroup extension reaches VmConfig.cgroup.
     p.apply(

@@ -2,6 +2,7 @@
 //! validated once, here. The builder never sees flags or JSON.
 
 pub mod balloon;
+pub mod cmdline;
 mod disk;
 mod net;
 pub mod rate_limiter;
