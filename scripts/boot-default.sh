@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
 bash images/build.sh kernel initramfs
-cargo build --release --bins
-exec ./target/release/wisp run \
+bash scripts/build-release.sh
+exec ./target/x86_64-unknown-linux-gnu/release/wisp run \
 	--kernel images/out/vmlinux \
 	--initrd images/out/initramfs.cpio \
 	--cpus 2 --memory 256M \

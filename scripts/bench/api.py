@@ -15,7 +15,7 @@ import subprocess
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-WISP = os.environ.get("WISP", os.path.join(ROOT, "target/release/wisp"))
+WISP = os.environ.get("WISP", os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/wisp"))
 HELLO = os.path.join(ROOT, "target/probe-guests/hello.elf")
 TICK = os.sysconf("SC_CLK_TCK")
 

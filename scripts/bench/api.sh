@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release --bins -q
+bash scripts/build-release.sh -q
 mkdir -p target/probe-guests
 bash tests/guests/build.sh target/probe-guests >/dev/null
 exec python3 scripts/bench/api.py "$@"

@@ -13,7 +13,7 @@ import sys
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-WISP = os.path.join(ROOT, "target/release/wisp")
+WISP = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/wisp")
 PROBE = os.path.join(ROOT, "target/probe-guests/probe.elf")
 DIR = os.path.join(ROOT, "target/bench")
 RAW = os.path.join(DIR, "blk-bench.raw")

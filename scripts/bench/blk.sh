@@ -25,7 +25,7 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-system-x86 qemu-utils >/dev/null
 fi
 command -v qemu-img >/dev/null || { echo "blk.sh: qemu-img missing: apt-get install qemu-utils" >&2; exit 1; }
-cargo build --release --bins -q
+bash scripts/build-release.sh -q
 mkdir -p target/probe-guests target/bench
 bash tests/guests/build.sh target/probe-guests >/dev/null
 exec python3 scripts/bench/blk.py "$@"

@@ -13,7 +13,7 @@ import sys
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-WISP = os.environ.get("WISP", os.path.join(ROOT, "target/release/wisp"))
+WISP = os.environ.get("WISP", os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/wisp"))
 # Another wisp build (e.g. main before a change) as a column of its own, in the same run.
 WISP_BEFORE = os.environ.get("WISP_BEFORE")
 SPAWN = os.path.join(ROOT, "target/bench/spawn")

@@ -25,7 +25,7 @@ if [ -z "${QEMU:-}" ] && ! command -v qemu-system-x86_64 >/dev/null; then
 	echo "boot.sh: installing qemu-system-x86 and qemu-utils 7.2 (the peer)" >&2
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-system-x86 qemu-utils >/dev/null
 fi
-cargo build --release --bins -q
+bash scripts/build-release.sh -q
 mkdir -p target/bench
 cc -O2 -o target/bench/spawn scripts/bench/spawn.c
 mkdir -p target/probe-guests

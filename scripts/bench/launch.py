@@ -16,7 +16,7 @@ import tempfile
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-WISP = os.environ.get("WISP", os.path.join(ROOT, "target/release/wisp"))
+WISP = os.environ.get("WISP", os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/wisp"))
 IDLE = os.path.join(ROOT, "target/probe-guests/idle.elf")
 PEERS = "/work/peers"
 QEMU = os.environ.get("QEMU", shutil.which("qemu-system-x86_64") or
@@ -185,6 +185,8 @@ async def launch(vmm, mode, n, mem_mib, timeout):
             all_out.set_result(None)
 
     before = meminfo()
+    ru_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ru_self = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.monotonic()
     deadline = t0 + timeout
     failures = []
@@ -268,6 +270,10 @@ async def launch(vmm, mode, n, mem_mib, timeout):
         shutil.rmtree(workdir, ignore_errors=True)
     await asyncio.sleep(0.5)
     final = meminfo()
+    ru_c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    ru_s = resource.getrusage(resource.RUSAGE_SELF)
+    vmm_cpu = (ru_c.ru_utime - ru_children.ru_utime, ru_c.ru_stime - ru_children.ru_stime)
+    driver_cpu = (ru_s.ru_utime - ru_self.ru_utime) + (ru_s.ru_stime - ru_self.ru_stime)
 
     lat = sorted((vm.first - vm.spawned) * 1000 for vm in launched)
     errors = [vm.error for vm in vms if vm.error]
@@ -280,6 +286,9 @@ async def launch(vmm, mode, n, mem_mib, timeout):
           f"{n} VMs of {mem_mib} MiB, idle guest")
     print(f"spawned all in {spawned_all * 1000:.0f} ms; {len(launched)}/{n} printed within "
           f"{span * 1000:.0f} ms of the first spawn: {len(launched) / span if span > 0 else 0:.0f} launches/s")
+    print(f"CPU per VM, whole life (start, idle, stop): the VMM's {sum(vmm_cpu) / n * 1000:.2f} ms "
+          f"(user {vmm_cpu[0] / n * 1000:.2f}, system {vmm_cpu[1] / n * 1000:.2f}), this driver's "
+          f"{driver_cpu / n * 1000:.2f} ms")
     print(f"spawn -> first output: p50 {pct(50):.1f} ms, p99 {pct(99):.1f} ms, max {pct(100):.1f} ms")
     if mems:
         print(f"per VMM process (sample of {len(mems)}): RSS {statistics.mean(m[0] for m in mems) / 1024:.2f} MiB, "

@@ -27,7 +27,7 @@ import threading
 import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-WISP = os.path.join(ROOT, "target/release/wisp")
+WISP = os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/wisp")
 PROBE = os.path.join(ROOT, "target/probe-guests/probe.elf")
 MAC = "52:54:00:12:34:56"
 GUEST, HOST, PORT = "10.0.0.2", "10.0.0.1", 9000

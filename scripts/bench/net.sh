@@ -22,7 +22,7 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
 	echo "net.sh: installing qemu-system-x86 and qemu-utils 7.2 (the peer)" >&2
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-system-x86 qemu-utils >/dev/null
 fi
-cargo build --release --bins -q
+bash scripts/build-release.sh -q
 mkdir -p target/probe-guests
 bash tests/guests/build.sh target/probe-guests >/dev/null
 
