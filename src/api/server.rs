@@ -9,7 +9,7 @@ use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -22,6 +22,12 @@ use super::{ApiError, ApiFault, ApiLimits, ApiRequest, ApiResponse, Claim, Respo
 /// Connection threads parse at most 64 KiB of JSON nested at most `MAX_JSON_DEPTH` deep.
 /// Only the pages touched are resident.
 const CONN_STACK_SIZE: usize = 1 << 20;
+
+/// How long a connection thread whose client went away waits for the next connection before
+/// it ends. A node agent opens one connection after another (probe the socket, PUT the boot
+/// source and machine config, InstanceStart), and a new thread costs a clone and a seccomp
+/// filter (its JIT) each: one thread kept idle serves them all.
+const CONN_THREAD_IDLE: Duration = Duration::from_millis(500);
 
 type Queue = mpsc::Sender<(ApiRequest, Responder)>;
 
@@ -204,6 +210,10 @@ fn accept_loop(
     crate::signals::block_async();
     crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Api);
     let active = Arc::new(AtomicUsize::new(0));
+    // Connections for an idle connection thread: a rendezvous, so a hand-off succeeds only
+    // while that thread waits. The mutex makes it at most one idle thread.
+    let (handoff, idle) = mpsc::sync_channel::<(UnixStream, ActiveGuard)>(0);
+    let idle = Arc::new(Mutex::new(idle));
     while wait_readable(&listener, &stop) {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
@@ -219,16 +229,29 @@ fn accept_loop(
             continue;
         }
         active.fetch_add(1, Ordering::AcqRel);
-        let guard = ActiveGuard(active.clone());
-        let (queue, evt) = (queue.clone(), evt.clone());
+        let conn = (stream, ActiveGuard(active.clone()));
+        let conn = match handoff.try_send(conn) {
+            Ok(()) => continue,
+            Err(mpsc::TrySendError::Full(c) | mpsc::TrySendError::Disconnected(c)) => c,
+        };
+        let (queue, evt, idle) = (queue.clone(), evt.clone(), idle.clone());
         let spawned = thread::Builder::new()
             .name("wisp-api-conn".into())
             .stack_size(CONN_STACK_SIZE)
             .spawn(move || {
-                let _guard = guard;
                 // On top of the acceptor's filter it inherits.
                 crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::ApiConn);
-                serve_connection(stream, &limits, &queue, &evt);
+                let (mut stream, mut guard) = conn;
+                loop {
+                    serve_connection(stream, &limits, &queue, &evt);
+                    drop(guard);
+                    // Another thread is the idle one, or none came in time: end.
+                    let Ok(next) = idle.try_lock() else { return };
+                    match next.recv_timeout(CONN_THREAD_IDLE) {
+                        Ok(c) => (stream, guard) = c,
+                        Err(_) => return,
+                    }
+                }
             });
         if let Err(e) = spawned {
             // The closure, its guard and the stream were dropped with the error.
