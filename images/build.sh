@@ -17,6 +17,7 @@ KSRC_TAR=/usr/src/linux-source-6.1.tar.xz
 JOBS=${JOBS:-$(nproc)}
 INIT_SCRIPT="$HERE/init/init"
 FPUCHECK_SRC="$HERE/init/fpucheck.c"
+VSOCKIO_SRC="$HERE/init/vsockio.c"
 ROOTFS_SIZE_MB=${ROOTFS_SIZE_MB:-48}
 
 log() { echo "build.sh: $*" >&2; }
@@ -149,6 +150,12 @@ build_fpucheck() {
 	cc -static -Os -s -Wall -o "$BUILD/fpucheck" "$FPUCHECK_SRC"
 }
 
+# vsockio (images/init/vsockio.c), byte streams over vsock or TCP (scenario vsock,
+# scripts/bench/vsock.sh): busybox has no vsock tool. In the rootfs only, as fpucheck.
+build_vsockio() {
+	cc -static -Os -s -Wall -o "$BUILD/vsockio" "$VSOCKIO_SRC"
+}
+
 build_initramfs() {
 	ensure_tools
 	local list="$BUILD/initramfs.list.$$" d a
@@ -189,6 +196,8 @@ build_rootfs() {
 	install -m 0755 "$INIT_SCRIPT" "$stage/init"
 	build_fpucheck
 	install -m 0755 "$BUILD/fpucheck" "$stage/bin/fpucheck"
+	build_vsockio
+	install -m 0755 "$BUILD/vsockio" "$stage/bin/vsockio"
 	ln -sf /init "$stage/sbin/init"
 	# No device nodes: the kernel opens the console before mounting root and
 	# CONFIG_DEVTMPFS_MOUNT mounts /dev on it.
