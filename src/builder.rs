@@ -25,31 +25,33 @@ use wisp_devices::legacy::{
 /// memory, legacy devices, virtio devices, the kernel (whose command line and ACPI tables
 /// describe the devices), vCPUs and their cgroup.
 pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
-    let vm = Vm::new(config.memory.0, config.huge_pages)?;
-    let pvm = pvm::is_pvm_host();
-    if pvm {
-        log::info!("PVM host: completing the instructions its emulator cannot run");
-    }
-    let exit = ExitSignal::new().map_err(io_err("eventfd"))?;
-    let legacy = attach_legacy_devices(&vm, config, &exit)?;
-    let mut mmio_bus = Bus::new();
-    let devices = attach_virtio_devices(&vm, config, &mut mmio_bus)?;
-    startup_trace::mark("devices: legacy and virtio devices attached");
-    let entry = load_kernel(&vm, config, &devices, pvm)?;
-    let control = Arc::new(VcpuControl::default());
-    let vcpus = create_vcpus(
-        &vm,
-        config,
-        entry,
-        pvm,
-        Buses {
-            io: legacy.io_bus,
-            mmio: mmio_bus,
-        },
-        &exit,
-        &control,
-    )?;
-    startup_trace::mark("vcpus: created, CPUID, MSRs and registers set");
+    let vm = Vm::without_pit(config.memory.0, config.huge_pages)?;
+    // Creating the PIT mostly waits on the kernel: a helper thread does it while this one
+    // builds the rest, and it exists before any vCPU runs.
+    let (built, pit) = std::thread::scope(|s| {
+        let pit = std::thread::Builder::new()
+            .name("wisp-pit".into())
+            .stack_size(PIT_THREAD_STACK)
+            .spawn_scoped(s, || vm.create_pit());
+        let built = build_devices_and_vcpus(&vm, config);
+        let pit = match pit {
+            // The call does not panic, and a panic would abort the process (panic=abort).
+            Ok(thread) => thread.join().expect("the PIT thread does not panic"),
+            Err(_) => vm.create_pit(),
+        };
+        (built, pit)
+    });
+    let Built {
+        exit,
+        serial,
+        serial_drained,
+        i8042,
+        devices,
+        control,
+        vcpus,
+    } = built?;
+    pit?;
+    startup_trace::mark("pit: created beside the build");
     let cgroup = create_cgroup(config)?;
     if cgroup.is_some() {
         startup_trace::mark("cgroup: created");
@@ -65,17 +67,68 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         vcpus,
         vcpu_threads: Vec::new(),
         exit,
-        serial: legacy.serial,
-        serial_drained: legacy.serial_drained,
+        serial,
+        serial_drained,
         console_input: config.console == ConsoleConfig::Stdio,
         devices,
         control,
         cgroup,
         vcpu_start,
-        i8042: legacy.i8042,
+        i8042,
         vcpu_count: config.cpus,
         mem_size_mib: config.memory.0 >> 20,
         started: std::time::Instant::now(),
+    })
+}
+
+/// The helper thread that creates the PIT: one ioctl (only the pages touched are resident).
+const PIT_THREAD_STACK: usize = 64 << 10;
+
+/// What [`build_devices_and_vcpus`] made, for the [`Vmm`].
+struct Built {
+    exit: ExitSignal,
+    serial: Arc<Mutex<Serial>>,
+    serial_drained: EventFd,
+    i8042: Arc<Mutex<I8042>>,
+    devices: DeviceManager,
+    control: Arc<VcpuControl>,
+    vcpus: Vec<Vcpu>,
+}
+
+/// Devices, the kernel and its tables, and the vCPUs: everything but the PIT.
+fn build_devices_and_vcpus(vm: &Vm, config: &VmConfig) -> Result<Built, VmmError> {
+    let pvm = pvm::is_pvm_host();
+    if pvm {
+        log::info!("PVM host: completing the instructions its emulator cannot run");
+    }
+    let exit = ExitSignal::new().map_err(io_err("eventfd"))?;
+    let legacy = attach_legacy_devices(vm, config, &exit)?;
+    let mut mmio_bus = Bus::new();
+    let devices = attach_virtio_devices(vm, config, &mut mmio_bus)?;
+    startup_trace::mark("devices: legacy and virtio devices attached");
+    let entry = load_kernel(vm, config, &devices, pvm)?;
+    let control = Arc::new(VcpuControl::default());
+    let vcpus = create_vcpus(
+        vm,
+        config,
+        entry,
+        pvm,
+        Buses {
+            io: legacy.io_bus,
+            mmio: mmio_bus,
+        },
+        &exit,
+        &control,
+    )?;
+    startup_trace::mark("vcpus: created, CPUID, MSRs and registers set");
+    Ok(Built {
+        exit,
+        serial: legacy.serial,
+        serial_drained: legacy.serial_drained,
+        i8042: legacy.i8042,
+        devices,
+        control,
+        vcpus,
     })
 }
 
