@@ -209,6 +209,9 @@ async def launch(vmm, mode, n, mem_mib, timeout):
                     started.append(vm)
                     watch_output(loop, vm, done)
         spawned_all = time.monotonic() - t0
+        # For a manual clean-up should this driver die before its own.
+        with open(os.path.join(workdir, "pids"), "w") as f:
+            f.write("".join(f"{vm.pid}\n" for vm in started))
         if mode == "api":
             async def one(vm):
                 try:
