@@ -198,11 +198,12 @@ fn attach_virtio_devices(
     mmio_bus: &mut Bus,
 ) -> Result<DeviceManager, VmmError> {
     let mut devices = DeviceManager::default();
+    devices.create_mmds(config)?;
     for disk in &config.disks {
         devices.attach_disk(vm, mmio_bus, disk)?;
     }
     for net in &config.nets {
-        devices.attach_net(vm, mmio_bus, net)?;
+        devices.attach_net(vm, mmio_bus, net, config.mmds.as_ref())?;
     }
     if let Some(vsock) = &config.vsock {
         devices.attach_vsock(vm, mmio_bus, vsock)?;

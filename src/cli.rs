@@ -73,10 +73,10 @@ pub struct FirecrackerArgs {
     /// Largest API request body, in bytes [default: 65536].
     #[arg(long, value_name = "BYTES", allow_negative_numbers = true)]
     pub http_api_max_payload_size: Option<String>,
-    /// Accepted; wisp has no MMDS (a warning says so).
+    /// The largest MMDS document (metadata service), in bytes of JSON [default: 51200].
     #[arg(long, value_name = "BYTES", allow_negative_numbers = true)]
     pub mmds_size_limit: Option<String>,
-    /// Refused: wisp has no MMDS to put the metadata in.
+    /// A JSON file whose document the MMDS starts with (as a PUT /mmds before boot).
     #[arg(long, value_name = "PATH")]
     pub metadata: Option<PathBuf>,
     /// Refused: wisp builds its seccomp filters from its own per-thread tables; use
@@ -136,6 +136,9 @@ pub struct FirecrackerLaunch {
     pub log: crate::logger::LogSettings,
     pub metrics_path: Option<PathBuf>,
     pub max_payload_size: Option<usize>,
+    /// `--mmds-size-limit` and `--metadata`.
+    pub mmds_size_limit: Option<usize>,
+    pub metadata: Option<PathBuf>,
     pub start_time_us: Option<u64>,
     pub start_time_cpu_us: Option<u64>,
     pub parent_cpu_time_us: Option<u64>,
@@ -206,12 +209,6 @@ impl FirecrackerArgs {
         }
         if self.version {
             return Ok(FirecrackerMode::PrintVersion);
-        }
-        if self.metadata.is_some() {
-            return refuse(
-                "--metadata",
-                "wisp has no MMDS (microVM metadata service) to serve the metadata from",
-            );
         }
         if self.enable_pci {
             return refuse(
@@ -295,10 +292,12 @@ impl FirecrackerArgs {
             None => None,
         };
         let mut warnings = Vec::new();
-        if let Some(v) = &self.mmds_size_limit {
-            number("--mmds-size-limit", v)?;
-            warnings.push("--mmds-size-limit: accepted without effect: wisp has no MMDS".into());
-        }
+        let mmds_size_limit = match &self.mmds_size_limit {
+            Some(v) => Some(number("--mmds-size-limit", v).and_then(|n| {
+                usize::try_from(n).map_err(|_| bad_number("--mmds-size-limit", v))
+            })?),
+            None => None,
+        };
         if self.boot_timer {
             warnings.push(
                 "--boot-timer: accepted without effect: wisp has no boot-timer device".into(),
@@ -325,6 +324,8 @@ impl FirecrackerArgs {
             },
             metrics_path: self.metrics_path.clone(),
             max_payload_size,
+            mmds_size_limit,
+            metadata: self.metadata.clone(),
             start_time_us: time("--start-time-us", &self.start_time_us)?,
             start_time_cpu_us: time("--start-time-cpu-us", &self.start_time_cpu_us)?,
             parent_cpu_time_us: time("--parent-cpu-time-us", &self.parent_cpu_time_us)?,
@@ -666,10 +667,13 @@ mod tests {
     #[test]
     fn flags_without_effect_warn_and_snapshot_flags_are_refused() {
         let l = launch(&["--boot-timer", "--mmds-size-limit", "4096"]);
-        assert_eq!(l.warnings.len(), 2, "{:?}", l.warnings);
+        assert_eq!(l.warnings.len(), 1, "{:?}", l.warnings);
         assert!(l.warnings.iter().all(|w| !w.contains('\n')));
-        assert!(l.warnings[0].starts_with("--mmds-size-limit: "));
-        assert!(l.warnings[1].starts_with("--boot-timer: "));
+        assert!(l.warnings[0].starts_with("--boot-timer: "));
+        // The MMDS flags are taken.
+        assert_eq!(l.mmds_size_limit, Some(4096));
+        let l = launch(&["--metadata", "/m.json"]);
+        assert_eq!(l.metadata.as_deref(), Some(std::path::Path::new("/m.json")));
         assert!(matches!(
             firecracker(&["--version"]),
             Ok(FirecrackerMode::PrintVersion)
@@ -683,7 +687,6 @@ mod tests {
                 &["--describe-snapshot", "/s"],
                 "--describe-snapshot: wisp has no snapshots",
             ),
-            (&["--metadata", "/m.json"], "--metadata: wisp has no MMDS"),
             (&["--enable-pci"], "--enable-pci: wisp has no PCI"),
             (&["--no-api"], "--no-api: without the API"),
             (

@@ -5,7 +5,8 @@ use crate::arch::x86_64::acpi::MmioDevice;
 use crate::arch::x86_64::layout::{VIRTIO_GSI_START, VIRTIO_MMIO_START};
 use crate::config::balloon::mib_to_pages;
 use crate::config::{
-    BalloonConfig, DiskConfig, DiskFormat, NetConfig, RateLimiterConfig, VsockConfig,
+    BalloonConfig, DiskConfig, DiskFormat, MmdsConfig, NetConfig, RateLimiterConfig, VmConfig,
+    VsockConfig,
 };
 use crate::vstate::vm::Vm;
 use kvm_ioctls::IoEventAddress;
@@ -18,6 +19,7 @@ use wisp_devices::disk::qcow2::{BackingPolicy, Qcow2};
 use wisp_devices::disk::raw::RawFile;
 use wisp_devices::events::EventSubscriber;
 use wisp_devices::interrupt::IrqFd;
+use wisp_devices::mmds::{Mmds, MmdsStack};
 use wisp_devices::rate_limiter::RateLimiter;
 use wisp_devices::tap::Tap;
 use wisp_devices::virtio::balloon::{Balloon, BalloonCounters, BalloonStats};
@@ -64,6 +66,8 @@ pub enum DeviceError {
     Transport(#[from] wisp_devices::virtio::MmioError),
     #[error("placing a device on the bus: {0}")]
     Bus(#[from] BusError),
+    #[error("mmds: {0}")]
+    Mmds(#[source] wisp_devices::mmds::StoreError),
 }
 
 /// A virtio-blk disk of the VM, found by its drive id.
@@ -117,9 +121,31 @@ pub struct DeviceManager {
     entropy: Option<EntropyDevice>,
     vsock: Option<VsockDevice>,
     balloon: Option<BalloonDevice>,
+    /// The metadata service's document, shared by the API and the interfaces serving it.
+    mmds: Option<Arc<Mutex<Mmds>>>,
 }
 
 impl DeviceManager {
+    /// Makes the VM's MMDS store (its limit, its data at boot, its settings); the
+    /// interfaces attached after serve it if the configuration names them.
+    pub fn create_mmds(&mut self, config: &VmConfig) -> Result<(), DeviceError> {
+        let mut store = Mmds::new(config.mmds_size_limit);
+        if let Some(data) = &config.mmds_data {
+            store.put(data.clone()).map_err(DeviceError::Mmds)?;
+        }
+        if let Some(m) = &config.mmds {
+            store.set_version(m.version.to_device());
+            store.set_imds_compat(m.imds_compat);
+        }
+        self.mmds = Some(Arc::new(Mutex::new(store)));
+        Ok(())
+    }
+
+    /// The MMDS store (made by [`DeviceManager::create_mmds`]).
+    pub fn mmds(&self) -> Option<&Arc<Mutex<Mmds>>> {
+        self.mmds.as_ref()
+    }
+
     /// Opens the disk image and attaches it as the next virtio-blk device.
     pub fn attach_disk(
         &mut self,
@@ -144,8 +170,17 @@ impl DeviceManager {
         vm: &Vm,
         mmio_bus: &mut Bus,
         net: &NetConfig,
+        mmds: Option<&MmdsConfig>,
     ) -> Result<(), DeviceError> {
-        let dev = open_net(net)?;
+        let mut dev = open_net(net)?;
+        let serves = |m: &&MmdsConfig| {
+            net.id
+                .as_ref()
+                .is_some_and(|id| m.network_interfaces.contains(id))
+        };
+        if let (Some(m), Some(store)) = (mmds.filter(serves), &self.mmds) {
+            dev = dev.with_mmds(MmdsStack::new(store.clone(), m.ipv4_address));
+        }
         let counters = dev.counters();
         let handle = self.attach(vm, mmio_bus, dev)?;
         self.nets.push(NetDevice {

@@ -171,6 +171,11 @@ impl EventLoop {
         sources.entropy = vmm.devices.entropy().map(|e| e.counters.clone());
         sources.vsock = vmm.devices.vsock().map(|v| v.counters.clone());
         sources.balloon = vmm.devices.balloon_mut().map(|b| b.counters.clone());
+        sources.mmds = vmm.devices.mmds().map(|m| {
+            m.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .counters()
+        });
         crate::metrics::register_vm(sources);
         // Every thread of the VM now exists: the main thread's filter goes on before any
         // vCPU enters the guest.

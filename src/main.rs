@@ -141,8 +141,8 @@ fn firecracker(args: &FirecrackerArgs) -> i32 {
     }
     let id = Some(launch.id.as_str());
     let result = match (&launch.api_sock, &launch.config_file) {
-        (Some(sock), file) => serve(sock, id, file.as_deref()),
-        (None, Some(file)) => run_vm(|| Ok(PrebootApiController::new(id, Some(file))?.build()?.0)),
+        (Some(sock), file) => serve(sock, id, file.as_deref(), &launch),
+        (None, Some(file)) => run_vm(|| Ok(preboot(id, Some(file), &launch)?.build()?.0)),
         (None, None) => unreachable!("resolve() refuses --no-api without --config-file"),
     };
     let code = ended(result);
@@ -190,8 +190,13 @@ fn run_vm(build: impl FnOnce() -> Result<wisp::vmm::Vmm, RunError>) -> Result<Vm
 /// `wisp --api-sock PATH [--config-file F]`: serves the API until the VM ends (or a signal
 /// stops wisp before it started). With a config file the VM starts at once, as
 /// Firecracker's does.
-fn serve(socket: &Path, id: Option<&str>, config_file: Option<&Path>) -> Result<VmExit, RunError> {
-    let preboot = PrebootApiController::new(id, config_file)?;
+fn serve(
+    socket: &Path,
+    id: Option<&str>,
+    config_file: Option<&Path>,
+    launch: &FirecrackerLaunch,
+) -> Result<VmExit, RunError> {
+    let preboot = preboot(id, config_file, launch)?;
     let phase = match config_file {
         Some(_) => {
             let (vmm, runtime) = preboot.build()?;
@@ -200,6 +205,27 @@ fn serve(socket: &Path, id: Option<&str>, config_file: Option<&Path>) -> Result<
         None => Phase::Preboot(Box::new(preboot)),
     };
     EventLoop::new(Some(api::start(socket)?))?.run(phase)
+}
+
+/// The pre-boot configuration: the config file's, then the MMDS flags.
+fn preboot(
+    id: Option<&str>,
+    config_file: Option<&Path>,
+    launch: &FirecrackerLaunch,
+) -> Result<PrebootApiController, RunError> {
+    let mut preboot = PrebootApiController::new(id, config_file)?;
+    let metadata = match &launch.metadata {
+        Some(path) => {
+            let fault = |why: String| {
+                api::ApiFault::bad_request(format!("--metadata {}: {why}", path.display()))
+            };
+            let text = std::fs::read(path).map_err(|e| fault(wisp::config::io_reason(&e)))?;
+            Some(serde_json::from_slice(&text).map_err(|e| fault(format!("invalid JSON: {e}")))?)
+        }
+        None => None,
+    };
+    preboot.seed_mmds(launch.mmds_size_limit, metadata)?;
+    Ok(preboot)
 }
 
 /// The exit status and message for how a VM ended.

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::requests::{
     ApiRequest, BootSource, Drive, EntropyDevice, LoggerConfig, MachineConfig, MetricsConfig,
-    NetworkInterface, SerialConfig, VsockDevice,
+    MmdsConfig, NetworkInterface, SerialConfig, VsockDevice,
 };
 use super::ApiFault;
 use crate::cgroup::CgroupSpec;
@@ -49,7 +49,7 @@ pub struct FirecrackerConfig {
         default,
         skip_serializing_if = "Option::is_none"
     )]
-    pub mmds_config: Option<Value>,
+    pub mmds_config: Option<MmdsConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyDevice>,
     #[serde(
@@ -107,6 +107,12 @@ pub struct PendingConfig {
     pub vsock: Option<VsockDevice>,
     /// `PUT /balloon`: the VM gets a virtio-balloon device.
     pub balloon: Option<BalloonConfig>,
+    /// `PUT /mmds/config`: the interfaces that serve the metadata service.
+    pub mmds: Option<MmdsConfig>,
+    /// `PUT /mmds` and `PATCH /mmds` before boot (or `--metadata`).
+    pub mmds_data: Option<Value>,
+    /// `--mmds-size-limit` (Firecracker's default when not given).
+    pub mmds_size_limit: Option<usize>,
 }
 
 impl PendingConfig {
@@ -117,7 +123,6 @@ impl PendingConfig {
     /// Applies the sections of a config file, with the same checks as the API requests.
     pub fn from_firecracker_config(file: &FirecrackerConfig) -> Result<Self, ApiFault> {
         for (name, v) in [
-            ("mmds-config", &file.mmds_config),
             ("cpu-config", &file.cpu_config),
             ("memory-hotplug", &file.memory_hotplug),
         ] {
@@ -146,6 +151,12 @@ impl PendingConfig {
         }
         for n in &file.network_interfaces {
             p.apply(&ApiRequest::PutNetworkInterface(n.clone()))?;
+        }
+        if let Some(m) = &file.mmds_config {
+            super::requests::check_mmds_config(m)
+                .map_err(|f| ApiFault::bad_request(format!("mmds-config: {}", f.fault_message)))?;
+            p.apply(&ApiRequest::PutMmdsConfig(m.clone()))
+                .map_err(|f| ApiFault::bad_request(format!("mmds-config: {}", f.fault_message)))?;
         }
         if let Some(l) = &file.logger {
             p.apply(&ApiRequest::PutLogger(l.clone()))?;
@@ -331,12 +342,49 @@ impl PendingConfig {
                     .map_err(ApiFault::bad_request)?;
                 self.balloon = Some(*b);
             }
+            ApiRequest::PutMmdsConfig(m) => {
+                super::requests::check_mmds_config(m)?;
+                m.check_interfaces(self.network_interfaces.iter().map(|n| n.iface_id.as_str()))
+                    .map_err(ApiFault::bad_request)?;
+                self.mmds = Some(m.clone());
+            }
+            ApiRequest::PutMmds(data) => {
+                self.check_mmds_size(data)?;
+                self.mmds_data = Some(data.clone());
+            }
+            ApiRequest::PatchMmds(patch) => {
+                let mut data = self.mmds_data.clone().ok_or_else(|| {
+                    ApiFault::bad_request(
+                        wisp_devices::mmds::StoreError::NotInitialized.to_string(),
+                    )
+                })?;
+                wisp_devices::mmds::merge_patch(&mut data, patch);
+                self.check_mmds_size(&data)?;
+                self.mmds_data = Some(data);
+            }
             other => {
                 return Err(ApiFault::bad_request(format!(
                     "{} is not a configuration request",
                     other.describe()
                 )))
             }
+        }
+        Ok(())
+    }
+
+    /// The MMDS document's size limit.
+    pub fn mmds_size_limit(&self) -> usize {
+        self.mmds_size_limit
+            .unwrap_or(crate::config::DEFAULT_MMDS_SIZE_LIMIT)
+    }
+
+    fn check_mmds_size(&self, data: &Value) -> Result<(), ApiFault> {
+        let size = serde_json::to_vec(data).map_or(usize::MAX, |v| v.len());
+        let limit = self.mmds_size_limit();
+        if size > limit {
+            return Err(ApiFault::bad_request(
+                wisp_devices::mmds::StoreError::TooLarge { size, limit }.to_string(),
+            ));
         }
         Ok(())
     }
@@ -422,6 +470,9 @@ impl PendingConfig {
         config.entropy_rate_limiter = self.entropy.as_ref().and_then(|e| e.rate_limiter);
         config.vsock = self.vsock.as_ref().map(VsockDevice::to_config);
         config.balloon = self.balloon;
+        config.mmds = self.mmds.clone();
+        config.mmds_data = self.mmds_data.clone();
+        config.mmds_size_limit = self.mmds_size_limit();
         config.huge_pages = m.huge_pages_2m();
         config.smt = m.smt;
         if let Some(path) = self.serial.as_ref().and_then(|s| s.serial_out_path.clone()) {
@@ -456,7 +507,7 @@ impl PendingConfig {
             "metrics": self.metrics,
             "balloon": self.balloon,
             "vsock": self.vsock,
-            "mmds-config": null,
+            "mmds-config": self.mmds,
             "entropy": self.entropy,
             "cpu-config": null,
             "memory-hotplug": null,

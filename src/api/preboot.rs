@@ -40,6 +40,22 @@ impl PrebootApiController {
         })
     }
 
+    /// `--mmds-size-limit` and `--metadata`: the MMDS document's limit and its first
+    /// contents (after the config file, as Firecracker).
+    pub fn seed_mmds(
+        &mut self,
+        size_limit: Option<usize>,
+        data: Option<serde_json::Value>,
+    ) -> Result<(), ApiFault> {
+        if size_limit.is_some() {
+            self.pending.mmds_size_limit = size_limit;
+        }
+        if let Some(data) = data {
+            self.pending.apply(&ApiRequest::PutMmds(data))?;
+        }
+        Ok(())
+    }
+
     /// Builds the VM the configuration describes, and the controller that serves it.
     pub fn build(&self) -> Result<(Vmm, RuntimeApiController), ApiFault> {
         let mut config = self.pending.to_vm_config()?;
@@ -61,6 +77,12 @@ impl PrebootApiController {
                 Some(b) => Ok(serde_json::to_value(b).ok()),
                 None => Err(crate::api::runtime::no_balloon()),
             },
+            ApiRequest::GetMmds => Ok(Some(
+                self.pending
+                    .mmds_data
+                    .clone()
+                    .unwrap_or_else(|| serde_json::json!({})),
+            )),
             ApiRequest::GetMachineConfig => {
                 Ok(serde_json::to_value(&self.pending.machine_config).ok())
             }

@@ -207,6 +207,17 @@ impl RuntimeApiController {
         Ok(out)
     }
 
+    /// The VM's MMDS store, locked (the guest's answers wait for this request).
+    fn mmds(vmm: &Vmm) -> Result<std::sync::MutexGuard<'_, wisp_devices::mmds::Mmds>, ApiFault> {
+        let store = vmm
+            .devices
+            .mmds()
+            .ok_or_else(|| ApiFault::internal("the VM has no MMDS store"))?;
+        Ok(store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
     /// Answers an API request once the VM has started.
     pub fn handle(&mut self, vmm: &mut Vmm, req: ApiRequest) -> ApiResponse {
         match req {
@@ -299,6 +310,19 @@ impl RuntimeApiController {
                 if let Some(c) = self.config.balloon.as_mut() {
                     c.stats_polling_interval_s = seconds;
                 }
+                Ok(None)
+            }
+            ApiRequest::GetMmds => Ok(Some(Self::mmds(vmm)?.data())),
+            ApiRequest::PutMmds(data) => {
+                Self::mmds(vmm)?
+                    .put(data)
+                    .map_err(|e| ApiFault::bad_request(e.to_string()))?;
+                Ok(None)
+            }
+            ApiRequest::PatchMmds(patch) => {
+                Self::mmds(vmm)?
+                    .patch(&patch)
+                    .map_err(|e| ApiFault::bad_request(e.to_string()))?;
                 Ok(None)
             }
             other => Err(ApiFault::wrong_state(&other, true)),

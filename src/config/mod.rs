@@ -4,6 +4,7 @@
 pub mod balloon;
 pub mod cmdline;
 mod disk;
+pub mod mmds;
 mod net;
 pub mod rate_limiter;
 pub mod size;
@@ -11,6 +12,7 @@ mod vsock;
 
 pub use balloon::BalloonConfig;
 pub use disk::{DiskConfig, DiskFormat};
+pub use mmds::{MmdsConfig, MmdsVersion, DEFAULT_MMDS_SIZE_LIMIT};
 pub use net::{MacAddr, NetConfig, MIN_MTU};
 pub use rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 pub use vsock::VsockConfig;
@@ -62,6 +64,8 @@ pub enum ConfigError {
     VsockSpec { spec: String, reason: String },
     #[error("vsock: {reason}")]
     Vsock { reason: String },
+    #[error("mmds: {reason}")]
+    Mmds { reason: String },
     #[error("--disk {spec}: {reason}")]
     DiskSpec { spec: String, reason: String },
     #[error(
@@ -185,6 +189,15 @@ pub struct VmConfig {
     /// A virtio-balloon device (after the entropy device).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonConfig>,
+    /// The metadata service on some of the interfaces (by `id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmds: Option<MmdsConfig>,
+    /// The MMDS document at boot (the API can change it later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmds_data: Option<serde_json::Value>,
+    /// The largest MMDS document, in bytes of JSON.
+    #[serde(default = "default_mmds_size_limit")]
+    pub mmds_size_limit: usize,
 }
 
 /// The huge page size guest memory can be backed with (x86_64's 2 MiB).
@@ -204,6 +217,9 @@ fn default_memory() -> MemSize {
 }
 fn default_entropy() -> bool {
     true
+}
+fn default_mmds_size_limit() -> usize {
+    DEFAULT_MMDS_SIZE_LIMIT
 }
 
 impl VmConfig {
@@ -226,6 +242,9 @@ impl VmConfig {
             entropy_rate_limiter: None,
             vsock: None,
             balloon: None,
+            mmds: None,
+            mmds_data: None,
+            mmds_size_limit: DEFAULT_MMDS_SIZE_LIMIT,
         }
     }
 
@@ -281,6 +300,24 @@ impl VmConfig {
         }
         if let Some(v) = &self.vsock {
             v.validate()?;
+        }
+        let mmds_err = |reason: String| ConfigError::Mmds { reason };
+        if let Some(m) = &self.mmds {
+            m.validate().map_err(mmds_err)?;
+            m.check_interfaces(self.nets.iter().filter_map(|n| n.id.as_deref()))
+                .map_err(mmds_err)?;
+        }
+        if let Some(data) = &self.mmds_data {
+            let size = serde_json::to_vec(data).map_or(usize::MAX, |v| v.len());
+            if size > self.mmds_size_limit {
+                return Err(mmds_err(
+                    wisp_devices::mmds::StoreError::TooLarge {
+                        size,
+                        limit: self.mmds_size_limit,
+                    }
+                    .to_string(),
+                ));
+            }
         }
         let devices = self.disks.len()
             + self.nets.len()

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+use wisp_devices::mmds::MmdsCounters;
 use wisp_devices::virtio::balloon::BalloonCounters;
 use wisp_devices::virtio::block::BlockCounters;
 use wisp_devices::virtio::net::NetCounters;
@@ -56,6 +57,8 @@ pub struct VmSources {
     pub vsock: Option<Arc<VsockCounters>>,
     /// The balloon's counters (Firecracker's `balloon` group).
     pub balloon: Option<Arc<BalloonCounters>>,
+    /// The metadata service's counters, all interfaces together (Firecracker's `mmds`).
+    pub mmds: Option<Arc<MmdsCounters>>,
 }
 
 impl VmSources {
@@ -101,6 +104,7 @@ impl VmSources {
             entropy: None,
             vsock: None,
             balloon: None,
+            mmds: None,
         }
     }
 }
@@ -247,6 +251,11 @@ impl State {
                     ("rate_limiter_event_count", l(&c.rate_limiter_events)),
                 ] {
                     totals.insert(format!("entropy.{field}"), v);
+                }
+            }
+            if let Some(c) = &vm.mmds {
+                for (field, v) in c.snapshot() {
+                    totals.insert(format!("mmds.{field}"), v);
                 }
             }
             if let Some(c) = &vm.vsock {
@@ -495,6 +504,7 @@ mod tests {
             entropy: None,
             vsock: None,
             balloon: Some(balloon),
+            mmds: None,
         });
         s.totals.insert("put_api_requests.actions_count".into(), 2);
         s.gauges

@@ -14,6 +14,7 @@ mod entropy;
 mod info;
 mod logging;
 mod machine;
+mod mmds;
 mod net;
 mod rate_limiter;
 mod router;
@@ -29,6 +30,7 @@ pub use entropy::EntropyDevice;
 pub use info::{InstanceInfo, InstanceState, VersionInfo, FIRECRACKER_API_VERSION, VMM_VERSION};
 pub use logging::{LogLevel, LoggerConfig, MetricsConfig};
 pub use machine::{MachineConfig, MachineConfigUpdate};
+pub use mmds::{check_mmds_config, MmdsConfig};
 pub use net::{MacAddr, NetworkInterface, NetworkInterfaceUpdate};
 pub use router::{allowed_methods, parse_body, route, Method, Routed, ROUTES, UNSUPPORTED};
 pub use serial::SerialConfig;
@@ -90,6 +92,14 @@ pub enum ApiRequest {
     GetVmMetrics,
     /// `PATCH /vm/cgroup` (wisp)
     PatchCgroup(CgroupUpdate),
+    /// `GET /mmds`
+    GetMmds,
+    /// `PUT /mmds`: the whole document.
+    PutMmds(serde_json::Value),
+    /// `PATCH /mmds`: a JSON merge patch (RFC 7396) of the document.
+    PatchMmds(serde_json::Value),
+    /// `PUT /mmds/config`
+    PutMmdsConfig(MmdsConfig),
 }
 
 /// When a request may be served (Firecracker's rules).
@@ -108,9 +118,8 @@ impl ApiRequest {
     pub fn allowed(&self) -> Allowed {
         use ApiRequest::*;
         match self {
-            GetInstanceInfo | GetMachineConfig | GetVmConfig | GetVmMetrics | GetBalloon => {
-                Allowed::Always
-            }
+            GetInstanceInfo | GetMachineConfig | GetVmConfig | GetVmMetrics | GetBalloon
+            | GetMmds | PutMmds(_) | PatchMmds(_) => Allowed::Always,
             PutBootSource(_)
             | PutMachineConfig(_)
             | PatchMachineConfig(_)
@@ -121,7 +130,8 @@ impl ApiRequest {
             | PutSerial(_)
             | PutEntropy(_)
             | PutVsock(_)
-            | PutBalloon(_) => Allowed::PreBoot,
+            | PutBalloon(_)
+            | PutMmdsConfig(_) => Allowed::PreBoot,
             Action(ActionType::InstanceStart) => Allowed::PreBoot,
             Action(ActionType::SendCtrlAltDel) => Allowed::PostBoot,
             Action(ActionType::FlushMetrics) => Allowed::Always,
@@ -163,6 +173,10 @@ impl ApiRequest {
             PutMetrics(_) => "PUT /metrics".into(),
             GetVmMetrics => "GET /vm/metrics".into(),
             PatchCgroup(_) => "PATCH /vm/cgroup".into(),
+            GetMmds => "GET /mmds".into(),
+            PutMmds(_) => "PUT /mmds".into(),
+            PatchMmds(_) => "PATCH /mmds".into(),
+            PutMmdsConfig(_) => "PUT /mmds/config".into(),
         }
     }
 }

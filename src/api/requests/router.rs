@@ -59,6 +59,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/metrics"),
     ("GET", "/vm/metrics"),
     ("PATCH", "/vm/cgroup"),
+    ("GET", "/mmds"),
+    ("PUT", "/mmds"),
+    ("PATCH", "/mmds"),
+    ("PUT", "/mmds/config"),
 ];
 
 /// Firecracker's endpoints (v1.16) that wisp does not implement yet, with what they are
@@ -69,11 +73,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("/balloon/hinting/stop", "free page hinting"),
     ("/cpu-config", "custom CPU templates (cpu-config)"),
     ("/hotplug/memory", "memory hotplug (virtio-mem) devices"),
-    ("/mmds", "the metadata service (MMDS) and its requests"),
-    (
-        "/mmds/config",
-        "the metadata service (MMDS) and its requests",
-    ),
     ("/pmem/{id}", "virtio-pmem devices"),
     ("/snapshot/create", "snapshots"),
     ("/snapshot/load", "snapshots"),
@@ -247,6 +246,14 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Routed, ApiFault> 
             ApiRequest::PutMetrics(m)
         }
         ("GET", "/vm/metrics") => ApiRequest::GetVmMetrics,
+        ("GET", "/mmds") => ApiRequest::GetMmds,
+        ("PUT", "/mmds") => ApiRequest::PutMmds(mmds::parse_mmds_data(body)?),
+        ("PATCH", "/mmds") => ApiRequest::PatchMmds(mmds::parse_mmds_data(body)?),
+        ("PUT", "/mmds/config") => {
+            let c: MmdsConfig = parse_body(body)?;
+            mmds::check_mmds_config(&c)?;
+            ApiRequest::PutMmdsConfig(c)
+        }
         ("PATCH", "/vm/cgroup") => {
             let c: CgroupUpdate = parse_body(body)?;
             c.validate()?;
@@ -297,7 +304,7 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiFault> {
 pub const MAX_JSON_DEPTH: usize = 16;
 
 /// True if arrays/objects nest deeper than `max` (brackets inside strings do not count).
-fn nesting_exceeds(body: &[u8], max: usize) -> bool {
+pub(super) fn nesting_exceeds(body: &[u8], max: usize) -> bool {
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for &b in body {
         if in_string {
