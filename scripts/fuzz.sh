@@ -28,6 +28,7 @@ case $target in
     pvm_decode) opts=(-max_len=256 -rss_limit_mb=512) ;;
     api_http) opts=(-max_len=16384 -rss_limit_mb=512) ;;
     snapshot_file) opts=(-max_len=65536 -rss_limit_mb=1024) ;;
+    mmds) opts=(-max_len=8192 -rss_limit_mb=512) ;;
     virtio_*) opts=(-max_len=4096 -rss_limit_mb=1024) ;;
     *) echo "unknown target $target; scripts/fuzz.sh list" >&2; exit 2 ;;
 esac

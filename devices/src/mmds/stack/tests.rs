@@ -539,3 +539,80 @@ fn answers_beyond_the_budget_become_503() {
         1
     );
 }
+
+/// The responder against a real Linux TCP stack: the test's network namespace routes the
+/// MMDS address to a tap whose other end is the responder, and curl in the namespace asks
+/// (ARP, handshake, request, answer, close, all as Linux does them).
+#[test]
+fn linux_tcp_clients_get_answers_through_a_tap() {
+    use crate::tap::Tap;
+    use crate::test_utils::TestNetns;
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::AtomicBool;
+
+    let ns = TestNetns::new();
+    let tap = ns.enter(|| Tap::open("wmmds0").expect("open tap"));
+    tap.set_vnet_hdr_size(12).unwrap();
+    // No offloads: the kernel hands the tap complete, checksummed frames.
+    tap.set_offload(0).unwrap();
+    ns.ip(&["link", "set", "wmmds0", "up"]);
+    ns.ip(&["addr", "add", "10.0.0.2/24", "dev", "wmmds0"]);
+    ns.ip(&["route", "add", "169.254.169.254/32", "dev", "wmmds0"]);
+    let (mut s, m) = stack();
+    let stop = AtomicBool::new(false);
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, "curl", "-s", "-m", "20"])
+            .args(["-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .expect("run curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.to_string(), body.to_string())
+    };
+    let url = |p: &str| format!("http://169.254.169.254{p}");
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut buf = vec![0u8; 70000];
+            let mut out = vec![0u8; 12 + MAX_OUT_FRAME];
+            while !stop.load(Ordering::Relaxed) {
+                let mut p = libc::pollfd {
+                    fd: tap.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut p, 1, 20) };
+                while let Ok(n) = tap.read(&mut buf) {
+                    let frame = &buf[12..n.min(buf.len())];
+                    if s.is_mmds_frame(frame) {
+                        s.receive(frame, buf[0] & 1 != 0, Instant::now());
+                    }
+                }
+                while let Some(n) = s.write_frame(&mut out[12..]) {
+                    out[..12].fill(0);
+                    tap.write(&out[..12 + n]).expect("write to the tap");
+                }
+            }
+        });
+        let (code, body) = curl(&[&url("/latest/meta-data/instance-id")]);
+        assert_eq!((code.as_str(), body.as_str()), ("200", "i-1234"));
+        let (code, body) = curl(&["-H", "Accept: application/json", &url("/latest")]);
+        assert_eq!(code, "200");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+            json!({"meta-data": {"instance-id": "i-1234"}, "user-data": "hello"})
+        );
+        m.lock().unwrap().set_version(MmdsVersion::V2);
+        let (code, _) = curl(&[&url("/latest/user-data")]);
+        assert_eq!(code, "401");
+        let ttl = "X-metadata-token-ttl-seconds: 60";
+        let (code, token) = curl(&["-X", "PUT", "-H", ttl, &url("/latest/api/token")]);
+        assert_eq!((code.as_str(), token.len()), ("200", 64));
+        let header = format!("X-metadata-token: {token}");
+        let (code, body) = curl(&["-H", &header, &url("/latest/user-data")]);
+        assert_eq!((code.as_str(), body.as_str()), ("200", "hello"));
+        stop.store(true, Ordering::Relaxed);
+    });
+}
