@@ -4,7 +4,10 @@
 //! and network scenarios as from the CLI; a second drive's medium changed with
 //! `PATCH /drives` while the guest runs (its kernel sees the new size); then shut down
 //! cleanly by `SendCtrlAltDel` (the i8042 key sequence, the kernel's keyboard driver, init's
-//! SIGINT handler, poweroff). Also the kernel's virtio_balloon driver through `/balloon`.
+//! SIGINT handler, poweroff). The metadata service as an agent uses it: `PUT /mmds/config`
+//! (V2 on eth0) and `PUT /mmds` before boot, the guest's busybox fetching a session token and
+//! its instance id, `PATCH /mmds` while it runs and the guest reading the new value. Also the
+//! kernel's virtio_balloon driver through `/balloon`.
 
 mod common;
 use common::*;
@@ -119,8 +122,8 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
 
     let boot_args = format!(
         "{LINUX_CMDLINE} ip=:::::eth0:dhcp \
-         wisp.kmsg=1 wisp.scenario=info,rootfs,ratelimit,net,cad wisp.peer=10.0.0.1 wisp.nc_kib={kib} \
-         wisp.rl_dev=vdb wisp.rl_kib={RL_KIB}"
+         wisp.kmsg=1 wisp.scenario=info,rootfs,ratelimit,net,mmds,cad wisp.peer=10.0.0.1 wisp.nc_kib={kib} \
+         wisp.rl_dev=vdb wisp.rl_kib={RL_KIB} wisp.mmds_expect=i-api-2"
     );
     api_ok(
         &sock,
@@ -167,6 +170,19 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
                  "offload": false}}"#
         ),
     );
+    // The metadata service on eth0, V2 (session tokens), and the instance's first document.
+    api_ok(
+        &sock,
+        "PUT",
+        "/mmds/config",
+        r#"{"version": "V2", "network_interfaces": ["eth0"]}"#,
+    );
+    api_ok(
+        &sock,
+        "PUT",
+        "/mmds",
+        r#"{"latest": {"meta-data": {"instance-id": "i-api-1", "local-ipv4": "10.0.0.2"}}}"#,
+    );
     api_ok(
         &sock,
         "PUT",
@@ -174,6 +190,15 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
         r#"{"action_type": "InstanceStart"}"#,
     );
 
+    // The guest read the document; the agent changes it and the guest reads the new value
+    // (the scenario polls until it does).
+    w.wait_for("WISP-INIT: mmds_value=", Duration::from_secs(1500));
+    api_ok(
+        &sock,
+        "PATCH",
+        "/mmds",
+        r#"{"latest": {"meta-data": {"instance-id": "i-api-2"}}}"#,
+    );
     w.wait_for(
         "WISP-INIT: waiting for ctrl-alt-del",
         Duration::from_secs(1500),
@@ -210,7 +235,17 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
         out.contains("WISP-INIT: ctrl-alt-del received, shutting down"),
         "{out}"
     );
-    assert_scenarios_ok(out, &["info", "rootfs", "ratelimit", "net"]);
+    assert_scenarios_ok(out, &["info", "rootfs", "ratelimit", "net", "mmds"]);
+    // MMDS: the token dance, the value before and after the PATCH, JSON on request.
+    assert_said(out, "mmds_token_len", "64");
+    assert_said(out, "mmds_value", "i-api-1");
+    assert_said(out, "mmds_no_token", "refused");
+    assert_said(
+        out,
+        "mmds_json",
+        r#"{"instance-id":"i-api-1","local-ipv4":"10.0.0.2"}"#,
+    );
+    assert_said(out, "mmds_updated", "i-api-2");
     assert_rate_limited_write(out);
 
     // Firecracker's log and metrics: the VM's start logged with id, thread, level and origin;
@@ -235,6 +270,17 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     };
     assert!(
         total("rx_packets_count") > 0 && total("tx_packets_count") > 0,
+        "{lines:?}"
+    );
+    // Firecracker's mmds group counts the frames the guest sent to the MMDS.
+    let mmds = |field: &str| -> u64 {
+        lines
+            .iter()
+            .map(|m| m["mmds"][field].as_u64().unwrap_or(0))
+            .sum()
+    };
+    assert!(
+        mmds("rx_accepted") > 0 && mmds("connections_created") >= 4 && mmds("rx_no_token") >= 1,
         "{lines:?}"
     );
 
