@@ -106,7 +106,16 @@ impl Vsock {
             }
             let chain = match pop_chain(&mut active.tx, &active.mem) {
                 Ok(Some(c)) => c,
-                Ok(None) => break Pass::Done,
+                // With EVENT_IDX the driver kicks only when it passes avail_event: ask for the
+                // next chain, and take one that came meanwhile.
+                Ok(None) => match active.tx.enable_notification(&active.mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break Pass::Done,
+                    Err(e) => {
+                        rate_limited_warn!("vsock: tx ring: {}; the device needs a reset", e);
+                        break Pass::Failed;
+                    }
+                },
                 Err(e) => {
                     rate_limited_warn!("vsock: tx ring: {}; the device needs a reset", e);
                     break Pass::Failed;
@@ -155,8 +164,16 @@ impl Vsock {
             }
             let chain = match pop_chain(&mut active.rx, &active.mem) {
                 Ok(Some(c)) => c,
-                // The driver adds buffers and notifies the rx queue: we come back then.
-                Ok(None) => break Pass::Done,
+                // The driver adds buffers and notifies the rx queue (past avail_event, set
+                // here): we come back then.
+                Ok(None) => match active.rx.enable_notification(&active.mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break Pass::Done,
+                    Err(e) => {
+                        rate_limited_warn!("vsock: rx ring: {}; the device needs a reset", e);
+                        break Pass::Failed;
+                    }
+                },
                 Err(e) => {
                     rate_limited_warn!("vsock: rx ring: {}; the device needs a reset", e);
                     break Pass::Failed;

@@ -10,7 +10,7 @@ use super::packet::{op, shutdown, Header, HDR_LEN, HOST_CID, TYPE_STREAM};
 use super::{check_uds_path, MuxerError};
 use super::{Vsock, BUF_ALLOC, MAX_CONNECTIONS, RX_QUEUE, TX_QUEUE};
 use crate::test_utils::TempDir;
-use crate::virtio::testing::{regs, Buf, Driver};
+use crate::virtio::testing::{regs, used_ring, Buf, Driver};
 use crate::virtio::{device_type, features};
 
 const CID: u64 = 3;
@@ -28,6 +28,8 @@ struct Guest {
     rx_seen: u16,
     tx_hdr: u64,
     tx_data: u64,
+    /// The tx queue's avail index.
+    tx_published: u16,
 }
 
 impl Guest {
@@ -55,6 +57,7 @@ impl Guest {
             rx_seen: 0,
             tx_hdr,
             tx_data,
+            tx_published: 0,
         };
         g.post_rx();
         g
@@ -74,6 +77,34 @@ impl Guest {
 
     /// Sends one packet (header and payload in two readable descriptors).
     fn send(&mut self, hdr: Header, payload: &[u8]) {
+        self.publish_tx(hdr, payload);
+        self.d.kick(TX_QUEUE as u32);
+    }
+
+    /// Sends one packet as Linux's driver does with EVENT_IDX (negotiated here): it kicks only
+    /// when its new avail index passes the avail_event the device published (virtio 1.2
+    /// §2.7.10, vring_need_event). Returns whether it kicked.
+    fn send_as_linux(&mut self, hdr: Header, payload: &[u8]) -> bool {
+        let old = self.tx_published;
+        self.publish_tx(hdr, payload);
+        let new = self.tx_published;
+        let event = self.avail_event(TX_QUEUE as u32);
+        let kick = new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old);
+        if kick {
+            self.d.kick(TX_QUEUE as u32);
+        }
+        kick
+    }
+
+    /// The avail_event the device published for queue `q` (after the used ring's entries).
+    fn avail_event(&self, q: u32) -> u16 {
+        use vm_memory::{Bytes, GuestAddress};
+        let at = used_ring(q) + 4 + 8 * u64::from(self.d.queue_size);
+        self.d.mem.read_obj(GuestAddress(at)).unwrap()
+    }
+
+    /// Puts one packet in the tx queue (header and payload in two readable descriptors).
+    fn publish_tx(&mut self, hdr: Header, payload: &[u8]) {
         let mut hdr = hdr;
         hdr.len = payload.len() as u32;
         use vm_memory::{Bytes, GuestAddress};
@@ -91,7 +122,7 @@ impl Guest {
         }
         let head = self.d.add_chain_to(TX_QUEUE as u32, &bufs);
         self.d.publish_to(TX_QUEUE as u32, head);
-        self.d.kick(TX_QUEUE as u32);
+        self.tx_published = self.tx_published.wrapping_add(1);
     }
 
     /// Lets the device see its sockets (as the event loop would when its epoll fd is ready)
@@ -451,6 +482,50 @@ fn host_close_becomes_shutdown_and_the_guests_rst_ends_the_connection() {
     g.send(guest_pkt(52, local, op::RST, 1 << 20, 10), &[]);
     g.pump();
     assert_eq!(g.connections(), 0);
+}
+
+/// A host stream that used up the guest's credit exactly, then ended: only the guest's
+/// CREDIT_UPDATE can get the device to read the host's EOF, and Linux's driver (EVENT_IDX)
+/// kicks for it only if the device asked for a kick at that index. Seen with a Linux guest:
+/// 256 KiB from the host filled its credit and the stream never ended.
+#[test]
+fn a_credit_update_sent_as_linux_sends_it_reaches_the_device_and_the_hosts_end_follows() {
+    let mut g = Guest::new();
+    let (mut s, local) = g.host_connect(52);
+    g.send(guest_pkt(52, local, op::CREDIT_UPDATE, 4096, 0), &[]);
+    s.write_all(&pattern(4096, 1)).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let p = g.pump_recv();
+    let ops: Vec<u16> = p.iter().map(|(h, _)| h.op).collect();
+    assert_eq!(ops, [op::RW], "{p:?}");
+    assert_eq!(p[0].1, pattern(4096, 1));
+    // The guest read it all; nothing happens on the host side from now on.
+    assert!(
+        g.send_as_linux(guest_pkt(52, local, op::CREDIT_UPDATE, 4096, 4096), &[]),
+        "the device asked for no kick at the guest's next tx chain"
+    );
+    let p = g.recv();
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(
+        (p[0].0.op, p[0].0.flags),
+        (op::SHUTDOWN, shutdown::RCV | shutdown::SEND)
+    );
+}
+
+/// Out of rx buffers with packets to deliver, the device asks for a kick at the next buffer
+/// (avail_event), and delivers once it comes.
+#[test]
+fn a_device_out_of_rx_buffers_asks_for_a_kick_at_the_next_one() {
+    let mut g = Guest::with_rx_buffers(1);
+    // Two refused connections: two RSTs for one buffer.
+    g.send(guest_pkt(5000, 1234, op::REQUEST, 1 << 20, 0), &[]);
+    g.send(guest_pkt(5001, 1234, op::REQUEST, 1 << 20, 0), &[]);
+    assert_eq!(g.d.used_idx_of(RX_QUEUE as u32), 1);
+    assert_eq!(g.avail_event(RX_QUEUE as u32), 1);
+    let p = g.recv();
+    assert_eq!((p.len(), p[0].0.dst_port), (1, 5000));
+    let p = g.recv();
+    assert_eq!((p.len(), p[0].0.op, p[0].0.dst_port), (1, op::RST, 5001));
 }
 
 #[test]
