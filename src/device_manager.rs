@@ -292,7 +292,7 @@ impl DeviceManager {
     ) -> Result<DeviceHandle<D>, DeviceError> {
         let index = self.windows.len();
         let base = VIRTIO_MMIO_START + index as u64 * MMIO_WINDOW_SIZE;
-        let gsi = VIRTIO_GSI_START + index as u32;
+        let gsi = VIRTIO_GSI_START + u32::try_from(index).expect("a few devices");
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.fd
             .register_irqfd(&irq, gsi)
@@ -309,7 +309,7 @@ impl DeviceManager {
                 .register_ioevent(
                     evt,
                     &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
-                    queue as u32,
+                    u32::try_from(queue).expect("a device has a few queues"),
                 )
                 .map_err(|source| DeviceError::Kvm {
                     op: "KVM_IOEVENTFD",

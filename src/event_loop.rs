@@ -446,7 +446,9 @@ impl DeviceEvents {
     }
 
     fn process(&mut self, epoll: &Epoll, token: u64) {
-        let fd = (token & u64::from(u32::MAX)) as u32 as RawFd;
+        // The fd is the token's low 32 bits.
+        #[allow(clippy::cast_possible_truncation)]
+        let fd = token as u32 as RawFd;
         let Some(&i) = self.owner.get(&fd) else {
             return;
         };

@@ -1,3 +1,5 @@
+#![cfg_attr(not(test), warn(clippy::cast_possible_truncation))]
+
 use clap::Parser;
 use std::path::Path;
 use wisp::api::{self, PrebootApiController};

@@ -230,9 +230,9 @@ impl Vmm {
         serde_json::json!({
             "utc_timestamp_ms": std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                 .unwrap_or(0),
-            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "uptime_ms": u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "state": self.state(),
             "vcpu_count": self.vcpu_count,
             "mem_size_mib": self.mem_size_mib,

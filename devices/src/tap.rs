@@ -155,8 +155,10 @@ impl Tap {
 
         let mut req = IfReq::new();
         req.name[..name.len()].copy_from_slice(name.as_bytes());
-        req.flags =
-            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short | IFF_ONE_QUEUE;
+        // 0x5002: fits a c_short.
+        #[allow(clippy::cast_possible_truncation)]
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        req.flags = flags | IFF_ONE_QUEUE;
         // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `req` is.
         let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) };
         if r < 0 {

@@ -151,7 +151,9 @@ fn bind(path: &Path) -> Result<UnixListener, ApiError> {
 fn sockaddr_un(path: &OsStr) -> Result<(libc::sockaddr_un, libc::socklen_t), ApiError> {
     // SAFETY: sockaddr_un is plain data; all zeroes is valid.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    #[allow(clippy::cast_possible_truncation)] // AF_UNIX is 1
+    let family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = family;
     let bytes = path.as_bytes();
     let max = addr.sun_path.len() - 1;
     if bytes.len() > max || bytes.is_empty() || bytes.contains(&0) {
@@ -163,8 +165,10 @@ fn sockaddr_un(path: &OsStr) -> Result<(libc::sockaddr_un, libc::socklen_t), Api
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
     }
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    Ok((addr, len as libc::socklen_t))
+    // At most size_of::<sockaddr_un>() (110), checked above.
+    #[allow(clippy::cast_possible_truncation)]
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    Ok((addr, len))
 }
 
 /// Waits for a connection or the stop eventfd.

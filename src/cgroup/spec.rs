@@ -154,6 +154,8 @@ impl CpuMax {
         if cpus > f64::from(MAX_CPU + 1) {
             return Err(bad("more CPUs than any host has"));
         }
+        // cpus is positive and at most MAX_CPU + 1, checked above.
+        #[allow(clippy::cast_possible_truncation)]
         let quota = (cpus * DEFAULT_PERIOD_US as f64).round() as u64;
         let max = CpuMax {
             quota_us: Some(quota),

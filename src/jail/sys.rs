@@ -106,7 +106,9 @@ pub fn pivot_into(root: &Path) -> io::Result<()> {
     }
     let (new, put_old) = (cstr(Path::new("."))?, cstr(old)?);
     // SAFETY: valid C strings; pivot_root has no libc wrapper.
-    check(unsafe { libc::syscall(libc::SYS_pivot_root, new.as_ptr(), put_old.as_ptr()) } as i32)?;
+    let r = unsafe { libc::syscall(libc::SYS_pivot_root, new.as_ptr(), put_old.as_ptr()) };
+    // 0 or -1.
+    check(i32::try_from(r).unwrap_or(-1))?;
     let put_old = cstr(Path::new("/old_root"))?;
     // SAFETY: a valid C string.
     check(unsafe { libc::umount2(put_old.as_ptr(), libc::MNT_DETACH) })?;

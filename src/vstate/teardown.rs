@@ -14,6 +14,7 @@
 
 use std::os::fd::RawFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use wisp_devices::cast::u64_to_usize;
 
 /// Hands the last reference to `vm_fd` to a child process that closes it after this process
 /// has ended. Returns whether it did; on false the VM is torn down as usual when its fd closes.
@@ -30,7 +31,7 @@ pub fn hand_off(vm_fd: RawFd, mem: &GuestMemoryMmap) -> bool {
         let rc = unsafe {
             libc::madvise(
                 addr.cast::<libc::c_void>(),
-                region.len() as usize,
+                u64_to_usize(region.len()),
                 libc::MADV_DONTFORK,
             )
         };

@@ -10,6 +10,7 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
 };
+use wisp_devices::cast::u64_to_usize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -110,7 +111,7 @@ impl Vm {
         huge_pages: bool,
     ) -> Result<(VmFd, GuestMemoryMmap), VmError> {
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+        fd.set_tss_address(u64_to_usize(KVM_TSS_ADDRESS))
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         if let Err(e) = fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS) {
             // Only Intel's real-mode emulation needs it; some backends refuse it.
@@ -122,7 +123,7 @@ impl Vm {
         // ticks), against 0.1 ms before it.
         let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_size)
             .into_iter()
-            .map(|(start, len)| (GuestAddress(start), len as usize))
+            .map(|(start, len)| (GuestAddress(start), u64_to_usize(len)))
             .collect();
         let mem = if huge_pages {
             huge_page_memory(&ranges, mem_size)?
@@ -134,7 +135,7 @@ impl Vm {
         };
         for (slot, region) in mem.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot: u32::try_from(slot).expect("a few memory regions"),
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: mem.get_host_address(region.start_addr()).map_err(|e| {

@@ -73,6 +73,8 @@ pub fn lock_file(file: &File, path: &Path, writable: bool) -> Result<(), RawErro
     Ok(())
 }
 
+// The lock types and SEEK_SET are 0 to 2: they fit the struct's shorts.
+#[allow(clippy::cast_possible_truncation)]
 fn flock_byte(ty: libc::c_int, byte: i64) -> libc::flock {
     // SAFETY: an all-zero flock is a valid value of this plain C struct.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
@@ -101,7 +103,7 @@ fn held_by_another(file: &File, byte: i64) -> io::Result<bool> {
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+    Ok(i32::from(fl.l_type) != libc::F_UNLCK)
 }
 
 #[cfg(test)]

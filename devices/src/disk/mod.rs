@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
+use crate::cast::u64_to_usize;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
 
@@ -91,7 +92,7 @@ pub(crate) fn for_each_piece<'s, B: BitmapSlice>(
         }
         let n = (blen - skip).min(len - done);
         let piece = b
-            .subslice(skip as usize, n as usize)
+            .subslice(u64_to_usize(skip), u64_to_usize(n))
             .map_err(|e| io::Error::other(format!("guest buffer piece: {e}")))?;
         f(piece, done)?;
         done += n;
@@ -145,14 +146,17 @@ pub(crate) fn file_vectored<B: BitmapSlice>(
         }
         let at = libc::off_t::try_from(pos + done)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // At most IOV_MAX (1024) pieces.
+        #[allow(clippy::cast_possible_truncation)]
+        let count = iov.len() as i32;
         // SAFETY: every iovec points into a VolatileSlice that stays mapped while `bufs`
         // is borrowed, its guard held in `guards` for the call; the kernel reads or writes
         // only those bytes.
         let n = unsafe {
             if read {
-                libc::preadv(file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, at)
+                libc::preadv(file.as_raw_fd(), iov.as_ptr(), count, at)
             } else {
-                libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, at)
+                libc::pwritev(file.as_raw_fd(), iov.as_ptr(), count, at)
             }
         };
         drop(guards);
@@ -210,7 +214,7 @@ pub(crate) fn copy_to_vectored<B: BitmapSlice>(
     data: &[u8],
 ) -> io::Result<()> {
     for_each_piece(bufs, skip, data.len() as u64, |piece, at| {
-        piece.copy_from(&data[at as usize..at as usize + piece.len()]);
+        piece.copy_from(&data[u64_to_usize(at)..u64_to_usize(at) + piece.len()]);
         Ok(())
     })
 }
@@ -223,7 +227,7 @@ pub(crate) fn copy_from_vectored<B: BitmapSlice>(
 ) -> io::Result<()> {
     let len = out.len() as u64;
     for_each_piece(bufs, skip, len, |piece, at| {
-        piece.copy_to(&mut out[at as usize..at as usize + piece.len()]);
+        piece.copy_to(&mut out[u64_to_usize(at)..u64_to_usize(at) + piece.len()]);
         Ok(())
     })
 }

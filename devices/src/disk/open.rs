@@ -199,8 +199,11 @@ fn openat2_beneath(dir: &File, rel: &Path) -> io::Result<File> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
+    // A descriptor is an int; the syscall returns it as a long.
+    #[allow(clippy::cast_possible_truncation)]
+    let fd = fd as i32;
     // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    Ok(unsafe { File::from_raw_fd(fd as i32) })
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 /// A relative backing name is relative to the overlay's directory (qcow2.txt).

@@ -11,6 +11,7 @@ use vm_memory::VolatileSlice;
 
 use super::fault::{inject, Faults, FileOp};
 use super::DiskBackend;
+use crate::cast::u64_to_usize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RawError {
@@ -130,7 +131,7 @@ impl RawFile {
         let zeroes = vec![0u8; len.min(1 << 20) as usize];
         let mut done = 0;
         while done < len {
-            let n = (len - done).min(zeroes.len() as u64) as usize;
+            let n = u64_to_usize((len - done).min(zeroes.len() as u64));
             inject(&self.faults, FileOp::Write)?;
             self.file.write_all_at(&zeroes[..n], offset + done)?;
             done += n as u64;

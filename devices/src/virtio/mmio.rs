@@ -13,6 +13,7 @@ use super::{
     VirtioInterrupt,
 };
 use crate::bus::BusDevice;
+use crate::cast::u64_to_usize;
 use crate::interrupt::InterruptLine;
 
 /// Size of a virtio-mmio register window.
@@ -368,7 +369,7 @@ impl MmioTransport {
             let mut q = Queue::new(regs.max_size).expect("max size checked in MmioTransport::new");
             if regs.ready {
                 // The values were validated when QueueReady was written.
-                q.set_size(regs.size as u16);
+                q.set_size(u16::try_from(regs.size).expect("checked against max_size"));
                 let (desc, driver, device) =
                     (halves(regs.desc), halves(regs.driver), halves(regs.device));
                 q.set_desc_table_address(Some(desc.0), Some(desc.1));
@@ -530,9 +531,11 @@ impl MmioTransport {
         ];
         for (name, addr, align, len) in areas {
             if !addr.is_multiple_of(align)
-                || !self
-                    .mem
-                    .check_range(GuestAddress(addr), len as usize, Permissions::ReadWrite)
+                || !self.mem.check_range(
+                    GuestAddress(addr),
+                    u64_to_usize(len),
+                    Permissions::ReadWrite,
+                )
             {
                 rate_limited_warn!(
                     "virtio-mmio: queue {} {} at {:#x}+{:#x} is misaligned or outside guest memory",

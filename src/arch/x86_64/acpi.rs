@@ -143,12 +143,16 @@ fn madt(vcpus: u8) -> MADT {
         OEM_ID,
         OEM_TABLE_ID,
         OEM_REVISION,
-        LocalInterruptController::Address(LAPIC_START as u32),
+        LocalInterruptController::Address(u32::try_from(LAPIC_START).expect("below 4 GiB")),
     );
     for id in 0..vcpus {
         madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
     }
-    madt.add_structure(IoApic::new(0, IOAPIC_START as u32, 0));
+    madt.add_structure(IoApic::new(
+        0,
+        u32::try_from(IOAPIC_START).expect("below 4 GiB"),
+        0,
+    ));
     madt
 }
 
@@ -160,18 +164,18 @@ fn dsdt(platform: &Platform) -> Sdt {
     aml::Name::new("_S5_".into(), &aml::Package::new(vec![&ACPI_S5_SLP_TYP]))
         .to_aml_bytes(&mut body);
 
-    let com1 = legacy_device("COM1", "PNP0501", &[(COM1_PORT as u16, 8)], Some(COM1_GSI));
+    let com1 = legacy_device("COM1", "PNP0501", &[(port(COM1_PORT), 8)], Some(COM1_GSI));
     let kbd = legacy_device(
         "PS2K",
         "PNP0303",
-        &[(I8042_PORT as u16, 1), (I8042_PORT as u16 + 4, 1)],
+        &[(port(I8042_PORT), 1), (port(I8042_PORT) + 4, 1)],
         Some(I8042_GSI),
     );
     // pvpanic's ACPI id is QEMU's (docs/specs/pvpanic.txt), a plain string _HID.
     let pvpanic = LegacyDevice {
         name: "PEVT",
         hid: Hid::Str("QEMU0001"),
-        ports: vec![(PVPANIC_PORT as u16, 1)],
+        ports: vec![(port(PVPANIC_PORT), 1)],
         irq: None,
     };
 
@@ -247,6 +251,11 @@ impl Aml for LegacyDevice {
 }
 
 /// A virtio-mmio device as Linux's virtio_mmio driver matches it: _HID LNRO0005.
+/// An I/O port of the layout (all below 0x10000).
+fn port(p: u64) -> u16 {
+    u16::try_from(p).expect("an x86 I/O port")
+}
+
 struct VirtioMmioAml {
     index: usize,
     dev: MmioDevice,
@@ -255,7 +264,8 @@ struct VirtioMmioAml {
 impl Aml for VirtioMmioAml {
     fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
         let name = format!("V{:03X}", self.index);
-        let mem = aml::Memory32Fixed::new(true, self.dev.base as u32, self.dev.size as u32);
+        let below_4g = |v: u64| u32::try_from(v).expect("virtio-mmio windows lie below 4 GiB");
+        let mem = aml::Memory32Fixed::new(true, below_4g(self.dev.base), below_4g(self.dev.size));
         let irq = aml::Interrupt::new(true, true, false, false, self.dev.gsi);
         let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
         let uid = self.index as u64;

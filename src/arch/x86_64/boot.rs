@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use wisp_devices::cast::u64_to_usize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -102,7 +103,7 @@ fn elf_has_linux_note(f: &mut File) -> std::io::Result<bool> {
             continue;
         }
         let (off, size) = (u64_at(&ph, 0x08), u64_at(&ph, 0x20).min(64 << 10));
-        let mut notes = vec![0u8; size as usize];
+        let mut notes = vec![0u8; u64_to_usize(size)];
         f.read_exact_at(&mut notes, off)?;
         let mut at = 0usize;
         let align = |n: usize| (n + 3) & !3;
@@ -264,7 +265,7 @@ fn load_initrd(
                 "{size} bytes do not fit in guest memory below {top:#x} beside the kernel; give the VM more memory"
             ))
         })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, u64_to_usize(size))
         .map_err(|e| ierr(format!("reading it failed: {e}")))?;
     Ok((addr, size))
 }
@@ -344,11 +345,15 @@ fn write_zero_page(
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.loadflags |= CAN_USE_HEAP;
     params.hdr.heap_end_ptr = 0xfe00;
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cmdline.len() as u32 + 1;
+    params.hdr.cmd_line_ptr = u32::try_from(CMDLINE_START).expect("below 4 GiB");
+    // write_cmdline refused a line of CMDLINE_MAX_SIZE (4 KiB) or more.
+    params.hdr.cmdline_size = u32::try_from(cmdline.len() + 1).expect("at most 4 KiB");
     if let Some((addr, size)) = initrd {
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
+        // The initrd was placed below the MMIO hole, under 4 GiB.
+        #[allow(clippy::cast_possible_truncation)]
+        let (addr, size) = (addr as u32, size as u32);
+        params.hdr.ramdisk_image = addr;
+        params.hdr.ramdisk_size = size;
     }
     params.acpi_rsdp_addr = rsdp;
     let map = e820_map(mem_size);
@@ -362,7 +367,10 @@ fn write_zero_page(
         slot.size = *size;
         slot.r#type = *kind;
     }
-    params.e820_entries = map.len() as u8;
+    // At most e820_table.len() (128), checked above.
+    #[allow(clippy::cast_possible_truncation)]
+    let entries = map.len() as u8;
+    params.e820_entries = entries;
     mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
         .map_err(|_| BootError::GuestMemory {
             addr: ZERO_PAGE_START,

@@ -73,11 +73,15 @@ pub fn build(vcpus: u8) -> Result<Vec<u8>, MptableError> {
     }
     entry(&[MP_BUS, ISA_BUS_ID, b'I', b'S', b'A', b' ', b' ', b' ']);
     let mut ioapic = [MP_IOAPIC, IOAPIC_ID, IOAPIC_VERSION, 1, 0, 0, 0, 0];
-    ioapic[4..].copy_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    ioapic[4..].copy_from_slice(
+        &u32::try_from(IOAPIC_START)
+            .expect("below 4 GiB")
+            .to_le_bytes(),
+    );
     entry(&ioapic);
     // Each bus IRQ on the IOAPIC pin of the same number, flags 0 (conforming to the ISA bus:
     // edge, active high), as the MADT implies with no source overrides.
-    for pin in 0..IOAPIC_PINS as u8 {
+    for pin in 0..u8::try_from(IOAPIC_PINS).expect("24 pins") {
         entry(&[MP_INTSRC, MP_INT, 0, 0, ISA_BUS_ID, pin, IOAPIC_ID, pin]);
     }
     entry(&[MP_LINTSRC, MP_EXTINT, 0, 0, ISA_BUS_ID, 0, ALL_LAPICS, 0]);
@@ -94,7 +98,11 @@ pub fn build(vcpus: u8) -> Result<Vec<u8>, MptableError> {
     table.extend_from_slice(&0u32.to_le_bytes()); // no OEM table
     table.extend_from_slice(&0u16.to_le_bytes());
     table.extend_from_slice(&count.to_le_bytes());
-    table.extend_from_slice(&(LAPIC_START as u32).to_le_bytes());
+    table.extend_from_slice(
+        &u32::try_from(LAPIC_START)
+            .expect("below 4 GiB")
+            .to_le_bytes(),
+    );
     table.extend_from_slice(&0u16.to_le_bytes()); // no extended entries
     table.push(0);
     table.push(0);
@@ -103,7 +111,11 @@ pub fn build(vcpus: u8) -> Result<Vec<u8>, MptableError> {
 
     let mut floating = [0u8; 16];
     floating[..4].copy_from_slice(b"_MP_");
-    floating[4..8].copy_from_slice(&(table_addr as u32).to_le_bytes());
+    floating[4..8].copy_from_slice(
+        &u32::try_from(table_addr)
+            .expect("below 1 MiB")
+            .to_le_bytes(),
+    );
     floating[8] = 1; // length in 16-byte units
     floating[9] = MPC_SPEC_REV;
     // feature byte 1 = 0: a configuration table is present (no default configuration).

@@ -71,6 +71,7 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The kvm_segment a GDT entry describes, loaded with `selector`.
 fn segment(entry: u64, selector: u16) -> kvm_segment {
+    #[allow(clippy::cast_possible_truncation)] // 20 bits
     let limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     kvm_segment {
@@ -164,7 +165,7 @@ pub fn setup_boot_vcpu(
     write_gdt(mem)?;
     let mut sregs = vcpu.get_sregs().map_err(kvm("GET_SREGS"))?;
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (std::mem::size_of_val(&GDT) - 1) as u16;
+    sregs.gdt.limit = u16::try_from(std::mem::size_of_val(&GDT) - 1).expect("a few entries");
     sregs.idt.base = BOOT_IDT_START;
     sregs.idt.limit = 7;
     sregs.tr = segment(GDT[4], 0x20);

@@ -1,6 +1,7 @@
 //! The qcow2 header and its extensions (QEMU docs/interop/qcow2.txt, "Header").
 
 use super::Error;
+use crate::cast::u64_to_usize;
 
 pub const MAGIC: u32 = 0x5146_49fb; // "QFI\xfb"
 pub const V2_HEADER_LEN: u32 = 72;
@@ -105,7 +106,7 @@ impl Header {
         }
         let cluster_size = 1u64 << cluster_bits;
         // Extensions and the backing file name live in the first cluster.
-        let buf = &buf[..buf.len().min(cluster_size as usize)];
+        let buf = &buf[..buf.len().min(u64_to_usize(cluster_size))];
         let size = be64(buf, 24);
         let crypt_method = be32(buf, 32);
         if crypt_method != 0 {
@@ -153,7 +154,7 @@ impl Header {
         let mut has_data_file = false;
         let mut pos = header_length as usize;
         let ext_end = if backing_file_offset > 0 {
-            backing_file_offset.min(buf.len() as u64) as usize
+            u64_to_usize(backing_file_offset.min(buf.len() as u64))
         } else {
             buf.len()
         };
@@ -244,7 +245,7 @@ impl Header {
                     offset: backing_file_offset,
                     len: backing_file_size,
                 })?;
-            let name = &buf[backing_file_offset as usize..end as usize];
+            let name = &buf[u64_to_usize(backing_file_offset)..u64_to_usize(end)];
             Some(String::from_utf8_lossy(name).into_owned())
         } else {
             None
@@ -348,7 +349,7 @@ pub fn build(
     h[100..104].copy_from_slice(&112u32.to_be_bytes());
     if let Some((_, fmt)) = backing {
         h.extend_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
-        h.extend_from_slice(&(fmt.len() as u32).to_be_bytes());
+        h.extend_from_slice(&u32::try_from(fmt.len()).ok()?.to_be_bytes());
         h.extend_from_slice(fmt.as_bytes());
         h.resize(h.len().div_ceil(8) * 8, 0);
     }
@@ -356,7 +357,7 @@ pub fn build(
     if let Some((name, _)) = backing {
         let off = h.len() as u64;
         h[8..16].copy_from_slice(&off.to_be_bytes());
-        h[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+        h[16..20].copy_from_slice(&u32::try_from(name.len()).ok()?.to_be_bytes());
         h.extend_from_slice(name.as_bytes());
     }
     if h.len() > cluster_size {

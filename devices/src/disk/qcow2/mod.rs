@@ -58,6 +58,7 @@ use super::open::{open_backing_file, open_image_file, resolve_backing};
 pub use super::open::{BackingOpenError, BackingPolicy};
 use super::raw::{pread_zero_fill, RawFile};
 use super::DiskBackend;
+use crate::cast::u64_to_usize;
 
 /// Longest backing chain opened (the overlay itself not counted).
 pub const MAX_BACKING_DEPTH: usize = 16;
@@ -295,25 +296,29 @@ pub fn create(
     let blocks_offset = rt_offset + rt_clusters * cluster_size;
     let l1_offset = blocks_offset + blocks * cluster_size;
     let backing_strs = backing.map(|(p, f)| (p.to_string_lossy().into_owned(), f.to_string()));
+    // The L1 table is at most MAX_L1_BYTES (32 MiB) and the refcount table covers it and
+    // itself: both counts fit the header's u32 fields.
+    #[allow(clippy::cast_possible_truncation)]
+    let (l1_size, rt_clusters32) = (l1_size as u32, rt_clusters as u32);
     let hdr = header::build(
         cluster_bits,
         size,
-        l1_size as u32,
+        l1_size,
         l1_offset,
         rt_offset,
-        rt_clusters as u32,
+        rt_clusters32,
         backing_strs.as_ref().map(|(p, f)| (p.as_str(), f.as_str())),
     )
     .ok_or_else(|| Error::BackingNameTooLong {
         name: backing_strs.clone().unwrap_or_default().0,
     })?;
-    let mut rt = vec![0u8; (rt_clusters * cluster_size) as usize];
+    let mut rt = vec![0u8; u64_to_usize(rt_clusters * cluster_size)];
     for b in 0..blocks {
         let off = blocks_offset + b * cluster_size;
-        rt[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
+        rt[u64_to_usize(b * 8)..u64_to_usize(b * 8 + 8)].copy_from_slice(&off.to_be_bytes());
     }
-    let mut rblocks = vec![0u8; (blocks * cluster_size) as usize];
-    for c in 0..total as usize {
+    let mut rblocks = vec![0u8; u64_to_usize(blocks * cluster_size)];
+    for c in 0..u64_to_usize(total) {
         refcount::set(&mut rblocks, 4, c, 1);
     }
     let file = OpenOptions::new()
@@ -360,7 +365,7 @@ pub fn fuzz_image(data: &[u8]) {
         let mut buf = vec![0u8; 70_000];
         for i in 0..4u64 {
             let off = span / 4 * i;
-            let n = (buf.len() as u64).min(len - off) as usize;
+            let n = u64_to_usize((buf.len() as u64).min(len - off));
             let _ = q.read_at(off, &mut buf[..n]);
             if !read_only {
                 let _ = q.write_at(off + n as u64 / 2, &buf[..n / 2]);
@@ -446,7 +451,7 @@ impl BackingDisk {
     /// Reads guest data of the overlay; bytes past the backing file's end read as zero.
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = self.len();
-        let avail = len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let avail = u64_to_usize(len.saturating_sub(offset).min(buf.len() as u64));
         let (inside, past) = buf.split_at_mut(avail);
         past.fill(0);
         if inside.is_empty() {
@@ -779,7 +784,7 @@ impl Qcow2 {
             data_dirty: false,
             broken: None,
             compressed_cache: None,
-            scratch: AlignedBuf::new(cluster_size as usize),
+            scratch: AlignedBuf::new(u64_to_usize(cluster_size)),
             bounce: Vec::new(),
             faults: None,
             #[cfg(test)]
@@ -1070,7 +1075,7 @@ impl Qcow2 {
             return Ok(());
         }
         self.check_metadata_cluster("L2 table", offset)?;
-        let mut raw = vec![0u8; self.cluster_size as usize];
+        let mut raw = vec![0u8; u64_to_usize(self.cluster_size)];
         self.file.read_exact_at(&mut raw, offset)?;
         let table = raw
             .chunks_exact(8)
@@ -1089,7 +1094,7 @@ impl Qcow2 {
     }
 
     fn l2_entry(&mut self, guest_cluster: u64) -> io::Result<u64> {
-        let l1i = (guest_cluster >> self.l2_bits) as usize;
+        let l1i = u64_to_usize(guest_cluster >> self.l2_bits);
         let Some(&l1e) = self.l1.get(l1i) else {
             return Ok(0);
         };
@@ -1097,7 +1102,7 @@ impl Qcow2 {
         if l2off == 0 {
             return Ok(0);
         }
-        let idx = (guest_cluster & ((1 << self.l2_bits) - 1)) as usize;
+        let idx = u64_to_usize(guest_cluster & ((1 << self.l2_bits) - 1));
         if let Some(e) = self.l2_cache.get_mut(l2off) {
             return Ok(e.table[idx]);
         }
@@ -1148,7 +1153,7 @@ impl Qcow2 {
     // ---- refcounts ----
 
     fn rc_block_offset(&self, block_index: u64) -> io::Result<Option<u64>> {
-        let Some(&e) = self.rt.get(block_index as usize) else {
+        let Some(&e) = self.rt.get(u64_to_usize(block_index)) else {
             return Ok(None);
         };
         let off = e & RT_OFFSET_MASK;
@@ -1168,7 +1173,7 @@ impl Qcow2 {
             return Ok(());
         }
         self.check_metadata_cluster("refcount block", offset)?;
-        let mut raw = vec![0u8; self.cluster_size as usize];
+        let mut raw = vec![0u8; u64_to_usize(self.cluster_size)];
         self.file.read_exact_at(&mut raw, offset)?;
         self.rc_cache.insert(offset, raw, false);
         Ok(())
@@ -1178,7 +1183,7 @@ impl Qcow2 {
         let Some(off) = self.rc_block_offset(cluster >> self.rcb_bits)? else {
             return Ok(0);
         };
-        let idx = (cluster & ((1 << self.rcb_bits) - 1)) as usize;
+        let idx = u64_to_usize(cluster & ((1 << self.rcb_bits) - 1));
         let order = self.refcount_order;
         if let Some(e) = self.rc_cache.get_mut(off) {
             return Ok(refcount::get(&e.table, order, idx));
@@ -1222,7 +1227,7 @@ impl Qcow2 {
             self.ensure_rc_block(cluster)?
         };
         self.load_rc(off)?;
-        let idx = (cluster & ((1 << self.rcb_bits) - 1)) as usize;
+        let idx = u64_to_usize(cluster & ((1 << self.rcb_bits) - 1));
         let order = self.refcount_order;
         let entry = self.rc_cache.get_mut(off).expect("refcount block loaded");
         let old = refcount::get(&entry.table, order, idx);
@@ -1332,9 +1337,9 @@ impl Qcow2 {
         for (i, &r) in blocks.iter().enumerate() {
             let off = (blocks_start + i as u64) << cb;
             self.rc_cache
-                .insert(off, vec![0u8; self.cluster_size as usize], true);
-            self.rt[r as usize] = off;
-            self.rt_dirty.insert(r as usize);
+                .insert(off, vec![0u8; u64_to_usize(self.cluster_size)], true);
+            self.rt[u64_to_usize(r)] = off;
+            self.rt_dirty.insert(u64_to_usize(r));
             self.note_metadata(off >> cb);
         }
         self.end_cluster = self.end_cluster.max(start + total);
@@ -1343,7 +1348,7 @@ impl Qcow2 {
             for x in start..start + total {
                 self.set_refcount(x, 1)?;
             }
-            return Ok(self.rt[k as usize]);
+            return Ok(self.rt[u64_to_usize(k)]);
         }
         // blocks -> new table -> header -> old table freed. Until the header names the new
         // table, a failure puts everything back as it was (the old table on disk stays
@@ -1368,8 +1373,8 @@ impl Qcow2 {
                 if let Ok(j) = self.meta_clusters.binary_search(&(off >> cb)) {
                     self.meta_clusters.remove(j);
                 }
-                self.rt[r as usize] = 0;
-                self.rt_dirty.remove(&(r as usize));
+                self.rt[u64_to_usize(r)] = 0;
+                self.rt_dirty.remove(&u64_to_usize(r));
             }
             self.rt.truncate(old_rt_len);
             // Clusters the old blocks cover were set to 1: past the old end, free again.
@@ -1400,14 +1405,17 @@ impl Qcow2 {
             self.update_refcount(c, -1)?;
         }
         self.free_hint = self.free_hint.min(first);
-        Ok(self.rt[k as usize])
+        Ok(self.rt[u64_to_usize(k)])
     }
 
     /// The header's refcount table fields (offset, clusters).
     fn rt_header(&self, offset: u64, clusters: u64) -> [u8; 12] {
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&offset.to_be_bytes());
-        hdr[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
+        // At most MAX_REFTABLE_BYTES (8 MiB) of table: the count fits the u32 field.
+        #[allow(clippy::cast_possible_truncation)]
+        let clusters = clusters as u32;
+        hdr[8..].copy_from_slice(&clusters.to_be_bytes());
         hdr
     }
 
@@ -1704,9 +1712,9 @@ impl Qcow2 {
                 "compressed cluster at {entry_host:#x} (+{len}) beyond the end of the file"
             )));
         }
-        let mut input = vec![0u8; len as usize];
+        let mut input = vec![0u8; u64_to_usize(len)];
         pread_zero_fill(&self.file, &mut input, entry_host)?;
-        let mut out = vec![0u8; self.cluster_size as usize];
+        let mut out = vec![0u8; u64_to_usize(self.cluster_size)];
         let r = if self.compression_type == 1 {
             inflate_zstd(&input, &mut out)
         } else {
@@ -1735,7 +1743,7 @@ impl Qcow2 {
             Mapping::Compressed { host, sectors } => {
                 self.decompress(host, sectors)?;
                 let data = &self.compressed_cache.as_ref().expect("just decompressed").1;
-                buf.copy_from_slice(&data[inoff as usize..inoff as usize + buf.len()]);
+                buf.copy_from_slice(&data[u64_to_usize(inoff)..u64_to_usize(inoff) + buf.len()]);
                 Ok(())
             }
         }
@@ -1750,7 +1758,7 @@ impl Qcow2 {
             let off = offset + done as u64;
             let g = off >> self.cluster_bits;
             let m = self.mapping(g)?;
-            let mut n = ((cs - (off & (cs - 1))) as usize).min(buf.len() - done);
+            let mut n = (u64_to_usize(cs - (off & (cs - 1)))).min(buf.len() - done);
             // Extend over following clusters with the same kind of contiguous mapping.
             if !matches!(m, Mapping::Compressed { .. }) {
                 let mut k = 1u64;
@@ -1767,7 +1775,7 @@ impl Qcow2 {
                     if !contiguous {
                         break;
                     }
-                    n += (cs as usize).min(buf.len() - done - n);
+                    n += (u64_to_usize(cs)).min(buf.len() - done - n);
                     k += 1;
                 }
             }
@@ -1776,7 +1784,7 @@ impl Qcow2 {
                 Mapping::Compressed { host, sectors } => {
                     self.decompress(host, sectors)?;
                     let data = &self.compressed_cache.as_ref().expect("just decompressed").1;
-                    buf.copy_in(done, &data[inoff as usize..inoff as usize + n])?;
+                    buf.copy_in(done, &data[u64_to_usize(inoff)..u64_to_usize(inoff) + n])?;
                 }
                 Mapping::Unallocated => self.read_backing_into(off, buf, done, n)?,
                 Mapping::Zero { .. } => buf.zero(done, n)?,
@@ -1792,7 +1800,7 @@ impl Qcow2 {
     /// Makes sure the L2 table for `guest_cluster` exists and is ours to modify; returns
     /// its offset.
     fn l2_for_write(&mut self, guest_cluster: u64) -> io::Result<u64> {
-        let l1i = (guest_cluster >> self.l2_bits) as usize;
+        let l1i = u64_to_usize(guest_cluster >> self.l2_bits);
         let Some(&l1e) = self.l1.get(l1i) else {
             return Err(self.corrupt(format!("L1 index {l1i} beyond the L1 table")));
         };
@@ -1821,7 +1829,7 @@ impl Qcow2 {
 
     fn set_l2_entry(&mut self, guest_cluster: u64, entry: u64) -> io::Result<()> {
         let l2off = self.l2_for_write(guest_cluster)?;
-        let idx = (guest_cluster & ((1 << self.l2_bits) - 1)) as usize;
+        let idx = u64_to_usize(guest_cluster & ((1 << self.l2_bits) - 1));
         let e = self.l2_cache.get_mut(l2off).expect("L2 table loaded");
         e.table[idx] = entry;
         e.dirty = true;
@@ -1900,7 +1908,7 @@ impl Qcow2 {
             let off = offset + done as u64;
             let g = off >> self.cluster_bits;
             let inoff = off & (cs - 1);
-            let n = ((cs - inoff) as usize).min(buf.len() - done);
+            let n = (u64_to_usize(cs - inoff)).min(buf.len() - done);
             let m = self.mapping(g)?;
             let (host, alloc) = match m {
                 Mapping::Data { host, copied: true } => {
@@ -1928,7 +1936,10 @@ impl Qcow2 {
                     let r = self
                         .read_mapped(m, g << self.cluster_bits, cluster)
                         .and_then(|()| {
-                            buf.copy_out(done, &mut cluster[inoff as usize..inoff as usize + n])
+                            buf.copy_out(
+                                done,
+                                &mut cluster[u64_to_usize(inoff)..u64_to_usize(inoff) + n],
+                            )
                         });
                     let r = r.and_then(|()| {
                         let new = self.alloc_cluster()?;
@@ -2002,7 +2013,7 @@ impl Qcow2 {
             };
             if n < cs {
                 if zero && !reads_zero {
-                    let zeros = vec![0u8; n as usize];
+                    let zeros = vec![0u8; u64_to_usize(n)];
                     self.write_inner(off, &zeros[..])?;
                 }
             } else if zero {
@@ -2016,7 +2027,7 @@ impl Qcow2 {
                     self.set_l2_entry(g, OFLAG_ZERO)?;
                     self.free_later(m);
                 } else {
-                    let zeros = vec![0u8; n as usize];
+                    let zeros = vec![0u8; u64_to_usize(n)];
                     self.write_inner(off, &zeros[..])?;
                 }
             } else if !reads_zero {

@@ -14,6 +14,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Perm
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{features as fb, DEFLATE_QUEUE, INFLATE_QUEUE, PAGE_SIZE, QUEUE_SIZE, STATS_QUEUE};
+use crate::cast::u64_to_usize;
 use crate::rate_limiter::Timer;
 use crate::virtio::queue::{collect_chain, pop_chain, ChainEnd};
 use crate::virtio::{
@@ -337,12 +338,12 @@ impl Discarder<'_> {
     fn page(&mut self, ptr: *mut u8) {
         if let Some((start, len)) = self.run.as_mut() {
             if start.wrapping_add(*len) == ptr {
-                *len += PAGE_SIZE as usize;
+                *len += u64_to_usize(PAGE_SIZE);
                 return;
             }
         }
         self.flush();
-        self.run = Some((ptr, PAGE_SIZE as usize));
+        self.run = Some((ptr, u64_to_usize(PAGE_SIZE)));
     }
 
     fn flush(&mut self) {
@@ -397,7 +398,7 @@ fn walk_pfns(
             continue;
         }
         let len = u64::from(d.len()) / 4 * 4;
-        if !mem.check_range(d.addr(), len as usize, Permissions::Read) {
+        if !mem.check_range(d.addr(), u64_to_usize(len), Permissions::Read) {
             rate_limited_warn!(
                 "virtio-balloon: page list {:#x}+{:#x} is outside guest memory",
                 d.addr().0,
@@ -407,7 +408,7 @@ fn walk_pfns(
         }
         let mut off = 0u64;
         while off < len {
-            let n = (len - off).min(buf.len() as u64) as usize;
+            let n = u64_to_usize((len - off).min(buf.len() as u64));
             let Some(addr) = d.addr().checked_add(off) else {
                 break;
             };
@@ -423,7 +424,7 @@ fn walk_pfns(
                 let pfn = u32::from_le_bytes(pfn.try_into().expect("4 bytes"));
                 let gpa = GuestAddress(u64::from(pfn) * PAGE_SIZE);
                 // The page must be guest RAM, in one piece of the host mapping.
-                match vm_memory::GuestMemoryBackend::get_slice(mem, gpa, PAGE_SIZE as usize) {
+                match vm_memory::GuestMemoryBackend::get_slice(mem, gpa, u64_to_usize(PAGE_SIZE)) {
                     Ok(s) if inflate => discard.page(s.ptr_guard_mut().as_ptr()),
                     Ok(_) => {}
                     Err(_) => {
@@ -457,14 +458,14 @@ fn read_stats(
             return Err("a device-writable descriptor".into());
         }
         let want = (MAX_STATS as u64 * STAT_LEN).saturating_sub(bytes.len() as u64);
-        let n = u64::from(d.len()).min(want) as usize;
+        let n = u64_to_usize(u64::from(d.len()).min(want));
         let start = bytes.len();
         bytes.resize(start + n, 0);
         mem.read_slice(&mut bytes[start..], d.addr())
             .map_err(|_| format!("{:#x}+{:#x} is outside guest memory", d.addr().0, n))?;
     }
     Ok(bytes
-        .chunks_exact(STAT_LEN as usize)
+        .chunks_exact(u64_to_usize(STAT_LEN))
         .map(|e| {
             (
                 u16::from_le_bytes([e[0], e[1]]),

@@ -142,7 +142,10 @@ impl Block {
         };
         put(CAPACITY, &(handler.capacity / SECTOR_SIZE).to_le_bytes());
         put(0x0c, &SEG_MAX.to_le_bytes()); // seg_max
-        put(0x14, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        put(
+            0x14,
+            &u32::try_from(SECTOR_SIZE).expect("512").to_le_bytes(),
+        ); // blk_size
         put(0x24, &MAX_DISCARD_SECTORS.to_le_bytes());
         put(0x28, &MAX_DISCARD_SEG.to_le_bytes());
         put(0x2c, &8u32.to_le_bytes()); // discard_sector_alignment: 4 KiB

@@ -19,6 +19,7 @@ use super::{
     features, request_status as status, request_type as rtype, MAX_DISCARD_SECTORS,
     MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, SEG_MAX,
 };
+use crate::cast::u64_to_usize;
 use crate::disk::DiskBackend;
 use crate::virtio::queue::{collect_chain, ChainEnd};
 
@@ -444,7 +445,7 @@ impl RequestHandler {
         self.writable.clear();
         for d in descs {
             let len = u64::from(d.len());
-            if !mem.check_range(d.addr(), len as usize, Permissions::ReadWrite) {
+            if !mem.check_range(d.addr(), u64_to_usize(len), Permissions::ReadWrite) {
                 return Err(malformed(format!(
                     "buffer {:#x}+{:#x} is outside guest memory",
                     d.addr().0,
@@ -473,7 +474,7 @@ impl RequestHandler {
         let readable_len: u64 = self.readable.iter().map(|s| s.len).sum();
         let writable_len: u64 = self.writable.iter().map(|s| s.len).sum();
 
-        let mut header = [0u8; HEADER_LEN as usize];
+        let mut header = [0u8; u64_to_usize(HEADER_LEN)];
         if readable_len < HEADER_LEN {
             return Err(malformed(format!(
                 "device-readable part is {readable_len} bytes, shorter than the 16-byte header"
@@ -619,7 +620,7 @@ impl RequestHandler {
             )));
         }
         for i in 0..count as usize {
-            let mut raw = [0u8; DISCARD_SEGMENT_LEN as usize];
+            let mut raw = [0u8; u64_to_usize(DISCARD_SEGMENT_LEN)];
             gather(
                 mem,
                 &self.readable,
@@ -712,7 +713,7 @@ fn walk(
             continue;
         }
         let avail = seg.len - skip;
-        let n = avail.min((len - done) as u64) as usize;
+        let n = u64_to_usize(avail.min((len - done) as u64));
         // Segments were checked to lie in guest memory, so the address cannot overflow.
         let addr = seg.addr.checked_add(skip).ok_or(())?;
         f(addr, done..done + n)?;

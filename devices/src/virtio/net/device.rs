@@ -403,7 +403,7 @@ impl VirtioDevice for Net {
         const _: () = assert!(RX_QUEUE == 0 && TX_QUEUE == 1);
         let [rx, tx] = activation.take_ready_queues()?;
         self.tap
-            .set_vnet_hdr_size(HDR_LEN as i32)
+            .set_vnet_hdr_size(i32::try_from(HDR_LEN).expect("12 bytes"))
             .map_err(|e| ActivateError::Other(e.to_string()))?;
         self.tap
             .set_offload(tap_offloads(acked_features))

@@ -392,7 +392,10 @@ fn deliver(active: &mut Active, rx: &mut Rx, mrg: bool, counters: &NetCounters) 
                 rate_limited_warn!("virtio-net: cannot write rx buffer at {:#x}", addr.0);
             }
             off += n;
-            written += n as u32;
+            // At most seg_len, a u32.
+            #[allow(clippy::cast_possible_truncation)]
+            let n = n as u32;
+            written += n;
         }
         recycle(&mut rx.spare, chain.segs);
         if let Err(e) = active.rx.add_used(&active.mem, chain.head, written) {

@@ -13,6 +13,7 @@ use super::device::{bump, notify_used, BUDGET};
 use super::{
     features as net, gso, hdr_flags, Net, HDR_LEN, MAX_FRAME_LEN, MIN_FRAME_LEN, TX_QUEUE,
 };
+use crate::cast::u64_to_usize;
 use crate::mmds::MmdsStack;
 use crate::tap::Tap;
 use crate::virtio::queue::{collect_chain, pop_chain, undo_pop, ChainEnd};
@@ -240,7 +241,7 @@ fn transmit(
             "{total} bytes, shorter than the {HDR_LEN}-byte header"
         ));
     }
-    let frame_len = (total - HDR_LEN as u64) as usize;
+    let frame_len = u64_to_usize(total - HDR_LEN as u64);
     if frame_len > MAX_FRAME_LEN {
         return bad(format!("{frame_len}-byte frame (max {MAX_FRAME_LEN})"));
     }
@@ -280,7 +281,7 @@ fn transmit(
         }
         // Checked above; skip < len so the address does not overflow.
         let addr = GuestAddress(d.addr().0 + skip);
-        let n = (len - skip) as usize;
+        let n = u64_to_usize(len - skip);
         skip = 0;
         for s in vm_memory::GuestMemoryBackend::get_slices(mem, addr, n) {
             let s = s.map_err(|e| TxDrop::Malformed(format!("guest memory: {e}")))?;

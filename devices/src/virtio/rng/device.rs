@@ -297,8 +297,10 @@ impl VirtioDevice for Rng {
                         0
                     }
                 };
-                // MAX_BYTES_PER_CHAIN fits in u32.
-                if let Err(e) = queue.add_used(&*mem, head, used_len as u32) {
+                // At most MAX_BYTES_PER_CHAIN (64 KiB).
+                #[allow(clippy::cast_possible_truncation)]
+                let used_len = used_len as u32;
+                if let Err(e) = queue.add_used(&*mem, head, used_len) {
                     return needs_reset(failed, &format_args!("used ring unusable: {e}"));
                 }
                 completed = true;

@@ -165,7 +165,7 @@ impl Conn {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.tx_buf.drain(..n);
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(counted(n));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -183,7 +183,7 @@ impl Conn {
 
     /// Guest payload for the host: written now as far as the socket takes it, the rest held.
     pub(super) fn send_to_host(&mut self, data: &[u8]) -> io::Result<()> {
-        self.recv_cnt = self.recv_cnt.wrapping_add(data.len() as u32);
+        self.recv_cnt = self.recv_cnt.wrapping_add(counted(data.len()));
         let mut done = 0;
         if self.tx_buf.is_empty() {
             while done < data.len() {
@@ -195,7 +195,7 @@ impl Conn {
                     Err(e) => return Err(e),
                 }
             }
-            self.fwd_cnt = self.fwd_cnt.wrapping_add(done as u32);
+            self.fwd_cnt = self.fwd_cnt.wrapping_add(counted(done));
         }
         self.tx_buf.extend(&data[done..]);
         Ok(())
@@ -211,6 +211,13 @@ impl Conn {
             self.owed.credit_update = true;
         }
     }
+}
+
+/// `n` bytes in a credit counter or a header's `len`: the counters count mod 2^32 (virtio
+/// 1.2 §5.10.6.3), and every `n` here is at most one buffer ([`BUF_ALLOC`]).
+#[allow(clippy::cast_possible_truncation)]
+fn counted(n: usize) -> u32 {
+    n as u32
 }
 
 /// The next packet `conn` owes the guest, in the order the protocol needs.
@@ -239,9 +246,9 @@ pub(super) fn next_packet(
                 conn.owed.shutdown = true;
             }
             Ok(n) => {
-                conn.rx_cnt = conn.rx_cnt.wrapping_add(n as u32);
+                conn.rx_cnt = conn.rx_cnt.wrapping_add(counted(n));
                 let mut h = conn.header(op::RW, guest_cid);
-                h.len = n as u32;
+                h.len = counted(n);
                 return Some((h, n));
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => conn.readable = false,

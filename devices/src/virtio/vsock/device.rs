@@ -205,7 +205,9 @@ impl Vsock {
             counters.rx_packets.fetch_add(1, Ordering::Relaxed);
             counters.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
             // At most HDR_LEN + 64 KiB.
-            if active.rx.add_used(&active.mem, head, total as u32).is_err() {
+            #[allow(clippy::cast_possible_truncation)]
+            let total = total as u32;
+            if active.rx.add_used(&active.mem, head, total).is_err() {
                 break Pass::Failed;
             }
             completed = true;

@@ -227,22 +227,20 @@ fn connect_nonblocking(path: &[u8]) -> io::Result<UnixStream> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: sockaddr_un is plain data; all zeros is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    #[allow(clippy::cast_possible_truncation)] // AF_UNIX is 1
+    let family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = family;
     if path.len() >= addr.sun_path.len() {
         return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
     }
     for (d, s) in addr.sun_path.iter_mut().zip(path) {
         *d = *s as libc::c_char;
     }
-    let len = std::mem::size_of::<libc::sa_family_t>() + path.len() + 1;
+    // At most size_of::<sockaddr_un>() (110), checked above.
+    #[allow(clippy::cast_possible_truncation)]
+    let len = (std::mem::size_of::<libc::sa_family_t>() + path.len() + 1) as libc::socklen_t;
     // SAFETY: addr is a valid sockaddr_un and len does not exceed its size.
-    let r = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            std::ptr::addr_of!(addr).cast(),
-            len as libc::socklen_t,
-        )
-    };
+    let r = unsafe { libc::connect(fd.as_raw_fd(), std::ptr::addr_of!(addr).cast(), len) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

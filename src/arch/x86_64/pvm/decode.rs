@@ -162,7 +162,7 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Insn> {
             Some(Insn::CmpxchgDouble {
                 mem,
                 wide: w,
-                len: (i + 2 + used) as u8,
+                len: u8::try_from(i + 2 + used).ok()?,
             })
         }
         [0x0f, 0x00, modrm, ..] if !rep && matches!((modrm >> 3) & 7, 4 | 5) => {
@@ -170,7 +170,7 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Insn> {
             Some(Insn::Verify {
                 write: (modrm >> 3) & 7 == 5,
                 src,
-                len: (i + 2 + used) as u8,
+                len: u8::try_from(i + 2 + used).ok()?,
             })
         }
         [0x0f, 0x03, modrm, ..] if !rep => {
@@ -180,7 +180,7 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Insn> {
                 dst,
                 src,
                 width: operand_width(w, opsize16),
-                len: (i + 2 + used) as u8,
+                len: u8::try_from(i + 2 + used).ok()?,
             })
         }
         [0x0f, 0xb8, modrm, ..] if rep && !lock && seg.is_none() && modrm >> 6 == 3 => {
@@ -188,7 +188,7 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Insn> {
                 dst: ((modrm >> 3) & 7) | (r << 3),
                 src: (modrm & 7) | (b << 3),
                 width: operand_width(w, opsize16),
-                len: (i + 3) as u8,
+                len: u8::try_from(i + 3).ok()?,
             })
         }
         _ => None,

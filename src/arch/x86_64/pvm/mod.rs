@@ -16,6 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 mod decode;
 
 use decode::{decode, Insn, MemOperand, Operand};
+use wisp_devices::cast::u64_to_usize;
 
 /// Whether /dev/kvm is served by PVM.
 pub fn is_pvm_host() -> bool {
@@ -307,7 +308,7 @@ fn cmpxchg_double(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut cur = [0u8; 16];
-    mem.read_slice(&mut cur[..size as usize], gpa)
+    mem.read_slice(&mut cur[..u64_to_usize(size)], gpa)
         .map_err(|_| format!("operand at {ea:#x} is outside guest memory"))?;
     let (lo, hi) = if wide {
         (
@@ -330,7 +331,7 @@ fn cmpxchg_double(
             new[..4].copy_from_slice(&regs.rbx.to_le_bytes()[..4]);
             new[4..8].copy_from_slice(&regs.rcx.to_le_bytes()[..4]);
         }
-        mem.write_slice(&new[..size as usize], gpa)
+        mem.write_slice(&new[..u64_to_usize(size)], gpa)
             .map_err(|_| format!("operand at {ea:#x} is outside guest memory"))?;
         regs.rflags |= RFLAGS_ZF;
     } else {
@@ -447,6 +448,7 @@ impl Descriptor {
         if !self.conforming_code() && !self.privileged_enough() {
             return None;
         }
+        #[allow(clippy::cast_possible_truncation)] // 20 bits
         let raw_limit = ((self.raw & 0xffff) | ((self.raw >> 32) & 0xf_0000)) as u32;
         Some(if self.raw & (1 << 55) != 0 {
             (raw_limit << 12) | 0xfff
