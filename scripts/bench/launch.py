@@ -76,12 +76,36 @@ class Vm:
         self.first = None
         self.out = b""
         self.error = None
+        self.stderr = os.path.join(workdir, f"{i}.err")
+        self.status = None
+
+
+def reap(vm, flags=os.WNOHANG):
+    """Whether the VM's process has ended (reaped here, once; its status kept)."""
+    if vm.status is None:
+        pid, status = os.waitpid(vm.pid, flags)
+        if pid == 0:
+            return False
+        vm.status = status
+    return True
+
+
+def ended_why(vm):
+    """The exit status and the last line the VMM wrote on stderr."""
+    st = vm.status
+    how = (f"signal {os.WTERMSIG(st)}" if os.WIFSIGNALED(st) else f"status {os.WEXITSTATUS(st)}")
+    try:
+        with open(vm.stderr, errors="replace") as f:
+            lines = f.read().strip().splitlines()
+    except OSError:
+        lines = []
+    return f"{how}: {lines[-1][:200] if lines else '(nothing on stderr)'}"
 
 
 def spawn(cmd, vm):
     r, w = os.pipe2(os.O_CLOEXEC)
     actions = [(os.POSIX_SPAWN_DUP2, w, 1), (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-               (os.POSIX_SPAWN_OPEN, 2, "/dev/null", os.O_WRONLY, 0)]
+               (os.POSIX_SPAWN_OPEN, 2, vm.stderr, os.O_WRONLY | os.O_CREAT, 0o600)]
     vm.spawned = time.monotonic()
     vm.pid = os.posix_spawn(cmd[0], cmd, os.environ, file_actions=actions)
     os.close(w)
@@ -232,7 +256,10 @@ async def launch(vmm, mode, n, mem_mib, timeout):
         nthreads = [threads(vm.pid) for vm in sample]
         nfds = [len(os.listdir(f"/proc/{vm.pid}/fd")) for vm in sample
                 if os.path.exists(f"/proc/{vm.pid}/fd")]
-        alive = [vm for vm in vms if vm.pid and os.waitpid(vm.pid, os.WNOHANG) == (0, 0)]
+        alive = [vm for vm in vms if vm.pid and not reap(vm)]
+        for vm in vms:
+            if vm.pid and vm.status is not None:
+                vm.error = vm.error or f"ended early: {ended_why(vm)}"
         answering = None
         if mode == "api":
             async def get(vm):
@@ -244,17 +271,17 @@ async def launch(vmm, mode, n, mem_mib, timeout):
     finally:
         stop_start = time.monotonic()
         for vm in vms:
-            if vm.pid:
+            if vm.pid and vm.status is None:
                 try:
                     os.kill(vm.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        unreaped = [vm for vm in vms if vm.pid]
+        unreaped = [vm for vm in vms if vm.pid and vm.status is None]
         stop_deadline = time.monotonic() + 30
         while unreaped and time.monotonic() < stop_deadline:
             still = []
             for vm in unreaped:
-                if os.waitpid(vm.pid, os.WNOHANG) == (0, 0):
+                if not reap(vm):
                     still.append(vm)
             unreaped = still
             if unreaped:
@@ -262,7 +289,7 @@ async def launch(vmm, mode, n, mem_mib, timeout):
         stopped_in = time.monotonic() - stop_start
         for vm in unreaped:
             os.kill(vm.pid, signal.SIGKILL)
-            os.waitpid(vm.pid, 0)
+            reap(vm, 0)
         for vm in vms:
             if vm.fd is not None:
                 try:
