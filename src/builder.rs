@@ -12,7 +12,7 @@ use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 use wisp_devices::bus::Bus;
@@ -166,6 +166,9 @@ fn attach_legacy_devices(
     let com1_irq = irq_line(vm, COM1_GSI)?;
     let (serial, serial_drained) =
         Serial::new(com1_irq, console_output(&config.console)?).map_err(io_err("serial"))?;
+    if let Some(fd) = console_direct(&config.console)? {
+        serial.output().write_directly_to(fd);
+    }
     let serial = Arc::new(Mutex::new(serial));
     io_bus.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
     let kbd_irq = irq_line(vm, I8042_GSI)?;
@@ -343,6 +346,20 @@ fn irq_line(vm: &Vm, gsi: u32) -> Result<Arc<dyn InterruptLine>, VmmError> {
 }
 
 /// Where the console output goes (written by the serial device's own thread).
+/// The console's output once more, for the vCPUs' writes that do not wait (see
+/// `ConsoleOutput::write_directly_to`): stdout's file, not a copy of its position.
+fn console_direct(console: &ConsoleConfig) -> Result<Option<OwnedFd>, VmmError> {
+    Ok(match console {
+        ConsoleConfig::Stdio => Some(
+            io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(io_err("stdout"))?,
+        ),
+        ConsoleConfig::File(_) | ConsoleConfig::None => None,
+    })
+}
+
 fn console_output(console: &ConsoleConfig) -> Result<Box<dyn Write + Send>, VmmError> {
     Ok(match console {
         ConsoleConfig::Stdio => {

@@ -3,9 +3,15 @@
 //! (a full pipe, a stopped terminal, a reader that went away); when the buffer is full the
 //! byte is dropped and counted. After a write error (EPIPE when the reader closed its end)
 //! nothing more is written: the error is logged once and later bytes are only counted.
+//!
+//! When nothing is waiting in the buffer, a write first tries the output itself without
+//! blocking (`pwritev2(RWF_NOWAIT)`, see [`ConsoleOutput::write_directly_to`]): the guest's
+//! bytes reach the reader without waiting for the writer thread to be scheduled (several ms
+//! on a loaded host), and the thread only takes what the reader is not ready for.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -29,6 +35,38 @@ struct State {
     overflowing: bool,
     /// No more bytes come: the thread writes what is left and ends.
     finishing: bool,
+    /// The output, for writes that do not block; `None` once it refused one (a terminal).
+    direct: Option<OwnedFd>,
+}
+
+/// What a write that must not block did.
+enum Direct {
+    /// This many bytes were written (maybe fewer than asked: the reader's room).
+    Wrote(usize),
+    /// The reader has no room now: the writer thread waits for it.
+    Full,
+    /// This output cannot be written without blocking (a terminal, an old kernel).
+    Unsupported,
+    Failed(io::Error),
+}
+
+/// One `pwritev2(RWF_NOWAIT)` at the file's position: never waits for the reader.
+fn write_nowait(fd: &OwnedFd, data: &[u8]) -> Direct {
+    let iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: one iovec over `data`, which outlives the call; the kernel only reads it.
+    let r = unsafe { libc::pwritev2(fd.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
+    if let Ok(n) = usize::try_from(r) {
+        return Direct::Wrote(n);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) => Direct::Full,
+        Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS | libc::ESPIPE) => Direct::Unsupported,
+        _ => Direct::Failed(e),
+    }
 }
 
 struct Shared {
@@ -68,6 +106,7 @@ impl ConsoleOutput {
                 failed: false,
                 overflowing: false,
                 finishing: false,
+                direct: None,
             }),
             ready: Condvar::new(),
             drained: Condvar::new(),
@@ -80,6 +119,12 @@ impl ConsoleOutput {
                 write_out(&s, out)
             })?;
         Ok(Self { shared, capacity })
+    }
+
+    /// Lets writes go straight to `out` (the file the writer thread writes to) while nothing
+    /// is buffered, as long as it takes them without blocking.
+    pub fn write_directly_to(&self, out: OwnedFd) {
+        self.shared.lock().direct = Some(out);
     }
 
     /// Bytes dropped so far (buffer full, or the output failed).
@@ -116,8 +161,27 @@ impl ConsoleOutput {
 }
 
 impl Write for ConsoleOutput {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+    fn write(&mut self, all: &[u8]) -> io::Result<usize> {
         let mut s = self.shared.lock();
+        let mut data = all;
+        // Straight out only when the thread holds nothing, so the order is kept; under the
+        // lock, so the thread does not start writing meanwhile.
+        if s.buf.is_empty() && s.writing == 0 && !s.failed && !s.finishing {
+            if let Some(fd) = &s.direct {
+                match write_nowait(fd, data) {
+                    Direct::Wrote(n) => data = &data[n.min(data.len())..],
+                    Direct::Full => {}
+                    Direct::Unsupported => s.direct = None,
+                    Direct::Failed(e) => {
+                        write_failed(&self.shared, &mut s, data.len(), &e);
+                        return Ok(all.len());
+                    }
+                }
+                if data.is_empty() {
+                    return Ok(all.len());
+                }
+            }
+        }
         let room = if s.failed {
             0
         } else {
@@ -141,7 +205,7 @@ impl Write for ConsoleOutput {
             self.shared.ready.notify_one();
         }
         // Never an error: the UART cannot tell the guest, and a vCPU must not log per byte.
-        Ok(data.len())
+        Ok(all.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -173,18 +237,23 @@ fn write_out(shared: &Shared, mut out: Box<dyn Write + Send>) {
         }
         if let Err(e) = out.write_all(&chunk).and_then(|()| out.flush()) {
             let mut s = shared.lock();
-            let lost = (s.writing + s.buf.len()) as u64;
-            s.dropped = s.dropped.saturating_add(lost);
-            s.buf = VecDeque::new();
-            s.writing = 0;
-            s.failed = true;
-            shared.drained.notify_all();
-            log::warn!(
-                "console: writing the guest's output failed ({e}); it is dropped from now on"
-            );
+            write_failed(shared, &mut s, 0, &e);
             return;
         }
     }
+}
+
+/// The output failed (EPIPE: its reader went away): `lost` bytes of this write and all
+/// that is buffered are dropped, and so is everything after.
+fn write_failed(shared: &Shared, s: &mut State, lost: usize, e: &io::Error) {
+    let lost = (lost + s.writing + s.buf.len()) as u64;
+    s.dropped = s.dropped.saturating_add(lost);
+    s.buf = VecDeque::new();
+    s.writing = 0;
+    s.failed = true;
+    s.direct = None;
+    shared.drained.notify_all();
+    log::warn!("console: writing the guest's output failed ({e}); it is dropped from now on");
 }
 
 #[cfg(test)]
@@ -264,5 +333,62 @@ mod tests {
         assert_eq!(out.finish(Duration::from_secs(60)), 0);
         // The thread ended with its end of the pipe.
         assert_eq!(reader.join().unwrap(), data);
+    }
+
+    #[test]
+    fn a_write_reaches_a_ready_reader_before_it_returns() {
+        let (rd, wr) = pipe();
+        // The writer thread's own output goes nowhere: only the direct write can deliver.
+        let mut out = ConsoleOutput::new(Box::new(io::sink())).unwrap();
+        out.write_directly_to(wr.into());
+        out.write_all(b"probe: hello\n").unwrap();
+        let mut got = [0u8; 13];
+        // SAFETY: reads into the local buffer; O_NONBLOCK is not set, but the bytes are
+        // already in the pipe when write_all returned.
+        let n = unsafe { libc::read(rd.as_raw_fd(), got.as_mut_ptr().cast(), got.len()) };
+        assert_eq!(n, 13);
+        assert_eq!(&got, b"probe: hello\n");
+        assert_eq!(out.finish(Duration::from_secs(10)), 0);
+    }
+
+    #[test]
+    fn direct_and_buffered_writes_keep_the_order_for_a_slow_reader() {
+        let (mut rd, wr) = pipe();
+        let direct = wr.try_clone().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let mut chunk = [0u8; 512];
+            loop {
+                match io::Read::read(&mut rd, &mut chunk).unwrap() {
+                    0 => return all,
+                    n => all.extend_from_slice(&chunk[..n]),
+                }
+                // Slow enough that the pipe fills and the writer thread takes over at times.
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        });
+        let mut out = ConsoleOutput::with_capacity(Box::new(wr), 1 << 20).unwrap();
+        out.write_directly_to(direct.into());
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        for piece in data.chunks(7) {
+            out.write_all(piece).unwrap();
+        }
+        assert_eq!(out.finish(Duration::from_secs(60)), 0);
+        // Both ends of the pipe's write side close with the output.
+        drop(out);
+        assert_eq!(reader.join().unwrap(), data);
+    }
+
+    #[test]
+    fn a_closed_reader_fails_a_direct_write_and_every_byte_is_counted() {
+        let (rd, wr) = pipe();
+        let mut out = ConsoleOutput::new(Box::new(io::sink())).unwrap();
+        out.write_directly_to(wr.into());
+        drop(rd);
+        for _ in 0..1000 {
+            out.write_all(b"y").unwrap();
+        }
+        assert_eq!(out.finish(Duration::from_secs(10)), 1000);
+        assert!(out.shared.lock().failed);
     }
 }
