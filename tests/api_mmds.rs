@@ -126,6 +126,8 @@ fn mmds_document_and_config_before_boot_with_the_size_limit_and_clear_errors() {
 
 #[test]
 fn mmds_is_served_after_boot_and_its_config_is_only_taken_before() {
+    // The VM has a NIC serving the MMDS (its responder is built with the device); the
+    // guest side is tested in wisp-devices and tests/linux_api.rs.
     if !kvm_available("mmds_is_served_after_boot_and_its_config_is_only_taken_before") {
         return;
     }
@@ -138,15 +140,22 @@ fn mmds_is_served_after_boot_and_its_config_is_only_taken_before() {
     .unwrap();
     let sock = sock_path("boot");
     let s = sock.to_str().unwrap();
-    let mut w = Wisp::spawn(&[
+    // In a namespace of the test's own, with a tap for the interface that serves the MMDS.
+    let ns = TestNetns::new("mmds");
+    ns.add_tap("wmmds0", "10.0.0.1/24");
+    let mut w = Wisp::spawn_cmd(ns.command(wisp_bin()).args([
         "--api-sock",
         s,
         "--mmds-size-limit",
         "1000",
         "--metadata",
         metadata.to_str().unwrap(),
-    ]);
+    ]));
     wait_api_socket(&sock);
+    let nic = r#"{"iface_id": "eth0", "host_dev_name": "wmmds0"}"#;
+    assert_eq!(call(&sock, "PUT", "/network-interfaces/eth0", nic).0, 204);
+    let config = r#"{"network_interfaces": ["eth0"], "version": "V2", "imds_compat": true}"#;
+    assert_eq!(call(&sock, "PUT", "/mmds/config", config).0, 204);
     // --metadata seeded the document.
     assert_eq!(
         get_mmds(&sock),
@@ -192,7 +201,9 @@ fn mmds_is_served_after_boot_and_its_config_is_only_taken_before() {
         "PUT /mmds/config is only valid before InstanceStart",
     );
     w.signal(libc::SIGTERM);
-    w.wait(Duration::from_secs(10));
+    let f = w.wait(Duration::from_secs(10));
+    assert_eq!(f.code(), Some(128 + libc::SIGTERM), "{}", f.stderr);
+    drop(ns);
 }
 
 #[test]

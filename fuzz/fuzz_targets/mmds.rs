@@ -31,9 +31,6 @@ impl Input<'_> {
     fn u16(&mut self) -> Option<u16> {
         Some(u16::from_le_bytes([self.byte()?, self.byte()?]))
     }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from(self.u16()?) | u32::from(self.u16()?) << 16)
-    }
     fn bytes(&mut self, n: usize) -> &[u8] {
         let n = n.min(self.0.len());
         let (a, b) = self.0.split_at(n);

@@ -1757,6 +1757,18 @@ fn guest_tcp(
     payload: &[u8],
     partial: bool,
 ) -> Vec<u8> {
+    guest_tcp_from(40000, dst, seq, ack, flags, payload, partial)
+}
+
+fn guest_tcp_from(
+    port: u16,
+    dst: [u8; 4],
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: &[u8],
+    partial: bool,
+) -> Vec<u8> {
     let tcp_len = 20 + payload.len();
     let mut ip = vec![0u8; 20];
     ip[0] = 0x45;
@@ -1768,7 +1780,7 @@ fn guest_tcp(
     let c = !csum_fold(csum_add(0, &ip));
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     let mut tcp = vec![0u8; 20];
-    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[0..2].copy_from_slice(&port.to_be_bytes());
     tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
     tcp[4..8].copy_from_slice(&seq.to_be_bytes());
     tcp[8..12].copy_from_slice(&ack.to_be_bytes());
@@ -1913,4 +1925,24 @@ fn mmds_v2_refuses_a_get_without_token_through_the_rings() {
         false,
     );
     assert!(a.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{a}");
+}
+
+#[test]
+fn mmds_answers_and_tap_frames_take_turns_for_rx_buffers() {
+    let (mut e, _) = env_mmds(netf::MRG_RXBUF);
+    // Frames for the guest wait in the tap and answers in the responder: no buffer yet.
+    for i in 0..4 {
+        e.host.send(&test_frame(GUEST_MAC, HOST_MAC, 100, i));
+    }
+    for port in 0..8 {
+        let syn = guest_tcp_from(41000 + port, MMDS_IP, 1, 0, SYN, b"", false);
+        e.transmit([0; HDR_LEN], &syn, 1);
+    }
+    e.settle();
+    e.post_rx(4, 2048);
+    let from_mmds: Vec<bool> = (0..4)
+        .map(|_| e.recv_frame(T).expect("a frame").1[6..12] == MMDS_MAC)
+        .collect();
+    // Neither source starves the other.
+    assert_eq!(from_mmds, [true, false, true, false]);
 }
