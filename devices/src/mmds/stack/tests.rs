@@ -616,3 +616,25 @@ fn linux_tcp_clients_get_answers_through_a_tap() {
         stop.store(true, Ordering::Relaxed);
     });
 }
+
+#[test]
+fn a_flood_of_syns_with_no_receive_buffers_queues_no_more_than_the_bounds() {
+    let (mut s, _) = stack();
+    let t = Instant::now();
+    // 10,000 connection attempts while the guest takes none of the answers.
+    for port in 1..=10_000u16 {
+        let mut syn = G::new(GISS, 0, SYN);
+        syn.port = port;
+        s.receive(&syn.frame(), false, t);
+    }
+    assert_eq!(s.connections(), MAX_CONNECTIONS);
+    assert_eq!(
+        s.resets.len(),
+        MAX_PENDING_RESETS,
+        "the other RSTs were dropped"
+    );
+    let f = segs(&mut s);
+    let syn_acks = f.iter().filter(|g| g.flags == SYN | ACK).count();
+    let rsts = f.iter().filter(|g| g.flags & RST != 0).count();
+    assert_eq!((syn_acks, rsts), (MAX_CONNECTIONS, MAX_PENDING_RESETS));
+}
