@@ -4,6 +4,10 @@ use crate::arch::x86_64::{acpi, boot, cpuid, layout::*, mptable, pvm, regs};
 use crate::cgroup::VmCgroup;
 use crate::config::{cmdline, ConsoleConfig, VmConfig};
 use crate::device_manager::DeviceManager;
+use crate::snapshot::devices::DevicesState;
+use crate::snapshot::persist::{self, RestoreError};
+use crate::snapshot::Snapshot;
+use crate::vstate::state;
 use crate::startup_trace;
 use crate::vmm::*;
 use crate::vstate::control::{self, VcpuControl};
@@ -13,6 +17,7 @@ use crate::vstate::vm::Vm;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 use wisp_devices::bus::Bus;
@@ -52,6 +57,119 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     } = built?;
     pit?;
     startup_trace::mark("pit: created beside the build");
+    assemble(
+        vm,
+        config,
+        Built {
+            exit,
+            serial,
+            serial_drained,
+            i8042,
+            devices,
+            control,
+            vcpus,
+        },
+        false,
+    )
+}
+
+/// Builds the VM a snapshot describes (its config, with any overrides applied by the caller)
+/// on its memory file, every device and vCPU in the state recorded. Nothing is loaded into
+/// guest memory: the kernel and everything else are in the memory file. `resume`: the vCPUs
+/// run once the VM starts, else they wait for a resume.
+pub fn restore(snapshot: &Snapshot, mem_file: &Path, resume: bool) -> Result<Vmm, VmmError> {
+    let config = &snapshot.config;
+    let file = persist::open_memory_file(mem_file, config.memory.0)?;
+    let vm = Vm::from_memory_file(config.memory.0, &file)?;
+    let pvm = pvm::is_pvm_host();
+    let exit = ExitSignal::new().map_err(io_err("eventfd"))?;
+    let legacy = attach_legacy_devices(&vm, config, &exit, Some(&snapshot.devices))?;
+    let mut mmio_bus = Bus::new();
+    let devices = attach_virtio_devices(&vm, config, &mut mmio_bus)?;
+    restore_virtio_devices(&devices, &snapshot.devices)?;
+    startup_trace::mark("devices: restored");
+    snapshot.vm.restore(&vm.fd).map_err(RestoreError::from)?;
+    let control = Arc::new(VcpuControl::default());
+    control::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
+    let msr_indices = Arc::new(state::msrs_to_save(&vm.kvm).map_err(RestoreError::from)?);
+    let mut vcpus = Vec::with_capacity(snapshot.vcpus.len());
+    for (id, saved) in (0..config.cpus).zip(&snapshot.vcpus) {
+        let fd = vm
+            .fd
+            .create_vcpu(id.into())
+            .map_err(kvm("KVM_CREATE_VCPU"))?;
+        saved.restore(&fd).map_err(RestoreError::from)?;
+        vcpus.push(Vcpu {
+            id,
+            fd,
+            io_bus: legacy.io_bus.clone(),
+            mmio_bus: mmio_bus.clone(),
+            mem: vm.mem.clone(),
+            exit: exit.clone(),
+            pvm,
+            control: control.clone(),
+            msr_indices: msr_indices.clone(),
+        });
+    }
+    startup_trace::mark("vcpus: restored");
+    let built = Built {
+        exit,
+        serial: legacy.serial,
+        serial_drained: legacy.serial_drained,
+        i8042: legacy.i8042,
+        devices,
+        control,
+        vcpus,
+    };
+    assemble(vm, config, built, !resume)
+}
+
+/// Checks each disk against the image the snapshot recorded, then puts every virtio
+/// transport into its recorded state.
+fn restore_virtio_devices(devices: &DeviceManager, saved: &DevicesState) -> Result<(), VmmError> {
+    let (blocks, transports) = (devices.blocks(), devices.transports());
+    if blocks.len() != saved.disks.len() || transports.len() != saved.virtio.len() {
+        return Err(RestoreError::Layout {
+            recorded: saved.disks.len(),
+            devices: saved.virtio.len(),
+            disks: blocks.len(),
+            windows: transports.len(),
+        }
+        .into());
+    }
+    for (block, was) in blocks.iter().zip(&saved.disks) {
+        let path = &block.config.path;
+        let format = persist::image_format(path).map_err(|source| RestoreError::MemoryFile {
+            path: path.clone(),
+            source,
+        })?;
+        let size = block
+            .handle
+            .with(|b| b.capacity_sectors())
+            .saturating_mul(512);
+        if format != was.format || size != was.size {
+            return Err(RestoreError::DiskChanged {
+                path: path.clone(),
+                was_format: was.format.clone(),
+                was_size: was.size,
+                format: format.to_string(),
+                size,
+            }
+            .into());
+        }
+    }
+    for (transport, state) in transports.iter().zip(&saved.virtio) {
+        transport
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .restore(state)
+            .map_err(|e| RestoreError::Device(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The last steps of a build or a restore: the vCPU cgroup, and the `Vmm`.
+fn assemble(vm: Vm, config: &VmConfig, built: Built, start_paused: bool) -> Result<Vmm, VmmError> {
     let cgroup = create_cgroup(config)?;
     if cgroup.is_some() {
         startup_trace::mark("cgroup: created");
@@ -64,20 +182,22 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     });
     Ok(Vmm {
         _vm: vm,
-        vcpus,
+        vcpus: built.vcpus,
         vcpu_threads: Vec::new(),
-        exit,
-        serial,
-        serial_drained,
+        exit: built.exit,
+        serial: built.serial,
+        serial_drained: built.serial_drained,
         console_input: config.console == ConsoleConfig::Stdio,
-        devices,
-        control,
+        devices: built.devices,
+        control: built.control,
         cgroup,
         vcpu_start,
-        i8042,
+        i8042: built.i8042,
         vcpu_count: config.cpus,
         mem_size_mib: config.memory.0 >> 20,
         started: std::time::Instant::now(),
+        config: config.clone(),
+        start_paused,
     })
 }
 
@@ -102,7 +222,7 @@ fn build_devices_and_vcpus(vm: &Vm, config: &VmConfig) -> Result<Built, VmmError
         log::info!("PVM host: completing the instructions its emulator cannot run");
     }
     let exit = ExitSignal::new().map_err(io_err("eventfd"))?;
-    let legacy = attach_legacy_devices(vm, config, &exit)?;
+    let legacy = attach_legacy_devices(vm, config, &exit, None)?;
     let mut mmio_bus = Bus::new();
     let devices = attach_virtio_devices(vm, config, &mut mmio_bus)?;
     startup_trace::mark("devices: legacy and virtio devices attached");
@@ -151,6 +271,7 @@ fn attach_legacy_devices(
     vm: &Vm,
     config: &VmConfig,
     exit: &ExitSignal,
+    restored: Option<&DevicesState>,
 ) -> Result<Legacy, VmmError> {
     let events: PlatformEventSink = {
         let exit = exit.clone();
@@ -164,15 +285,23 @@ fn attach_legacy_devices(
     };
     let mut io_bus = Bus::new();
     let com1_irq = irq_line(vm, COM1_GSI)?;
-    let (serial, serial_drained) =
-        Serial::new(com1_irq, console_output(&config.console)?).map_err(io_err("serial"))?;
+    let (serial, serial_drained) = Serial::with_state(
+        com1_irq,
+        console_output(&config.console)?,
+        restored.map(|d| &d.serial),
+    )
+    .map_err(io_err("serial"))?;
     if let Some(fd) = console_direct(&config.console)? {
         serial.output().write_directly_to(fd);
     }
     let serial = Arc::new(Mutex::new(serial));
     io_bus.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)?;
     let kbd_irq = irq_line(vm, I8042_GSI)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(events.clone(), Some(kbd_irq))));
+    let mut kbd = I8042::new(events.clone(), Some(kbd_irq));
+    if let Some(d) = restored {
+        kbd.restore(&d.i8042).map_err(RestoreError::Device)?;
+    }
+    let i8042 = Arc::new(Mutex::new(kbd));
     io_bus.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)?;
     io_bus.insert(
         Arc::new(Mutex::new(PvPanic::new(events.clone()))),
@@ -281,6 +410,10 @@ fn create_vcpus(
 ) -> Result<Vec<Vcpu>, VmmError> {
     let supported = &vm.supported_cpuid;
     control::install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
+    let msr_indices = Arc::new(
+        state::msrs_to_save(&vm.kvm)
+            .map_err(|e| io_err("KVM_GET_MSR_INDEX_LIST")(io::Error::other(e.to_string())))?,
+    );
     let mut vcpus = Vec::with_capacity(config.cpus.into());
     for id in 0..config.cpus {
         let fd = vm
@@ -312,6 +445,7 @@ fn create_vcpus(
             exit: exit.clone(),
             pvm,
             control: control.clone(),
+            msr_indices: msr_indices.clone(),
         });
     }
     Ok(vcpus)

@@ -123,6 +123,8 @@ pub struct DeviceManager {
     balloon: Option<BalloonDevice>,
     /// The metadata service's document, shared by the API and the interfaces serving it.
     mmds: Option<Arc<Mutex<Mmds>>>,
+    /// Every device's transport, in window order (what a snapshot saves and restores).
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl DeviceManager {
@@ -317,13 +319,20 @@ impl DeviceManager {
                 })?;
         }
         self.handlers.push(transport.event_handler());
-        mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.transports.push(transport.clone());
+        mmio_bus.insert(transport, base, MMIO_WINDOW_SIZE)?;
         self.windows.push(MmioDevice {
             base,
             size: MMIO_WINDOW_SIZE,
             gsi,
         });
         Ok(handle)
+    }
+
+    /// Every device's transport, in window order.
+    pub fn transports(&self) -> &[Arc<Mutex<MmioTransport>>] {
+        &self.transports
     }
 
     /// The devices' handles for the event loop.

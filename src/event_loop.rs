@@ -183,14 +183,19 @@ impl EventLoop {
             vmm.shutdown();
             return Err(e.into());
         }
-        vmm.release_vcpus();
+        let running = vmm.release_vcpus();
         crate::startup_trace::mark("loop: serving");
-        Ok(Box::new(Running {
+        let mut running_vm = Box::new(Running {
             vmm,
             api,
             devices,
             console,
-        }))
+        });
+        if !running {
+            // Restored paused: no device work until the resume.
+            running_vm.devices.set_paused(&self.epoll, true);
+        }
+        Ok(running_vm)
     }
 
     fn serve(&mut self, state: &mut State) -> Result<VmExit, RunError> {

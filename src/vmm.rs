@@ -44,6 +44,8 @@ pub enum VmmError {
     Bus(#[from] BusError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error("restoring the snapshot: {0}")]
+    Restore(#[from] crate::snapshot::persist::RestoreError),
     #[error("{0}")]
     Cgroup(#[from] crate::cgroup::Error),
     #[error("{}", crate::jail::VCPU_CGROUP_REFUSED)]
@@ -96,6 +98,11 @@ pub struct Vmm {
     pub(crate) vcpu_count: u8,
     pub(crate) mem_size_mib: u64,
     pub(crate) started: std::time::Instant,
+    /// What the VM was built from (a snapshot records it).
+    pub(crate) config: crate::config::VmConfig,
+    /// Restored from a snapshot and not to be resumed yet: the vCPUs stay parked when
+    /// the VM starts, until `PATCH /vm` Resumed.
+    pub(crate) start_paused: bool,
 }
 
 impl Vmm {
@@ -123,9 +130,14 @@ impl Vmm {
         Ok(())
     }
 
-    /// Lets the vCPUs started by [`Vmm::start_vcpus`] enter the guest.
-    pub fn release_vcpus(&self) {
+    /// Lets the vCPUs started by [`Vmm::start_vcpus`] enter the guest, unless the VM was
+    /// restored paused (they then wait for a resume). Returns whether they run.
+    pub fn release_vcpus(&self) -> bool {
+        if self.start_paused {
+            return false;
+        }
         self.control.resume();
+        true
     }
 
     /// Parks every vCPU outside KVM_RUN, or lets them run again. The event loop stops and

@@ -307,10 +307,10 @@ fn unknown_path_404_wrong_method_405_with_allow() {
         "Invalid request method and/or path: GET /snapshots/create"
     );
     // A Firecracker endpoint wisp lacks is not unknown: 400 saying so.
-    let r = c.request("PUT", "/snapshot/create", Some("{}"));
+    let r = c.request("PUT", "/cpu-config", Some("{}"));
     assert_eq!(r.status, 400);
     assert!(
-        r.fault().contains("snapshots are not supported by wisp"),
+        r.fault().contains("(cpu-config) are not supported by wisp"),
         "{}",
         r.fault()
     );

@@ -484,6 +484,64 @@ impl PendingConfig {
         Ok(config)
     }
 
+    /// The API's view of a VM built from `config` (a restored snapshot's): what
+    /// `GET /vm/config` shows and what `PATCH /drives` and `PATCH /network-interfaces` find.
+    pub fn from_vm_config(config: &VmConfig) -> Self {
+        let drives = config
+            .disks
+            .iter()
+            .map(|d| {
+                let id = d.id.clone().unwrap_or_else(|| d.path.display().to_string());
+                serde_json::from_value(serde_json::json!({
+                    "drive_id": id,
+                    "path_on_host": d.path,
+                    "is_root_device": false,
+                    "is_read_only": d.readonly,
+                    "format": d.format,
+                    "rate_limiter": d.rate_limiter,
+                    "serial": d.serial,
+                    "backing_files": d.backing_files,
+                    "backing_dir": d.backing_dir,
+                    "backing_devices": d.backing_devices,
+                }))
+                .expect("a DiskConfig is a valid Drive")
+            })
+            .collect();
+        let network_interfaces = config
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NetworkInterface {
+                iface_id: n.id.clone().unwrap_or_else(|| format!("eth{i}")),
+                host_dev_name: n.tap.clone(),
+                guest_mac: n.mac,
+                mtu: n.mtu.map(u32::from),
+                rx_rate_limiter: n.rx_rate_limiter,
+                tx_rate_limiter: n.tx_rate_limiter,
+                offload: Some(n.offload),
+            })
+            .collect();
+        Self {
+            boot_source: Some(BootSource {
+                kernel_image_path: config.kernel.clone(),
+                initrd_path: config.initrd.clone(),
+                boot_args: Some(config.cmdline.clone()),
+            }),
+            machine_config: MachineConfig {
+                vcpu_count: config.cpus.into(),
+                mem_size_mib: config.memory.0 >> 20,
+                smt: config.smt,
+                ..MachineConfig::default()
+            },
+            drives,
+            network_interfaces,
+            entropy: config.entropy.then_some(EntropyDevice {
+                rate_limiter: config.entropy_rate_limiter,
+            }),
+            ..Self::default()
+        }
+    }
+
     /// The drive whose id is `drive_id`.
     pub fn drive_mut(&mut self, drive_id: &str) -> Result<&mut Drive, ApiFault> {
         self.drives

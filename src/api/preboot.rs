@@ -1,6 +1,7 @@
 //! The pre-boot API controller (Firecracker's `PrebootApiController`): before InstanceStart,
 //! requests build up a [`PendingConfig`]; InstanceStart turns it into a VM.
 
+use crate::api::requests::SnapshotLoad;
 use crate::api::{
     ActionType, Allowed, ApiFault, ApiRequest, ApiResponse, FirecrackerConfig, InstanceInfo,
     InstanceState, PendingConfig, RuntimeApiController,
@@ -66,6 +67,58 @@ impl PrebootApiController {
         Ok((vmm, runtime))
     }
 
+    /// `PUT /snapshot/load`: the VM a snapshot describes, restored (and running if
+    /// `resume_vm`), and the controller that serves it. Only into a VM not configured yet
+    /// (as Firecracker: logger, metrics and serial may be set before).
+    pub fn load(&self, load: &SnapshotLoad) -> Result<(Vmm, RuntimeApiController), ApiFault> {
+        let p = &self.pending;
+        if p.boot_source.is_some()
+            || !p.drives.is_empty()
+            || !p.network_interfaces.is_empty()
+            || p.vsock.is_some()
+            || p.balloon.is_some()
+            || p.entropy.is_some()
+        {
+            return Err(ApiFault::bad_request(
+                "PUT /snapshot/load: a snapshot is loaded into an unconfigured VM; this one \
+                 already has a boot source or devices",
+            ));
+        }
+        let mem = load.mem_path()?;
+        let mut snapshot = crate::snapshot::Snapshot::read_file(&load.snapshot_path)
+            .map_err(|e| ApiFault::bad_request(e.to_string()))?;
+        let config = &mut snapshot.config;
+        for o in &load.network_overrides {
+            let net = config
+                .nets
+                .iter_mut()
+                .find(|n| n.id.as_deref() == Some(o.iface_id.as_str()))
+                .ok_or_else(|| {
+                    ApiFault::bad_request(format!(
+                        "network_overrides: the snapshot has no interface {:?}",
+                        o.iface_id
+                    ))
+                })?;
+            net.tap = o.host_dev_name.clone();
+        }
+        for net in &config.nets {
+            net.validate()
+                .map_err(|e| ApiFault::bad_request(e.to_string()))?;
+        }
+        config.id = Some(self.id.clone());
+        config.console = match p.serial.as_ref().and_then(|s| s.serial_out_path.clone()) {
+            Some(path) => crate::config::ConsoleConfig::File(path),
+            None => crate::config::ConsoleConfig::Stdio,
+        };
+        let vmm = crate::builder::restore(&snapshot, mem, load.resume_vm)
+            .map_err(|e| ApiFault::bad_request(format!("cannot load the snapshot: {e}")))?;
+        let runtime = RuntimeApiController::new(
+            self.id.clone(),
+            PendingConfig::from_vm_config(&snapshot.config),
+        );
+        Ok((vmm, runtime))
+    }
+
     pub fn handle(&mut self, req: ApiRequest) -> Preboot {
         Preboot::Answer(match req {
             ApiRequest::GetInstanceInfo => {
@@ -87,6 +140,10 @@ impl PrebootApiController {
                 Ok(serde_json::to_value(&self.pending.machine_config).ok())
             }
             ApiRequest::Action(ActionType::InstanceStart) => match self.build() {
+                Ok(started) => return Preboot::Start(Box::new(started)),
+                Err(f) => Err(f),
+            },
+            ApiRequest::LoadSnapshot(load) => match self.load(&load) {
                 Ok(started) => return Preboot::Start(Box::new(started)),
                 Err(f) => Err(f),
             },

@@ -231,6 +231,24 @@ impl RuntimeApiController {
                     .map_err(|e| ApiFault::internal(e.to_string()))?,
             )),
             ApiRequest::GetVmMetrics => Ok(Some(vmm.metrics())),
+            ApiRequest::CreateSnapshot(c) => {
+                use crate::snapshot::persist::CreateError;
+                let started = std::time::Instant::now();
+                vmm.snapshot(&c.snapshot_path, &c.mem_file_path)
+                    .map_err(|e| match e {
+                        CreateError::Vcpus(_) => ApiFault::internal(e.to_string()),
+                        _ => ApiFault::bad_request(e.to_string()),
+                    })?;
+                let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                crate::metrics::set("latencies_us", "full_create_snapshot", us);
+                log::info!(
+                    "snapshot written: {} and {} in {} ms",
+                    c.snapshot_path.display(),
+                    c.mem_file_path.display(),
+                    us / 1000
+                );
+                Ok(None)
+            }
             ApiRequest::PatchVm(state) => {
                 let started = std::time::Instant::now();
                 let paused = state == VmState::Paused;
@@ -238,7 +256,7 @@ impl RuntimeApiController {
                     PauseError::VcpuExited { .. } => {
                         ApiFault::bad_request(format!("cannot pause: {e}"))
                     }
-                    PauseError::Timeout { .. } => ApiFault::internal(format!("cannot pause: {e}")),
+                    _ => ApiFault::internal(format!("cannot pause: {e}")),
                 })?;
                 // Firecracker's pause/resume latencies (the whole request here is the VMM's).
                 let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);

@@ -64,8 +64,6 @@ fn get_routes() {
 fn firecracker_endpoints_wisp_lacks_answer_400_naming_wisp_and_its_version() {
     for (method, path, what) in [
         ("PATCH", "/balloon/hinting/stop", "free page hinting"),
-        ("PUT", "/snapshot/create", "snapshots"),
-        ("PUT", "/snapshot/load", "snapshots"),
         ("PUT", "/cpu-config", "CPU templates"),
         ("PUT", "/pmem/pmem0", "virtio-pmem"),
         ("PATCH", "/hotplug/memory", "memory hotplug"),
@@ -1330,6 +1328,8 @@ fn variant_name(r: &ApiRequest) -> &'static str {
         PutMmds(_) => "PutMmds",
         PatchMmds(_) => "PatchMmds",
         PutMmdsConfig(_) => "PutMmdsConfig",
+        CreateSnapshot(_) => "CreateSnapshot",
+        LoadSnapshot(_) => "LoadSnapshot",
     }
 }
 

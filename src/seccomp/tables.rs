@@ -44,6 +44,18 @@ ioctl_iow_nr!(
     kvm_bindings::kvm_vcpu_events
 );
 
+// A snapshot's reads of KVM state (PUT /snapshot/create).
+ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_bindings::kvm_cpuid2);
+ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_bindings::kvm_msrs);
+ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_bindings::kvm_lapic_state);
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_bindings::kvm_debugregs);
+ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_bindings::kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_bindings::kvm_xcrs);
+ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_bindings::kvm_irqchip);
+ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_bindings::kvm_clock_data);
+ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_bindings::kvm_pit_state2);
+
 /// The flags of glibc's fork(): clone(CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | SIGCHLD).
 const FORK_FLAGS: u64 =
     (libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID | libc::SIGCHLD) as u64;
@@ -141,7 +153,7 @@ fn main() -> Vec<(i64, Arg)> {
         // The I/O rate limiters' timers (armed when a bucket runs dry, disarmed on PATCH).
         (SYS_timerfd_settime, Any),
         // PATCH /drives opens the new medium (and its backing files beneath their directory);
-        // cgroup usage for metrics. Never O_CREAT: the main thread makes no files.
+        // cgroup usage for metrics. Without O_CREAT (files are made only for a snapshot, below).
         (SYS_openat, NoneOf(2, O_CREAT as u64)),
         (SYS_openat2, Any),
         (SYS_newfstatat, Any),
@@ -163,8 +175,24 @@ fn main() -> Vec<(i64, Arg)> {
                 ],
             ),
         ),
-        // Restoring the terminal on the way out; vsock's host sockets made non-blocking.
-        (SYS_ioctl, OneOf(1, vec![TCGETS, TCSETS, FIONBIO])),
+        // PUT /snapshot/create writes the snapshot and memory files it names.
+        (SYS_openat, AllOf(2, O_CREAT as u64)),
+        // Restoring the terminal on the way out; vsock's host sockets made non-blocking;
+        // PUT /snapshot/create reads the VM's irqchips, PIT and clock.
+        (
+            SYS_ioctl,
+            OneOf(
+                1,
+                vec![
+                    TCGETS,
+                    TCSETS,
+                    FIONBIO,
+                    n(KVM_GET_IRQCHIP()),
+                    n(KVM_GET_PIT2()),
+                    n(KVM_GET_CLOCK()),
+                ],
+            ),
+        ),
         // vsock's host side: connections from host processes on its listening socket, and
         // connections to <uds_path>_<port> for the guest's. Unix sockets only.
         (SYS_socket, OneOf(0, vec![AF_UNIX as u64])),
@@ -215,6 +243,14 @@ fn vcpu() -> Vec<(i64, Arg)> {
                     n(KVM_GET_VCPU_EVENTS()),
                     n(KVM_SET_VCPU_EVENTS()),
                     n(KVM_GET_MP_STATE()),
+                    // A snapshot: a paused vCPU reads its own state (vstate/state.rs).
+                    n(KVM_GET_CPUID2()),
+                    n(KVM_GET_MSRS()),
+                    n(KVM_GET_LAPIC()),
+                    n(KVM_GET_DEBUGREGS()),
+                    n(KVM_GET_TSC_KHZ()),
+                    n(KVM_GET_XSAVE()),
+                    n(KVM_GET_XCRS()),
                     // virtio-net's activation and reset set the tap's offloads and header size.
                     libc::TUNSETOFFLOAD,
                     libc::TUNSETVNETHDRSZ,

@@ -11,6 +11,7 @@
 
 pub mod codec;
 pub mod devices;
+pub mod persist;
 
 use crate::config::VmConfig;
 use crate::vstate::state::{VcpuState, VmState};

@@ -36,7 +36,32 @@ pub(crate) fn sample(vcpus: u8) -> Snapshot {
     };
     Snapshot {
         config,
-        devices: DevicesState::default(),
+        devices: DevicesState {
+            serial: wisp_devices::legacy::SerialRegs {
+                baud_divisor_low: 12,
+                baud_divisor_high: 0,
+                interrupt_enable: 1,
+                interrupt_identification: 1,
+                line_control: 3,
+                line_status: 0x60,
+                modem_control: 8,
+                modem_status: 0xb0,
+                scratch: 0,
+                in_buffer: b"ls\n".to_vec(),
+            },
+            i8042: Default::default(),
+            virtio: vec![wisp_devices::virtio::MmioState {
+                device_type: 2,
+                status: 0xf,
+                queues: vec![Default::default()],
+                ..Default::default()
+            }],
+            disks: vec![devices::DiskImage {
+                path: "/img/root.qcow2".into(),
+                format: "qcow2".into(),
+                size: 1 << 30,
+            }],
+        },
         vm: VmState {
             pic_master: kvm_bindings::kvm_irqchip::new_zeroed(),
             pic_slave: kvm_bindings::kvm_irqchip::new_zeroed(),

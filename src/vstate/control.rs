@@ -2,6 +2,7 @@
 //! sets `kvm_run.immediate_exit` so that a kick racing with the entry into KVM_RUN is not
 //! lost (KVM returns EINTR at once). The thread then looks at what was asked of it.
 
+use super::state::VcpuState;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
@@ -66,6 +67,11 @@ pub struct VcpuControl {
     dump_generation: AtomicU64,
     /// Port I/O and MMIO exits handled by the vCPU threads, by [`ExitKind`], for metrics.
     exits: [AtomicU64; 4],
+    /// Bumped (under `paused`) to ask every parked vCPU for its state: a vCPU's fd is its
+    /// thread's, so the thread itself reads it.
+    save_generation: AtomicU64,
+    /// The states the parked vCPUs gave for the last request.
+    saved: Mutex<Vec<(u8, Result<VcpuState, String>)>>,
 }
 
 /// A vCPU thread as the kicker knows it.
@@ -80,6 +86,16 @@ struct VcpuThread {
 /// Why a pause did not take.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PauseError {
+    #[error("the VM is not paused")]
+    NotPaused,
+    #[error("only {saved} of {vcpus} vCPUs gave their state within {secs} s")]
+    SaveTimeout {
+        saved: usize,
+        vcpus: usize,
+        secs: u64,
+    },
+    #[error("vcpu{vcpu}: {error}")]
+    SaveFailed { vcpu: u8, error: String },
     #[error("vcpu{vcpu} has stopped: the VM is ending")]
     VcpuExited { vcpu: u8 },
     #[error("only {parked} of {vcpus} vCPUs stopped within {secs} s; the VM keeps running")]
@@ -112,6 +128,8 @@ impl Default for VcpuControl {
             threads: Mutex::new(Vec::new()),
             dump_generation: AtomicU64::new(0),
             exits: Default::default(),
+            save_generation: AtomicU64::new(0),
+            saved: Mutex::new(Vec::new()),
         }
     }
 }
@@ -280,8 +298,76 @@ impl VcpuControl {
         *self.paused.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The state of each of the `n` paused vCPUs, by index, each read on its own thread.
+    pub fn save_vcpus(&self, n: usize, deadline: Duration) -> Result<Vec<VcpuState>, PauseError> {
+        if !self.is_paused() {
+            return Err(PauseError::NotPaused);
+        }
+        self.saved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        {
+            // Under `paused`: a vCPU checks the generation under it before it waits.
+            let _paused = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
+            self.save_generation.fetch_add(1, Ordering::SeqCst);
+            self.changed.notify_all();
+        }
+        let until = Instant::now() + deadline;
+        let mut g = self
+            .parked_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let got = self
+                .saved
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len();
+            if got >= n {
+                break;
+            }
+            if let Some(vcpu) = self.exited() {
+                return Err(PauseError::VcpuExited { vcpu });
+            }
+            if Instant::now() >= until {
+                return Err(PauseError::SaveTimeout {
+                    saved: got,
+                    vcpus: n,
+                    secs: deadline.as_secs(),
+                });
+            }
+            g = self
+                .parked_changed
+                .wait_timeout(g, Duration::from_millis(10))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        drop(g);
+        let mut saved =
+            std::mem::take(&mut *self.saved.lock().unwrap_or_else(PoisonError::into_inner));
+        saved.sort_by_key(|(id, _)| *id);
+        saved
+            .into_iter()
+            .map(|(vcpu, r)| r.map_err(|error| PauseError::SaveFailed { vcpu, error }))
+            .collect()
+    }
+
     /// On the vCPU thread after an exit: parks while paused.
     pub fn park_if_paused(&self) {
+        self.park_serving(0, &mut 0, &mut || {
+            Err("this vCPU cannot save its state".into())
+        });
+    }
+
+    /// [`VcpuControl::park_if_paused`] that also answers [`VcpuControl::save_vcpus`] while
+    /// parked: `served` is the last request this vCPU answered, `save` reads its state.
+    pub fn park_serving(
+        &self,
+        id: u8,
+        served: &mut u64,
+        save: &mut dyn FnMut() -> Result<VcpuState, String>,
+    ) {
         // The common case on every exit: one atomic load, no lock.
         if !self.pause_requested.load(Ordering::Acquire) {
             return;
@@ -299,6 +385,25 @@ impl VcpuControl {
             self.parked_changed.notify_all();
         }
         while *paused && !self.stop_requested() {
+            let generation = self.save_generation.load(Ordering::SeqCst);
+            if generation != *served {
+                *served = generation;
+                drop(paused);
+                let state = save();
+                self.saved
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push((id, state));
+                {
+                    let _g = self
+                        .parked_lock
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    self.parked_changed.notify_all();
+                }
+                paused = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
             paused = self
                 .changed
                 .wait(paused)

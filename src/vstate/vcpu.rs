@@ -4,6 +4,7 @@
 
 use super::control::{self, ExitKind, VcpuControl};
 use super::exit::{ExitSignal, VmExit};
+use super::state::VcpuState;
 use crate::arch::x86_64::pvm;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -27,6 +28,8 @@ pub struct Vcpu {
     pub exit: ExitSignal,
     pub pvm: bool,
     pub control: Arc<VcpuControl>,
+    /// The MSRs a snapshot saves (`state::msrs_to_save`).
+    pub msr_indices: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
@@ -74,11 +77,15 @@ impl Vcpu {
     fn run(&mut self) -> Option<VmExit> {
         let id = self.id;
         let mut dumped = self.control.dump_generation();
+        let mut served_save = 0;
         if crate::startup_trace::enabled() {
             crate::startup_trace::mark(&format!("vcpu{id}: first KVM_RUN"));
         }
         loop {
-            self.control.park_if_paused();
+            let (fd, msrs) = (&self.fd, &self.msr_indices);
+            self.control.park_serving(id, &mut served_save, &mut || {
+                VcpuState::save(fd, msrs).map_err(|e| e.to_string())
+            });
             if self.control.stop_requested() {
                 return None;
             }

@@ -64,6 +64,27 @@ impl Vm {
     /// Its creation waits on the kernel (an SRCU grace period for each of its two I/O-bus
     /// devices: 0.1-4 ms here under load), so the builder runs it beside its own work.
     pub fn without_pit(mem_size: u64, huge_pages: bool) -> Result<Self, VmError> {
+        Self::with_backing(
+            mem_size,
+            if huge_pages {
+                Backing::HugePages
+            } else {
+                Backing::Anonymous
+            },
+        )
+    }
+
+    /// A VM whose RAM is a snapshot's memory file, mapped copy-on-write (MAP_PRIVATE): the
+    /// guest's writes stay in this process, the file is never written, and clones restored
+    /// from one file share its unwritten pages.
+    pub fn from_memory_file(mem_size: u64, file: &std::fs::File) -> Result<Self, VmError> {
+        let vm = Self::with_backing(mem_size, Backing::File(file))?;
+        vm.create_pit()?;
+        Ok(vm)
+    }
+
+    /// [`Vm::without_pit`] with its RAM from `backing`.
+    fn with_backing(mem_size: u64, backing: Backing) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(|e| VmError::OpenKvm(e.into()))?;
         let version = kvm.get_api_version();
         if version != 12 {
@@ -87,7 +108,7 @@ impl Vm {
                 .name("wisp-cpuid".into())
                 .stack_size(CPUID_THREAD_STACK)
                 .spawn_scoped(s, || kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES));
-            let vm = Self::create_vm(&kvm, mem_size, huge_pages);
+            let vm = Self::create_vm(&kvm, mem_size, backing);
             let supported = match cpuid {
                 // The call does not panic, and a panic would abort the process (panic=abort).
                 Ok(thread) => thread.join().expect("the CPUID thread does not panic"),
@@ -108,7 +129,7 @@ impl Vm {
     fn create_vm(
         kvm: &Kvm,
         mem_size: u64,
-        huge_pages: bool,
+        backing: Backing,
     ) -> Result<(VmFd, GuestMemoryMmap), VmError> {
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         fd.set_tss_address(u64_to_usize(KVM_TSS_ADDRESS))
@@ -125,13 +146,15 @@ impl Vm {
             .into_iter()
             .map(|(start, len)| (GuestAddress(start), u64_to_usize(len)))
             .collect();
-        let mem = if huge_pages {
-            huge_page_memory(&ranges, mem_size)?
-        } else {
-            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
-                size: mem_size >> 20,
-                reason: e.to_string(),
-            })?
+        let mem = match backing {
+            Backing::HugePages => huge_page_memory(&ranges, mem_size)?,
+            Backing::Anonymous => {
+                GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
+                    size: mem_size >> 20,
+                    reason: e.to_string(),
+                })?
+            }
+            Backing::File(file) => file_memory(&ranges, mem_size, file)?,
         };
         for (slot, region) in mem.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
@@ -166,6 +189,45 @@ impl Vm {
         };
         self.fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))
     }
+}
+
+/// Where guest RAM comes from.
+#[derive(Clone, Copy)]
+enum Backing<'a> {
+    Anonymous,
+    HugePages,
+    /// A snapshot's memory file: the regions one after the other.
+    File(&'a std::fs::File),
+}
+
+/// Guest memory mapped privately from `file`, region after region.
+fn file_memory(
+    ranges: &[(GuestAddress, usize)],
+    mem_size: u64,
+    file: &std::fs::File,
+) -> Result<GuestMemoryMmap, VmError> {
+    let err = |reason: String| VmError::Memory {
+        size: mem_size >> 20,
+        reason,
+    };
+    let mut regions = Vec::with_capacity(ranges.len());
+    let mut offset = 0u64;
+    for &(start, len) in ranges {
+        let file = file
+            .try_clone()
+            .map_err(|e| err(format!("memory file: {e}")))?;
+        let region = MmapRegionBuilder::new(len)
+            .with_file_offset(vm_memory::FileOffset::new(file, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| err(format!("mapping the memory file: {e}")))?;
+        let region = GuestRegionMmap::new(region, start)
+            .ok_or_else(|| err(format!("region at {:#x} overflows", start.0)))?;
+        regions.push(region);
+        offset += len as u64;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))
 }
 
 /// Guest memory from the host's hugetlbfs pool. The pages are reserved when mapped (no

@@ -309,6 +309,8 @@ void scenario_blk_net(void) __attribute__((noreturn));
 void scenario_blk_hostile(void) __attribute__((noreturn));
 void scenario_blk_flush_then_hang(void) __attribute__((noreturn));
 void scenario_blk_write_then_end(void) __attribute__((noreturn));
+void snap_blk_init(void);
+void snap_blk_step(u64 n);
 void wait_ctrl_alt_del(void);
 void scenario_blk_bench(void) __attribute__((noreturn));
 

@@ -257,12 +257,44 @@ static void scenario_spin(void)
 	}
 }
 
+/* snap: each AP's own count, which the BSP reports (the smallest). */
+static volatile u64 ap_count[MAX_CPUS];
+
+/*
+ * A counter for snapshot tests: every round writes its count to the disk and
+ * reads it back (virtio requests and interrupts), the LAPIC timer ticks, and
+ * every AP counts on its own; the BSP prints `probe: count N ticks T ap A`
+ * (A: the smallest AP count, 0 without APs) about every 50 ms.
+ */
+static void scenario_snap(void)
+{
+	snap_blk_init();
+	start_aps();
+	lapic_write(LAPIC_TIMER_DIV, 0x3);
+	lapic_write(LAPIC_LVT_TIMER, VEC_LAPIC_TIMER | 1 << 17);
+	lapic_write(LAPIC_TIMER_INIT, 1000000);
+	for (u64 n = 1;; n++) {
+		snap_blk_step(n);
+		u64 ap = ~0ull;
+		for (u32 i = 1; i < cpus_checked_in; i++)
+			if (ap_count[i] < ap)
+				ap = ap_count[i];
+		printf("probe: count %lu ticks %u ap %lu\n", n, lapic_ticks, ap == ~0ull ? 0 : ap);
+		delay_us(50000);
+	}
+}
+
 void ap_user_main(u64 cpu)
 {
 	check_in((u32)cpu);
 	if (!strcmp(scenario, "spin"))
 		for (;;)
 			work(~0ull);
+	if (!strcmp(scenario, "snap"))
+		for (;;) {
+			work(1000000);
+			ap_count[cpu < MAX_CPUS ? cpu : 0]++;
+		}
 	park();
 }
 
@@ -424,6 +456,8 @@ void user_main(u64 cpl0_done)
 		scenario_smp();
 	else if (!strcmp(scenario, "spin"))
 		scenario_spin();
+	else if (!strcmp(scenario, "snap"))
+		scenario_snap();
 	else if (!strcmp(scenario, "irq"))
 		scenario_irq();
 	else if (!strcmp(scenario, "sse"))

@@ -956,6 +956,35 @@ void scenario_blk_bench(void)
 	done();
 }
 
+/* ---- snap: the disk half of the snapshot scenario (scenarios.c) ---- */
+
+static u32 *snap_buf;
+
+void snap_blk_init(void)
+{
+	blk_init(&blk);
+	if (blk.ro)
+		fail("snap needs a writable disk");
+	snap_buf = dma_alloc(4096);
+}
+
+/*
+ * Writes count n into sector n % 64 (the sector's 32-bit words are n, n+1,
+ * ...), reads it back and checks it: a request and its interrupt each way.
+ */
+void snap_blk_step(u64 n)
+{
+	u64 sector = n % 64;
+	for (u32 i = 0; i < 128; i++)
+		snap_buf[i] = (u32)n + i;
+	blk_check_ok(blk_request(&blk, VIRTIO_BLK_T_OUT, sector, snap_buf, 512, 512, NULL, "snap write"), "snap write");
+	u32 *r = (u32 *)blk.scratch;
+	memset(r, 0, 512);
+	blk_check_ok(blk_request(&blk, VIRTIO_BLK_T_IN, sector, r, 512, 512, NULL, "snap read"), "snap read");
+	if (memcmp(r, snap_buf, 512))
+		fail("snap sector %lu read back differs from what count %lu wrote", sector, n);
+}
+
 /* ---- blk-write-then-end ---- */
 
 void scenario_blk_write_then_end(void)

@@ -45,7 +45,44 @@ pub struct I8042 {
     out: VecDeque<u8>,
 }
 
+/// The controller's registers and output queue in a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct I8042State {
+    pub status: u8,
+    pub control: u8,
+    pub outp: u8,
+    pub pending_cmd: Option<u8>,
+    pub out: Vec<u8>,
+}
+
 impl I8042 {
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            control: self.control,
+            outp: self.outp,
+            pending_cmd: self.pending_cmd,
+            out: self.out.iter().copied().collect(),
+        }
+    }
+
+    /// Takes a snapshot's state; an output queue longer than the controller's is refused.
+    pub fn restore(&mut self, state: &I8042State) -> Result<(), String> {
+        if state.out.len() > OUT_CAPACITY {
+            return Err(format!(
+                "i8042: {} bytes queued, the controller holds {OUT_CAPACITY}",
+                state.out.len()
+            ));
+        }
+        self.status = state.status;
+        self.control = state.control;
+        self.outp = state.outp;
+        self.pending_cmd = state.pending_cmd;
+        self.out = state.out.iter().copied().collect();
+        Ok(())
+    }
+
     pub fn new(sink: PlatformEventSink, irq: Option<Arc<dyn InterruptLine>>) -> Self {
         Self {
             sink,

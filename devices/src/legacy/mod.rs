@@ -9,9 +9,9 @@ mod serial;
 
 pub use acpi_pm::{AcpiPm, ACPI_PM_PORT_LEN, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP};
 pub use console::{ConsoleOutput, CONSOLE_BUFFER};
-pub use i8042::I8042;
+pub use i8042::{I8042State, I8042};
 pub use pvpanic::PvPanic;
-pub use serial::{Serial, SerialInput};
+pub use serial::{Serial, SerialInput, SerialRegs};
 
 use std::sync::Arc;
 

@@ -38,19 +38,81 @@ pub struct Serial {
     inner: vm_superio::Serial<IrqTrigger, SerialInput, ConsoleOutput>,
 }
 
+/// The UART's registers and receive FIFO in a snapshot (vm-superio's `SerialState`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialRegs {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 impl Serial {
     /// `out` is written by a thread of its own (see [`ConsoleOutput`]).
     pub fn new(
         irq: Arc<dyn InterruptLine>,
         out: Box<dyn Write + Send>,
     ) -> io::Result<(Self, EventFd)> {
+        Self::with_state(irq, out, None)
+    }
+
+    /// Like [`Serial::new`], with the registers a snapshot recorded (checked: a receive FIFO
+    /// beyond the UART's is refused).
+    pub fn with_state(
+        irq: Arc<dyn InterruptLine>,
+        out: Box<dyn Write + Send>,
+        state: Option<&SerialRegs>,
+    ) -> io::Result<(Self, EventFd)> {
         let drained = EventFd::new(libc::EFD_NONBLOCK)?;
         let events = SerialInput {
             drained: drained.try_clone()?,
         };
         let out = ConsoleOutput::new(out)?;
-        let inner = vm_superio::Serial::with_events(IrqTrigger(irq), events, out);
+        let trigger = IrqTrigger(irq);
+        let inner = match state {
+            None => vm_superio::Serial::with_events(trigger, events, out),
+            Some(s) => {
+                let state = vm_superio::serial::SerialState {
+                    baud_divisor_low: s.baud_divisor_low,
+                    baud_divisor_high: s.baud_divisor_high,
+                    interrupt_enable: s.interrupt_enable,
+                    interrupt_identification: s.interrupt_identification,
+                    line_control: s.line_control,
+                    line_status: s.line_status,
+                    modem_control: s.modem_control,
+                    modem_status: s.modem_status,
+                    scratch: s.scratch,
+                    in_buffer: s.in_buffer.clone(),
+                };
+                vm_superio::Serial::from_state(&state, trigger, events, out)
+                    .map_err(|e| io::Error::other(format!("serial state: {e:?}")))?
+            }
+        };
         Ok((Self { inner }, drained))
+    }
+
+    /// The registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialRegs {
+        let s = self.inner.state();
+        SerialRegs {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
     }
 
     /// The output side, for the VMM to finish it on the way out

@@ -78,7 +78,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::interrupt::InterruptLine;
 
 pub use event_handler::{DeviceHandle, VirtioEventHandler};
-pub use mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
+pub use mmio::{
+    MmioError, MmioState, MmioTransport, QueueState, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
+};
 
 /// Device status bits (virtio 1.2 §2.1).
 pub mod status {

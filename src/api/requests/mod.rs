@@ -19,6 +19,7 @@ mod net;
 mod rate_limiter;
 mod router;
 mod serial;
+mod snapshot;
 mod vsock;
 
 pub use actions::{ActionType, InstanceAction, VmState, VmStateChange};
@@ -34,6 +35,7 @@ pub use mmds::{check_mmds_config, MmdsConfig};
 pub use net::{MacAddr, NetworkInterface, NetworkInterfaceUpdate};
 pub use router::{allowed_methods, parse_body, route, Method, Routed, ROUTES, UNSUPPORTED};
 pub use serial::SerialConfig;
+pub use snapshot::{SnapshotCreate, SnapshotLoad};
 pub use vsock::VsockDevice;
 
 use super::ApiFault;
@@ -100,6 +102,10 @@ pub enum ApiRequest {
     PatchMmds(serde_json::Value),
     /// `PUT /mmds/config`
     PutMmdsConfig(MmdsConfig),
+    /// `PUT /snapshot/create` (a paused VM)
+    CreateSnapshot(SnapshotCreate),
+    /// `PUT /snapshot/load` (before boot)
+    LoadSnapshot(SnapshotLoad),
 }
 
 /// When a request may be served (Firecracker's rules).
@@ -132,7 +138,8 @@ impl ApiRequest {
             | PutVsock(_)
             | PutBalloon(_)
             | PutMmdsConfig(_) => Allowed::PreBoot,
-            Action(ActionType::InstanceStart) => Allowed::PreBoot,
+            Action(ActionType::InstanceStart) | LoadSnapshot(_) => Allowed::PreBoot,
+            CreateSnapshot(_) => Allowed::PostBoot,
             Action(ActionType::SendCtrlAltDel) => Allowed::PostBoot,
             Action(ActionType::FlushMetrics) => Allowed::Always,
             PatchDrive(_)
@@ -177,6 +184,8 @@ impl ApiRequest {
             PutMmds(_) => "PUT /mmds".into(),
             PatchMmds(_) => "PATCH /mmds".into(),
             PutMmdsConfig(_) => "PUT /mmds/config".into(),
+            CreateSnapshot(_) => "PUT /snapshot/create".into(),
+            LoadSnapshot(_) => "PUT /snapshot/load".into(),
         }
     }
 }

@@ -63,6 +63,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/mmds"),
     ("PATCH", "/mmds"),
     ("PUT", "/mmds/config"),
+    ("PUT", "/snapshot/create"),
+    ("PUT", "/snapshot/load"),
 ];
 
 /// Firecracker's endpoints (v1.16) that wisp does not implement yet, with what they are
@@ -74,8 +76,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("/cpu-config", "custom CPU templates (cpu-config)"),
     ("/hotplug/memory", "memory hotplug (virtio-mem) devices"),
     ("/pmem/{id}", "virtio-pmem devices"),
-    ("/snapshot/create", "snapshots"),
-    ("/snapshot/load", "snapshots"),
 ];
 
 /// What the router made of a request.
@@ -258,6 +258,16 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Routed, ApiFault> 
             let c: CgroupUpdate = parse_body(body)?;
             c.validate()?;
             ApiRequest::PatchCgroup(c)
+        }
+        ("PUT", "/snapshot/create") => {
+            let c: SnapshotCreate = parse_body(body)?;
+            c.validate()?;
+            ApiRequest::CreateSnapshot(c)
+        }
+        ("PUT", "/snapshot/load") => {
+            let l: SnapshotLoad = parse_body(body)?;
+            l.validate()?;
+            ApiRequest::LoadSnapshot(l)
         }
         _ => unreachable!("ROUTES entry {method} {template} has no handler"),
     };
