@@ -13,8 +13,6 @@ pub mod disk;
 pub mod events;
 pub mod interrupt;
 pub mod legacy;
-// Not reviewed for truncating casts yet (new code, issue 13).
-#[allow(clippy::cast_possible_truncation)]
 pub mod mmds;
 pub mod rate_limiter;
 pub mod tap;

@@ -72,12 +72,18 @@ fn csum_fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    sum as u16
+    u16::try_from(sum).unwrap_or(u16::MAX)
+}
+
+/// A length as sequence space or a checksum term: every length here is at most a 64 KiB
+/// frame's.
+fn len32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 fn tcp_pseudo_sum(src: [u8; 4], dst: [u8; 4], tcp_len: usize) -> u32 {
     let s = csum_add(csum_add(0, &src), &dst);
-    s + u32::from(PROTO_TCP) + tcp_len as u32
+    s + u32::from(PROTO_TCP) + len32(tcp_len)
 }
 
 /// `a` comes after `b` in sequence space (RFC 9293 §3.4).
@@ -102,7 +108,7 @@ struct Segment<'a> {
 impl Segment<'_> {
     /// Sequence space the segment takes (its data, SYN and FIN).
     fn seq_len(&self) -> u32 {
-        self.payload.len() as u32
+        len32(self.payload.len())
             + u32::from(self.flags & SYN != 0)
             + u32::from(self.flags & FIN != 0)
     }
@@ -167,9 +173,9 @@ struct Conn {
 impl Conn {
     fn window(&self) -> u16 {
         if self.answer.is_some() {
-            return MAX_REQUEST as u16;
+            return u16::try_from(MAX_REQUEST).unwrap_or(u16::MAX);
         }
-        (MAX_REQUEST - self.request.len()) as u16
+        u16::try_from(MAX_REQUEST - self.request.len()).unwrap_or(u16::MAX)
     }
 
     /// Offset into the answer of the next byte to send (its length once the FIN is due,
@@ -180,7 +186,11 @@ impl Conn {
 
     fn fin_acked(&self) -> bool {
         self.answer.as_ref().is_some_and(|a| {
-            self.snd_una == self.iss.wrapping_add(1).wrapping_add(a.len() as u32 + 1)
+            self.snd_una
+                == self
+                    .iss
+                    .wrapping_add(1)
+                    .wrapping_add(len32(a.len()).wrapping_add(1))
         })
     }
 
@@ -209,7 +219,7 @@ impl Conn {
                 let n = room.min(usize::from(self.peer_mss)).min(answer.len() - off);
                 let last = off + n == answer.len();
                 let seq = self.snd_nxt;
-                self.snd_nxt = seq.wrapping_add(n as u32 + u32::from(last));
+                self.snd_nxt = seq.wrapping_add(len32(n) + u32::from(last));
                 self.needs_ack = false;
                 let flags = ACK | PSH | if last { FIN } else { 0 };
                 return Some(Out {
@@ -576,7 +586,7 @@ impl MmdsStack {
         let carries = !seg.payload.is_empty() || seg.flags & FIN != 0;
         if carries {
             let off = c.rcv_nxt.wrapping_sub(seg.seq) as usize;
-            if (off as i32) < 0 || off > seg.payload.len() {
+            if seq_gt(seg.seq, c.rcv_nxt) || off > seg.payload.len() {
                 // Out of order (ahead of what we have) or entirely old: say where we are.
                 c.needs_ack = true;
                 return Next::Keep;
@@ -591,7 +601,7 @@ impl MmdsStack {
             if c.answer.is_none() {
                 c.request.extend_from_slice(&new[..take]);
             }
-            c.rcv_nxt = c.rcv_nxt.wrapping_add(take as u32);
+            c.rcv_nxt = c.rcv_nxt.wrapping_add(len32(take));
             c.needs_ack = true;
             if seg.flags & FIN != 0 && take == new.len() && !c.fin_received {
                 c.fin_received = true;
@@ -741,7 +751,8 @@ impl MmdsStack {
         let ip = &mut buf[ETH_LEN..ETH_LEN + total];
         ip[0] = 0x45;
         ip[1] = 0;
-        ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        // At most MAX_OUT_FRAME: the payload is at most the MSS.
+        ip[2..4].copy_from_slice(&u16::try_from(total).unwrap_or(u16::MAX).to_be_bytes());
         ip[4..6].copy_from_slice(&self.ip_id.to_be_bytes());
         self.ip_id = self.ip_id.wrapping_add(1);
         ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // DF
@@ -757,12 +768,14 @@ impl MmdsStack {
         tcp[2..4].copy_from_slice(&t.port.to_be_bytes());
         tcp[4..8].copy_from_slice(&t.seq.to_be_bytes());
         tcp[8..12].copy_from_slice(&t.ack.to_be_bytes());
-        tcp[12] = (((TCP_LEN + opt_len) / 4) as u8) << 4;
+        // Data offset in 32-bit words: 5, or 6 with the MSS option.
+        tcp[12] = if t.mss { 6 << 4 } else { 5 << 4 };
         tcp[13] = t.flags;
         tcp[14..16].copy_from_slice(&t.window.to_be_bytes());
         tcp[16..20].fill(0);
         if t.mss {
-            tcp[20..24].copy_from_slice(&[2, 4, (MSS >> 8) as u8, MSS as u8]);
+            let [hi, lo] = MSS.to_be_bytes();
+            tcp[20..24].copy_from_slice(&[2, 4, hi, lo]);
         }
         tcp[TCP_LEN + opt_len..].copy_from_slice(payload);
         let c = !csum_fold(csum_add(tcp_pseudo_sum(self.ip, t.ip, tcp_len), tcp));
