@@ -16,6 +16,8 @@ import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 WISP = os.environ.get("WISP", os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/wisp"))
+# Another wisp build (e.g. main before a change), run in turn with WISP: rows and ratios.
+WISP_BEFORE = os.environ.get("WISP_BEFORE")
 HELLO = os.path.join(ROOT, "target/probe-guests/hello.elf")
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -99,10 +101,13 @@ def main():
     jail = {"ready": [], "cpu": [], "get": [], "start": []}
     # The same with no seccomp filters (alternating): what the filters cost.
     nofilter = {"ready": [], "cpu": [], "get": [], "start": []}
+    before = {"ready": [], "cpu": [], "get": [], "start": []}
     for i in range(a.runs):
         # Which goes first alternates: a run right after the jailer's clean-up is slower.
         pair = [([WISP, "--api-sock", sock], plain),
                 ([WISP, "--api-sock", sock, "--seccomp-level", "0"], nofilter)]
+        if WISP_BEFORE:
+            pair.append(([WISP_BEFORE, "--api-sock", sock], before))
         for argv, r in pair if i % 2 == 0 else reversed(pair):
             one_run(argv, sock, HELLO, r)
         if not jailed:
@@ -130,8 +135,17 @@ def main():
                  ("jailed: CPU time until accepting", jail["cpu"]),
                  ("jailed: GET / latency", jail["get"]),
                  ("jailed: configure + InstanceStart", jail["start"])]
+    if WISP_BEFORE:
+        rows += [("before: start -> socket accepting", before["ready"]),
+                 ("before: GET / latency", before["get"]),
+                 ("before: configure + InstanceStart", before["start"])]
     for name, v in rows:
         print(f"{name:<44} median {statistics.median(v):7.2f} ms  [{min(v):.2f}-{max(v):.2f}]")
+    if WISP_BEFORE:
+        for what, key in (("start -> socket", "ready"), ("GET /", "get"),
+                          ("configure + start", "start")):
+            ratio = statistics.median(plain[key]) / statistics.median(before[key])
+            print(f"{'wisp/before, ' + what + ' (medians)':<44}        {ratio:7.3f}")
     for what, key in (("start -> socket", "ready"), ("GET /", "get"),
                       ("configure + start", "start")):
         extra = statistics.median(plain[key]) - statistics.median(nofilter[key])
