@@ -158,6 +158,17 @@ impl RateLimiter {
     }
 }
 
+/// `device_fds` of a device whose one fd is its optional limiter's timer (virtio-blk, -rng).
+pub fn device_fds(limiter: Option<&RateLimiter>) -> Vec<RawFd> {
+    limiter.iter().map(|l| l.as_raw_fd()).collect()
+}
+
+/// `process_device_fd(index)` of such a device: whether the timer fired, so that the tokens
+/// are back and the queue should be processed again.
+pub fn device_fd_fired(limiter: Option<&mut RateLimiter>, index: usize) -> bool {
+    index == 0 && limiter.is_some_and(RateLimiter::timer_fired)
+}
+
 impl AsRawFd for RateLimiter {
     /// The timerfd: watch it for input while the device is active.
     fn as_raw_fd(&self) -> RawFd {

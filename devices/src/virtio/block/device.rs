@@ -1,6 +1,6 @@
 //! The virtio-blk device: features, config space, activation and the queue loop.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
@@ -14,7 +14,7 @@ use super::{
     MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SEG_MAX,
 };
 use crate::disk::raw::RawFile;
-use crate::rate_limiter::{BucketUpdate, RateLimiter};
+use crate::rate_limiter::{self, BucketUpdate, RateLimiter};
 use crate::virtio::queue::{pop_chain, undo_pop};
 use crate::virtio::{
     device_type, features, read_config_bytes, ActivateError, Activation, VirtioDevice,
@@ -294,15 +294,12 @@ impl VirtioDevice for Block {
     }
 
     fn device_fds(&self) -> Vec<RawFd> {
-        self.limiter.iter().map(|l| l.as_raw_fd()).collect()
+        rate_limiter::device_fds(self.limiter.as_ref())
     }
 
     /// The rate limiter's timer: tokens are back.
     fn process_device_fd(&mut self, index: usize) {
-        let Some(limiter) = self.limiter.as_mut().filter(|_| index == 0) else {
-            return;
-        };
-        if limiter.timer_fired() {
+        if rate_limiter::device_fd_fired(self.limiter.as_mut(), index) {
             self.handler
                 .counters
                 .rate_limiter_event_count

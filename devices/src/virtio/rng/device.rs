@@ -1,6 +1,6 @@
 //! The virtio-rng device: activation and the request queue.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{BYTES_PER_TURN, CHAINS_PER_TURN, MAX_BYTES_PER_CHAIN, QUEUE_SIZE};
-use crate::rate_limiter::RateLimiter;
+use crate::rate_limiter::{self, RateLimiter};
 use crate::virtio::queue::{collect_chain, pop_chain, undo_pop, ChainEnd};
 use crate::virtio::{
     device_type, features, ActivateError, Activation, VirtioDevice, VirtioInterrupt,
@@ -203,15 +203,12 @@ impl VirtioDevice for Rng {
     }
 
     fn device_fds(&self) -> Vec<RawFd> {
-        self.limiter.iter().map(|l| l.as_raw_fd()).collect()
+        rate_limiter::device_fds(self.limiter.as_ref())
     }
 
     /// The rate limiter's timer: tokens are back.
     fn process_device_fd(&mut self, index: usize) {
-        let Some(limiter) = self.limiter.as_mut().filter(|_| index == 0) else {
-            return;
-        };
-        if limiter.timer_fired() {
+        if rate_limiter::device_fd_fired(self.limiter.as_mut(), index) {
             self.counters
                 .rate_limiter_events
                 .fetch_add(1, Ordering::Relaxed);
