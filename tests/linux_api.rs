@@ -6,14 +6,18 @@
 //! cleanly by `SendCtrlAltDel` (the i8042 key sequence, the kernel's keyboard driver, init's
 //! SIGINT handler, poweroff). The metadata service as an agent uses it: `PUT /mmds/config`
 //! (V2 on eth0) and `PUT /mmds` before boot, the guest's busybox fetching a session token and
-//! its instance id, `PATCH /mmds` while it runs and the guest reading the new value. Also the
-//! kernel's virtio_balloon driver through `/balloon`.
+//! its instance id, `PATCH /mmds` while it runs and the guest reading the new value. The same
+//! boot has a vsock (`PUT /vsock`) and an entropy device (`PUT /entropy`): the host streams
+//! bytes into a guest listener through `CONNECT <port>` on `uds_path`, and takes the guest's
+//! stream at `<uds_path>_<port>`. Also the kernel's virtio_balloon driver through `/balloon`.
 
 mod common;
 use common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const TAP: &str = "wtap0";
 const GUEST_MAC: &str = "52:54:00:aa:bb:11";
@@ -71,12 +75,98 @@ fn assert_rate_limited_write(out: &str) {
     );
 }
 
+/// The guest's vsock CID, the port its vsockio listens on, and the host port it connects to
+/// (a listener of the test's at `<uds_path>_5001`).
+const VSOCK_CID: u32 = 7;
+const VSOCK_GUEST_PORT: u32 = 5000;
+const VSOCK_HOST_PORT: u32 = 5001;
+/// How long one side of a vsock stream may wait for the other (the guest is interpreted).
+const VSOCK_T: Duration = Duration::from_secs(300);
+
+/// vsockio's test pattern (images/init/vsockio.c): the top byte of each state of the 32-bit
+/// LCG x = x * 1664525 + 1013904223 from x = 1.
+fn vsockio_pattern(len: usize) -> Vec<u8> {
+    let mut x: u32 = 1;
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Bytes for the guest that vsockio's pattern does not produce (xorshift64).
+fn other_bytes(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Host -> guest, as a node agent reaches its guest agent: connect to wisp's `uds_path`, say
+/// `CONNECT <port>`, read `OK <host port>`, stream `data` and close the writing side; the guest
+/// closes once it has everything, which ends the host's read. Returns the host port of `OK`.
+fn vsock_stream_to_guest(uds: &Path, port: u32, data: &[u8]) -> u32 {
+    let mut s = UnixStream::connect(uds).unwrap();
+    s.set_read_timeout(Some(VSOCK_T)).unwrap();
+    s.set_write_timeout(Some(VSOCK_T)).unwrap();
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut ok = String::new();
+    reader.read_line(&mut ok).unwrap();
+    let host_port: u32 = ok
+        .strip_prefix("OK ")
+        .and_then(|p| p.trim_end().parse().ok())
+        .unwrap_or_else(|| panic!("not an OK line: {ok:?}"));
+    s.write_all(data).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    reader
+        .read_to_end(&mut rest)
+        .expect("the guest's close within the timeout");
+    assert!(rest.is_empty(), "the guest sent {} bytes back", rest.len());
+    host_port
+}
+
+/// Guest -> host: the guest's connection to the host port, taken from `listener` (polled, so a
+/// guest that never connects fails the test instead of hanging it), read to its end.
+fn vsock_stream_from_guest(listener: &UnixListener) -> Vec<u8> {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + VSOCK_T;
+    let mut s = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the guest did not connect within {VSOCK_T:?}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(VSOCK_T)).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)
+        .expect("the guest's stream and its end within the timeout");
+    got
+}
+
 #[test]
 fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     if !kvm_available("linux_booted_through_the_api_shuts_down_on_ctrl_alt_del") {
         return;
     }
     let kib = if pvm_host() { 256 } else { 64 * 1024 };
+    // Each vsock stream (the guest keeps what it receives in its 48 MiB root filesystem).
+    let vsock_kib = if pvm_host() { 256 } else { 8 * 1024 };
     let dir = TestDir::new("linux-api");
 
     // The root filesystem image in partition 1 of an MBR disk.
@@ -93,6 +183,10 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     ns.add_tap(TAP, "10.0.0.1/24");
     let mut dnsmasq = ns.dnsmasq(TAP, "10.0.0.2", &dir);
     let peer = ns.tcp_peer("10.0.0.1", kib, &dir);
+
+    // The guest's connection to the host's port VSOCK_HOST_PORT lands here.
+    let uds = dir.join("v.sock");
+    let from_guest = UnixListener::bind(format!("{}_{VSOCK_HOST_PORT}", uds.display())).unwrap();
 
     let _slot = linux_boot_slot();
     let sock = dir.join("api.sock");
@@ -122,8 +216,10 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
 
     let boot_args = format!(
         "{LINUX_CMDLINE} ip=:::::eth0:dhcp \
-         wisp.kmsg=1 wisp.scenario=info,rootfs,ratelimit,net,mmds,cad wisp.peer=10.0.0.1 wisp.nc_kib={kib} \
-         wisp.rl_dev=vdb wisp.rl_kib={RL_KIB} wisp.mmds_expect=i-api-2"
+         wisp.kmsg=1 wisp.scenario=info,entropy,rootfs,ratelimit,net,mmds,vsock,cad \
+         wisp.peer=10.0.0.1 wisp.nc_kib={kib} wisp.rl_dev=vdb wisp.rl_kib={RL_KIB} \
+         wisp.mmds_expect=i-api-2 wisp.vsock_port={VSOCK_GUEST_PORT} \
+         wisp.vsock_host_port={VSOCK_HOST_PORT} wisp.vsock_kib={vsock_kib}"
     );
     api_ok(
         &sock,
@@ -186,6 +282,16 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     api_ok(
         &sock,
         "PUT",
+        "/vsock",
+        &format!(
+            r#"{{"guest_cid": {VSOCK_CID}, "uds_path": "{}"}}"#,
+            uds.display()
+        ),
+    );
+    api_ok(&sock, "PUT", "/entropy", "{}");
+    api_ok(
+        &sock,
+        "PUT",
         "/actions",
         r#"{"action_type": "InstanceStart"}"#,
     );
@@ -199,6 +305,21 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
         "/mmds",
         r#"{"latest": {"meta-data": {"instance-id": "i-api-2"}}}"#,
     );
+
+    // vsock both ways while the guest's init runs its vsock scenario.
+    w.wait_for(
+        &format!("vsockio: listening on {VSOCK_GUEST_PORT}"),
+        Duration::from_secs(1500),
+    );
+    let to_guest = other_bytes((vsock_kib * 1024) as usize);
+    let ok_port = vsock_stream_to_guest(&uds, VSOCK_GUEST_PORT, &to_guest);
+    let got = vsock_stream_from_guest(&from_guest);
+    let want = vsockio_pattern((vsock_kib * 1024) as usize);
+    assert_eq!(got.len(), want.len(), "bytes from the guest");
+    if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+        panic!("the guest's stream differs from byte {i} on");
+    }
+
     w.wait_for(
         "WISP-INIT: waiting for ctrl-alt-del",
         Duration::from_secs(1500),
@@ -235,7 +356,18 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
         out.contains("WISP-INIT: ctrl-alt-del received, shutting down"),
         "{out}"
     );
-    assert_scenarios_ok(out, &["info", "rootfs", "ratelimit", "net", "mmds"]);
+    assert_scenarios_ok(
+        out,
+        &[
+            "info",
+            "entropy",
+            "rootfs",
+            "ratelimit",
+            "net",
+            "mmds",
+            "vsock",
+        ],
+    );
     // MMDS: the token dance, the value before and after the PATCH, JSON on request.
     assert_said(out, "mmds_token_len", "64");
     assert_said(out, "mmds_value", "i-api-1");
@@ -247,6 +379,18 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     );
     assert_said(out, "mmds_updated", "i-api-2");
     assert_rate_limited_write(out);
+    // PUT /entropy: the kernel's hw_random core took the virtio-rng device.
+    assert_said(out, "rng_current", "virtio_rng.0");
+    // PUT /vsock: the guest's CID, and the bytes the host sent as the guest counted them.
+    assert!(
+        ok_port >= 1 << 30,
+        "OK {ok_port}: not one of wisp's local ports"
+    );
+    assert_said(out, "vsock_cid", &VSOCK_CID.to_string());
+    assert_said(out, "vsock_rx_bytes", &to_guest.len().to_string());
+    let to_guest_file = dir.join("vsock-to-guest.bin");
+    std::fs::write(&to_guest_file, &to_guest).unwrap();
+    assert_said(out, "vsock_rx_sha256", &sha256_hex(&to_guest_file));
 
     // Firecracker's log and metrics: the VM's start logged with id, thread, level and origin;
     // the metrics lines (periodic and on exit) count the guest's network traffic.
