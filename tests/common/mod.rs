@@ -91,7 +91,9 @@ pub fn image(name: &str) -> PathBuf {
 /// The start of every test kernel command line. `random.trust_cpu=on` seeds the guest's RNG
 /// from RDRAND at boot: otherwise the first reader of /dev/urandom waits while the interpreted
 /// kernel gathers jitter entropy, which took over 12 minutes of a loaded machine (a stalled
-/// linux_api run); a VMM-side entropy device (virtio-rng) would make this unnecessary.
+/// linux_api run). wisp's virtio-rng (`wisp run`'s default, `PUT /entropy`) seeds it before
+/// init as well (one boot without this flag: crng init done at 27 s); the flag stays for the
+/// API boots that have no entropy device.
 pub const LINUX_CMDLINE: &str = "console=ttyS0 panic=-1 random.trust_cpu=on";
 
 /// A running wisp process whose stdout (the guest console) and stderr are collected.
