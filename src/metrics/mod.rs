@@ -489,6 +489,9 @@ mod tests {
         disk.queue_event_count.store(5, Ordering::Relaxed);
         let vcpus = Arc::new(VcpuControl::default());
         vcpus.count_exit(ExitKind::IoOut);
+        let mmds = Arc::new(wisp_devices::mmds::MmdsCounters::default());
+        mmds.rx_accepted.store(9, Ordering::Relaxed);
+        mmds.rx_no_token.store(3, Ordering::Relaxed);
         let balloon = Arc::new(BalloonCounters::default());
         balloon.inflate_count.store(4, Ordering::Relaxed);
         balloon.stats_updates_count.store(2, Ordering::Relaxed);
@@ -504,7 +507,7 @@ mod tests {
             entropy: None,
             vsock: None,
             balloon: Some(balloon),
-            mmds: None,
+            mmds: Some(mmds),
         });
         s.totals.insert("put_api_requests.actions_count".into(), 2);
         s.gauges
@@ -544,6 +547,9 @@ mod tests {
         assert_eq!(line["block_rootfs"]["rate_limiter_throttled_events"], 6);
         assert_eq!(line["balloon"]["inflate_count"], 4);
         assert_eq!(line["balloon"]["stats_updates_count"], 2);
+        assert_eq!(line["mmds"]["rx_accepted"], 9);
+        assert_eq!(line["mmds"]["rx_no_token"], 3);
+        assert_eq!(line["mmds"]["rx_invalid_token"], 0);
         assert_eq!(line["block_rootfs"]["read_agg"]["max_us"], 0);
         for (field, v) in [
             ("read_count", 3),
