@@ -100,10 +100,10 @@ pub struct FirecrackerArgs {
     /// The parent's (jailer's) CPU time (µs), added to the CPU start-up time.
     #[arg(long, value_name = "US", allow_negative_numbers = true)]
     pub parent_cpu_time_us: Option<String>,
-    /// Refused: wisp has no snapshots.
+    /// Print the format version of the snapshot file PATH (checked whole first).
     #[arg(long, value_name = "PATH")]
     pub describe_snapshot: Option<PathBuf>,
-    /// Refused: wisp has no snapshots.
+    /// Print the snapshot format version this wisp writes and reads.
     #[arg(long)]
     pub snapshot_version: bool,
     /// Refused: wisp's devices are virtio-mmio, it has no PCI.
@@ -123,6 +123,10 @@ pub struct FirecrackerArgs {
 pub enum FirecrackerMode {
     /// `--version`.
     PrintVersion,
+    /// `--snapshot-version`.
+    PrintSnapshotVersion,
+    /// `--describe-snapshot PATH`.
+    DescribeSnapshot(PathBuf),
     Launch(Box<FirecrackerLaunch>),
 }
 
@@ -195,17 +199,11 @@ impl FirecrackerArgs {
                 reason: reason.to_string(),
             })
         };
-        if self.describe_snapshot.is_some() {
-            return refuse(
-                "--describe-snapshot",
-                "wisp has no snapshots yet, so it reads no snapshot files",
-            );
+        if let Some(path) = &self.describe_snapshot {
+            return Ok(FirecrackerMode::DescribeSnapshot(path.clone()));
         }
         if self.snapshot_version {
-            return refuse(
-                "--snapshot-version",
-                "wisp has no snapshots yet, so it has no snapshot format version",
-            );
+            return Ok(FirecrackerMode::PrintSnapshotVersion);
         }
         if self.version {
             return Ok(FirecrackerMode::PrintVersion);
@@ -678,16 +676,16 @@ mod tests {
             firecracker(&["--version"]),
             Ok(FirecrackerMode::PrintVersion)
         ));
+        assert!(matches!(
+            firecracker(&["--snapshot-version"]),
+            Ok(FirecrackerMode::PrintSnapshotVersion)
+        ));
+        assert!(matches!(
+            firecracker(&["--describe-snapshot", "/s"]),
+            Ok(FirecrackerMode::DescribeSnapshot(p)) if p == std::path::Path::new("/s")
+        ));
         for (args, expected) in [
-            (
-                &["--snapshot-version"][..],
-                "--snapshot-version: wisp has no snapshots",
-            ),
-            (
-                &["--describe-snapshot", "/s"],
-                "--describe-snapshot: wisp has no snapshots",
-            ),
-            (&["--enable-pci"], "--enable-pci: wisp has no PCI"),
+            (&["--enable-pci"][..], "--enable-pci: wisp has no PCI"),
             (&["--no-api"], "--no-api: without the API"),
             (
                 &["--no-seccomp", "--seccomp-filter", "/f"],

@@ -108,6 +108,19 @@ fn firecracker(args: &FirecrackerArgs) -> i32 {
             );
             return 0;
         }
+        Ok(FirecrackerMode::PrintSnapshotVersion) => {
+            println!("v{}.0.0", wisp::snapshot::FORMAT_VERSION);
+            return 0;
+        }
+        Ok(FirecrackerMode::DescribeSnapshot(path)) => {
+            return match wisp::snapshot::Snapshot::read_file(&path) {
+                Ok(_) => {
+                    println!("v{}.0.0", wisp::snapshot::FORMAT_VERSION);
+                    0
+                }
+                Err(e) => fail(&e),
+            };
+        }
         Ok(FirecrackerMode::Launch(l)) => l,
         Err(e) => return fail(&e),
     };

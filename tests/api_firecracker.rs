@@ -255,15 +255,7 @@ fn started_as_the_jailer_does_the_log_and_metrics_read_as_firecrackers() {
 fn firecracker_flags_wisp_cannot_honour_are_answered_by_name() {
     let run = |args: &[&str]| Wisp::spawn(args).wait(Duration::from_secs(30));
     for (args, expected) in [
-        (
-            &["--snapshot-version"][..],
-            "--snapshot-version: wisp has no snapshots",
-        ),
-        (
-            &["--describe-snapshot", "/tmp/vmstate"],
-            "--describe-snapshot: wisp has no snapshots",
-        ),
-        (&["--enable-pci"], "--enable-pci: wisp has no PCI"),
+        (&["--enable-pci"][..], "--enable-pci: wisp has no PCI"),
         (&["--no-api"], "--no-api: without the API"),
         (&["--level", "Loud"], "--level: unknown level \"Loud\""),
         (

@@ -294,6 +294,15 @@ fn bad_snapshots_and_wrong_states_are_refused_and_nothing_is_half_restored() {
     snapshot_and_kill(w, &sock, &dir);
 
     let good = std::fs::read(dir.join("state.snap")).unwrap();
+    // Firecracker's flags for snapshot files: the format version, and a file's.
+    let run = |args: &[&str]| Wisp::spawn(args).wait(T);
+    let f = run(&["--snapshot-version"]);
+    assert_eq!((f.code(), f.stdout.as_str()), (Some(0), "v1.0.0\n"));
+    let f = run(&[
+        "--describe-snapshot",
+        dir.join("state.snap").to_str().unwrap(),
+    ]);
+    assert_eq!((f.code(), f.stdout.as_str()), (Some(0), "v1.0.0\n"));
     let bad_dir = TestDir::new("snap-bad-files");
     std::fs::copy(dir.join("mem.raw"), bad_dir.join("mem.raw")).unwrap();
     let sock = dir.join("b.sock");
@@ -315,6 +324,16 @@ fn bad_snapshots_and_wrong_states_are_refused_and_nothing_is_half_restored() {
     let mut flipped = good.clone();
     flipped[good.len() / 3] ^= 0x01;
     refused(&flipped, "checksum mismatch");
+    let f = run(&[
+        "--describe-snapshot",
+        bad_dir.join("state.snap").to_str().unwrap(),
+    ]);
+    assert_eq!(f.code(), Some(1));
+    assert!(
+        f.stderr.contains("checksum mismatch") && f.stderr.trim().lines().count() == 1,
+        "{}",
+        f.stderr
+    );
     refused(b"not a snapshot", "not a wisp snapshot");
     // The memory file: missing, then of another size.
     std::fs::remove_file(bad_dir.join("mem.raw")).unwrap();
