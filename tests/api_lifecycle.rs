@@ -327,11 +327,12 @@ fn labelled_disk(dir: &Path, name: &str, len: usize, label: &[u8]) -> PathBuf {
 }
 
 /// wisp on an API socket, started with the blk-media probe scenario on drive `data`.
-fn start_media_guest(sock: &Path, disk: &Path, wait_ms: u32) -> Wisp {
+/// A probe guest waiting, up to `wait_ms` each, for `changes` media changes of drive "data".
+fn start_media_guest(sock: &Path, disk: &Path, wait_ms: u32, changes: u32) -> Wisp {
     let mut w = Wisp::spawn(&["--api-sock", sock.to_str().unwrap()]);
     wait_api_socket(sock);
     let body = format!(
-        r#"{{"kernel_image_path": "{}", "boot_args": "probe.scenario=blk-media probe.wait_ms={wait_ms}"}}"#,
+        r#"{{"kernel_image_path": "{}", "boot_args": "probe.scenario=blk-media probe.wait_ms={wait_ms} probe.media_changes={changes}"}}"#,
         probes().probe.display()
     );
     assert_eq!(api_call(sock, "PUT", "/boot-source", Some(&body)).0, 204);
@@ -379,7 +380,7 @@ fn patch_drive_gives_the_running_guest_a_new_medium() {
     let one = labelled_disk(&dir, "one.img", 1 << 20, b"wisp-media-one!!");
     let two = labelled_disk(&dir, "two.img", 3 << 20, b"wisp-media-two!!");
     let sock = sock_path("media");
-    let w = start_media_guest(&sock, &one, 60_000);
+    let mut w = start_media_guest(&sock, &one, 60_000, 2);
     assert!(
         w.stdout()
             .contains("probe: media initial capacity 2048 sector0 wisp-media-one!!"),
@@ -416,16 +417,25 @@ fn patch_drive_gives_the_running_guest_a_new_medium() {
 
     let (st, body) = patch_drive(&sock, &two);
     assert_eq!(st, 204, "{body}");
+    w.wait_for(
+        "probe: media changed capacity 6144 sector0 wisp-media-two!!",
+        T,
+    );
+    // The guest now waits for a second change, so the VM is sure to be running: a guest
+    // that ended right after the first could outrun this request on a busy host.
     let (st, body) = api_call(&sock, "GET", "/vm/config", None);
-    assert_eq!(st, 200);
+    assert_eq!(st, 200, "{body}");
     let config: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(config["drives"][0]["path_on_host"], two.to_str().unwrap());
 
+    // And back: the first file, unlocked when the drive left it, is taken again.
+    let (st, body) = patch_drive(&sock, &one);
+    assert_eq!(st, 204, "{body}");
     let f = w.wait(T);
     assert_no_probe_failure(&f);
     assert!(
         f.stdout
-            .contains("probe: media changed capacity 6144 sector0 wisp-media-two!!"),
+            .contains("probe: media changed capacity 2048 sector0 wisp-media-one!!"),
         "{}",
         f.stdout
     );
@@ -445,7 +455,7 @@ fn patch_drive_to_a_bad_file_is_refused_and_the_guest_keeps_its_medium() {
     // SAFETY: mkfifo on a NUL-terminated path in the test's directory.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     let sock = sock_path("badmedia");
-    let w = start_media_guest(&sock, &one, 8_000);
+    let w = start_media_guest(&sock, &one, 8_000, 1);
 
     let missing = dir.join("missing.img");
     let dir_path = dir.to_path_buf();

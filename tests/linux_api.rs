@@ -164,6 +164,9 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     if !kvm_available("linux_booted_through_the_api_shuts_down_on_ctrl_alt_del") {
         return;
     }
+    // The slot first: the peer and DHCP server below time out on their own clocks, which
+    // must not run while another Linux test holds the slot.
+    let _slot = linux_boot_slot();
     let kib = if pvm_host() { 256 } else { 64 * 1024 };
     // Each vsock stream (the guest keeps what it receives in its 48 MiB root filesystem).
     let vsock_kib = if pvm_host() { 256 } else { 8 * 1024 };
@@ -187,8 +190,6 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     // The guest's connection to the host's port VSOCK_HOST_PORT lands here.
     let uds = dir.join("v.sock");
     let from_guest = UnixListener::bind(format!("{}_{VSOCK_HOST_PORT}", uds.display())).unwrap();
-
-    let _slot = linux_boot_slot();
     let sock = dir.join("api.sock");
     let (log, metrics) = (dir.join("fc.log"), dir.join("fc.metrics"));
     // Started as Firecracker's jailer and client libraries start Firecracker.
@@ -482,6 +483,9 @@ fn linux_jailed_through_the_api_boots_confined() {
     if !kvm_available("linux_jailed_through_the_api_boots_confined") {
         return;
     }
+    // The slot first: the peer and DHCP server below time out on their own clocks, which
+    // must not run while another Linux test holds the slot.
+    let _slot = linux_boot_slot();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped linux_jailed_through_the_api_boots_confined: the jailer needs root");
@@ -508,7 +512,6 @@ fn linux_jailed_through_the_api_boots_confined() {
     let mut dnsmasq = ns.dnsmasq(JAIL_TAP, "10.0.0.2", &dir);
     let peer = ns.tcp_peer("10.0.0.1", kib, &dir);
 
-    let _slot = linux_boot_slot();
     let mut jail = TestJail::new("linux", &base, &["memory"]);
     jail.wisp = Some(Wisp::spawn_cmd(
         Command::new(wisp_bin())

@@ -92,6 +92,9 @@ fn linux_uses_disks_and_network_through_wisp_devices() {
     if !kvm_available("linux_uses_disks_and_network_through_wisp_devices") {
         return;
     }
+    // The slot first: the peer and DHCP server below time out on their own clocks, which
+    // must not run while another Linux test holds the slot.
+    let _slot = linux_boot_slot();
     // Guest kernel networking is interpreted on PVM: move less data there.
     let kib = if pvm_host() { 256 } else { 64 * 1024 };
     let dir = TestDir::new("linux-dev");
@@ -166,7 +169,6 @@ fn linux_uses_disks_and_network_through_wisp_devices() {
     let mut dnsmasq = ns.dnsmasq(TAP, "10.0.0.2", &dir);
     let peer = ns.tcp_peer("10.0.0.1", kib, &dir);
 
-    let _slot = linux_boot_slot();
     let offsets: Vec<String> = OFFSETS.iter().map(|o| o.to_string()).collect();
     let cmdline = format!(
         "{LINUX_CMDLINE} ip=:::::eth0:dhcp \
