@@ -172,18 +172,7 @@ fn firecracker(args: &FirecrackerArgs) -> i32 {
 /// Firecracker's start-up metrics from the times the jailer passed: wall-clock (monotonic)
 /// and CPU time from the process's start to now, the CPU time including the jailer's.
 fn report_startup_time(launch: &FirecrackerLaunch) {
-    let now_us = |clock| {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes the timespec it is given.
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        u64::try_from(ts.tv_sec)
-            .unwrap_or(0)
-            .saturating_mul(1_000_000)
-            .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0) / 1000)
-    };
+    let now_us = wisp::startup_trace::clock_us;
     if let Some(start) = launch.start_time_us {
         let us = now_us(libc::CLOCK_MONOTONIC).saturating_sub(start);
         wisp::metrics::set("api_server", "process_startup_time_us", us);

@@ -19,7 +19,8 @@ static BASE_NS: AtomicU64 = AtomicU64::new(0);
 /// CLOCK_MONOTONIC ns of the last line.
 static LAST_NS: AtomicU64 = AtomicU64::new(0);
 
-fn clock_ns(clock: libc::clockid_t) -> u64 {
+/// Nanoseconds of `clock` (CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME_ID).
+pub fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -30,6 +31,11 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
         .unwrap_or(0)
         .saturating_mul(1_000_000_000)
         .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
+/// Microseconds of `clock`, as Firecracker's start-up times count them.
+pub fn clock_us(clock: libc::clockid_t) -> u64 {
+    clock_ns(clock) / 1000
 }
 
 /// Reads `WISP_TRACE_STARTUP`; first thing in `main`.

@@ -12,6 +12,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Component, Path, PathBuf};
 
 use super::{cgroup, elf, io_err, sys, Jail, JailError, ResourceLimit, DEFAULT_NO_FILE};
+use crate::startup_trace::clock_us;
 
 /// Device nodes the VM needs: (path inside the chroot, major, minor), from the kernel's
 /// admin-guide/devices.txt.
@@ -169,8 +170,8 @@ fn daemonize(dev_null: &File) -> Result<(), JailError> {
 
 /// Builds the jail and execs the VMM in it; returns only on failure.
 pub fn run(jail: &Jail) -> Result<Infallible, JailError> {
-    let start_us = sys::now_us(libc::CLOCK_MONOTONIC);
-    let mut start_cpu_us = sys::now_us(libc::CLOCK_PROCESS_CPUTIME_ID);
+    let start_us = clock_us(libc::CLOCK_MONOTONIC);
+    let mut start_cpu_us = clock_us(libc::CLOCK_PROCESS_CPUTIME_ID);
     let mut parent_cpu_us = 0;
     sys::close_inherited_fds().map_err(sys_err("closing inherited descriptors"))?;
     populate(jail)?;
@@ -205,7 +206,7 @@ pub fn run(jail: &Jail) -> Result<Infallible, JailError> {
     let exec = Path::new("/").join(&jail.paths.exec_name);
     if jail.new_pid_ns {
         sys::unshare(libc::CLONE_NEWPID).map_err(sys_err("unshare(CLONE_NEWPID)"))?;
-        parent_cpu_us = sys::now_us(libc::CLOCK_PROCESS_CPUTIME_ID).saturating_sub(start_cpu_us);
+        parent_cpu_us = clock_us(libc::CLOCK_PROCESS_CPUTIME_ID).saturating_sub(start_cpu_us);
         // SAFETY: the jailer is single-threaded, so the child may run any code.
         match unsafe { libc::fork() } {
             -1 => {

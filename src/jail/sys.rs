@@ -143,17 +143,3 @@ pub fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: prctl with integer arguments.
     check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
 }
-
-/// Microseconds of `clock` (CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME_ID).
-pub fn now_us(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    u64::try_from(ts.tv_sec)
-        .unwrap_or(0)
-        .saturating_mul(1_000_000)
-        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0) / 1000)
-}
