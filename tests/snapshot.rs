@@ -353,3 +353,38 @@ fn bad_snapshots_and_wrong_states_are_refused_and_nothing_is_half_restored() {
     let f = w.wait(T);
     assert!(!f.stdout.contains("probe: FAIL"), "{}", f.stdout);
 }
+
+#[test]
+fn a_restored_vm_snapshotted_again_goes_on_in_a_third_wisp() {
+    if !kvm_available("a_restored_vm_snapshotted_again_goes_on_in_a_third_wisp") {
+        return;
+    }
+    // The second snapshot is of RAM mapped from the first's memory file: pages the restored
+    // guest never touched are the file's, and must be in the new memory file too.
+    let dir = TestDir::new("snap-twice");
+    let (first, second) = (dir.join("first"), dir.join("second"));
+    std::fs::create_dir(&first).unwrap();
+    std::fs::create_dir(&second).unwrap();
+    let disk = raw_disk(&dir, "disk.raw");
+    let sock = dir.join("a.sock");
+    let a = start_counter(&sock, &disk, 1);
+    let before_a = snapshot_and_kill(a, &sock, &first);
+    let count = counts(&before_a).last().unwrap().0;
+
+    let sock = dir.join("b.sock");
+    let mut b = spawn_api(&sock);
+    api_ok(&sock, "PUT", "/snapshot/load", &load_body(&first, true));
+    b.wait_for(&format!("probe: count {} ", count + 4), T);
+    let before_b = snapshot_and_kill(b, &sock, &second);
+    std::fs::remove_file(first.join("mem.raw")).unwrap();
+
+    let sock = dir.join("c.sock");
+    let mut c = spawn_api(&sock);
+    api_ok(&sock, "PUT", "/snapshot/load", &load_body(&second, true));
+    let count_b = counts(&format!("{before_a}{before_b}")).last().unwrap().0;
+    c.wait_for(&format!("probe: count {} ", count_b + 4), T);
+    c.signal(libc::SIGTERM);
+    let f = c.wait(T);
+    let all = assert_one_run(&format!("{before_a}{before_b}"), &f.stdout);
+    assert!(all.last().unwrap().0 >= count_b + 3);
+}
