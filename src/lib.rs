@@ -17,8 +17,6 @@ pub mod logger;
 pub mod metrics;
 pub mod seccomp;
 pub mod signals;
-// Not reviewed for truncating casts yet (new code, issue 13).
-#[allow(clippy::cast_possible_truncation)]
 pub mod snapshot;
 pub mod startup_trace;
 pub mod terminal;

@@ -131,7 +131,9 @@ impl Snapshot {
         let mut out = Vec::with_capacity(FIXED_HEADER + WISP_VERSION.len() + body.len() + 8);
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&(WISP_VERSION.len() as u32).to_le_bytes());
+        let version_len =
+            u32::try_from(WISP_VERSION.len()).expect("wisp's version string is a few bytes");
+        out.extend_from_slice(&version_len.to_le_bytes());
         out.extend_from_slice(WISP_VERSION.as_bytes());
         out.extend_from_slice(&(body.len() as u64).to_le_bytes());
         out.extend_from_slice(&body);
