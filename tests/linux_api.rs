@@ -299,7 +299,7 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
 
     // The guest read the document; the agent changes it and the guest reads the new value
     // (the scenario polls until it does).
-    w.wait_for("WISP-INIT: mmds_value=", Duration::from_secs(1500));
+    w.wait_for_guest("WISP-INIT: mmds_value=", Duration::from_secs(1500));
     api_ok(
         &sock,
         "PATCH",
@@ -308,7 +308,7 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
     );
 
     // vsock both ways while the guest's init runs its vsock scenario.
-    w.wait_for(
+    w.wait_for_guest(
         &format!("vsockio: listening on {VSOCK_GUEST_PORT}"),
         Duration::from_secs(1500),
     );
@@ -321,7 +321,7 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
         panic!("the guest's stream differs from byte {i} on");
     }
 
-    w.wait_for(
+    w.wait_for_guest(
         "WISP-INIT: waiting for ctrl-alt-del",
         Duration::from_secs(1500),
     );
@@ -340,7 +340,7 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
             scratch2.display()
         ),
     );
-    w.wait_for(
+    w.wait_for_guest(
         "[vdb] new size: 16384 512-byte logical blocks",
         Duration::from_secs(300),
     );
@@ -350,7 +350,7 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
         "/actions",
         r#"{"action_type": "SendCtrlAltDel"}"#,
     );
-    let f = w.wait(Duration::from_secs(300));
+    let f = w.wait_guest(Duration::from_secs(300));
     let out = &f.stdout;
     assert_eq!(f.code(), Some(0), "console:\n{out}\nstderr:\n{}", f.stderr);
     assert!(
@@ -580,7 +580,11 @@ fn linux_jailed_through_the_api_boots_confined() {
     let line = format!(":memory:/{}/{}", jail.parent_cgroup, jail.id);
     assert!(cgroups.lines().any(|l| l.ends_with(&line)), "{cgroups}");
 
-    let f = jail.wisp.take().unwrap().wait(Duration::from_secs(1500));
+    let f = jail
+        .wisp
+        .take()
+        .unwrap()
+        .wait_guest(Duration::from_secs(1500));
     let out = &f.stdout;
     assert_eq!(f.code(), Some(0), "console:\n{out}\nstderr:\n{}", f.stderr);
     assert_scenarios_ok(out, &["info", "rootfs", "net"]);
@@ -670,7 +674,7 @@ fn linux_balloon_meets_its_target_and_reports_statistics() {
         "/actions",
         r#"{"action_type": "InstanceStart"}"#,
     );
-    w.wait_for(
+    w.wait_for_guest(
         "WISP-INIT: waiting for ctrl-alt-del",
         Duration::from_secs(1500),
     );
@@ -704,7 +708,7 @@ fn linux_balloon_meets_its_target_and_reports_statistics() {
         "/actions",
         r#"{"action_type": "SendCtrlAltDel"}"#,
     );
-    let f = w.wait(Duration::from_secs(300));
+    let f = w.wait_guest(Duration::from_secs(300));
     assert_eq!(
         f.code(),
         Some(0),

@@ -61,7 +61,7 @@ fn boot_linux(
         memory.into(),
     ]);
     args.extend(["--cmdline".into(), cmdline]);
-    Wisp::spawn(&args).wait(BOOT)
+    Wisp::spawn(&args).wait_guest(BOOT)
 }
 
 /// Linux found wisp's MP table where it looks second (the EBDA) and did not scan the BIOS area.
@@ -237,7 +237,7 @@ fn stock_debian_kernel_boots_with_acpi_cpus_memory_and_console() {
         "--cmdline",
         "console=ttyS0 panic=-1 wisp.scenario=info,poweroff",
     ]);
-    w.wait_for("smp: Brought up 1 node, 2 CPUs", BOOT);
+    w.wait_for_guest("smp: Brought up 1 node, 2 CPUs", BOOT);
     w.signal(libc::SIGTERM);
     let f = w.wait(Duration::from_secs(30));
     let out = &format!("{}\n--- wisp's stderr:\n{}", f.stdout, f.stderr);

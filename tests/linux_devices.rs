@@ -209,7 +209,7 @@ fn linux_uses_disks_and_network_through_wisp_devices() {
     }
     cmd.args(["--net", &format!("tap={TAP},mac={GUEST_MAC}")]);
     cmd.args(["--net", &format!("tap={TAP1},mac={GUEST1_MAC}")]);
-    let f = Wisp::spawn_cmd(&mut cmd).wait(Duration::from_secs(1500));
+    let f = Wisp::spawn_cmd(&mut cmd).wait_guest(Duration::from_secs(1500));
     let out = &f.stdout;
     // Guest-side timings, for the record (the guest kernel is interpreted on PVM).
     for key in ["net_tcp_seconds", "disk_vda1_mounted", "disk_vde_unmounted"] {

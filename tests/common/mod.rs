@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 mod api;
+pub mod patience;
 // Each test binary uses a part of these.
 #[allow(unused_imports)]
 pub use api::{api_call, wait_api_socket, Client, Response};
@@ -208,6 +209,86 @@ impl Wisp {
             }
             let wait = (deadline - now).min(Duration::from_millis(100));
             text = cv.wait_timeout(text, wait).unwrap().0;
+        }
+    }
+
+    /// [`Wisp::wait_for`] for a Linux guest: gives up when the VMM used `cpu_budget` of CPU
+    /// since the wait began, or the guest sat idle and silent for
+    /// [`patience::IDLE_LIMIT`], not after a wall-clock time (see `patience`).
+    pub fn wait_for_guest(&mut self, needle: &str, cpu_budget: Duration) {
+        let mut patience = patience::Patience::new(self.pid(), cpu_budget);
+        let mut next_check = Instant::now();
+        loop {
+            // A second of wall time at most, then the budget's check.
+            let left = next_check.saturating_duration_since(Instant::now());
+            if self.console_shows(needle, left.max(Duration::from_millis(1))) {
+                return;
+            }
+            if Instant::now() >= next_check {
+                next_check = Instant::now() + Duration::from_secs(1);
+                let len = self.out.0.lock().unwrap().len();
+                if let Err(why) = patience.check(len) {
+                    panic!(
+                        "gave up waiting for {needle:?}: {why}\nconsole:\n{}\nstderr:\n{}",
+                        self.stdout(),
+                        self.stderr()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Up to `wait` for the console to show `needle`: true once it does; panics if wisp
+    /// exits without it.
+    fn console_shows(&mut self, needle: &str, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        let (lock, cv) = &*self.out;
+        let mut text = lock.lock().unwrap();
+        while !text.contains(needle) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.status = Some(status);
+                drop(text);
+                self.drain_readers();
+                let out = self.stdout();
+                if out.contains(needle) {
+                    return true;
+                }
+                panic!(
+                    "wisp exited ({status}) before {needle:?}\nconsole:\n{out}\nstderr:\n{}",
+                    self.stderr()
+                );
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            text = cv
+                .wait_timeout(text, (deadline - now).min(Duration::from_millis(100)))
+                .unwrap()
+                .0;
+        }
+        true
+    }
+
+    /// [`Wisp::wait`] for a Linux guest, with [`Wisp::wait_for_guest`]'s limits.
+    pub fn wait_guest(mut self, cpu_budget: Duration) -> Finished {
+        let mut patience = patience::Patience::new(self.pid(), cpu_budget);
+        loop {
+            if self.status.is_some() || self.child.try_wait().expect("try_wait").is_some() {
+                // Exited: the ordinary wait collects it at once.
+                return self.wait(Duration::from_secs(10));
+            }
+            let len = self.out.0.lock().unwrap().len();
+            if let Err(why) = patience.check(len) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "gave up waiting for wisp to exit: {why}\nconsole:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
 
@@ -530,13 +611,16 @@ impl TestNetns {
             ],
         );
         let from_guest = dir.join("from_guest.bin");
+        // Its own time-outs are only a backstop for a test that dies without dropping it: the
+        // guest's progress is judged by the Wisp waits (CPU budgets, see `patience`), and a
+        // guest on a busy host may take an hour of wall time to get here.
         let script = format!(
             r#"
 import socket
 rx = socket.socket(); rx.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); rx.bind(("{ip}", 9000)); rx.listen(1)
 tx = socket.socket(); tx.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); tx.bind(("{ip}", 9001)); tx.listen(1)
-rx.settimeout(1500); tx.settimeout(1500)
-c, _ = rx.accept(); c.settimeout(600)
+rx.settimeout(7200); tx.settimeout(7200)
+c, _ = rx.accept(); c.settimeout(3600)
 want = {bytes}; got = b""
 while len(got) < want:
     d = c.recv(65536)
