@@ -297,9 +297,10 @@ fn linux_booted_through_the_api_shuts_down_on_ctrl_alt_del() {
         r#"{"action_type": "InstanceStart"}"#,
     );
 
-    // The guest read the document; the agent changes it and the guest reads the new value
-    // (the scenario polls until it does).
-    w.wait_for_guest("WISP-INIT: mmds_value=", Duration::from_secs(1500));
+    // The guest read the document (its value, then as JSON); the agent changes it and the
+    // guest reads the new value (the scenario polls until it does). A PATCH sent at the value
+    // raced the JSON read.
+    w.wait_for_guest("WISP-INIT: mmds_json=", Duration::from_secs(1500));
     api_ok(
         &sock,
         "PATCH",
