@@ -54,13 +54,26 @@ fn type_line(input: &mut std::fs::File, line: &str) {
     input.write_all(format!("{line}\n").as_bytes()).unwrap();
 }
 
-/// The value after `key` on the console (`UP1-123.45` -> 123.45).
-fn value_after(console: &str, key: &str) -> f64 {
-    console
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(key))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {key} line:\n{console}"))
+/// Waits for a whole `key<number>` line on the console (`UP1-123.45` -> 123.45). The serial
+/// port hands the host a line in pieces, so `key` alone may be there before its value.
+fn wait_value(w: &mut Wisp, key: &str) -> f64 {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let console = w.stdout();
+        let value = console
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .find_map(|l| l.trim().strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok());
+        if let Some(v) = value {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no whole {key} line within {T:?}:\n{console}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -137,8 +150,7 @@ fn linux_restored_in_a_new_wisp_keeps_its_files_uptime_and_network() {
         "echo written-before-the-snapshot > /snap-file.txt; sync",
     );
     type_line(&mut a_in, "echo UP1-$(cut -d' ' -f1 /proc/uptime)");
-    a.wait_for("\nUP1-", T);
-    let up1 = value_after(&a.stdout(), "UP1-");
+    let up1 = wait_value(&mut a, "UP1-");
     run_ok(
         "ip",
         &[
@@ -174,8 +186,7 @@ fn linux_restored_in_a_new_wisp_keeps_its_files_uptime_and_network() {
     type_line(&mut b_in, "echo FILE-$(cat /snap-file.txt)");
     type_line(&mut b_in, "echo UP2-$(cut -d' ' -f1 /proc/uptime)");
     b.wait_for("FILE-written-before-the-snapshot", T);
-    b.wait_for("\nUP2-", T);
-    let up2 = value_after(&b.stdout(), "UP2-");
+    let up2 = wait_value(&mut b, "UP2-");
     assert!(
         up2 >= up1,
         "uptime went from {up1} to {up2}: the kernel restarted"
