@@ -77,7 +77,6 @@ fn wait_value(w: &mut Wisp, key: &str) -> f64 {
 }
 
 #[test]
-#[ignore = "not yet run on a test kernel: cargo test --test linux_snapshot -- --ignored"]
 fn linux_restored_in_a_new_wisp_keeps_its_files_uptime_and_network() {
     if !kvm_available("linux_restored_in_a_new_wisp_keeps_its_files_uptime_and_network") {
         return;
