@@ -12,10 +12,15 @@ program, vsockio, over vsock and over TCP in turn, --rounds times:
      from the host's accept, already waiting, to the end of the stream).
 vsock goes through wisp's Unix sockets as a node agent's would (`CONNECT 5100` on uds_path;
 the guest's connection to port 5102 arrives at uds_path_5102); TCP through virtio-net and the
-tap. Prints medians and ranges per transport and vsock/TCP ratios.
+tap. Prints medians and ranges per transport and vsock/TCP ratios. Then scenario mmdsbench:
+the guest GETs its instance-id --gets times from the MMDS (V2, token first; the VM is
+configured by a config file, as `wisp run` has no MMDS flag) and --gets times from an HTTP
+server of this script on the host, through the same NIC, and the MMDS/host ratio is printed.
 """
 
 import argparse
+import http.server
+import json
 import os
 import shutil
 import signal
@@ -34,6 +39,9 @@ MAC = "52:54:00:12:34:57"
 GUEST, HOST = "10.0.0.2", "10.0.0.1"
 ECHO, TO_GUEST, TO_HOST = 5100, 5101, 5102
 MSG = 64
+HTTP_PORT = 8080
+MMDS_PATH = "/latest/meta-data/instance-id"
+MMDS_VALUE = "i-bench"
 
 
 class Console:
@@ -170,6 +178,7 @@ def main():
     ap.add_argument("--kib", type=int, default=1024, help="KiB per stream")
     ap.add_argument("--pings", type=int, default=50, help="round trips per round")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds for the boot")
+    ap.add_argument("--gets", type=int, default=50, help="MMDS GETs (and host HTTP GETs)")
     a = ap.parse_args()
     # vsock.sh's cleanup or ^C: still remove the scratch directory and the VM.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -191,13 +200,39 @@ def main():
         lt.listen(1)
         receivers["tcp"] = Receiver(lt)
 
+        # The same path from an HTTP server on the host, through the same NIC and tap: the
+        # MMDS's answers against the host's.
+        class Http(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = MMDS_VALUE.encode()
+                self.send_response(200 if self.path == MMDS_PATH else 404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        httpd = http.server.ThreadingHTTPServer((HOST, HTTP_PORT), Http)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+
         cmdline = (f"console=ttyS0 panic=-1 random.trust_cpu=on root=/dev/vda rw "
-                   f"wisp.scenario=net,vsockbench,poweroff wisp.ip={GUEST}/24 "
-                   f"wisp.bench_rounds={a.rounds} wisp.bench_kib={a.kib}")
+                   f"wisp.scenario=net,vsockbench,mmdsbench,poweroff wisp.ip={GUEST}/24 "
+                   f"wisp.bench_rounds={a.rounds} wisp.bench_kib={a.kib} "
+                   f"wisp.bench_gets={a.gets} wisp.http_peer={HOST}:{HTTP_PORT}")
+        # A config file, since the MMDS has no command-line flag of `wisp run`.
+        config = os.path.join(work, "vm.json")
+        with open(config, "w") as f:
+            json.dump({
+                "kernel": os.path.join(IMAGES, "vmlinux"), "cmdline": cmdline, "cpus": 2,
+                "memory": "256M", "disks": [{"path": root}],
+                "nets": [{"id": "eth0", "tap": a.tap, "mac": MAC}],
+                "vsock": {"guest_cid": 3, "uds_path": uds},
+                "mmds": {"version": "V2", "network_interfaces": ["eth0"]},
+                "mmds_data": {"latest": {"meta-data": {"instance-id": MMDS_VALUE}}},
+            }, f)
         proc = subprocess.Popen(
-            [WISP, "run", "--kernel", os.path.join(IMAGES, "vmlinux"), "--cpus", "2",
-             "--memory", "256M", "--disk", f"path={root}", "--net", f"tap={a.tap},mac={MAC}",
-             "--vsock", f"cid=3,uds={uds}", "--cmdline", cmdline],
+            [WISP, "run", "--config", config],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
         console = Console(proc)
         t_boot = time.monotonic()
@@ -237,6 +272,19 @@ def main():
             ratio = statistics.median(d["vsock"]) / statistics.median(d["tcp"])
             print(f"{name:22} {med_range(d['vsock'], f):>32} {med_range(d['tcp'], f):>32} "
                   f"{ratio:>9.2f}x  ({better} is better)")
+        # MMDS GETs against the host's HTTP server, as the guest timed them (10 ms ticks).
+        gets = {}
+        for line in console.text.splitlines():
+            for target in ("mmds", "host"):
+                pre = f"WISP-INIT: mmdsbench_{target} gets="
+                if line.startswith(pre):
+                    n, secs = line[len(pre):].strip().split(" seconds=")
+                    gets[target] = float(secs) / int(n)
+        if "WISP-INIT: scenario mmdsbench ok" not in console.text or len(gets) != 2:
+            sys.exit(f"vsock.py: the guest's mmdsbench failed\n{console.text[-3000:]}")
+        print(f"{'GET ' + MMDS_PATH:22} {'MMDS ' + ms(gets['mmds']):>32} "
+              f"{'host HTTP ' + ms(gets['host']):>32} {gets['mmds'] / gets['host']:>9.2f}x  "
+              f"(lower is better; per GET, a busybox wget started each time, {a.gets} each)")
     finally:
         if proc and proc.poll() is None:
             proc.kill()

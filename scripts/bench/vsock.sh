@@ -5,9 +5,10 @@
 # rootfs; scenario vsockbench of images/init/init). The tap lives in a network namespace this
 # script creates and removes (also on failure); no traffic leaves it.
 #
-#   scripts/bench/vsock.sh [--rounds N] [--kib K] [--pings P] [--timeout S]   (as root)
+#   scripts/bench/vsock.sh [--rounds N] [--kib K] [--pings P] [--gets G] [--timeout S]   (as root)
 #
-# Prints per-round figures, then medians, ranges and vsock/TCP ratios (scripts/bench/vsock.py).
+# Prints per-round figures, then medians, ranges and vsock/TCP ratios, and the MMDS's GET
+# latency from the guest against a host HTTP server's (scripts/bench/vsock.py).
 # One Linux boot: about a minute on an idle PVM machine, several under load.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
