@@ -15,6 +15,9 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+/// How long the start waits for every vCPU thread to be filtered and held.
+const VCPU_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 use wisp_devices::events::{EventOps, EventSubscriber};
 
 #[derive(Debug, thiserror::Error)]
@@ -182,6 +185,18 @@ impl EventLoop {
         if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Main) {
             vmm.shutdown();
             return Err(e.into());
+        }
+        // Every vCPU thread is filtered before the VM counts as started (and InstanceStart is
+        // answered): each installs its filter, then parks, held, before its first KVM_RUN. A
+        // loaded run found a vCPU thread not yet scheduled, unfiltered, after the answer.
+        if !vmm
+            .control
+            .wait_held(vmm.vcpu_count.into(), VCPU_START_TIMEOUT)
+        {
+            log::warn!(
+                "not every vCPU thread started within {} s; the VM starts anyway",
+                VCPU_START_TIMEOUT.as_secs()
+            );
         }
         let running = vmm.release_vcpus();
         crate::startup_trace::mark("loop: serving");

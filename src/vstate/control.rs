@@ -225,6 +225,31 @@ impl VcpuControl {
         }
     }
 
+    /// At start, with the vCPUs held ([`VcpuControl::hold`]): waits until all `n` have parked
+    /// before their first KVM_RUN (each installs its seccomp filter first), one has ended, or
+    /// `deadline` has passed (false). On a busy host a new thread can wait tens of
+    /// milliseconds to run at all.
+    pub fn wait_held(&self, n: usize, deadline: Duration) -> bool {
+        let until = Instant::now() + deadline;
+        let mut g = self
+            .parked_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if self.parked.load(Ordering::SeqCst) >= n || self.exited().is_some() {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            g = self
+                .parked_changed
+                .wait_timeout(g, Duration::from_millis(10))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
     /// Asks every vCPU to leave its loop (parked ones too); true once every vCPU thread
     /// that started has ended, false if some did not within `deadline`.
     pub fn stop(&self, deadline: Duration) -> bool {
@@ -438,6 +463,23 @@ mod tests {
     fn registered(control: &VcpuControl, n: usize) {
         while control.lock_threads().len() < n {
             std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn the_start_waits_for_every_held_vcpu_to_park() {
+        install_kick_handler().unwrap();
+        let control = Arc::new(VcpuControl::default());
+        control.hold();
+        // No vCPU thread has run yet: the wait runs out.
+        assert!(!control.wait_held(2, Duration::from_millis(50)));
+        let threads: Vec<_> = (0..2).map(|id| vcpu_thread(&control, id)).collect();
+        // An hour: only both threads parking can make this return.
+        assert!(control.wait_held(2, Duration::from_secs(3600)));
+        assert_eq!(control.parked.load(Ordering::SeqCst), 2);
+        assert!(control.stop(Duration::from_secs(60)));
+        for t in threads {
+            t.join().unwrap();
         }
     }
 
