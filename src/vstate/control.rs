@@ -191,14 +191,9 @@ impl VcpuControl {
         self.pause_requested.store(true, Ordering::Release);
         self.kick_all();
         let until = Instant::now() + deadline;
-        let mut g = self
-            .parked_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        loop {
-            let parked = self.parked.load(Ordering::SeqCst);
+        let result = self.wait_parked(|parked| {
             if parked >= n {
-                return Ok(());
+                return Some(Ok(()));
             }
             let error = match self.exited() {
                 Some(vcpu) => Some(PauseError::VcpuExited { vcpu }),
@@ -209,20 +204,17 @@ impl VcpuControl {
                 }),
                 None => None,
             };
-            if let Some(e) = error {
-                drop(g);
-                self.resume();
-                return Err(e);
+            if error.is_none() {
+                // A vCPU that was not in KVM_RUN when kicked sees the flag on its next exit;
+                // kick again in case it entered KVM_RUN between the flag and the signal.
+                self.kick_all();
             }
-            g = self
-                .parked_changed
-                .wait_timeout(g, Duration::from_millis(10))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-            // A vCPU that was not in KVM_RUN when kicked sees the flag on its next exit;
-            // kick again in case it entered KVM_RUN between the flag and the signal.
-            self.kick_all();
+            error.map(Err)
+        });
+        if result.is_err() {
+            self.resume();
         }
+        result
     }
 
     /// At start, with the vCPUs held ([`VcpuControl::hold`]): waits until all `n` have parked
@@ -231,16 +223,25 @@ impl VcpuControl {
     /// milliseconds to run at all.
     pub fn wait_held(&self, n: usize, deadline: Duration) -> bool {
         let until = Instant::now() + deadline;
+        self.wait_parked(|parked| {
+            if parked >= n || self.exited().is_some() {
+                Some(true)
+            } else {
+                (Instant::now() >= until).then_some(false)
+            }
+        })
+    }
+
+    /// Waits on `parked_changed` (10 ms at most each time) until `done`, given the number of
+    /// parked vCPUs, returns a value.
+    fn wait_parked<T>(&self, mut done: impl FnMut(usize) -> Option<T>) -> T {
         let mut g = self
             .parked_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         loop {
-            if self.parked.load(Ordering::SeqCst) >= n || self.exited().is_some() {
-                return true;
-            }
-            if Instant::now() >= until {
-                return false;
+            if let Some(v) = done(self.parked.load(Ordering::SeqCst)) {
+                return v;
             }
             g = self
                 .parked_changed
